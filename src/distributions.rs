@@ -1,0 +1,139 @@
+//! Distributions of the VAE: the mean-field diagonal Gaussian q(z|x), the standard normal
+//! prior p(z), and the likelihoods p(x|z) (Bernoulli from logits, Gaussian).
+//!
+//! Every `log_prob` sums over the last (event) dimension, so a `[..., D]` input gives `[...]`.
+
+use candle_core::{D, Device, Result, Shape, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// log(2 pi), the constant of every Gaussian log-density.
+pub const LOG_2PI: f64 = 1.837_877_066_409_345_3;
+
+/// A seeded source of noise. candle's CPU random tensors cannot be seeded, so every random
+/// draw in elbo comes from here: same seed, same numbers, on any device.
+pub struct Noise {
+    pub rng: StdRng,
+}
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// eps ~ N(0, I) of the given shape, f32.
+    pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
+        Tensor::from_vec(v, shape, device)
+    }
+}
+
+/// log N(z; 0, I) summed over the last dimension: `-0.5 * sum(z^2 + log 2pi)`. `[..., D] -> [...]`.
+pub fn standard_normal_log_prob(z: &Tensor) -> Result<Tensor> {
+    let d = z.dim(D::Minus1)? as f64;
+    z.sqr()?.sum(D::Minus1)?.affine(-0.5, -0.5 * d * LOG_2PI)
+}
+
+/// softplus(l) = log(1 + e^l), computed as `max(l, 0) + log(1 + e^{-|l|})` so it never overflows.
+pub fn softplus(logits: &Tensor) -> Result<Tensor> {
+    let tail = logits.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
+    logits.relu()? + tail
+}
+
+/// Bernoulli log-likelihood from logits, summed over the last dimension:
+/// `log p(x | l) = sum x*l - softplus(l)` = `-BCE(sigmoid(l), x)`, finite for any finite l
+/// (the text's `sigmoid` + `binary_cross_entropy`, without the overflow).
+/// `x`, `logits`: broadcastable `[..., D]`; returns `[...]`.
+pub fn bernoulli_log_prob_logits(x: &Tensor, logits: &Tensor) -> Result<Tensor> {
+    (logits.broadcast_mul(x)? - softplus(logits)?)?.sum(D::Minus1)
+}
+
+/// Gaussian log-likelihood with per-element mean and a log-variance broadcast to it,
+/// summed over the last dimension: `-0.5 * sum(log 2pi + log_var + (x - mean)^2 / var)`.
+pub fn gaussian_log_prob(x: &Tensor, mean: &Tensor, log_var: &Tensor) -> Result<Tensor> {
+    let diff2 = x.broadcast_sub(mean)?.sqr()?;
+    let scaled = diff2.broadcast_mul(&log_var.neg()?.exp()?)?;
+    let terms = scaled.broadcast_add(log_var)?.affine(1.0, LOG_2PI)?;
+    terms.sum(D::Minus1)?.affine(-0.5, 0.0)
+}
+
+/// A diagonal Gaussian N(mean, diag(exp(log_var))): the mean-field posterior q(z|x).
+/// `mean`, `log_var`: `[..., D]` of equal shape (for the VAE, `[B, latent_dim]`).
+#[derive(Debug, Clone)]
+pub struct DiagGaussian {
+    pub mean: Tensor,
+    pub log_var: Tensor,
+}
+
+impl DiagGaussian {
+    pub fn new(mean: Tensor, log_var: Tensor) -> Result<Self> {
+        if mean.shape() != log_var.shape() {
+            candle_core::bail!(
+                "DiagGaussian: mean {:?} and log_var {:?} differ in shape",
+                mean.shape(),
+                log_var.shape()
+            );
+        }
+        Ok(Self { mean, log_var })
+    }
+
+    /// sigma = exp(log_var / 2).
+    pub fn std(&self) -> Result<Tensor> {
+        (&self.log_var * 0.5)?.exp()
+    }
+
+    /// The reparameterization trick (Kingma & Welling 2014): `z = mean + sigma * eps`.
+    /// `eps`: `[K, ..., D]` standard normal; returns `[K, ..., D]`, differentiable in mean
+    /// and log_var.
+    pub fn rsample_with(&self, eps: &Tensor) -> Result<Tensor> {
+        eps.broadcast_mul(&self.std()?)?.broadcast_add(&self.mean)
+    }
+
+    /// K reparameterized samples, `[K, ..., D]`.
+    pub fn rsample(&self, k: usize, noise: &mut Noise) -> Result<Tensor> {
+        let mut dims = vec![k];
+        dims.extend_from_slice(self.mean.dims());
+        let eps = noise.randn(dims, self.mean.device())?;
+        self.rsample_with(&eps)
+    }
+
+    /// log q(z) summed over the last dimension; `z`: `[..., D]` broadcastable against
+    /// mean (e.g. `[K, B, D]` against `[B, D]`), returns the broadcast shape without D.
+    pub fn log_prob(&self, z: &Tensor) -> Result<Tensor> {
+        gaussian_log_prob(z, &self.mean, &self.log_var)
+    }
+
+    /// Closed-form KL(q || N(0, I)) = `-0.5 * sum(1 + log_var - mean^2 - exp(log_var))`;
+    /// `[..., D] -> [...]`.
+    pub fn kl_standard_normal(&self) -> Result<Tensor> {
+        let inner = ((self.log_var.affine(1.0, 1.0)? - self.mean.sqr()?)? - self.log_var.exp()?)?;
+        inner.sum(D::Minus1)?.affine(-0.5, 0.0)
+    }
+
+    /// Closed-form KL(self || other) between diagonal Gaussians:
+    /// `0.5 * sum(log_var_p - log_var_q + (var_q + (mean_q - mean_p)^2) / var_p - 1)`.
+    pub fn kl(&self, other: &DiagGaussian) -> Result<Tensor> {
+        let var_q = self.log_var.exp()?;
+        let diff2 = (&self.mean - &other.mean)?.sqr()?;
+        let ratio = ((var_q + diff2)? * other.log_var.neg()?.exp()?)?;
+        let terms = ((&other.log_var - &self.log_var)? + ratio)?.affine(1.0, -1.0)?;
+        terms.sum(D::Minus1)?.affine(0.5, 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::f64::consts::PI;
+
+    #[test]
+    fn log_2pi_constant() {
+        assert!((LOG_2PI - (2.0 * PI).ln()).abs() < 1e-15);
+    }
+}

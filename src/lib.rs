@@ -1,0 +1,28 @@
+//! # elbo: variational inference for deep generative models
+//!
+//! A latent variable model p(x) = ∫ p(x|z) p(z) dz is trained by maximising the evidence lower
+//! bound (ELBO)
+//!
+//! ```text
+//! log p(x) >= L(x) = E_{q(z|x)}[log p(x|z)] - KL(q(z|x) || p(z))
+//! ```
+//!
+//! whose gap is exactly KL(q(z|x) || p(z|x)). elbo reports the two parts (reconstruction, KL)
+//! separately, estimates the expectation with K reparameterized samples, and estimates
+//! log p(x) itself by importance sampling with q(z|x) as proposal, so the gap can be measured.
+//!
+//! Modules:
+//! - [`data`]: the IDX (MNIST) format, the built-in digits, pixel modes;
+//! - [`distributions`]: diagonal Gaussian, Bernoulli and Gaussian likelihoods, seeded noise;
+//! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x));
+//! - [`optim`]: Adam with a state that can be checkpointed;
+//! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically;
+//! - [`train`]: the training loop; [`plot`]: PNG image grids.
+
+pub mod checkpoint;
+pub mod data;
+pub mod distributions;
+pub mod optim;
+pub mod plot;
+pub mod train;
+pub mod vae;

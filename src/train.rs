@@ -1,0 +1,374 @@
+//! The VAE training loop: Adam on the negative (beta-)ELBO, per-epoch train and test metrics
+//! as JSON lines, an atomic checkpoint every epoch, resume, and pictures at the end.
+//!
+//! Files in the output folder:
+//! - `model.safetensors`: the weights under PyTorch `SimpleVAE.state_dict()` names;
+//! - `train_state.safetensors`: Adam's moments, the step and the epochs done (for `--resume`);
+//! - `metrics.jsonl`: one JSON object per epoch;
+//! - `samples.png`, `reconstructions.png`, and `manifold.png` when the latent is 2-D.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::checkpoint;
+use crate::data::{Dataset, PixelMode, Source, Split};
+use crate::distributions::Noise;
+use crate::optim::{Adam, AdamConfig};
+use crate::plot;
+use crate::vae::{self, Vae, VaeConfig, elbo_terms};
+
+/// Everything `elbo train vae` needs besides the model config.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub source: Source,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub beta: f64,
+    pub mc_samples: usize,
+    pub pixels: PixelMode,
+    pub seed: u64,
+    /// Use only the first N training examples (all when `None`).
+    pub train_limit: Option<usize>,
+    /// Use only the first N test examples (all when `None`).
+    pub test_limit: Option<usize>,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.mc_samples == 0 {
+            bail!("--mc-samples must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!("--beta must be a non-negative number, got {}", self.beta);
+        }
+        Ok(())
+    }
+}
+
+/// Per-example averages in nats: `reconstruction = -E_q[log p(x|z)]`, `kl = KL(q || p)`,
+/// `neg_elbo = reconstruction + kl`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Terms {
+    pub neg_elbo: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train: Terms,
+    pub test: Terms,
+    pub seconds: f64,
+}
+
+/// Files of a run in `dir`.
+pub struct RunFiles {
+    pub model: PathBuf,
+    pub state: PathBuf,
+    pub metrics: PathBuf,
+}
+
+impl RunFiles {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            model: dir.join("model.safetensors"),
+            state: dir.join("train_state.safetensors"),
+            metrics: dir.join("metrics.jsonl"),
+        }
+    }
+}
+
+/// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
+pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
+    let mut z = seed
+        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ epoch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+const STREAM_EPOCH: u64 = 1;
+const STREAM_TEST: u64 = 2;
+const STREAM_PICTURES: u64 = 3;
+
+/// ELBO terms of a whole data set (per-example means), with a frozen model.
+pub fn evaluate_elbo(
+    vae: &Vae,
+    data: &Dataset,
+    pixels: PixelMode,
+    mc_samples: usize,
+    seed: u64,
+) -> Result<Terms> {
+    let frozen = vae.frozen()?;
+    let mut pixel_rng = StdRng::seed_from_u64(0); // a fixed binarization of the test set
+    let mut noise = Noise::new(seed);
+    let (mut rec, mut kl) = (0.0, 0.0);
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(500) {
+        let x = data.batch(chunk, pixels, &mut pixel_rng, vae.device())?;
+        let t = elbo_terms(&frozen, &x, mc_samples, &mut noise)?;
+        rec -= vae::objective::sum_f64(&t.reconstruction)?;
+        kl += vae::objective::sum_f64(&t.kl)?;
+    }
+    let n = data.len() as f64;
+    Ok(Terms {
+        neg_elbo: (rec + kl) / n,
+        reconstruction: rec / n,
+        kl: kl / n,
+    })
+}
+
+/// Trains (or, with `resume`, continues) a VAE in `dir`; returns the metrics of the epochs run.
+pub fn train_vae(
+    model_config: VaeConfig,
+    config: &TrainConfig,
+    dir: &Path,
+    resume: bool,
+    show_progress: bool,
+    device: &Device,
+) -> Result<Vec<EpochMetrics>> {
+    config.validate()?;
+    model_config.validate()?;
+    let files = RunFiles::new(dir);
+    let mut train = config.source.load(Split::Train)?;
+    let mut test = config.source.load(Split::Test)?;
+    if let Some(n) = config.train_limit {
+        train = train.take(n);
+    }
+    if let Some(n) = config.test_limit {
+        test = test.take(n);
+    }
+
+    let (vae, mut adam, start_epoch) = if resume {
+        if !files.model.exists() || !files.state.exists() {
+            bail!(
+                "--resume: {} has no {} and {} to continue from",
+                dir.display(),
+                files.model.display(),
+                files.state.display()
+            );
+        }
+        let vae = Vae::load(&files.model, device)?;
+        if vae.config != model_config {
+            eprintln!(
+                "note: --resume uses the model config stored in {}",
+                files.model.display()
+            );
+        }
+        let state = checkpoint::load(&files.state, device)?;
+        let number = |key: &str| -> Result<u64> {
+            state
+                .metadata
+                .get(key)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("{}: metadata {key} missing", files.state.display()))
+        };
+        let (epoch, step) = (number("epoch")? as usize, number("adam_step")?);
+        let mut adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
+        adam.load_state(&state.tensors, step)
+            .with_context(|| format!("{}: cannot restore the optimizer", files.state.display()))?;
+        (vae, adam, epoch)
+    } else {
+        if files.model.exists() {
+            bail!(
+                "--out {}: already holds a checkpoint; pass --resume to continue it, or choose another --out",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out {}: cannot create folder", dir.display()))?;
+        let vae = Vae::new(model_config, &mut Noise::new(config.seed), device)?;
+        let adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
+        std::fs::write(&files.metrics, b"")
+            .with_context(|| format!("{}: cannot write", files.metrics.display()))?;
+        (vae, adam, 0)
+    };
+    let run_config = serde_json::json!({ "model": vae.config, "train": config });
+    checkpoint::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&run_config)?.as_bytes(),
+    )?;
+
+    let n = train.len();
+    let steps_per_epoch = n.div_ceil(config.batch_size);
+    let mut all = Vec::new();
+    for epoch in start_epoch + 1..=config.epochs {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(derive_seed(config.seed, STREAM_EPOCH, epoch as u64));
+        let mut noise =
+            Noise::new(derive_seed(config.seed, STREAM_EPOCH, epoch as u64).wrapping_add(1));
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        let bar = if show_progress {
+            ProgressBar::new(steps_per_epoch as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(format!("{epoch}/{}", config.epochs));
+        let (mut rec_sum, mut kl_sum) = (0.0, 0.0);
+        for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
+            let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
+            let terms = elbo_terms(&vae, &x, config.mc_samples, &mut noise)?;
+            let loss = terms.loss(config.beta)?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                bar.abandon();
+                let kept = if files.model.exists() {
+                    format!(
+                        "the last good checkpoint {} (epoch {}) is kept",
+                        files.model.display(),
+                        epoch - 1
+                    )
+                } else {
+                    "no checkpoint had been written yet".to_string()
+                };
+                bail!(
+                    "training stopped: the loss became {loss_value} at epoch {epoch}, step {}; {kept} \
+                     (try a smaller --lr)",
+                    step + 1
+                );
+            }
+            let grads = loss.backward()?;
+            adam.step(&grads)?;
+            rec_sum -= vae::objective::sum_f64(&terms.reconstruction.detach())?;
+            kl_sum += vae::objective::sum_f64(&terms.kl.detach())?;
+            bar.set_message(format!("loss {loss_value:.2}"));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_terms = Terms {
+            neg_elbo: (rec_sum + kl_sum) / n as f64,
+            reconstruction: rec_sum / n as f64,
+            kl: kl_sum / n as f64,
+        };
+        let test_terms = evaluate_elbo(
+            &vae,
+            &test,
+            config.pixels,
+            config.mc_samples,
+            derive_seed(config.seed, STREAM_TEST, 0),
+        )?;
+        save_train_state(&vae, &adam, epoch, &files)?;
+        let metrics = EpochMetrics {
+            epoch,
+            train: train_terms,
+            test: test_terms,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&files.metrics)
+            .with_context(|| format!("{}: cannot append", files.metrics.display()))?;
+        writeln!(f, "{}", serde_json::to_string(&metrics)?)?;
+        if show_progress {
+            eprintln!(
+                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",
+                train_terms.neg_elbo,
+                train_terms.reconstruction,
+                train_terms.kl,
+                test_terms.neg_elbo,
+                test_terms.reconstruction,
+                test_terms.kl,
+                metrics.seconds
+            );
+        }
+        all.push(metrics);
+    }
+    save_pictures(&vae, &test, config.pixels, dir, config.seed)?;
+    Ok(all)
+}
+
+/// Model first, then the optimizer state that refers to it; each write is atomic.
+fn save_train_state(vae: &Vae, adam: &Adam, epoch: usize, files: &RunFiles) -> Result<()> {
+    vae.save(&files.model)?;
+    let (tensors, step) = adam.state();
+    let metadata = HashMap::from([
+        ("epoch".to_string(), epoch.to_string()),
+        ("adam_step".to_string(), step.to_string()),
+    ]);
+    checkpoint::save_atomic(&files.state, &tensors, metadata)
+}
+
+/// `samples.png` (64 prior samples), `reconstructions.png` (rows alternate 8 test digits and
+/// their reconstructions) and, for a 2-D latent, `manifold.png`.
+pub fn save_pictures(
+    vae: &Vae,
+    test: &Dataset,
+    pixels: PixelMode,
+    dir: &Path,
+    seed: u64,
+) -> Result<()> {
+    let frozen = vae.frozen()?;
+    let mut noise = Noise::new(derive_seed(seed, STREAM_PICTURES, 0));
+    plot::save_grid(
+        &vae::sample_prior(&frozen, 64, &mut noise)?,
+        8,
+        &dir.join("samples.png"),
+    )?;
+    save_reconstructions(&frozen, test, pixels, 32, &dir.join("reconstructions.png"))?;
+    if vae.config.latent_dim == 2 {
+        plot::save_grid(&manifold(&frozen, 20)?, 20, &dir.join("manifold.png"))?;
+    }
+    Ok(())
+}
+
+/// Rows alternate `8` originals and their reconstructions from the posterior mean.
+pub fn save_reconstructions(
+    vae: &Vae,
+    data: &Dataset,
+    pixels: PixelMode,
+    n: usize,
+    path: &Path,
+) -> Result<()> {
+    let n = n.min(data.len());
+    let idx: Vec<usize> = (0..n).collect();
+    let x = data.batch(&idx, pixels, &mut StdRng::seed_from_u64(0), vae.device())?;
+    let recon = vae::reconstruct(vae, &x)?;
+    let mut rows = Vec::new();
+    for start in (0..n).step_by(8) {
+        let len = 8.min(n - start);
+        rows.push(x.narrow(0, start, len)?);
+        rows.push(recon.narrow(0, start, len)?);
+    }
+    plot::save_grid(&Tensor::cat(&rows, 0)?, 8, path)
+}
+
+/// Decoded means over a `side x side` grid of z in [-2.5, 2.5]^2 (2-D latents only).
+pub fn manifold(vae: &Vae, side: usize) -> Result<Tensor> {
+    let step = 5.0 / (side.max(2) - 1) as f32;
+    let mut z = Vec::with_capacity(side * side * 2);
+    for r in 0..side {
+        for c in 0..side {
+            z.push(-2.5 + c as f32 * step);
+            z.push(2.5 - r as f32 * step);
+        }
+    }
+    let z = Tensor::from_vec(z, (side * side, 2), vae.device())?;
+    vae.mean_from_logits(&vae.decode(&z)?)
+}
