@@ -99,14 +99,14 @@ struct TrainVaeArgs {
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
     #[arg(long, default_value_t = 32)]
     latent_dim: usize,
     #[arg(long, default_value_t = 256)]
     hidden_dim: usize,
     /// Weight on the KL term (beta-VAE); 1 is the ELBO.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     beta: f64,
     /// Monte Carlo samples K of z per example for the reconstruction term.
     #[arg(long, default_value_t = 1)]
@@ -256,15 +256,6 @@ fn run(cli: Cli) -> Result<()> {
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
             };
-            eprintln!(
-                "training VAE {}-{}-{} on {} for {} epochs -> {}",
-                model.input_dim,
-                model.hidden_dim,
-                model.latent_dim,
-                config.source.describe(),
-                config.epochs,
-                a.out.display()
-            );
             let started = std::time::Instant::now();
             train_vae(model, &config, &a.out, a.resume, true, &device)?;
             eprintln!(

@@ -202,6 +202,19 @@ pub fn train_vae(
             .with_context(|| format!("{}: cannot write", files.metrics.display()))?;
         (vae, adam, 0)
     };
+    if show_progress {
+        eprintln!(
+            "training VAE {}-{}-{} on {} ({} train, {} test) for {} epochs -> {}",
+            vae.config.input_dim,
+            vae.config.hidden_dim,
+            vae.config.latent_dim,
+            config.source.describe(),
+            train.len(),
+            test.len(),
+            config.epochs,
+            dir.display()
+        );
+    }
     let run_config = serde_json::json!({ "model": vae.config, "train": config });
     checkpoint::write_atomic(
         &dir.join("config.json"),

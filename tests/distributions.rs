@@ -3,7 +3,8 @@
 
 use candle_core::{D, Device, Tensor, Var};
 use elbo::distributions::{
-    DiagGaussian, LOG_2PI, Noise, bernoulli_log_prob_logits, gaussian_log_prob, standard_normal_log_prob,
+    DiagGaussian, LOG_2PI, Noise, bernoulli_log_prob_logits, gaussian_log_prob,
+    standard_normal_log_prob,
 };
 
 fn cpu() -> Device {
@@ -28,10 +29,17 @@ fn mean_and_stderr(v: &[f32]) -> (f64, f64) {
 
 /// KL(q || p) = E_q[log q(z) - log p(z)], estimated with 200,000 samples: the closed form must
 /// lie within 4 standard errors of the estimate.
-fn check_kl_against_monte_carlo(q: &DiagGaussian, closed_form: f64, log_p: impl Fn(&Tensor) -> Tensor) {
+fn check_kl_against_monte_carlo(
+    q: &DiagGaussian,
+    closed_form: f64,
+    log_p: impl Fn(&Tensor) -> Tensor,
+) {
     let mut noise = Noise::new(7);
     let z = q.rsample(200_000, &mut noise).unwrap(); // [K, 1, D]
-    let log_ratio = (q.log_prob(&z).unwrap() - log_p(&z)).unwrap().flatten_all().unwrap();
+    let log_ratio = (q.log_prob(&z).unwrap() - log_p(&z))
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let (mc, se) = mean_and_stderr(&log_ratio.to_vec1::<f32>().unwrap());
     assert!(
         (mc - closed_form).abs() < 4.0 * se + 1e-4,
@@ -72,21 +80,37 @@ fn kl_of_identical_gaussians_is_zero() {
     let kl = q.kl(&q.clone()).unwrap().to_vec1::<f32>().unwrap()[0];
     assert!(kl.abs() < 1e-6, "{kl}");
     let prior = gaussian(&[0.0; 5], &[0.0; 5]);
-    assert_eq!(prior.kl_standard_normal().unwrap().to_vec1::<f32>().unwrap()[0], 0.0);
+    assert_eq!(
+        prior
+            .kl_standard_normal()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0],
+        0.0
+    );
 }
 
 #[test]
 fn log_prob_matches_known_constants() {
     // log N(0; 0, 1) = -0.5 log(2 pi) per dimension.
     let z = Tensor::zeros((1, 3), candle_core::DType::F32, &cpu()).unwrap();
-    let lp = standard_normal_log_prob(&z).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    let lp = standard_normal_log_prob(&z)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
     assert!((lp - (-1.5 * LOG_2PI)).abs() < 1e-5);
     // log N(x=3; 1, sigma^2=4) = -0.5 (log 2pi + log 4 + 1).
     let x = Tensor::new(&[[3.0f32]], &cpu()).unwrap();
     let m = Tensor::new(&[[1.0f32]], &cpu()).unwrap();
     let lv = Tensor::new(&[[4.0f32.ln()]], &cpu()).unwrap();
-    let lp = gaussian_log_prob(&x, &m, &lv).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-    assert!((lp - (-0.5 * (LOG_2PI + 4f64.ln() + 1.0))).abs() < 1e-5, "{lp}");
+    let lp = gaussian_log_prob(&x, &m, &lv)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
+    assert!(
+        (lp - (-0.5 * (LOG_2PI + 4f64.ln() + 1.0))).abs() < 1e-5,
+        "{lp}"
+    );
 }
 
 /// For f(z) = sum (z - c)^2 and z = mu + sigma * eps, E[f] = sum (mu - c)^2 + sigma^2, so
@@ -102,22 +126,51 @@ fn reparameterized_gradient_matches_analytic_gradient() {
     let eps = Noise::new(3).randn((k, 1, 2), &cpu()).unwrap();
     let z = q.rsample_with(&eps).unwrap();
     let ct = Tensor::from_slice(&c, (1, 2), &cpu()).unwrap();
-    let f = z.broadcast_sub(&ct).unwrap().sqr().unwrap().sum(D::Minus1).unwrap();
+    let f = z
+        .broadcast_sub(&ct)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap();
     let grads = f.mean_all().unwrap().backward().unwrap();
-    let g_mu = grads.get(mu.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let g_lv = grads.get(lv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g_mu = grads
+        .get(mu.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let g_lv = grads
+        .get(lv.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let eps_v = eps.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for i in 0..2 {
         let sigma = (0.5 * lv0[i]).exp();
         // Per-sample gradients, for the standard errors.
-        let per_mu: Vec<f32> = (0..k).map(|j| 2.0 * (mu0[i] + sigma * eps_v[2 * j + i] - c[i])).collect();
-        let per_lv: Vec<f32> =
-            (0..k).map(|j| (mu0[i] + sigma * eps_v[2 * j + i] - c[i]) * sigma * eps_v[2 * j + i]).collect();
+        let per_mu: Vec<f32> = (0..k)
+            .map(|j| 2.0 * (mu0[i] + sigma * eps_v[2 * j + i] - c[i]))
+            .collect();
+        let per_lv: Vec<f32> = (0..k)
+            .map(|j| (mu0[i] + sigma * eps_v[2 * j + i] - c[i]) * sigma * eps_v[2 * j + i])
+            .collect();
         let (_, se_mu) = mean_and_stderr(&per_mu);
         let (_, se_lv) = mean_and_stderr(&per_lv);
         let (want_mu, want_lv) = (2.0 * (mu0[i] - c[i]) as f64, lv0[i].exp() as f64);
-        assert!((g_mu[i] as f64 - want_mu).abs() < 5.0 * se_mu, "d/dmu[{i}] {} vs {want_mu} (se {se_mu})", g_mu[i]);
-        assert!((g_lv[i] as f64 - want_lv).abs() < 5.0 * se_lv, "d/dlogvar[{i}] {} vs {want_lv} (se {se_lv})", g_lv[i]);
+        assert!(
+            (g_mu[i] as f64 - want_mu).abs() < 5.0 * se_mu,
+            "d/dmu[{i}] {} vs {want_mu} (se {se_mu})",
+            g_mu[i]
+        );
+        assert!(
+            (g_lv[i] as f64 - want_lv).abs() < 5.0 * se_lv,
+            "d/dlogvar[{i}] {} vs {want_lv} (se {se_lv})",
+            g_lv[i]
+        );
     }
 }
 
@@ -128,10 +181,17 @@ fn bernoulli_from_logits_equals_sigmoid_plus_bce() {
     for (l, xv) in logits.iter().zip(&x) {
         let lt = Tensor::new(&[[*l]], &cpu()).unwrap();
         let xt = Tensor::new(&[[*xv]], &cpu()).unwrap();
-        let ours = bernoulli_log_prob_logits(&xt, &lt).unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let ours = bernoulli_log_prob_logits(&xt, &lt)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0] as f64;
         let p = 1.0 / (1.0 + (-(*l as f64)).exp());
         let bce = -(*xv as f64 * p.ln() + (1.0 - *xv as f64) * (1.0 - p).ln());
-        assert!((ours + bce).abs() < 1e-5, "logit {l}, x {xv}: {ours} vs -BCE {}", -bce);
+        assert!(
+            (ours + bce).abs() < 1e-5,
+            "logit {l}, x {xv}: {ours} vs -BCE {}",
+            -bce
+        );
     }
 }
 
@@ -139,9 +199,15 @@ fn bernoulli_from_logits_equals_sigmoid_plus_bce() {
 fn bernoulli_from_logits_is_finite_at_extreme_logits() {
     let l = Tensor::new(&[[100.0f32], [-100.0], [100.0], [-100.0]], &cpu()).unwrap();
     let x = Tensor::new(&[[1.0f32], [0.0], [0.0], [1.0]], &cpu()).unwrap();
-    let v = bernoulli_log_prob_logits(&x, &l).unwrap().to_vec1::<f32>().unwrap();
+    let v = bernoulli_log_prob_logits(&x, &l)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
     // Certain and right: log 1 = 0; certain and wrong: log sigmoid(-100) = -100.
     assert!(v[0].abs() < 1e-6 && v[1].abs() < 1e-6, "{v:?}");
-    assert!((v[2] + 100.0).abs() < 1e-4 && (v[3] + 100.0).abs() < 1e-4, "{v:?}");
+    assert!(
+        (v[2] + 100.0).abs() < 1e-4 && (v[3] + 100.0).abs() < 1e-4,
+        "{v:?}"
+    );
 }

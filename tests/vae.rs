@@ -37,7 +37,15 @@ fn trained() -> &'static (tempfile::TempDir, f64) {
     static RUN: OnceLock<(tempfile::TempDir, f64)> = OnceLock::new();
     RUN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = train_vae(VaeConfig::default(), &config(2), dir.path(), false, false, &Device::Cpu).unwrap();
+        let metrics = train_vae(
+            VaeConfig::default(),
+            &config(2),
+            dir.path(),
+            false,
+            false,
+            &Device::Cpu,
+        )
+        .unwrap();
         let test_neg_elbo = metrics.last().unwrap().test.neg_elbo;
         (dir, test_neg_elbo)
     })
@@ -49,8 +57,17 @@ fn trained() -> &'static (tempfile::TempDir, f64) {
 #[test]
 fn two_epochs_on_built_in_digits_reach_the_stated_bound() {
     let (dir, test_neg_elbo) = trained();
-    assert!(*test_neg_elbo < 190.0, "test -ELBO after 2 epochs: {test_neg_elbo}");
-    for f in ["model.safetensors", "train_state.safetensors", "metrics.jsonl", "samples.png", "reconstructions.png"] {
+    assert!(
+        *test_neg_elbo < 190.0,
+        "test -ELBO after 2 epochs: {test_neg_elbo}"
+    );
+    for f in [
+        "model.safetensors",
+        "train_state.safetensors",
+        "metrics.jsonl",
+        "samples.png",
+        "reconstructions.png",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
@@ -60,7 +77,13 @@ fn two_epochs_on_built_in_digits_reach_the_stated_bound() {
 fn test_batch(n: usize) -> Tensor {
     let data = Source::Named(Named::Mnist10k).load(Split::Test).unwrap();
     let idx: Vec<usize> = (0..n).collect();
-    data.batch(&idx, PixelMode::Grey, &mut StdRng::seed_from_u64(0), &Device::Cpu).unwrap()
+    data.batch(
+        &idx,
+        PixelMode::Grey,
+        &mut StdRng::seed_from_u64(0),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// Mean and standard error of the per-example differences a - b.
@@ -73,7 +96,10 @@ fn paired(a: &[f64], b: &[f64]) -> (f64, f64) {
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64).unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// Burda et al. (2015), Theorem 1: ELBO = E[IWAE_1] <= E[IWAE_k] <= E[IWAE_k'] <= log p(x) for
@@ -81,14 +107,19 @@ fn to_f64(t: &Tensor) -> Vec<f64> {
 #[test]
 fn elbo_below_iwae_k_below_iwae_k_prime_below_log_likelihood() {
     let (dir, _) = trained();
-    let vae = Vae::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap().frozen().unwrap();
+    let vae = Vae::load(&dir.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .frozen()
+        .unwrap();
     let x = test_batch(200);
     let mut noise = Noise::new(11);
     let terms = elbo_terms(&vae, &x, 100, &mut noise).unwrap();
     let elbo = to_f64(&terms.elbo(1.0).unwrap());
     let iwae_10 = to_f64(&iwae_bound(&vae, &x, 10, &mut noise).unwrap());
     let iwae_100 = to_f64(&iwae_bound(&vae, &x, 100, &mut noise).unwrap());
-    let log_px = estimate_log_likelihood(&vae, &x, 1000, 20_000, &mut noise).unwrap().log_px;
+    let log_px = estimate_log_likelihood(&vae, &x, 1000, 20_000, &mut noise)
+        .unwrap()
+        .log_px;
     for (name, hi, lo) in [
         ("IWAE_10 - ELBO", &iwae_10, &elbo),
         ("IWAE_100 - IWAE_10", &iwae_100, &iwae_10),
@@ -107,7 +138,10 @@ fn elbo_below_iwae_k_below_iwae_k_prime_below_log_likelihood() {
 #[test]
 fn likelihood_estimate_reports_the_elbo_parts() {
     let (dir, _) = trained();
-    let vae = Vae::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap().frozen().unwrap();
+    let vae = Vae::load(&dir.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .frozen()
+        .unwrap();
     let x = test_batch(50);
     let est = estimate_log_likelihood(&vae, &x, 2000, 10_000, &mut Noise::new(5)).unwrap();
     let terms = elbo_terms(&vae, &x, 2000, &mut Noise::new(6)).unwrap();
@@ -117,13 +151,23 @@ fn likelihood_estimate_reports_the_elbo_parts() {
         assert!((est.kl[i] - kl[i]).abs() < 1e-3);
         // Two independent 2000-sample means of log p(x|z), whose per-sample spread is about
         // 10 nats here: they differ by ~0.3 nats; 2 nats is over 6 standard deviations.
-        assert!((est.reconstruction[i] - rec[i]).abs() < 2.0, "{} vs {}", est.reconstruction[i], rec[i]);
+        assert!(
+            (est.reconstruction[i] - rec[i]).abs() < 2.0,
+            "{} vs {}",
+            est.reconstruction[i],
+            rec[i]
+        );
     }
     // Chunking does not change the estimate: same noise, different chunk sizes.
     let a = estimate_log_likelihood(&vae, &x, 300, 50 * 300, &mut Noise::new(9)).unwrap();
     let b = estimate_log_likelihood(&vae, &x, 300, 50 * 7, &mut Noise::new(9)).unwrap();
     for i in 0..50 {
-        assert!((a.log_px[i] - b.log_px[i]).abs() < 1e-3, "{} vs {}", a.log_px[i], b.log_px[i]);
+        assert!(
+            (a.log_px[i] - b.log_px[i]).abs() < 1e-3,
+            "{} vs {}",
+            a.log_px[i],
+            b.log_px[i]
+        );
     }
 }
 
@@ -147,21 +191,53 @@ fn checkpoint_round_trip_gives_identical_outputs() {
     assert_eq!(back.config, vae.config);
     let x = test_batch(8);
     let (q1, q2) = (vae.encode(&x).unwrap(), back.encode(&x).unwrap());
-    let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert_eq!(diff(&q1.mean, &q2.mean), 0.0);
     assert_eq!(diff(&q1.log_var, &q2.log_var), 0.0);
-    assert_eq!(diff(&vae.decode(&q1.mean).unwrap(), &back.decode(&q2.mean).unwrap()), 0.0);
+    assert_eq!(
+        diff(
+            &vae.decode(&q1.mean).unwrap(),
+            &back.decode(&q2.mean).unwrap()
+        ),
+        0.0
+    );
 }
 
 /// `tests/fixtures/simplevae_torch*.safetensors` come from `bench/make_fixture.py`: the text's
 /// SimpleVAE saved by PyTorch, with inputs, noise and the text's outputs and `vae_loss`.
 #[test]
 fn pytorch_checkpoint_loads_and_matches_pytorch_outputs() {
-    let vae = Vae::load(&fixtures().join("simplevae_torch.safetensors"), &Device::Cpu).unwrap();
+    let vae = Vae::load(
+        &fixtures().join("simplevae_torch.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(vae.config, VaeConfig::default());
-    let io = candle_core::safetensors::load(fixtures().join("simplevae_torch_io.safetensors"), &Device::Cpu).unwrap();
+    let io = candle_core::safetensors::load(
+        fixtures().join("simplevae_torch_io.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let q = vae.encode(&io["x"]).unwrap();
-    let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert!(max_diff(&q.mean, &io["mu"]) < 1e-5);
     assert!(max_diff(&q.log_var, &io["logvar"]) < 1e-5);
     let z = q.rsample_with(&io["eps"].unsqueeze(0).unwrap()).unwrap();
@@ -169,10 +245,26 @@ fn pytorch_checkpoint_loads_and_matches_pytorch_outputs() {
     let recon = vae.mean_from_logits(&logits).unwrap().squeeze(0).unwrap();
     assert!(max_diff(&recon, &io["recon"]) < 1e-5);
     // The text's vae_loss = BCE + KLD (summed over the batch) is our -ELBO summed.
-    let rec = vae.log_likelihood(&io["x"], &logits).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    let kl = q.kl_standard_normal().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let rec = vae
+        .log_likelihood(&io["x"], &logits)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let kl = q
+        .kl_standard_normal()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let torch_loss = io["loss"].to_vec1::<f32>().unwrap()[0];
-    assert!(((kl - rec) - torch_loss).abs() < 1e-4 * torch_loss.abs(), "{} vs {torch_loss}", kl - rec);
+    assert!(
+        ((kl - rec) - torch_loss).abs() < 1e-4 * torch_loss.abs(),
+        "{} vs {torch_loss}",
+        kl - rec
+    );
 }
 
 /// A PyTorch file whose shapes do not fit the SimpleVAE layout is refused with the tensor's
@@ -183,13 +275,24 @@ fn checkpoint_with_wrong_shapes_is_refused() {
     let path = dir.path().join("bad.safetensors");
     write_bad_checkpoint(&path);
     let err = Vae::load(&path, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("decoder.0.weight") && err.contains("[256, 16]") && err.contains("[256, 32]"), "{err}");
+    assert!(
+        err.contains("decoder.0.weight") && err.contains("[256, 16]") && err.contains("[256, 32]"),
+        "{err}"
+    );
 }
 
 /// The PyTorch fixture with `decoder.0.weight` cut to a 16-dimensional latent.
 pub fn write_bad_checkpoint(path: &Path) {
-    let mut t = candle_core::safetensors::load(fixtures().join("simplevae_torch.safetensors"), &Device::Cpu).unwrap();
-    let w = t["decoder.0.weight"].narrow(1, 0, 16).unwrap().contiguous().unwrap();
+    let mut t = candle_core::safetensors::load(
+        fixtures().join("simplevae_torch.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w = t["decoder.0.weight"]
+        .narrow(1, 0, 16)
+        .unwrap()
+        .contiguous()
+        .unwrap();
     t.insert("decoder.0.weight".into(), w);
     candle_core::safetensors::save(&t, path).unwrap();
 }
@@ -210,16 +313,25 @@ fn nan_loss_stops_training_and_keeps_the_last_checkpoint_and_resume_continues() 
     let model = dir.path().join("model.safetensors");
     let before = std::fs::read(&model).unwrap();
     // Starting afresh over an existing run is refused: nothing written is lost.
-    let err = train_vae(small.clone(), &cfg, dir.path(), false, false, &Device::Cpu).err().unwrap();
+    let err = train_vae(small.clone(), &cfg, dir.path(), false, false, &Device::Cpu)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("--resume"), "{err}");
 
     let mut bad = cfg.clone();
     bad.epochs = 2;
     bad.lr = 1e6;
-    let err = train_vae(small.clone(), &bad, dir.path(), true, false, &Device::Cpu).err().unwrap().to_string();
+    let err = train_vae(small.clone(), &bad, dir.path(), true, false, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("NaN") || err.contains("inf"), "{err}");
     assert!(err.contains("kept"), "{err}");
-    assert_eq!(std::fs::read(&model).unwrap(), before, "checkpoint changed after a NaN");
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        before,
+        "checkpoint changed after a NaN"
+    );
 
     let mut more = cfg.clone();
     more.epochs = 2;
@@ -247,10 +359,19 @@ fn resume_is_exact() {
     one.epochs = 1;
     train_vae(small.clone(), &one, b.path(), false, false, &Device::Cpu).unwrap();
     train_vae(small, &cfg, b.path(), true, false, &Device::Cpu).unwrap();
-    let load = |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let load = |d: &Path| {
+        candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
     let (ma, mb) = (load(a.path()), load(b.path()));
     for (name, t) in &ma {
-        let d = (t - &mb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (t - &mb[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6, "{name} differs by {d}");
     }
 }

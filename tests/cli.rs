@@ -1,0 +1,327 @@
+//! The `elbo` command line end to end, and its answers to bad input: a non-zero exit and one
+//! line that names the flag or file.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use elbo::data::idx::{encode_images, encode_labels};
+use elbo::data::{Named, PIXELS, Source, Split};
+
+fn elbo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_elbo"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails unless the command failed with exactly one line on stderr that contains `needle`.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got:\n{err}"
+    );
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A folder in the MNIST layout with the first `n_train` / `n_test` built-in digits
+/// (images gzipped, labels raw), or without the train files when `n_train == 0`.
+fn mnist_dir(n_train: usize, n_test: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: Vec<u8>, gz: bool| {
+        let path = dir.path().join(if gz {
+            format!("{name}.gz")
+        } else {
+            name.to_string()
+        });
+        let mut f = std::fs::File::create(path).unwrap();
+        if gz {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&bytes).unwrap();
+            f.write_all(&e.finish().unwrap()).unwrap();
+        } else {
+            f.write_all(&bytes).unwrap();
+        }
+    };
+    let all = Source::Named(Named::Mnist10k).load(Split::Train).unwrap();
+    let labels = all.labels.clone().unwrap();
+    if n_train > 0 {
+        write(
+            "train-images-idx3-ubyte",
+            encode_images(n_train, 28, 28, &all.images[..n_train * PIXELS]),
+            true,
+        );
+        write(
+            "train-labels-idx1-ubyte",
+            encode_labels(&labels[..n_train]),
+            false,
+        );
+    }
+    let test = &all.images[n_train * PIXELS..(n_train + n_test) * PIXELS];
+    write(
+        "t10k-images-idx3-ubyte",
+        encode_images(n_test, 28, 28, test),
+        false,
+    );
+    write(
+        "t10k-labels-idx1-ubyte",
+        encode_labels(&labels[n_train..n_train + n_test]),
+        true,
+    );
+    dir
+}
+
+#[test]
+fn train_eval_sample_reconstruct_end_to_end() {
+    let data = mnist_dir(512, 64);
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let d = data.path().to_str().unwrap();
+    let r = run.to_str().unwrap();
+    let o = elbo(&[
+        "train",
+        "vae",
+        "--data",
+        d,
+        "--epochs",
+        "2",
+        "--hidden-dim",
+        "32",
+        "--latent-dim",
+        "2",
+        "--out",
+        r,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "model.safetensors",
+        "train_state.safetensors",
+        "metrics.jsonl",
+        "samples.png",
+        "reconstructions.png",
+        "manifold.png",
+        "config.json",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for key in ["neg_elbo", "reconstruction", "kl"] {
+        assert!(last["test"][key].as_f64().unwrap().is_finite());
+        assert!(last["train"][key].as_f64().unwrap().is_finite());
+    }
+
+    let ckpt = run.join("model.safetensors");
+    let c = ckpt.to_str().unwrap();
+    let eval = |seed: &str| {
+        let o = elbo(&[
+            "eval",
+            "vae",
+            "--checkpoint",
+            c,
+            "--data",
+            d,
+            "--iw-samples",
+            "200",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let first = eval("3");
+    assert_eq!(first, eval("3"), "same --seed, same numbers");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    for key in ["neg_elbo", "reconstruction", "kl", "nll", "iw_samples", "n"] {
+        assert!(v.get(key).is_some(), "eval --json lacks {key}: {first}");
+    }
+    assert_eq!(v["n"], 64);
+    assert_eq!(v["iw_samples"], 200);
+    let (neg_elbo, rec, kl, nll) = (
+        v["neg_elbo"].as_f64().unwrap(),
+        v["reconstruction"].as_f64().unwrap(),
+        v["kl"].as_f64().unwrap(),
+        v["nll"].as_f64().unwrap(),
+    );
+    assert!((neg_elbo - (rec + kl)).abs() < 1e-9);
+    assert!(
+        nll < neg_elbo,
+        "NLL estimate {nll} should be below -ELBO {neg_elbo}"
+    );
+
+    let png = out.path().join("s.png");
+    let o = elbo(&[
+        "sample",
+        "vae",
+        "--checkpoint",
+        c,
+        "--n",
+        "16",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 30 + 2, 4 * 30 + 2));
+    let rpng = out.path().join("r.png");
+    let o = elbo(&[
+        "reconstruct",
+        "vae",
+        "--checkpoint",
+        c,
+        "--data",
+        d,
+        "--n",
+        "8",
+        "--out",
+        rpng.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(rpng.is_file());
+}
+
+#[test]
+fn folder_with_only_test_files_serves_split_test() {
+    let data = mnist_dir(0, 32);
+    let d = data.path().to_str().unwrap();
+    let test = elbo::data::load_dir(data.path(), Split::Test).unwrap();
+    assert_eq!(test.len(), 32);
+    assert_eq!(test.labels.unwrap().len(), 32);
+    let err = elbo::data::load_dir(data.path(), Split::Train)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains(d),
+        "{err}"
+    );
+}
+
+#[test]
+fn label_count_mismatch_is_refused() {
+    let data = mnist_dir(0, 32);
+    std::fs::remove_file(data.path().join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    std::fs::write(
+        data.path().join("t10k-labels-idx1-ubyte"),
+        encode_labels(&[1, 2, 3]),
+    )
+    .unwrap();
+    let err = elbo::data::load_dir(data.path(), Split::Test)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("32 images") && err.contains("3 labels"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_checkpoint_is_one_line_naming_the_file() {
+    let o = elbo(&["eval", "vae", "--checkpoint", "/no/such/model.safetensors"]);
+    assert_one_line_error(&o, "/no/such/model.safetensors");
+}
+
+#[test]
+fn bad_flag_values_are_one_line_naming_the_flag() {
+    assert_one_line_error(&elbo(&["train", "vae", "--epochs", "ten"]), "--epochs");
+    assert_one_line_error(
+        &elbo(&["train", "vae", "--binarize", "sometimes"]),
+        "--binarize",
+    );
+    assert_one_line_error(
+        &elbo(&["train", "vae", "--batch-size", "0", "--out", "/tmp/never"]),
+        "--batch-size",
+    );
+    assert_one_line_error(
+        &elbo(&["train", "vae", "--lr", "-1", "--out", "/tmp/never"]),
+        "--lr",
+    );
+    assert_one_line_error(
+        &elbo(&[
+            "train",
+            "vae",
+            "--data",
+            "/no/such/dir",
+            "--out",
+            "/tmp/never",
+        ]),
+        "/no/such/dir",
+    );
+}
+
+#[test]
+fn corrupt_data_file_is_one_line_naming_the_file() {
+    let data = mnist_dir(0, 8);
+    let path = data.path().join("t10k-images-idx3-ubyte");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.safetensors");
+    elbo::vae::Vae::new(
+        Default::default(),
+        &mut elbo::distributions::Noise::new(0),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .save(&m)
+    .unwrap();
+    let o = elbo(&[
+        "eval",
+        "vae",
+        "--checkpoint",
+        m.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, "truncated");
+    assert!(stderr(&o).contains(path.to_str().unwrap()));
+}
+
+#[test]
+fn checkpoint_whose_shapes_do_not_fit_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.safetensors");
+    let fixture = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/simplevae_torch.safetensors"
+    ));
+    let mut t = candle_core::safetensors::load(fixture, &candle_core::Device::Cpu).unwrap();
+    let w = t["decoder.0.weight"]
+        .narrow(1, 0, 16)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    t.insert("decoder.0.weight".into(), w);
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let o = elbo(&[
+        "sample",
+        "vae",
+        "--checkpoint",
+        path.to_str().unwrap(),
+        "--out",
+        "/tmp/never.png",
+    ]);
+    assert_one_line_error(&o, "decoder.0.weight");
+    let o = elbo(&[
+        "eval",
+        "vae",
+        "--checkpoint",
+        fixture
+            .parent()
+            .unwrap()
+            .join("simplevae_torch_io.safetensors")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_one_line_error(&o, "not a VAE checkpoint");
+}
