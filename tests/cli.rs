@@ -325,3 +325,60 @@ fn checkpoint_whose_shapes_do_not_fit_is_one_line() {
     ]);
     assert_one_line_error(&o, "not a VAE checkpoint");
 }
+
+/// A run killed mid-training (SIGKILL: no chance to clean up) leaves a loadable checkpoint,
+/// and `--resume` continues from it.
+#[test]
+fn killed_run_leaves_a_loadable_checkpoint_and_resumes() {
+    let data = mnist_dir(256, 32);
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let (d, r) = (data.path().to_str().unwrap(), run.to_str().unwrap());
+    let args = [
+        "train",
+        "vae",
+        "--data",
+        d,
+        "--hidden-dim",
+        "16",
+        "--out",
+        r,
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_elbo"))
+        .args(args)
+        .args(["--epochs", "100000"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training made no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let model = elbo::vae::Vae::load(&run.join("model.safetensors"), &candle_core::Device::Cpu);
+    assert!(model.is_ok(), "checkpoint not loadable after kill");
+    let state = elbo::checkpoint::load(
+        &run.join("train_state.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let done: usize = state.metadata["epoch"].parse().unwrap();
+    assert!(done >= 3);
+    let target = (done + 1).to_string();
+    let o = elbo(&[&args[..], &["--epochs", &target, "--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["epoch"].as_u64().unwrap() as usize, done + 1);
+}
