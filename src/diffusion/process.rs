@@ -1,0 +1,357 @@
+//! The Gaussian diffusion process as a hierarchical VAE (Ho et al. 2020): the fixed forward
+//! process q is the encoder, the learned reverse process p_theta the decoder.
+//!
+//! Tensors are `[B, ...]` (images `[B, 1, 28, 28]`, points `[B, 2]`); `t` holds one timestep
+//! per example, `0..T-1`, where `t = 0` means one step of noise.
+
+use anyhow::{Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+
+use super::schedule::Schedule;
+use crate::distributions::LOG_2PI;
+
+/// What the network predicts (diffusers' `prediction_type`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prediction {
+    /// The noise eps (diffusers `epsilon`): the text's L_simple.
+    Eps,
+    /// The clean sample x_0 (diffusers `sample`).
+    X0,
+    /// v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers `v_prediction`).
+    V,
+}
+
+/// The variance of p_theta(x_{t-1} | x_t) (diffusers' `variance_type`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum VarianceType {
+    /// The posterior variance beta~_t (the lower bound of Ho et al.).
+    FixedSmall,
+    /// beta_t (the upper bound of Ho et al.), with beta~_1 at t = 0 as improved-diffusion does.
+    FixedLarge,
+}
+
+/// The process: a schedule and what the model predicts.
+#[derive(Debug, Clone)]
+pub struct GaussianDiffusion {
+    pub schedule: Schedule,
+    pub prediction: Prediction,
+}
+
+/// Per-example coefficients `arr[t_b]`, shaped `[B, 1, ..., 1]` to broadcast against `like`.
+pub fn extract(arr: &[f64], t: &[usize], like: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = t.iter().map(|&ti| arr[ti] as f32).collect();
+    let mut shape = vec![t.len()];
+    shape.extend(std::iter::repeat_n(1, like.rank() - 1));
+    Ok(Tensor::from_vec(v, shape, like.device())?)
+}
+
+impl GaussianDiffusion {
+    pub fn new(schedule: Schedule, prediction: Prediction) -> Self {
+        Self {
+            schedule,
+            prediction,
+        }
+    }
+
+    pub fn num_timesteps(&self) -> usize {
+        self.schedule.len()
+    }
+
+    fn check(&self, x: &Tensor, t: &[usize]) -> Result<()> {
+        if x.dim(0)? != t.len() {
+            bail!("{} timesteps for a batch of {}", t.len(), x.dim(0)?);
+        }
+        if let Some(&bad) = t.iter().find(|&&ti| ti >= self.num_timesteps()) {
+            bail!("timestep {bad} out of range 0..{}", self.num_timesteps());
+        }
+        Ok(())
+    }
+
+    /// x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: a sample of q(x_t | x_0) by the
+    /// reparameterization of the text.
+    pub fn q_sample(&self, x0: &Tensor, t: &[usize], eps: &Tensor) -> Result<Tensor> {
+        self.check(x0, t)?;
+        let s = &self.schedule;
+        let a = extract(&s.sqrt_alphas_cumprod, t, x0)?;
+        let b = extract(&s.sqrt_one_minus_alphas_cumprod, t, x0)?;
+        Ok((x0.broadcast_mul(&a)? + eps.broadcast_mul(&b)?)?)
+    }
+
+    /// Mean and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+    pub fn q_mean_log_variance(&self, x0: &Tensor, t: &[usize]) -> Result<(Tensor, Tensor)> {
+        let s = &self.schedule;
+        let mean = x0.broadcast_mul(&extract(&s.sqrt_alphas_cumprod, t, x0)?)?;
+        let lv: Vec<f64> = s.alphas_cumprod.iter().map(|a| (1.0 - a).ln()).collect();
+        Ok((
+            mean,
+            extract(&lv, t, x0)?
+                .broadcast_as(x0.shape())?
+                .contiguous()?,
+        ))
+    }
+
+    /// q(x_{t-1} | x_t, x_0) = N(coef1_t x_0 + coef2_t x_t, beta~_t I): (mean, log-variance
+    /// clipped at t = 0), each `[B, ...]`.
+    pub fn q_posterior_mean_log_variance(
+        &self,
+        x0: &Tensor,
+        xt: &Tensor,
+        t: &[usize],
+    ) -> Result<(Tensor, Tensor)> {
+        self.check(x0, t)?;
+        let s = &self.schedule;
+        let mean = (x0.broadcast_mul(&extract(&s.posterior_mean_coef1, t, x0)?)?
+            + xt.broadcast_mul(&extract(&s.posterior_mean_coef2, t, x0)?)?)?;
+        let lv = extract(&s.posterior_log_variance_clipped, t, x0)?;
+        Ok((mean, lv.broadcast_as(x0.shape())?.contiguous()?))
+    }
+
+    /// The regression target of the chosen prediction type for x_t made from (x_0, eps).
+    pub fn target(&self, x0: &Tensor, eps: &Tensor, t: &[usize]) -> Result<Tensor> {
+        let s = &self.schedule;
+        Ok(match self.prediction {
+            Prediction::Eps => eps.clone(),
+            Prediction::X0 => x0.clone(),
+            Prediction::V => {
+                (eps.broadcast_mul(&extract(&s.sqrt_alphas_cumprod, t, x0)?)?
+                    - x0.broadcast_mul(&extract(&s.sqrt_one_minus_alphas_cumprod, t, x0)?)?)?
+            }
+        })
+    }
+
+    /// x_0 implied by a model output at (x_t, t):
+    /// eps: `x_0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)`; v: `x_0 = sqrt(abar) x_t - sqrt(1-abar) v`.
+    pub fn predict_x0(&self, xt: &Tensor, t: &[usize], output: &Tensor) -> Result<Tensor> {
+        let s = &self.schedule;
+        Ok(match self.prediction {
+            Prediction::Eps => {
+                (xt.broadcast_mul(&extract(&s.sqrt_recip_alphas_cumprod, t, xt)?)?
+                    - output.broadcast_mul(&extract(&s.sqrt_recipm1_alphas_cumprod, t, xt)?)?)?
+            }
+            Prediction::X0 => output.clone(),
+            Prediction::V => {
+                (xt.broadcast_mul(&extract(&s.sqrt_alphas_cumprod, t, xt)?)?
+                    - output.broadcast_mul(&extract(&s.sqrt_one_minus_alphas_cumprod, t, xt)?)?)?
+            }
+        })
+    }
+
+    /// eps implied by x_t and a predicted x_0: `eps = (x_t / sqrt(abar) - x_0) / sqrt(1/abar - 1)`.
+    pub fn predict_eps_from_x0(&self, xt: &Tensor, t: &[usize], x0: &Tensor) -> Result<Tensor> {
+        let s = &self.schedule;
+        let num = (xt.broadcast_mul(&extract(&s.sqrt_recip_alphas_cumprod, t, xt)?)? - x0)?;
+        Ok(num.broadcast_div(&extract(&s.sqrt_recipm1_alphas_cumprod, t, xt)?)?)
+    }
+
+    /// p_theta(x_{t-1} | x_t) = N(mu~(x_0_hat, x_t), sigma_t^2 I): returns (mean, log-variance,
+    /// x_0_hat), x_0_hat clipped to [-1, 1] when `clip`.
+    pub fn p_mean_log_variance(
+        &self,
+        output: &Tensor,
+        xt: &Tensor,
+        t: &[usize],
+        variance: VarianceType,
+        clip: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut x0 = self.predict_x0(xt, t, output)?;
+        if clip {
+            x0 = x0.clamp(-1f32, 1f32)?;
+        }
+        let (mean, posterior_lv) = self.q_posterior_mean_log_variance(&x0, xt, t)?;
+        let lv = match variance {
+            VarianceType::FixedSmall => posterior_lv,
+            VarianceType::FixedLarge => {
+                let s = &self.schedule;
+                let lv: Vec<f64> = (0..s.len())
+                    .map(|i| {
+                        if i == 0 {
+                            s.posterior_variance[1]
+                        } else {
+                            s.betas[i]
+                        }
+                        .ln()
+                    })
+                    .collect();
+                extract(&lv, t, xt)?
+                    .broadcast_as(xt.shape())?
+                    .contiguous()?
+            }
+        };
+        Ok((mean, lv, x0))
+    }
+}
+
+/// KL(N(m1, e^lv1) || N(m2, e^lv2)) elementwise:
+/// `0.5 (lv2 - lv1 + e^{lv1 - lv2} + (m1 - m2)^2 e^{-lv2} - 1)`.
+pub fn normal_kl(m1: &Tensor, lv1: &Tensor, m2: &Tensor, lv2: &Tensor) -> Result<Tensor> {
+    let t = ((lv2 - lv1)? + (lv1 - lv2)?.exp()?)?;
+    let t = (t + ((m1 - m2)?.sqr()? * lv2.neg()?.exp()?)?)?;
+    Ok(t.affine(0.5, -0.5)?)
+}
+
+/// Sums every dimension but the first: `[B, ...] -> [B]`.
+pub fn sum_per_example(x: &Tensor) -> Result<Tensor> {
+    Ok(x.flatten_from(1)?.sum(D::Minus1)?)
+}
+
+/// Gaussian log-density elementwise, `-0.5 (log 2pi + lv + (x - m)^2 e^{-lv})`.
+pub fn gaussian_log_density(x: &Tensor, mean: &Tensor, log_var: &Tensor) -> Result<Tensor> {
+    let q = ((x - mean)?.sqr()? * log_var.neg()?.exp()?)?;
+    Ok((q + log_var)?.affine(-0.5, -0.5 * LOG_2PI)?)
+}
+
+/// Standard normal CDF, Phi(x) = erfc(-x / sqrt 2) / 2, in f64.
+pub fn std_normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// The discretized Gaussian decoder of Ho et al. (2020), eq. 13: data in [-1, 1] on 256 levels
+/// (bins of width 2/255); the edge bins extend to -inf and +inf, so the 256 probabilities sum
+/// to 1. Returns log p(x) per element, computed in f64. `x`, `mean`, `log_var`: equal length.
+pub fn discretized_gaussian_log_likelihood(x: &[f32], mean: &[f32], log_var: &[f32]) -> Vec<f64> {
+    let half = 1.0 / 255.0;
+    x.iter()
+        .zip(mean)
+        .zip(log_var)
+        .map(|((&x, &m), &lv)| {
+            // Snap to the nearest of the 256 levels in f64, so that neighbouring bins share
+            // their edges exactly and the probabilities telescope to 1.
+            let level = ((x as f64 + 1.0) * 127.5).round().clamp(0.0, 255.0);
+            let (x, m) = (level / 127.5 - 1.0, m as f64);
+            let inv_std = (-0.5 * lv as f64).exp();
+            let hi = if x > 0.999 {
+                f64::INFINITY
+            } else {
+                inv_std * (x - m + half)
+            };
+            let lo = if x < -0.999 {
+                f64::NEG_INFINITY
+            } else {
+                inv_std * (x - m - half)
+            };
+            // Phi(hi) - Phi(lo), in the upper-tail form where both are near 1 and would cancel.
+            let p = if lo > 0.0 {
+                std_normal_cdf(-lo) - std_normal_cdf(-hi)
+            } else {
+                std_normal_cdf(hi) - std_normal_cdf(lo)
+            };
+            p.max(1e-300).ln()
+        })
+        .collect()
+}
+
+/// The pixel values (in [-1, 1]) of the 256 levels.
+pub fn pixel_levels() -> Vec<f32> {
+    (0..256).map(|k| k as f32 / 127.5 - 1.0).collect()
+}
+
+/// Terms of the variational bound for one batch, each `[B]`, in nats.
+pub struct BoundTerms {
+    /// L_0 = -log p_theta(x_0 | x_1) (discretized, or continuous density).
+    pub l0: Vec<f64>,
+    /// L_{t} = KL(q(x_{t}|x_{t+1}, x_0) || p_theta(x_{t}|x_{t+1})) for index t = 1..T-1,
+    /// `lt[t-1][b]` (the text's L_{t-1}, t = 2..T).
+    pub lt: Vec<Vec<f64>>,
+    /// L_T = KL(q(x_T | x_0) || N(0, I)).
+    pub l_prior: Vec<f64>,
+}
+
+impl BoundTerms {
+    /// -log p(x_0) <= L_0 + sum_t L_t + L_T, per example.
+    pub fn total(&self) -> Vec<f64> {
+        (0..self.l0.len())
+            .map(|b| self.l0[b] + self.lt.iter().map(|l| l[b]).sum::<f64>() + self.l_prior[b])
+            .collect()
+    }
+}
+
+/// A network that maps (x_t, t) to the chosen prediction; `t` is `[B]` f32 timesteps.
+pub trait Denoiser {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `[B]` f32 tensor of timesteps.
+pub fn timestep_tensor(t: &[usize], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        t.len(),
+        device,
+    )?)
+}
+
+/// How L_0 is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// Ho et al.'s discretized Gaussian over 256 levels: a bound on the discrete log-likelihood.
+    Discretized,
+    /// The continuous Gaussian density: a bound on the continuous log-density.
+    Continuous,
+}
+
+impl GaussianDiffusion {
+    /// The full variational bound, term by term, for x_0 `[B, ...]` with every timestep
+    /// evaluated (T network calls). `noise` draws x_t ~ q(x_t | x_0) per term.
+    pub fn variational_bound(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        variance: VarianceType,
+        decoder: Decoder,
+        noise: &mut crate::distributions::Noise,
+        mut on_step: impl FnMut(),
+    ) -> Result<BoundTerms> {
+        let b = x0.dim(0)?;
+        let t_max = self.num_timesteps();
+        let mut lt = vec![Vec::new(); t_max - 1];
+        let mut l0 = Vec::new();
+        for ti in 0..t_max {
+            let t = vec![ti; b];
+            let eps = noise.randn(x0.shape(), x0.device())?;
+            let xt = self.q_sample(x0, &t, &eps)?;
+            let out = model.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
+            let (mean, lv, _) = self.p_mean_log_variance(&out, &xt, &t, variance, false)?;
+            if ti == 0 {
+                l0 = match decoder {
+                    Decoder::Discretized => {
+                        let ll = discretized_gaussian_log_likelihood(
+                            &x0.flatten_all()?.to_vec1::<f32>()?,
+                            &mean.flatten_all()?.to_vec1::<f32>()?,
+                            &lv.flatten_all()?.to_vec1::<f32>()?,
+                        );
+                        let d = ll.len() / b;
+                        (0..b)
+                            .map(|i| -ll[i * d..(i + 1) * d].iter().sum::<f64>())
+                            .collect()
+                    }
+                    Decoder::Continuous => {
+                        let ll = sum_per_example(&gaussian_log_density(x0, &mean, &lv)?)?;
+                        ll.to_dtype(DType::F64)?
+                            .to_vec1::<f64>()?
+                            .iter()
+                            .map(|v| -v)
+                            .collect()
+                    }
+                };
+            } else {
+                let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, &t)?;
+                let kl = sum_per_example(&normal_kl(&qm, &qlv, &mean, &lv)?)?;
+                lt[ti - 1] = kl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            }
+            on_step();
+        }
+        let (m, lv) = self.q_mean_log_variance(x0, &vec![t_max - 1; b])?;
+        let zeros = m.zeros_like()?;
+        let prior = sum_per_example(&normal_kl(&m, &lv, &zeros, &zeros)?)?;
+        Ok(BoundTerms {
+            l0,
+            lt,
+            l_prior: prior.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        })
+    }
+}
