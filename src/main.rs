@@ -10,6 +10,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use elbo::data::{Named, PixelMode, Source, Split};
+use elbo::diffusion::nets::NetConfig;
+use elbo::diffusion::sampler::{SamplerKind, ddim_sample, ddpm_sample};
+use elbo::diffusion::train::{
+    DiffusionConfig, DiffusionData, DiffusionTrainConfig, LoadedDiffusion, image_batch,
+    save_image_grid, train_diffusion,
+};
+use elbo::diffusion::{BetaSchedule, Decoder, Prediction, Schedule, VarianceType};
 use elbo::distributions::Noise;
 use elbo::train::{TrainConfig, train_vae};
 use elbo::vae::{self, Likelihood, Vae, VaeConfig};
@@ -47,22 +54,140 @@ enum Command {
         #[command(subcommand)]
         model: ReconstructModel,
     },
+    /// Print a DDPM noise schedule and its derived arrays.
+    Schedule(ScheduleArgs),
+}
+
+#[derive(Args)]
+struct ScheduleArgs {
+    #[arg(long, value_enum, default_value = "linear")]
+    beta_schedule: BetaSchedule,
+    /// Number of diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// One JSON object with every array (index t = 0..T-1).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TrainDiffusionArgs {
+    /// mnist-10k (default), fashion-mnist, or toy:moons|swiss-roll|8gaussians|ring.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// A folder in the MNIST layout (wins over --dataset).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "linear")]
+    beta_schedule: BetaSchedule,
+    /// Number of diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// What the network predicts.
+    #[arg(long, value_enum, default_value = "eps")]
+    prediction: Prediction,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.999)]
+    ema_decay: f64,
+    /// U-Net base channels (images) or MLP width (toys).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Toy data: optimizer steps per epoch.
+    #[arg(long, default_value_t = 500)]
+    toy_steps_per_epoch: usize,
+    /// DDIM steps for the samples written at the end.
+    #[arg(long, default_value_t = 50)]
+    sample_steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "runs/diffusion")]
+    out: PathBuf,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, value_name = "N")]
+    train_limit: Option<usize>,
+    #[arg(long, value_name = "N")]
+    test_limit: Option<usize>,
+}
+
+#[derive(Args)]
+struct SampleDiffusionArgs {
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value = "ddim")]
+    sampler: SamplerKind,
+    /// Sampling steps (DDIM; DDPM always takes all T).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// DDIM noise: 0 is deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDPM variance: fixed-small (posterior variance) or fixed-large (beta).
+    #[arg(long, value_enum, default_value = "fixed-small")]
+    variance: VarianceType,
+    /// Do not clip the predicted x_0 to [-1, 1] (images clip by default).
+    #[arg(long)]
+    no_clip: bool,
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    #[arg(long, value_name = "FILE.png", default_value = "samples.png")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct EvalDiffusionArgs {
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    /// mnist-10k, fashion-mnist or toy:NAME (default: mnist-10k for image models).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "test")]
+    split: Split,
+    /// Evaluate the first N examples (every one costs T network calls).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    limit: usize,
+    #[arg(long, default_value_t = 50)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value = "fixed-small")]
+    variance: VarianceType,
+    /// Also write a PNG plot of L_t against t.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum TrainModel {
     /// The text's VAE (MLP 784-256-32) by maximising the ELBO with Adam.
     Vae(TrainVaeArgs),
+    /// A DDPM (U-Net on images, MLP on 2-D toys) with the simplified loss.
+    Diffusion(TrainDiffusionArgs),
 }
 
 #[derive(Subcommand)]
 enum EvalModel {
     Vae(EvalVaeArgs),
+    /// The full variational bound L_0 + sum L_t + L_T, in nats and bits/dim.
+    Diffusion(EvalDiffusionArgs),
 }
 
 #[derive(Subcommand)]
 enum SampleModel {
     Vae(SampleVaeArgs),
+    /// DDPM ancestral or DDIM sampling.
+    Diffusion(SampleDiffusionArgs),
 }
 
 #[derive(Subcommand)]
@@ -267,6 +392,91 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             model: EvalModel::Vae(a),
         } => eval_vae(a, &device)?,
+        Command::Eval {
+            model: EvalModel::Diffusion(a),
+        } => eval_diffusion(a, &device)?,
+        Command::Train {
+            model: TrainModel::Diffusion(a),
+        } => {
+            let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
+            let net = match (&data, a.channels) {
+                (DiffusionData::Images(_), None) => NetConfig::default_unet(),
+                (DiffusionData::Images(_), Some(c)) => match NetConfig::default_unet() {
+                    NetConfig::Unet {
+                        channel_mult,
+                        attention,
+                        ..
+                    } => NetConfig::Unet {
+                        base: c,
+                        channel_mult,
+                        groups: gcd(c, 8),
+                        attention,
+                    },
+                    other => other,
+                },
+                (DiffusionData::Toy(_), None) => NetConfig::default_mlp(2),
+                (DiffusionData::Toy(_), Some(c)) => NetConfig::Mlp {
+                    dim: 2,
+                    hidden: c,
+                    layers: 3,
+                    time_dim: 32,
+                },
+            };
+            if a.channels == Some(0) {
+                bail!("--channels must be at least 1");
+            }
+            let model = DiffusionConfig {
+                net,
+                beta_schedule: a.beta_schedule,
+                num_train_timesteps: a.steps,
+                prediction: a.prediction,
+            };
+            model.process()?;
+            let config = DiffusionTrainConfig {
+                data,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                ema_decay: a.ema_decay,
+                seed: a.seed,
+                toy_steps_per_epoch: a.toy_steps_per_epoch,
+                train_limit: a.train_limit,
+                test_limit: a.test_limit,
+                sample_steps: a.sample_steps,
+            };
+            let started = std::time::Instant::now();
+            train_diffusion(model, &config, &a.out, a.resume, true, &device)?;
+            eprintln!(
+                "done in {:.1}s: {}/model.safetensors (EMA), metrics.jsonl, samples.png",
+                started.elapsed().as_secs_f64(),
+                a.out.display()
+            );
+        }
+        Command::Sample {
+            model: SampleModel::Diffusion(a),
+        } => sample_diffusion(a, &device)?,
+        Command::Schedule(a) => {
+            let s = Schedule::new(a.beta_schedule, a.steps)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "{:>5} {:>12} {:>12} {:>14} {:>14} {:>14} {:>12}",
+                    "t", "beta", "alpha", "alphas_cumprod", "sqrt(1-abar)", "post_variance", "snr"
+                );
+                for t in 0..s.len() {
+                    println!(
+                        "{t:>5} {:>12.6e} {:>12.8} {:>14.8e} {:>14.8} {:>14.6e} {:>12.4e}",
+                        s.betas[t],
+                        s.alphas[t],
+                        s.alphas_cumprod[t],
+                        s.sqrt_one_minus_alphas_cumprod[t],
+                        s.posterior_variance[t],
+                        s.snr[t]
+                    );
+                }
+            }
+        }
         Command::Sample {
             model: SampleModel::Vae(a),
         } => {
@@ -386,6 +596,146 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",
             neg_elbo - nll
         );
+    }
+    Ok(())
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a.max(1) } else { gcd(b, a % b) }
+}
+
+fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if !(a.eta.is_finite() && a.eta >= 0.0) {
+        bail!("--eta must be a non-negative number, got {}", a.eta);
+    }
+    let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let mut noise = Noise::new(a.seed);
+    let shape: Vec<usize> = if m.config.is_image() {
+        vec![a.n, 1, 28, 28]
+    } else {
+        vec![a.n, 2]
+    };
+    let x_t = noise.randn(shape, device)?;
+    let clip = m.config.is_image() && !a.no_clip;
+    let total = match a.sampler {
+        SamplerKind::Ddpm => m.process.num_timesteps(),
+        SamplerKind::Ddim => a.steps.min(m.process.num_timesteps()),
+    };
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let started = std::time::Instant::now();
+    let x = match a.sampler {
+        SamplerKind::Ddpm => {
+            ddpm_sample(&m.process, &m.net, x_t, a.variance, clip, &mut noise, &bar)?
+        }
+        SamplerKind::Ddim => ddim_sample(
+            &m.process, &m.net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
+        )?,
+    };
+    bar.finish_and_clear();
+    if m.config.is_image() {
+        save_image_grid(&x, &a.out)?;
+    } else {
+        elbo::plot::save_scatter(&[&x.flatten_all()?.to_vec1::<f32>()?], &a.out)?;
+    }
+    eprintln!(
+        "wrote {} samples ({:?}, {total} steps, {:.1}s) to {}",
+        a.n,
+        a.sampler,
+        started.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
+    if a.batch_size == 0 || a.limit == 0 {
+        bail!("--batch-size and --limit must be at least 1");
+    }
+    let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let (x_all, decoder, dims) = if m.config.is_image() {
+        let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
+        let DiffusionData::Images(source) = data else {
+            bail!("--dataset: the checkpoint is an image model; give an image data set");
+        };
+        let d = source.load(a.split)?.take(a.limit);
+        let idx: Vec<usize> = (0..d.len()).collect();
+        (
+            image_batch(&d, &idx, device)?,
+            Decoder::Discretized,
+            elbo::data::PIXELS,
+        )
+    } else {
+        let Some(toy) = a
+            .dataset
+            .as_deref()
+            .and_then(|s| s.strip_prefix("toy:"))
+            .and_then(elbo::data::toy::Toy::parse)
+        else {
+            bail!("--dataset: the checkpoint is a 2-D model; give toy:NAME");
+        };
+        let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
+        let pts = toy.sample(a.limit, &mut rng);
+        (
+            candle_core::Tensor::from_vec(pts, (a.limit, 2), device)?,
+            Decoder::Continuous,
+            2,
+        )
+    };
+    let n = x_all.dim(0)?;
+    let t_max = m.process.num_timesteps();
+    let mut noise = Noise::new(a.seed);
+    let (mut l0, mut lt, mut lp) = (0.0, vec![0.0; t_max - 1], 0.0);
+    let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * t_max) as u64);
+    let started = std::time::Instant::now();
+    for start in (0..n).step_by(a.batch_size) {
+        let len = a.batch_size.min(n - start);
+        let x0 = x_all.narrow(0, start, len)?;
+        let terms =
+            m.process
+                .variational_bound(&m.net, &x0, a.variance, decoder, &mut noise, || bar.inc(1))?;
+        l0 += terms.l0.iter().sum::<f64>();
+        lp += terms.l_prior.iter().sum::<f64>();
+        for (acc, v) in lt.iter_mut().zip(&terms.lt) {
+            *acc += v.iter().sum::<f64>();
+        }
+    }
+    bar.finish_and_clear();
+    let nf = n as f64;
+    let (l0, lp) = (l0 / nf, lp / nf);
+    let lt: Vec<f64> = lt.iter().map(|v| v / nf).collect();
+    let lt_sum: f64 = lt.iter().sum();
+    let total = l0 + lt_sum + lp;
+    let bpd = total / (dims as f64 * std::f64::consts::LN_2);
+    if let Some(path) = &a.plot {
+        elbo::plot::save_log_curve(&lt, path)?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
+                "lt": lt, "decoder": format!("{decoder:?}").to_lowercase(), "split": a.split,
+                "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        println!("checkpoint      {}", a.checkpoint.display());
+        println!(
+            "examples        {n} ({:?}), T = {t_max}, {:?} decoder",
+            a.split, decoder
+        );
+        println!("bound           {total:10.3} nats per example = {bpd:.4} bits/dim");
+        println!("  L_0           {l0:10.3}   -log p(x_0 | x_1)");
+        println!(
+            "  sum L_t       {lt_sum:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T"
+        );
+        println!("  L_T           {lp:10.5}   KL(q(x_T | x_0) || N(0, I))");
     }
     Ok(())
 }

@@ -45,3 +45,87 @@ pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
+
+fn save_rgb(img: &image::RgbImage, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    }
+    let tmp = crate::checkpoint::tmp_path(path);
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot write PNG", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// Side-by-side scatter plots of 2-D point sets (`[N, 2]` row-major each), one 320x320 panel
+/// per set over [-4, 4]^2, blue points on white.
+pub fn save_scatter(panels: &[&[f32]], path: &Path) -> Result<()> {
+    let side = 320u32;
+    let mut img = image::RgbImage::from_pixel(
+        side * panels.len() as u32,
+        side,
+        image::Rgb([255, 255, 255]),
+    );
+    for (p, pts) in panels.iter().enumerate() {
+        for x in 0..side {
+            img.put_pixel(p as u32 * side + x, side / 2, image::Rgb([220, 220, 220]));
+            img.put_pixel(p as u32 * side + side / 2, x, image::Rgb([220, 220, 220]));
+        }
+        for xy in pts.chunks(2) {
+            let px = ((xy[0] + 4.0) / 8.0 * side as f32) as i64;
+            let py = ((4.0 - xy[1]) / 8.0 * side as f32) as i64;
+            if (0..side as i64).contains(&px) && (0..side as i64).contains(&py) {
+                img.put_pixel(
+                    p as u32 * side + px as u32,
+                    py as u32,
+                    image::Rgb([30, 80, 200]),
+                );
+            }
+        }
+        for y in 0..side {
+            img.put_pixel(p as u32 * side, y, image::Rgb([0, 0, 0]));
+        }
+    }
+    save_rgb(&img, path)
+}
+
+/// A line plot of `values` against their index with a log10 y axis (non-positive values are
+/// skipped), 640x320, with horizontal grid lines at each power of ten.
+pub fn save_log_curve(values: &[f64], path: &Path) -> Result<()> {
+    let (w, h) = (640u32, 320u32);
+    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    let logs: Vec<Option<f64>> = values
+        .iter()
+        .map(|&v| (v > 0.0).then(|| v.log10()))
+        .collect();
+    let (lo, hi) = logs
+        .iter()
+        .flatten()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        bail!("{}: nothing positive to plot", path.display());
+    }
+    let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
+    let to_y = |v: f64| (h as f64 - 10.0 - (v - lo) / (hi - lo) * (h as f64 - 20.0)) as u32;
+    for decade in lo as i64..=hi as i64 {
+        let y = to_y(decade as f64);
+        for x in 0..w {
+            img.put_pixel(x, y.min(h - 1), image::Rgb([225, 225, 225]));
+        }
+    }
+    let n = values.len().max(2);
+    for (i, v) in logs.iter().enumerate() {
+        if let Some(v) = v {
+            let x = (10.0 + i as f64 / (n - 1) as f64 * (w as f64 - 20.0)) as u32;
+            let y = to_y(*v);
+            for dy in 0..2 {
+                img.put_pixel(x.min(w - 1), (y + dy).min(h - 1), image::Rgb([200, 40, 40]));
+            }
+        }
+    }
+    save_rgb(&img, path)
+}

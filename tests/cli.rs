@@ -382,3 +382,167 @@ fn killed_run_leaves_a_loadable_checkpoint_and_resumes() {
     let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(last["epoch"].as_u64().unwrap() as usize, done + 1);
 }
+
+#[test]
+fn schedule_json_has_the_arrays() {
+    let o = elbo(&[
+        "schedule",
+        "--beta-schedule",
+        "cosine",
+        "--steps",
+        "100",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["betas", "alphas_cumprod", "posterior_variance"] {
+        assert_eq!(v[key].as_array().unwrap().len(), 100, "{key}");
+    }
+    assert_one_line_error(&elbo(&["schedule", "--steps", "1"]), "--steps");
+    assert_one_line_error(
+        &elbo(&["schedule", "--beta-schedule", "quadratic"]),
+        "--beta-schedule",
+    );
+}
+
+#[test]
+fn diffusion_train_sample_eval_end_to_end() {
+    let out = tempfile::tempdir().unwrap();
+    // A 2-D toy model.
+    let toy = out.path().join("toy");
+    let o = elbo(&[
+        "train",
+        "diffusion",
+        "--dataset",
+        "toy:moons",
+        "--steps",
+        "50",
+        "--epochs",
+        "2",
+        "--toy-steps-per-epoch",
+        "20",
+        "--out",
+        toy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(toy.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    let ckpt = toy.join("model.safetensors");
+    let c = ckpt.to_str().unwrap();
+    let png = out.path().join("toy.png");
+    for sampler in ["ddpm", "ddim"] {
+        let o = elbo(&[
+            "sample",
+            "diffusion",
+            "--checkpoint",
+            c,
+            "--sampler",
+            sampler,
+            "--steps",
+            "10",
+            "--out",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = elbo(&[
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        c,
+        "--dataset",
+        "toy:moons",
+        "--limit",
+        "20",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lt"].as_array().unwrap().len(), 49);
+    let sum = v["l0"].as_f64().unwrap() + v["lt_sum"].as_f64().unwrap() + v["lT"].as_f64().unwrap();
+    assert!((sum - v["nll_bound_nats"].as_f64().unwrap()).abs() < 1e-6);
+
+    // A tiny image model, resumed once, evaluated with the discretized decoder.
+    let data = mnist_dir(32, 8);
+    let img = out.path().join("img");
+    let args = [
+        "train",
+        "diffusion",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--steps",
+        "20",
+        "--channels",
+        "8",
+        "--sample-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--out",
+        img.to_str().unwrap(),
+    ];
+    let o = elbo(&[&args[..], &["--epochs", "1"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = elbo(&[&args[..], &["--epochs", "2", "--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(img.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    let ic = img.join("model.safetensors");
+    let plot = out.path().join("lt.png");
+    let o = elbo(&[
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        ic.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--limit",
+        "4",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["bpd", "nll_bound_nats", "l0", "lt_sum", "lT", "n", "lt"] {
+        assert!(v.get(key).is_some(), "{key} missing");
+    }
+    assert_eq!(v["n"], 4);
+    let bpd = v["bpd"].as_f64().unwrap();
+    assert!(bpd > 0.0 && bpd.is_finite(), "bits/dim {bpd}");
+    assert!(plot.is_file());
+
+    assert_one_line_error(
+        &elbo(&[
+            "train",
+            "diffusion",
+            "--dataset",
+            "toy:nope",
+            "--out",
+            "/tmp/never",
+        ]),
+        "toy:nope",
+    );
+    assert_one_line_error(
+        &elbo(&["eval", "diffusion", "--checkpoint", "/no/such.safetensors"]),
+        "/no/such.safetensors",
+    );
+    let vae_fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/simplevae_torch.safetensors"
+    );
+    assert_one_line_error(
+        &elbo(&["sample", "diffusion", "--checkpoint", vae_fixture]),
+        "not a diffusion checkpoint",
+    );
+}

@@ -408,3 +408,113 @@ fn prediction_types_are_consistent() {
         .to_dtype(DType::F32)
         .unwrap();
 }
+
+/// The MLP denoiser trained briefly (4 epochs of 500 steps, batch 256) on the 8 Gaussians
+/// yields DDIM samples whose mean and covariance match the data's. Measured (seed 0): largest
+/// error 0.033 for the mean and 0.10 for a covariance entry (the data covariance is about 2 I);
+/// tolerances 0.15 and 0.3.
+#[test]
+fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
+    use elbo::data::toy::Toy;
+    use elbo::diffusion::nets::NetConfig;
+    use elbo::diffusion::train::{
+        DiffusionConfig, DiffusionData, DiffusionTrainConfig, LoadedDiffusion, train_diffusion,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = DiffusionConfig {
+        net: NetConfig::default_mlp(2),
+        beta_schedule: BetaSchedule::Linear,
+        num_train_timesteps: 1000,
+        prediction: Prediction::Eps,
+    };
+    let config = DiffusionTrainConfig {
+        data: DiffusionData::Toy(Toy::EightGaussians),
+        epochs: 4,
+        batch_size: 256,
+        lr: 1e-3,
+        ema_decay: 0.99,
+        seed: 0,
+        toy_steps_per_epoch: 500,
+        train_limit: None,
+        test_limit: Some(500),
+        sample_steps: 20,
+    };
+    let metrics = train_diffusion(model, &config, dir.path(), false, false, &Device::Cpu).unwrap();
+    assert_eq!(metrics.len(), 4);
+    let m = LoadedDiffusion::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let n = 4000;
+    let x_t = Noise::new(21).randn((n, 2), &Device::Cpu).unwrap();
+    let bar = ProgressBar::hidden();
+    let x = ddim_sample(
+        &m.process,
+        &m.net,
+        x_t,
+        100,
+        0.0,
+        false,
+        &mut Noise::new(0),
+        &bar,
+    )
+    .unwrap();
+    let samples = x.to_vec2::<f32>().unwrap();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+    let data: Vec<Vec<f32>> = Toy::EightGaussians
+        .sample(n, &mut rng)
+        .chunks(2)
+        .map(|c| c.to_vec())
+        .collect();
+    let stats = |pts: &[Vec<f32>]| {
+        let n = pts.len() as f64;
+        let mean = [0, 1].map(|i| pts.iter().map(|p| p[i] as f64).sum::<f64>() / n);
+        let cov = [(0, 0), (0, 1), (1, 1)].map(|(i, j)| {
+            pts.iter()
+                .map(|p| (p[i] as f64 - mean[i]) * (p[j] as f64 - mean[j]))
+                .sum::<f64>()
+                / n
+        });
+        (mean, cov)
+    };
+    let ((ms, cs), (md, cd)) = (stats(&samples), stats(&data));
+    eprintln!("samples mean {ms:?} cov {cs:?}; data mean {md:?} cov {cd:?}");
+    for i in 0..2 {
+        assert!(
+            (ms[i] - md[i]).abs() < 0.15,
+            "mean[{i}]: samples {} vs data {}",
+            ms[i],
+            md[i]
+        );
+    }
+    for k in 0..3 {
+        assert!(
+            (cs[k] - cd[k]).abs() < 0.3,
+            "cov[{k}]: samples {} vs data {}",
+            cs[k],
+            cd[k]
+        );
+    }
+}
+
+#[test]
+fn unet_maps_images_to_images() {
+    use elbo::diffusion::nets::{Net, NetConfig};
+    let cfg = NetConfig::Unet {
+        base: 8,
+        channel_mult: vec![1, 2, 2],
+        groups: 4,
+        attention: true,
+    };
+    let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu).unwrap();
+    let x = Noise::new(1).randn((3, 1, 28, 28), &Device::Cpu).unwrap();
+    let y = net
+        .forward(&x, &timestep_tensor(&[0, 500, 999], &Device::Cpu).unwrap())
+        .unwrap();
+    assert_eq!(y.dims(), &[3, 1, 28, 28]);
+    // Every parameter receives a gradient.
+    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    for (name, var) in elbo::diffusion::nets::sorted_vars(&varmap) {
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "{name} has no gradient"
+        );
+    }
+}

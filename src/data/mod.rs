@@ -3,6 +3,7 @@
 //! the x of p(x|z).
 
 pub mod idx;
+pub mod toy;
 
 use std::path::{Path, PathBuf};
 

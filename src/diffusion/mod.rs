@@ -1,9 +1,11 @@
 //! Diffusion models as hierarchical VAEs: schedules, the forward and reverse processes, the
 //! variational bound, samplers, denoisers and 2-D toy data.
 
+pub mod nets;
 pub mod process;
 pub mod sampler;
 pub mod schedule;
+pub mod train;
 
 pub use process::{Decoder, Denoiser, GaussianDiffusion, Prediction, VarianceType};
 pub use schedule::{BetaSchedule, Schedule};

@@ -1,0 +1,417 @@
+//! Denoisers eps_theta(x_t, t): a time-conditioned MLP for 2-D data and a small U-Net for
+//! 28x28 images (Ho et al. 2020, scaled down). Both are built through a candle `VarBuilder`,
+//! so parameter names are stable checkpoint keys.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder, VarMap};
+use rand::Rng;
+
+use super::process::Denoiser;
+use crate::distributions::Noise;
+
+/// Sinusoidal timestep embedding (Vaswani et al. 2017, as in DDPM / improved-diffusion):
+/// `[cos(t f_i), sin(t f_i)]`, f_i = 10000^{-i/half}. `t` `[B]` -> `[B, dim]` (dim even).
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// Which network, with its sizes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum NetConfig {
+    /// MLP on `[B, dim]`: concat(x, emb(t)) -> hidden x layers (SiLU) -> dim.
+    Mlp {
+        dim: usize,
+        hidden: usize,
+        layers: usize,
+        time_dim: usize,
+    },
+    /// U-Net on `[B, 1, 28, 28]`: channels `base * mult` at 28, 14 and 7 pixels.
+    Unet {
+        base: usize,
+        channel_mult: Vec<usize>,
+        groups: usize,
+        attention: bool,
+    },
+}
+
+impl NetConfig {
+    pub fn default_mlp(dim: usize) -> Self {
+        NetConfig::Mlp {
+            dim,
+            hidden: 128,
+            layers: 3,
+            time_dim: 32,
+        }
+    }
+
+    pub fn default_unet() -> Self {
+        NetConfig::Unet {
+            base: 16,
+            channel_mult: vec![1, 2, 2],
+            groups: 8,
+            attention: true,
+        }
+    }
+}
+
+pub struct Mlp {
+    time_dim: usize,
+    layers: Vec<Linear>,
+}
+
+impl Mlp {
+    fn new(
+        dim: usize,
+        hidden: usize,
+        layers: usize,
+        time_dim: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let mut ls = Vec::new();
+        let mut input = dim + time_dim;
+        for i in 0..layers {
+            ls.push(candle_nn::linear(input, hidden, vb.pp(format!("net.{i}")))?);
+            input = hidden;
+        }
+        ls.push(candle_nn::linear(
+            hidden,
+            dim,
+            vb.pp(format!("net.{layers}")),
+        )?);
+        Ok(Self {
+            time_dim,
+            layers: ls,
+        })
+    }
+}
+
+impl Denoiser for Mlp {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        let emb = timestep_embedding(t, self.time_dim)?;
+        let mut h = Tensor::cat(&[xt, &emb], D::Minus1)?;
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i < last {
+                h = candle_nn::ops::silu(&h)?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+fn conv(
+    i: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(i, o, k, cfg, vb)
+}
+
+/// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip.
+struct ResBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    skip: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(
+        i: usize,
+        o: usize,
+        temb: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, i, 1e-5, vb.pp("norm1"))?,
+            conv1: conv(i, o, 3, 1, vb.pp("conv1"))?,
+            time: candle_nn::linear(temb, o, vb.pp("time_emb_proj"))?,
+            norm2: candle_nn::group_norm(groups, o, 1e-5, vb.pp("norm2"))?,
+            conv2: conv(o, o, 3, 1, vb.pp("conv2"))?,
+            skip: if i != o {
+                Some(conv(i, o, 1, 1, vb.pp("conv_shortcut"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.skip {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        h + skip
+    }
+}
+
+/// Single-head self-attention over the pixels of a feature map, with a residual.
+struct Attention {
+    norm: GroupNorm,
+    qkv: Conv2d,
+    proj: Conv2d,
+}
+
+impl Attention {
+    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm: candle_nn::group_norm(groups, c, 1e-5, vb.pp("norm"))?,
+            qkv: conv(c, 3 * c, 1, 1, vb.pp("qkv"))?,
+            proj: conv(c, c, 1, 1, vb.pp("proj_out"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let qkv = self
+            .qkv
+            .forward(&self.norm.forward(x)?)?
+            .reshape((b, 3, c, h * w))?;
+        let q = qkv
+            .narrow(1, 0, 1)?
+            .squeeze(1)?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, HW, C]
+        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?; // [B, C, HW]
+        let v = qkv
+            .narrow(1, 2, 1)?
+            .squeeze(1)?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, HW, C]
+        let att = candle_nn::ops::softmax_last_dim(&(q.matmul(&k)? / (c as f64).sqrt())?)?;
+        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        x + self.proj.forward(&out)?
+    }
+}
+
+/// A small U-Net for 28x28: one residual block per level, stride-2 conv down, nearest-neighbour
+/// up + conv, skip connections by concatenation, attention at the lowest resolution.
+pub struct UNet {
+    base: usize,
+    time1: Linear,
+    time2: Linear,
+    conv_in: Conv2d,
+    down: Vec<ResBlock>,
+    downsample: Vec<Conv2d>,
+    mid1: ResBlock,
+    attn: Option<Attention>,
+    mid2: ResBlock,
+    up: Vec<ResBlock>,
+    upsample: Vec<Conv2d>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    fn new(
+        base: usize,
+        mult: &[usize],
+        groups: usize,
+        attention: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let temb = 4 * base;
+        let chans: Vec<usize> = mult.iter().map(|m| m * base).collect();
+        let mut down = Vec::new();
+        let mut downsample = Vec::new();
+        let mut prev = base;
+        for (i, &c) in chans.iter().enumerate() {
+            down.push(ResBlock::new(
+                prev,
+                c,
+                temb,
+                groups,
+                vb.pp(format!("down.{i}.res")),
+            )?);
+            if i + 1 < chans.len() {
+                downsample.push(conv(c, c, 3, 2, vb.pp(format!("down.{i}.downsample")))?);
+            }
+            prev = c;
+        }
+        let deepest = *chans.last().expect("at least one level");
+        let mid1 = ResBlock::new(deepest, deepest, temb, groups, vb.pp("mid.res1"))?;
+        let attn = if attention {
+            Some(Attention::new(deepest, groups, vb.pp("mid.attn"))?)
+        } else {
+            None
+        };
+        let mid2 = ResBlock::new(deepest, deepest, temb, groups, vb.pp("mid.res2"))?;
+        let mut up = Vec::new();
+        let mut upsample = Vec::new();
+        for (i, &c) in chans.iter().enumerate().rev() {
+            let out = if i == 0 { base } else { chans[i - 1] };
+            up.push(ResBlock::new(
+                prev + c,
+                out,
+                temb,
+                groups,
+                vb.pp(format!("up.{i}.res")),
+            )?);
+            if i > 0 {
+                upsample.push(conv(out, out, 3, 1, vb.pp(format!("up.{i}.upsample")))?);
+            }
+            prev = out;
+        }
+        Ok(Self {
+            base,
+            time1: candle_nn::linear(base, temb, vb.pp("time_embedding.linear_1"))?,
+            time2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
+            conv_in: conv(1, base, 3, 1, vb.pp("conv_in"))?,
+            down,
+            downsample,
+            mid1,
+            attn,
+            mid2,
+            up,
+            upsample,
+            norm_out: candle_nn::group_norm(groups, base, 1e-5, vb.pp("norm_out"))?,
+            conv_out: conv(base, 1, 3, 1, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Denoiser for UNet {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        let emb = timestep_embedding(t, self.base)?;
+        let temb = self
+            .time2
+            .forward(&candle_nn::ops::silu(&self.time1.forward(&emb)?)?)?;
+        let temb_act = candle_nn::ops::silu(&temb)?;
+        let mut h = self.conv_in.forward(xt)?;
+        let mut skips = Vec::new();
+        for (i, block) in self.down.iter().enumerate() {
+            h = block.forward(&h, &temb_act)?;
+            skips.push(h.clone());
+            if let Some(ds) = self.downsample.get(i) {
+                h = ds.forward(&h)?;
+            }
+        }
+        h = self.mid1.forward(&h, &temb_act)?;
+        if let Some(a) = &self.attn {
+            h = a.forward(&h)?;
+        }
+        h = self.mid2.forward(&h, &temb_act)?;
+        for (j, block) in self.up.iter().enumerate() {
+            let skip = skips.pop().expect("one skip per level");
+            h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb_act)?;
+            if let Some(us) = self.upsample.get(j) {
+                let (_, _, hh, ww) = h.dims4()?;
+                let target = skips
+                    .last()
+                    .map(|s| s.dims4())
+                    .transpose()?
+                    .map(|d| (d.2, d.3))
+                    .unwrap_or((2 * hh, 2 * ww));
+                h = us.forward(&h.upsample_nearest2d(target.0, target.1)?)?;
+            }
+        }
+        self.conv_out
+            .forward(&candle_nn::ops::silu(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+/// A denoiser of either kind.
+pub enum Net {
+    Mlp(Mlp),
+    Unet(UNet),
+}
+
+impl Denoiser for Net {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Mlp(m) => m.forward(xt, t),
+            Net::Unet(u) => u.forward(xt, t),
+        }
+    }
+}
+
+impl Net {
+    pub fn build(config: &NetConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match config {
+            NetConfig::Mlp {
+                dim,
+                hidden,
+                layers,
+                time_dim,
+            } => Net::Mlp(Mlp::new(*dim, *hidden, *layers, *time_dim, vb)?),
+            NetConfig::Unet {
+                base,
+                channel_mult,
+                groups,
+                attention,
+            } => Net::Unet(UNet::new(*base, channel_mult, *groups, *attention, vb)?),
+        })
+    }
+
+    /// A trainable network: its parameters live in the returned `VarMap`, initialised as
+    /// PyTorch does (weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm
+    /// scale 1, shift 0), from the seeded `noise` in name order, so a seed fixes the network.
+    pub fn trainable(
+        config: &NetConfig,
+        noise: &mut Noise,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        let net = Self::build(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        let vars = sorted_vars(&varmap);
+        let shapes: HashMap<String, Vec<usize>> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        for (name, var) in &vars {
+            let n = var.elem_count();
+            let is_norm = name.split('.').any(|p| p.starts_with("norm"));
+            let values: Vec<f32> = if is_norm {
+                vec![if name.ends_with("weight") { 1.0 } else { 0.0 }; n]
+            } else {
+                let weight = shapes
+                    .get(&name.replace(".bias", ".weight"))
+                    .unwrap_or(&shapes[name]);
+                let fan_in: usize = weight[1..].iter().product::<usize>().max(1);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                (0..n)
+                    .map(|_| noise.rng.random_range(-bound..bound))
+                    .collect()
+            };
+            var.set(&Tensor::from_vec(values, var.shape(), device)?)?;
+        }
+        Ok((net, varmap))
+    }
+}
+
+/// The variables of a `VarMap`, sorted by name.
+pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -1,0 +1,536 @@
+//! Training a diffusion model with the simplified loss (Ho et al. 2020, eq. 14):
+//! `L_simple = E_{t, x_0, eps} || target - f_theta(x_t, t) ||^2` with t ~ U{0..T-1}, the target
+//! being eps, x_0 or v. Adam, an exponential moving average (EMA) of the weights used for
+//! sampling and evaluation, per-epoch metrics, atomic checkpoints, resume, pictures.
+//!
+//! Files: `model.safetensors` (EMA weights + the model config as metadata),
+//! `train_state.safetensors` (raw weights `raw.*`, Adam state, epoch), `metrics.jsonl`,
+//! `samples.png` (images) or `samples.png` scatter of data vs samples (2-D toys).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use super::nets::{Net, NetConfig, sorted_vars};
+use super::process::{Denoiser, GaussianDiffusion, Prediction, timestep_tensor};
+use super::sampler::ddim_sample;
+use super::schedule::{BetaSchedule, Schedule};
+use crate::checkpoint;
+use crate::data::toy::Toy;
+use crate::data::{Dataset, Named, PIXELS, PixelMode, SIDE, Source, Split};
+use crate::distributions::Noise;
+use crate::optim::{Adam, AdamConfig};
+use crate::train::{RunFiles, derive_seed};
+
+/// What a diffusion model is trained on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DiffusionData {
+    /// 28x28 images scaled to [-1, 1], `[B, 1, 28, 28]`.
+    Images(Source),
+    /// 2-D points, `[B, 2]`.
+    Toy(Toy),
+}
+
+impl DiffusionData {
+    /// `--data DIR` wins; `--dataset` takes `mnist-10k`, `fashion-mnist` or `toy:NAME`.
+    pub fn from_flags(dataset: Option<&str>, data: Option<&Path>) -> Result<Self> {
+        if let Some(dir) = data {
+            return Ok(DiffusionData::Images(Source::Dir(dir.to_path_buf())));
+        }
+        Ok(match dataset.unwrap_or("mnist-10k") {
+            "mnist-10k" => DiffusionData::Images(Source::Named(Named::Mnist10k)),
+            "fashion-mnist" => DiffusionData::Images(Source::Named(Named::FashionMnist)),
+            other => match other.strip_prefix("toy:").and_then(Toy::parse) {
+                Some(t) => DiffusionData::Toy(t),
+                None => bail!(
+                    "--dataset {other}: expected mnist-10k, fashion-mnist or toy:NAME with NAME one of {}",
+                    Toy::NAMES.join(", ")
+                ),
+            },
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            DiffusionData::Images(s) => s.describe(),
+            DiffusionData::Toy(t) => format!("toy:{}", t.name()),
+        }
+    }
+}
+
+/// Everything that defines a trained diffusion model (stored in its checkpoint).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DiffusionConfig {
+    pub net: NetConfig,
+    pub beta_schedule: BetaSchedule,
+    pub num_train_timesteps: usize,
+    pub prediction: Prediction,
+}
+
+impl DiffusionConfig {
+    pub fn process(&self) -> Result<GaussianDiffusion> {
+        Ok(GaussianDiffusion::new(
+            Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
+            self.prediction,
+        ))
+    }
+
+    /// `true` for image models (`[B, 1, 28, 28]`), `false` for 2-D points.
+    pub fn is_image(&self) -> bool {
+        matches!(self.net, NetConfig::Unet { .. })
+    }
+}
+
+/// A trained model loaded for sampling or evaluation (EMA weights, no autodiff).
+pub struct LoadedDiffusion {
+    pub config: DiffusionConfig,
+    pub process: GaussianDiffusion,
+    pub net: Net,
+}
+
+impl LoadedDiffusion {
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let loaded = checkpoint::load(path, device)?;
+        if loaded.metadata.get("elbo.model").map(String::as_str) != Some("diffusion") {
+            bail!(
+                "{}: not a diffusion checkpoint (no elbo.model = diffusion metadata)",
+                path.display()
+            );
+        }
+        let config: DiffusionConfig = serde_json::from_str(
+            loaded
+                .metadata
+                .get("elbo.config")
+                .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
+        )
+        .with_context(|| {
+            format!(
+                "{}: metadata elbo.config is not a diffusion config",
+                path.display()
+            )
+        })?;
+        let vb = VarBuilder::from_tensors(loaded.tensors, DType::F32, device);
+        let net = Net::build(&config.net, vb)
+            .with_context(|| format!("{}: tensors do not fit the model", path.display()))?;
+        Ok(Self {
+            process: config.process()?,
+            config,
+            net,
+        })
+    }
+}
+
+/// Options of `elbo train diffusion`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DiffusionTrainConfig {
+    pub data: DiffusionData,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    /// Toy data only: optimizer steps per epoch (each on fresh samples).
+    pub toy_steps_per_epoch: usize,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    /// DDIM steps for the pictures written at the end.
+    pub sample_steps: usize,
+}
+
+/// One line of `metrics.jsonl`: mean simple loss on train (running) and test (EMA weights).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DiffusionEpochMetrics {
+    pub epoch: usize,
+    pub step: u64,
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub seconds: f64,
+}
+
+/// Training data: images in [-1, 1] or an endless toy stream.
+enum Source2 {
+    Images { train: Dataset, test: Dataset },
+    Toy { toy: Toy, test: Vec<f32> },
+}
+
+/// Images `[B, 1, 28, 28]` scaled to [-1, 1] from u8 pixels.
+pub fn image_batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<Tensor> {
+    let x = data.batch(idx, PixelMode::Grey, &mut StdRng::seed_from_u64(0), device)?;
+    Ok(x.affine(2.0, -1.0)?.reshape((idx.len(), 1, SIDE, SIDE))?)
+}
+
+/// The simple loss `mean ||target - f(x_t, t)||^2` over a batch, t ~ U{0..T-1}.
+pub fn simple_loss(
+    process: &GaussianDiffusion,
+    net: &dyn Denoiser,
+    x0: &Tensor,
+    rng: &mut StdRng,
+    noise: &mut Noise,
+) -> Result<Tensor> {
+    use rand::Rng;
+    let b = x0.dim(0)?;
+    let t: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(0..process.num_timesteps()))
+        .collect();
+    let eps = noise.randn(x0.shape(), x0.device())?;
+    let xt = process.q_sample(x0, &t, &eps)?;
+    let out = net.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
+    let target = process.target(x0, &eps, &t)?;
+    Ok((out - target)?.sqr()?.mean_all()?)
+}
+
+/// Trains (or continues, with `resume`) a diffusion model in `dir`.
+pub fn train_diffusion(
+    model: DiffusionConfig,
+    config: &DiffusionTrainConfig,
+    dir: &Path,
+    resume: bool,
+    show_progress: bool,
+    device: &Device,
+) -> Result<Vec<DiffusionEpochMetrics>> {
+    if config.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if !(config.lr.is_finite() && config.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", config.lr);
+    }
+    if !(0.0..1.0).contains(&config.ema_decay) {
+        bail!("--ema-decay must be in [0, 1), got {}", config.ema_decay);
+    }
+    let files = RunFiles::new(dir);
+    let source = match &config.data {
+        DiffusionData::Images(s) => {
+            let mut train = s.load(Split::Train)?;
+            let mut test = s.load(Split::Test)?;
+            if let Some(n) = config.train_limit {
+                train = train.take(n);
+            }
+            test = test.take(config.test_limit.unwrap_or(1000));
+            Source2::Images { train, test }
+        }
+        DiffusionData::Toy(t) => {
+            let n = config.test_limit.unwrap_or(2000);
+            Source2::Toy {
+                toy: *t,
+                test: t.sample(
+                    n,
+                    &mut StdRng::seed_from_u64(derive_seed(config.seed, 9, 0)),
+                ),
+            }
+        }
+    };
+
+    let (model, varmap, mut adam, mut ema, start_epoch) = if resume {
+        if !files.model.exists() || !files.state.exists() {
+            bail!(
+                "--resume: {} has no model.safetensors and train_state.safetensors to continue from",
+                dir.display()
+            );
+        }
+        let ema_loaded = checkpoint::load(&files.model, device)?;
+        let model: DiffusionConfig = serde_json::from_str(
+            ema_loaded
+                .metadata
+                .get("elbo.config")
+                .with_context(|| format!("{}: no elbo.config", files.model.display()))?,
+        )?;
+        let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
+        let state = checkpoint::load(&files.state, device)?;
+        let vars = sorted_vars(&varmap);
+        let mut ema = Vec::new();
+        for (name, var) in &vars {
+            let raw = state
+                .tensors
+                .get(&format!("raw.{name}"))
+                .with_context(|| format!("{}: no raw.{name}", files.state.display()))?;
+            var.set(raw)?;
+            ema.push(
+                ema_loaded
+                    .tensors
+                    .get(name)
+                    .with_context(|| format!("{}: no {name}", files.model.display()))?
+                    .clone(),
+            );
+        }
+        let number = |key: &str| -> Result<u64> {
+            state
+                .metadata
+                .get(key)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("{}: metadata {key} missing", files.state.display()))
+        };
+        let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
+        adam.load_state(&state.tensors, number("adam_step")?)?;
+        (model, varmap, adam, ema, number("epoch")? as usize)
+    } else {
+        if files.model.exists() {
+            bail!(
+                "--out {}: already holds a checkpoint; pass --resume to continue it, or choose another --out",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out {}: cannot create folder", dir.display()))?;
+        std::fs::write(&files.metrics, b"")
+            .with_context(|| format!("{}: cannot write", files.metrics.display()))?;
+        let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
+        let vars = sorted_vars(&varmap);
+        let ema = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().detach().copy())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
+        (model, varmap, adam, ema, 0)
+    };
+    let process = model.process()?;
+    let net = Net::build(
+        &model.net,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )?;
+    let vars: Vec<(String, Var)> = sorted_vars(&varmap);
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    if show_progress {
+        eprintln!(
+            "training diffusion ({} params, {:?} schedule, T = {}, {:?}-prediction) on {} for {} epochs -> {}",
+            n_params,
+            model.beta_schedule,
+            model.num_train_timesteps,
+            model.prediction,
+            config.data.describe(),
+            config.epochs,
+            dir.display()
+        );
+    }
+    checkpoint::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "model": model, "train": config }))?
+            .as_bytes(),
+    )?;
+
+    let mut all = Vec::new();
+    for epoch in start_epoch + 1..=config.epochs {
+        let started = Instant::now();
+        let seed = derive_seed(config.seed, 1, epoch as u64);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut noise = Noise::new(seed.wrapping_add(1));
+        let batches: Vec<Vec<usize>> = match &source {
+            Source2::Images { train, .. } => {
+                let mut order: Vec<usize> = (0..train.len()).collect();
+                order.shuffle(&mut rng);
+                order
+                    .chunks(config.batch_size)
+                    .map(|c| c.to_vec())
+                    .collect()
+            }
+            Source2::Toy { .. } => vec![Vec::new(); config.toy_steps_per_epoch],
+        };
+        let bar = if show_progress {
+            ProgressBar::new(batches.len() as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(format!("{epoch}/{}", config.epochs));
+        let mut loss_sum = 0.0;
+        for (step, idx) in batches.iter().enumerate() {
+            let x0 = match &source {
+                Source2::Images { train, .. } => image_batch(train, idx, device)?,
+                Source2::Toy { toy, .. } => Tensor::from_vec(
+                    toy.sample(config.batch_size, &mut rng),
+                    (config.batch_size, 2),
+                    device,
+                )?,
+            };
+            let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                bar.abandon();
+                bail!(
+                    "training stopped: the loss became {value} at epoch {epoch}, step {}; {} (try a smaller --lr)",
+                    step + 1,
+                    if files.model.exists() {
+                        format!("the last good checkpoint {} is kept", files.model.display())
+                    } else {
+                        "no checkpoint had been written yet".into()
+                    }
+                );
+            }
+            adam.step(&loss.backward()?)?;
+            for ((_, var), e) in vars.iter().zip(ema.iter_mut()) {
+                *e = ((&*e * config.ema_decay)?
+                    + (var.as_tensor().detach() * (1.0 - config.ema_decay))?)?;
+            }
+            loss_sum += value as f64;
+            bar.set_message(format!("loss {value:.4}"));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let ema_net = ema_net(&model, &vars, &ema, device)?;
+        let test_loss = test_loss(&process, &ema_net, &source, config.seed, device)?;
+        save_state(&model, &vars, &ema, &adam, epoch, &files)?;
+        let m = DiffusionEpochMetrics {
+            epoch,
+            step: adam.step_count(),
+            train_loss: loss_sum / batches.len().max(1) as f64,
+            test_loss,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&files.metrics)
+            .with_context(|| format!("{}: cannot append", files.metrics.display()))?;
+        writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        if show_progress {
+            eprintln!(
+                "epoch {epoch}: train loss {:.5} | test loss (EMA) {:.5} | {:.1}s",
+                m.train_loss, m.test_loss, m.seconds
+            );
+        }
+        all.push(m);
+    }
+    let ema_net = ema_net(&model, &vars, &ema, device)?;
+    let mut noise = Noise::new(derive_seed(config.seed, 3, 0));
+    let bar = if show_progress {
+        ProgressBar::new(config.sample_steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    match &source {
+        Source2::Images { .. } => {
+            let x_t = noise.randn((64, 1, SIDE, SIDE), device)?;
+            let x = ddim_sample(
+                &process,
+                &ema_net,
+                x_t,
+                config.sample_steps,
+                0.0,
+                true,
+                &mut noise,
+                &bar,
+            )?;
+            save_image_grid(&x, &dir.join("samples.png"))?;
+        }
+        Source2::Toy { test, .. } => {
+            let x_t = noise.randn((test.len() / 2, 2), device)?;
+            let x = ddim_sample(
+                &process,
+                &ema_net,
+                x_t,
+                config.sample_steps,
+                0.0,
+                false,
+                &mut noise,
+                &bar,
+            )?;
+            crate::plot::save_scatter(
+                &[test, &x.flatten_all()?.to_vec1::<f32>()?],
+                &dir.join("samples.png"),
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(all)
+}
+
+/// Images in [-1, 1], `[N, 1, 28, 28]`, as a PNG grid 8 wide.
+pub fn save_image_grid(x: &Tensor, path: &Path) -> Result<()> {
+    let n = x.dim(0)?;
+    let img = x.reshape((n, PIXELS))?.affine(0.5, 0.5)?;
+    crate::plot::save_grid(&img, 8, path)
+}
+
+fn ema_net(
+    model: &DiffusionConfig,
+    vars: &[(String, Var)],
+    ema: &[Tensor],
+    device: &Device,
+) -> Result<Net> {
+    let map: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(ema.iter().cloned())
+        .collect();
+    Net::build(
+        &model.net,
+        VarBuilder::from_tensors(map, DType::F32, device),
+    )
+}
+
+fn test_loss(
+    process: &GaussianDiffusion,
+    net: &Net,
+    source: &Source2,
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
+    let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 0));
+    let mut noise = Noise::new(derive_seed(seed, 2, 1));
+    let (mut total, mut count) = (0.0, 0usize);
+    match source {
+        Source2::Images { test, .. } => {
+            let idx: Vec<usize> = (0..test.len()).collect();
+            for chunk in idx.chunks(250) {
+                let x0 = image_batch(test, chunk, device)?;
+                total += simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?
+                    as f64
+                    * chunk.len() as f64;
+                count += chunk.len();
+            }
+        }
+        Source2::Toy { test, .. } => {
+            let n = test.len() / 2;
+            let x0 = Tensor::from_slice(test, (n, 2), device)?;
+            total = simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?
+                as f64
+                * n as f64;
+            count = n;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+fn save_state(
+    model: &DiffusionConfig,
+    vars: &[(String, Var)],
+    ema: &[Tensor],
+    adam: &Adam,
+    epoch: usize,
+    files: &RunFiles,
+) -> Result<()> {
+    let ema_tensors: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, _)| n.clone())
+        .zip(ema.iter().cloned())
+        .collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("elbo.model".to_string(), "diffusion".to_string()),
+        ("elbo.config".to_string(), serde_json::to_string(model)?),
+    ]);
+    checkpoint::save_atomic(&files.model, &ema_tensors, metadata)?;
+    let (mut tensors, step) = adam.state();
+    tensors.extend(
+        vars.iter()
+            .map(|(n, v)| (format!("raw.{n}"), v.as_tensor().clone())),
+    );
+    let metadata = HashMap::from([
+        ("epoch".to_string(), epoch.to_string()),
+        ("adam_step".to_string(), step.to_string()),
+    ]);
+    checkpoint::save_atomic(&files.state, &tensors, metadata)
+}
