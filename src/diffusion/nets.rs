@@ -342,7 +342,7 @@ impl Denoiser for UNet {
 /// A denoiser of either kind.
 pub enum Net {
     Mlp(Mlp),
-    Unet(UNet),
+    Unet(Box<UNet>),
 }
 
 impl Denoiser for Net {
@@ -368,7 +368,13 @@ impl Net {
                 channel_mult,
                 groups,
                 attention,
-            } => Net::Unet(UNet::new(*base, channel_mult, *groups, *attention, vb)?),
+            } => Net::Unet(Box::new(UNet::new(
+                *base,
+                channel_mult,
+                *groups,
+                *attention,
+                vb,
+            )?)),
         })
     }
 
