@@ -518,3 +518,70 @@ fn unet_maps_images_to_images() {
         );
     }
 }
+
+/// A stand-in network, f(x, t) = 0.1 x + t / 2000, to compare samplers with diffusers.
+struct Affine;
+
+impl Denoiser for Affine {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        (xt * 0.1)?.broadcast_add(&(t.unsqueeze(1)? / 2000.0)?)
+    }
+}
+
+/// DDIM-50 at eta = 0 (clipping x_0 to [-1, 1]) agrees with diffusers' `DDIMScheduler` for
+/// each prediction type, run from the same x_T with the same stand-in network
+/// (`bench/make_ddim_fixture.py`), to float32 precision.
+#[test]
+fn ddim_agrees_with_diffusers_ddim_scheduler() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/diffusers_ddim.json"
+    );
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rows = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect()
+    };
+    let want_t: Vec<usize> = f["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(elbo::diffusion::sampler::ddim_timesteps(1000, 50), want_t);
+    let x_t = Tensor::from_vec(rows(&f["x_T"]), (4, 3), &Device::Cpu).unwrap();
+    for (p, key) in [
+        (Prediction::Eps, "epsilon"),
+        (Prediction::X0, "sample"),
+        (Prediction::V, "v_prediction"),
+    ] {
+        let d = GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 1000).unwrap(), p);
+        let x = ddim_sample(
+            &d,
+            &Affine,
+            x_t.clone(),
+            50,
+            0.0,
+            true,
+            &mut Noise::new(0),
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+        let got = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip(rows(&f[key])) {
+            assert!(
+                (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                "{key}: {g} vs diffusers {w}"
+            );
+        }
+    }
+}
