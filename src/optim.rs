@@ -76,6 +76,9 @@ impl Adam {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Gradients carry the autodiff graph of the step that made them; the moments must
+            // not, or every step's graph would stay alive through them.
+            let g = &g.detach();
             self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = (&self.v[i] / bc2)?.sqrt()?.affine(1.0, c.eps)?;
