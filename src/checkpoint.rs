@@ -70,3 +70,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
+
+/// Appends one JSON line (a metrics record) to `path`.
+pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot append", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(record)?)
+        .with_context(|| format!("{}: cannot append", path.display()))?;
+    Ok(())
+}

@@ -34,25 +34,18 @@ pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
             }
         }
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    }
-    let tmp = crate::checkpoint::tmp_path(path);
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("{}: cannot write PNG", path.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    save_png(img, path)
 }
 
-fn save_rgb(img: &image::RgbImage, path: &Path) -> Result<()> {
+/// Writes a PNG through a temporary file and a rename, creating the folder if needed.
+pub fn save_png(img: impl Into<image::DynamicImage>, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create folder", dir.display()))?;
     }
     let tmp = crate::checkpoint::tmp_path(path);
-    img.save_with_format(&tmp, image::ImageFormat::Png)
+    img.into()
+        .save_with_format(&tmp, image::ImageFormat::Png)
         .with_context(|| format!("{}: cannot write PNG", path.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
@@ -88,7 +81,7 @@ pub fn save_scatter(panels: &[&[f32]], path: &Path) -> Result<()> {
             img.put_pixel(p as u32 * side, y, image::Rgb([0, 0, 0]));
         }
     }
-    save_rgb(&img, path)
+    save_png(img, path)
 }
 
 /// A line plot of `values` against their index with a log10 y axis (non-positive values are
@@ -127,5 +120,5 @@ pub fn save_log_curve(values: &[f64], path: &Path) -> Result<()> {
             }
         }
     }
-    save_rgb(&img, path)
+    save_png(img, path)
 }

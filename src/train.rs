@@ -8,7 +8,6 @@
 //! - `samples.png`, `reconstructions.png`, and `manifold.png` when the latent is 2-D.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -293,12 +292,7 @@ pub fn train_vae(
             test: test_terms,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&files.metrics)
-            .with_context(|| format!("{}: cannot append", files.metrics.display()))?;
-        writeln!(f, "{}", serde_json::to_string(&metrics)?)?;
+        checkpoint::append_json_line(&files.metrics, &metrics)?;
         if show_progress {
             eprintln!(
                 "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",

@@ -8,7 +8,6 @@
 //! `samples.png` (images) or `samples.png` scatter of data vs samples (2-D toys).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -157,7 +156,7 @@ pub struct DiffusionEpochMetrics {
 }
 
 /// Training data: images in [-1, 1] or an endless toy stream.
-enum Source2 {
+enum TrainingData {
     Images { train: Dataset, test: Dataset },
     Toy { toy: Toy, test: Vec<f32> },
 }
@@ -215,11 +214,11 @@ pub fn train_diffusion(
                 train = train.take(n);
             }
             test = test.take(config.test_limit.unwrap_or(1000));
-            Source2::Images { train, test }
+            TrainingData::Images { train, test }
         }
         DiffusionData::Toy(t) => {
             let n = config.test_limit.unwrap_or(2000);
-            Source2::Toy {
+            TrainingData::Toy {
                 toy: *t,
                 test: t.sample(
                     n,
@@ -323,7 +322,7 @@ pub fn train_diffusion(
         let mut rng = StdRng::seed_from_u64(seed);
         let mut noise = Noise::new(seed.wrapping_add(1));
         let batches: Vec<Vec<usize>> = match &source {
-            Source2::Images { train, .. } => {
+            TrainingData::Images { train, .. } => {
                 let mut order: Vec<usize> = (0..train.len()).collect();
                 order.shuffle(&mut rng);
                 order
@@ -331,7 +330,7 @@ pub fn train_diffusion(
                     .map(|c| c.to_vec())
                     .collect()
             }
-            Source2::Toy { .. } => vec![Vec::new(); config.toy_steps_per_epoch],
+            TrainingData::Toy { .. } => vec![Vec::new(); config.toy_steps_per_epoch],
         };
         let bar = if show_progress {
             ProgressBar::new(batches.len() as u64)
@@ -348,8 +347,8 @@ pub fn train_diffusion(
         let mut loss_sum = 0.0;
         for (step, idx) in batches.iter().enumerate() {
             let x0 = match &source {
-                Source2::Images { train, .. } => image_batch(train, idx, device)?,
-                Source2::Toy { toy, .. } => Tensor::from_vec(
+                TrainingData::Images { train, .. } => image_batch(train, idx, device)?,
+                TrainingData::Toy { toy, .. } => Tensor::from_vec(
                     toy.sample(config.batch_size, &mut rng),
                     (config.batch_size, 2),
                     device,
@@ -389,12 +388,7 @@ pub fn train_diffusion(
             test_loss,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&files.metrics)
-            .with_context(|| format!("{}: cannot append", files.metrics.display()))?;
-        writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        checkpoint::append_json_line(&files.metrics, &m)?;
         if show_progress {
             eprintln!(
                 "epoch {epoch}: train loss {:.5} | test loss (EMA) {:.5} | {:.1}s",
@@ -411,7 +405,7 @@ pub fn train_diffusion(
         ProgressBar::hidden()
     };
     match &source {
-        Source2::Images { .. } => {
+        TrainingData::Images { .. } => {
             let x_t = noise.randn((64, 1, SIDE, SIDE), device)?;
             let x = ddim_sample(
                 &process,
@@ -425,7 +419,7 @@ pub fn train_diffusion(
             )?;
             save_image_grid(&x, &dir.join("samples.png"))?;
         }
-        Source2::Toy { test, .. } => {
+        TrainingData::Toy { test, .. } => {
             let x_t = noise.randn((test.len() / 2, 2), device)?;
             let x = ddim_sample(
                 &process,
@@ -474,7 +468,7 @@ fn ema_net(
 fn test_loss(
     process: &GaussianDiffusion,
     net: &Net,
-    source: &Source2,
+    source: &TrainingData,
     seed: u64,
     device: &Device,
 ) -> Result<f64> {
@@ -482,7 +476,7 @@ fn test_loss(
     let mut noise = Noise::new(derive_seed(seed, 2, 1));
     let (mut total, mut count) = (0.0, 0usize);
     match source {
-        Source2::Images { test, .. } => {
+        TrainingData::Images { test, .. } => {
             let idx: Vec<usize> = (0..test.len()).collect();
             for chunk in idx.chunks(250) {
                 let x0 = image_batch(test, chunk, device)?;
@@ -492,7 +486,7 @@ fn test_loss(
                 count += chunk.len();
             }
         }
-        Source2::Toy { test, .. } => {
+        TrainingData::Toy { test, .. } => {
             let n = test.len() / 2;
             let x0 = Tensor::from_slice(test, (n, 2), device)?;
             total = simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?
