@@ -236,6 +236,9 @@ struct TrainVaeArgs {
     /// Monte Carlo samples K of z per example for the reconstruction term.
     #[arg(long, default_value_t = 1)]
     mc_samples: usize,
+    /// Maximise the ELBO, or the IWAE bound with K = --mc-samples.
+    #[arg(long, value_enum, default_value = "elbo")]
+    objective: elbo::train::Objective,
     /// Observation model p(x|z).
     #[arg(long, value_enum, default_value = "bernoulli")]
     likelihood: Likelihood,
@@ -376,6 +379,7 @@ fn run(cli: Cli) -> Result<()> {
                 lr: a.lr,
                 beta: a.beta,
                 mc_samples: a.mc_samples,
+                objective: a.objective,
                 pixels: a.data.binarize,
                 seed: a.seed,
                 train_limit: a.train_limit,

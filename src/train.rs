@@ -34,6 +34,9 @@ pub struct TrainConfig {
     pub lr: f64,
     pub beta: f64,
     pub mc_samples: usize,
+    /// What is maximised: the (beta-)ELBO, or the importance-weighted bound with K = mc_samples.
+    #[serde(default)]
+    pub objective: Objective,
     pub pixels: PixelMode,
     pub seed: u64,
     /// Use only the first N training examples (all when `None`).
@@ -58,6 +61,27 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// The training objective.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// `E_q[log p(x|z)] - beta KL(q || p)`, K-sample Monte Carlo (Kingma & Welling 2014).
+    #[default]
+    Elbo,
+    /// `log (1/K) sum_k w_k`, the IWAE bound (Burda et al. 2015); beta is not used.
+    Iwae,
 }
 
 /// Per-example averages in nats: `reconstruction = -E_q[log p(x|z)]`, `kl = KL(q || p)`,
@@ -245,8 +269,18 @@ pub fn train_vae(
         let (mut rec_sum, mut kl_sum) = (0.0, 0.0);
         for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
             let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
-            let terms = elbo_terms(&vae, &x, config.mc_samples, &mut noise)?;
-            let loss = terms.loss(config.beta)?;
+            let (terms, loss) = match config.objective {
+                Objective::Elbo => {
+                    let terms = elbo_terms(&vae, &x, config.mc_samples, &mut noise)?;
+                    let loss = terms.loss(config.beta)?;
+                    (terms, loss)
+                }
+                Objective::Iwae => {
+                    let (terms, iwae) =
+                        vae::objective::iwae_terms(&vae, &x, config.mc_samples, &mut noise)?;
+                    (terms, iwae.mean_all()?.neg()?)
+                }
+            };
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
                 bar.abandon();

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use candle_core::{Device, Tensor};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
-use elbo::train::{TrainConfig, train_vae};
+use elbo::train::{Objective, TrainConfig, train_vae};
 use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood, iwae_bound};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -24,6 +24,7 @@ fn config(epochs: usize) -> TrainConfig {
         lr: 1e-3,
         beta: 1.0,
         mc_samples: 1,
+        objective: Objective::Elbo,
         pixels: PixelMode::Grey,
         seed: 0,
         train_limit: None,
@@ -374,4 +375,27 @@ fn resume_is_exact() {
             .unwrap();
         assert!(d < 1e-6, "{name} differs by {d}");
     }
+}
+
+/// Training on the IWAE bound (K = 5) learns: one epoch on 2,048 digits takes the test -ELBO
+/// from about 545 nats (untrained) to below 300 (measured: 279).
+#[test]
+fn training_on_the_iwae_bound_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(1);
+    cfg.objective = Objective::Iwae;
+    cfg.mc_samples = 5;
+    cfg.train_limit = Some(2048);
+    cfg.test_limit = Some(200);
+    let m = train_vae(
+        VaeConfig::default(),
+        &cfg,
+        dir.path(),
+        false,
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let got = m[0].test.neg_elbo;
+    assert!(got < 300.0, "test -ELBO after one IWAE epoch: {got}");
 }

@@ -58,10 +58,26 @@ pub fn log_importance_weights(
 /// E[IWAE_1] = ELBO <= E[IWAE_K] <= E[IWAE_K'] <= log p(x) for K <= K' (Burda et al. 2015, Thm 1).
 /// Differentiable, so it can also be trained on.
 pub fn iwae_bound(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<Tensor> {
+    Ok(iwae_terms(vae, x, k, noise)?.1)
+}
+
+/// The IWAE_K bound `[B]` (differentiable, for training) together with the ELBO parts
+/// estimated from the same K samples (reconstruction: their mean log p(x|z); KL: closed form).
+pub fn iwae_terms(
+    vae: &Vae,
+    x: &Tensor,
+    k: usize,
+    noise: &mut Noise,
+) -> Result<(ElboTerms, Tensor)> {
     let q = vae.encode(x)?;
     let eps = noise.randn((k, x.dim(0)?, vae.config.latent_dim), x.device())?;
-    let (log_w, _) = log_importance_weights(vae, x, &q, &eps)?;
-    Ok(log_w.log_sum_exp(0)?.affine(1.0, -(k as f64).ln())?)
+    let (log_w, log_px_z) = log_importance_weights(vae, x, &q, &eps)?;
+    let bound = log_w.log_sum_exp(0)?.affine(1.0, -(k as f64).ln())?;
+    let terms = ElboTerms {
+        reconstruction: log_px_z.mean(0)?,
+        kl: q.kl_standard_normal()?,
+    };
+    Ok((terms, bound))
 }
 
 /// Per-example results of [`estimate_log_likelihood`], in nats.
