@@ -239,6 +239,9 @@ struct TrainVaeArgs {
     /// Maximise the ELBO, or the IWAE bound with K = --mc-samples.
     #[arg(long, value_enum, default_value = "elbo")]
     objective: elbo::train::Objective,
+    /// Implementation of the training step: the fused CPU engine where it applies, or candle.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: elbo::train::Engine,
     /// Observation model p(x|z).
     #[arg(long, value_enum, default_value = "bernoulli")]
     likelihood: Likelihood,
@@ -380,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                 beta: a.beta,
                 mc_samples: a.mc_samples,
                 objective: a.objective,
+                engine: a.engine,
                 pixels: a.data.binarize,
                 seed: a.seed,
                 train_limit: a.train_limit,

@@ -23,6 +23,7 @@ use crate::data::{Dataset, PixelMode, Source, Split};
 use crate::distributions::Noise;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
+use crate::vae::fused::FusedVae;
 use crate::vae::{self, Vae, VaeConfig, elbo_terms};
 
 /// Everything `elbo train vae` needs besides the model config.
@@ -39,6 +40,9 @@ pub struct TrainConfig {
     pub objective: Objective,
     pub pixels: PixelMode,
     pub seed: u64,
+    /// Which implementation computes the training steps.
+    #[serde(default)]
+    pub engine: Engine,
     /// Use only the first N training examples (all when `None`).
     pub train_limit: Option<usize>,
     /// Use only the first N test examples (all when `None`).
@@ -82,6 +86,30 @@ pub enum Objective {
     Elbo,
     /// `log (1/K) sum_k w_k`, the IWAE bound (Burda et al. 2015); beta is not used.
     Iwae,
+}
+
+/// Which implementation computes a VAE training step. Both compute the same numbers from the
+/// same noise; they differ in speed and reach.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// `fused` where it applies (CPU, Bernoulli likelihood, the ELBO objective), else `candle`.
+    #[default]
+    Auto,
+    /// candle tensors and autodiff: any device, likelihood and objective.
+    Candle,
+    /// The hand-derived fused CPU step of [`crate::vae::fused`].
+    Fused,
 }
 
 /// Per-example averages in nats: `reconstruction = -E_q[log p(x|z)]`, `kl = KL(q || p)`,
@@ -244,6 +272,15 @@ pub fn train_vae(
         serde_json::to_string_pretty(&run_config)?.as_bytes(),
     )?;
 
+    let fused_applies = crate::vae::fused::supports(&vae) && config.objective == Objective::Elbo;
+    let use_fused = match config.engine {
+        Engine::Auto => fused_applies,
+        Engine::Candle => false,
+        Engine::Fused if fused_applies => true,
+        Engine::Fused => {
+            bail!("--engine fused: needs the CPU, --likelihood bernoulli and --objective elbo")
+        }
+    };
     let n = train.len();
     let steps_per_epoch = n.div_ceil(config.batch_size);
     let mut all = Vec::new();
@@ -267,7 +304,41 @@ pub fn train_vae(
         );
         bar.set_prefix(format!("{epoch}/{}", config.epochs));
         let (mut rec_sum, mut kl_sum) = (0.0, 0.0);
+        let mut fused = if use_fused {
+            Some(FusedVae::from_vae(&vae, Some(&adam), adam.config)?)
+        } else {
+            None
+        };
         for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
+            let stopped = |bar: &ProgressBar, loss_value: f64| -> anyhow::Error {
+                bar.abandon();
+                let kept = if files.model.exists() {
+                    format!(
+                        "the last good checkpoint {} (epoch {}) is kept",
+                        files.model.display(),
+                        epoch - 1
+                    )
+                } else {
+                    "no checkpoint had been written yet".to_string()
+                };
+                anyhow::anyhow!(
+                    "training stopped: the loss became {loss_value} at epoch {epoch}, step {}; {kept} \
+                     (try a smaller --lr)",
+                    step + 1
+                )
+            };
+            if let Some(fused) = fused.as_mut() {
+                let x = train.batch_values(batch_idx, config.pixels, &mut rng);
+                let sums = fused.train_step(&x, config.mc_samples, config.beta, &mut noise)?;
+                if !sums.loss.is_finite() {
+                    return Err(stopped(&bar, sums.loss));
+                }
+                rec_sum -= sums.reconstruction;
+                kl_sum += sums.kl;
+                bar.set_message(format!("loss {:.2}", sums.loss));
+                bar.inc(1);
+                continue;
+            }
             let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
             let (terms, loss) = match config.objective {
                 Objective::Elbo => {
@@ -283,21 +354,7 @@ pub fn train_vae(
             };
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
-                bar.abandon();
-                let kept = if files.model.exists() {
-                    format!(
-                        "the last good checkpoint {} (epoch {}) is kept",
-                        files.model.display(),
-                        epoch - 1
-                    )
-                } else {
-                    "no checkpoint had been written yet".to_string()
-                };
-                bail!(
-                    "training stopped: the loss became {loss_value} at epoch {epoch}, step {}; {kept} \
-                     (try a smaller --lr)",
-                    step + 1
-                );
+                return Err(stopped(&bar, loss_value as f64));
             }
             let grads = loss.backward()?;
             adam.step(&grads)?;
@@ -307,6 +364,9 @@ pub fn train_vae(
             bar.inc(1);
         }
         bar.finish_and_clear();
+        if let Some(fused) = &fused {
+            fused.write_to(&vae, Some(&mut adam))?;
+        }
         let train_terms = Terms {
             neg_elbo: (rec_sum + kl_sum) / n as f64,
             reconstruction: rec_sum / n as f64,

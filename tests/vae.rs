@@ -7,8 +7,12 @@ use std::sync::OnceLock;
 use candle_core::{Device, Tensor};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
-use elbo::train::{Objective, TrainConfig, train_vae};
-use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood, iwae_bound};
+use elbo::optim::{Adam, AdamConfig};
+use elbo::train::{Engine, Objective, TrainConfig, train_vae};
+use elbo::vae::fused::FusedVae;
+use elbo::vae::{
+    Vae, VaeConfig, elbo_terms, estimate_log_likelihood, estimate_log_likelihood_candle, iwae_bound,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -25,6 +29,7 @@ fn config(epochs: usize) -> TrainConfig {
         beta: 1.0,
         mc_samples: 1,
         objective: Objective::Elbo,
+        engine: Engine::Auto,
         pixels: PixelMode::Grey,
         seed: 0,
         train_limit: None,
@@ -398,4 +403,116 @@ fn training_on_the_iwae_bound_learns() {
     .unwrap();
     let got = m[0].test.neg_elbo;
     assert!(got < 300.0, "test -ELBO after one IWAE epoch: {got}");
+}
+
+/// Largest |a - b| over the largest |b|: a scale-free distance between two gradients.
+fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().map(|v| v.abs() as f64).fold(1e-12, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    diff / scale
+}
+
+/// The fused engine's hand-derived backward pass against candle's autodiff of the same loss
+/// `-(1/B) sum_b [E_q log p(x|z) - beta KL]` (K = 3 samples, beta = 0.7, same noise), on a
+/// trained model so that every ReLU and the KL are in an ordinary regime; then one Adam update
+/// of each against the other.
+#[test]
+fn fused_engine_gradients_and_adam_match_candle_autodiff() {
+    let (dir, _) = trained();
+    let path = dir.path().join("model.safetensors");
+    let (k, beta, seed) = (3, 0.7, 11);
+    let x = test_batch(24);
+
+    let vae = Vae::load(&path, &Device::Cpu).unwrap();
+    let terms = elbo_terms(&vae, &x, k, &mut Noise::new(seed)).unwrap();
+    let loss = terms.loss(beta).unwrap();
+    let grads = loss.backward().unwrap();
+
+    let adam_config = AdamConfig::with_lr(1e-3);
+    let mut fused = FusedVae::from_vae(&vae, None, adam_config).unwrap();
+    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let sums = fused
+        .forward_backward(&xv, k, beta, &mut Noise::new(seed))
+        .unwrap();
+    let candle_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (sums.loss - candle_loss).abs() < 1e-4 * candle_loss.abs(),
+        "loss: fused {} vs candle {candle_loss}",
+        sums.loss
+    );
+    for (name, g_fused) in fused.gradients() {
+        let var = &vae.params().iter().find(|(n, _)| n == name).unwrap().1;
+        let g_candle = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let dist = relative_distance(&g_fused, &g_candle);
+        assert!(
+            dist < 1e-4,
+            "{name}: gradient differs by {dist:e} (relative)"
+        );
+    }
+
+    // One Adam step each, from the same start and the same noise.
+    let mut adam = Adam::new(vae.params().to_vec(), adam_config).unwrap();
+    adam.step(&grads).unwrap();
+    let stepped = Vae::load(&path, &Device::Cpu).unwrap();
+    let mut fused = FusedVae::from_vae(&stepped, None, adam_config).unwrap();
+    fused
+        .train_step(&xv, k, beta, &mut Noise::new(seed))
+        .unwrap();
+    fused.write_to(&stepped, None).unwrap();
+    for ((name, a), (_, b)) in vae.params().iter().zip(stepped.params()) {
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        // Adam moves each weight by about lr = 1e-3; the two must agree far below that.
+        assert!(
+            worst < 2e-5,
+            "{name}: parameters differ by {worst} after one step"
+        );
+    }
+}
+
+/// The fused importance-sampled log p(x) against the candle computation with the same noise.
+#[test]
+fn fused_log_likelihood_matches_candle() {
+    let (dir, _) = trained();
+    let vae = Vae::load(&dir.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .frozen()
+        .unwrap();
+    let x = test_batch(20);
+    let fused = estimate_log_likelihood(&vae, &x, 300, 2000, &mut Noise::new(4)).unwrap();
+    let candle = estimate_log_likelihood_candle(&vae, &x, 300, 2000, &mut Noise::new(4)).unwrap();
+    for i in 0..20 {
+        for (what, a, b) in [
+            ("log p(x)", fused.log_px[i], candle.log_px[i]),
+            (
+                "reconstruction",
+                fused.reconstruction[i],
+                candle.reconstruction[i],
+            ),
+            ("kl", fused.kl[i], candle.kl[i]),
+        ] {
+            assert!(
+                (a - b).abs() < 2e-3,
+                "{what} of example {i}: fused {a}, candle {b}"
+            );
+        }
+    }
 }

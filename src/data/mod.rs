@@ -130,6 +130,12 @@ impl Dataset {
         rng: &mut StdRng,
         device: &Device,
     ) -> Result<Tensor> {
+        let out = self.batch_values(indices, mode, rng);
+        Ok(Tensor::from_vec(out, (indices.len(), PIXELS), device)?)
+    }
+
+    /// What [`Dataset::batch`] gives, as row-major `[indices.len() * 784]` values.
+    pub fn batch_values(&self, indices: &[usize], mode: PixelMode, rng: &mut StdRng) -> Vec<f32> {
         let mut out = Vec::with_capacity(indices.len() * PIXELS);
         for &i in indices {
             let px = &self.images[i * PIXELS..(i + 1) * PIXELS];
@@ -144,7 +150,7 @@ impl Dataset {
                 ),
             }
         }
-        Ok(Tensor::from_vec(out, (indices.len(), PIXELS), device)?)
+        out
     }
 }
 
