@@ -1,0 +1,392 @@
+"""The peers of elbo's benchmark workloads (bench/run): PyTorch (the text's code) and JAX
+(jax.jit of the whole step, optax.adam). One workload per process, as elbo's
+`examples/workloads.rs`, printing one JSON object: {"workload", "framework", "unit", "ms": [...]}.
+
+    bench/.venv/bin/python bench/peers.py torch|jax WORKLOAD [--reps N] [--warmup N] [--images N]
+
+Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), and for torch only
+unet-step-64, ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same
+state_dict names, same parameter count: 171,937).
+"""
+import argparse
+import gzip
+import json
+import math
+import os
+import pathlib
+import struct
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+
+
+def load_images():
+    raw = gzip.open(ROOT / "data/mnist-10k/train-images-idx3-ubyte.gz", "rb").read()
+    magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
+    assert magic == 2051 and rows == 28 and cols == 28
+    x = np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, 784).astype(np.float32) / 255.0
+    return x[:9000], x[9000:]  # elbo's built-in split
+
+
+def timed(warmup, reps, f):
+    for _ in range(warmup):
+        f()
+    out = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        f()
+        out.append((time.perf_counter() - s) * 1e3)
+    return out
+
+
+# ----------------------------------------------------------------------------- PyTorch
+def torch_workload(name, a):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    train, test = (torch.from_numpy(v) for v in load_images())
+
+    # The text's SimpleVAE and vae_loss, verbatim.
+    class SimpleVAE(nn.Module):
+        def __init__(self, input_dim=784, latent_dim=32):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(input_dim, 256), nn.ReLU())
+            self.fc_mu = nn.Linear(256, latent_dim)
+            self.fc_logvar = nn.Linear(256, latent_dim)
+            self.decoder = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, input_dim))
+
+        def reparameterize(self, mu, logvar):
+            std = torch.exp(0.5 * logvar)
+            eps = torch.randn_like(std)
+            return mu + eps * std
+
+        def forward(self, x):
+            h = self.encoder(x.view(-1, 784))
+            mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+            z = self.reparameterize(mu, logvar)
+            recon = torch.sigmoid(self.decoder(z))
+            return recon, mu, logvar
+
+    def vae_loss(recon_x, x, mu, logvar):
+        BCE = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+        KLD = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return BCE + KLD
+
+    if name.startswith("vae-step-") or name == "vae-epoch":
+        model = SimpleVAE()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(xb):
+            recon, mu, logvar = model(xb)
+            loss = vae_loss(recon, xb, mu, logvar)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        if name == "vae-epoch":
+            def epoch():
+                for idx in torch.randperm(len(train)).split(128):
+                    step(train[idx])
+            return timed(a.warmup or 1, a.reps or 5, epoch), "one epoch, 9000 digits, batch 128"
+        b = int(name.rsplit("-", 1)[1])
+        xb = train[:b].clone()
+        return timed(a.warmup or 20, a.reps or 200, lambda: step(xb)), f"one training step, batch {b}"
+
+    if name == "nll":
+        model = SimpleVAE().eval()
+        x_all = test[: a.images]
+
+        @torch.no_grad()
+        def nll():
+            for xb in x_all.split(100):
+                h = model.encoder(xb)
+                mu, logvar = model.fc_mu(h), model.fc_logvar(h)
+                std = torch.exp(0.5 * logvar)
+                b = xb.shape[0]
+                kc = 25_000 // b
+                lse = torch.full((b,), -math.inf, dtype=torch.float64)
+                done = 0
+                while done < 5000:
+                    k = min(kc, 5000 - done)
+                    eps = torch.randn(k, b, mu.shape[1])
+                    z = mu + std * eps
+                    logits = model.decoder(z)
+                    log_px_z = -F.binary_cross_entropy_with_logits(
+                        logits, xb.expand(k, b, 784), reduction="none").sum(-1)
+                    log_pz_minus_q = -0.5 * (z.pow(2) - eps.pow(2) - logvar).sum(-1)
+                    lse = torch.logaddexp(lse, torch.logsumexp(log_px_z + log_pz_minus_q, 0).double())
+                    done += k
+        return timed(a.warmup, a.reps or 3, nll), f"log p(x), K = 5000, {len(x_all)} test digits"
+
+    # The U-Net of elbo's src/diffusion/nets.rs (default: base 16, mult 1,2,2, 8 groups, attention).
+    def conv(i, o, k, stride=1):
+        return nn.Conv2d(i, o, k, stride=stride, padding=k // 2)
+
+    class ResBlock(nn.Module):
+        def __init__(self, i, o, temb, groups):
+            super().__init__()
+            self.norm1 = nn.GroupNorm(groups, i)
+            self.conv1 = conv(i, o, 3)
+            self.time_emb_proj = nn.Linear(temb, o)
+            self.norm2 = nn.GroupNorm(groups, o)
+            self.conv2 = conv(o, o, 3)
+            self.conv_shortcut = conv(i, o, 1) if i != o else None
+
+        def forward(self, x, temb):
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = h + self.time_emb_proj(temb)[:, :, None, None]
+            h = self.conv2(F.silu(self.norm2(h)))
+            return h + (self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+
+    class Attention(nn.Module):
+        def __init__(self, c, groups):
+            super().__init__()
+            self.norm = nn.GroupNorm(groups, c)
+            self.qkv = conv(c, 3 * c, 1)
+            self.proj_out = conv(c, c, 1)
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            qkv = self.qkv(self.norm(x)).reshape(b, 3, c, h * w)
+            q, k, v = qkv[:, 0].transpose(1, 2), qkv[:, 1], qkv[:, 2].transpose(1, 2)
+            att = torch.softmax(q @ k / math.sqrt(c), dim=-1)
+            out = (att @ v).transpose(1, 2).reshape(b, c, h, w)
+            return x + self.proj_out(out)
+
+    class UNet(nn.Module):
+        def __init__(self, base=16, mult=(1, 2, 2), groups=8):
+            super().__init__()
+            self.base = base
+            temb = 4 * base
+            chans = [m * base for m in mult]
+            self.time_embedding = nn.Module()
+            self.time_embedding.linear_1 = nn.Linear(base, temb)
+            self.time_embedding.linear_2 = nn.Linear(temb, temb)
+            self.conv_in = conv(1, base, 3)
+            self.down = nn.ModuleList()
+            prev = base
+            for i, c in enumerate(chans):
+                level = nn.Module()
+                level.res = ResBlock(prev, c, temb, groups)
+                if i + 1 < len(chans):
+                    level.downsample = conv(c, c, 3, stride=2)
+                self.down.append(level)
+                prev = c
+            self.mid = nn.Module()
+            self.mid.res1 = ResBlock(prev, prev, temb, groups)
+            self.mid.attn = Attention(prev, groups)
+            self.mid.res2 = ResBlock(prev, prev, temb, groups)
+            self.up = nn.ModuleList([nn.Module() for _ in chans])
+            for i in reversed(range(len(chans))):
+                out = base if i == 0 else chans[i - 1]
+                self.up[i].res = ResBlock(prev + chans[i], out, temb, groups)
+                if i > 0:
+                    self.up[i].upsample = conv(out, out, 3)
+                prev = out
+            self.norm_out = nn.GroupNorm(groups, base)
+            self.conv_out = conv(base, 1, 3)
+
+        def forward(self, x, t):
+            half = self.base // 2
+            freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+            args = t.float()[:, None] * freqs[None]
+            emb = torch.cat([args.cos(), args.sin()], dim=-1)
+            temb = F.silu(self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb))))
+            h = self.conv_in(x)
+            skips = []
+            for level in self.down:
+                h = level.res(h, temb)
+                skips.append(h)
+                if hasattr(level, "downsample"):
+                    h = level.downsample(h)
+            h = self.mid.res2(self.mid.attn(self.mid.res1(h, temb)), temb)
+            for i in reversed(range(len(self.up))):
+                h = self.up[i].res(torch.cat([h, skips.pop()], 1), temb)
+                if i > 0:
+                    h = self.up[i].upsample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+            return self.conv_out(F.silu(self.norm_out(h)))
+
+    net = UNet()
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == 171_937, f"U-Net has {n_params} parameters, elbo's default has 171937"
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef1 = betas * abar_prev.sqrt() / (1 - abar)
+    coef2 = (1 - abar_prev) * alphas.sqrt() / (1 - abar)
+    f = lambda v, i: float(v[i])
+
+    if name == "unet-step-64":
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        x0 = train[:64].reshape(64, 1, 28, 28) * 2 - 1
+        abar32 = abar.float()
+
+        def step():
+            t = torch.randint(0, 1000, (64,))
+            eps = torch.randn_like(x0)
+            a_t = abar32[t].view(-1, 1, 1, 1)
+            xt = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+            loss = F.mse_loss(net(xt, t), eps)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return timed(a.warmup or 2, a.reps or 10, step), "one U-Net training step, batch 64"
+
+    net.eval()
+
+    @torch.no_grad()
+    def ddpm():
+        x = torch.randn(64, 1, 28, 28)
+        for i in reversed(range(1000)):
+            eps = net(x, torch.full((64,), i))
+            x0 = ((x - math.sqrt(1 - f(abar, i)) * eps) / math.sqrt(f(abar, i))).clamp(-1, 1)
+            mean = f(coef1, i) * x0 + f(coef2, i) * x
+            x = mean + (math.exp(0.5 * f(post_logvar, i)) * torch.randn_like(x) if i > 0 else 0)
+
+    @torch.no_grad()
+    def ddim():
+        x = torch.randn(64, 1, 28, 28)
+        ts = list(range(0, 1000, 20))[::-1]
+        for i in ts:
+            eps = net(x, torch.full((64,), i))
+            a_t = f(abar, i)
+            a_prev = f(abar, i - 20) if i >= 20 else 1.0
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+    if name == "ddim-50":
+        return timed(a.warmup or 1, a.reps or 3, ddim), "DDIM, 50 steps, 64 images"
+    if name == "ddpm-1000":
+        return timed(a.warmup, a.reps or 1, ddpm), "DDPM, 1000 steps, 64 images"
+    raise SystemExit(f"unknown workload {name}")
+
+
+# ----------------------------------------------------------------------------- JAX
+def jax_workload(name, a):
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    train, test = load_images()
+    key = jax.random.PRNGKey(0)
+
+    def linear(key, i, o):
+        bound = 1 / math.sqrt(i)
+        kw, kb = jax.random.split(key)
+        return (jax.random.uniform(kw, (o, i), minval=-bound, maxval=bound),
+                jax.random.uniform(kb, (o,), minval=-bound, maxval=bound))
+
+    keys = jax.random.split(key, 6)
+    params = {"enc": linear(keys[0], 784, 256), "mu": linear(keys[1], 256, 32),
+              "lv": linear(keys[2], 256, 32), "d0": linear(keys[3], 32, 256),
+              "d2": linear(keys[4], 256, 784)}
+    lin = lambda p, x: x @ p[0].T + p[1]
+
+    def encode(p, x):
+        h = jax.nn.relu(lin(p["enc"], x))
+        return lin(p["mu"], h), lin(p["lv"], h)
+
+    def decode(p, z):
+        return lin(p["d2"], jax.nn.relu(lin(p["d0"], z)))
+
+    def loss_fn(p, x, key):  # the text's vae_loss, BCE in its stable logits form
+        mu, logvar = encode(p, x)
+        z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
+        logits = decode(p, z)
+        bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x))
+        kld = -0.5 * jnp.sum(1 + logvar - mu ** 2 - jnp.exp(logvar))
+        return bce + kld
+
+    opt = optax.adam(1e-3)
+
+    @jax.jit
+    def step(p, s, x, key):
+        key, sub = jax.random.split(key)
+        g = jax.grad(loss_fn)(p, x, sub)
+        updates, s = opt.update(g, s)
+        return optax.apply_updates(p, updates), s, key
+
+    if name.startswith("vae-step-") or name == "vae-epoch":
+        state = {"p": params, "s": opt.init(params), "k": key}
+
+        def run(x):
+            state["p"], state["s"], state["k"] = step(state["p"], state["s"], x, state["k"])
+
+        if name == "vae-epoch":
+            rng = np.random.default_rng(0)
+
+            def epoch():
+                order = rng.permutation(len(train))
+                for i in range(0, len(order), 128):
+                    run(jnp.asarray(train[order[i:i + 128]]))
+                jax.block_until_ready(state["p"])
+            return timed(a.warmup or 1, a.reps or 5, epoch), "one epoch, 9000 digits, batch 128"
+        b = int(name.rsplit("-", 1)[1])
+        xb = jnp.asarray(train[:b])
+
+        def one():
+            run(xb)
+            jax.block_until_ready(state["p"])
+        return timed(a.warmup or 20, a.reps or 200, one), f"one training step, batch {b}"
+
+    if name == "nll":
+        @jax.jit
+        def chunk_lse(p, x, mu, logvar, key, k):
+            eps = jax.random.normal(key, (k,) + mu.shape)
+            z = mu + jnp.exp(0.5 * logvar) * eps
+            logits = decode(p, z)
+            log_px_z = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
+            log_pz_minus_q = -0.5 * jnp.sum(z ** 2 - eps ** 2 - logvar, -1)
+            return jax.nn.logsumexp(log_px_z + log_pz_minus_q, 0)
+
+        chunk_lse = jax.jit(chunk_lse.__wrapped__, static_argnums=5)
+        x_all = test[: a.images]
+        xb0 = jnp.asarray(x_all[:100])
+        mu0, lv0 = encode(params, xb0)
+        chunk_lse(params, xb0, mu0, lv0, key, 25_000 // xb0.shape[0]).block_until_ready()  # compile
+
+        def nll():
+            k_state = key
+            for i in range(0, len(x_all), 100):
+                xb = jnp.asarray(x_all[i:i + 100])
+                mu, logvar = encode(params, xb)
+                kc = 25_000 // xb.shape[0]
+                lse = np.full(xb.shape[0], -np.inf)
+                done = 0
+                while done < 5000:
+                    k = min(kc, 5000 - done)
+                    k_state, sub = jax.random.split(k_state)
+                    lse = np.logaddexp(lse, np.asarray(chunk_lse(params, xb, mu, logvar, sub, k), dtype=np.float64))
+                    done += k
+        return timed(a.warmup, a.reps or 3, nll), f"log p(x), K = 5000, {len(x_all)} test digits"
+    raise SystemExit(f"jax: workload {name} is not benchmarked (PyTorch alone for diffusion)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("framework", choices=["torch", "jax"])
+    ap.add_argument("workload")
+    ap.add_argument("--reps", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--images", type=int, default=1000)
+    a = ap.parse_args()
+    f = torch_workload if a.framework == "torch" else jax_workload
+    ms, unit = f(a.workload, a)
+    print(json.dumps({"workload": a.workload, "framework": a.framework, "unit": unit, "ms": ms}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

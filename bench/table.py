@@ -1,0 +1,99 @@
+"""Runs each (framework, workload) of the benchmark in its own process and prints the table:
+median milliseconds, elbo's speed-up over each peer (peer time / elbo time, > 1 means elbo is
+faster) and peak resident memory (ru_maxrss of that process). Called by bench/run."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+THREADS = os.environ.get("BENCH_THREADS", "2")
+ELBO = ["target/release/examples/workloads"]
+PEERS = [sys.executable, "bench/peers.py"]
+# workload -> frameworks that run it
+WORKLOADS = {
+    "vae-step-128": ["elbo", "elbo-candle", "torch", "jax"],
+    "vae-step-1024": ["elbo", "elbo-candle", "torch", "jax"],
+    "vae-epoch": ["elbo", "torch", "jax"],
+    "nll": ["elbo", "torch", "jax"],
+    "unet-step-64": ["elbo", "torch"],
+    "ddim-50": ["elbo", "torch"],
+    "ddpm-1000": ["elbo", "torch"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, 200 NLL images")
+    ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--json", default="", help="also write the results to this file")
+    a = ap.parse_args()
+    names = [w for w in WORKLOADS if not a.only or w in a.only.split(",")]
+    rows = []
+    for w in names:
+        extra = []
+        if a.quick:
+            extra = {"vae-step-128": ["--reps", "50"], "vae-step-1024": ["--reps", "20"],
+                     "vae-epoch": ["--reps", "2"], "nll": ["--reps", "1", "--images", "200"],
+                     "unet-step-64": ["--reps", "3"], "ddim-50": ["--reps", "1"],
+                     "ddpm-1000": ["--reps", "1"]}[w]
+        elif w == "nll":
+            extra = ["--reps", "3"]
+        results = {}
+        for fw in WORKLOADS[w]:
+            print(f"  {w} / {fw} ...", file=sys.stderr, flush=True)
+            results[fw] = measure(fw, w, extra)
+        rows.append((w, results))
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({w: r for w, r in rows}, f, indent=1)
+
+
+def measure(framework, workload, extra):
+    if framework == "elbo":
+        cmd = ELBO + [workload] + extra
+    elif framework == "elbo-candle":
+        cmd = ELBO + [workload, "--engine", "candle"] + extra
+    else:
+        cmd = PEERS + [framework, workload] + extra
+    env = dict(os.environ, RAYON_NUM_THREADS=THREADS, OMP_NUM_THREADS=THREADS,
+               BENCH_THREADS=THREADS)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["median_ms"] = statistics.median(result["ms"])
+    result["reps"] = len(result["ms"])
+    result["peak_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    return result
+
+
+def print_table(rows):
+    head = ("workload", "elbo ms", "torch ms", "jax ms", "vs torch", "vs jax",
+            "elbo MB", "torch MB", "jax MB", "elbo (candle engine) ms")
+    lines = [head]
+    for w, r in rows:
+        e = r["elbo"]
+        cell = lambda fw, k, fmt: fmt.format(r[fw][k]) if fw in r else "-"
+        ratio = lambda fw: f"{r[fw]['median_ms'] / e['median_ms']:.2f}x" if fw in r else "-"
+        lines.append((
+            f"{w} ({e['reps']} reps)", f"{e['median_ms']:.2f}", cell("torch", "median_ms", "{:.2f}"),
+            cell("jax", "median_ms", "{:.2f}"), ratio("torch"), ratio("jax"),
+            f"{e['peak_mb']:.0f}", cell("torch", "peak_mb", "{:.0f}"), cell("jax", "peak_mb", "{:.0f}"),
+            cell("elbo-candle", "median_ms", "{:.2f}")))
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    for i, l in enumerate(lines):
+        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(l)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\nmedian wall time per repetition; 'vs' = peer median / elbo median (> 1: elbo faster);"
+          " MB = peak resident memory of the process. Threads: " + THREADS)
+
+
+if __name__ == "__main__":
+    main()

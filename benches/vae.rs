@@ -1,0 +1,58 @@
+//! Micro-benchmarks of the VAE hot paths (`cargo bench`): one training step on the fused engine
+//! and on candle's autodiff, at batch 128 and 1024, and one chunk of the importance-sampled
+//! log p(x). The side-by-side comparison with PyTorch and JAX is `bench/run`.
+
+use candle_core::Device;
+use criterion::{Criterion, criterion_group, criterion_main};
+use elbo::data::{Named, PixelMode, Source, Split};
+use elbo::distributions::Noise;
+use elbo::optim::{Adam, AdamConfig};
+use elbo::vae::fused::FusedVae;
+use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn vae_step(c: &mut Criterion) {
+    let train = Source::Named(Named::Mnist10k).load(Split::Train).unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut noise = Noise::new(0);
+    let vae = Vae::new(VaeConfig::default(), &mut noise, &Device::Cpu).unwrap();
+    let config = AdamConfig::with_lr(1e-3);
+    for b in [128usize, 1024] {
+        let idx: Vec<usize> = (0..b).collect();
+        let xv = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+        let mut fused = FusedVae::from_vae(&vae, None, config).unwrap();
+        c.bench_function(&format!("vae step fused b{b}"), |bench| {
+            bench.iter(|| fused.train_step(&xv, 1, 1.0, &mut noise).unwrap())
+        });
+        let x = train
+            .batch(&idx, PixelMode::Grey, &mut rng, &Device::Cpu)
+            .unwrap();
+        let mut adam = Adam::new(vae.params().to_vec(), config).unwrap();
+        c.bench_function(&format!("vae step candle b{b}"), |bench| {
+            bench.iter(|| {
+                let loss = elbo_terms(&vae, &x, 1, &mut noise)
+                    .unwrap()
+                    .loss(1.0)
+                    .unwrap();
+                adam.step(&loss.backward().unwrap()).unwrap();
+            })
+        });
+    }
+    let test = Source::Named(Named::Mnist10k).load(Split::Test).unwrap();
+    let idx: Vec<usize> = (0..100).collect();
+    let x = test
+        .batch(&idx, PixelMode::Grey, &mut rng, &Device::Cpu)
+        .unwrap();
+    let frozen = vae.frozen().unwrap();
+    c.bench_function("log p(x) 100 digits K=250", |bench| {
+        bench.iter(|| estimate_log_likelihood(&frozen, &x, 250, 25_000, &mut noise).unwrap())
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30);
+    targets = vae_step
+}
+criterion_main!(benches);

@@ -1,0 +1,205 @@
+//! elbo's side of the side-by-side benchmark (`bench/run`): one workload per process, so that
+//! the caller reads each one's peak memory. Prints one JSON object: the workload, the time of
+//! each repetition in milliseconds (warm-up excluded) and what one repetition is.
+//!
+//! ```text
+//! cargo run --release --example workloads -- WORKLOAD [--reps N] [--warmup N] [--engine fused|candle]
+//! ```
+//!
+//! Workloads (data: the built-in digits, grey levels):
+//! - `vae-step-128`, `vae-step-1024`: one SimpleVAE training step (forward, backward, Adam);
+//! - `vae-epoch`: one epoch over the 9,000 training digits at batch 128, batching included;
+//! - `nll`: the importance-sampled log p(x), K = 5000, over `--images` test digits (1,000);
+//! - `unet-step-64`: one training step of the default U-Net on the simple loss, batch 64;
+//! - `ddim-50`, `ddpm-1000`: sampling 64 images with the default U-Net.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use elbo::data::{Named, PixelMode, Source, Split};
+use elbo::diffusion::nets::{Net, NetConfig};
+use elbo::diffusion::process::{GaussianDiffusion, Prediction, VarianceType};
+use elbo::diffusion::sampler::{ddim_sample, ddpm_sample};
+use elbo::diffusion::schedule::{BetaSchedule, Schedule};
+use elbo::diffusion::train::{image_batch, simple_loss};
+use elbo::distributions::Noise;
+use elbo::optim::{Adam, AdamConfig};
+use elbo::vae::fused::FusedVae;
+use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood};
+use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+struct Args {
+    workload: String,
+    reps: usize,
+    warmup: usize,
+    engine: String,
+    images: usize,
+}
+
+fn parse() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        workload: it.next().unwrap_or_default(),
+        reps: 0,
+        warmup: 0,
+        engine: "fused".into(),
+        images: 1000,
+    };
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--reps" => a.reps = value.parse()?,
+            "--warmup" => a.warmup = value.parse()?,
+            "--engine" => a.engine = value,
+            "--images" => a.images = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// Runs `f` `warmup` times untimed, then `reps` times timed; milliseconds per repetition.
+fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut out = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        out.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    let dev = Device::Cpu;
+    let train = Source::Named(Named::Mnist10k).load(Split::Train)?;
+    let test = Source::Named(Named::Mnist10k).load(Split::Test)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut noise = Noise::new(0);
+    let fused_engine = match a.engine.as_str() {
+        "fused" => true,
+        "candle" => false,
+        other => bail!("--engine {other}: expected fused or candle"),
+    };
+    let or = |n: usize, default: usize| if n == 0 { default } else { n };
+    let (times, unit) = match a.workload.as_str() {
+        w @ ("vae-step-128" | "vae-step-1024") => {
+            let b: usize = w.trim_start_matches("vae-step-").parse()?;
+            let idx: Vec<usize> = (0..b).collect();
+            let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
+            let config = AdamConfig::with_lr(1e-3);
+            let (reps, warmup) = (or(a.reps, 200), or(a.warmup, 20));
+            let t = if fused_engine {
+                let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+                let mut fused = FusedVae::from_vae(&vae, None, config)?;
+                time(warmup, reps, || {
+                    fused.train_step(&x, 1, 1.0, &mut noise)?;
+                    Ok(())
+                })?
+            } else {
+                let x = train.batch(&idx, PixelMode::Grey, &mut rng, &dev)?;
+                let mut adam = Adam::new(vae.params().to_vec(), config)?;
+                time(warmup, reps, || {
+                    let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
+                    adam.step(&loss.backward()?)?;
+                    Ok(())
+                })?
+            };
+            (t, format!("one training step, batch {b}"))
+        }
+        "vae-epoch" => {
+            let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
+            let config = AdamConfig::with_lr(1e-3);
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            let mut fused = FusedVae::from_vae(&vae, None, config)?;
+            let mut adam = Adam::new(vae.params().to_vec(), config)?;
+            let t = time(or(a.warmup, 1), or(a.reps, 5), || {
+                order.shuffle(&mut rng);
+                for idx in order.chunks(128) {
+                    if fused_engine {
+                        let x = train.batch_values(idx, PixelMode::Grey, &mut rng);
+                        fused.train_step(&x, 1, 1.0, &mut noise)?;
+                    } else {
+                        let x = train.batch(idx, PixelMode::Grey, &mut rng, &dev)?;
+                        let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
+                        adam.step(&loss.backward()?)?;
+                    }
+                }
+                Ok(())
+            })?;
+            (t, format!("one epoch, {} digits, batch 128", train.len()))
+        }
+        "nll" => {
+            let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?.frozen()?;
+            let n = a.images.min(test.len());
+            let t = time(or(a.warmup, 0), or(a.reps, 3), || {
+                let idx: Vec<usize> = (0..n).collect();
+                for chunk in idx.chunks(100) {
+                    let x = test.batch(chunk, PixelMode::Grey, &mut rng, &dev)?;
+                    if fused_engine {
+                        estimate_log_likelihood(&vae, &x, 5000, 25_000, &mut noise)?;
+                    } else {
+                        elbo::vae::estimate_log_likelihood_candle(
+                            &vae, &x, 5000, 25_000, &mut noise,
+                        )?;
+                    }
+                }
+                Ok(())
+            })?;
+            (t, format!("log p(x), K = 5000, {n} test digits"))
+        }
+        w @ ("unet-step-64" | "ddim-50" | "ddpm-1000") => {
+            let (net, varmap) = Net::trainable(&NetConfig::default_unet(), &mut noise, &dev)?;
+            let process =
+                GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 1000)?, Prediction::Eps);
+            let bar = ProgressBar::hidden();
+            match w {
+                "unet-step-64" => {
+                    let vars = elbo::diffusion::nets::sorted_vars(&varmap);
+                    let mut adam = Adam::new(vars, AdamConfig::with_lr(1e-3))?;
+                    let idx: Vec<usize> = (0..64).collect();
+                    let x0 = image_batch(&train, &idx, &dev)?;
+                    let t = time(or(a.warmup, 2), or(a.reps, 10), || {
+                        let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
+                        adam.step(&loss.backward()?)?;
+                        Ok(())
+                    })?;
+                    (t, "one U-Net training step, batch 64".to_string())
+                }
+                "ddim-50" => {
+                    let t = time(or(a.warmup, 1), or(a.reps, 3), || {
+                        let xt = noise.randn((64, 1, 28, 28), &dev)?;
+                        ddim_sample(&process, &net, xt, 50, 0.0, true, &mut noise, &bar)?;
+                        Ok(())
+                    })?;
+                    (t, "DDIM, 50 steps, 64 images".to_string())
+                }
+                _ => {
+                    let t = time(or(a.warmup, 0), or(a.reps, 1), || {
+                        let xt = noise.randn((64, 1, 28, 28), &dev)?;
+                        let v = VarianceType::FixedSmall;
+                        ddpm_sample(&process, &net, xt, v, true, &mut noise, &bar)?;
+                        Ok(())
+                    })?;
+                    (t, "DDPM, 1000 steps, 64 images".to_string())
+                }
+            }
+        }
+        other => bail!(
+            "unknown workload {other:?}: vae-step-128, vae-step-1024, vae-epoch, nll, \
+             unet-step-64, ddim-50, ddpm-1000"
+        ),
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "workload": a.workload, "engine": a.engine, "unit": unit, "ms": times })
+    );
+    Ok(())
+}
