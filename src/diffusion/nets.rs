@@ -6,7 +6,10 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
+
+use super::conv::Conv2d;
+use super::group_norm::GroupNorm;
 use rand::Rng;
 
 use super::process::Denoiser;
@@ -110,6 +113,7 @@ impl Denoiser for Mlp {
     }
 }
 
+/// A k x k convolution with padding k / 2 (see [`super::conv`]).
 fn conv(
     i: usize,
     o: usize,
@@ -117,12 +121,7 @@ fn conv(
     stride: usize,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(i, o, k, cfg, vb)
+    Conv2d::new(i, o, k, stride, vb)
 }
 
 /// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip.
@@ -144,10 +143,10 @@ impl ResBlock {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, i, 1e-5, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, i, 1e-5, vb.pp("norm1"))?,
             conv1: conv(i, o, 3, 1, vb.pp("conv1"))?,
             time: candle_nn::linear(temb, o, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(groups, o, 1e-5, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, o, 1e-5, vb.pp("norm2"))?,
             conv2: conv(o, o, 3, 1, vb.pp("conv2"))?,
             skip: if i != o {
                 Some(conv(i, o, 1, 1, vb.pp("conv_shortcut"))?)
@@ -184,7 +183,7 @@ struct Attention {
 impl Attention {
     fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            norm: candle_nn::group_norm(groups, c, 1e-5, vb.pp("norm"))?,
+            norm: GroupNorm::new(groups, c, 1e-5, vb.pp("norm"))?,
             qkv: conv(c, 3 * c, 1, 1, vb.pp("qkv"))?,
             proj: conv(c, c, 1, 1, vb.pp("proj_out"))?,
         })
@@ -293,7 +292,7 @@ impl UNet {
             mid2,
             up,
             upsample,
-            norm_out: candle_nn::group_norm(groups, base, 1e-5, vb.pp("norm_out"))?,
+            norm_out: GroupNorm::new(groups, base, 1e-5, vb.pp("norm_out"))?,
             conv_out: conv(base, 1, 3, 1, vb.pp("conv_out"))?,
         })
     }
