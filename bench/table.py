@@ -43,8 +43,13 @@ def main():
         results = {}
         for fw in WORKLOADS[w]:
             print(f"  {w} / {fw} ...", file=sys.stderr, flush=True)
-            results[fw] = measure(fw, w, extra)
+            try:
+                results[fw] = measure(fw, w, extra)
+            except RuntimeError as e:
+                print(f"  {w} / {fw} FAILED: {e}", file=sys.stderr, flush=True)
         rows.append((w, results))
+        print(f"  {w}: " + ", ".join(f"{fw} {r['median_ms']:.2f} ms, {r['peak_mb']:.0f} MB"
+                                     for fw, r in results.items()), file=sys.stderr, flush=True)
     print_table(rows)
     if a.json:
         with open(a.json, "w") as f:
@@ -65,7 +70,7 @@ def measure(framework, workload, extra):
     err = p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err.decode()[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)}: exit status {status}, {err.decode()[-2000:]}")
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["median_ms"] = statistics.median(result["ms"])
     result["reps"] = len(result["ms"])
@@ -78,6 +83,8 @@ def print_table(rows):
             "elbo MB", "torch MB", "jax MB", "elbo (candle engine) ms")
     lines = [head]
     for w, r in rows:
+        if "elbo" not in r:
+            continue
         e = r["elbo"]
         cell = lambda fw, k, fmt: fmt.format(r[fw][k]) if fw in r else "-"
         ratio = lambda fw: f"{r[fw]['median_ms'] / e['median_ms']:.2f}x" if fw in r else "-"

@@ -165,6 +165,17 @@ fn main() -> Result<()> {
             let process =
                 GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 1000)?, Prediction::Eps);
             let bar = ProgressBar::hidden();
+            // Samplers run on plain tensors, as `elbo sample diffusion` does: a network of
+            // `Var`s would record every step's graph, chained from step to step.
+            let frozen: std::collections::HashMap<String, candle_core::Tensor> =
+                elbo::diffusion::nets::sorted_vars(&varmap)
+                    .into_iter()
+                    .map(|(n, v)| (n, v.as_tensor().detach()))
+                    .collect();
+            let frozen = Net::build(
+                &NetConfig::default_unet(),
+                candle_nn::VarBuilder::from_tensors(frozen, candle_core::DType::F32, &dev),
+            )?;
             match w {
                 "unet-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);
@@ -181,7 +192,7 @@ fn main() -> Result<()> {
                 "ddim-50" => {
                     let t = time(or(a.warmup, 1), or(a.reps, 3), || {
                         let xt = noise.randn((64, 1, 28, 28), &dev)?;
-                        ddim_sample(&process, &net, xt, 50, 0.0, true, &mut noise, &bar)?;
+                        ddim_sample(&process, &frozen, xt, 50, 0.0, true, &mut noise, &bar)?;
                         Ok(())
                     })?;
                     (t, "DDIM, 50 steps, 64 images".to_string())
@@ -190,7 +201,7 @@ fn main() -> Result<()> {
                     let t = time(or(a.warmup, 0), or(a.reps, 1), || {
                         let xt = noise.randn((64, 1, 28, 28), &dev)?;
                         let v = VarianceType::FixedSmall;
-                        ddpm_sample(&process, &net, xt, v, true, &mut noise, &bar)?;
+                        ddpm_sample(&process, &frozen, xt, v, true, &mut noise, &bar)?;
                         Ok(())
                     })?;
                     (t, "DDPM, 1000 steps, 64 images".to_string())

@@ -1,23 +1,27 @@
-//! 2-D convolution as im2col + one matrix product, so that the forward pass and both gradients
-//! run at `gemm` speed on the CPU (candle 0.11's CPU `conv2d` backward goes through a direct
-//! `conv_transpose2d` and a conv2d whose kernel is the whole image: ~90% of a U-Net step).
+//! 2-D convolution on the CPU as one fused op: per example, the input is unfolded (im2col)
+//! into a buffer reused from example to example and multiplied by the weight matrix in one
+//! `gemm` call, writing the output in NCHW order directly; the backward pass does the same
+//! for both gradients. candle 0.11's own CPU `conv2d` backward goes through a direct
+//! `conv_transpose2d` and a conv2d whose kernel is the whole image (~90% of a U-Net step).
 //!
 //! ```text
-//! y[b, o, i, j] = bias[o] + sum_{c, u, v} w[o, c, u, v] x[b, c, s i + u - p, s j + v - p]
-//! cols = im2col(x)                      [B * OH * OW, C * k * k]
-//! y    = cols W^T + bias                [B * OH * OW, O] -> permuted to [B, O, OH, OW]
+//! y[b, o, i, j] = bias[o] + sum_{c,u,v} w[o, c, u, v] x[b, c, s i + u - p, s j + v - p]
+//! cols_b = im2col(x_b)                 [C k k, OH OW]
+//! y_b    = W cols_b + bias             W = w as [O, C k k]
+//! dW     = sum_b dy_b cols_b^T         dx_b = col2im(W^T dy_b)        db = sum_{b,i,j} dy
 //! ```
 //!
-//! `im2col` is a candle custom op whose backward is `col2im` (the sum of each column entry back
-//! into its pixel) and vice versa; candle's autodiff does the rest through the matmul. Other
-//! devices use candle's own `conv2d`. Parameters are `weight` `[O, C, k, k]` and `bias` `[O]`,
-//! the names and shapes of PyTorch's `nn.Conv2d`.
+//! Other devices use candle's `conv2d`. Parameters are `weight` `[O, C, k, k]` and `bias`
+//! `[O]`, the names and shapes of PyTorch's `nn.Conv2d`.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor, bail,
+};
 use candle_nn::VarBuilder;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// A square-kernel convolution with zero padding.
+/// A square-kernel convolution with zero padding k / 2.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -46,12 +50,12 @@ impl Conv2d {
 impl Module for Conv2d {
     /// `x` `[B, C, H, W]` -> `[B, O, OH, OW]`, OH = (H + 2p - k) / s + 1.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (o, c, k, _) = self.weight.dims4()?;
-        if !x.device().is_cpu() {
+        let (o, _, k, _) = self.weight.dims4()?;
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
             let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
             return y.broadcast_add(&self.bias.reshape((1, o, 1, 1))?);
         }
-        let (b, _, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let geometry = Geometry {
             k,
             stride: self.stride,
@@ -59,14 +63,8 @@ impl Module for Conv2d {
             h,
             w,
         };
-        let (oh, ow) = geometry.output();
-        let cols = x.contiguous()?.apply_op1(Im2Col(geometry))?; // [B, OH*OW, C*k*k]
-        let cols = cols.reshape((b * oh * ow, c * k * k))?;
-        let y = cols.matmul(&self.weight.reshape((o, c * k * k))?.t()?)?;
-        y.broadcast_add(&self.bias)?
-            .reshape((b, oh, ow, o))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        x.contiguous()?
+            .apply_op3(&self.weight, &self.bias, Conv2dOp(geometry))
     }
 }
 
@@ -85,37 +83,6 @@ impl Geometry {
         let out = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
         (out(self.h), out(self.w))
     }
-
-    /// Calls `f(col_index, pixel_index)` for every (output position, kernel entry) of one
-    /// channel-image whose pixel lies inside the image; `col_index` counts within the
-    /// `[OH*OW, C*k*k]` matrix of one example, `pixel_index` within its `[C, H, W]`.
-    #[inline]
-    fn for_each(&self, channels: usize, mut f: impl FnMut(usize, usize)) {
-        let (oh, ow) = self.output();
-        let kk = self.k * self.k;
-        let row_len = channels * kk;
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = (oy * ow + ox) * row_len;
-                for c in 0..channels {
-                    for u in 0..self.k {
-                        let iy = (oy * self.stride + u) as isize - self.padding as isize;
-                        if iy < 0 || iy >= self.h as isize {
-                            continue;
-                        }
-                        for v in 0..self.k {
-                            let ix = (ox * self.stride + v) as isize - self.padding as isize;
-                            if ix < 0 || ix >= self.w as isize {
-                                continue;
-                            }
-                            let pixel = (c * self.h + iy as usize) * self.w + ix as usize;
-                            f(row + c * kk + u * self.k + v, pixel);
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -128,61 +95,223 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
-/// `[B, C, H, W]` -> `[B, OH*OW, C*k*k]`, zeros where the kernel overhangs the image.
-struct Im2Col(Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "im2col")?;
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let g = self.0;
-        let (oh, ow) = g.output();
-        let per_example = oh * ow * c * g.k * g.k;
-        let mut out = vec![0f32; b * per_example];
-        out.par_chunks_mut(per_example)
-            .zip(x.par_chunks(c * h * w))
-            .for_each(|(cols, image)| g.for_each(c, |col, pixel| cols[col] = image[pixel]));
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((b, oh * ow, c * g.k * g.k)),
-        ))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let channels = arg.dim(1)?;
-        Ok(Some(
-            grad_res.contiguous()?.apply_op1(Col2Im(self.0, channels))?,
-        ))
+/// The values of a contiguous f32 CPU tensor.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "conv2d")?.to_vec()),
+        _ => bail!("conv2d: CPU tensors only"),
     }
 }
 
-/// The adjoint of [`Im2Col`]: `[B, OH*OW, C*k*k]` -> `[B, C, H, W]`, each entry added into its
-/// pixel.
-struct Col2Im(Geometry, usize);
+impl Geometry {
+    /// `cols [C k k, OH OW] = im2col(image [C, H, W])`, zero where the kernel overhangs.
+    fn im2col(&self, image: &[f32], channels: usize, cols: &mut [f32]) {
+        let (oh, ow) = self.output();
+        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        for c in 0..channels {
+            let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for u in 0..k {
+                for v in 0..k {
+                    let row = &mut cols[((c * k + u) * k + v) * oh * ow..][..oh * ow];
+                    for oy in 0..oh {
+                        let iy = (oy * s + u) as isize - p;
+                        let out = &mut row[oy * ow..(oy + 1) * ow];
+                        if iy < 0 || iy >= self.h as isize {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let line = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        for (ox, o) in out.iter_mut().enumerate() {
+                            let ix = (ox * s + v) as isize - p;
+                            *o = if ix < 0 || ix >= self.w as isize {
+                                0.0
+                            } else {
+                                line[ix as usize]
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
 
-impl CustomOp1 for Col2Im {
+    /// The adjoint of [`Geometry::im2col`]: `image += col2im(cols)`.
+    fn col2im(&self, cols: &[f32], channels: usize, image: &mut [f32]) {
+        let (oh, ow) = self.output();
+        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        for c in 0..channels {
+            let plane = &mut image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for u in 0..k {
+                for v in 0..k {
+                    let row = &cols[((c * k + u) * k + v) * oh * ow..][..oh * ow];
+                    for oy in 0..oh {
+                        let iy = (oy * s + u) as isize - p;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let line = &mut plane[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        for (ox, &g) in row[oy * ow..(oy + 1) * ow].iter().enumerate() {
+                            let ix = (ox * s + v) as isize - p;
+                            if ix >= 0 && ix < self.w as isize {
+                                line[ix as usize] += g;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst [m, n] (+)= a [m, k] b [k, n]` on row-major slices, `a` or `b` read transposed when
+/// asked (`a_t`: `a` is stored `[k, m]`; `b_t`: `b` is stored `[n, k]`); single-threaded,
+/// the callers run one example per thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rm(
+    dst: &mut [f32],
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let (a_rs, a_cs) = if a_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if b_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the asserts above bound every index the strides reach; `dst` is exclusively
+    // borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// The convolution as one op of (x, weight, bias).
+struct Conv2dOp(Geometry);
+
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
-        "col2im"
+        "conv2d_im2col"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let cols = contiguous_f32(storage, layout, "col2im")?;
-        let (b, _, _) = layout.shape().dims3()?;
-        let (g, c) = (self.0, self.1);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "conv2d")?;
+        let w = contiguous_f32(s2, l2, "conv2d")?;
+        let bias = contiguous_f32(s3, l3, "conv2d")?;
+        let (b, c, h, wd) = l1.shape().dims4()?;
+        let (o, wc, k, _) = l2.shape().dims4()?;
+        let g = self.0;
+        if wc != c || k != g.k || h != g.h || wd != g.w {
+            bail!(
+                "conv2d: input {:?} does not fit weight {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
         let (oh, ow) = g.output();
-        let per_example = oh * ow * c * g.k * g.k;
-        let mut out = vec![0f32; b * c * g.h * g.w];
-        out.par_chunks_mut(c * g.h * g.w)
-            .zip(cols.par_chunks(per_example))
-            .for_each(|(image, cols)| g.for_each(c, |col, pixel| image[pixel] += cols[col]));
-        Ok((CpuStorage::F32(out), Shape::from((b, c, g.h, g.w))))
+        let (ckk, ohw) = (c * k * k, oh * ow);
+        let mut y = vec![0f32; b * o * ohw];
+        y.par_chunks_mut(o * ohw)
+            .zip(x.par_chunks(c * h * wd))
+            .for_each_init(
+                || vec![0f32; ckk * ohw],
+                |cols, (y, image)| {
+                    g.im2col(image, c, cols);
+                    for (oi, row) in y.chunks_mut(ohw).enumerate() {
+                        row.fill(bias[oi]);
+                    }
+                    gemm_rm(y, w, false, cols, false, (o, ohw, ckk), true);
+                },
+            );
+        Ok((CpuStorage::F32(y), Shape::from((b, o, oh, ow))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, wd) = x.dims4()?;
+        let (o, _, k, _) = weight.dims4()?;
+        let g = self.0;
+        let (oh, ow) = g.output();
+        let (ckk, ohw) = (c * k * k, oh * ow);
+        let (xv, wv, dy) = (values(x)?, values(weight)?, values(grad)?);
+        let mut dx = vec![0f32; xv.len()];
+        // Per thread: its share of dW and db, and two scratch buffers.
+        let (dw, db) = dx
+            .par_chunks_mut(c * h * wd)
+            .zip(xv.par_chunks(c * h * wd).zip(dy.par_chunks(o * ohw)))
+            .fold(
+                || (vec![0f32; o * ckk], vec![0f32; o], vec![0f32; ckk * ohw]),
+                |(mut dw, mut db, mut cols), (dx, (image, dy))| {
+                    // dW += dy_b [O, OHW] cols_b^T [OHW, CKK]
+                    g.im2col(image, c, &mut cols);
+                    gemm_rm(&mut dw, dy, false, &cols, true, (o, ckk, ohw), true);
+                    for (oi, row) in dy.chunks(ohw).enumerate() {
+                        db[oi] += row.iter().sum::<f32>();
+                    }
+                    // dx_b = col2im(W^T [CKK, O] dy_b [O, OHW])
+                    gemm_rm(&mut cols, &wv, true, dy, false, (ckk, ohw, o), false);
+                    g.col2im(&cols, c, dx);
+                    (dw, db, cols)
+                },
+            )
+            .map(|(dw, db, _)| (dw, db))
+            .reduce(
+                || (vec![0f32; o * ckk], vec![0f32; o]),
+                |(mut dw, mut db), (dw2, db2)| {
+                    dw.iter_mut().zip(&dw2).for_each(|(a, b)| *a += b);
+                    db.iter_mut().zip(&db2).for_each(|(a, b)| *a += b);
+                    (dw, db)
+                },
+            );
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, c, h, wd), dev)?),
+            Some(Tensor::from_vec(dw, (o, c, k, k), dev)?),
+            Some(Tensor::from_vec(db, o, dev)?),
+        ))
     }
 }
