@@ -588,14 +588,19 @@ fn ddim_agrees_with_diffusers_ddim_scheduler() {
 
 /// The im2col convolution of the U-Net against candle's direct `conv2d`: same output, same
 /// gradients with respect to the input, the weight and the bias, for each kernel and stride the
-/// U-Net uses (3x3 stride 1, 3x3 stride 2 on an odd size, 1x1).
+/// U-Net uses (3x3 stride 1, 3x3 stride 2 on odd and even sizes, 1x1).
 #[test]
 fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
     use candle_core::{DType, Device, Module, Var};
     use candle_nn::{VarBuilder, VarMap};
     use elbo::diffusion::conv::Conv2d;
     let dev = Device::Cpu;
-    for (c, o, k, stride, size) in [(3, 5, 3, 1, 9), (4, 4, 3, 2, 7), (6, 2, 1, 1, 5)] {
+    for (c, o, k, stride, size) in [
+        (3, 5, 3, 1, 9),
+        (4, 4, 3, 2, 7),
+        (2, 3, 3, 2, 8),
+        (6, 2, 1, 1, 5),
+    ] {
         let varmap = VarMap::new();
         let conv = Conv2d::new(
             c,
@@ -659,7 +664,8 @@ fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
     }
 }
 
-/// The fused GroupNorm against candle_nn's: same output and gradients for x, weight and bias.
+/// The fused GroupNorm (alone and followed by SiLU) against candle_nn's GroupNorm (and candle's
+/// SiLU): same output and gradients for x, weight and bias.
 #[test]
 fn fused_group_norm_matches_candle_nn_and_its_gradients() {
     use candle_core::{Device, Module, Var};
@@ -689,41 +695,48 @@ fn fused_group_norm_matches_candle_nn_and_its_gradients() {
             1e-5,
         )
         .unwrap();
-        let y = norm.forward(x.as_tensor()).unwrap();
-        let y_ref = reference.forward(x.as_tensor()).unwrap();
-        let weights = Noise::new(4).randn(y.shape(), &dev).unwrap();
-        let grads = (&y * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads_ref = (&y_ref * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
+        for silu in [false, true] {
+            let (y, y_ref) = if silu {
+                let y_ref = reference.forward(x.as_tensor()).unwrap().silu().unwrap();
+                (norm.forward_silu(x.as_tensor()).unwrap(), y_ref)
+            } else {
+                let y_ref = reference.forward(x.as_tensor()).unwrap();
+                (norm.forward(x.as_tensor()).unwrap(), y_ref)
+            };
+            let weights = Noise::new(4).randn(y.shape(), &dev).unwrap();
+            let grads = (&y * &weights)
                 .unwrap()
-                .abs()
+                .sum_all()
                 .unwrap()
-                .flatten_all()
+                .backward()
+                .unwrap();
+            let grads_ref = (&y_ref * &weights)
                 .unwrap()
-                .max(0)
+                .sum_all()
                 .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(max_diff(&y, &y_ref) < 1e-5, "output differs");
-        for (name, v) in [
-            ("x", x.as_tensor()),
-            ("weight", w.as_tensor()),
-            ("bias", bias.as_tensor()),
-        ] {
-            let d = max_diff(grads.get(v).unwrap(), grads_ref.get(v).unwrap());
-            assert!(d < 1e-4, "gradient of {name} differs by {d}");
+                .backward()
+                .unwrap();
+            let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert!(max_diff(&y, &y_ref) < 1e-5, "output differs (silu {silu})");
+            for (name, v) in [
+                ("x", x.as_tensor()),
+                ("weight", w.as_tensor()),
+                ("bias", bias.as_tensor()),
+            ] {
+                let d = max_diff(grads.get(v).unwrap(), grads_ref.get(v).unwrap());
+                assert!(d < 1e-4, "gradient of {name} differs by {d} (silu {silu})");
+            }
         }
     }
 }

@@ -123,13 +123,23 @@ impl Geometry {
                             continue;
                         }
                         let line = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        for (ox, o) in out.iter_mut().enumerate() {
-                            let ix = (ox * s + v) as isize - p;
-                            *o = if ix < 0 || ix >= self.w as isize {
-                                0.0
-                            } else {
-                                line[ix as usize]
-                            };
+                        // Output columns whose pixel ox * s + v - p lies inside the line.
+                        let first = ((p - v as isize).max(0) as usize).div_ceil(s);
+                        let last = ((self.w as isize - 1 + p - v as isize).div_euclid(s as isize)
+                            + 1)
+                        .clamp(first as isize, ow as isize)
+                            as usize;
+                        let first = first.min(last);
+                        out[..first].fill(0.0);
+                        out[last..].fill(0.0);
+                        let start = (first * s + v) as isize - p;
+                        if s == 1 {
+                            let start = start as usize;
+                            out[first..last].copy_from_slice(&line[start..start + last - first]);
+                        } else {
+                            for (j, o) in out[first..last].iter_mut().enumerate() {
+                                *o = line[start as usize + j * s];
+                            }
                         }
                     }
                 }

@@ -10,6 +10,10 @@
 //!            dx = (g - mean(g) - x_hat mean(g x_hat)) / sigma
 //! ```
 //!
+//! [`GroupNorm::forward_silu`] fuses the SiLU that follows most norms of the U-Net:
+//! `y = silu(a)`, `a = gamma_c x_hat + beta_c`, and in the backward `da = dy s (1 + a (1 - s))`
+//! with `s = sigmoid(a)` takes the place of dy above.
+//!
 //! `x` `[B, C, ...]`, `gamma`, `beta` `[C]`; the names and shapes of PyTorch's `nn.GroupNorm`
 //! (`weight`, `bias`). Other devices use `candle_nn::GroupNorm`.
 
@@ -47,10 +51,11 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if !x.device().is_cpu() || x.dtype() != DType::F32 {
-            return self.fallback.forward(x);
+            let y = self.fallback.forward(x)?;
+            return if silu { y.silu() } else { Ok(y) };
         }
         x.contiguous()?.apply_op3(
             &self.weight,
@@ -58,14 +63,40 @@ impl Module for GroupNorm {
             GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
+                silu,
             },
         )
+    }
+
+    /// `silu(group_norm(x))` in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
     }
 }
 
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    silu: bool,
+}
+
+/// silu(a) = a sigmoid(a).
+#[inline(always)]
+fn silu(a: f32) -> f32 {
+    a / (1.0 + (-a).exp())
+}
+
+/// d silu(a) / da = s (1 + a (1 - s)), s = sigmoid(a).
+#[inline(always)]
+fn silu_grad(a: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-a).exp());
+    s * (1.0 + a * (1.0 - s))
 }
 
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
@@ -141,8 +172,14 @@ impl CustomOp3 for GroupNormOp {
                 let first_channel = (i % self.groups) * cg;
                 for (j, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
                     let (gm, bt) = (gamma[first_channel + j], beta[first_channel + j]);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = gm * (x - mean) * inv_sigma + bt;
+                    if self.silu {
+                        for (y, &x) in y.iter_mut().zip(x) {
+                            *y = silu(gm * (x - mean) * inv_sigma + bt);
+                        }
+                    } else {
+                        for (y, &x) in y.iter_mut().zip(x) {
+                            *y = gm * (x - mean) * inv_sigma + bt;
+                        }
                     }
                 }
             });
@@ -153,12 +190,30 @@ impl CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, c, hw) = self.dims(x.shape())?;
-        let (xv, gv, dy) = (values(x)?, values(gamma)?, values(grad)?);
+        let (xv, gv, mut dy) = (values(x)?, values(gamma)?, values(grad)?);
+        if self.silu {
+            // Through the SiLU first: dy <- dy * silu'(a), a = gamma x_hat + beta.
+            let bv = values(beta)?;
+            let cg = c / self.groups;
+            dy.par_chunks_mut(cg * hw)
+                .zip(xv.par_chunks(cg * hw))
+                .enumerate()
+                .for_each(|(i, (dy, x))| {
+                    let (mean, inv_sigma) = moments(x, self.eps);
+                    let first_channel = (i % self.groups) * cg;
+                    for (j, (dy, x)) in dy.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                        let (gm, bt) = (gv[first_channel + j], bv[first_channel + j]);
+                        for (d, &x) in dy.iter_mut().zip(x) {
+                            *d *= silu_grad(gm * (x - mean) * inv_sigma + bt);
+                        }
+                    }
+                });
+        }
         let cg = c / self.groups;
         let group_len = cg * hw;
         let mut dx = vec![0f32; xv.len()];

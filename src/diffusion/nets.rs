@@ -157,14 +157,10 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.skip {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -333,8 +329,7 @@ impl Denoiser for UNet {
                 h = us.forward(&h.upsample_nearest2d(target.0, target.1)?)?;
             }
         }
-        self.conv_out
-            .forward(&candle_nn::ops::silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
