@@ -85,7 +85,11 @@ impl Geometry {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         bail!("{op}: only f32 is supported");
     };
@@ -95,14 +99,26 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
-/// The values of a contiguous f32 CPU tensor.
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "conv2d")?.to_vec()),
-        _ => bail!("conv2d: CPU tensors only"),
+/// Runs `f` on the values of f32 CPU tensors, read in place (a non-contiguous one is made
+/// contiguous first).
+pub(crate) fn with_values<R, const N: usize>(
+    tensors: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let owned: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        *slot = match &**storage {
+            Storage::Cpu(cpu) => contiguous_f32(cpu, layout, op)?,
+            _ => bail!("{op}: CPU tensors only"),
+        };
     }
+    f(slices)
 }
 
 impl Geometry {
@@ -287,41 +303,42 @@ impl CustomOp3 for Conv2dOp {
         let g = self.0;
         let (oh, ow) = g.output();
         let (ckk, ohw) = (c * k * k, oh * ow);
-        let (xv, wv, dy) = (values(x)?, values(weight)?, values(grad)?);
-        let mut dx = vec![0f32; xv.len()];
-        // Per thread: its share of dW and db, and two scratch buffers.
-        let (dw, db) = dx
-            .par_chunks_mut(c * h * wd)
-            .zip(xv.par_chunks(c * h * wd).zip(dy.par_chunks(o * ohw)))
-            .fold(
-                || (vec![0f32; o * ckk], vec![0f32; o], vec![0f32; ckk * ohw]),
-                |(mut dw, mut db, mut cols), (dx, (image, dy))| {
-                    // dW += dy_b [O, OHW] cols_b^T [OHW, CKK]
-                    g.im2col(image, c, &mut cols);
-                    gemm_rm(&mut dw, dy, false, &cols, true, (o, ckk, ohw), true);
-                    for (oi, row) in dy.chunks(ohw).enumerate() {
-                        db[oi] += row.iter().sum::<f32>();
-                    }
-                    // dx_b = col2im(W^T [CKK, O] dy_b [O, OHW])
-                    gemm_rm(&mut cols, &wv, true, dy, false, (ckk, ohw, o), false);
-                    g.col2im(&cols, c, dx);
-                    (dw, db, cols)
-                },
-            )
-            .map(|(dw, db, _)| (dw, db))
-            .reduce(
-                || (vec![0f32; o * ckk], vec![0f32; o]),
-                |(mut dw, mut db), (dw2, db2)| {
-                    dw.iter_mut().zip(&dw2).for_each(|(a, b)| *a += b);
-                    db.iter_mut().zip(&db2).for_each(|(a, b)| *a += b);
-                    (dw, db)
-                },
-            );
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (b, c, h, wd), dev)?),
-            Some(Tensor::from_vec(dw, (o, c, k, k), dev)?),
-            Some(Tensor::from_vec(db, o, dev)?),
-        ))
+        with_values([x, weight, grad], "conv2d", |[xv, wv, dy]| {
+            let mut dx = vec![0f32; xv.len()];
+            // Per thread: its share of dW and db, and two scratch buffers.
+            let (dw, db) = dx
+                .par_chunks_mut(c * h * wd)
+                .zip(xv.par_chunks(c * h * wd).zip(dy.par_chunks(o * ohw)))
+                .fold(
+                    || (vec![0f32; o * ckk], vec![0f32; o], vec![0f32; ckk * ohw]),
+                    |(mut dw, mut db, mut cols), (dx, (image, dy))| {
+                        // dW += dy_b [O, OHW] cols_b^T [OHW, CKK]
+                        g.im2col(image, c, &mut cols);
+                        gemm_rm(&mut dw, dy, false, &cols, true, (o, ckk, ohw), true);
+                        for (oi, row) in dy.chunks(ohw).enumerate() {
+                            db[oi] += row.iter().sum::<f32>();
+                        }
+                        // dx_b = col2im(W^T [CKK, O] dy_b [O, OHW])
+                        gemm_rm(&mut cols, wv, true, dy, false, (ckk, ohw, o), false);
+                        g.col2im(&cols, c, dx);
+                        (dw, db, cols)
+                    },
+                )
+                .map(|(dw, db, _)| (dw, db))
+                .reduce(
+                    || (vec![0f32; o * ckk], vec![0f32; o]),
+                    |(mut dw, mut db), (dw2, db2)| {
+                        dw.iter_mut().zip(&dw2).for_each(|(a, b)| *a += b);
+                        db.iter_mut().zip(&db2).for_each(|(a, b)| *a += b);
+                        (dw, db)
+                    },
+                );
+            let dev = x.device();
+            Ok((
+                Some(Tensor::from_vec(dx, (b, c, h, wd), dev)?),
+                Some(Tensor::from_vec(dw, (o, c, k, k), dev)?),
+                Some(Tensor::from_vec(db, o, dev)?),
+            ))
+        })
     }
 }

@@ -17,11 +17,11 @@
 //! `x` `[B, C, ...]`, `gamma`, `beta` `[C]`; the names and shapes of PyTorch's `nn.GroupNorm`
 //! (`weight`, `bias`). Other devices use `candle_nn::GroupNorm`.
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
+
+use super::conv::with_values;
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -109,16 +109,6 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// The values of a contiguous f32 CPU tensor.
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(slice(cpu, layout)?.to_vec()),
-        _ => bail!("group_norm: CPU tensors only"),
-    }
-}
-
 /// Mean and 1/sigma of one group.
 fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
@@ -195,75 +185,81 @@ impl CustomOp3 for GroupNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, c, hw) = self.dims(x.shape())?;
-        let (xv, gv, mut dy) = (values(x)?, values(gamma)?, values(grad)?);
-        if self.silu {
-            // Through the SiLU first: dy <- dy * silu'(a), a = gamma x_hat + beta.
-            let bv = values(beta)?;
+        with_values([x, gamma, beta, grad], "group_norm", |[xv, gv, bv, dy]| {
+            let mut dy_silu = Vec::new();
+            let dy = if self.silu {
+                // Through the SiLU first: dy <- dy * silu'(a), a = gamma x_hat + beta.
+                dy_silu.extend_from_slice(dy);
+                let cg = c / self.groups;
+                dy_silu
+                    .par_chunks_mut(cg * hw)
+                    .zip(xv.par_chunks(cg * hw))
+                    .enumerate()
+                    .for_each(|(i, (dy, x))| {
+                        let (mean, inv_sigma) = moments(x, self.eps);
+                        let first_channel = (i % self.groups) * cg;
+                        for (j, (dy, x)) in dy.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+                            let (gm, bt) = (gv[first_channel + j], bv[first_channel + j]);
+                            for (d, &x) in dy.iter_mut().zip(x) {
+                                *d *= silu_grad(gm * (x - mean) * inv_sigma + bt);
+                            }
+                        }
+                    });
+                &dy_silu[..]
+            } else {
+                dy
+            };
             let cg = c / self.groups;
-            dy.par_chunks_mut(cg * hw)
-                .zip(xv.par_chunks(cg * hw))
+            let group_len = cg * hw;
+            let mut dx = vec![0f32; xv.len()];
+            // Per group: dx, and the group's contributions to dgamma and dbeta.
+            let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
+                .par_chunks_mut(group_len)
+                .zip(xv.par_chunks(group_len).zip(dy.par_chunks(group_len)))
                 .enumerate()
-                .for_each(|(i, (dy, x))| {
+                .map(|(i, (dx, (x, dy)))| {
                     let (mean, inv_sigma) = moments(x, self.eps);
                     let first_channel = (i % self.groups) * cg;
-                    for (j, (dy, x)) in dy.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                        let (gm, bt) = (gv[first_channel + j], bv[first_channel + j]);
-                        for (d, &x) in dy.iter_mut().zip(x) {
-                            *d *= silu_grad(gm * (x - mean) * inv_sigma + bt);
+                    let (mut dgamma, mut dbeta) = (vec![0f32; cg], vec![0f32; cg]);
+                    let (mut mean_g, mut mean_gx) = (0f64, 0f64);
+                    for j in 0..cg {
+                        let gm = gv[first_channel + j];
+                        let (mut sg, mut sgx) = (0f32, 0f32);
+                        for k in j * hw..(j + 1) * hw {
+                            let x_hat = (x[k] - mean) * inv_sigma;
+                            sg += dy[k];
+                            sgx += dy[k] * x_hat;
+                        }
+                        dbeta[j] = sg;
+                        dgamma[j] = sgx;
+                        mean_g += (gm * sg) as f64;
+                        mean_gx += (gm * sgx) as f64;
+                    }
+                    let n = group_len as f64;
+                    let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
+                    for j in 0..cg {
+                        let gm = gv[first_channel + j];
+                        for k in j * hw..(j + 1) * hw {
+                            let x_hat = (x[k] - mean) * inv_sigma;
+                            dx[k] = (gm * dy[k] - mean_g - x_hat * mean_gx) * inv_sigma;
                         }
                     }
-                });
-        }
-        let cg = c / self.groups;
-        let group_len = cg * hw;
-        let mut dx = vec![0f32; xv.len()];
-        // Per group: dx, and the group's contributions to dgamma and dbeta.
-        let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(group_len)
-            .zip(xv.par_chunks(group_len).zip(dy.par_chunks(group_len)))
-            .enumerate()
-            .map(|(i, (dx, (x, dy)))| {
-                let (mean, inv_sigma) = moments(x, self.eps);
-                let first_channel = (i % self.groups) * cg;
-                let (mut dgamma, mut dbeta) = (vec![0f32; cg], vec![0f32; cg]);
-                let (mut mean_g, mut mean_gx) = (0f64, 0f64);
+                    (first_channel, dgamma, dbeta)
+                })
+                .collect();
+            let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
+            for (first, dg, db) in partial {
                 for j in 0..cg {
-                    let gm = gv[first_channel + j];
-                    let (mut sg, mut sgx) = (0f32, 0f32);
-                    for k in j * hw..(j + 1) * hw {
-                        let x_hat = (x[k] - mean) * inv_sigma;
-                        sg += dy[k];
-                        sgx += dy[k] * x_hat;
-                    }
-                    dbeta[j] = sg;
-                    dgamma[j] = sgx;
-                    mean_g += (gm * sg) as f64;
-                    mean_gx += (gm * sgx) as f64;
+                    dgamma[first + j] += dg[j];
+                    dbeta[first + j] += db[j];
                 }
-                let n = group_len as f64;
-                let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
-                for j in 0..cg {
-                    let gm = gv[first_channel + j];
-                    for k in j * hw..(j + 1) * hw {
-                        let x_hat = (x[k] - mean) * inv_sigma;
-                        dx[k] = (gm * dy[k] - mean_g - x_hat * mean_gx) * inv_sigma;
-                    }
-                }
-                (first_channel, dgamma, dbeta)
-            })
-            .collect();
-        let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);
-        for (first, dg, db) in partial {
-            for j in 0..cg {
-                dgamma[first + j] += dg[j];
-                dbeta[first + j] += db[j];
             }
-        }
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dgamma, c, dev)?),
-            Some(Tensor::from_vec(dbeta, c, dev)?),
-        ))
+            let dev = x.device();
+            Ok((
+                Some(Tensor::from_vec(dx, x.shape(), dev)?),
+                Some(Tensor::from_vec(dgamma, c, dev)?),
+                Some(Tensor::from_vec(dbeta, c, dev)?),
+            ))
+        })
     }
 }
