@@ -53,31 +53,8 @@ def torch_workload(name, a):
     torch.manual_seed(0)
     train, test = (torch.from_numpy(v) for v in load_images())
 
-    # The text's SimpleVAE and vae_loss, verbatim.
-    class SimpleVAE(nn.Module):
-        def __init__(self, input_dim=784, latent_dim=32):
-            super().__init__()
-            self.encoder = nn.Sequential(nn.Linear(input_dim, 256), nn.ReLU())
-            self.fc_mu = nn.Linear(256, latent_dim)
-            self.fc_logvar = nn.Linear(256, latent_dim)
-            self.decoder = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, input_dim))
-
-        def reparameterize(self, mu, logvar):
-            std = torch.exp(0.5 * logvar)
-            eps = torch.randn_like(std)
-            return mu + eps * std
-
-        def forward(self, x):
-            h = self.encoder(x.view(-1, 784))
-            mu, logvar = self.fc_mu(h), self.fc_logvar(h)
-            z = self.reparameterize(mu, logvar)
-            recon = torch.sigmoid(self.decoder(z))
-            return recon, mu, logvar
-
-    def vae_loss(recon_x, x, mu, logvar):
-        BCE = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
-        KLD = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-        return BCE + KLD
+    sys.path.insert(0, str(ROOT / "bench"))
+    from torch_vae import SimpleVAE, vae_loss  # the text's code, verbatim
 
     if name.startswith("vae-step-") or name == "vae-epoch":
         model = SimpleVAE()

@@ -616,12 +616,7 @@ fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
         // A loss that weighs every output differently, so a misplaced entry shows.
         let y = conv.forward(x.as_tensor()).unwrap();
         let weights = Noise::new(4).randn(y.shape(), &dev).unwrap();
-        let grads = (&y * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_sum_grads(&y, &weights);
 
         let y_ref = x
             .as_tensor()
@@ -630,32 +625,18 @@ fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
             .broadcast_add(&b.as_tensor().reshape((1, o, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(y.dims(), y_ref.dims());
-        let grads_ref = (&y_ref * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        assert!(max_diff(&y, &y_ref) < 1e-5, "output, k {k} stride {stride}");
+        let grads_ref = weighted_sum_grads(&y_ref, &weights);
+        assert!(
+            max_abs_diff(&y, &y_ref) < 1e-5,
+            "output, k {k} stride {stride}"
+        );
         for (name, v) in [
             ("x", x.as_tensor()),
             ("weight", w.as_tensor()),
             ("bias", b.as_tensor()),
         ] {
             let (g, g_ref) = (grads.get(v).unwrap(), grads_ref.get(v).unwrap());
-            let d = max_diff(g, g_ref);
+            let d = max_abs_diff(g, g_ref);
             assert!(
                 d < 1e-4,
                 "gradient of {name}, k {k} stride {stride}: differs by {d}"
@@ -704,39 +685,45 @@ fn fused_group_norm_matches_candle_nn_and_its_gradients() {
                 (norm.forward(x.as_tensor()).unwrap(), y_ref)
             };
             let weights = Noise::new(4).randn(y.shape(), &dev).unwrap();
-            let grads = (&y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let grads_ref = (&y_ref * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
-            assert!(max_diff(&y, &y_ref) < 1e-5, "output differs (silu {silu})");
+            let grads = weighted_sum_grads(&y, &weights);
+            let grads_ref = weighted_sum_grads(&y_ref, &weights);
+            assert!(
+                max_abs_diff(&y, &y_ref) < 1e-5,
+                "output differs (silu {silu})"
+            );
             for (name, v) in [
                 ("x", x.as_tensor()),
                 ("weight", w.as_tensor()),
                 ("bias", bias.as_tensor()),
             ] {
-                let d = max_diff(grads.get(v).unwrap(), grads_ref.get(v).unwrap());
+                let d = max_abs_diff(grads.get(v).unwrap(), grads_ref.get(v).unwrap());
                 assert!(d < 1e-4, "gradient of {name} differs by {d} (silu {silu})");
             }
         }
     }
+}
+
+/// Largest |a - b| over all entries.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Gradients of `sum(y * weights)`: a loss that weighs every output differently, so that a
+/// misplaced entry in a backward pass shows.
+fn weighted_sum_grads(y: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+    (y * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
 }

@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::conv::with_values;
+use super::conv::{contiguous_f32, with_values};
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -99,16 +99,6 @@ fn silu_grad(a: f32) -> f32 {
     s * (1.0 + a * (1.0 - s))
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("group_norm: only f32 is supported");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("group_norm: inputs must be contiguous"),
-    }
-}
-
 /// Mean and 1/sigma of one group.
 fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
@@ -149,7 +139,11 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let x = contiguous_f32(s1, l1, "group_norm")?;
+        let (gamma, beta) = (
+            contiguous_f32(s2, l2, "group_norm")?,
+            contiguous_f32(s3, l3, "group_norm")?,
+        );
         let (_, c, hw) = self.dims(l1.shape())?;
         let cg = c / self.groups;
         let group_len = cg * hw;

@@ -299,38 +299,18 @@ impl FusedVae {
         }
         let loss = -(reconstruction - beta * kl) / b as f64;
 
-        // Backward. G = s.logits [rows, D].
+        // Backward, layer by layer; G = dL/dlogits = s.logits [rows, D].
         let p = &self.params;
         let grads = &mut self.grads;
-        let par = |work: usize| parallelism(threads, work);
-        let g = Mat::rows(&s.logits, rows, d);
-        // dW_2 = G^T d [D, H]; db_2 = colsum G.
-        let dmat = Mat::rows(&s.d, rows, h);
-        matmul(
-            &mut grads[lay.d2_w..lay.d2_w + d * h],
-            g.t(),
-            dmat,
-            false,
-            par(rows * d * h),
-        );
-        column_sums(&s.logits, d, &mut grads[lay.d2_b..lay.d2_b + d]);
-        // dd = (G W_2) * 1[d > 0] [rows, H].
-        let w2 = Mat::rows(&p[lay.d2_w..lay.d2_w + d * h], d, h);
-        matmul(sized(&mut s.dd, rows * h), g, w2, false, par(rows * d * h));
+        // decoder.2: dW_2 = G^T d, db_2 = colsum G, dd = (G W_2) * 1[d > 0].
+        let (w2, g2) = (&p[lay.d2_w..lay.d2_b], &mut grads[lay.d2_w..lay.d2_b + d]);
+        let dd = Some(&mut s.dd);
+        linear_backward(g2, w2, &s.logits, &s.d, (rows, h, d), dd, threads);
         relu_backward(&mut s.dd, &s.d);
-        // dW_0 = dd^T z [H, L]; db_0 = colsum dd; dz = dd W_0 [rows, L].
-        let dd = Mat::rows(&s.dd, rows, h);
-        let zmat = Mat::rows(&s.z, rows, l);
-        matmul(
-            &mut grads[lay.d0_w..lay.d0_w + h * l],
-            dd.t(),
-            zmat,
-            false,
-            par(rows * h * l),
-        );
-        column_sums(&s.dd, h, &mut grads[lay.d0_b..lay.d0_b + h]);
-        let w0 = Mat::rows(&p[lay.d0_w..lay.d0_w + h * l], h, l);
-        matmul(sized(&mut s.dz, rows * l), dd, w0, false, par(rows * h * l));
+        // decoder.0: dW_0 = dd^T z, db_0 = colsum dd, dz = dd W_0.
+        let (w0, g0) = (&p[lay.d0_w..lay.d0_b], &mut grads[lay.d0_w..lay.d0_b + h]);
+        let dz = Some(&mut s.dz);
+        linear_backward(g0, w0, &s.dd, &s.z, (rows, l, h), dz, threads);
         // dmu, dlv [B, 2L]: through z = mu + sigma eps, and through beta * KL / B.
         let dml = sized(&mut s.dml, b * 2 * l);
         let kl_scale = (beta / b as f64) as f32;
@@ -349,32 +329,20 @@ impl FusedVae {
                 dlv[i] = 0.5 * sigma * gl + kl_scale * 0.5 * (sigma * sigma - 1.0);
             }
         }
-        // dW_ml = dml^T h [2L, H]; db_ml = colsum dml; dh = (dml W_ml) * 1[h > 0] [B, H].
-        let dml = Mat::rows(&s.dml, b, 2 * l);
-        let hmat = Mat::rows(&s.h, b, h);
-        let ml_w = &mut grads[lay.ml_w..lay.ml_w + 2 * l * h];
-        matmul(ml_w, dml.t(), hmat, false, par(b * 2 * l * h));
-        column_sums(&s.dml, 2 * l, &mut grads[lay.ml_b..lay.ml_b + 2 * l]);
-        let w_ml = Mat::rows(&p[lay.ml_w..lay.ml_w + 2 * l * h], 2 * l, h);
-        matmul(
-            sized(&mut s.dh, b * h),
-            dml,
-            w_ml,
-            false,
-            par(b * 2 * l * h),
+        // fc_mu, fc_logvar: dW_ml = dml^T h, db_ml = colsum dml, dh = (dml W_ml) * 1[h > 0].
+        let (w_ml, g_ml) = (
+            &p[lay.ml_w..lay.ml_b],
+            &mut grads[lay.ml_w..lay.ml_b + 2 * l],
         );
+        let dh = Some(&mut s.dh);
+        linear_backward(g_ml, w_ml, &s.dml, &s.h, (b, h, 2 * l), dh, threads);
         relu_backward(&mut s.dh, &s.h);
-        // dW_e = dh^T x [H, D]; db_e = colsum dh.
-        let dh = Mat::rows(&s.dh, b, h);
-        let xmat = Mat::rows(x, b, d);
-        matmul(
-            &mut grads[lay.enc_w..lay.enc_w + h * d],
-            dh.t(),
-            xmat,
-            false,
-            par(b * h * d),
+        // encoder.0: dW_e = dh^T x, db_e = colsum dh (x needs no gradient).
+        let (w_e, g_e) = (
+            &p[lay.enc_w..lay.enc_b],
+            &mut grads[lay.enc_w..lay.enc_b + h],
         );
-        column_sums(&s.dh, h, &mut grads[lay.enc_b..lay.enc_b + h]);
+        linear_backward(g_e, w_e, &s.dh, x, (b, d, h), None, threads);
         self.scratch = s;
         Ok(StepSums {
             reconstruction,
@@ -588,6 +556,35 @@ fn parallelism(threads: usize, work: usize) -> Parallelism {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
+    }
+}
+
+/// Backward of a linear layer `y = a W^T + b` (W `[out, in]`, a `[rows, in]`) given
+/// g = dL/dy `[rows, out]`: writes `dW = g^T a` and `db = colsum g` into `grad_wb` (the layer's
+/// weight gradient followed by its bias gradient, as the flat layout stores them) and, when
+/// asked, `da = g W` `[rows, in]`.
+fn linear_backward(
+    grad_wb: &mut [f32],
+    w: &[f32],
+    g: &[f32],
+    a: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    da: Option<&mut Vec<f32>>,
+    threads: usize,
+) {
+    let (grad_w, grad_b) = grad_wb.split_at_mut(out * inp);
+    let gm = Mat::rows(g, rows, out);
+    let work = parallelism(threads, rows * inp * out);
+    matmul(grad_w, gm.t(), Mat::rows(a, rows, inp), false, work);
+    column_sums(g, out, grad_b);
+    if let Some(da) = da {
+        matmul(
+            sized(da, rows * inp),
+            gm,
+            Mat::rows(w, out, inp),
+            false,
+            work,
+        );
     }
 }
 
