@@ -214,10 +214,6 @@ impl FusedVae {
         self.threads = threads.max(1);
     }
 
-    fn parallelism(&self, work: usize) -> Parallelism {
-        parallelism(self.threads, work)
-    }
-
     /// The gradient of the last [`FusedVae::forward_backward`], by `state_dict` name.
     pub fn gradients(&self) -> Vec<(&'static str, Vec<f32>)> {
         self.layout
@@ -377,48 +373,25 @@ impl FusedVae {
     /// h = relu(x W_e^T + b_e) `[B, H]`; ml = h [W_mu; W_lv]^T + [b_mu; b_lv] `[B, 2L]`.
     fn encode_into(&self, x: &[f32], b: usize, h_out: &mut Vec<f32>, ml: &mut Vec<f32>) {
         let Layout { d, h, l, .. } = self.layout;
-        let p = &self.params;
-        let lay = self.layout;
-        fill_rows(h_out, b, &p[lay.enc_b..lay.enc_b + h]);
-        matmul(
-            h_out,
-            Mat::rows(x, b, d),
-            Mat::rows(&p[lay.enc_w..lay.enc_w + h * d], h, d).t(),
-            true,
-            self.parallelism(b * d * h),
-        );
+        let (p, lay, t) = (&self.params, self.layout, self.threads);
+        linear_forward(h_out, x, &p[lay.enc_w..], &p[lay.enc_b..], (b, d, h), t);
         relu(h_out);
-        fill_rows(ml, b, &p[lay.ml_b..lay.ml_b + 2 * l]);
-        matmul(
-            ml,
-            Mat::rows(h_out, b, h),
-            Mat::rows(&p[lay.ml_w..lay.ml_w + 2 * l * h], 2 * l, h).t(),
-            true,
-            self.parallelism(b * h * 2 * l),
-        );
+        linear_forward(ml, h_out, &p[lay.ml_w..], &p[lay.ml_b..], (b, h, 2 * l), t);
     }
 
     /// d = relu(z W_0^T + b_0) `[rows, H]`; logits = d W_2^T + b_2 `[rows, D]`.
     fn decode_into(&self, z: &[f32], rows: usize, d_out: &mut Vec<f32>, logits: &mut Vec<f32>) {
         let Layout { d, h, l, .. } = self.layout;
-        let p = &self.params;
-        let lay = self.layout;
-        fill_rows(d_out, rows, &p[lay.d0_b..lay.d0_b + h]);
-        matmul(
-            d_out,
-            Mat::rows(z, rows, l),
-            Mat::rows(&p[lay.d0_w..lay.d0_w + h * l], h, l).t(),
-            true,
-            self.parallelism(rows * l * h),
-        );
+        let (p, lay, t) = (&self.params, self.layout, self.threads);
+        linear_forward(d_out, z, &p[lay.d0_w..], &p[lay.d0_b..], (rows, l, h), t);
         relu(d_out);
-        fill_rows(logits, rows, &p[lay.d2_b..lay.d2_b + d]);
-        matmul(
+        linear_forward(
             logits,
-            Mat::rows(d_out, rows, h),
-            Mat::rows(&p[lay.d2_w..lay.d2_w + d * h], d, h).t(),
-            true,
-            self.parallelism(rows * h * d),
+            d_out,
+            &p[lay.d2_w..],
+            &p[lay.d2_b..],
+            (rows, h, d),
+            t,
         );
     }
 
@@ -557,6 +530,22 @@ fn parallelism(threads: usize, work: usize) -> Parallelism {
     } else {
         Parallelism::None
     }
+}
+
+/// A linear layer `y = a W^T + b`: `a` `[rows, in]`, W `[out, in]` and `b` `[out]` read from
+/// the front of `w` and `bias`; `y` `[rows, out]`.
+fn linear_forward(
+    y: &mut Vec<f32>,
+    a: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    threads: usize,
+) {
+    fill_rows(y, rows, &bias[..out]);
+    let w = Mat::rows(&w[..out * inp], out, inp);
+    let work = parallelism(threads, rows * inp * out);
+    matmul(y, Mat::rows(a, rows, inp), w.t(), true, work);
 }
 
 /// Backward of a linear layer `y = a W^T + b` (W `[out, in]`, a `[rows, in]`) given
