@@ -27,10 +27,16 @@ impl Noise {
     /// eps ~ N(0, I) of the given shape, f32.
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| StandardNormal.sample(&mut self.rng))
-            .collect();
+        let mut v = vec![0f32; shape.elem_count()];
+        self.fill_randn(&mut v);
         Tensor::from_vec(v, shape, device)
+    }
+
+    /// Fills `out` with eps ~ N(0, I), in the order [`Noise::randn`] draws them.
+    pub fn fill_randn(&mut self, out: &mut [f32]) {
+        for e in out {
+            *e = StandardNormal.sample(&mut self.rng);
+        }
     }
 }
 

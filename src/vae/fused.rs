@@ -29,7 +29,6 @@ use rayon::prelude::*;
 use super::model::{Likelihood, Vae};
 use crate::distributions::Noise;
 use crate::optim::{Adam, AdamConfig};
-use rand_distr::{Distribution, StandardNormal};
 
 /// Offsets of each parameter in the flat buffer. The order keeps `[W_mu; W_lv]` and
 /// `[b_mu; b_lv]` adjacent so that both heads are one matrix product.
@@ -258,10 +257,7 @@ impl FusedVae {
         let rows = k * b;
         let lay = self.layout;
         let mut s = std::mem::take(&mut self.scratch);
-        s.eps.resize(rows * l, 0.0);
-        for e in s.eps.iter_mut() {
-            *e = StandardNormal.sample(&mut noise.rng);
-        }
+        noise.fill_randn(sized(&mut s.eps, rows * l));
         self.encode_into(x, b, &mut s.h, &mut s.ml);
         reparameterize(&s.ml, &s.eps, b, l, &mut s.z);
         self.decode_into(&s.z, rows, &mut s.d, &mut s.logits);
@@ -270,23 +266,10 @@ impl FusedVae {
         let scale = 1.0 / rows as f32;
         s.rec.resize(rows, 0.0);
         let threads = self.threads;
-        let loss_rows = |(row, (g, rec)): (usize, (&mut [f32], &mut f32))| {
+        rows_in_parallel(&mut s.logits, &mut s.rec, d, threads, |row, logits| {
             let xb = &x[(row % b) * d..(row % b + 1) * d];
-            *rec = bce_logits_grad(g, xb, scale);
-        };
-        if threads > 1 && rows * d >= 1 << 15 {
-            s.logits
-                .par_chunks_mut(d)
-                .zip(s.rec.par_iter_mut())
-                .enumerate()
-                .for_each(loss_rows);
-        } else {
-            s.logits
-                .chunks_mut(d)
-                .zip(s.rec.iter_mut())
-                .enumerate()
-                .for_each(loss_rows);
-        }
+            bce_logits_grad(logits, xb, scale)
+        });
         let reconstruction = s.rec.iter().map(|&r| r as f64).sum::<f64>() / k as f64;
         let mut kl = 0.0f64;
         for row in s.ml.chunks(2 * l) {
@@ -423,10 +406,7 @@ impl FusedVae {
         while done < k {
             let kc = chunk.min(k - done);
             let rows = kc * b;
-            s.eps.resize(rows * l, 0.0);
-            for e in s.eps.iter_mut() {
-                *e = StandardNormal.sample(&mut noise.rng);
-            }
+            noise.fill_randn(sized(&mut s.eps, rows * l));
             reparameterize(&s.ml, &s.eps, b, l, &mut s.z);
             self.decode_into(&s.z, rows, &mut s.d, &mut s.logits);
             s.rec.resize(rows, 0.0);
@@ -435,23 +415,10 @@ impl FusedVae {
             let ml = &s.ml;
             let eps = &s.eps;
             let z = &s.z;
-            let per_row = |(row, (logit_row, rec)): (usize, (&[f32], &mut f32))| {
+            rows_in_parallel(&mut s.logits, &mut s.rec, d, threads, |row, logits| {
                 let bi = row % b;
-                *rec = bernoulli_log_prob(&x[bi * d..(bi + 1) * d], logit_row);
-            };
-            if threads > 1 && rows * d >= 1 << 15 {
-                s.logits
-                    .par_chunks(d)
-                    .zip(s.rec.par_iter_mut())
-                    .enumerate()
-                    .for_each(per_row);
-            } else {
-                s.logits
-                    .chunks(d)
-                    .zip(s.rec.iter_mut())
-                    .enumerate()
-                    .for_each(per_row);
-            }
+                bernoulli_log_prob(&x[bi * d..(bi + 1) * d], logits)
+            });
             for ki in 0..kc {
                 for bi in 0..b {
                     let row = ki * b + bi;
@@ -574,6 +541,32 @@ fn linear_backward(
             false,
             work,
         );
+    }
+}
+
+/// Values below which a row loop runs on one thread (~1 decoded batch of 40 rows).
+const ROW_THREADING_THRESHOLD: usize = 1 << 15;
+
+/// `out[r] = f(r, row r of m)` for the rows of `cols` values of `m`, on `threads` threads
+/// when the matrix is large enough to be worth it.
+fn rows_in_parallel(
+    m: &mut [f32],
+    out: &mut [f32],
+    cols: usize,
+    threads: usize,
+    f: impl Fn(usize, &mut [f32]) -> f32 + Sync,
+) {
+    let one = |(r, (row, o)): (usize, (&mut [f32], &mut f32))| *o = f(r, row);
+    if threads > 1 && m.len() >= ROW_THREADING_THRESHOLD {
+        m.par_chunks_mut(cols)
+            .zip(out.par_iter_mut())
+            .enumerate()
+            .for_each(one);
+    } else {
+        m.chunks_mut(cols)
+            .zip(out.iter_mut())
+            .enumerate()
+            .for_each(one);
     }
 }
 
