@@ -22,12 +22,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Result, bail};
 use candle_core::Device;
+use candle_core::Tensor;
 use elbo::data::{Named, PixelMode, Source, Split};
-use elbo::diffusion::nets::{Net, NetConfig};
+use elbo::diffusion::Denoiser;
+use elbo::diffusion::fused_unet::FusedUnet;
+use elbo::diffusion::nets::{Net, NetConfig, UNet};
 use elbo::diffusion::process::{GaussianDiffusion, Prediction, VarianceType};
 use elbo::diffusion::sampler::{ddim_sample, ddpm_sample};
 use elbo::diffusion::schedule::{BetaSchedule, Schedule};
-use elbo::diffusion::train::{image_batch, simple_loss};
+use elbo::diffusion::train::{fused_simple_loss, image_batch, simple_loss};
 use elbo::distributions::Noise;
 use elbo::optim::{Adam, AdamConfig};
 use elbo::vae::fused::FusedVae;
@@ -36,6 +39,16 @@ use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+/// The U-Net through candle's ops, for `--engine candle` (a network of plain tensors otherwise
+/// runs on the fused engine).
+struct CandleUnet<'a>(&'a UNet);
+
+impl Denoiser for CandleUnet<'_> {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward_candle(xt, t)
+    }
+}
 
 struct Args {
     workload: String,
@@ -176,15 +189,29 @@ fn main() -> Result<()> {
                 &NetConfig::default_unet(),
                 candle_nn::VarBuilder::from_tensors(frozen, candle_core::DType::F32, &dev),
             )?;
+            let Net::Unet(frozen_unet) = &frozen else {
+                unreachable!("the default network is a U-Net")
+            };
+            let candle_path = CandleUnet(frozen_unet);
+            let sampler_net: &dyn Denoiser = if fused_engine { &frozen } else { &candle_path };
             match w {
                 "unet-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);
                     let mut adam = Adam::new(vars, AdamConfig::with_lr(1e-3))?;
                     let idx: Vec<usize> = (0..64).collect();
                     let x0 = image_batch(&train, &idx, &dev)?;
+                    let Net::Unet(unet) = &net else {
+                        unreachable!("the default network is a U-Net")
+                    };
+                    let mut engine = FusedUnet::new(unet)?;
                     let t = time(or(a.warmup, 2), or(a.reps, 10), || {
-                        let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
-                        adam.step(&loss.backward()?)?;
+                        let grads = if fused_engine {
+                            engine.refresh()?;
+                            fused_simple_loss(&process, &engine, &x0, &mut rng, &mut noise)?.1
+                        } else {
+                            simple_loss(&process, &net, &x0, &mut rng, &mut noise)?.backward()?
+                        };
+                        adam.step(&grads)?;
                         Ok(())
                     })?;
                     (t, "one U-Net training step, batch 64".to_string())
@@ -192,7 +219,7 @@ fn main() -> Result<()> {
                 "ddim-50" => {
                     let t = time(or(a.warmup, 1), or(a.reps, 3), || {
                         let xt = noise.randn((64, 1, 28, 28), &dev)?;
-                        ddim_sample(&process, &frozen, xt, 50, 0.0, true, &mut noise, &bar)?;
+                        ddim_sample(&process, sampler_net, xt, 50, 0.0, true, &mut noise, &bar)?;
                         Ok(())
                     })?;
                     (t, "DDIM, 50 steps, 64 images".to_string())
@@ -201,7 +228,7 @@ fn main() -> Result<()> {
                     let t = time(or(a.warmup, 0), or(a.reps, 1), || {
                         let xt = noise.randn((64, 1, 28, 28), &dev)?;
                         let v = VarianceType::FixedSmall;
-                        ddpm_sample(&process, &frozen, xt, v, true, &mut noise, &bar)?;
+                        ddpm_sample(&process, sampler_net, xt, v, true, &mut noise, &bar)?;
                         Ok(())
                     })?;
                     (t, "DDPM, 1000 steps, 64 images".to_string())

@@ -109,6 +109,9 @@ struct TrainDiffusionArgs {
     /// DDIM steps for the samples written at the end.
     #[arg(long, default_value_t = 50)]
     sample_steps: usize,
+    /// Implementation of the training step: auto is the fused CPU engine for the U-Net.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: elbo::train::Engine,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "runs/diffusion")]
@@ -464,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
                 sample_steps: a.sample_steps,
+                engine: a.engine,
             };
             let started = std::time::Instant::now();
             train_diffusion(model, &config, &a.out, a.resume, true, &device)?;

@@ -103,12 +103,14 @@ pub enum Objective {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
-    /// `fused` where it applies (CPU, Bernoulli likelihood, the ELBO objective), else `candle`.
+    /// `fused` where it applies, else `candle`: for the VAE the CPU, the Bernoulli likelihood
+    /// and the ELBO objective; for diffusion the U-Net on the CPU.
     #[default]
     Auto,
     /// candle tensors and autodiff: any device, likelihood and objective.
     Candle,
-    /// The hand-derived fused CPU step of [`crate::vae::fused`].
+    /// The hand-derived fused CPU step of [`crate::vae::fused`] or
+    /// [`crate::diffusion::fused_unet`].
     Fused,
 }
 

@@ -47,6 +47,13 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `weight` `[O, C, k, k]`, `bias` `[O]` and the stride.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, usize) {
+        (&self.weight, &self.bias, self.stride)
+    }
+}
+
 impl Module for Conv2d {
     /// `x` `[B, C, H, W]` -> `[B, O, OH, OW]`, OH = (H + 2p - k) / s + 1.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -70,16 +77,16 @@ impl Module for Conv2d {
 
 /// Kernel size, stride, padding and input size of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    k: usize,
-    stride: usize,
-    padding: usize,
-    h: usize,
-    w: usize,
+pub(crate) struct Geometry {
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
 }
 
 impl Geometry {
-    fn output(&self) -> (usize, usize) {
+    pub(crate) fn output(&self) -> (usize, usize) {
         let out = |n: usize| (n + 2 * self.padding - self.k) / self.stride + 1;
         (out(self.h), out(self.w))
     }
@@ -123,8 +130,11 @@ pub(crate) fn with_values<R, const N: usize>(
 
 impl Geometry {
     /// `cols [C k k, OH OW] = im2col(image [C, H, W])`, zero where the kernel overhangs.
-    fn im2col(&self, image: &[f32], channels: usize, cols: &mut [f32]) {
+    pub(crate) fn im2col(&self, image: &[f32], channels: usize, cols: &mut [f32]) {
         let (oh, ow) = self.output();
+        if self.stride == 1 && (oh, ow) == (self.h, self.w) {
+            return im2col_same(image, channels, (self.h, self.w), self.k, cols);
+        }
         let (k, s, p) = (self.k, self.stride, self.padding as isize);
         for c in 0..channels {
             let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
@@ -164,8 +174,11 @@ impl Geometry {
     }
 
     /// The adjoint of [`Geometry::im2col`]: `image += col2im(cols)`.
-    fn col2im(&self, cols: &[f32], channels: usize, image: &mut [f32]) {
+    pub(crate) fn col2im(&self, cols: &[f32], channels: usize, image: &mut [f32]) {
         let (oh, ow) = self.output();
+        if self.stride == 1 && (oh, ow) == (self.h, self.w) {
+            return col2im_same(cols, channels, (self.h, self.w), self.k, image);
+        }
         let (k, s, p) = (self.k, self.stride, self.padding as isize);
         for c in 0..channels {
             let plane = &mut image[c * self.h * self.w..(c + 1) * self.h * self.w];
@@ -191,11 +204,81 @@ impl Geometry {
     }
 }
 
+/// For kernel offset (u, v) of a stride-1 "same" convolution (padding p = k / 2): the shift
+/// (du, dv) = (u - p, v - p), and the output rows `oy0..oy1` whose input row oy + du exists.
+fn same_offsets(h: usize, k: usize, u: usize, v: usize) -> (isize, isize, usize, usize) {
+    let p = (k / 2) as isize;
+    let (du, dv) = (u as isize - p, v as isize - p);
+    let oy0 = (-du).max(0) as usize;
+    let oy1 = (h as isize - du).min(h as isize) as usize;
+    (du, dv, oy0, oy1.max(oy0))
+}
+
+/// [`Geometry::im2col`] for stride 1 and output size = input size: each kernel offset's row
+/// is the input plane shifted by du rows and dv columns, so it is one flat copy, after which
+/// the |dv| columns that wrapped around a line are zeroed.
+fn im2col_same(image: &[f32], channels: usize, (h, w): (usize, usize), k: usize, cols: &mut [f32]) {
+    let hw = h * w;
+    for c in 0..channels {
+        let plane = &image[c * hw..(c + 1) * hw];
+        for u in 0..k {
+            for v in 0..k {
+                let row = &mut cols[((c * k + u) * k + v) * hw..][..hw];
+                let (du, dv, oy0, oy1) = same_offsets(h, k, u, v);
+                let d = du * w as isize + dv;
+                let lo = ((oy0 * w) as isize).max(-d) as usize;
+                let hi = ((oy1 * w) as isize).min(hw as isize - d).max(lo as isize) as usize;
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                row[lo..hi].copy_from_slice(
+                    &plane[(lo as isize + d) as usize..(hi as isize + d) as usize],
+                );
+                let (first, last) = (
+                    (-dv).max(0) as usize,
+                    (w as isize - dv).min(w as isize) as usize,
+                );
+                for oy in oy0..oy1 {
+                    row[oy * w..oy * w + first].fill(0.0);
+                    row[oy * w + last..(oy + 1) * w].fill(0.0);
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_same`]: `image += col2im(cols)`, one vectorised add per line.
+#[multiversion::multiversion(targets = "simd")]
+fn col2im_same(cols: &[f32], channels: usize, (h, w): (usize, usize), k: usize, image: &mut [f32]) {
+    let hw = h * w;
+    for c in 0..channels {
+        let plane = &mut image[c * hw..(c + 1) * hw];
+        for u in 0..k {
+            for v in 0..k {
+                let row = &cols[((c * k + u) * k + v) * hw..][..hw];
+                let (du, dv, oy0, oy1) = same_offsets(h, k, u, v);
+                let (first, last) = (
+                    (-dv).max(0) as usize,
+                    (w as isize - dv).min(w as isize) as usize,
+                );
+                for oy in oy0..oy1 {
+                    let iy = (oy as isize + du) as usize;
+                    let src = &row[oy * w + first..oy * w + last];
+                    let start = (first as isize + dv) as usize;
+                    let dst = &mut plane[iy * w + start..iy * w + start + src.len()];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `dst [m, n] (+)= a [m, k] b [k, n]` on row-major slices, `a` or `b` read transposed when
 /// asked (`a_t`: `a` is stored `[k, m]`; `b_t`: `b` is stored `[n, k]`); single-threaded,
 /// the callers run one example per thread.
 #[allow(clippy::too_many_arguments)]
-fn gemm_rm(
+pub(crate) fn gemm_rm(
     dst: &mut [f32],
     a: &[f32],
     a_t: bool,

@@ -52,6 +52,11 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
+    /// `weight` (gamma), `bias` (beta), the number of groups and epsilon.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, usize, f64) {
+        (&self.weight, &self.bias, self.groups, self.eps)
+    }
+
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if !x.device().is_cpu() || x.dtype() != DType::F32 {
             let y = self.fallback.forward(x)?;
@@ -88,19 +93,113 @@ struct GroupNormOp {
 
 /// silu(a) = a sigmoid(a).
 #[inline(always)]
-fn silu(a: f32) -> f32 {
+pub(crate) fn silu(a: f32) -> f32 {
     a / (1.0 + (-a).exp())
 }
 
 /// d silu(a) / da = s (1 + a (1 - s)), s = sigmoid(a).
 #[inline(always)]
-fn silu_grad(a: f32) -> f32 {
+pub(crate) fn silu_grad(a: f32) -> f32 {
     let s = 1.0 / (1.0 + (-a).exp());
     s * (1.0 + a * (1.0 - s))
 }
 
+/// `sigmoid(a)` without a branch or a libm call, so that loops over it vectorise:
+/// e = exp(-|a|), sigmoid(a) = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
+#[inline(always)]
+fn sigmoid_fast(a: f32) -> f32 {
+    let e = crate::vae::fused::exp_nonpositive(-a.abs());
+    (if a >= 0.0 { 1.0 } else { e }) / (1.0 + e)
+}
+
+/// `y = [silu](gamma (x - mean) inv + beta)` over one channel.
+#[multiversion::multiversion(targets = "simd")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalize_channel(
+    y: &mut [f32],
+    x: &[f32],
+    mean: f32,
+    inv: f32,
+    gamma: f32,
+    beta: f32,
+    with_silu: bool,
+) {
+    if with_silu {
+        for (y, &x) in y.iter_mut().zip(x) {
+            let a = gamma * (x - mean) * inv + beta;
+            *y = a * sigmoid_fast(a);
+        }
+    } else {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = gamma * (x - mean) * inv + beta;
+        }
+    }
+}
+
+/// Over one channel, `dy *= silu'(a)` (when `with_silu`), a = gamma x_hat + beta, x_hat =
+/// (x - mean) inv; returns (sum dy, sum dy x_hat) after it.
+#[multiversion::multiversion(targets = "simd")]
+pub(crate) fn channel_grad_sums(
+    dy: &mut [f32],
+    x: &[f32],
+    mean: f32,
+    inv: f32,
+    gamma: f32,
+    beta: f32,
+    with_silu: bool,
+) -> (f32, f32) {
+    const LANES: usize = 16;
+    let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
+    let mut dyc = dy.chunks_exact_mut(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for (d, x) in (&mut dyc).zip(&mut xc) {
+        for l in 0..LANES {
+            let x_hat = (x[l] - mean) * inv;
+            if with_silu {
+                let a = gamma * x_hat + beta;
+                let s = sigmoid_fast(a);
+                d[l] *= s * (1.0 + a * (1.0 - s));
+            }
+            sg[l] += d[l];
+            sgx[l] += d[l] * x_hat;
+        }
+    }
+    let (mut sg, mut sgx) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
+    for (d, &x) in dyc.into_remainder().iter_mut().zip(xc.remainder()) {
+        let x_hat = (x - mean) * inv;
+        if with_silu {
+            let a = gamma * x_hat + beta;
+            let s = sigmoid_fast(a);
+            *d *= s * (1.0 + a * (1.0 - s));
+        }
+        sg += *d;
+        sgx += *d * x_hat;
+    }
+    (sg, sgx)
+}
+
+/// `dx += (gamma dy - mean_g - x_hat mean_gx) inv` over one channel.
+#[multiversion::multiversion(targets = "simd")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn channel_dx(
+    dx: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    mean: f32,
+    inv: f32,
+    gamma: f32,
+    mean_g: f32,
+    mean_gx: f32,
+) {
+    for ((dx, &d), &x) in dx.iter_mut().zip(dy).zip(x) {
+        let x_hat = (x - mean) * inv;
+        *dx += (gamma * d - mean_g - x_hat * mean_gx) * inv;
+    }
+}
+
 /// Mean and 1/sigma of one group.
-fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+#[multiversion::multiversion(targets = "simd")]
+pub(crate) fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;

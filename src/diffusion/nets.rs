@@ -8,7 +8,10 @@ use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
 
+use std::sync::OnceLock;
+
 use super::conv::Conv2d;
+use super::fused_unet::FusedUnet;
 use super::group_norm::GroupNorm;
 use rand::Rng;
 
@@ -125,13 +128,13 @@ fn conv(
 }
 
 /// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip.
-struct ResBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    skip: Option<Conv2d>,
+pub(crate) struct ResBlock {
+    pub(crate) norm1: GroupNorm,
+    pub(crate) conv1: Conv2d,
+    pub(crate) time: Linear,
+    pub(crate) norm2: GroupNorm,
+    pub(crate) conv2: Conv2d,
+    pub(crate) skip: Option<Conv2d>,
 }
 
 impl ResBlock {
@@ -170,10 +173,10 @@ impl ResBlock {
 }
 
 /// Single-head self-attention over the pixels of a feature map, with a residual.
-struct Attention {
-    norm: GroupNorm,
-    qkv: Conv2d,
-    proj: Conv2d,
+pub(crate) struct Attention {
+    pub(crate) norm: GroupNorm,
+    pub(crate) qkv: Conv2d,
+    pub(crate) proj: Conv2d,
 }
 
 impl Attention {
@@ -202,7 +205,9 @@ impl Attention {
             .squeeze(1)?
             .transpose(1, 2)?
             .contiguous()?; // [B, HW, C]
-        let att = candle_nn::ops::softmax_last_dim(&(q.matmul(&k)? / (c as f64).sqrt())?)?;
+        // candle_nn's `softmax_last_dim` has no backward pass (its gradient is silently
+        // dropped, so q and k would never train): the composed softmax differentiates.
+        let att = candle_nn::ops::softmax(&(q.matmul(&k)? / (c as f64).sqrt())?, D::Minus1)?;
         let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj.forward(&out)?
     }
@@ -211,19 +216,21 @@ impl Attention {
 /// A small U-Net for 28x28: one residual block per level, stride-2 conv down, nearest-neighbour
 /// up + conv, skip connections by concatenation, attention at the lowest resolution.
 pub struct UNet {
-    base: usize,
-    time1: Linear,
-    time2: Linear,
-    conv_in: Conv2d,
-    down: Vec<ResBlock>,
-    downsample: Vec<Conv2d>,
-    mid1: ResBlock,
-    attn: Option<Attention>,
-    mid2: ResBlock,
-    up: Vec<ResBlock>,
-    upsample: Vec<Conv2d>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) base: usize,
+    pub(crate) time1: Linear,
+    pub(crate) time2: Linear,
+    pub(crate) conv_in: Conv2d,
+    pub(crate) down: Vec<ResBlock>,
+    pub(crate) downsample: Vec<Conv2d>,
+    pub(crate) mid1: ResBlock,
+    pub(crate) attn: Option<Attention>,
+    pub(crate) mid2: ResBlock,
+    pub(crate) up: Vec<ResBlock>,
+    pub(crate) upsample: Vec<Conv2d>,
+    pub(crate) norm_out: GroupNorm,
+    pub(crate) conv_out: Conv2d,
+    /// The fused CPU engine, built at the first forward pass of a network of plain tensors.
+    fused: OnceLock<FusedUnet>,
 }
 
 impl UNet {
@@ -290,12 +297,19 @@ impl UNet {
             upsample,
             norm_out: GroupNorm::new(groups, base, 1e-5, vb.pp("norm_out"))?,
             conv_out: conv(base, 1, 3, 1, vb.pp("conv_out"))?,
+            fused: OnceLock::new(),
         })
     }
 }
 
-impl Denoiser for UNet {
-    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+impl UNet {
+    /// Whether the parameters are variables (a network being trained).
+    pub fn is_trainable(&self) -> bool {
+        self.conv_in.parts().0.is_variable()
+    }
+
+    /// The forward pass through candle's ops (what autodiff records).
+    pub fn forward_candle(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         let emb = timestep_embedding(t, self.base)?;
         let temb = self
             .time2
@@ -330,6 +344,22 @@ impl Denoiser for UNet {
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
+    }
+}
+
+impl Denoiser for UNet {
+    /// A network of plain tensors (sampling, evaluation) on the CPU runs on the fused engine
+    /// ([`FusedUnet`]); a trainable one goes through candle's ops, so autodiff sees them.
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        if xt.device().is_cpu() && xt.dtype() == DType::F32 && !self.is_trainable() {
+            if self.fused.get().is_none() {
+                let _ = self.fused.set(FusedUnet::new(self)?);
+            }
+            if let Some(engine) = self.fused.get() {
+                return engine.forward(xt, t);
+            }
+        }
+        self.forward_candle(xt, t)
     }
 }
 

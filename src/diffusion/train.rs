@@ -19,6 +19,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
+use candle_core::backprop::GradStore;
+
+use super::fused_unet::FusedUnet;
 use super::nets::{Net, NetConfig, sorted_vars};
 use super::process::{Denoiser, GaussianDiffusion, Prediction, timestep_tensor};
 use super::sampler::ddim_sample;
@@ -28,7 +31,7 @@ use crate::data::toy::Toy;
 use crate::data::{Dataset, Named, PIXELS, PixelMode, SIDE, Source, Split};
 use crate::distributions::Noise;
 use crate::optim::{Adam, AdamConfig};
-use crate::train::{RunFiles, derive_seed};
+use crate::train::{Engine, RunFiles, derive_seed};
 
 /// What a diffusion model is trained on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -143,6 +146,9 @@ pub struct DiffusionTrainConfig {
     pub test_limit: Option<usize>,
     /// DDIM steps for the pictures written at the end.
     pub sample_steps: usize,
+    /// The training step's implementation: auto is the fused engine for a U-Net on the CPU.
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 /// One line of `metrics.jsonl`: mean simple loss on train (running) and test (EMA weights).
@@ -167,6 +173,25 @@ pub fn image_batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<Ten
     Ok(x.affine(2.0, -1.0)?.reshape((idx.len(), 1, SIDE, SIDE))?)
 }
 
+/// The simple loss's inputs for a batch `x0`: t ~ U{0..T-1}, eps ~ N(0, I),
+/// `x_t = q_sample(x0, t, eps)` and the regression target; returns (x_t, t, target).
+pub fn simple_loss_inputs(
+    process: &GaussianDiffusion,
+    x0: &Tensor,
+    rng: &mut StdRng,
+    noise: &mut Noise,
+) -> Result<(Tensor, Vec<usize>, Tensor)> {
+    use rand::Rng;
+    let b = x0.dim(0)?;
+    let t: Vec<usize> = (0..b)
+        .map(|_| rng.random_range(0..process.num_timesteps()))
+        .collect();
+    let eps = noise.randn(x0.shape(), x0.device())?;
+    let xt = process.q_sample(x0, &t, &eps)?;
+    let target = process.target(x0, &eps, &t)?;
+    Ok((xt, t, target))
+}
+
 /// The simple loss `mean ||target - f(x_t, t)||^2` over a batch, t ~ U{0..T-1}.
 pub fn simple_loss(
     process: &GaussianDiffusion,
@@ -175,16 +200,27 @@ pub fn simple_loss(
     rng: &mut StdRng,
     noise: &mut Noise,
 ) -> Result<Tensor> {
-    use rand::Rng;
-    let b = x0.dim(0)?;
-    let t: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(0..process.num_timesteps()))
-        .collect();
-    let eps = noise.randn(x0.shape(), x0.device())?;
-    let xt = process.q_sample(x0, &t, &eps)?;
+    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let out = net.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
-    let target = process.target(x0, &eps, &t)?;
     Ok((out - target)?.sqr()?.mean_all()?)
+}
+
+/// [`simple_loss`] and its gradients on the fused CPU engine, for images `x0` `[B, 1, H, W]`
+/// (the same draws of t and eps): the loss value and the gradients `loss.backward()` would
+/// give. `engine` must hold the network's current parameters ([`FusedUnet::refresh`]).
+pub fn fused_simple_loss(
+    process: &GaussianDiffusion,
+    engine: &FusedUnet,
+    x0: &Tensor,
+    rng: &mut StdRng,
+    noise: &mut Noise,
+) -> Result<(f32, GradStore)> {
+    let (_, _, h, w) = x0.dims4()?;
+    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
+    let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+    let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let (loss, grads) = engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w))?;
+    Ok((loss as f32, engine.grad_store(&grads)?))
 }
 
 /// Trains (or continues, with `resume`) a diffusion model in `dir`.
@@ -295,6 +331,14 @@ pub fn train_diffusion(
         &model.net,
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
+    // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
+    // autodiff (checked in tests/diffusion.rs), without the graph.
+    let mut fused = match (&net, config.engine) {
+        (_, Engine::Candle) => None,
+        (Net::Unet(u), _) if device.is_cpu() => Some(FusedUnet::new(u)?),
+        (_, Engine::Auto) => None,
+        (_, Engine::Fused) => bail!("--engine fused: needs the U-Net and the CPU"),
+    };
     let vars: Vec<(String, Var)> = sorted_vars(&varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     if show_progress {
@@ -354,8 +398,16 @@ pub fn train_diffusion(
                     device,
                 )?,
             };
-            let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
-            let value = loss.to_scalar::<f32>()?;
+            let (value, grads) = match fused.as_mut() {
+                Some(engine) => {
+                    engine.refresh()?;
+                    fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?
+                }
+                None => {
+                    let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
+                    (loss.to_scalar::<f32>()?, loss.backward()?)
+                }
+            };
             if !value.is_finite() {
                 bar.abandon();
                 bail!(
@@ -368,7 +420,7 @@ pub fn train_diffusion(
                     }
                 );
             }
-            adam.step(&loss.backward()?)?;
+            adam.step(&grads)?;
             let decay = ema_decay_at(config.ema_decay, adam.step_count());
             for ((_, var), e) in vars.iter().zip(ema.iter_mut()) {
                 *e = ((&*e * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;

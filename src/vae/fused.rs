@@ -674,7 +674,7 @@ fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
 /// e^r by its Taylor polynomial to r^7 (relative error < 1e-7), 2^n by the exponent bits.
 /// Arguments below -87 are clamped (e^-87 ~ 1.6e-38, the smallest normal f32).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;

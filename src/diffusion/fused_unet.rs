@@ -1,0 +1,1216 @@
+//! The U-Net of [`super::nets`] on the CPU as one fused engine: forward pass, hand-derived
+//! backward pass and the simple loss, one example at a time per thread.
+//!
+//! Every layer of the U-Net (GroupNorm included: its statistics are per example and group)
+//! acts on each example separately, so the batch splits into one contiguous range per thread.
+//! A thread runs forward and backward for one example after the other in buffers it reuses
+//! (an example's activations, ~2 MB, stay in cache), adding its parameter gradients into its
+//! own buffer; the ranges' gradients are summed in order at the end, so the result does not
+//! depend on scheduling. No tensor is allocated, no graph recorded, and there is no barrier
+//! between layers. Convolutions are im2col + one `gemm` (see [`super::conv`]); the time
+//! projection of each residual block is added as a per-channel bias of its first convolution,
+//! its skip branch is the starting value of the second convolution's output (accumulated in
+//! the gemm), and the up path's concatenation is one copy per example.
+//!
+//! Backward, per layer (dy is the gradient of the output; `+=` accumulates):
+//!
+//! ```text
+//! conv        y = W im2col(x) + b        dW += dy im2col(x)^T, db += sum dy, dx += col2im(W^T dy)
+//! group norm  see super::group_norm (closed form, optionally through the SiLU)
+//! linear      y = W x + b                dW += dy x^T, db += dy, dx += W^T dy
+//! attention   S = Q^T K / sqrt(C), A = softmax_rows(S), O = V A^T, y = x + P O + p
+//!             dV = dO A, dA = dO^T V, dS = A * (dA - rowsum(A * dA)) / sqrt(C),
+//!             dQ = K dS^T, dK = Q dS
+//! upsample    nearest: dx[c, src(i), src(j)] += dy[c, i, j]
+//! loss        L = mean (y - target)^2    dy = 2 (y - target) / (B H W)
+//! ```
+//!
+//! Q, K, V, O are `[C, HW]`, A and S `[HW, HW]` (row: query pixel). The engine is checked
+//! against candle's autodiff of the same network in `tests/diffusion.rs`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, bail};
+use candle_nn::Linear;
+use rayon::prelude::*;
+
+use super::conv::{Conv2d, Geometry, gemm_rm};
+use super::group_norm::{
+    GroupNorm, channel_dx, channel_grad_sums, moments, normalize_channel, silu, silu_grad,
+};
+use super::nets::{Attention, ResBlock, UNet};
+
+/// A convolution's place in the flat parameter vector.
+#[derive(Debug, Clone, Copy)]
+struct ConvP {
+    w: usize,
+    b: usize,
+    o: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+}
+
+/// How a convolution's output starts before the gemm adds `W im2col(x)`.
+enum Init<'a> {
+    /// The bias.
+    Bias,
+    /// The bias plus a per-channel term (the time projection).
+    BiasPlus(&'a [f32]),
+    /// What the buffer holds (the residual branch) plus the bias.
+    Accumulate,
+}
+
+/// `buf` resized to `n` zeros.
+fn zeroed(buf: &mut Vec<f32>, n: usize) {
+    buf.clear();
+    buf.resize(n, 0.0);
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+impl ConvP {
+    fn geometry(&self, (h, w): (usize, usize)) -> Geometry {
+        Geometry {
+            k: self.k,
+            stride: self.stride,
+            padding: self.k / 2,
+            h,
+            w,
+        }
+    }
+
+    fn weight<'a>(&self, p: &'a [f32]) -> &'a [f32] {
+        &p[self.w..self.w + self.o * self.c * self.k * self.k]
+    }
+
+    /// A 1x1 stride-1 convolution reads its input as the im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1
+    }
+
+    /// `y [O, OH OW] = init + W im2col(x)`, `x` `[C, H W]`; returns (OH, OW).
+    fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        size: (usize, usize),
+        y: &mut Vec<f32>,
+        init: Init,
+        cols: &mut Vec<f32>,
+    ) -> (usize, usize) {
+        let g = self.geometry(size);
+        let (oh, ow) = g.output();
+        let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
+        let bias = &p[self.b..self.b + self.o];
+        match init {
+            Init::Accumulate => {
+                debug_assert_eq!(y.len(), self.o * ohw);
+                for (row, b) in y.chunks_mut(ohw).zip(bias) {
+                    row.iter_mut().for_each(|v| *v += b);
+                }
+            }
+            Init::Bias => {
+                zeroed(y, self.o * ohw);
+                for (row, &b) in y.chunks_mut(ohw).zip(bias) {
+                    row.fill(b);
+                }
+            }
+            Init::BiasPlus(extra) => {
+                zeroed(y, self.o * ohw);
+                for ((row, &b), &e) in y.chunks_mut(ohw).zip(bias).zip(extra) {
+                    row.fill(b + e);
+                }
+            }
+        }
+        let w = self.weight(p);
+        if self.pointwise() {
+            gemm_rm(y, w, false, x, false, (self.o, ohw, self.c), true);
+        } else {
+            if cols.len() < ckk * ohw {
+                cols.resize(ckk * ohw, 0.0);
+            }
+            g.im2col(x, self.c, cols);
+            gemm_rm(y, w, false, cols, false, (self.o, ohw, ckk), true);
+        }
+        (oh, ow)
+    }
+
+    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx += col2im(W^T dy)`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        size: (usize, usize),
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        cols: &mut Vec<f32>,
+    ) {
+        let g = self.geometry(size);
+        let (oh, ow) = g.output();
+        let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
+        let dw = &mut grads[self.w..self.w + self.o * ckk];
+        if self.pointwise() {
+            gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
+        } else {
+            if cols.len() < ckk * ohw {
+                cols.resize(ckk * ohw, 0.0);
+            }
+            g.im2col(x, self.c, cols);
+            gemm_rm(dw, dy, false, cols, true, (self.o, ckk, ohw), true);
+        }
+        for (db, row) in grads[self.b..self.b + self.o]
+            .iter_mut()
+            .zip(dy.chunks(ohw))
+        {
+            *db += row.iter().sum::<f32>();
+        }
+        if let Some(dx) = dx {
+            let w = self.weight(p);
+            if self.pointwise() {
+                gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), true);
+            } else {
+                gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
+                g.col2im(cols, self.c, dx);
+            }
+        }
+    }
+}
+
+/// A GroupNorm's place in the flat parameter vector.
+#[derive(Debug, Clone, Copy)]
+struct NormP {
+    g: usize,
+    b: usize,
+    c: usize,
+    groups: usize,
+    eps: f64,
+}
+
+impl NormP {
+    /// `y = [silu](gamma (x - mu) / sigma + beta)` over `x` `[C, HW]`; `stats` gets
+    /// (mu, 1/sigma) per group.
+    fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        hw: usize,
+        y: &mut Vec<f32>,
+        with_silu: bool,
+        stats: &mut Vec<f32>,
+    ) {
+        let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
+        let cg = self.c / self.groups;
+        zeroed(y, x.len());
+        zeroed(stats, 2 * self.groups);
+        for (gi, (yg, xg)) in y.chunks_mut(cg * hw).zip(x.chunks(cg * hw)).enumerate() {
+            let (mean, inv) = moments(xg, self.eps);
+            stats[2 * gi] = mean;
+            stats[2 * gi + 1] = inv;
+            for (j, (y, x)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
+                let ch = gi * cg + j;
+                normalize_channel(y, x, mean, inv, gamma[ch], beta[ch], with_silu);
+            }
+        }
+    }
+
+    /// `dx += d group_norm`, `dgamma`, `dbeta +=` (see [`super::group_norm`]).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        hw: usize,
+        stats: &[f32],
+        with_silu: bool,
+        dy: &[f32],
+        dx: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
+        let cg = self.c / self.groups;
+        let n = (cg * hw) as f64;
+        scratch.clear();
+        scratch.extend_from_slice(dy);
+        for gi in 0..self.groups {
+            let (mean, inv) = (stats[2 * gi], stats[2 * gi + 1]);
+            let range = gi * cg * hw..(gi + 1) * cg * hw;
+            let (xg, dyg, dxg) = (
+                &x[range.clone()],
+                &mut scratch[range.clone()],
+                &mut dx[range],
+            );
+            let (mut mean_g, mut mean_gx) = (0f64, 0f64);
+            for j in 0..cg {
+                let ch = gi * cg + j;
+                let (gm, bt) = (gamma[ch], beta[ch]);
+                let r = j * hw..(j + 1) * hw;
+                let (sg, sgx) =
+                    channel_grad_sums(&mut dyg[r.clone()], &xg[r], mean, inv, gm, bt, with_silu);
+                grads[self.b + ch] += sg;
+                grads[self.g + ch] += sgx;
+                mean_g += (gm * sg) as f64;
+                mean_gx += (gm * sgx) as f64;
+            }
+            let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
+            for j in 0..cg {
+                let gm = gamma[gi * cg + j];
+                let r = j * hw..(j + 1) * hw;
+                channel_dx(
+                    &mut dxg[r.clone()],
+                    &dyg[r.clone()],
+                    &xg[r],
+                    mean,
+                    inv,
+                    gm,
+                    mean_g,
+                    mean_gx,
+                );
+            }
+        }
+    }
+}
+
+/// A linear layer's place in the flat parameter vector (`weight` `[O, I]`).
+#[derive(Debug, Clone, Copy)]
+struct LinP {
+    w: usize,
+    b: usize,
+    o: usize,
+    i: usize,
+}
+
+impl LinP {
+    /// `y = W x + b` for one example.
+    fn forward(&self, p: &[f32], x: &[f32], y: &mut Vec<f32>) {
+        zeroed(y, self.o);
+        for (o, y) in y.iter_mut().enumerate() {
+            let row = &p[self.w + o * self.i..self.w + (o + 1) * self.i];
+            *y = p[self.b + o] + row.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
+        }
+    }
+
+    /// `dW += dy x^T`, `db += dy` and, when asked, `dx += W^T dy`.
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+    ) {
+        for (o, &d) in dy.iter().enumerate() {
+            grads[self.b + o] += d;
+            let at = self.w + o * self.i;
+            add_scaled(&mut grads[at..at + self.i], x, d);
+            if let Some(dx) = dx.as_deref_mut() {
+                add_scaled(dx, &p[at..at + self.i], d);
+            }
+        }
+    }
+}
+
+fn add_scaled(dst: &mut [f32], src: &[f32], a: f32) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += a * s);
+}
+
+/// A residual block's parameters.
+#[derive(Debug, Clone)]
+struct ResP {
+    norm1: NormP,
+    conv1: ConvP,
+    time: LinP,
+    norm2: NormP,
+    conv2: ConvP,
+    skip: Option<ConvP>,
+}
+
+/// What a residual block's backward pass reads of its forward pass.
+#[derive(Default)]
+struct ResTape {
+    n1: Vec<f32>,
+    stats1: Vec<f32>,
+    tproj: Vec<f32>,
+    h1: Vec<f32>,
+    n2: Vec<f32>,
+    stats2: Vec<f32>,
+}
+
+/// Buffers the blocks' backward passes use.
+#[derive(Default)]
+struct BlockScratch {
+    cols: Vec<f32>,
+    gn: Vec<f32>,
+    d1: Vec<f32>,
+    d2: Vec<f32>,
+    d3: Vec<f32>,
+    dt: Vec<f32>,
+}
+
+impl ResP {
+    /// `out = conv2(silu(gn2(conv1(silu(gn1(x))) + time(ta)))) + skip(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        size: (usize, usize),
+        ta: &[f32],
+        t: &mut ResTape,
+        out: &mut Vec<f32>,
+        cols: &mut Vec<f32>,
+    ) {
+        let hw = size.0 * size.1;
+        self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.stats1);
+        self.time.forward(p, ta, &mut t.tproj);
+        self.conv1
+            .forward(p, &t.n1, size, &mut t.h1, Init::BiasPlus(&t.tproj), cols);
+        self.norm2
+            .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.stats2);
+        match &self.skip {
+            Some(s) => {
+                s.forward(p, x, size, out, Init::Bias, cols);
+            }
+            None => {
+                out.clear();
+                out.extend_from_slice(x);
+            }
+        }
+        self.conv2
+            .forward(p, &t.n2, size, out, Init::Accumulate, cols);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        size: (usize, usize),
+        ta: &[f32],
+        t: &ResTape,
+        dout: &[f32],
+        dx: &mut [f32],
+        dta: &mut [f32],
+        s: &mut BlockScratch,
+    ) {
+        let hw = size.0 * size.1;
+        let o = self.conv2.o;
+        zeroed(&mut s.d1, o * hw);
+        self.conv2
+            .backward(p, grads, &t.n2, size, dout, Some(&mut s.d1), &mut s.cols);
+        match &self.skip {
+            Some(sk) => sk.backward(p, grads, x, size, dout, Some(&mut *dx), &mut s.cols),
+            None => add_into(dx, dout),
+        }
+        zeroed(&mut s.d2, o * hw);
+        self.norm2.backward(
+            p, grads, &t.h1, hw, &t.stats2, true, &s.d1, &mut s.d2, &mut s.gn,
+        );
+        zeroed(&mut s.dt, o);
+        for (dt, row) in s.dt.iter_mut().zip(s.d2.chunks(hw)) {
+            *dt = row.iter().sum();
+        }
+        self.time.backward(p, grads, ta, &s.dt, Some(dta));
+        zeroed(&mut s.d1, x.len());
+        self.conv1
+            .backward(p, grads, &t.n1, size, &s.d2, Some(&mut s.d1), &mut s.cols);
+        self.norm1
+            .backward(p, grads, x, hw, &t.stats1, true, &s.d1, dx, &mut s.gn);
+    }
+}
+
+/// The attention block's parameters.
+#[derive(Debug, Clone)]
+struct AttnP {
+    norm: NormP,
+    qkv: ConvP,
+    proj: ConvP,
+}
+
+#[derive(Default)]
+struct AttnTape {
+    hn: Vec<f32>,
+    stats: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    ot: Vec<f32>,
+}
+
+impl AttnP {
+    fn scale(&self) -> f32 {
+        (1.0 / (self.proj.o as f64).sqrt()) as f32
+    }
+
+    /// `y = x + proj(V softmax(Q^T K / sqrt(C))^T)`, `[Q; K; V] = qkv(group_norm(x))`.
+    fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        size: (usize, usize),
+        t: &mut AttnTape,
+        out: &mut Vec<f32>,
+        cols: &mut Vec<f32>,
+    ) {
+        let (c, n) = (self.proj.o, size.0 * size.1);
+        self.norm.forward(p, x, n, &mut t.hn, false, &mut t.stats);
+        self.qkv
+            .forward(p, &t.hn, size, &mut t.qkv, Init::Bias, cols);
+        let (q, rest) = t.qkv.split_at(c * n);
+        let (k, v) = rest.split_at(c * n);
+        zeroed(&mut t.att, n * n);
+        gemm_rm(&mut t.att, q, true, k, false, (n, n, c), false);
+        let scale = self.scale();
+        for row in t.att.chunks_mut(n) {
+            row.iter_mut().for_each(|s| *s *= scale);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            row.iter_mut().for_each(|s| *s /= sum);
+        }
+        zeroed(&mut t.ot, c * n);
+        gemm_rm(&mut t.ot, v, false, &t.att, true, (c, n, n), false);
+        out.clear();
+        out.extend_from_slice(x);
+        self.proj
+            .forward(p, &t.ot, size, out, Init::Accumulate, cols);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        size: (usize, usize),
+        t: &AttnTape,
+        dy: &[f32],
+        dx: &mut [f32],
+        s: &mut BlockScratch,
+    ) {
+        let (c, n) = (self.proj.o, size.0 * size.1);
+        add_into(dx, dy);
+        zeroed(&mut s.d1, c * n); // dO
+        self.proj
+            .backward(p, grads, &t.ot, size, dy, Some(&mut s.d1), &mut s.cols);
+        let (q, rest) = t.qkv.split_at(c * n);
+        let (k, v) = rest.split_at(c * n);
+        zeroed(&mut s.d2, 3 * c * n);
+        let (dq, rest) = s.d2.split_at_mut(c * n);
+        let (dk, dv) = rest.split_at_mut(c * n);
+        gemm_rm(dv, &s.d1, false, &t.att, false, (c, n, n), false);
+        zeroed(&mut s.d3, n * n); // dA, then dS
+        gemm_rm(&mut s.d3, &s.d1, true, v, false, (n, n, c), false);
+        let scale = self.scale();
+        for (ds, a) in s.d3.chunks_mut(n).zip(t.att.chunks(n)) {
+            let dot: f32 = ds.iter().zip(a).map(|(d, a)| d * a).sum();
+            for (d, &a) in ds.iter_mut().zip(a) {
+                *d = a * (*d - dot) * scale;
+            }
+        }
+        gemm_rm(dq, k, false, &s.d3, true, (c, n, n), false);
+        gemm_rm(dk, q, false, &s.d3, false, (c, n, n), false);
+        zeroed(&mut s.d1, c * n); // d group_norm(x)
+        self.qkv
+            .backward(p, grads, &t.hn, size, &s.d2, Some(&mut s.d1), &mut s.cols);
+        self.norm
+            .backward(p, grads, x, n, &t.stats, false, &s.d1, dx, &mut s.gn);
+    }
+}
+
+/// candle's nearest-neighbour source index for each of `dst` positions.
+fn nearest(src: usize, dst: usize) -> impl Iterator<Item = usize> {
+    let scale = src as f64 / dst as f64;
+    (0..dst).map(move |i| ((i as f64 * scale) as usize).min(src - 1))
+}
+
+/// `y [C, DH, DW]` = nearest-neighbour upsampling of `x [C, SH, SW]`.
+fn upsample(x: &[f32], (sh, sw): (usize, usize), (dh, dw): (usize, usize), y: &mut Vec<f32>) {
+    let c = x.len() / (sh * sw);
+    zeroed(y, c * dh * dw);
+    let cols: Vec<usize> = nearest(sw, dw).collect();
+    for (plane, out) in x.chunks(sh * sw).zip(y.chunks_mut(dh * dw)) {
+        for (row, sy) in out.chunks_mut(dw).zip(nearest(sh, dh)) {
+            for (v, &sx) in row.iter_mut().zip(&cols) {
+                *v = plane[sy * sw + sx];
+            }
+        }
+    }
+}
+
+/// The adjoint of [`upsample`]: `dx += ` the sum of `dy` over each source pixel's copies.
+fn upsample_backward(
+    dy: &[f32],
+    (sh, sw): (usize, usize),
+    (dh, dw): (usize, usize),
+    dx: &mut [f32],
+) {
+    let cols: Vec<usize> = nearest(sw, dw).collect();
+    for (plane, d) in dx.chunks_mut(sh * sw).zip(dy.chunks(dh * dw)) {
+        for (row, sy) in d.chunks(dw).zip(nearest(sh, dh)) {
+            for (&g, &sx) in row.iter().zip(&cols) {
+                plane[sy * sw + sx] += g;
+            }
+        }
+    }
+}
+
+/// The whole network's parameters.
+#[derive(Debug, Clone)]
+struct Plan {
+    freqs: Vec<f32>,
+    time1: LinP,
+    time2: LinP,
+    conv_in: ConvP,
+    down: Vec<ResP>,
+    downsample: Vec<ConvP>,
+    mid1: ResP,
+    attn: Option<AttnP>,
+    mid2: ResP,
+    up: Vec<ResP>,
+    upsample: Vec<ConvP>,
+    norm_out: NormP,
+    conv_out: ConvP,
+}
+
+/// One example's activations.
+#[derive(Default)]
+struct Tape {
+    emb: Vec<f32>,
+    a1: Vec<f32>,
+    s1: Vec<f32>,
+    tm: Vec<f32>,
+    ta: Vec<f32>,
+    h0: Vec<f32>,
+    down: Vec<ResTape>,
+    down_out: Vec<Vec<f32>>,
+    ds_out: Vec<Vec<f32>>,
+    mid1: ResTape,
+    mid1_out: Vec<f32>,
+    attn: AttnTape,
+    attn_out: Vec<f32>,
+    mid2: ResTape,
+    mid2_out: Vec<f32>,
+    up_in: Vec<Vec<f32>>,
+    up: Vec<ResTape>,
+    up_out: Vec<Vec<f32>>,
+    up_near: Vec<Vec<f32>>,
+    us_out: Vec<Vec<f32>>,
+    n_out: Vec<f32>,
+    n_out_stats: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// A thread's buffers: the tape, the blocks' scratch and the backward walk's gradients.
+#[derive(Default)]
+struct Workspace {
+    tape: Tape,
+    block: BlockScratch,
+    dh: Vec<f32>,
+    dnext: Vec<f32>,
+    dskip: Vec<Vec<f32>>,
+    dta: Vec<f32>,
+    dtm: Vec<f32>,
+    ds1: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+impl Workspace {
+    fn new(levels: usize) -> Self {
+        let mut w = Workspace::default();
+        let many = || (0..levels).map(|_| Vec::new()).collect::<Vec<Vec<f32>>>();
+        w.tape.down = (0..levels).map(|_| ResTape::default()).collect();
+        w.tape.up = (0..levels).map(|_| ResTape::default()).collect();
+        w.tape.down_out = many();
+        w.tape.ds_out = many();
+        w.tape.up_in = many();
+        w.tape.up_out = many();
+        w.tape.up_near = many();
+        w.tape.us_out = many();
+        w.dskip = many();
+        w
+    }
+}
+
+impl Plan {
+    fn levels(&self) -> usize {
+        self.down.len()
+    }
+
+    /// The (H, W) of each level for an input of `size`.
+    fn sizes(&self, size: (usize, usize)) -> Vec<(usize, usize)> {
+        let mut out = vec![size];
+        for ds in &self.downsample {
+            let last = *out.last().expect("one size");
+            out.push(ds.geometry(last).output());
+        }
+        out
+    }
+
+    /// One example `x` `[1, H, W]` at time `t`; the output lands in `tape.y`.
+    fn forward(&self, p: &[f32], x: &[f32], sizes: &[(usize, usize)], t: f32, ws: &mut Workspace) {
+        let tape = &mut ws.tape;
+        let cols = &mut ws.block.cols;
+        let half = self.freqs.len();
+        zeroed(&mut tape.emb, 2 * half);
+        for (i, &f) in self.freqs.iter().enumerate() {
+            let a = t * f;
+            tape.emb[i] = a.cos();
+            tape.emb[half + i] = a.sin();
+        }
+        self.time1.forward(p, &tape.emb, &mut tape.a1);
+        tape.s1.clear();
+        tape.s1.extend(tape.a1.iter().map(|&a| silu(a)));
+        self.time2.forward(p, &tape.s1, &mut tape.tm);
+        tape.ta.clear();
+        tape.ta.extend(tape.tm.iter().map(|&a| silu(a)));
+        self.conv_in
+            .forward(p, x, sizes[0], &mut tape.h0, Init::Bias, cols);
+        let levels = self.levels();
+        #[allow(clippy::needless_range_loop)] // i indexes five parallel lists
+        for i in 0..levels {
+            let input: &[f32] = if i == 0 {
+                &tape.h0
+            } else {
+                &tape.ds_out[i - 1]
+            };
+            self.down[i].forward(
+                p,
+                input,
+                sizes[i],
+                &tape.ta,
+                &mut tape.down[i],
+                &mut tape.down_out[i],
+                cols,
+            );
+            if let Some(ds) = self.downsample.get(i) {
+                ds.forward(
+                    p,
+                    &tape.down_out[i],
+                    sizes[i],
+                    &mut tape.ds_out[i],
+                    Init::Bias,
+                    cols,
+                );
+            }
+        }
+        let deepest = sizes[levels - 1];
+        self.mid1.forward(
+            p,
+            &tape.down_out[levels - 1],
+            deepest,
+            &tape.ta,
+            &mut tape.mid1,
+            &mut tape.mid1_out,
+            cols,
+        );
+        let mid2_in: &[f32] = match &self.attn {
+            Some(a) => {
+                a.forward(
+                    p,
+                    &tape.mid1_out,
+                    deepest,
+                    &mut tape.attn,
+                    &mut tape.attn_out,
+                    cols,
+                );
+                &tape.attn_out
+            }
+            None => &tape.mid1_out,
+        };
+        self.mid2.forward(
+            p,
+            mid2_in,
+            deepest,
+            &tape.ta,
+            &mut tape.mid2,
+            &mut tape.mid2_out,
+            cols,
+        );
+        for j in 0..levels {
+            let i = levels - 1 - j;
+            let prev: &[f32] = if j == 0 {
+                &tape.mid2_out
+            } else {
+                &tape.us_out[j - 1]
+            };
+            let cat = &mut tape.up_in[j];
+            cat.clear();
+            cat.extend_from_slice(prev);
+            cat.extend_from_slice(&tape.down_out[i]);
+            self.up[j].forward(
+                p,
+                &tape.up_in[j],
+                sizes[i],
+                &tape.ta,
+                &mut tape.up[j],
+                &mut tape.up_out[j],
+                cols,
+            );
+            if let Some(us) = self.upsample.get(j) {
+                upsample(
+                    &tape.up_out[j],
+                    sizes[i],
+                    sizes[i - 1],
+                    &mut tape.up_near[j],
+                );
+                us.forward(
+                    p,
+                    &tape.up_near[j],
+                    sizes[i - 1],
+                    &mut tape.us_out[j],
+                    Init::Bias,
+                    cols,
+                );
+            }
+        }
+        let hw = sizes[0].0 * sizes[0].1;
+        self.norm_out.forward(
+            p,
+            &tape.up_out[levels - 1],
+            hw,
+            &mut tape.n_out,
+            true,
+            &mut tape.n_out_stats,
+        );
+        self.conv_out
+            .forward(p, &tape.n_out, sizes[0], &mut tape.y, Init::Bias, cols);
+    }
+
+    /// Adds the gradients of one example into `grads`, `ws.dy` holding dL/dy.
+    fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        sizes: &[(usize, usize)],
+        ws: &mut Workspace,
+    ) {
+        let tape = &ws.tape;
+        let levels = self.levels();
+        let hw = sizes[0].0 * sizes[0].1;
+        zeroed(&mut ws.dh, tape.n_out.len());
+        self.conv_out.backward(
+            p,
+            grads,
+            &tape.n_out,
+            sizes[0],
+            &ws.dy,
+            Some(&mut ws.dh),
+            &mut ws.block.cols,
+        );
+        zeroed(&mut ws.dnext, tape.up_out[levels - 1].len());
+        self.norm_out.backward(
+            p,
+            grads,
+            &tape.up_out[levels - 1],
+            hw,
+            &tape.n_out_stats,
+            true,
+            &ws.dh,
+            &mut ws.dnext,
+            &mut ws.block.gn,
+        );
+        std::mem::swap(&mut ws.dh, &mut ws.dnext);
+        for (d, out) in ws.dskip.iter_mut().zip(&tape.down_out) {
+            zeroed(d, out.len());
+        }
+        zeroed(&mut ws.dta, tape.ta.len());
+        for j in (0..levels).rev() {
+            let i = levels - 1 - j;
+            if let Some(us) = self.upsample.get(j) {
+                // ws.dh: the gradient of us_out[j]; through the conv, then the upsampling.
+                zeroed(&mut ws.dnext, tape.up_near[j].len());
+                us.backward(
+                    p,
+                    grads,
+                    &tape.up_near[j],
+                    sizes[i - 1],
+                    &ws.dh,
+                    Some(&mut ws.dnext),
+                    &mut ws.block.cols,
+                );
+                zeroed(&mut ws.dh, tape.up_out[j].len());
+                upsample_backward(&ws.dnext, sizes[i], sizes[i - 1], &mut ws.dh);
+            }
+            zeroed(&mut ws.dnext, tape.up_in[j].len());
+            self.up[j].backward(
+                p,
+                grads,
+                &tape.up_in[j],
+                sizes[i],
+                &tape.ta,
+                &tape.up[j],
+                &ws.dh,
+                &mut ws.dnext,
+                &mut ws.dta,
+                &mut ws.block,
+            );
+            let prev = tape.up_in[j].len() - tape.down_out[i].len();
+            add_into(&mut ws.dskip[i], &ws.dnext[prev..]);
+            ws.dh.clear();
+            ws.dh.extend_from_slice(&ws.dnext[..prev]);
+        }
+        let deepest = sizes[levels - 1];
+        let mid2_in: &[f32] = if self.attn.is_some() {
+            &tape.attn_out
+        } else {
+            &tape.mid1_out
+        };
+        zeroed(&mut ws.dnext, mid2_in.len());
+        self.mid2.backward(
+            p,
+            grads,
+            mid2_in,
+            deepest,
+            &tape.ta,
+            &tape.mid2,
+            &ws.dh,
+            &mut ws.dnext,
+            &mut ws.dta,
+            &mut ws.block,
+        );
+        std::mem::swap(&mut ws.dh, &mut ws.dnext);
+        if let Some(a) = &self.attn {
+            zeroed(&mut ws.dnext, tape.mid1_out.len());
+            a.backward(
+                p,
+                grads,
+                &tape.mid1_out,
+                deepest,
+                &tape.attn,
+                &ws.dh,
+                &mut ws.dnext,
+                &mut ws.block,
+            );
+            std::mem::swap(&mut ws.dh, &mut ws.dnext);
+        }
+        self.mid1.backward(
+            p,
+            grads,
+            &tape.down_out[levels - 1],
+            deepest,
+            &tape.ta,
+            &tape.mid1,
+            &ws.dh,
+            &mut ws.dskip[levels - 1],
+            &mut ws.dta,
+            &mut ws.block,
+        );
+        for i in (0..levels).rev() {
+            let input: &[f32] = if i == 0 {
+                &tape.h0
+            } else {
+                &tape.ds_out[i - 1]
+            };
+            zeroed(&mut ws.dnext, input.len());
+            let (lower, this) = ws.dskip.split_at_mut(i);
+            self.down[i].backward(
+                p,
+                grads,
+                input,
+                sizes[i],
+                &tape.ta,
+                &tape.down[i],
+                &this[0],
+                &mut ws.dnext,
+                &mut ws.dta,
+                &mut ws.block,
+            );
+            if i > 0 {
+                self.downsample[i - 1].backward(
+                    p,
+                    grads,
+                    &tape.down_out[i - 1],
+                    sizes[i - 1],
+                    &ws.dnext,
+                    Some(&mut lower[i - 1]),
+                    &mut ws.block.cols,
+                );
+            } else {
+                self.conv_in
+                    .backward(p, grads, x, sizes[0], &ws.dnext, None, &mut ws.block.cols);
+            }
+        }
+        ws.dtm.clear();
+        ws.dtm
+            .extend(ws.dta.iter().zip(&tape.tm).map(|(d, &a)| d * silu_grad(a)));
+        zeroed(&mut ws.ds1, tape.s1.len());
+        self.time2
+            .backward(p, grads, &tape.s1, &ws.dtm, Some(&mut ws.ds1));
+        ws.ds1
+            .iter_mut()
+            .zip(&tape.a1)
+            .for_each(|(d, &a)| *d *= silu_grad(a));
+        self.time1.backward(p, grads, &tape.emb, &ws.ds1, None);
+    }
+}
+
+/// Collects the network's parameters into one flat vector, in the order they are visited.
+#[derive(Default)]
+struct Builder {
+    params: Vec<f32>,
+    tensors: Vec<(Tensor, usize)>,
+}
+
+impl Builder {
+    fn add(&mut self, t: &Tensor) -> Result<usize> {
+        let at = self.params.len();
+        self.params
+            .extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        self.tensors.push((t.clone(), at));
+        Ok(at)
+    }
+
+    fn conv(&mut self, c: &Conv2d) -> Result<ConvP> {
+        let (w, b, stride) = c.parts();
+        let (o, ci, k, _) = w.dims4()?;
+        Ok(ConvP {
+            w: self.add(w)?,
+            b: self.add(b)?,
+            o,
+            c: ci,
+            k,
+            stride,
+        })
+    }
+
+    fn norm(&mut self, n: &GroupNorm) -> Result<NormP> {
+        let (g, b, groups, eps) = n.parts();
+        Ok(NormP {
+            g: self.add(g)?,
+            b: self.add(b)?,
+            c: g.elem_count(),
+            groups,
+            eps,
+        })
+    }
+
+    fn linear(&mut self, l: &Linear) -> Result<LinP> {
+        let (o, i) = l.weight().dims2()?;
+        let Some(bias) = l.bias() else {
+            bail!("fused U-Net: every linear layer must have a bias");
+        };
+        Ok(LinP {
+            w: self.add(l.weight())?,
+            b: self.add(bias)?,
+            o,
+            i,
+        })
+    }
+
+    fn res(&mut self, r: &ResBlock) -> Result<ResP> {
+        Ok(ResP {
+            norm1: self.norm(&r.norm1)?,
+            conv1: self.conv(&r.conv1)?,
+            time: self.linear(&r.time)?,
+            norm2: self.norm(&r.norm2)?,
+            conv2: self.conv(&r.conv2)?,
+            skip: r.skip.as_ref().map(|s| self.conv(s)).transpose()?,
+        })
+    }
+
+    fn attn(&mut self, a: &Attention) -> Result<AttnP> {
+        Ok(AttnP {
+            norm: self.norm(&a.norm)?,
+            qkv: self.conv(&a.qkv)?,
+            proj: self.conv(&a.proj)?,
+        })
+    }
+}
+
+/// The fused CPU engine for a [`UNet`]: a flat copy of its parameters and the plan of its
+/// layers.
+pub struct FusedUnet {
+    plan: Plan,
+    params: Vec<f32>,
+    /// Each parameter tensor of the network and its offset in `params`.
+    tensors: Vec<(Tensor, usize)>,
+}
+
+impl FusedUnet {
+    /// Copies the parameters of `net` (CPU or not) into the engine.
+    pub fn new(net: &UNet) -> Result<Self> {
+        let mut b = Builder::default();
+        let base = net.time1.weight().dim(1)?;
+        if base % 2 != 0 {
+            bail!("fused U-Net: the time embedding width must be even, got {base}");
+        }
+        let half = base / 2;
+        let freqs = (0..half)
+            .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+            .collect();
+        let plan = Plan {
+            freqs,
+            time1: b.linear(&net.time1)?,
+            time2: b.linear(&net.time2)?,
+            conv_in: b.conv(&net.conv_in)?,
+            down: net.down.iter().map(|r| b.res(r)).collect::<Result<_>>()?,
+            downsample: net
+                .downsample
+                .iter()
+                .map(|c| b.conv(c))
+                .collect::<Result<_>>()?,
+            mid1: b.res(&net.mid1)?,
+            attn: net.attn.as_ref().map(|a| b.attn(a)).transpose()?,
+            mid2: b.res(&net.mid2)?,
+            up: net.up.iter().map(|r| b.res(r)).collect::<Result<_>>()?,
+            upsample: net
+                .upsample
+                .iter()
+                .map(|c| b.conv(c))
+                .collect::<Result<_>>()?,
+            norm_out: b.norm(&net.norm_out)?,
+            conv_out: b.conv(&net.conv_out)?,
+        };
+        if plan.conv_in.c != 1 || plan.conv_out.o != 1 {
+            bail!("fused U-Net: one input and one output channel expected");
+        }
+        Ok(Self {
+            plan,
+            params: b.params,
+            tensors: b.tensors,
+        })
+    }
+
+    /// Re-reads the parameter values from the network's tensors (after an optimiser step
+    /// changed its variables).
+    pub fn refresh(&mut self) -> Result<()> {
+        for (t, at) in &self.tensors {
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            self.params[*at..*at + v.len()].copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// The number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.len()
+    }
+
+    fn check(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<usize> {
+        let n = size.0 * size.1;
+        if n == 0 || x.len() != t.len() * n {
+            bail!(
+                "fused U-Net: {} input values for {} timesteps of {}x{} images",
+                x.len(),
+                t.len(),
+                size.0,
+                size.1
+            );
+        }
+        Ok(n)
+    }
+
+    /// Contiguous ranges of the batch, one per thread.
+    fn chunk(&self, batch: usize) -> usize {
+        batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+    }
+
+    /// eps_theta(x_t, t) of a batch: `x` `[B, 1, H, W]` values, `t` `[B]` -> `[B, 1, H, W]`.
+    pub fn forward_values(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
+        let n = self.check(x, t, size)?;
+        let sizes = self.plan.sizes(size);
+        let chunk = self.chunk(t.len());
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(chunk * n)
+            .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
+            .for_each(|(out, (x, t))| {
+                let mut ws = Workspace::new(self.plan.levels());
+                for (e, &te) in t.iter().enumerate() {
+                    self.plan
+                        .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
+                    out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.y);
+                }
+            });
+        Ok(out)
+    }
+
+    /// The [`super::process::Denoiser`] forward on tensors (`xt` `[B, 1, H, W]`, `t` `[B]`).
+    pub fn forward(&self, xt: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xt.dims4()?;
+        if c != 1 {
+            bail!("fused U-Net: one input channel expected, got {c}");
+        }
+        let x = xt.flatten_all()?.to_vec1::<f32>()?;
+        let t = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let out = self.forward_values(&x, &t, (h, w))?;
+        Tensor::from_vec(out, (b, c, h, w), xt.device())
+    }
+
+    /// The simple loss `mean (eps_theta(x_t, t) - target)^2` of a batch and its gradient with
+    /// respect to the flat parameters (the layout of [`FusedUnet::grad_store`]).
+    pub fn loss_and_grads(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        target: &[f32],
+        size: (usize, usize),
+    ) -> Result<(f64, Vec<f32>)> {
+        let n = self.check(x, t, size)?;
+        if target.len() != x.len() {
+            bail!(
+                "fused U-Net: {} target values for {} inputs",
+                target.len(),
+                x.len()
+            );
+        }
+        let sizes = self.plan.sizes(size);
+        let chunk = self.chunk(t.len());
+        let scale = 2.0 / x.len() as f32;
+        let parts: Vec<(Vec<f32>, f64)> = x
+            .par_chunks(chunk * n)
+            .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
+            .map(|(x, (t, target))| {
+                let mut ws = Workspace::new(self.plan.levels());
+                let mut grads = vec![0f32; self.params.len()];
+                let mut sum = 0f64;
+                for (e, &te) in t.iter().enumerate() {
+                    let xe = &x[e * n..(e + 1) * n];
+                    self.plan.forward(&self.params, xe, &sizes, te, &mut ws);
+                    ws.dy.clear();
+                    for (&y, &tg) in ws.tape.y.iter().zip(&target[e * n..(e + 1) * n]) {
+                        let d = y - tg;
+                        sum += (d * d) as f64;
+                        ws.dy.push(scale * d);
+                    }
+                    self.plan
+                        .backward(&self.params, &mut grads, xe, &sizes, &mut ws);
+                }
+                (grads, sum)
+            })
+            .collect();
+        let mut grads = vec![0f32; self.params.len()];
+        let mut sum = 0f64;
+        for (g, s) in parts {
+            add_into(&mut grads, &g);
+            sum += s;
+        }
+        Ok((sum / x.len() as f64, grads))
+    }
+
+    /// Flat gradients as a `GradStore` keyed by the network's own parameter tensors, what
+    /// `loss.backward()` returns and [`crate::optim::Adam::step`] reads.
+    pub fn grad_store(&self, grads: &[f32]) -> Result<GradStore> {
+        if grads.len() != self.params.len() {
+            bail!(
+                "fused U-Net: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
+        }
+        let mut store = GradStore::default();
+        for (t, at) in &self.tensors {
+            let g = Tensor::from_slice(&grads[*at..*at + t.elem_count()], t.shape(), t.device())?;
+            store.insert(t, g);
+        }
+        Ok(store)
+    }
+}
