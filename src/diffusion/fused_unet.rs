@@ -31,6 +31,8 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, bail};
 use candle_nn::Linear;
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::conv::{Conv2d, Geometry, gemm_rm};
@@ -43,6 +45,10 @@ use super::nets::{Attention, ResBlock, UNet};
 #[derive(Debug, Clone, Copy)]
 struct ConvP {
     w: usize,
+    /// Stride-1 k x k convolutions (k > 1): where the flipped, transposed weight
+    /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept, so that dx is itself a convolution
+    /// of dy (one im2col of dy and one gemm) instead of a gemm and a col2im.
+    wf: Option<usize>,
     b: usize,
     o: usize,
     c: usize,
@@ -112,15 +118,15 @@ impl ConvP {
                 }
             }
             Init::Bias => {
-                zeroed(y, self.o * ohw);
-                for (row, &b) in y.chunks_mut(ohw).zip(bias) {
-                    row.fill(b);
+                y.clear();
+                for &b in bias {
+                    y.extend(std::iter::repeat_n(b, ohw));
                 }
             }
             Init::BiasPlus(extra) => {
-                zeroed(y, self.o * ohw);
-                for ((row, &b), &e) in y.chunks_mut(ohw).zip(bias).zip(extra) {
-                    row.fill(b + e);
+                y.clear();
+                for (&b, &e) in bias.iter().zip(extra) {
+                    y.extend(std::iter::repeat_n(b + e, ohw));
                 }
             }
         }
@@ -172,6 +178,14 @@ impl ConvP {
             let w = self.weight(p);
             if self.pointwise() {
                 gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), true);
+            } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
+                let okk = self.o * self.k * self.k;
+                if cols.len() < okk * ohw {
+                    cols.resize(okk * ohw, 0.0);
+                }
+                g.im2col(dy, self.o, cols);
+                let flipped = &p[wf..wf + self.c * okk];
+                gemm_rm(dx, flipped, false, cols, false, (self.c, ohw, okk), true);
             } else {
                 gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
                 g.col2im(cols, self.c, dx);
@@ -234,11 +248,11 @@ impl NormP {
         let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
         let cg = self.c / self.groups;
         let n = (cg * hw) as f64;
-        scratch.clear();
-        scratch.extend_from_slice(dy);
+        zeroed(scratch, dy.len());
         for gi in 0..self.groups {
             let (mean, inv) = (stats[2 * gi], stats[2 * gi + 1]);
             let range = gi * cg * hw..(gi + 1) * cg * hw;
+            let dy_in = &dy[range.clone()];
             let (xg, dyg, dxg) = (
                 &x[range.clone()],
                 &mut scratch[range.clone()],
@@ -249,8 +263,16 @@ impl NormP {
                 let ch = gi * cg + j;
                 let (gm, bt) = (gamma[ch], beta[ch]);
                 let r = j * hw..(j + 1) * hw;
-                let (sg, sgx) =
-                    channel_grad_sums(&mut dyg[r.clone()], &xg[r], mean, inv, gm, bt, with_silu);
+                let (sg, sgx) = channel_grad_sums(
+                    &mut dyg[r.clone()],
+                    &dy_in[r.clone()],
+                    &xg[r],
+                    mean,
+                    inv,
+                    gm,
+                    bt,
+                    with_silu,
+                );
                 grads[self.b + ch] += sg;
                 grads[self.g + ch] += sgx;
                 mean_g += (gm * sg) as f64;
@@ -640,6 +662,44 @@ impl Workspace {
 }
 
 impl Plan {
+    /// Every convolution of the network.
+    fn convs_mut(&mut self) -> Vec<&mut ConvP> {
+        let mut v = vec![&mut self.conv_in, &mut self.conv_out];
+        let blocks = self.down.iter_mut().chain(self.up.iter_mut());
+        for r in blocks.chain([&mut self.mid1, &mut self.mid2]) {
+            v.push(&mut r.conv1);
+            v.push(&mut r.conv2);
+            if let Some(s) = r.skip.as_mut() {
+                v.push(s);
+            }
+        }
+        v.extend(self.downsample.iter_mut());
+        v.extend(self.upsample.iter_mut());
+        if let Some(a) = self.attn.as_mut() {
+            v.push(&mut a.qkv);
+            v.push(&mut a.proj);
+        }
+        v
+    }
+
+    /// Writes each flipped weight (see [`ConvP::wf`]) from its weight.
+    fn flip_weights(&mut self, params: &mut [f32]) {
+        for c in self.convs_mut() {
+            let Some(wf) = c.wf else { continue };
+            let k = c.k;
+            for o in 0..c.o {
+                for ci in 0..c.c {
+                    for u in 0..k {
+                        for v in 0..k {
+                            params[wf + ((ci * c.o + o) * k + u) * k + v] =
+                                params[c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn levels(&self) -> usize {
         self.down.len()
     }
@@ -974,6 +1034,7 @@ impl Builder {
         let (o, ci, k, _) = w.dims4()?;
         Ok(ConvP {
             w: self.add(w)?,
+            wf: None,
             b: self.add(b)?,
             o,
             c: ci,
@@ -1033,6 +1094,9 @@ pub struct FusedUnet {
     params: Vec<f32>,
     /// Each parameter tensor of the network and its offset in `params`.
     tensors: Vec<(Tensor, usize)>,
+    /// Workspaces kept from call to call (their buffers would otherwise be fresh pages, which
+    /// the kernel clears, at every step).
+    pool: Mutex<Vec<Workspace>>,
 }
 
 impl FusedUnet {
@@ -1073,10 +1137,20 @@ impl FusedUnet {
         if plan.conv_in.c != 1 || plan.conv_out.o != 1 {
             bail!("fused U-Net: one input and one output channel expected");
         }
+        let mut plan = plan;
+        let mut params = b.params;
+        for c in plan.convs_mut() {
+            if c.stride == 1 && c.k > 1 {
+                c.wf = Some(params.len());
+                params.resize(params.len() + c.o * c.c * c.k * c.k, 0.0);
+            }
+        }
+        plan.flip_weights(&mut params);
         Ok(Self {
             plan,
-            params: b.params,
+            params,
             tensors: b.tensors,
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -1087,12 +1161,13 @@ impl FusedUnet {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
             self.params[*at..*at + v.len()].copy_from_slice(&v);
         }
+        self.plan.flip_weights(&mut self.params);
         Ok(())
     }
 
     /// The number of parameters.
     pub fn num_params(&self) -> usize {
-        self.params.len()
+        self.tensors.iter().map(|(t, _)| t.elem_count()).sum()
     }
 
     fn check(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<usize> {
@@ -1109,6 +1184,17 @@ impl FusedUnet {
         Ok(n)
     }
 
+    fn workspace(&self) -> Workspace {
+        let kept = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        kept.unwrap_or_else(|| Workspace::new(self.plan.levels()))
+    }
+
+    fn give_back(&self, ws: Workspace) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.push(ws);
+        }
+    }
+
     /// Contiguous ranges of the batch, one per thread.
     fn chunk(&self, batch: usize) -> usize {
         batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -1123,12 +1209,13 @@ impl FusedUnet {
         out.par_chunks_mut(chunk * n)
             .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
             .for_each(|(out, (x, t))| {
-                let mut ws = Workspace::new(self.plan.levels());
+                let mut ws = self.workspace();
                 for (e, &te) in t.iter().enumerate() {
                     self.plan
                         .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
                     out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.y);
                 }
+                self.give_back(ws);
             });
         Ok(out)
     }
@@ -1169,7 +1256,7 @@ impl FusedUnet {
             .par_chunks(chunk * n)
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
             .map(|(x, (t, target))| {
-                let mut ws = Workspace::new(self.plan.levels());
+                let mut ws = self.workspace();
                 let mut grads = vec![0f32; self.params.len()];
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {

@@ -136,11 +136,13 @@ pub(crate) fn normalize_channel(
     }
 }
 
-/// Over one channel, `dy *= silu'(a)` (when `with_silu`), a = gamma x_hat + beta, x_hat =
-/// (x - mean) inv; returns (sum dy, sum dy x_hat) after it.
+/// Over one channel, `out = dy silu'(a)` (`dy` itself without the SiLU), a = gamma x_hat +
+/// beta, x_hat = (x - mean) inv; returns (sum out, sum out x_hat).
 #[multiversion::multiversion(targets = "simd")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn channel_grad_sums(
-    dy: &mut [f32],
+    out: &mut [f32],
+    dy: &[f32],
     x: &[f32],
     mean: f32,
     inv: f32,
@@ -149,31 +151,39 @@ pub(crate) fn channel_grad_sums(
     with_silu: bool,
 ) -> (f32, f32) {
     const LANES: usize = 16;
-    let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
-    let mut dyc = dy.chunks_exact_mut(LANES);
-    let mut xc = x.chunks_exact(LANES);
-    for (d, x) in (&mut dyc).zip(&mut xc) {
-        for l in 0..LANES {
-            let x_hat = (x[l] - mean) * inv;
-            if with_silu {
-                let a = gamma * x_hat + beta;
-                let s = sigmoid_fast(a);
-                d[l] *= s * (1.0 + a * (1.0 - s));
-            }
-            sg[l] += d[l];
-            sgx[l] += d[l] * x_hat;
-        }
-    }
-    let (mut sg, mut sgx) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
-    for (d, &x) in dyc.into_remainder().iter_mut().zip(xc.remainder()) {
-        let x_hat = (x - mean) * inv;
+    #[inline(always)]
+    fn one(dy: f32, x_hat: f32, gamma: f32, beta: f32, with_silu: bool) -> f32 {
         if with_silu {
             let a = gamma * x_hat + beta;
             let s = sigmoid_fast(a);
-            *d *= s * (1.0 + a * (1.0 - s));
+            dy * s * (1.0 + a * (1.0 - s))
+        } else {
+            dy
         }
-        sg += *d;
-        sgx += *d * x_hat;
+    }
+    let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
+    let mut oc = out.chunks_exact_mut(LANES);
+    let mut dc = dy.chunks_exact(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    for ((o, d), x) in (&mut oc).zip(&mut dc).zip(&mut xc) {
+        for l in 0..LANES {
+            let x_hat = (x[l] - mean) * inv;
+            o[l] = one(d[l], x_hat, gamma, beta, with_silu);
+            sg[l] += o[l];
+            sgx[l] += o[l] * x_hat;
+        }
+    }
+    let (mut sg, mut sgx) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
+    let tail = oc
+        .into_remainder()
+        .iter_mut()
+        .zip(dc.remainder())
+        .zip(xc.remainder());
+    for ((o, &d), &x) in tail {
+        let x_hat = (x - mean) * inv;
+        *o = one(d, x_hat, gamma, beta, with_silu);
+        sg += *o;
+        sgx += *o * x_hat;
     }
     (sg, sgx)
 }
@@ -197,13 +207,33 @@ pub(crate) fn channel_dx(
     }
 }
 
-/// Mean and 1/sigma of one group.
+/// Mean and 1/sigma of one group, in one pass: sums of d and d^2 for d = x - x_0 in f64
+/// lanes (shifting by the first value keeps var = E[d^2] - E[d]^2 free of cancellation when
+/// the mean is large against the spread).
 #[multiversion::multiversion(targets = "simd")]
 pub(crate) fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+    const LANES: usize = 8;
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+    let shift = x.first().copied().unwrap_or(0.0) as f64;
+    let (mut s1, mut s2) = ([0f64; LANES], [0f64; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            let d = c[l] as f64 - shift;
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    let (mut s1, mut s2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    for &v in rest {
+        let d = v as f64 - shift;
+        s1 += d;
+        s2 += d * d;
+    }
+    let mean_d = s1 / n;
+    let var = (s2 / n - mean_d * mean_d).max(0.0);
+    ((shift + mean_d) as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
 impl GroupNormOp {
