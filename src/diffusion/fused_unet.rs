@@ -56,6 +56,13 @@ struct ConvP {
     stride: usize,
 }
 
+/// Where a convolution's backward pass puts dx.
+enum Dx<'a> {
+    None,
+    Add(&'a mut [f32]),
+    Set(&'a mut [f32]),
+}
+
 /// How a convolution's output starts before the gemm adds `W im2col(x)`.
 enum Init<'a> {
     /// The bias.
@@ -64,6 +71,20 @@ enum Init<'a> {
     BiasPlus(&'a [f32]),
     /// What the buffer holds (the residual branch) plus the bias.
     Accumulate,
+}
+
+/// `buf` resized to `n` values, for a buffer the caller overwrites whole (no zeroing when it
+/// already has that length, as when it is reused from the previous example).
+fn sized(buf: &mut Vec<f32>, n: usize) {
+    buf.resize(n, 0.0);
+}
+
+/// What a GroupNorm's backward pass reads: (mean, 1/sigma) per group and, after a fused
+/// SiLU, sigmoid(a) per value.
+#[derive(Default)]
+struct NormTape {
+    stats: Vec<f32>,
+    sig: Vec<f32>,
 }
 
 /// `buf` resized to `n` zeros.
@@ -143,7 +164,8 @@ impl ConvP {
         (oh, ow)
     }
 
-    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx += col2im(W^T dy)`.
+    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx (+)= col2im(W^T dy)`:
+    /// `Dx::Add` accumulates into the buffer, `Dx::Set` overwrites it.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -152,7 +174,7 @@ impl ConvP {
         x: &[f32],
         size: (usize, usize),
         dy: &[f32],
-        dx: Option<&mut [f32]>,
+        dx: Dx,
         cols: &mut Vec<f32>,
     ) {
         let g = self.geometry(size);
@@ -174,10 +196,15 @@ impl ConvP {
         {
             *db += row.iter().sum::<f32>();
         }
-        if let Some(dx) = dx {
+        let (dx, add) = match dx {
+            Dx::None => return,
+            Dx::Add(dx) => (dx, true),
+            Dx::Set(dx) => (dx, false),
+        };
+        {
             let w = self.weight(p);
             if self.pointwise() {
-                gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), true);
+                gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
             } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
                 let okk = self.o * self.k * self.k;
                 if cols.len() < okk * ohw {
@@ -185,8 +212,11 @@ impl ConvP {
                 }
                 g.im2col(dy, self.o, cols);
                 let flipped = &p[wf..wf + self.c * okk];
-                gemm_rm(dx, flipped, false, cols, false, (self.c, ohw, okk), true);
+                gemm_rm(dx, flipped, false, cols, false, (self.c, ohw, okk), add);
             } else {
+                if !add {
+                    dx.fill(0.0);
+                }
                 gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
                 g.col2im(cols, self.c, dx);
             }
@@ -205,8 +235,8 @@ struct NormP {
 }
 
 impl NormP {
-    /// `y = [silu](gamma (x - mu) / sigma + beta)` over `x` `[C, HW]`; `stats` gets
-    /// (mu, 1/sigma) per group.
+    /// `y = [silu](gamma (x - mu) / sigma + beta)` over `x` `[C, HW]`; `nt` gets (mu, 1/sigma)
+    /// per group and, with the SiLU, sigmoid(a) per value.
     fn forward(
         &self,
         p: &[f32],
@@ -214,19 +244,26 @@ impl NormP {
         hw: usize,
         y: &mut Vec<f32>,
         with_silu: bool,
-        stats: &mut Vec<f32>,
+        nt: &mut NormTape,
     ) {
         let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
         let cg = self.c / self.groups;
-        zeroed(y, x.len());
-        zeroed(stats, 2 * self.groups);
+        sized(y, x.len());
+        sized(&mut nt.stats, 2 * self.groups);
+        sized(&mut nt.sig, if with_silu { x.len() } else { 0 });
         for (gi, (yg, xg)) in y.chunks_mut(cg * hw).zip(x.chunks(cg * hw)).enumerate() {
             let (mean, inv) = moments(xg, self.eps);
-            stats[2 * gi] = mean;
-            stats[2 * gi + 1] = inv;
+            nt.stats[2 * gi] = mean;
+            nt.stats[2 * gi + 1] = inv;
             for (j, (y, x)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
                 let ch = gi * cg + j;
-                normalize_channel(y, x, mean, inv, gamma[ch], beta[ch], with_silu);
+                let start = (gi * cg + j) * hw;
+                let sig = if with_silu {
+                    &mut nt.sig[start..start + hw]
+                } else {
+                    &mut []
+                };
+                normalize_channel(y, sig, x, mean, inv, gamma[ch], beta[ch], with_silu);
             }
         }
     }
@@ -239,7 +276,7 @@ impl NormP {
         grads: &mut [f32],
         x: &[f32],
         hw: usize,
-        stats: &[f32],
+        nt: &NormTape,
         with_silu: bool,
         dy: &[f32],
         dx: &mut [f32],
@@ -248,9 +285,9 @@ impl NormP {
         let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
         let cg = self.c / self.groups;
         let n = (cg * hw) as f64;
-        zeroed(scratch, dy.len());
+        sized(scratch, dy.len());
         for gi in 0..self.groups {
-            let (mean, inv) = (stats[2 * gi], stats[2 * gi + 1]);
+            let (mean, inv) = (nt.stats[2 * gi], nt.stats[2 * gi + 1]);
             let range = gi * cg * hw..(gi + 1) * cg * hw;
             let dy_in = &dy[range.clone()];
             let (xg, dyg, dxg) = (
@@ -263,9 +300,12 @@ impl NormP {
                 let ch = gi * cg + j;
                 let (gm, bt) = (gamma[ch], beta[ch]);
                 let r = j * hw..(j + 1) * hw;
+                let at = gi * cg * hw + r.start;
+                let sig = if with_silu { &nt.sig[at..at + hw] } else { &[] };
                 let (sg, sgx) = channel_grad_sums(
                     &mut dyg[r.clone()],
                     &dy_in[r.clone()],
+                    sig,
                     &xg[r],
                     mean,
                     inv,
@@ -309,7 +349,7 @@ struct LinP {
 impl LinP {
     /// `y = W x + b` for one example.
     fn forward(&self, p: &[f32], x: &[f32], y: &mut Vec<f32>) {
-        zeroed(y, self.o);
+        sized(y, self.o);
         for (o, y) in y.iter_mut().enumerate() {
             let row = &p[self.w + o * self.i..self.w + (o + 1) * self.i];
             *y = p[self.b + o] + row.iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
@@ -355,11 +395,11 @@ struct ResP {
 #[derive(Default)]
 struct ResTape {
     n1: Vec<f32>,
-    stats1: Vec<f32>,
+    norm1: NormTape,
     tproj: Vec<f32>,
     h1: Vec<f32>,
     n2: Vec<f32>,
-    stats2: Vec<f32>,
+    norm2: NormTape,
 }
 
 /// Buffers the blocks' backward passes use.
@@ -387,12 +427,12 @@ impl ResP {
         cols: &mut Vec<f32>,
     ) {
         let hw = size.0 * size.1;
-        self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.stats1);
+        self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.norm1);
         self.time.forward(p, ta, &mut t.tproj);
         self.conv1
             .forward(p, &t.n1, size, &mut t.h1, Init::BiasPlus(&t.tproj), cols);
         self.norm2
-            .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.stats2);
+            .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.norm2);
         match &self.skip {
             Some(s) => {
                 s.forward(p, x, size, out, Init::Bias, cols);
@@ -422,27 +462,34 @@ impl ResP {
     ) {
         let hw = size.0 * size.1;
         let o = self.conv2.o;
-        zeroed(&mut s.d1, o * hw);
+        sized(&mut s.d1, o * hw);
         self.conv2
-            .backward(p, grads, &t.n2, size, dout, Some(&mut s.d1), &mut s.cols);
+            .backward(p, grads, &t.n2, size, dout, Dx::Set(&mut s.d1), &mut s.cols);
         match &self.skip {
-            Some(sk) => sk.backward(p, grads, x, size, dout, Some(&mut *dx), &mut s.cols),
+            Some(sk) => sk.backward(p, grads, x, size, dout, Dx::Add(&mut *dx), &mut s.cols),
             None => add_into(dx, dout),
         }
         zeroed(&mut s.d2, o * hw);
         self.norm2.backward(
-            p, grads, &t.h1, hw, &t.stats2, true, &s.d1, &mut s.d2, &mut s.gn,
+            p, grads, &t.h1, hw, &t.norm2, true, &s.d1, &mut s.d2, &mut s.gn,
         );
-        zeroed(&mut s.dt, o);
+        sized(&mut s.dt, o);
         for (dt, row) in s.dt.iter_mut().zip(s.d2.chunks(hw)) {
             *dt = row.iter().sum();
         }
         self.time.backward(p, grads, ta, &s.dt, Some(dta));
-        zeroed(&mut s.d1, x.len());
-        self.conv1
-            .backward(p, grads, &t.n1, size, &s.d2, Some(&mut s.d1), &mut s.cols);
+        sized(&mut s.d1, x.len());
+        self.conv1.backward(
+            p,
+            grads,
+            &t.n1,
+            size,
+            &s.d2,
+            Dx::Set(&mut s.d1),
+            &mut s.cols,
+        );
         self.norm1
-            .backward(p, grads, x, hw, &t.stats1, true, &s.d1, dx, &mut s.gn);
+            .backward(p, grads, x, hw, &t.norm1, true, &s.d1, dx, &mut s.gn);
     }
 }
 
@@ -457,7 +504,7 @@ struct AttnP {
 #[derive(Default)]
 struct AttnTape {
     hn: Vec<f32>,
-    stats: Vec<f32>,
+    norm: NormTape,
     qkv: Vec<f32>,
     att: Vec<f32>,
     ot: Vec<f32>,
@@ -479,12 +526,12 @@ impl AttnP {
         cols: &mut Vec<f32>,
     ) {
         let (c, n) = (self.proj.o, size.0 * size.1);
-        self.norm.forward(p, x, n, &mut t.hn, false, &mut t.stats);
+        self.norm.forward(p, x, n, &mut t.hn, false, &mut t.norm);
         self.qkv
             .forward(p, &t.hn, size, &mut t.qkv, Init::Bias, cols);
         let (q, rest) = t.qkv.split_at(c * n);
         let (k, v) = rest.split_at(c * n);
-        zeroed(&mut t.att, n * n);
+        sized(&mut t.att, n * n);
         gemm_rm(&mut t.att, q, true, k, false, (n, n, c), false);
         let scale = self.scale();
         for row in t.att.chunks_mut(n) {
@@ -497,7 +544,7 @@ impl AttnP {
             }
             row.iter_mut().for_each(|s| *s /= sum);
         }
-        zeroed(&mut t.ot, c * n);
+        sized(&mut t.ot, c * n);
         gemm_rm(&mut t.ot, v, false, &t.att, true, (c, n, n), false);
         out.clear();
         out.extend_from_slice(x);
@@ -519,16 +566,16 @@ impl AttnP {
     ) {
         let (c, n) = (self.proj.o, size.0 * size.1);
         add_into(dx, dy);
-        zeroed(&mut s.d1, c * n); // dO
+        sized(&mut s.d1, c * n); // dO
         self.proj
-            .backward(p, grads, &t.ot, size, dy, Some(&mut s.d1), &mut s.cols);
+            .backward(p, grads, &t.ot, size, dy, Dx::Set(&mut s.d1), &mut s.cols);
         let (q, rest) = t.qkv.split_at(c * n);
         let (k, v) = rest.split_at(c * n);
-        zeroed(&mut s.d2, 3 * c * n);
+        sized(&mut s.d2, 3 * c * n);
         let (dq, rest) = s.d2.split_at_mut(c * n);
         let (dk, dv) = rest.split_at_mut(c * n);
         gemm_rm(dv, &s.d1, false, &t.att, false, (c, n, n), false);
-        zeroed(&mut s.d3, n * n); // dA, then dS
+        sized(&mut s.d3, n * n); // dA, then dS
         gemm_rm(&mut s.d3, &s.d1, true, v, false, (n, n, c), false);
         let scale = self.scale();
         for (ds, a) in s.d3.chunks_mut(n).zip(t.att.chunks(n)) {
@@ -539,11 +586,18 @@ impl AttnP {
         }
         gemm_rm(dq, k, false, &s.d3, true, (c, n, n), false);
         gemm_rm(dk, q, false, &s.d3, false, (c, n, n), false);
-        zeroed(&mut s.d1, c * n); // d group_norm(x)
-        self.qkv
-            .backward(p, grads, &t.hn, size, &s.d2, Some(&mut s.d1), &mut s.cols);
+        sized(&mut s.d1, c * n); // d group_norm(x)
+        self.qkv.backward(
+            p,
+            grads,
+            &t.hn,
+            size,
+            &s.d2,
+            Dx::Set(&mut s.d1),
+            &mut s.cols,
+        );
         self.norm
-            .backward(p, grads, x, n, &t.stats, false, &s.d1, dx, &mut s.gn);
+            .backward(p, grads, x, n, &t.norm, false, &s.d1, dx, &mut s.gn);
     }
 }
 
@@ -556,7 +610,7 @@ fn nearest(src: usize, dst: usize) -> impl Iterator<Item = usize> {
 /// `y [C, DH, DW]` = nearest-neighbour upsampling of `x [C, SH, SW]`.
 fn upsample(x: &[f32], (sh, sw): (usize, usize), (dh, dw): (usize, usize), y: &mut Vec<f32>) {
     let c = x.len() / (sh * sw);
-    zeroed(y, c * dh * dw);
+    sized(y, c * dh * dw);
     let cols: Vec<usize> = nearest(sw, dw).collect();
     for (plane, out) in x.chunks(sh * sw).zip(y.chunks_mut(dh * dw)) {
         for (row, sy) in out.chunks_mut(dw).zip(nearest(sh, dh)) {
@@ -626,7 +680,7 @@ struct Tape {
     up_near: Vec<Vec<f32>>,
     us_out: Vec<Vec<f32>>,
     n_out: Vec<f32>,
-    n_out_stats: Vec<f32>,
+    n_out_norm: NormTape,
     y: Vec<f32>,
 }
 
@@ -719,7 +773,7 @@ impl Plan {
         let tape = &mut ws.tape;
         let cols = &mut ws.block.cols;
         let half = self.freqs.len();
-        zeroed(&mut tape.emb, 2 * half);
+        sized(&mut tape.emb, 2 * half);
         for (i, &f) in self.freqs.iter().enumerate() {
             let a = t * f;
             tape.emb[i] = a.cos();
@@ -838,7 +892,7 @@ impl Plan {
             hw,
             &mut tape.n_out,
             true,
-            &mut tape.n_out_stats,
+            &mut tape.n_out_norm,
         );
         self.conv_out
             .forward(p, &tape.n_out, sizes[0], &mut tape.y, Init::Bias, cols);
@@ -856,14 +910,14 @@ impl Plan {
         let tape = &ws.tape;
         let levels = self.levels();
         let hw = sizes[0].0 * sizes[0].1;
-        zeroed(&mut ws.dh, tape.n_out.len());
+        sized(&mut ws.dh, tape.n_out.len());
         self.conv_out.backward(
             p,
             grads,
             &tape.n_out,
             sizes[0],
             &ws.dy,
-            Some(&mut ws.dh),
+            Dx::Set(&mut ws.dh),
             &mut ws.block.cols,
         );
         zeroed(&mut ws.dnext, tape.up_out[levels - 1].len());
@@ -872,7 +926,7 @@ impl Plan {
             grads,
             &tape.up_out[levels - 1],
             hw,
-            &tape.n_out_stats,
+            &tape.n_out_norm,
             true,
             &ws.dh,
             &mut ws.dnext,
@@ -887,14 +941,14 @@ impl Plan {
             let i = levels - 1 - j;
             if let Some(us) = self.upsample.get(j) {
                 // ws.dh: the gradient of us_out[j]; through the conv, then the upsampling.
-                zeroed(&mut ws.dnext, tape.up_near[j].len());
+                sized(&mut ws.dnext, tape.up_near[j].len());
                 us.backward(
                     p,
                     grads,
                     &tape.up_near[j],
                     sizes[i - 1],
                     &ws.dh,
-                    Some(&mut ws.dnext),
+                    Dx::Set(&mut ws.dnext),
                     &mut ws.block.cols,
                 );
                 zeroed(&mut ws.dh, tape.up_out[j].len());
@@ -991,12 +1045,19 @@ impl Plan {
                     &tape.down_out[i - 1],
                     sizes[i - 1],
                     &ws.dnext,
-                    Some(&mut lower[i - 1]),
+                    Dx::Add(&mut lower[i - 1]),
                     &mut ws.block.cols,
                 );
             } else {
-                self.conv_in
-                    .backward(p, grads, x, sizes[0], &ws.dnext, None, &mut ws.block.cols);
+                self.conv_in.backward(
+                    p,
+                    grads,
+                    x,
+                    sizes[0],
+                    &ws.dnext,
+                    Dx::None,
+                    &mut ws.block.cols,
+                );
             }
         }
         ws.dtm.clear();

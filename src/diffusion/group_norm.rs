@@ -112,11 +112,13 @@ fn sigmoid_fast(a: f32) -> f32 {
     (if a >= 0.0 { 1.0 } else { e }) / (1.0 + e)
 }
 
-/// `y = [silu](gamma (x - mean) inv + beta)` over one channel.
+/// `y = [silu](gamma (x - mean) inv + beta)` over one channel; with the SiLU, `sig` (as long
+/// as `x`) gets sigmoid(a) for the backward pass.
 #[multiversion::multiversion(targets = "simd")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_channel(
     y: &mut [f32],
+    sig: &mut [f32],
     x: &[f32],
     mean: f32,
     inv: f32,
@@ -125,9 +127,10 @@ pub(crate) fn normalize_channel(
     with_silu: bool,
 ) {
     if with_silu {
-        for (y, &x) in y.iter_mut().zip(x) {
+        for ((y, s), &x) in y.iter_mut().zip(sig.iter_mut()).zip(x) {
             let a = gamma * (x - mean) * inv + beta;
-            *y = a * sigmoid_fast(a);
+            *s = sigmoid_fast(a);
+            *y = a * *s;
         }
     } else {
         for (y, &x) in y.iter_mut().zip(x) {
@@ -137,12 +140,14 @@ pub(crate) fn normalize_channel(
 }
 
 /// Over one channel, `out = dy silu'(a)` (`dy` itself without the SiLU), a = gamma x_hat +
-/// beta, x_hat = (x - mean) inv; returns (sum out, sum out x_hat).
+/// beta, x_hat = (x - mean) inv, silu'(a) = s (1 + a (1 - s)) with s = `sig` (stored by
+/// [`normalize_channel`]); returns (sum out, sum out x_hat).
 #[multiversion::multiversion(targets = "simd")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn channel_grad_sums(
     out: &mut [f32],
     dy: &[f32],
+    sig: &[f32],
     x: &[f32],
     mean: f32,
     inv: f32,
@@ -151,39 +156,46 @@ pub(crate) fn channel_grad_sums(
     with_silu: bool,
 ) -> (f32, f32) {
     const LANES: usize = 16;
-    #[inline(always)]
-    fn one(dy: f32, x_hat: f32, gamma: f32, beta: f32, with_silu: bool) -> f32 {
-        if with_silu {
-            let a = gamma * x_hat + beta;
-            let s = sigmoid_fast(a);
-            dy * s * (1.0 + a * (1.0 - s))
-        } else {
-            dy
-        }
-    }
     let (mut sg, mut sgx) = ([0f32; LANES], [0f32; LANES]);
-    let mut oc = out.chunks_exact_mut(LANES);
-    let mut dc = dy.chunks_exact(LANES);
-    let mut xc = x.chunks_exact(LANES);
-    for ((o, d), x) in (&mut oc).zip(&mut dc).zip(&mut xc) {
-        for l in 0..LANES {
-            let x_hat = (x[l] - mean) * inv;
-            o[l] = one(d[l], x_hat, gamma, beta, with_silu);
-            sg[l] += o[l];
-            sgx[l] += o[l] * x_hat;
+    let n = x.len();
+    let whole = n - n % LANES;
+    let silu_grad = |d: f32, x_hat: f32, s: f32| {
+        let a = gamma * x_hat + beta;
+        d * s * (1.0 + a * (1.0 - s))
+    };
+    if with_silu {
+        let (out, dy, sig, x) = (&mut out[..n], &dy[..n], &sig[..n], &x[..n]);
+        for i in (0..whole).step_by(LANES) {
+            for l in 0..LANES {
+                let x_hat = (x[i + l] - mean) * inv;
+                let o = silu_grad(dy[i + l], x_hat, sig[i + l]);
+                out[i + l] = o;
+                sg[l] += o;
+                sgx[l] += o * x_hat;
+            }
+        }
+    } else {
+        let (out, dy, x) = (&mut out[..n], &dy[..n], &x[..n]);
+        for i in (0..whole).step_by(LANES) {
+            for l in 0..LANES {
+                let x_hat = (x[i + l] - mean) * inv;
+                out[i + l] = dy[i + l];
+                sg[l] += dy[i + l];
+                sgx[l] += dy[i + l] * x_hat;
+            }
         }
     }
     let (mut sg, mut sgx) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
-    let tail = oc
-        .into_remainder()
-        .iter_mut()
-        .zip(dc.remainder())
-        .zip(xc.remainder());
-    for ((o, &d), &x) in tail {
-        let x_hat = (x - mean) * inv;
-        *o = one(d, x_hat, gamma, beta, with_silu);
-        sg += *o;
-        sgx += *o * x_hat;
+    for i in whole..n {
+        let x_hat = (x[i] - mean) * inv;
+        let o = if with_silu {
+            silu_grad(dy[i], x_hat, sig[i])
+        } else {
+            dy[i]
+        };
+        out[i] = o;
+        sg += o;
+        sgx += o * x_hat;
     }
     (sg, sgx)
 }
