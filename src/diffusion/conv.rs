@@ -237,9 +237,14 @@ fn im2col_same(image: &[f32], channels: usize, (h, w): (usize, usize), k: usize,
                     (-dv).max(0) as usize,
                     (w as isize - dv).min(w as isize) as usize,
                 );
+                // Element by element: these runs are p values long, too short for memset.
                 for oy in oy0..oy1 {
-                    row[oy * w..oy * w + first].fill(0.0);
-                    row[oy * w + last..(oy + 1) * w].fill(0.0);
+                    for z in 0..first {
+                        row[oy * w + z] = 0.0;
+                    }
+                    for z in last..w {
+                        row[oy * w + z] = 0.0;
+                    }
                 }
             }
         }

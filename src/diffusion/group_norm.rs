@@ -175,11 +175,11 @@ pub(crate) fn channel_grad_sums(
             }
         }
     } else {
-        let (out, dy, x) = (&mut out[..n], &dy[..n], &x[..n]);
+        let (dy, x) = (&dy[..n], &x[..n]);
+        out[..n].copy_from_slice(dy);
         for i in (0..whole).step_by(LANES) {
             for l in 0..LANES {
                 let x_hat = (x[i + l] - mean) * inv;
-                out[i + l] = dy[i + l];
                 sg[l] += dy[i + l];
                 sgx[l] += dy[i + l] * x_hat;
             }
