@@ -44,6 +44,8 @@ use super::nets::{Attention, ResBlock, UNet};
 /// A convolution's place in the flat parameter vector.
 #[derive(Debug, Clone, Copy)]
 struct ConvP {
+    /// Index among the network's convolutions (the slot of its kept im2col matrix).
+    id: usize,
     w: usize,
     /// Stride-1 k x k convolutions (k > 1): where the flipped, transposed weight
     /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept, so that dx is itself a convolution
@@ -54,6 +56,32 @@ struct ConvP {
     c: usize,
     k: usize,
     stride: usize,
+}
+
+/// The im2col matrices: one scratch buffer, and when training (`keep`) one kept buffer per
+/// convolution, written by the forward pass and read again by the backward pass for dW (in
+/// place of a second im2col of the same input).
+#[derive(Default)]
+struct Cols {
+    scratch: Vec<f32>,
+    kept: Vec<Vec<f32>>,
+    keep: bool,
+}
+
+impl Cols {
+    fn for_forward(&mut self, id: usize) -> &mut Vec<f32> {
+        if !self.keep {
+            return &mut self.scratch;
+        }
+        if self.kept.len() <= id {
+            self.kept.resize_with(id + 1, Vec::new);
+        }
+        &mut self.kept[id]
+    }
+
+    fn kept(&self, id: usize, len: usize) -> Option<&Vec<f32>> {
+        self.kept.get(id).filter(|b| self.keep && b.len() >= len)
+    }
 }
 
 /// Where a convolution's backward pass puts dx.
@@ -125,7 +153,7 @@ impl ConvP {
         size: (usize, usize),
         y: &mut Vec<f32>,
         init: Init,
-        cols: &mut Vec<f32>,
+        cols: &mut Cols,
     ) -> (usize, usize) {
         let g = self.geometry(size);
         let (oh, ow) = g.output();
@@ -155,11 +183,12 @@ impl ConvP {
         if self.pointwise() {
             gemm_rm(y, w, false, x, false, (self.o, ohw, self.c), true);
         } else {
-            if cols.len() < ckk * ohw {
-                cols.resize(ckk * ohw, 0.0);
+            let buf = cols.for_forward(self.id);
+            if buf.len() < ckk * ohw {
+                buf.resize(ckk * ohw, 0.0);
             }
-            g.im2col(x, self.c, cols);
-            gemm_rm(y, w, false, cols, false, (self.o, ohw, ckk), true);
+            g.im2col(x, self.c, buf);
+            gemm_rm(y, w, false, buf, false, (self.o, ohw, ckk), true);
         }
         (oh, ow)
     }
@@ -175,7 +204,7 @@ impl ConvP {
         size: (usize, usize),
         dy: &[f32],
         dx: Dx,
-        cols: &mut Vec<f32>,
+        cols: &mut Cols,
     ) {
         let g = self.geometry(size);
         let (oh, ow) = g.output();
@@ -184,11 +213,19 @@ impl ConvP {
         if self.pointwise() {
             gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
         } else {
-            if cols.len() < ckk * ohw {
-                cols.resize(ckk * ohw, 0.0);
-            }
-            g.im2col(x, self.c, cols);
-            gemm_rm(dw, dy, false, cols, true, (self.o, ckk, ohw), true);
+            let kept = cols.kept(self.id, ckk * ohw);
+            let buf = match kept {
+                Some(buf) => buf,
+                None => {
+                    let buf = &mut cols.scratch;
+                    if buf.len() < ckk * ohw {
+                        buf.resize(ckk * ohw, 0.0);
+                    }
+                    g.im2col(x, self.c, buf);
+                    buf
+                }
+            };
+            gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
         }
         for (db, row) in grads[self.b..self.b + self.o]
             .iter_mut()
@@ -207,6 +244,7 @@ impl ConvP {
                 gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
             } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
                 let okk = self.o * self.k * self.k;
+                let cols = &mut cols.scratch;
                 if cols.len() < okk * ohw {
                     cols.resize(okk * ohw, 0.0);
                 }
@@ -216,6 +254,10 @@ impl ConvP {
             } else {
                 if !add {
                     dx.fill(0.0);
+                }
+                let cols = &mut cols.scratch;
+                if cols.len() < ckk * ohw {
+                    cols.resize(ckk * ohw, 0.0);
                 }
                 gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
                 g.col2im(cols, self.c, dx);
@@ -405,7 +447,7 @@ struct ResTape {
 /// Buffers the blocks' backward passes use.
 #[derive(Default)]
 struct BlockScratch {
-    cols: Vec<f32>,
+    cols: Cols,
     gn: Vec<f32>,
     d1: Vec<f32>,
     d2: Vec<f32>,
@@ -424,7 +466,7 @@ impl ResP {
         ta: &[f32],
         t: &mut ResTape,
         out: &mut Vec<f32>,
-        cols: &mut Vec<f32>,
+        cols: &mut Cols,
     ) {
         let hw = size.0 * size.1;
         self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.norm1);
@@ -523,7 +565,7 @@ impl AttnP {
         size: (usize, usize),
         t: &mut AttnTape,
         out: &mut Vec<f32>,
-        cols: &mut Vec<f32>,
+        cols: &mut Cols,
     ) {
         let (c, n) = (self.proj.o, size.0 * size.1);
         self.norm.forward(p, x, n, &mut t.hn, false, &mut t.norm);
@@ -1079,6 +1121,7 @@ impl Plan {
 struct Builder {
     params: Vec<f32>,
     tensors: Vec<(Tensor, usize)>,
+    convs: usize,
 }
 
 impl Builder {
@@ -1093,7 +1136,9 @@ impl Builder {
     fn conv(&mut self, c: &Conv2d) -> Result<ConvP> {
         let (w, b, stride) = c.parts();
         let (o, ci, k, _) = w.dims4()?;
+        self.convs += 1;
         Ok(ConvP {
+            id: self.convs - 1,
             w: self.add(w)?,
             wf: None,
             b: self.add(b)?,
@@ -1271,6 +1316,7 @@ impl FusedUnet {
             .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
             .for_each(|(out, (x, t))| {
                 let mut ws = self.workspace();
+                ws.block.cols.keep = false;
                 for (e, &te) in t.iter().enumerate() {
                     self.plan
                         .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
@@ -1318,6 +1364,7 @@ impl FusedUnet {
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
             .map(|(x, (t, target))| {
                 let mut ws = self.workspace();
+                ws.block.cols.keep = true;
                 let mut grads = vec![0f32; self.params.len()];
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {
