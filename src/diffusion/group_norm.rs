@@ -104,12 +104,24 @@ pub(crate) fn silu_grad(a: f32) -> f32 {
     s * (1.0 + a * (1.0 - s))
 }
 
-/// `sigmoid(a)` without a branch or a libm call, so that loops over it vectorise:
-/// e = exp(-|a|), sigmoid(a) = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
+/// `1 / d` for d in [1, 2] without a division (a vector division costs as much as the rest of
+/// the SiLU): the linear first guess 24/17 - 8/17 d has relative error at most 1/17, and each
+/// Newton step r <- r (2 - d r) squares it, so three steps leave < 2e-10.
+#[inline(always)]
+fn recip_1_2(d: f32) -> f32 {
+    let mut r = 24.0 / 17.0 - 8.0 / 17.0 * d;
+    r *= 2.0 - d * r;
+    r *= 2.0 - d * r;
+    r * (2.0 - d * r)
+}
+
+/// `sigmoid(a)` without a branch, a division or a libm call, so that loops over it vectorise:
+/// e = exp(-|a|) in (0, 1], sigmoid(a) = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
 #[inline(always)]
 fn sigmoid_fast(a: f32) -> f32 {
     let e = crate::vae::fused::exp_nonpositive(-a.abs());
-    (if a >= 0.0 { 1.0 } else { e }) / (1.0 + e)
+    let r = recip_1_2(1.0 + e);
+    if a >= 0.0 { r } else { e * r }
 }
 
 /// `y = [silu](gamma (x - mean) inv + beta)` over one channel; with the SiLU, `sig` (as long
@@ -396,5 +408,30 @@ impl CustomOp3 for GroupNormOp {
                 Some(Tensor::from_vec(dbeta, c, dev)?),
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{recip_1_2, sigmoid_fast};
+
+    /// The division-free reciprocal and sigmoid agree with the exact ones (computed in f64)
+    /// to float32 rounding, over [1, 2] and over a = -100..100.
+    #[test]
+    fn division_free_sigmoid_matches_the_exact_one() {
+        let mut worst_recip = 0f64;
+        for i in 0..=10_000 {
+            let d = 1.0 + i as f64 / 10_000.0;
+            let err = (recip_1_2(d as f32) as f64 * d - 1.0).abs();
+            worst_recip = worst_recip.max(err);
+        }
+        assert!(worst_recip < 3e-7, "1/d: relative error {worst_recip:e}");
+        let mut worst = 0f64;
+        for i in -100_000..=100_000 {
+            let a = i as f64 / 1000.0;
+            let exact = 1.0 / (1.0 + (-a).exp());
+            worst = worst.max((sigmoid_fast(a as f32) as f64 - exact).abs());
+        }
+        assert!(worst < 3e-7, "sigmoid: absolute error {worst:e}");
     }
 }
