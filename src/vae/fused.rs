@@ -678,12 +678,18 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    // Coefficients are multiplied, never divided by: a division by a constant that is not a
+    // power of two stays a (slow) vector division.
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // SAFETY: x in [-87, 0], so n = round(x log2 e) is an integer in [-126, 0]. (A plain `as`
+    // cast saturates, which the compiler does one lane at a time.)
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    p * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// `ln(1 + e)` for e in [0, 1], branch-free: with s = e / (2 + e), ln(1 + e) =
@@ -701,7 +707,7 @@ fn ln_1p_from_ratio(s: f32) -> f32 {
         * (1.0
             + s2 * (1.0 / 3.0
                 + s2 * (1.0 / 5.0
-                    + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 / 13.0))))))
+                    + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
 }
 
 /// Lanes of the fused row loops: their sums are kept in this many independent accumulators
