@@ -231,33 +231,38 @@ pub(crate) fn channel_dx(
     }
 }
 
-/// Mean and 1/sigma of one group, in one pass: sums of d and d^2 for d = x - x_0 in f64
-/// lanes (shifting by the first value keeps var = E[d^2] - E[d]^2 free of cancellation when
-/// the mean is large against the spread).
+/// Mean and 1/sigma of one group, in one pass: sums of d and d^2 for d = x - x_0, in 16
+/// float lanes (a group has at most a few thousand values per lane) added up in f64.
+/// Shifting by the first value keeps var = E[d^2] - E[d]^2 free of cancellation when the mean
+/// is large against the spread.
 #[multiversion::multiversion(targets = "simd")]
 pub(crate) fn moments(x: &[f32], eps: f64) -> (f32, f32) {
-    const LANES: usize = 8;
+    const LANES: usize = 16;
     let n = x.len() as f64;
-    let shift = x.first().copied().unwrap_or(0.0) as f64;
-    let (mut s1, mut s2) = ([0f64; LANES], [0f64; LANES]);
+    let shift = x.first().copied().unwrap_or(0.0);
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for l in 0..LANES {
-            let d = c[l] as f64 - shift;
+            let d = c[l] - shift;
             s1[l] += d;
             s2[l] += d * d;
         }
     }
-    let (mut s1, mut s2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    let mut t1: f64 = s1.iter().map(|&v| v as f64).sum();
+    let mut t2: f64 = s2.iter().map(|&v| v as f64).sum();
     for &v in rest {
-        let d = v as f64 - shift;
-        s1 += d;
-        s2 += d * d;
+        let d = (v - shift) as f64;
+        t1 += d;
+        t2 += d * d;
     }
-    let mean_d = s1 / n;
-    let var = (s2 / n - mean_d * mean_d).max(0.0);
-    ((shift + mean_d) as f32, (1.0 / (var + eps).sqrt()) as f32)
+    let mean_d = t1 / n;
+    let var = (t2 / n - mean_d * mean_d).max(0.0);
+    (
+        (shift as f64 + mean_d) as f32,
+        (1.0 / (var + eps).sqrt()) as f32,
+    )
 }
 
 impl GroupNormOp {
