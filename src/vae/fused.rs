@@ -109,6 +109,9 @@ pub struct FusedVae {
     adam_step: u64,
     adam: AdamConfig,
     scratch: Scratch,
+    /// Large one-sample batches: each thread's scratch and (after the first) gradient.
+    slice_scratch: Vec<Scratch>,
+    slice_grads: Vec<Vec<f32>>,
     threads: usize,
 }
 
@@ -184,6 +187,8 @@ impl FusedVae {
             adam_step,
             adam: adam_config,
             scratch: Scratch::default(),
+            slice_scratch: Vec::new(),
+            slice_grads: Vec::new(),
             threads: rayon::current_num_threads(),
         })
     }
@@ -246,7 +251,7 @@ impl FusedVae {
         beta: f64,
         noise: &mut Noise,
     ) -> Result<StepSums> {
-        let Layout { d, h, l, .. } = self.layout;
+        let Layout { d, l, .. } = self.layout;
         if k == 0 || x.is_empty() || !x.len().is_multiple_of(d) {
             bail!(
                 "fused step: x has {} values, expected a multiple of {d}, K = {k}",
@@ -258,70 +263,52 @@ impl FusedVae {
         let lay = self.layout;
         let mut s = std::mem::take(&mut self.scratch);
         noise.fill_randn(sized(&mut s.eps, rows * l));
-        self.encode_into(x, b, &mut s.h, &mut s.ml);
-        reparameterize(&s.ml, &s.eps, b, l, &mut s.z);
-        self.decode_into(&s.z, rows, &mut s.d, &mut s.logits);
-
-        // Loss and dL/dlogits, in place of the logits.
-        let scale = 1.0 / rows as f32;
-        s.rec.resize(rows, 0.0);
         let threads = self.threads;
-        rows_in_parallel(&mut s.logits, &mut s.rec, d, threads, |row, logits| {
-            let xb = &x[(row % b) * d..(row % b + 1) * d];
-            bce_logits_grad(logits, xb, scale)
-        });
-        let reconstruction = s.rec.iter().map(|&r| r as f64).sum::<f64>() / k as f64;
-        let mut kl = 0.0f64;
-        for row in s.ml.chunks(2 * l) {
-            let (mu, lv) = row.split_at(l);
-            kl += kl_standard_normal(mu, lv) as f64;
-        }
-        let loss = -(reconstruction - beta * kl) / b as f64;
-
-        // Backward, layer by layer; G = dL/dlogits = s.logits [rows, D].
-        let p = &self.params;
-        let grads = &mut self.grads;
-        // decoder.2: dW_2 = G^T d, db_2 = colsum G, dd = (G W_2) * 1[d > 0].
-        let (w2, g2) = (&p[lay.d2_w..lay.d2_b], &mut grads[lay.d2_w..lay.d2_b + d]);
-        let dd = Some(&mut s.dd);
-        linear_backward(g2, w2, &s.logits, &s.d, (rows, h, d), dd, threads);
-        relu_backward(&mut s.dd, &s.d);
-        // decoder.0: dW_0 = dd^T z, db_0 = colsum dd, dz = dd W_0.
-        let (w0, g0) = (&p[lay.d0_w..lay.d0_b], &mut grads[lay.d0_w..lay.d0_b + h]);
-        let dz = Some(&mut s.dz);
-        linear_backward(g0, w0, &s.dd, &s.z, (rows, l, h), dz, threads);
-        // dmu, dlv [B, 2L]: through z = mu + sigma eps, and through beta * KL / B.
-        let dml = sized(&mut s.dml, b * 2 * l);
-        let kl_scale = (beta / b as f64) as f32;
-        for bi in 0..b {
-            let (mu, lv) = s.ml[bi * 2 * l..(bi + 1) * 2 * l].split_at(l);
-            let (dmu, dlv) = dml[bi * 2 * l..(bi + 1) * 2 * l].split_at_mut(l);
-            for i in 0..l {
-                let (mut gm, mut gl) = (0f32, 0f32);
-                for ki in 0..k {
-                    let r = (ki * b + bi) * l + i;
-                    gm += s.dz[r];
-                    gl += s.dz[r] * s.eps[r];
-                }
-                let sigma = (0.5 * lv[i]).exp();
-                dmu[i] = gm + kl_scale * mu[i];
-                dlv[i] = 0.5 * sigma * gl + kl_scale * 0.5 * (sigma * sigma - 1.0);
+        let slices = if k == 1 && threads > 1 && b >= SLICE_PARALLEL_MIN_BATCH {
+            threads
+        } else {
+            1
+        };
+        let (reconstruction, kl) = if slices == 1 {
+            let p = &self.params;
+            slice_forward_backward(lay, p, x, k, b, beta, &mut s, &mut self.grads, threads)
+        } else {
+            // One slice per thread; slice i > 0 writes its gradient into slice_grads[i - 1].
+            let per = b.div_ceil(slices);
+            self.slice_scratch.resize_with(slices, Scratch::default);
+            self.slice_grads.resize_with(slices - 1, Vec::new);
+            for (i, sc) in self.slice_scratch.iter_mut().enumerate() {
+                let (from, to) = ((i * per).min(b), ((i + 1) * per).min(b));
+                sc.eps.clear();
+                sc.eps.extend_from_slice(&s.eps[from * l..to * l]);
             }
-        }
-        // fc_mu, fc_logvar: dW_ml = dml^T h, db_ml = colsum dml, dh = (dml W_ml) * 1[h > 0].
-        let (w_ml, g_ml) = (
-            &p[lay.ml_w..lay.ml_b],
-            &mut grads[lay.ml_w..lay.ml_b + 2 * l],
-        );
-        let dh = Some(&mut s.dh);
-        linear_backward(g_ml, w_ml, &s.dml, &s.h, (b, h, 2 * l), dh, threads);
-        relu_backward(&mut s.dh, &s.h);
-        // encoder.0: dW_e = dh^T x, db_e = colsum dh (x needs no gradient).
-        let (w_e, g_e) = (
-            &p[lay.enc_w..lay.enc_b],
-            &mut grads[lay.enc_w..lay.enc_b + h],
-        );
-        linear_backward(g_e, w_e, &s.dh, x, (b, d, h), None, threads);
+            for g in &mut self.slice_grads {
+                g.resize(lay.len, 0.0);
+            }
+            let p = &self.params;
+            let grads: Vec<&mut [f32]> = std::iter::once(&mut self.grads[..])
+                .chain(self.slice_grads.iter_mut().map(|g| &mut g[..]))
+                .collect();
+            let sums: Vec<(f64, f64)> = grads
+                .into_par_iter()
+                .zip(self.slice_scratch.par_iter_mut())
+                .zip(x.par_chunks(per * d))
+                .map(|((g, sc), xs)| slice_forward_backward(lay, p, xs, k, b, beta, sc, g, 1))
+                .collect();
+            let piece = lay.len.div_ceil(threads);
+            let others = &self.slice_grads;
+            self.grads
+                .par_chunks_mut(piece)
+                .enumerate()
+                .for_each(|(c, dst)| {
+                    for g in others {
+                        add_assign(dst, &g[c * piece..c * piece + dst.len()]);
+                    }
+                });
+            sums.iter()
+                .fold((0.0, 0.0), |(r, kl), &(r2, kl2)| (r + r2, kl + kl2))
+        };
+        let loss = -(reconstruction - beta * kl) / b as f64;
         self.scratch = s;
         Ok(StepSums {
             reconstruction,
@@ -355,26 +342,19 @@ impl FusedVae {
 
     /// h = relu(x W_e^T + b_e) `[B, H]`; ml = h [W_mu; W_lv]^T + [b_mu; b_lv] `[B, 2L]`.
     fn encode_into(&self, x: &[f32], b: usize, h_out: &mut Vec<f32>, ml: &mut Vec<f32>) {
-        let Layout { d, h, l, .. } = self.layout;
-        let (p, lay, t) = (&self.params, self.layout, self.threads);
-        linear_forward(h_out, x, &p[lay.enc_w..], &p[lay.enc_b..], (b, d, h), t);
-        relu(h_out);
-        linear_forward(ml, h_out, &p[lay.ml_w..], &p[lay.ml_b..], (b, h, 2 * l), t);
+        encode(self.layout, &self.params, x, b, h_out, ml, self.threads);
     }
 
     /// d = relu(z W_0^T + b_0) `[rows, H]`; logits = d W_2^T + b_2 `[rows, D]`.
     fn decode_into(&self, z: &[f32], rows: usize, d_out: &mut Vec<f32>, logits: &mut Vec<f32>) {
-        let Layout { d, h, l, .. } = self.layout;
-        let (p, lay, t) = (&self.params, self.layout, self.threads);
-        linear_forward(d_out, z, &p[lay.d0_w..], &p[lay.d0_b..], (rows, l, h), t);
-        relu(d_out);
-        linear_forward(
-            logits,
+        decode(
+            self.layout,
+            &self.params,
+            z,
+            rows,
             d_out,
-            &p[lay.d2_w..],
-            &p[lay.d2_b..],
-            (rows, h, d),
-            t,
+            logits,
+            self.threads,
         );
     }
 
@@ -451,6 +431,132 @@ impl FusedVae {
         })
     }
 }
+
+/// h = relu(x W_e^T + b_e) `[B, H]`; ml = h [W_mu; W_lv]^T + [b_mu; b_lv] `[B, 2L]`.
+fn encode(
+    lay: Layout,
+    p: &[f32],
+    x: &[f32],
+    b: usize,
+    h_out: &mut Vec<f32>,
+    ml: &mut Vec<f32>,
+    t: usize,
+) {
+    let Layout { d, h, l, .. } = lay;
+    linear_forward(h_out, x, &p[lay.enc_w..], &p[lay.enc_b..], (b, d, h), t);
+    relu(h_out);
+    linear_forward(ml, h_out, &p[lay.ml_w..], &p[lay.ml_b..], (b, h, 2 * l), t);
+}
+
+/// d = relu(z W_0^T + b_0) `[rows, H]`; logits = d W_2^T + b_2 `[rows, D]`.
+fn decode(
+    lay: Layout,
+    p: &[f32],
+    z: &[f32],
+    rows: usize,
+    d_out: &mut Vec<f32>,
+    logits: &mut Vec<f32>,
+    t: usize,
+) {
+    let Layout { d, h, l, .. } = lay;
+    linear_forward(d_out, z, &p[lay.d0_w..], &p[lay.d0_b..], (rows, l, h), t);
+    relu(d_out);
+    linear_forward(
+        logits,
+        d_out,
+        &p[lay.d2_w..],
+        &p[lay.d2_b..],
+        (rows, h, d),
+        t,
+    );
+}
+
+/// Forward and backward of one slice of a batch: `x` `[b, D]` (the slice), `s.eps` its noise
+/// `[K, b, L]`, `b_total` the whole batch (the loss is a mean over it). Writes this slice's
+/// share of the gradient into `grads` (overwriting) and returns its (sum of K-sample mean
+/// reconstructions, sum of KLs).
+#[allow(clippy::too_many_arguments)]
+fn slice_forward_backward(
+    lay: Layout,
+    p: &[f32],
+    x: &[f32],
+    k: usize,
+    b_total: usize,
+    beta: f64,
+    s: &mut Scratch,
+    grads: &mut [f32],
+    threads: usize,
+) -> (f64, f64) {
+    let Layout { d, h, l, .. } = lay;
+    let b = x.len() / d;
+    let rows = k * b;
+    encode(lay, p, x, b, &mut s.h, &mut s.ml, threads);
+    reparameterize(&s.ml, &s.eps, b, l, &mut s.z);
+    decode(lay, p, &s.z, rows, &mut s.d, &mut s.logits, threads);
+
+    // Loss and dL/dlogits, in place of the logits.
+    let scale = 1.0 / (k * b_total) as f32;
+    s.rec.resize(rows, 0.0);
+    rows_in_parallel(&mut s.logits, &mut s.rec, d, threads, |row, logits| {
+        let xb = &x[(row % b) * d..(row % b + 1) * d];
+        bce_logits_grad(logits, xb, scale)
+    });
+    let reconstruction = s.rec.iter().map(|&r| r as f64).sum::<f64>() / k as f64;
+    let mut kl = 0.0f64;
+    for row in s.ml.chunks(2 * l) {
+        let (mu, lv) = row.split_at(l);
+        kl += kl_standard_normal(mu, lv) as f64;
+    }
+
+    // Backward, layer by layer; G = dL/dlogits = s.logits [rows, D].
+    // decoder.2: dW_2 = G^T d, db_2 = colsum G, dd = (G W_2) * 1[d > 0].
+    let (w2, g2) = (&p[lay.d2_w..lay.d2_b], &mut grads[lay.d2_w..lay.d2_b + d]);
+    let dd = Some(&mut s.dd);
+    linear_backward(g2, w2, &s.logits, &s.d, (rows, h, d), dd, threads);
+    relu_backward(&mut s.dd, &s.d);
+    // decoder.0: dW_0 = dd^T z, db_0 = colsum dd, dz = dd W_0.
+    let (w0, g0) = (&p[lay.d0_w..lay.d0_b], &mut grads[lay.d0_w..lay.d0_b + h]);
+    let dz = Some(&mut s.dz);
+    linear_backward(g0, w0, &s.dd, &s.z, (rows, l, h), dz, threads);
+    // dmu, dlv [b, 2L]: through z = mu + sigma eps, and through beta * KL / B.
+    let dml = sized(&mut s.dml, b * 2 * l);
+    let kl_scale = (beta / b_total as f64) as f32;
+    for bi in 0..b {
+        let (mu, lv) = s.ml[bi * 2 * l..(bi + 1) * 2 * l].split_at(l);
+        let (dmu, dlv) = dml[bi * 2 * l..(bi + 1) * 2 * l].split_at_mut(l);
+        for i in 0..l {
+            let (mut gm, mut gl) = (0f32, 0f32);
+            for ki in 0..k {
+                let r = (ki * b + bi) * l + i;
+                gm += s.dz[r];
+                gl += s.dz[r] * s.eps[r];
+            }
+            let sigma = (0.5 * lv[i]).exp();
+            dmu[i] = gm + kl_scale * mu[i];
+            dlv[i] = 0.5 * sigma * gl + kl_scale * 0.5 * (sigma * sigma - 1.0);
+        }
+    }
+    // fc_mu, fc_logvar: dW_ml = dml^T h, db_ml = colsum dml, dh = (dml W_ml) * 1[h > 0].
+    let (w_ml, g_ml) = (
+        &p[lay.ml_w..lay.ml_b],
+        &mut grads[lay.ml_w..lay.ml_b + 2 * l],
+    );
+    let dh = Some(&mut s.dh);
+    linear_backward(g_ml, w_ml, &s.dml, &s.h, (b, h, 2 * l), dh, threads);
+    relu_backward(&mut s.dh, &s.h);
+    // encoder.0: dW_e = dh^T x, db_e = colsum dh (x needs no gradient).
+    let (w_e, g_e) = (
+        &p[lay.enc_w..lay.enc_b],
+        &mut grads[lay.enc_w..lay.enc_b + h],
+    );
+    linear_backward(g_e, w_e, &s.dh, x, (b, d, h), None, threads);
+    (reconstruction, kl)
+}
+
+/// Batches from which a one-sample step splits the batch into one slice per thread, each
+/// run start to end on its own thread (single-threaded products, no hand-offs between
+/// layers), the slices' gradients summed at the end. Below it, each product is split.
+const SLICE_PARALLEL_MIN_BATCH: usize = 64;
 
 /// A strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -567,6 +673,13 @@ fn rows_in_parallel(
             .zip(out.iter_mut())
             .enumerate()
             .for_each(one);
+    }
+}
+
+#[multiversion::multiversion(targets = "simd")]
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
     }
 }
 
