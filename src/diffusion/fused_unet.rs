@@ -113,6 +113,8 @@ fn sized(buf: &mut Vec<f32>, n: usize) {
 struct NormTape {
     stats: Vec<f32>,
     sig: Vec<f32>,
+    /// Forward only: `sig` is one channel's scratch, not kept.
+    inference: bool,
 }
 
 /// `buf` resized to `n` zeros.
@@ -292,14 +294,25 @@ impl NormP {
         let cg = self.c / self.groups;
         sized(y, x.len());
         sized(&mut nt.stats, 2 * self.groups);
-        sized(&mut nt.sig, if with_silu { x.len() } else { 0 });
+        // Inference keeps no sigmoid for a backward pass: one channel's worth, reused.
+        let keep = !nt.inference;
+        sized(
+            &mut nt.sig,
+            if !with_silu {
+                0
+            } else if keep {
+                x.len()
+            } else {
+                hw
+            },
+        );
         for (gi, (yg, xg)) in y.chunks_mut(cg * hw).zip(x.chunks(cg * hw)).enumerate() {
             let (mean, inv) = moments(xg, self.eps);
             nt.stats[2 * gi] = mean;
             nt.stats[2 * gi + 1] = inv;
             for (j, (y, x)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
                 let ch = gi * cg + j;
-                let start = (gi * cg + j) * hw;
+                let start = if keep { (gi * cg + j) * hw } else { 0 };
                 let sig = if with_silu {
                     &mut nt.sig[start..start + hw]
                 } else {
@@ -741,6 +754,20 @@ struct Workspace {
 }
 
 impl Workspace {
+    /// Training keeps what the backward pass reads (every im2col matrix, every sigmoid);
+    /// inference keeps neither.
+    fn set_training(&mut self, training: bool) {
+        self.block.cols.keep = training;
+        let t = &mut self.tape;
+        let blocks = t.down.iter_mut().chain(t.up.iter_mut());
+        for r in blocks.chain([&mut t.mid1, &mut t.mid2]) {
+            r.norm1.inference = !training;
+            r.norm2.inference = !training;
+        }
+        t.attn.norm.inference = !training;
+        t.n_out_norm.inference = !training;
+    }
+
     fn new(levels: usize) -> Self {
         let mut w = Workspace::default();
         let many = || (0..levels).map(|_| Vec::new()).collect::<Vec<Vec<f32>>>();
@@ -1316,7 +1343,7 @@ impl FusedUnet {
             .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
             .for_each(|(out, (x, t))| {
                 let mut ws = self.workspace();
-                ws.block.cols.keep = false;
+                ws.set_training(false);
                 for (e, &te) in t.iter().enumerate() {
                     self.plan
                         .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
@@ -1364,7 +1391,7 @@ impl FusedUnet {
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
             .map(|(x, (t, target))| {
                 let mut ws = self.workspace();
-                ws.block.cols.keep = true;
+                ws.set_training(true);
                 let mut grads = vec![0f32; self.params.len()];
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {
