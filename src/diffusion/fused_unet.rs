@@ -51,6 +51,9 @@ struct ConvP {
     /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept, so that dx is itself a convolution
     /// of dy (one im2col of dy and one gemm) instead of a gemm and a col2im.
     wf: Option<usize>,
+    /// The same convolutions: where `W_u[o, c k + v] = W[o, c, u, v]` (u = 0..k, each
+    /// `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`]).
+    wu: Option<usize>,
     b: usize,
     o: usize,
     c: usize,
@@ -115,6 +118,46 @@ struct NormTape {
     sig: Vec<f32>,
     /// Forward only: `sig` is one channel's scratch, not kept.
     inference: bool,
+}
+
+/// For a stride-1 "same" k x k convolution (p = k / 2): `e [C k, (H + 2p) W]`, row (c, v)
+/// = channel c shifted by v - p columns (zero where the kernel overhangs a side), with p zero
+/// rows above and below. The im2col row of kernel offset (u, v) is then the contiguous run
+/// of row (c, v) starting at u W, so `y = sum_u W_u e[:, u W ..]` with `W_u[o, c k + v] =
+/// W[o, c, u, v]`: k gemms over k shifted copies of x, where im2col makes k^2.
+fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &mut [f32]) {
+    let p = k / 2;
+    let plane = (h + 2 * p) * w;
+    for ci in 0..c {
+        let src = &x[ci * h * w..(ci + 1) * h * w];
+        for v in 0..k {
+            let row = &mut e[(ci * k + v) * plane..(ci * k + v + 1) * plane];
+            row[..p * w].fill(0.0);
+            row[(p + h) * w..].fill(0.0);
+            let mid = &mut row[p * w..(p + h) * w];
+            let dv = v as isize - p as isize;
+            // mid[f] = src[f + dv], then the |dv| wrapped columns of each line zeroed.
+            if dv >= 0 {
+                let d = dv as usize;
+                mid[..h * w - d].copy_from_slice(&src[d..]);
+                mid[h * w - d..].fill(0.0);
+                for y in 0..h {
+                    for z in w - d..w {
+                        mid[y * w + z] = 0.0;
+                    }
+                }
+            } else {
+                let d = (-dv) as usize;
+                mid[d..].copy_from_slice(&src[..h * w - d]);
+                mid[..d].fill(0.0);
+                for y in 0..h {
+                    for z in 0..d {
+                        mid[y * w + z] = 0.0;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `buf` resized to `n` zeros.
@@ -184,6 +227,46 @@ impl ConvP {
         let w = self.weight(p);
         if self.pointwise() {
             gemm_rm(y, w, false, x, false, (self.o, ohw, self.c), true);
+        } else if let (Some(wu), false, true) = (self.wu, cols.keep, (oh, ow) == size) {
+            // Inference: k shifted copies of the input instead of k^2 (see shifted_rows).
+            let (h, wd, k, p_) = (size.0, size.1, self.k, self.k / 2);
+            let plane = (h + 2 * p_) * wd;
+            let buf = &mut cols.scratch;
+            if buf.len() < self.c * k * plane {
+                buf.resize(self.c * k * plane, 0.0);
+            }
+            shifted_rows(x, self.c, size, k, buf);
+            let ck = self.c * k;
+            for u in 0..k {
+                let wu = &p[wu + u * self.o * ck..wu + (u + 1) * self.o * ck];
+                let rows = &buf[u * wd..];
+                // SAFETY: row r of the view starts at r * plane + u * wd and spans HW values,
+                // inside `buf` (C k planes of (H + 2p) W); `y` holds O x HW values.
+                assert!(y.len() >= self.o * ohw && rows.len() + u * wd >= ck * plane);
+                unsafe {
+                    gemm::gemm(
+                        self.o,
+                        ohw,
+                        ck,
+                        y.as_mut_ptr(),
+                        1,
+                        ohw as isize,
+                        true,
+                        wu.as_ptr(),
+                        1,
+                        ck as isize,
+                        rows.as_ptr(),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
         } else {
             let buf = cols.for_forward(self.id);
             if buf.len() < ckk * ohw {
@@ -808,7 +891,9 @@ impl Plan {
     /// Writes each flipped weight (see [`ConvP::wf`]) from its weight.
     fn flip_weights(&mut self, params: &mut [f32]) {
         for c in self.convs_mut() {
-            let Some(wf) = c.wf else { continue };
+            let (Some(wf), Some(wu)) = (c.wf, c.wu) else {
+                continue;
+            };
             let k = c.k;
             for o in 0..c.o {
                 for ci in 0..c.c {
@@ -816,6 +901,8 @@ impl Plan {
                         for v in 0..k {
                             params[wf + ((ci * c.o + o) * k + u) * k + v] =
                                 params[c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
+                            params[wu + (u * c.o + o) * c.c * k + ci * k + v] =
+                                params[c.w + ((o * c.c + ci) * k + u) * k + v];
                         }
                     }
                 }
@@ -1168,6 +1255,7 @@ impl Builder {
             id: self.convs - 1,
             w: self.add(w)?,
             wf: None,
+            wu: None,
             b: self.add(b)?,
             o,
             c: ci,
@@ -1275,7 +1363,8 @@ impl FusedUnet {
         for c in plan.convs_mut() {
             if c.stride == 1 && c.k > 1 {
                 c.wf = Some(params.len());
-                params.resize(params.len() + c.o * c.c * c.k * c.k, 0.0);
+                c.wu = Some(params.len() + c.o * c.c * c.k * c.k);
+                params.resize(params.len() + 2 * c.o * c.c * c.k * c.k, 0.0);
             }
         }
         plan.flip_weights(&mut params);

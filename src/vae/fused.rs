@@ -8,6 +8,13 @@
 //! (gradients, Adam updates, log p(x) estimates). It exists for speed: the autodiff path
 //! spends most of a step allocating and walking tensors for ~20 small element-wise ops.
 //!
+//! Threads: a one-sample batch of at least [`SLICE_PARALLEL_MIN_BATCH`] rows is cut into one
+//! slice per thread, and each thread runs the whole forward and backward pass of its slice
+//! with single-threaded products (the loss is a mean over the batch, so each slice's gradient
+//! is its share and the shares add up); otherwise each product is split across the threads,
+//! which hands work between threads at every layer. Measured on 2 cores, the slices made the
+//! step 1.5x faster at batch 128 and 1.3x at batch 1024.
+//!
 //! Shapes (B batch, K samples, D input, H hidden, L latent), rows of z are `k * B + b`:
 //!
 //! ```text
