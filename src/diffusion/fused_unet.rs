@@ -48,8 +48,9 @@ struct ConvP {
     id: usize,
     w: usize,
     /// Stride-1 k x k convolutions (k > 1): where the flipped, transposed weight
-    /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept, so that dx is itself a convolution
-    /// of dy (one im2col of dy and one gemm) instead of a gemm and a col2im.
+    /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept (as k matrices `W'_u [C, O k]`, for
+    /// [`shifted_conv`]), so that dx is itself a convolution of dy instead of a gemm and a
+    /// col2im.
     wf: Option<usize>,
     /// The same convolutions: where `W_u[o, c k + v] = W[o, c, u, v]` (u = 0..k, each
     /// `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`]).
@@ -67,6 +68,7 @@ struct ConvP {
 #[derive(Default)]
 struct Cols {
     scratch: Vec<f32>,
+    tmp: Vec<f32>,
     kept: Vec<Vec<f32>>,
     keep: bool,
 }
@@ -80,10 +82,6 @@ impl Cols {
             self.kept.resize_with(id + 1, Vec::new);
         }
         &mut self.kept[id]
-    }
-
-    fn kept(&self, id: usize, len: usize) -> Option<&Vec<f32>> {
-        self.kept.get(id).filter(|b| self.keep && b.len() >= len)
     }
 }
 
@@ -160,6 +158,98 @@ fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &mut [
     }
 }
 
+/// `y [M, H W] (+)= sum_u W_u e_u` for `e` from [`shifted_rows`] (e_u: its rows from
+/// offset u W), `wts` = the k matrices `W_u [M, CK]` one after the other; `add` false
+/// overwrites `y`.
+fn shifted_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let (hw, plane) = (h * w, (h + k - 1) * w);
+    assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    for u in 0..k {
+        // SAFETY: the asserts above bound every index: row r of e_u spans
+        // r plane + u w .. r plane + u w + hw <= (r + 1) plane.
+        unsafe {
+            gemm::gemm(
+                m,
+                hw,
+                ck,
+                y.as_mut_ptr(),
+                1,
+                hw as isize,
+                add || u > 0,
+                wts.as_ptr().add(u * m * ck),
+                1,
+                ck as isize,
+                e.as_ptr().add(u * w),
+                1,
+                plane as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+/// `dW[o, c, u, v] += sum_j dy[o, j] e_u[(c, v), j]`: the weight gradient of a stride-1 same
+/// convolution from the shifted rows `e` of its input; `tmp` holds one `[O, C k]` product.
+#[allow(clippy::too_many_arguments)]
+fn shifted_weight_grad(
+    dw: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    tmp: &mut Vec<f32>,
+) {
+    let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
+    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dw.len() >= o * c * k * k);
+    sized(tmp, o * ck);
+    for u in 0..k {
+        // SAFETY: as in shifted_conv; e_u^T is read as the [HW, C k] matrix with row stride
+        // 1 and column stride `plane`.
+        unsafe {
+            gemm::gemm(
+                o,
+                ck,
+                hw,
+                tmp.as_mut_ptr(),
+                1,
+                ck as isize,
+                false,
+                dy.as_ptr(),
+                1,
+                hw as isize,
+                e.as_ptr().add(u * w),
+                plane as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for oi in 0..o {
+            for ci in 0..c {
+                for v in 0..k {
+                    dw[((oi * c + ci) * k + u) * k + v] += tmp[oi * ck + ci * k + v];
+                }
+            }
+        }
+    }
+}
+
 /// `buf` resized to `n` zeros.
 fn zeroed(buf: &mut Vec<f32>, n: usize) {
     buf.clear();
@@ -227,46 +317,17 @@ impl ConvP {
         let w = self.weight(p);
         if self.pointwise() {
             gemm_rm(y, w, false, x, false, (self.o, ohw, self.c), true);
-        } else if let (Some(wu), false, true) = (self.wu, cols.keep, (oh, ow) == size) {
-            // Inference: k shifted copies of the input instead of k^2 (see shifted_rows).
-            let (h, wd, k, p_) = (size.0, size.1, self.k, self.k / 2);
-            let plane = (h + 2 * p_) * wd;
-            let buf = &mut cols.scratch;
-            if buf.len() < self.c * k * plane {
-                buf.resize(self.c * k * plane, 0.0);
+        } else if let (Some(wu), true) = (self.wu, (oh, ow) == size) {
+            // k shifted copies of the input instead of im2col's k^2 (see shifted_rows); kept
+            // for dW when training.
+            let (c, k) = (self.c, self.k);
+            let buf = cols.for_forward(self.id);
+            let len = c * k * (size.0 + k - 1) * size.1;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
-            shifted_rows(x, self.c, size, k, buf);
-            let ck = self.c * k;
-            for u in 0..k {
-                let wu = &p[wu + u * self.o * ck..wu + (u + 1) * self.o * ck];
-                let rows = &buf[u * wd..];
-                // SAFETY: row r of the view starts at r * plane + u * wd and spans HW values,
-                // inside `buf` (C k planes of (H + 2p) W); `y` holds O x HW values.
-                assert!(y.len() >= self.o * ohw && rows.len() + u * wd >= ck * plane);
-                unsafe {
-                    gemm::gemm(
-                        self.o,
-                        ohw,
-                        ck,
-                        y.as_mut_ptr(),
-                        1,
-                        ohw as isize,
-                        true,
-                        wu.as_ptr(),
-                        1,
-                        ck as isize,
-                        rows.as_ptr(),
-                        1,
-                        plane as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            shifted_rows(x, c, size, k, buf);
+            shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
         } else {
             let buf = cols.for_forward(self.id);
             if buf.len() < ckk * ohw {
@@ -298,19 +359,37 @@ impl ConvP {
         if self.pointwise() {
             gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
         } else {
-            let kept = cols.kept(self.id, ckk * ohw);
-            let buf = match kept {
+            let shifted = self.wu.is_some() && (oh, ow) == size;
+            let len = if shifted {
+                self.c * self.k * (size.0 + self.k - 1) * size.1
+            } else {
+                ckk * ohw
+            };
+            let buf = match cols
+                .kept
+                .get(self.id)
+                .filter(|b| cols.keep && b.len() >= len)
+            {
                 Some(buf) => buf,
                 None => {
                     let buf = &mut cols.scratch;
-                    if buf.len() < ckk * ohw {
-                        buf.resize(ckk * ohw, 0.0);
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
                     }
-                    g.im2col(x, self.c, buf);
+                    if shifted {
+                        shifted_rows(x, self.c, size, self.k, buf);
+                    } else {
+                        g.im2col(x, self.c, buf);
+                    }
                     buf
                 }
             };
-            gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
+            if shifted {
+                let dims = (self.o, self.c, self.k);
+                shifted_weight_grad(dw, dy, buf, dims, size, &mut cols.tmp);
+            } else {
+                gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
+            }
         }
         for (db, row) in grads[self.b..self.b + self.o]
             .iter_mut()
@@ -328,14 +407,15 @@ impl ConvP {
             if self.pointwise() {
                 gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
             } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
-                let okk = self.o * self.k * self.k;
-                let cols = &mut cols.scratch;
-                if cols.len() < okk * ohw {
-                    cols.resize(okk * ohw, 0.0);
+                // dx = the convolution of dy with the flipped weights, by shifted rows.
+                let (o, k) = (self.o, self.k);
+                let e = &mut cols.scratch;
+                let len = o * k * (size.0 + k - 1) * size.1;
+                if e.len() < len {
+                    e.resize(len, 0.0);
                 }
-                g.im2col(dy, self.o, cols);
-                let flipped = &p[wf..wf + self.c * okk];
-                gemm_rm(dx, flipped, false, cols, false, (self.c, ohw, okk), add);
+                shifted_rows(dy, o, size, k, e);
+                shifted_conv(dx, &p[wf..], e, (self.c, o * k, k), size, add);
             } else {
                 if !add {
                     dx.fill(0.0);
@@ -899,7 +979,7 @@ impl Plan {
                 for ci in 0..c.c {
                     for u in 0..k {
                         for v in 0..k {
-                            params[wf + ((ci * c.o + o) * k + u) * k + v] =
+                            params[wf + ((u * c.c + ci) * c.o + o) * k + v] =
                                 params[c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
                             params[wu + (u * c.o + o) * c.c * k + ci * k + v] =
                                 params[c.w + ((o * c.c + ci) * k + u) * k + v];
