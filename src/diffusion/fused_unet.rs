@@ -7,15 +7,19 @@
 //! (an example's activations, ~2 MB, stay in cache), adding its parameter gradients into its
 //! own buffer; the ranges' gradients are summed in order at the end, so the result does not
 //! depend on scheduling. No tensor is allocated, no graph recorded, and there is no barrier
-//! between layers. Convolutions are im2col + one `gemm` (see [`super::conv`]); the time
-//! projection of each residual block is added as a per-channel bias of its first convolution,
-//! its skip branch is the starting value of the second convolution's output (accumulated in
-//! the gemm), and the up path's concatenation is one copy per example.
+//! between layers. A stride-1 3x3 convolution is 3 gemms over 3 row-shifted copies of its
+//! input ([`shifted_rows`]; im2col would make 9), its dx the same convolution of dy with the
+//! flipped weights, its dW 3 gemms against the copies kept from the forward pass; the
+//! stride-2 ones are im2col + one gemm (see [`super::conv`]). The time projection of each
+//! residual block is added as a per-channel bias of its first convolution, its skip branch is
+//! the starting value of the second convolution's output (accumulated in the gemm), and the
+//! up path's concatenation is one copy per example.
 //!
 //! Backward, per layer (dy is the gradient of the output; `+=` accumulates):
 //!
 //! ```text
 //! conv        y = W im2col(x) + b        dW += dy im2col(x)^T, db += sum dy, dx += col2im(W^T dy)
+//!             (stride 1: col2im(W^T dy) = the convolution of dy with W'[c,o,u,v] = W[o,c,-u,-v])
 //! group norm  see super::group_norm (closed form, optionally through the SiLU)
 //! linear      y = W x + b                dW += dy x^T, db += dy, dx += W^T dy
 //! attention   S = Q^T K / sqrt(C), A = softmax_rows(S), O = V A^T, y = x + P O + p
