@@ -8,7 +8,7 @@
 //! own buffer; the ranges' gradients are summed in order at the end, so the result does not
 //! depend on scheduling. No tensor is allocated, no graph recorded, and there is no barrier
 //! between layers. A stride-1 3x3 convolution is 3 gemms over 3 row-shifted copies of its
-//! input ([`shifted_rows`]; im2col would make 9), its dx the same convolution of dy with the
+//! input (`shifted_rows`; im2col would make 9), its dx the same convolution of dy with the
 //! flipped weights, its dW 3 gemms against the copies kept from the forward pass; the
 //! stride-2 ones are im2col + one gemm (see [`super::conv`]). The time projection of each
 //! residual block is added as a per-channel bias of its first convolution, its skip branch is

@@ -8,7 +8,7 @@
 //! (gradients, Adam updates, log p(x) estimates). It exists for speed: the autodiff path
 //! spends most of a step allocating and walking tensors for ~20 small element-wise ops.
 //!
-//! Threads: a one-sample batch of at least [`SLICE_PARALLEL_MIN_BATCH`] rows is cut into one
+//! Threads: a one-sample batch of at least `SLICE_PARALLEL_MIN_BATCH` (64) rows is cut into one
 //! slice per thread, and each thread runs the whole forward and backward pass of its slice
 //! with single-threaded products (the loss is a mean over the batch, so each slice's gradient
 //! is its share and the shares add up); otherwise each product is split across the threads,

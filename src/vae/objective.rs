@@ -55,7 +55,7 @@ pub fn log_importance_weights(
 }
 
 /// The importance-weighted bound `IWAE_K = log (1/K) sum_k w_k` (one draw of it), `[B]`.
-/// E[IWAE_1] = ELBO <= E[IWAE_K] <= E[IWAE_K'] <= log p(x) for K <= K' (Burda et al. 2015, Thm 1).
+/// `E[IWAE_1] = ELBO <= E[IWAE_K] <= E[IWAE_K'] <= log p(x)` for K <= K' (Burda et al. 2015, Thm 1).
 /// Differentiable, so it can also be trained on.
 pub fn iwae_bound(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<Tensor> {
     Ok(iwae_terms(vae, x, k, noise)?.1)
