@@ -72,7 +72,6 @@ struct ConvP {
 #[derive(Default)]
 struct Cols {
     scratch: Vec<f32>,
-    tmp: Vec<f32>,
     kept: Vec<Vec<f32>>,
     keep: bool,
 }
@@ -204,32 +203,31 @@ fn shifted_conv(
     }
 }
 
-/// `dW[o, c, u, v] += sum_j dy[o, j] e_u[(c, v), j]`: the weight gradient of a stride-1 same
-/// convolution from the shifted rows `e` of its input; `tmp` holds one `[O, C k]` product.
-#[allow(clippy::too_many_arguments)]
+/// `dW_u[o, (c, v)] += sum_j dy[o, j] e_u[(c, v), j]` for u = 0..k: the weight gradient of a
+/// stride-1 same convolution from the shifted rows `e` of its input, in the layout of
+/// [`ConvP::wu`] (`dwu` = k matrices `[O, C k]`); [`Plan::fold_shifted_grads`] moves it into
+/// the `[O, C, k, k]` gradient once per step.
 fn shifted_weight_grad(
-    dw: &mut [f32],
+    dwu: &mut [f32],
     dy: &[f32],
     e: &[f32],
     (o, c, k): (usize, usize, usize),
     (h, w): (usize, usize),
-    tmp: &mut Vec<f32>,
 ) {
     let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
-    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dw.len() >= o * c * k * k);
-    sized(tmp, o * ck);
+    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
     for u in 0..k {
         // SAFETY: as in shifted_conv; e_u^T is read as the [HW, C k] matrix with row stride
-        // 1 and column stride `plane`.
+        // 1 and column stride `plane`; dW_u is the u-th [O, C k] block of `dwu`.
         unsafe {
             gemm::gemm(
                 o,
                 ck,
                 hw,
-                tmp.as_mut_ptr(),
+                dwu.as_mut_ptr().add(u * o * ck),
                 1,
                 ck as isize,
-                false,
+                true,
                 dy.as_ptr(),
                 1,
                 hw as isize,
@@ -243,13 +241,6 @@ fn shifted_weight_grad(
                 false,
                 gemm::Parallelism::None,
             );
-        }
-        for oi in 0..o {
-            for ci in 0..c {
-                for v in 0..k {
-                    dw[((oi * c + ci) * k + u) * k + v] += tmp[oi * ck + ci * k + v];
-                }
-            }
         }
     }
 }
@@ -359,8 +350,8 @@ impl ConvP {
         let g = self.geometry(size);
         let (oh, ow) = g.output();
         let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
-        let dw = &mut grads[self.w..self.w + self.o * ckk];
         if self.pointwise() {
+            let dw = &mut grads[self.w..self.w + self.o * ckk];
             gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
         } else {
             let shifted = self.wu.is_some() && (oh, ow) == size;
@@ -388,11 +379,15 @@ impl ConvP {
                     buf
                 }
             };
-            if shifted {
-                let dims = (self.o, self.c, self.k);
-                shifted_weight_grad(dw, dy, buf, dims, size, &mut cols.tmp);
-            } else {
-                gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
+            match self.wu.filter(|_| shifted) {
+                Some(wu) => {
+                    let dwu = &mut grads[wu..wu + self.o * ckk];
+                    shifted_weight_grad(dwu, dy, buf, (self.o, self.c, self.k), size);
+                }
+                None => {
+                    let dw = &mut grads[self.w..self.w + self.o * ckk];
+                    gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
+                }
             }
         }
         for (db, row) in grads[self.b..self.b + self.o]
@@ -994,6 +989,27 @@ impl Plan {
         }
     }
 
+    /// Adds each shifted-row weight gradient (accumulated in the [`ConvP::wu`] region of
+    /// `grads`, see [`shifted_weight_grad`]) into the convolution's own `[O, C, k, k]`
+    /// gradient.
+    fn fold_shifted_grads(&self, grads: &mut [f32]) {
+        let mut plan = self.clone();
+        for c in plan.convs_mut() {
+            let Some(wu) = c.wu else { continue };
+            let (k, ck) = (c.k, c.c * c.k);
+            for u in 0..k {
+                for o in 0..c.o {
+                    for ci in 0..c.c {
+                        for v in 0..k {
+                            grads[c.w + ((o * c.c + ci) * k + u) * k + v] +=
+                                grads[wu + (u * c.o + o) * ck + ci * k + v];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn levels(&self) -> usize {
         self.down.len()
     }
@@ -1588,6 +1604,7 @@ impl FusedUnet {
             add_into(&mut grads, &g);
             sum += s;
         }
+        self.plan.fold_shifted_grads(&mut grads);
         Ok((sum / x.len() as f64, grads))
     }
 
