@@ -66,9 +66,10 @@ struct ConvP {
     stride: usize,
 }
 
-/// The im2col matrices: one scratch buffer, and when training (`keep`) one kept buffer per
+/// The unfolded inputs of the convolutions (im2col matrices, or the shifted rows of
+/// [`shifted_rows`]): one scratch buffer, and when training (`keep`) one kept buffer per
 /// convolution, written by the forward pass and read again by the backward pass for dW (in
-/// place of a second im2col of the same input).
+/// place of unfolding the same input a second time).
 #[derive(Default)]
 struct Cols {
     scratch: Vec<f32>,
@@ -967,8 +968,9 @@ impl Plan {
         v
     }
 
-    /// Writes each flipped weight (see [`ConvP::wf`]) from its weight.
-    fn flip_weights(&mut self, params: &mut [f32]) {
+    /// Writes each convolution's derived weights ([`ConvP::wf`], [`ConvP::wu`]) from its
+    /// weight.
+    fn derive_weights(&mut self, params: &mut [f32]) {
         for c in self.convs_mut() {
             let (Some(wf), Some(wu)) = (c.wf, c.wu) else {
                 continue;
@@ -1467,7 +1469,7 @@ impl FusedUnet {
                 params.resize(params.len() + 2 * c.o * c.c * c.k * c.k, 0.0);
             }
         }
-        plan.flip_weights(&mut params);
+        plan.derive_weights(&mut params);
         Ok(Self {
             plan,
             params,
@@ -1483,7 +1485,7 @@ impl FusedUnet {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
             self.params[*at..*at + v.len()].copy_from_slice(&v);
         }
-        self.plan.flip_weights(&mut self.params);
+        self.plan.derive_weights(&mut self.params);
         Ok(())
     }
 
