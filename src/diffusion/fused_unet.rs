@@ -40,10 +40,9 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::conv::{Conv2d, Geometry, gemm_rm};
-use super::group_norm::{
-    GroupNorm, channel_dx, channel_grad_sums, moments, normalize_channel, silu, silu_grad,
-};
+use super::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
 use super::nets::{Attention, ResBlock, UNet};
+use crate::vae::fused::add_assign;
 
 /// A convolution's place in the flat parameter vector.
 #[derive(Debug, Clone, Copy)]
@@ -250,10 +249,6 @@ fn shifted_weight_grad(
 fn zeroed(buf: &mut Vec<f32>, n: usize) {
     buf.clear();
     buf.resize(n, 0.0);
-}
-
-fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }
 
 impl ConvP {
@@ -469,20 +464,18 @@ impl NormP {
                 hw
             },
         );
-        for (gi, (yg, xg)) in y.chunks_mut(cg * hw).zip(x.chunks(cg * hw)).enumerate() {
-            let (mean, inv) = moments(xg, self.eps);
+        let len = cg * hw;
+        for (gi, (yg, xg)) in y.chunks_mut(len).zip(x.chunks(len)).enumerate() {
+            let sig = match (with_silu, keep) {
+                (false, _) => &mut [][..],
+                (true, true) => &mut nt.sig[gi * len..(gi + 1) * len],
+                (true, false) => &mut nt.sig[..],
+            };
+            let ch = gi * cg..(gi + 1) * cg;
+            let (gm, bt) = (&gamma[ch.clone()], &beta[ch]);
+            let (mean, inv) = group_forward(yg, sig, xg, gm, bt, hw, self.eps, with_silu);
             nt.stats[2 * gi] = mean;
             nt.stats[2 * gi + 1] = inv;
-            for (j, (y, x)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).enumerate() {
-                let ch = gi * cg + j;
-                let start = if keep { (gi * cg + j) * hw } else { 0 };
-                let sig = if with_silu {
-                    &mut nt.sig[start..start + hw]
-                } else {
-                    &mut []
-                };
-                normalize_channel(y, sig, x, mean, inv, gamma[ch], beta[ch], with_silu);
-            }
         }
     }
 
@@ -502,55 +495,27 @@ impl NormP {
     ) {
         let (gamma, beta) = (&p[self.g..self.g + self.c], &p[self.b..self.b + self.c]);
         let cg = self.c / self.groups;
-        let n = (cg * hw) as f64;
-        sized(scratch, dy.len());
+        let len = cg * hw;
+        sized(scratch, len);
+        // The builder adds gamma before beta, so their gradients split at beta's offset.
+        let (lower, upper) = grads.split_at_mut(self.b);
+        let (dgamma, dbeta) = (&mut lower[self.g..self.g + self.c], &mut upper[..self.c]);
         for gi in 0..self.groups {
-            let (mean, inv) = (nt.stats[2 * gi], nt.stats[2 * gi + 1]);
-            let range = gi * cg * hw..(gi + 1) * cg * hw;
-            let dy_in = &dy[range.clone()];
-            let (xg, dyg, dxg) = (
-                &x[range.clone()],
-                &mut scratch[range.clone()],
-                &mut dx[range],
+            let (r, ch) = (gi * len..(gi + 1) * len, gi * cg..(gi + 1) * cg);
+            let sig = if with_silu { &nt.sig[r.clone()] } else { &[] };
+            group_backward(
+                &mut dx[r.clone()],
+                &mut dgamma[ch.clone()],
+                &mut dbeta[ch.clone()],
+                &dy[r.clone()],
+                sig,
+                &x[r],
+                (nt.stats[2 * gi], nt.stats[2 * gi + 1]),
+                (&gamma[ch.clone()], &beta[ch]),
+                hw,
+                with_silu,
+                scratch,
             );
-            let (mut mean_g, mut mean_gx) = (0f64, 0f64);
-            for j in 0..cg {
-                let ch = gi * cg + j;
-                let (gm, bt) = (gamma[ch], beta[ch]);
-                let r = j * hw..(j + 1) * hw;
-                let at = gi * cg * hw + r.start;
-                let sig = if with_silu { &nt.sig[at..at + hw] } else { &[] };
-                let (sg, sgx) = channel_grad_sums(
-                    &mut dyg[r.clone()],
-                    &dy_in[r.clone()],
-                    sig,
-                    &xg[r],
-                    mean,
-                    inv,
-                    gm,
-                    bt,
-                    with_silu,
-                );
-                grads[self.b + ch] += sg;
-                grads[self.g + ch] += sgx;
-                mean_g += (gm * sg) as f64;
-                mean_gx += (gm * sgx) as f64;
-            }
-            let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
-            for j in 0..cg {
-                let gm = gamma[gi * cg + j];
-                let r = j * hw..(j + 1) * hw;
-                channel_dx(
-                    &mut dxg[r.clone()],
-                    &dyg[r.clone()],
-                    &xg[r],
-                    mean,
-                    inv,
-                    gm,
-                    mean_g,
-                    mean_gx,
-                );
-            }
         }
     }
 }
@@ -685,7 +650,7 @@ impl ResP {
             .backward(p, grads, &t.n2, size, dout, Dx::Set(&mut s.d1), &mut s.cols);
         match &self.skip {
             Some(sk) => sk.backward(p, grads, x, size, dout, Dx::Add(&mut *dx), &mut s.cols),
-            None => add_into(dx, dout),
+            None => add_assign(dx, dout),
         }
         zeroed(&mut s.d2, o * hw);
         self.norm2.backward(
@@ -783,7 +748,7 @@ impl AttnP {
         s: &mut BlockScratch,
     ) {
         let (c, n) = (self.proj.o, size.0 * size.1);
-        add_into(dx, dy);
+        add_assign(dx, dy);
         sized(&mut s.d1, c * n); // dO
         self.proj
             .backward(p, grads, &t.ot, size, dy, Dx::Set(&mut s.d1), &mut s.cols);
@@ -1226,7 +1191,7 @@ impl Plan {
                 &mut ws.block,
             );
             let prev = tape.up_in[j].len() - tape.down_out[i].len();
-            add_into(&mut ws.dskip[i], &ws.dnext[prev..]);
+            add_assign(&mut ws.dskip[i], &ws.dnext[prev..]);
             ws.dh.clear();
             ws.dh.extend_from_slice(&ws.dnext[..prev]);
         }
@@ -1603,7 +1568,7 @@ impl FusedUnet {
         let mut grads = vec![0f32; self.params.len()];
         let mut sum = 0f64;
         for (g, s) in parts {
-            add_into(&mut grads, &g);
+            add_assign(&mut grads, &g);
             sum += s;
         }
         self.plan.fold_shifted_grads(&mut grads);

@@ -15,7 +15,8 @@
 //! with `s = sigmoid(a)` takes the place of dy above.
 //!
 //! `x` `[B, C, ...]`, `gamma`, `beta` `[C]`; the names and shapes of PyTorch's `nn.GroupNorm`
-//! (`weight`, `bias`). Other devices use `candle_nn::GroupNorm`.
+//! (`weight`, `bias`). Other devices use `candle_nn::GroupNorm`. The per-group kernels
+//! (`group_forward`, `group_backward`) also serve the fused U-Net engine.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 use candle_nn::VarBuilder;
@@ -128,7 +129,7 @@ fn sigmoid_fast(a: f32) -> f32 {
 /// as `x`) gets sigmoid(a) for the backward pass.
 #[multiversion::multiversion(targets = "simd")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn normalize_channel(
+fn normalize_channel(
     y: &mut [f32],
     sig: &mut [f32],
     x: &[f32],
@@ -156,7 +157,7 @@ pub(crate) fn normalize_channel(
 /// [`normalize_channel`]); returns (sum out, sum out x_hat).
 #[multiversion::multiversion(targets = "simd")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn channel_grad_sums(
+fn channel_grad_sums(
     out: &mut [f32],
     dy: &[f32],
     sig: &[f32],
@@ -215,7 +216,7 @@ pub(crate) fn channel_grad_sums(
 /// `dx += (gamma dy - mean_g - x_hat mean_gx) inv` over one channel.
 #[multiversion::multiversion(targets = "simd")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn channel_dx(
+fn channel_dx(
     dx: &mut [f32],
     dy: &[f32],
     x: &[f32],
@@ -231,12 +232,87 @@ pub(crate) fn channel_dx(
     }
 }
 
+/// Forward of one (example, group): `x`, `y` `[cg, hw]` (cg = `gamma.len()` channels),
+/// `y = [silu](gamma (x - mu) / sigma + beta)`; returns (mu, 1/sigma). With the SiLU, `sig`
+/// gets sigmoid(a): for every value when it is as long as `x` (kept for the backward pass),
+/// else one channel's worth (`hw`), overwritten channel by channel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_forward(
+    y: &mut [f32],
+    sig: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    hw: usize,
+    eps: f64,
+    with_silu: bool,
+) -> (f32, f32) {
+    let (mean, inv) = moments(x, eps);
+    let keep = sig.len() >= x.len();
+    for (j, (yc, xc)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
+        let at = if keep { j * hw } else { 0 };
+        let s = if with_silu {
+            &mut sig[at..at + hw]
+        } else {
+            &mut []
+        };
+        normalize_channel(yc, s, xc, mean, inv, gamma[j], beta[j], with_silu);
+    }
+    (mean, inv)
+}
+
+/// Backward of one (example, group), the closed form of the module doc: `dx +=`, and the
+/// group's channels' `dgamma`, `dbeta +=`. `sig` is the sigmoid [`group_forward`] kept (with
+/// the SiLU), `scratch` `[cg, hw]` takes dy through the SiLU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_backward(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dy: &[f32],
+    sig: &[f32],
+    x: &[f32],
+    (mean, inv): (f32, f32),
+    (gamma, beta): (&[f32], &[f32]),
+    hw: usize,
+    with_silu: bool,
+    scratch: &mut [f32],
+) {
+    let n = x.len() as f64;
+    let (mut mean_g, mut mean_gx) = (0f64, 0f64);
+    for j in 0..gamma.len() {
+        let r = j * hw..(j + 1) * hw;
+        let s = if with_silu { &sig[r.clone()] } else { &[] };
+        let (sg, sgx) = channel_grad_sums(
+            &mut scratch[r.clone()],
+            &dy[r.clone()],
+            s,
+            &x[r],
+            mean,
+            inv,
+            gamma[j],
+            beta[j],
+            with_silu,
+        );
+        dbeta[j] += sg;
+        dgamma[j] += sgx;
+        mean_g += (gamma[j] * sg) as f64;
+        mean_gx += (gamma[j] * sgx) as f64;
+    }
+    let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
+    for (j, &gm) in gamma.iter().enumerate() {
+        let r = j * hw..(j + 1) * hw;
+        let (dxc, g, xc) = (&mut dx[r.clone()], &scratch[r.clone()], &x[r]);
+        channel_dx(dxc, g, xc, mean, inv, gm, mean_g, mean_gx);
+    }
+}
+
 /// Mean and 1/sigma of one group, in one pass: sums of d and d^2 for d = x - x_0, in 16
 /// float lanes (a group has at most a few thousand values per lane) added up in f64.
 /// Shifting by the first value keeps var = E[d^2] - E[d]^2 free of cancellation when the mean
 /// is large against the spread.
 #[multiversion::multiversion(targets = "simd")]
-pub(crate) fn moments(x: &[f32], eps: f64) -> (f32, f32) {
+fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     const LANES: usize = 16;
     let n = x.len() as f64;
     let shift = x.first().copied().unwrap_or(0.0);
@@ -309,22 +385,14 @@ impl CustomOp3 for GroupNormOp {
         y.par_chunks_mut(group_len)
             .zip(x.par_chunks(group_len))
             .enumerate()
-            .for_each(|(i, (y, x))| {
-                let (mean, inv_sigma) = moments(x, self.eps);
-                let first_channel = (i % self.groups) * cg;
-                for (j, (y, x)) in y.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                    let (gm, bt) = (gamma[first_channel + j], beta[first_channel + j]);
-                    if self.silu {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = silu(gm * (x - mean) * inv_sigma + bt);
-                        }
-                    } else {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = gm * (x - mean) * inv_sigma + bt;
-                        }
-                    }
-                }
-            });
+            .for_each_init(
+                || vec![0f32; if self.silu { hw } else { 0 }],
+                |sig, (i, (y, x))| {
+                    let first = (i % self.groups) * cg;
+                    let (gm, bt) = (&gamma[first..first + cg], &beta[first..first + cg]);
+                    group_forward(y, sig, x, gm, bt, hw, self.eps, self.silu);
+                },
+            );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -338,65 +406,35 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (_, c, hw) = self.dims(x.shape())?;
         with_values([x, gamma, beta, grad], "group_norm", |[xv, gv, bv, dy]| {
-            let mut dy_silu = Vec::new();
-            let dy = if self.silu {
-                // Through the SiLU first: dy <- dy * silu'(a), a = gamma x_hat + beta.
-                dy_silu.extend_from_slice(dy);
-                let cg = c / self.groups;
-                dy_silu
-                    .par_chunks_mut(cg * hw)
-                    .zip(xv.par_chunks(cg * hw))
-                    .enumerate()
-                    .for_each(|(i, (dy, x))| {
-                        let (mean, inv_sigma) = moments(x, self.eps);
-                        let first_channel = (i % self.groups) * cg;
-                        for (j, (dy, x)) in dy.chunks_mut(hw).zip(x.chunks(hw)).enumerate() {
-                            let (gm, bt) = (gv[first_channel + j], bv[first_channel + j]);
-                            for (d, &x) in dy.iter_mut().zip(x) {
-                                *d *= silu_grad(gm * (x - mean) * inv_sigma + bt);
-                            }
-                        }
-                    });
-                &dy_silu[..]
-            } else {
-                dy
-            };
             let cg = c / self.groups;
             let group_len = cg * hw;
             let mut dx = vec![0f32; xv.len()];
-            // Per group: dx, and the group's contributions to dgamma and dbeta.
+            // Per group: the forward pass again (for the statistics and the sigmoid), then dx
+            // and the group's contributions to dgamma and dbeta.
             let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
                 .par_chunks_mut(group_len)
                 .zip(xv.par_chunks(group_len).zip(dy.par_chunks(group_len)))
                 .enumerate()
                 .map(|(i, (dx, (x, dy)))| {
-                    let (mean, inv_sigma) = moments(x, self.eps);
-                    let first_channel = (i % self.groups) * cg;
+                    let first = (i % self.groups) * cg;
+                    let (gm, bt) = (&gv[first..first + cg], &bv[first..first + cg]);
+                    let (mut y, mut sig) = (vec![0f32; group_len], vec![0f32; group_len]);
+                    let stats = group_forward(&mut y, &mut sig, x, gm, bt, hw, self.eps, self.silu);
                     let (mut dgamma, mut dbeta) = (vec![0f32; cg], vec![0f32; cg]);
-                    let (mut mean_g, mut mean_gx) = (0f64, 0f64);
-                    for j in 0..cg {
-                        let gm = gv[first_channel + j];
-                        let (mut sg, mut sgx) = (0f32, 0f32);
-                        for k in j * hw..(j + 1) * hw {
-                            let x_hat = (x[k] - mean) * inv_sigma;
-                            sg += dy[k];
-                            sgx += dy[k] * x_hat;
-                        }
-                        dbeta[j] = sg;
-                        dgamma[j] = sgx;
-                        mean_g += (gm * sg) as f64;
-                        mean_gx += (gm * sgx) as f64;
-                    }
-                    let n = group_len as f64;
-                    let (mean_g, mean_gx) = ((mean_g / n) as f32, (mean_gx / n) as f32);
-                    for j in 0..cg {
-                        let gm = gv[first_channel + j];
-                        for k in j * hw..(j + 1) * hw {
-                            let x_hat = (x[k] - mean) * inv_sigma;
-                            dx[k] = (gm * dy[k] - mean_g - x_hat * mean_gx) * inv_sigma;
-                        }
-                    }
-                    (first_channel, dgamma, dbeta)
+                    group_backward(
+                        dx,
+                        &mut dgamma,
+                        &mut dbeta,
+                        dy,
+                        &sig,
+                        x,
+                        stats,
+                        (gm, bt),
+                        hw,
+                        self.silu,
+                        &mut y,
+                    );
+                    (first, dgamma, dbeta)
                 })
                 .collect();
             let (mut dgamma, mut dbeta) = (vec![0f32; c], vec![0f32; c]);

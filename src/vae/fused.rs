@@ -683,8 +683,9 @@ fn rows_in_parallel(
     }
 }
 
+/// `dst += src`, element by element.
 #[multiversion::multiversion(targets = "simd")]
-fn add_assign(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += s;
     }
