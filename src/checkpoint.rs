@@ -1,16 +1,33 @@
-//! safetensors checkpoints, written atomically (temporary file, fsync, rename) so that a
-//! crash or a kill never leaves a half-written file where a good one was.
+//! safetensors checkpoints: serialised in memory, written atomically (temporary file, fsync,
+//! rename, fsync of the folder), and read defensively: only regular files, reads bounded by
+//! the file's size and the memory budget, float tensors only, every value finite.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
 
 /// Tensors and string metadata of one safetensors file.
 pub struct Loaded {
     pub tensors: HashMap<String, Tensor>,
     pub metadata: HashMap<String, String>,
+}
+
+/// The safetensors bytes of `tensors` (+ `metadata`).
+pub fn serialize(
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(safetensors::serialize(
+        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+    )?)
 }
 
 /// Writes `tensors` (+ `metadata`) to `path` through `path.tmp` and a rename.
@@ -19,27 +36,7 @@ pub fn save_atomic(
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    }
-    let tmp = tmp_path(path);
-    let contiguous: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
-    safetensors::serialize_to_file(
-        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-        &tmp,
-    )
-    .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("{}: cannot sync", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    write_atomic(path, &serialize(tensors, metadata)?)
 }
 
 /// `model.safetensors` -> `model.safetensors.tmp`.
@@ -49,37 +46,114 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Reads every tensor and the metadata (empty when the file has none, as PyTorch's
-/// `safetensors.torch.save_file` without `metadata=` writes).
-pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .with_context(|| format!("{}: cannot decode tensors", path.display()))?;
-    Ok(Loaded { tensors, metadata })
-}
-
-/// Writes `text` to `path` atomically.
+/// Writes `bytes` to `path` atomically: a crash leaves the old file or the new one, whole.
+/// On failure the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
+    let write = || -> std::io::Result<()> {
+        crate::fault::step("write temporary file")?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        crate::fault::step("fsync temporary file")?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("{}: cannot write", tmp.display()));
+    }
+    crate::fault::step("rename temporary file into place")
+        .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
-/// Appends one JSON line (a metrics record) to `path`.
-pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("{}: cannot append", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(record)?)
-        .with_context(|| format!("{}: cannot append", path.display()))?;
+/// Reads a whole file, refusing anything that is not a regular file (a pipe, a device such as
+/// `/dev/zero`, a folder) and files larger than `max` bytes or the memory budget; the read is
+/// bounded by the size the file had when opened.
+pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file (a folder, pipe or device); give a file",
+            path.display()
+        );
+    }
+    let len = meta.len();
+    if len > max {
+        bail!(
+            "{}: {} is larger than the {} allowed here",
+            path.display(),
+            crate::limits::human(len),
+            crate::limits::human(max)
+        );
+    }
+    crate::limits::check_bytes(&path.display().to_string(), "reading it", Some(len))?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(bytes)
+}
+
+/// Reads every tensor and the metadata of a checkpoint file (see [`decode`]).
+pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
+    let bytes = read_regular_file(path, u64::MAX)
+        .with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
+    decode(&bytes, path, device)
+}
+
+/// Decodes safetensors bytes: the metadata is empty when the file has none (as PyTorch's
+/// `safetensors.torch.save_file` without `metadata=` writes). Refuses integer and boolean
+/// tensors and any non-finite value, naming the tensor; f16, bf16 and f64 are read as they are
+/// (models convert to f32). `path` names the file in errors.
+pub fn decode(bytes: &[u8], path: &Path, device: &Device) -> Result<Loaded> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+    names.sort();
+    let mut tensors = HashMap::new();
+    for name in names {
+        let view = st
+            .tensor(&name)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        use safetensors::Dtype as S;
+        if !matches!(view.dtype(), S::F16 | S::BF16 | S::F32 | S::F64) {
+            bail!(
+                "{}: tensor {name} has dtype {:?}; weights must be floats (F16, BF16, F32 or F64)",
+                path.display(),
+                view.dtype()
+            );
+        }
+        let t = candle_core::safetensors::Load::load(&view, device)
+            .with_context(|| format!("{}: cannot decode tensor {name}", path.display()))?;
+        check_finite(&t).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        tensors.insert(name, t);
+    }
+    Ok(Loaded { tensors, metadata })
+}
+
+/// Fails naming the first non-finite value of a float tensor (as it will be used, in f32).
+fn check_finite(t: &Tensor) -> Result<()> {
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        bail!("holds a non-finite value ({v}) at flat index {i}; refusing to load it");
+    }
     Ok(())
 }

@@ -16,14 +16,20 @@
 //! - [`distributions`]: diagonal Gaussian, Bernoulli and Gaussian likelihoods, seeded noise;
 //! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x));
 //! - [`optim`]: Adam with a state that can be checkpointed;
-//! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically;
+//! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
+//! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
+//! - [`limits`]: sizes checked against memory before they are allocated; [`fault`]: fault
+//!   injection for the file-system steps of a save (tests);
 //! - [`train`]: the training loop; [`plot`]: PNG image grids.
 
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
 pub mod distributions;
+pub mod fault;
+pub mod limits;
 pub mod optim;
 pub mod plot;
+pub mod run_dir;
 pub mod train;
 pub mod vae;

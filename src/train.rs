@@ -1,14 +1,14 @@
 //! The VAE training loop: Adam on the negative (beta-)ELBO, per-epoch train and test metrics
 //! as JSON lines, an atomic checkpoint every epoch, resume, and pictures at the end.
 //!
-//! Files in the output folder:
+//! Files in the output folder (the first four are one commit per epoch, see [`crate::run_dir`]):
 //! - `model.safetensors`: the weights under PyTorch `SimpleVAE.state_dict()` names;
 //! - `train_state.safetensors`: Adam's moments, the step and the epochs done (for `--resume`);
-//! - `metrics.jsonl`: one JSON object per epoch;
+//! - `metrics.jsonl`: one JSON object per epoch; `config.json`: the model and training config;
 //! - `samples.png`, `reconstructions.png`, and `manifold.png` when the latent is 2-D.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -21,8 +21,10 @@ use rand::seq::SliceRandom;
 use crate::checkpoint;
 use crate::data::{Dataset, PixelMode, Source, Split};
 use crate::distributions::Noise;
+use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
+use crate::run_dir::{self, Committed, RunDir};
 use crate::vae::fused::FusedVae;
 use crate::vae::{self, Vae, VaeConfig, elbo_terms};
 
@@ -51,12 +53,11 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 {
-            bail!("--batch-size must be at least 1");
-        }
-        if self.mc_samples == 0 {
-            bail!("--mc-samples must be at least 1");
-        }
+        limits::at_least_one("--epochs", self.epochs)?;
+        limits::at_least_one("--batch-size", self.batch_size)?;
+        limits::at_least_one("--mc-samples", self.mc_samples)?;
+        limits::at_least_one("--train-limit", self.train_limit.unwrap_or(1))?;
+        limits::at_least_one("--test-limit", self.test_limit.unwrap_or(1))?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
         }
@@ -132,23 +133,6 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
-/// Files of a run in `dir`.
-pub struct RunFiles {
-    pub model: PathBuf,
-    pub state: PathBuf,
-    pub metrics: PathBuf,
-}
-
-impl RunFiles {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            model: dir.join("model.safetensors"),
-            state: dir.join("train_state.safetensors"),
-            metrics: dir.join("metrics.jsonl"),
-        }
-    }
-}
-
 /// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
 pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
     let mut z = seed
@@ -201,7 +185,6 @@ pub fn train_vae(
 ) -> Result<Vec<EpochMetrics>> {
     config.validate()?;
     model_config.validate()?;
-    let files = RunFiles::new(dir);
     let mut train = config.source.load(Split::Train)?;
     let mut test = config.source.load(Split::Test)?;
     if let Some(n) = config.train_limit {
@@ -210,51 +193,38 @@ pub fn train_vae(
     if let Some(n) = config.test_limit {
         test = test.take(n);
     }
+    check_step_memory(&model_config, config, train.len())?;
 
-    let (vae, mut adam, start_epoch) = if resume {
-        if !files.model.exists() || !files.state.exists() {
-            bail!(
-                "--resume: {} has no {} and {} to continue from",
-                dir.display(),
-                files.model.display(),
-                files.state.display()
-            );
-        }
-        let vae = Vae::load(&files.model, device)?;
+    let (mut run, vae, mut adam, start_epoch) = if resume {
+        let (run, committed) = RunDir::resume(dir)?;
+        let model_path = committed.file(run_dir::MODEL);
+        let vae = Vae::load(&model_path, device)?;
         if vae.config != model_config {
             eprintln!(
                 "note: --resume uses the model config stored in {}",
-                files.model.display()
+                model_path.display()
             );
         }
-        let state = checkpoint::load(&files.state, device)?;
-        let number = |key: &str| -> Result<u64> {
-            state
-                .metadata
-                .get(key)
-                .and_then(|s| s.parse().ok())
-                .with_context(|| format!("{}: metadata {key} missing", files.state.display()))
-        };
-        let (epoch, step) = (number("epoch")? as usize, number("adam_step")?);
+        let state_path = committed.file(run_dir::STATE);
+        let state = checkpoint::load(&state_path, device)?;
+        let (epoch, step) = state_counters(&state, &state_path, &committed)?;
         let mut adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
         adam.load_state(&state.tensors, step)
-            .with_context(|| format!("{}: cannot restore the optimizer", files.state.display()))?;
-        (vae, adam, epoch)
+            .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
+        (run, vae, adam, epoch)
     } else {
-        if files.model.exists() {
-            bail!(
-                "--out {}: already holds a checkpoint; pass --resume to continue it, or choose another --out",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--out {}: cannot create folder", dir.display()))?;
+        let run = RunDir::create(dir)?;
         let vae = Vae::new(model_config, &mut Noise::new(config.seed), device)?;
         let adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
-        std::fs::write(&files.metrics, b"")
-            .with_context(|| format!("{}: cannot write", files.metrics.display()))?;
-        (vae, adam, 0)
+        (run, vae, adam, 0)
     };
+    if config.epochs <= start_epoch {
+        bail!(
+            "--epochs {}: the run in {} has done {start_epoch} epochs already; give a larger --epochs to continue it",
+            config.epochs,
+            dir.display()
+        );
+    }
     if show_progress {
         eprintln!(
             "training VAE {}-{}-{} on {} ({} train, {} test) for {} epochs -> {}",
@@ -268,11 +238,8 @@ pub fn train_vae(
             dir.display()
         );
     }
-    let run_config = serde_json::json!({ "model": vae.config, "train": config });
-    checkpoint::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&run_config)?.as_bytes(),
-    )?;
+    let run_config =
+        serde_json::to_string_pretty(&serde_json::json!({ "model": vae.config, "train": config }))?;
 
     let fused_applies = crate::vae::fused::supports(&vae) && config.objective == Objective::Elbo;
     let use_fused = match config.engine {
@@ -314,11 +281,11 @@ pub fn train_vae(
         for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
             let stopped = |bar: &ProgressBar, loss_value: f64| -> anyhow::Error {
                 bar.abandon();
-                let kept = if files.model.exists() {
+                let kept = if run.last_epoch() > 0 {
                     format!(
                         "the last good checkpoint {} (epoch {}) is kept",
-                        files.model.display(),
-                        epoch - 1
+                        dir.join(run_dir::MODEL).display(),
+                        run.last_epoch()
                     )
                 } else {
                     "no checkpoint had been written yet".to_string()
@@ -381,14 +348,24 @@ pub fn train_vae(
             config.mc_samples,
             derive_seed(config.seed, STREAM_TEST, 0),
         )?;
-        save_train_state(&vae, &adam, epoch, &files)?;
         let metrics = EpochMetrics {
             epoch,
             train: train_terms,
             test: test_terms,
             seconds: started.elapsed().as_secs_f64(),
         };
-        checkpoint::append_json_line(&files.metrics, &metrics)?;
+        let (state_tensors, step) = adam.state();
+        let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;
+        run.commit(
+            epoch,
+            step,
+            &[
+                (run_dir::MODEL, &vae.to_safetensors()?),
+                (run_dir::STATE, &state),
+                (run_dir::CONFIG, run_config.as_bytes()),
+            ],
+            &serde_json::to_string(&metrics)?,
+        )?;
         if show_progress {
             eprintln!(
                 "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",
@@ -407,15 +384,62 @@ pub fn train_vae(
     Ok(all)
 }
 
-/// Model first, then the optimizer state that refers to it; each write is atomic.
-fn save_train_state(vae: &Vae, adam: &Adam, epoch: usize, files: &RunFiles) -> Result<()> {
-    vae.save(&files.model)?;
-    let (tensors, step) = adam.state();
-    let metadata = HashMap::from([
+/// Refuses, before anything is allocated, a training step or test pass whose activations
+/// (K samples of every example in a batch, forward and backward) exceed the memory budget.
+fn check_step_memory(model: &VaeConfig, config: &TrainConfig, n_train: usize) -> Result<()> {
+    let (i, h, l) = (
+        model.input_dim as u64,
+        model.hidden_dim as u64,
+        model.latent_dim as u64,
+    );
+    // Per sample row: logits and their gradient (2i), three hidden layers and their gradients
+    // (6h), mu, log_var, eps, z (4l); f32. Test batches are 500 examples.
+    let row = [i.checked_mul(2), h.checked_mul(6), l.checked_mul(4)]
+        .into_iter()
+        .try_fold(0u64, |acc, t| acc.checked_add(t?));
+    let examples = config.batch_size.min(n_train.max(1)).max(500) as u64;
+    let bytes = row.and_then(|r| limits::product(&[r, examples, config.mc_samples as u64, 4]));
+    limits::check_bytes(
+        &format!(
+            "--mc-samples {} with --batch-size {}",
+            config.mc_samples, config.batch_size
+        ),
+        "one training step",
+        bytes,
+    )
+}
+
+/// The training state's metadata: the epochs done and Adam's step count.
+pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
+    HashMap::from([
         ("epoch".to_string(), epoch.to_string()),
         ("adam_step".to_string(), step.to_string()),
-    ]);
-    checkpoint::save_atomic(&files.state, &tensors, metadata)
+    ])
+}
+
+/// The (epoch, Adam step) a training state records, checked against its commit.
+pub fn state_counters(
+    state: &checkpoint::Loaded,
+    path: &Path,
+    committed: &Committed,
+) -> Result<(usize, u64)> {
+    let number = |key: &str| -> Result<u64> {
+        state
+            .metadata
+            .get(key)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{}: metadata {key} missing", path.display()))
+    };
+    let (epoch, step) = (number("epoch")? as usize, number("adam_step")?);
+    if epoch != committed.epoch || step != committed.step {
+        bail!(
+            "{}: records epoch {epoch}, step {step}, but its commit is epoch {}, step {}: the run is out of step",
+            path.display(),
+            committed.epoch,
+            committed.step
+        );
+    }
+    Ok((epoch, step))
 }
 
 /// `samples.png` (64 prior samples), `reconstructions.png` (rows alternate 8 test digits and

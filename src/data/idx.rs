@@ -15,6 +15,23 @@ pub enum IdxError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: not a regular file (a folder, pipe or device)")]
+    NotAFile { path: PathBuf },
+    #[error("{path}: not a valid gzip file: {source}")]
+    Gzip {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: bytes after the end of the gzip stream that are not a gzip member")]
+    AfterGzip { path: PathBuf },
+    #[error(
+        "{path}: header declares {declared} bytes of data, more than the {budget} bytes of memory available"
+    )]
+    TooLarge {
+        path: PathBuf,
+        declared: u64,
+        budget: u64,
+    },
     #[error("{path}: file is shorter than the 4-byte IDX magic number")]
     TooShort { path: PathBuf },
     #[error("{path}: wrong magic number {found:#010x} (expected {expected:#010x}: {what})")]
@@ -52,44 +69,55 @@ pub const IMAGES_MAGIC: u32 = 0x0000_0803;
 /// Magic number of an IDX file of unsigned bytes with 1 dimension (MNIST labels).
 pub const LABELS_MAGIC: u32 = 0x0000_0801;
 
-/// Reads the whole file, gunzipping when it starts with the gzip magic `1f 8b`.
-pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, IdxError> {
-    let io = |source| IdxError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let raw = std::fs::read(path).map_err(io)?;
-    decode_maybe_gz(&raw).map_err(io)
-}
+/// The gzip magic number.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
-/// Gunzips `raw` when it starts with the gzip magic, else returns it as is.
-pub fn decode_maybe_gz(raw: &[u8]) -> std::io::Result<Vec<u8>> {
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::GzDecoder::new(raw).read_to_end(&mut out)?;
-        Ok(out)
-    } else {
-        Ok(raw.to_vec())
+/// Reads into `buf` until it is full or the stream ends; returns the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(done)
 }
 
-fn be_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-}
-
-/// Parses an IDX buffer whose magic must be `magic` (so `2 + magic & 0xff` header words);
-/// returns the dimensions and the data bytes. `path` is only used in errors.
-fn parse(
-    bytes: &[u8],
+/// Parses an IDX stream whose magic must be `magic`: the header is read and checked first,
+/// then exactly the data it declares (never more than the memory budget, and for a raw file
+/// of `raw_len` bytes only when the lengths agree), then the end of the stream. `gz` says
+/// whether `r` inflates a gzip file (its errors are then gzip errors). Returns the dimensions
+/// and the data bytes; `path` is only used in errors.
+fn parse_stream(
+    mut r: impl Read,
     magic: u32,
     what: &'static str,
     path: &Path,
+    gz: bool,
+    raw_len: Option<u64>,
 ) -> Result<(Vec<usize>, Vec<u8>), IdxError> {
     let path_buf = || path.to_path_buf();
-    if bytes.len() < 4 {
+    let io = |source: std::io::Error| {
+        if gz {
+            IdxError::Gzip {
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            IdxError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let mut head = [0u8; 4];
+    if read_up_to(&mut r, &mut head).map_err(io)? < 4 {
         return Err(IdxError::TooShort { path: path_buf() });
     }
-    let found = be_u32(bytes, 0);
+    let found = u32::from_be_bytes(head);
     if found != magic {
         return Err(IdxError::BadMagic {
             path: path_buf(),
@@ -100,35 +128,119 @@ fn parse(
     }
     let ndim = (magic & 0xff) as usize;
     let header = 4 + 4 * ndim;
-    if bytes.len() < header {
+    let mut dim_bytes = vec![0u8; 4 * ndim];
+    let got = read_up_to(&mut r, &mut dim_bytes).map_err(io)?;
+    if got < dim_bytes.len() {
         return Err(IdxError::Truncated {
             path: path_buf(),
             expected: header,
-            found: bytes.len(),
+            found: 4 + got,
         });
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|i| be_u32(bytes, 4 + 4 * i) as usize)
+    let dims: Vec<usize> = dim_bytes
+        .chunks(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
     let len = dims
         .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .unwrap_or(usize::MAX);
-    let body = bytes.len() - header;
-    if body < len {
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    if let Some(file_len) = raw_len {
+        let body = file_len.saturating_sub(header as u64);
+        if body < len {
+            return Err(IdxError::Truncated {
+                path: path_buf(),
+                expected: len.min(usize::MAX as u64) as usize,
+                found: body as usize,
+            });
+        }
+        if body > len {
+            return Err(IdxError::TrailingBytes {
+                path: path_buf(),
+                found: (body - len) as usize,
+            });
+        }
+    }
+    let budget = crate::limits::memory_budget();
+    if len > budget {
+        return Err(IdxError::TooLarge {
+            path: path_buf(),
+            declared: len,
+            budget,
+        });
+    }
+    // Grows only as data arrives: a header that lies costs no more than the data there is.
+    let mut data = Vec::with_capacity(raw_len.map_or(0, |_| len as usize));
+    (&mut r).take(len).read_to_end(&mut data).map_err(io)?;
+    if (data.len() as u64) < len {
         return Err(IdxError::Truncated {
             path: path_buf(),
-            expected: len,
-            found: body,
+            expected: len as usize,
+            found: data.len(),
         });
     }
-    if body > len {
-        return Err(IdxError::TrailingBytes {
-            path: path_buf(),
-            found: body - len,
+    let mut probe = [0u8; 1];
+    match read_up_to(&mut r, &mut probe) {
+        Ok(0) => {}
+        Ok(_) => {
+            // Count what follows, up to 16 MiB (a bomb may go on for ever).
+            let rest =
+                std::io::copy(&mut (&mut r).take(16 << 20), &mut std::io::sink()).unwrap_or(0);
+            return Err(IdxError::TrailingBytes {
+                path: path_buf(),
+                found: 1 + rest as usize,
+            });
+        }
+        Err(_) if gz => return Err(IdxError::AfterGzip { path: path_buf() }),
+        Err(e) => return Err(io(e)),
+    }
+    Ok((dims, data))
+}
+
+/// Parses IDX bytes (raw, or gzip with one or more members) whose magic must be `magic`.
+fn parse(
+    bytes: &[u8],
+    magic: u32,
+    what: &'static str,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<u8>), IdxError> {
+    if bytes.starts_with(&GZIP_MAGIC) {
+        let gz = flate2::read::MultiGzDecoder::new(bytes);
+        parse_stream(gz, magic, what, path, true, None)
+    } else {
+        parse_stream(bytes, magic, what, path, false, Some(bytes.len() as u64))
+    }
+}
+
+/// Reads an IDX file (raw or gzip) from disk without reading it whole first: regular files
+/// only, header checked before any data is read.
+fn read_file(
+    path: &Path,
+    magic: u32,
+    what: &'static str,
+) -> Result<(Vec<usize>, Vec<u8>), IdxError> {
+    use std::io::Seek;
+    let io = |source| IdxError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(IdxError::NotAFile {
+            path: path.to_path_buf(),
         });
     }
-    Ok((dims, bytes[header..].to_vec()))
+    let mut first = [0u8; 2];
+    let n = read_up_to(&mut file, &mut first).map_err(io)?;
+    file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+    let reader = std::io::BufReader::new(file.take(meta.len()));
+    if n == 2 && first == GZIP_MAGIC {
+        let gz = flate2::read::MultiGzDecoder::new(reader);
+        parse_stream(gz, magic, what, path, true, None)
+    } else {
+        parse_stream(reader, magic, what, path, false, Some(meta.len()))
+    }
 }
 
 /// A decoded IDX image file: `n` images of `rows x cols` u8 pixels, row-major.
@@ -140,9 +252,15 @@ pub struct IdxImages {
     pub pixels: Vec<u8>,
 }
 
-/// Parses an IDX image buffer (already gunzipped) and checks the images are 28x28.
+/// Parses an IDX image buffer (raw or gzip) and checks the images are 28x28.
 pub fn parse_images(bytes: &[u8], path: &Path) -> Result<IdxImages, IdxError> {
-    let (dims, pixels) = parse(bytes, IMAGES_MAGIC, "u8 images [n, rows, cols]", path)?;
+    images_from(parse(bytes, IMAGES_MAGIC, IMAGES_WHAT, path)?, path)
+}
+
+const IMAGES_WHAT: &str = "u8 images [n, rows, cols]";
+const LABELS_WHAT: &str = "u8 labels [n]";
+
+fn images_from((dims, pixels): (Vec<usize>, Vec<u8>), path: &Path) -> Result<IdxImages, IdxError> {
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     if rows != 28 || cols != 28 {
         return Err(IdxError::BadDims {
@@ -159,19 +277,19 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<IdxImages, IdxError> {
     })
 }
 
-/// Parses an IDX label buffer (already gunzipped).
+/// Parses an IDX label buffer (raw or gzip).
 pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>, IdxError> {
-    Ok(parse(bytes, LABELS_MAGIC, "u8 labels [n]", path)?.1)
+    Ok(parse(bytes, LABELS_MAGIC, LABELS_WHAT, path)?.1)
 }
 
-/// Reads an image file from disk (raw or `.gz`).
+/// Reads an image file from disk (raw or gzip, one or more members).
 pub fn read_images(path: &Path) -> Result<IdxImages, IdxError> {
-    parse_images(&read_maybe_gz(path)?, path)
+    images_from(read_file(path, IMAGES_MAGIC, IMAGES_WHAT)?, path)
 }
 
-/// Reads a label file from disk (raw or `.gz`).
+/// Reads a label file from disk (raw or gzip, one or more members).
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, IdxError> {
-    parse_labels(&read_maybe_gz(path)?, path)
+    Ok(read_file(path, LABELS_MAGIC, LABELS_WHAT)?.1)
 }
 
 /// Serialises u8 images as an (uncompressed) IDX buffer; the inverse of [`parse_images`].

@@ -171,8 +171,8 @@ pub enum PixelMode {
 
 fn mnist_10k(split: Split) -> Result<Dataset> {
     let path = Path::new("<built-in mnist-10k>");
-    let images = idx::parse_images(&idx::decode_maybe_gz(MNIST_10K_IMAGES)?, path)?;
-    let labels = idx::parse_labels(&idx::decode_maybe_gz(MNIST_10K_LABELS)?, path)?;
+    let images = idx::parse_images(MNIST_10K_IMAGES, path)?;
+    let labels = idx::parse_labels(MNIST_10K_LABELS, path)?;
     let cut = images.n - MNIST_10K_TEST;
     let (px, lb) = match split {
         Split::Train => (

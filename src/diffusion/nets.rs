@@ -60,6 +60,119 @@ impl NetConfig {
         }
     }
 
+    /// Checks the sizes (before anything of them is built): every size at least 1, the U-Net's
+    /// levels fit 28 x 28 images (at most 3: 28, 14, 7), its group count divides every channel
+    /// count, and the parameters (weights, gradients, Adam's moments, EMA: 5 f32 copies) fit
+    /// the memory budget.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        match self {
+            NetConfig::Mlp {
+                dim,
+                hidden,
+                layers,
+                time_dim,
+            } => {
+                for (name, v) in [
+                    ("dim", dim),
+                    ("hidden (--channels)", hidden),
+                    ("layers", layers),
+                ] {
+                    if *v == 0 {
+                        bail!("MLP {name} must be at least 1");
+                    }
+                }
+                if *time_dim < 2 || time_dim % 2 != 0 {
+                    bail!("MLP time_dim must be even and at least 2, got {time_dim}");
+                }
+                for (name, v) in [
+                    ("dim", dim),
+                    ("hidden (--channels)", hidden),
+                    ("time_dim", time_dim),
+                    ("layers", layers),
+                ] {
+                    if *v > MAX_WIDTH {
+                        bail!("MLP {name} {v}: at most {MAX_WIDTH}");
+                    }
+                }
+            }
+            NetConfig::Unet {
+                base,
+                channel_mult,
+                groups,
+                ..
+            } => {
+                if *base == 0 {
+                    bail!("U-Net base channels (--channels) must be at least 1");
+                }
+                if channel_mult.is_empty() || channel_mult.len() > 3 {
+                    bail!(
+                        "U-Net channel_mult {channel_mult:?}: needs 1 to 3 levels for 28 x 28 images"
+                    );
+                }
+                if *groups == 0 {
+                    bail!("U-Net groups must be at least 1");
+                }
+                for &m in channel_mult {
+                    if base.saturating_mul(m) > MAX_WIDTH {
+                        bail!(
+                            "U-Net channels (--channels {base} x channel_mult {m}): at most {MAX_WIDTH}"
+                        );
+                    }
+                    let c = base.checked_mul(m).unwrap_or(0);
+                    if m == 0 || c == 0 || c % groups != 0 || base % groups != 0 {
+                        bail!(
+                            "U-Net channel_mult {channel_mult:?} with base {base}: every channel count must be a positive multiple of groups = {groups}"
+                        );
+                    }
+                }
+            }
+        }
+        let what = match self {
+            NetConfig::Mlp { hidden, .. } => format!("--channels {hidden}"),
+            NetConfig::Unet { base, .. } => format!("--channels {base}"),
+        };
+        crate::limits::check_bytes(
+            &what,
+            "the network's parameters with their gradients, Adam's moments and EMA",
+            self.parameter_count().and_then(|c| c.checked_mul(20)),
+        )
+    }
+
+    /// The number of parameters, from the shapes the network asks for (nothing allocated);
+    /// `None` on overflow. Call after the per-size checks of [`NetConfig::validate`].
+    pub fn parameter_count(&self) -> Option<u64> {
+        let probe = ShapeProbe::default();
+        let vb = VarBuilder::from_backend(Box::new(probe.clone()), DType::F32, Device::Cpu);
+        Net::build(self, vb).ok()?;
+        if probe.overflow.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        Some(probe.count.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Refuses a batch whose activations (forward and backward) exceed the memory budget.
+    pub fn check_training_memory(&self, batch: usize) -> anyhow::Result<()> {
+        // Floats kept per example: the U-Net keeps ~16 activations of base * sum(mult)
+        // channels at 28 x 28 (an upper estimate); the MLP a few of its width.
+        let per_example = match self {
+            NetConfig::Mlp { hidden, layers, .. } => {
+                crate::limits::product(&[*hidden as u64, *layers as u64 + 1, 8])
+            }
+            NetConfig::Unet {
+                base, channel_mult, ..
+            } => {
+                let mult: u64 = channel_mult.iter().map(|&m| m as u64).sum();
+                crate::limits::product(&[*base as u64, mult, 784, 16])
+            }
+        };
+        crate::limits::check_bytes(
+            &format!("--batch-size {batch}"),
+            "the activations of one training step",
+            per_example.and_then(|p| crate::limits::product(&[p, batch as u64, 4])),
+        )
+    }
+
     pub fn default_unet() -> Self {
         NetConfig::Unet {
             base: 16,
@@ -67,6 +180,46 @@ impl NetConfig {
             groups: 8,
             attention: true,
         }
+    }
+}
+
+/// The largest channel count or width a network may ask for (2^24): every parameter count
+/// then fits in u64 before the memory check refuses it.
+pub const MAX_WIDTH: usize = 1 << 24;
+
+/// A `VarBuilder` backend that records how many parameters a network asks for and hands out
+/// broadcast zeros (one element of memory) in their place.
+#[derive(Clone, Default)]
+struct ShapeProbe {
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    overflow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for ShapeProbe {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        _name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use std::sync::atomic::Ordering;
+        match crate::limits::product(&s.dims().iter().map(|&d| d as u64).collect::<Vec<_>>())
+            .and_then(|n| n.checked_add(self.count.load(Ordering::Relaxed)))
+        {
+            Some(total) => self.count.store(total, Ordering::Relaxed),
+            None => self.overflow.store(true, Ordering::Relaxed),
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape probe: {name} has no shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
     }
 }
 

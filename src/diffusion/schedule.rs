@@ -59,10 +59,21 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(beta_schedule: BetaSchedule, steps: usize) -> Result<Self> {
+    /// Checks T before anything of size T is allocated: at least 2, and the schedule arrays
+    /// (14 f64 per step) plus the per-step terms of an evaluation within the memory budget.
+    pub fn check_size(steps: usize) -> Result<()> {
         if steps < 2 {
             bail!("--steps must be at least 2, got {steps}");
         }
+        crate::limits::check_bytes(
+            &format!("--steps {steps}"),
+            "the schedule arrays of T timesteps",
+            crate::limits::product(&[steps as u64, 16 * 8]),
+        )
+    }
+
+    pub fn new(beta_schedule: BetaSchedule, steps: usize) -> Result<Self> {
+        Self::check_size(steps)?;
         let betas: Vec<f64> = match beta_schedule {
             BetaSchedule::Linear => linspace(BETA_START, BETA_END, steps),
             BetaSchedule::ScaledLinear => linspace(BETA_START.sqrt(), BETA_END.sqrt(), steps)

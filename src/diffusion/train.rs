@@ -31,7 +31,8 @@ use crate::data::toy::Toy;
 use crate::data::{Dataset, Named, PIXELS, PixelMode, SIDE, Source, Split};
 use crate::distributions::Noise;
 use crate::optim::{Adam, AdamConfig};
-use crate::train::{Engine, RunFiles, derive_seed};
+use crate::run_dir::{self, RunDir};
+use crate::train::{Engine, derive_seed};
 
 /// What a diffusion model is trained on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -79,6 +80,12 @@ pub struct DiffusionConfig {
 }
 
 impl DiffusionConfig {
+    /// Checks the network's sizes and the number of timesteps against the memory they imply.
+    pub fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        Schedule::check_size(self.num_train_timesteps)
+    }
+
     pub fn process(&self) -> Result<GaussianDiffusion> {
         Ok(GaussianDiffusion::new(
             Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
@@ -102,24 +109,7 @@ pub struct LoadedDiffusion {
 impl LoadedDiffusion {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let loaded = checkpoint::load(path, device)?;
-        if loaded.metadata.get("elbo.model").map(String::as_str) != Some("diffusion") {
-            bail!(
-                "{}: not a diffusion checkpoint (no elbo.model = diffusion metadata)",
-                path.display()
-            );
-        }
-        let config: DiffusionConfig = serde_json::from_str(
-            loaded
-                .metadata
-                .get("elbo.config")
-                .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
-        )
-        .with_context(|| {
-            format!(
-                "{}: metadata elbo.config is not a diffusion config",
-                path.display()
-            )
-        })?;
+        let config = model_config(&loaded, path)?;
         let vb = VarBuilder::from_tensors(loaded.tensors, DType::F32, device);
         let net = Net::build(&config.net, vb)
             .with_context(|| format!("{}: tensors do not fit the model", path.display()))?;
@@ -129,6 +119,33 @@ impl LoadedDiffusion {
             net,
         })
     }
+}
+
+/// The model config a diffusion checkpoint stores, validated (sizes checked against memory)
+/// before anything of its sizes is built; errors name `path`.
+pub fn model_config(loaded: &checkpoint::Loaded, path: &Path) -> Result<DiffusionConfig> {
+    if loaded.metadata.get("elbo.model").map(String::as_str) != Some("diffusion") {
+        bail!(
+            "{}: not a diffusion checkpoint (no elbo.model = diffusion metadata)",
+            path.display()
+        );
+    }
+    let config: DiffusionConfig = serde_json::from_str(
+        loaded
+            .metadata
+            .get("elbo.config")
+            .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
+    )
+    .with_context(|| {
+        format!(
+            "{}: metadata elbo.config is not a diffusion config",
+            path.display()
+        )
+    })?;
+    config
+        .validate()
+        .with_context(|| format!("{}: metadata elbo.config", path.display()))?;
+    Ok(config)
 }
 
 /// Options of `elbo train diffusion`.
@@ -232,8 +249,22 @@ pub fn train_diffusion(
     show_progress: bool,
     device: &Device,
 ) -> Result<Vec<DiffusionEpochMetrics>> {
-    if config.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+    crate::limits::at_least_one("--epochs", config.epochs)?;
+    crate::limits::at_least_one("--batch-size", config.batch_size)?;
+    crate::limits::at_least_one("--train-limit", config.train_limit.unwrap_or(1))?;
+    crate::limits::at_least_one("--test-limit", config.test_limit.unwrap_or(1))?;
+    crate::limits::at_least_one("--sample-steps", config.sample_steps)?;
+    if matches!(config.data, DiffusionData::Toy(_)) {
+        crate::limits::at_least_one("--toy-steps-per-epoch", config.toy_steps_per_epoch)?;
+    }
+    model.validate()?;
+    if let DiffusionData::Toy(_) = config.data {
+        model.net.check_training_memory(config.batch_size)?;
+        crate::limits::check_bytes(
+            &format!("--test-limit {}", config.test_limit.unwrap_or(2000)),
+            "the toy test set and its samples",
+            crate::limits::product(&[config.test_limit.unwrap_or(2000) as u64, 2 * 4 * 8]),
+        )?;
     }
     if !(config.lr.is_finite() && config.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", config.lr);
@@ -241,7 +272,6 @@ pub fn train_diffusion(
     if !(0.0..1.0).contains(&config.ema_decay) {
         bail!("--ema-decay must be in [0, 1), got {}", config.ema_decay);
     }
-    let files = RunFiles::new(dir);
     let source = match &config.data {
         DiffusionData::Images(s) => {
             let mut train = s.load(Split::Train)?;
@@ -250,6 +280,9 @@ pub fn train_diffusion(
                 train = train.take(n);
             }
             test = test.take(config.test_limit.unwrap_or(1000));
+            model
+                .net
+                .check_training_memory(config.batch_size.min(train.len().max(1)))?;
             TrainingData::Images { train, test }
         }
         DiffusionData::Toy(t) => {
@@ -264,59 +297,44 @@ pub fn train_diffusion(
         }
     };
 
-    let (model, varmap, mut adam, mut ema, start_epoch) = if resume {
-        if !files.model.exists() || !files.state.exists() {
-            bail!(
-                "--resume: {} has no model.safetensors and train_state.safetensors to continue from",
-                dir.display()
-            );
-        }
-        let ema_loaded = checkpoint::load(&files.model, device)?;
-        let model: DiffusionConfig = serde_json::from_str(
-            ema_loaded
-                .metadata
-                .get("elbo.config")
-                .with_context(|| format!("{}: no elbo.config", files.model.display()))?,
-        )?;
+    let (mut run, model, varmap, mut adam, mut ema, start_epoch) = if resume {
+        let (run, committed) = RunDir::resume(dir)?;
+        let model_path = committed.file(run_dir::MODEL);
+        let ema_loaded = checkpoint::load(&model_path, device)?;
+        let model = model_config(&ema_loaded, &model_path)?;
         let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
-        let state = checkpoint::load(&files.state, device)?;
+        let state_path = committed.file(run_dir::STATE);
+        let state = checkpoint::load(&state_path, device)?;
+        let (epoch, step) = crate::train::state_counters(&state, &state_path, &committed)?;
         let vars = sorted_vars(&varmap);
         let mut ema = Vec::new();
         for (name, var) in &vars {
             let raw = state
                 .tensors
                 .get(&format!("raw.{name}"))
-                .with_context(|| format!("{}: no raw.{name}", files.state.display()))?;
-            var.set(raw)?;
-            ema.push(
-                ema_loaded
-                    .tensors
-                    .get(name)
-                    .with_context(|| format!("{}: no {name}", files.model.display()))?
-                    .clone(),
-            );
+                .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
+            var.set(raw)
+                .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
+            let e = ema_loaded
+                .tensors
+                .get(name)
+                .with_context(|| format!("{}: no {name}", model_path.display()))?;
+            if e.dims() != var.dims() {
+                bail!(
+                    "{}: tensor {name} has shape {:?}, expected {:?}",
+                    model_path.display(),
+                    e.dims(),
+                    var.dims()
+                );
+            }
+            ema.push(e.to_dtype(DType::F32)?);
         }
-        let number = |key: &str| -> Result<u64> {
-            state
-                .metadata
-                .get(key)
-                .and_then(|s| s.parse().ok())
-                .with_context(|| format!("{}: metadata {key} missing", files.state.display()))
-        };
         let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-        adam.load_state(&state.tensors, number("adam_step")?)?;
-        (model, varmap, adam, ema, number("epoch")? as usize)
+        adam.load_state(&state.tensors, step)
+            .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
+        (run, model, varmap, adam, ema, epoch)
     } else {
-        if files.model.exists() {
-            bail!(
-                "--out {}: already holds a checkpoint; pass --resume to continue it, or choose another --out",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("--out {}: cannot create folder", dir.display()))?;
-        std::fs::write(&files.metrics, b"")
-            .with_context(|| format!("{}: cannot write", files.metrics.display()))?;
+        let run = RunDir::create(dir)?;
         let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
         let vars = sorted_vars(&varmap);
         let ema = vars
@@ -324,8 +342,15 @@ pub fn train_diffusion(
             .map(|(_, v)| v.as_tensor().detach().copy())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-        (model, varmap, adam, ema, 0)
+        (run, model, varmap, adam, ema, 0)
     };
+    if config.epochs <= start_epoch {
+        bail!(
+            "--epochs {}: the run in {} has done {start_epoch} epochs already; give a larger --epochs to continue it",
+            config.epochs,
+            dir.display()
+        );
+    }
     let process = model.process()?;
     let net = Net::build(
         &model.net,
@@ -353,11 +378,8 @@ pub fn train_diffusion(
             dir.display()
         );
     }
-    checkpoint::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "model": model, "train": config }))?
-            .as_bytes(),
-    )?;
+    let run_config =
+        serde_json::to_string_pretty(&serde_json::json!({ "model": model, "train": config }))?;
 
     let mut all = Vec::new();
     for epoch in start_epoch + 1..=config.epochs {
@@ -413,8 +435,12 @@ pub fn train_diffusion(
                 bail!(
                     "training stopped: the loss became {value} at epoch {epoch}, step {}; {} (try a smaller --lr)",
                     step + 1,
-                    if files.model.exists() {
-                        format!("the last good checkpoint {} is kept", files.model.display())
+                    if run.last_epoch() > 0 {
+                        format!(
+                            "the last good checkpoint {} (epoch {}) is kept",
+                            dir.join(run_dir::MODEL).display(),
+                            run.last_epoch()
+                        )
                     } else {
                         "no checkpoint had been written yet".into()
                     }
@@ -432,7 +458,6 @@ pub fn train_diffusion(
         bar.finish_and_clear();
         let ema_net = ema_net(&model, &vars, &ema, device)?;
         let test_loss = test_loss(&process, &ema_net, &source, config.seed, device)?;
-        save_state(&model, &vars, &ema, &adam, epoch, &files)?;
         let m = DiffusionEpochMetrics {
             epoch,
             step: adam.step_count(),
@@ -440,7 +465,17 @@ pub fn train_diffusion(
             test_loss,
             seconds: started.elapsed().as_secs_f64(),
         };
-        checkpoint::append_json_line(&files.metrics, &m)?;
+        let (model_bytes, state_bytes) = state_bytes(&model, &vars, &ema, &adam, epoch)?;
+        run.commit(
+            epoch,
+            adam.step_count(),
+            &[
+                (run_dir::MODEL, &model_bytes),
+                (run_dir::STATE, &state_bytes),
+                (run_dir::CONFIG, run_config.as_bytes()),
+            ],
+            &serde_json::to_string(&m)?,
+        )?;
         if show_progress {
             eprintln!(
                 "epoch {epoch}: train loss {:.5} | test loss (EMA) {:.5} | {:.1}s",
@@ -558,14 +593,15 @@ fn test_loss(
     Ok(total / count.max(1) as f64)
 }
 
-fn save_state(
+/// The bytes of `model.safetensors` (EMA weights and the config) and of
+/// `train_state.safetensors` (Adam's state, the raw weights `raw.*`, epoch and step).
+fn state_bytes(
     model: &DiffusionConfig,
     vars: &[(String, Var)],
     ema: &[Tensor],
     adam: &Adam,
     epoch: usize,
-    files: &RunFiles,
-) -> Result<()> {
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let ema_tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(n, _)| n.clone())
@@ -576,17 +612,14 @@ fn save_state(
         ("elbo.model".to_string(), "diffusion".to_string()),
         ("elbo.config".to_string(), serde_json::to_string(model)?),
     ]);
-    checkpoint::save_atomic(&files.model, &ema_tensors, metadata)?;
+    let model_bytes = checkpoint::serialize(&ema_tensors, metadata)?;
     let (mut tensors, step) = adam.state();
     tensors.extend(
         vars.iter()
             .map(|(n, v)| (format!("raw.{n}"), v.as_tensor().clone())),
     );
-    let metadata = HashMap::from([
-        ("epoch".to_string(), epoch.to_string()),
-        ("adam_step".to_string(), step.to_string()),
-    ]);
-    checkpoint::save_atomic(&files.state, &tensors, metadata)
+    let state = checkpoint::serialize(&tensors, crate::train::state_metadata(epoch, step))?;
+    Ok((model_bytes, state))
 }
 
 #[cfg(test)]

@@ -94,7 +94,43 @@ impl VaeConfig {
                 bail!("{flag} must be at least 1");
             }
         }
-        Ok(())
+        if let Some(lv) = self.obs_log_var
+            && !lv.is_finite()
+        {
+            bail!("--obs-log-var must be a finite number, got {lv}");
+        }
+        // Weights, gradients and Adam's two moments: four f32 copies of every parameter.
+        let count = self.parameter_shapes_checked();
+        crate::limits::check_bytes(
+            &format!(
+                "--hidden-dim {} with --latent-dim {}",
+                self.hidden_dim, self.latent_dim
+            ),
+            "the model's parameters with their gradients and Adam's moments",
+            count.and_then(|c| c.checked_mul(16)),
+        )
+    }
+
+    /// The number of parameters, computed without overflow (`None` when it overflows).
+    pub fn parameter_shapes_checked(&self) -> Option<u64> {
+        let (i, h, l) = (
+            self.input_dim as u64,
+            self.hidden_dim as u64,
+            self.latent_dim as u64,
+        );
+        // encoder (h i + h), fc_mu and fc_logvar (2 (l h + l)), decoder (h l + h, i h + i), + 1
+        let terms = [
+            i.checked_mul(h)?,
+            h,
+            l.checked_mul(h)?.checked_mul(2)?,
+            l.checked_mul(2)?,
+            h.checked_mul(l)?,
+            h,
+            i.checked_mul(h)?,
+            i,
+            1,
+        ];
+        terms.iter().try_fold(0u64, |acc, &t| acc.checked_add(t))
     }
 }
 
@@ -233,8 +269,9 @@ impl Vae {
         })
     }
 
-    /// Saves the parameters under their `state_dict` names, with the config as metadata.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The safetensors bytes of the parameters under their `state_dict` names, with the
+    /// config as metadata.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
         let tensors: Vec<(String, Tensor)> = self
             .params
             .iter()
@@ -248,14 +285,24 @@ impl Vae {
                 serde_json::to_string(&self.config)?,
             ),
         ]);
-        checkpoint::save_atomic(path, &tensors, metadata)
+        checkpoint::serialize(&tensors, metadata)
+    }
+
+    /// Saves [`Vae::to_safetensors`] to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        checkpoint::write_atomic(path, &self.to_safetensors()?)
     }
 
     /// Loads a checkpoint written by [`Vae::save`] or by PyTorch
     /// (`safetensors.torch.save_file(model.state_dict(), path)`): without elbo's metadata the
     /// sizes are read off the tensor shapes and the likelihood is Bernoulli, as in the text.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let loaded = checkpoint::load(path, device)?;
+        Self::from_loaded(checkpoint::load(path, device)?, path)
+    }
+
+    /// A VAE from decoded checkpoint tensors; `path` names the file in errors. The config is
+    /// validated before anything of its sizes is built.
+    pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path) -> Result<Self> {
         let config = match loaded.metadata.get("elbo.config") {
             Some(json) => serde_json::from_str(json).with_context(|| {
                 format!(
@@ -266,6 +313,9 @@ impl Vae {
             None => infer_config(&loaded.tensors)
                 .with_context(|| format!("{}: not a VAE checkpoint", path.display()))?,
         };
+        config
+            .validate()
+            .with_context(|| format!("{}: metadata elbo.config", path.display()))?;
         let mut params = Vec::new();
         for (name, shape) in VaeConfig::parameter_shapes(&config) {
             let Some(t) = loaded.tensors.get(&name) else {
