@@ -81,17 +81,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `/dev/zero`, a folder) and files larger than `max` bytes or the memory budget; the read is
 /// bounded by the size the file had when opened.
 pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    if !meta.is_file() {
-        bail!(
-            "{}: not a regular file (a folder, pipe or device); give a file",
-            path.display()
-        );
-    }
+    // Checked before opening too: opening a named pipe blocks until someone writes to it.
+    let regular = |meta: &std::fs::Metadata| -> Result<()> {
+        if !meta.is_file() {
+            bail!(
+                "{}: not a regular file (a folder, pipe or device); give a file",
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    let cannot_read = || format!("{}: cannot read", path.display());
+    regular(&std::fs::metadata(path).with_context(cannot_read)?)?;
+    let file = std::fs::File::open(path).with_context(cannot_read)?;
+    let meta = file.metadata().with_context(cannot_read)?;
+    regular(&meta)?;
     let len = meta.len();
     if len > max {
         bail!(

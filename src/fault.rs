@@ -39,7 +39,10 @@ pub fn step(what: &str) -> std::io::Result<()> {
     }
     match plan() {
         Some((Kind::Kill, at)) if at == n => std::process::abort(),
-        Some((Kind::NoSpace, at)) if at == n => Err(std::io::Error::from_raw_os_error(28)),
+        Some((Kind::NoSpace, at)) if at == n => Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("{what}: {}", std::io::Error::from_raw_os_error(28)),
+        )),
         _ => Ok(()),
     }
 }

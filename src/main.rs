@@ -68,7 +68,7 @@ struct ScheduleArgs {
     #[arg(long, value_enum, default_value = "linear")]
     beta_schedule: BetaSchedule,
     /// Number of diffusion steps T.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1000)]
     steps: usize,
     /// One JSON object with every array (index t = 0..T-1).
     #[arg(long)]
@@ -86,41 +86,41 @@ struct TrainDiffusionArgs {
     #[arg(long, value_enum, default_value = "linear")]
     beta_schedule: BetaSchedule,
     /// Number of diffusion steps T.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1000)]
     steps: usize,
     /// What the network predicts.
     #[arg(long, value_enum, default_value = "eps")]
     prediction: Prediction,
     /// Epochs (the default U-Net gives recognisable digits after 20, ~19 min on 2 cores).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 20)]
     epochs: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     batch_size: usize,
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.999)]
     ema_decay: f64,
     /// U-Net base channels (images) or MLP width (toys).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     channels: Option<usize>,
     /// Toy data: optimizer steps per epoch.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 500)]
     toy_steps_per_epoch: usize,
     /// DDIM steps for the samples written at the end.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     sample_steps: usize,
     /// Implementation of the training step: auto is the fused CPU engine for the U-Net.
     #[arg(long, value_enum, default_value = "auto")]
     engine: elbo::train::Engine,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "runs/diffusion")]
     out: PathBuf,
     #[arg(long)]
     resume: bool,
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     train_limit: Option<usize>,
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     test_limit: Option<usize>,
 }
 
@@ -131,10 +131,10 @@ struct SampleDiffusionArgs {
     #[arg(long, value_enum, default_value = "ddim")]
     sampler: SamplerKind,
     /// Sampling steps (DDIM; DDPM always takes all T).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     steps: usize,
     /// DDIM noise: 0 is deterministic.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     eta: f64,
     /// DDPM variance: fixed-small (posterior variance) or fixed-large (beta).
     #[arg(long, value_enum, default_value = "fixed-small")]
@@ -142,11 +142,11 @@ struct SampleDiffusionArgs {
     /// Do not clip the predicted x_0 to [-1, 1] (images clip by default).
     #[arg(long)]
     no_clip: bool,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     n: usize,
     #[arg(long, value_name = "FILE.png", default_value = "samples.png")]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
 }
 
@@ -162,16 +162,21 @@ struct EvalDiffusionArgs {
     #[arg(long, value_enum, default_value = "test")]
     split: Split,
     /// Evaluate the first N examples (every one costs T network calls).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 100
+    )]
     limit: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     batch_size: usize,
     #[arg(long, value_enum, default_value = "fixed-small")]
     variance: VarianceType,
     /// Also write a PNG plot of L_t against t.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
     json: bool,
@@ -228,22 +233,22 @@ impl DataArgs {
 struct TrainVaeArgs {
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
     epochs: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
     batch_size: usize,
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 32)]
     latent_dim: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     hidden_dim: usize,
     /// Weight on the KL term (beta-VAE); 1 is the ELBO.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     beta: f64,
     /// Monte Carlo samples K of z per example for the reconstruction term.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     mc_samples: usize,
     /// Maximise the ELBO, or the IWAE bound with K = --mc-samples.
     #[arg(long, value_enum, default_value = "elbo")]
@@ -257,7 +262,7 @@ struct TrainVaeArgs {
     /// Gaussian likelihood: a fixed log sigma^2 (learned when omitted).
     #[arg(long, allow_hyphen_values = true)]
     obs_log_var: Option<f64>,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Output folder for checkpoints, metrics and pictures.
     #[arg(long, default_value = "runs/vae")]
@@ -266,10 +271,10 @@ struct TrainVaeArgs {
     #[arg(long)]
     resume: bool,
     /// Use only the first N training examples.
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     train_limit: Option<usize>,
     /// Use only the first N test examples.
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     test_limit: Option<usize>,
 }
 
@@ -282,15 +287,15 @@ struct EvalVaeArgs {
     #[arg(long, value_enum, default_value = "test")]
     split: Split,
     /// Importance samples K per example for the log p(x) estimate.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5000)]
     iw_samples: usize,
     /// Evaluate only the first N examples.
-    #[arg(long, value_name = "N")]
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
     limit: Option<usize>,
     /// Examples per batch.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -301,11 +306,11 @@ struct EvalVaeArgs {
 struct SampleVaeArgs {
     #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     n: usize,
     #[arg(long, value_name = "FILE.png", default_value = "samples.png")]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
 }
 
@@ -317,7 +322,7 @@ struct ReconstructVaeArgs {
     data: DataArgs,
     #[arg(long, value_enum, default_value = "test")]
     split: Split,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 32)]
     n: usize,
     #[arg(long, value_name = "FILE.png", default_value = "reconstructions.png")]
     out: PathBuf,
@@ -330,6 +335,13 @@ fn main() -> ExitCode {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         // SAFETY: first statement of main, before any other thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    // Errors are one line whatever the shell sets: RUST_BACKTRACE=1 (common in developers'
+    // shells) would make candle and anyhow capture a backtrace into every error message.
+    // Panics still honour RUST_BACKTRACE; RUST_LIB_BACKTRACE=1 brings error backtraces back.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: as above, no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -508,9 +520,20 @@ fn run(cli: Cli) -> Result<()> {
             if a.n == 0 {
                 bail!("--n must be at least 1");
             }
+            check_grid_memory(a.n)?;
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
             check_image_model(&vae)?;
-            let images = vae::sample_prior(&vae, a.n, &mut Noise::new(a.seed))?;
+            // Decoded 4,096 at a time (the same draws as one call), with progress.
+            let bar = progress(a.n as u64, "samples");
+            let mut noise = Noise::new(a.seed);
+            let mut parts = Vec::new();
+            for start in (0..a.n).step_by(4096) {
+                let len = 4096.min(a.n - start);
+                parts.push(vae::sample_prior(&vae, len, &mut noise)?);
+                bar.inc(len as u64);
+            }
+            bar.finish_and_clear();
+            let images = candle_core::Tensor::cat(&parts, 0)?;
             let cols = (a.n as f64).sqrt().ceil() as usize;
             elbo::plot::save_grid(&images, cols, &a.out)?;
             eprintln!("wrote {} samples to {}", a.n, a.out.display());
@@ -531,6 +554,40 @@ fn run(cli: Cli) -> Result<()> {
                 a.out.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// A progress bar over `len` units of `unit` (hidden when stderr is not a terminal).
+fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{human_pos}}/{{human_len}} {unit} [{{elapsed}}<{{eta}}]"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+/// Refuses an `--n` whose samples and PNG grid (f32 values and the 8-bit picture, 30 x 30
+/// pixels a cell) exceed the memory budget, before anything is drawn.
+fn check_grid_memory(n: usize) -> Result<()> {
+    elbo::limits::check_bytes(
+        &format!("--n {n}"),
+        "the samples and their PNG grid",
+        elbo::limits::product(&[n as u64, (elbo::data::PIXELS * 4 * 2 + 900) as u64]),
+    )
+}
+
+/// Fails, naming the checkpoint, when an evaluation gave a non-finite number: weights that
+/// are finite but overflow float32 on this data.
+fn check_finite_result(checkpoint: &std::path::Path, values: &[(&str, f64)]) -> Result<()> {
+    if let Some((name, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
+        bail!(
+            "{}: evaluation gave {name} = {v}: its weights overflow float32 on this data",
+            checkpoint.display()
+        );
     }
     Ok(())
 }
@@ -566,20 +623,42 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
     let mut pixel_rng = StdRng::seed_from_u64(0);
     let (mut log_px, mut rec, mut kl) = (Vec::new(), Vec::new(), Vec::new());
     let idx: Vec<usize> = (0..data.len()).collect();
-    let bar = indicatif::ProgressBar::new(data.len() as u64);
+    let bar = progress(
+        (data.len() as u64).saturating_mul(a.iw_samples as u64),
+        "importance samples",
+    );
+    let k = a.iw_samples;
     for chunk in idx.chunks(a.batch_size) {
+        let b = chunk.len();
         let x = data.batch(chunk, a.data.binarize, &mut pixel_rng, device)?;
-        let est = vae::estimate_log_likelihood(&vae, &x, a.iw_samples, 25_000, &mut noise)?;
-        log_px.extend(est.log_px);
-        rec.extend(est.reconstruction);
-        kl.extend(est.kl);
-        bar.inc(chunk.len() as u64);
+        // K in pieces of about 250,000 decoded rows, combined exactly:
+        // log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K.
+        let piece = (250_000 / b).max(1);
+        let (mut lse, mut rec_sum, mut kl_chunk) = (vec![f64::NEG_INFINITY; b], vec![0.0; b], None);
+        let mut done = 0;
+        while done < k {
+            let kc = piece.min(k - done);
+            let est = vae::estimate_log_likelihood(&vae, &x, kc, 25_000, &mut noise)?;
+            let ln_kc = (kc as f64).ln();
+            for i in 0..b {
+                lse[i] = vae::objective::log_add_exp(lse[i], est.log_px[i] + ln_kc);
+                rec_sum[i] += est.reconstruction[i] * kc as f64;
+            }
+            kl_chunk.get_or_insert(est.kl);
+            done += kc;
+            bar.inc((kc * b) as u64);
+        }
+        let ln_k = (k as f64).ln();
+        log_px.extend(lse.iter().map(|l| l - ln_k));
+        rec.extend(rec_sum.iter().map(|r| r / k as f64));
+        kl.extend(kl_chunk.unwrap_or_default());
     }
     bar.finish_and_clear();
     let n = log_px.len() as f64;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
     let (nll, reconstruction, kl_mean) = (-mean(&log_px), -mean(&rec), mean(&kl));
     let neg_elbo = reconstruction + kl_mean;
+    check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
     let stderr = |v: &[f64]| {
         let m = mean(v);
         (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0) / n).sqrt()
@@ -639,30 +718,41 @@ fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
+    check_grid_memory(a.n)?;
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
     let mut noise = Noise::new(a.seed);
-    let shape: Vec<usize> = if m.config.is_image() {
-        vec![a.n, 1, 28, 28]
-    } else {
-        vec![a.n, 2]
-    };
-    let x_t = noise.randn(shape, device)?;
     let clip = m.config.is_image() && !a.no_clip;
     let total = match a.sampler {
         SamplerKind::Ddpm => m.process.num_timesteps(),
         SamplerKind::Ddim => a.steps.min(m.process.num_timesteps()),
     };
-    let bar = indicatif::ProgressBar::new(total as u64);
+    // In chunks of 256 samples, so the network's activations stay bounded whatever --n is.
+    const CHUNK: usize = 256;
+    let bar = progress(
+        (a.n.div_ceil(CHUNK) as u64).saturating_mul(total as u64),
+        "network calls",
+    );
     let started = std::time::Instant::now();
-    let x = match a.sampler {
-        SamplerKind::Ddpm => {
-            ddpm_sample(&m.process, &m.net, x_t, a.variance, clip, &mut noise, &bar)?
-        }
-        SamplerKind::Ddim => ddim_sample(
-            &m.process, &m.net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
-        )?,
-    };
+    let mut parts = Vec::new();
+    for start in (0..a.n).step_by(CHUNK) {
+        let len = CHUNK.min(a.n - start);
+        let shape: Vec<usize> = if m.config.is_image() {
+            vec![len, 1, 28, 28]
+        } else {
+            vec![len, 2]
+        };
+        let x_t = noise.randn(shape, device)?;
+        parts.push(match a.sampler {
+            SamplerKind::Ddpm => {
+                ddpm_sample(&m.process, &m.net, x_t, a.variance, clip, &mut noise, &bar)?
+            }
+            SamplerKind::Ddim => ddim_sample(
+                &m.process, &m.net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
+            )?,
+        });
+    }
     bar.finish_and_clear();
+    let x = candle_core::Tensor::cat(&parts, 0)?;
     if m.config.is_image() {
         save_image_grid(&x, &a.out)?;
     } else {
@@ -683,6 +773,9 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         bail!("--batch-size and --limit must be at least 1");
     }
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    m.config
+        .net
+        .check_training_memory(a.batch_size.min(a.limit))?;
     let (x_all, decoder, dims) = if m.config.is_image() {
         let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
         let DiffusionData::Images(source) = data else {
@@ -704,6 +797,11 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         else {
             bail!("--dataset: the checkpoint is a 2-D model; give toy:NAME");
         };
+        elbo::limits::check_bytes(
+            &format!("--limit {}", a.limit),
+            "the toy points",
+            elbo::limits::product(&[a.limit as u64, 2 * 4 * 4]),
+        )?;
         let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
         let pts = toy.sample(a.limit, &mut rng);
         (
@@ -737,6 +835,7 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let lt_sum: f64 = lt.iter().sum();
     let total = l0 + lt_sum + lp;
     let bpd = total / (dims as f64 * std::f64::consts::LN_2);
+    check_finite_result(&a.checkpoint, &[("the bound", total)])?;
     if let Some(path) = &a.plot {
         elbo::plot::save_log_curve(&lt, path)?;
     }

@@ -96,6 +96,13 @@ fn present(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
 }
 
+/// `true` when `dir/name` exists and is not one of the run folder's own links into
+/// `latest` (those are left dangling by a first commit that did not finish: not a run).
+fn foreign(dir: &Path, name: &str) -> bool {
+    present(&dir.join(name))
+        && std::fs::read_link(dir.join(name)).ok() != Some(Path::new(LATEST).join(name))
+}
+
 /// fsyncs a folder, so that the names created in it survive a power cut.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fault::step(&format!("fsync folder {}", dir.display()))?;
@@ -118,7 +125,7 @@ impl RunDir {
                 dir.display()
             );
         }
-        if let Some(name) = LINKED[..3].iter().find(|n| present(&dir.join(n))) {
+        if let Some(name) = LINKED[..3].iter().find(|n| foreign(dir, n)) {
             bail!(
                 "--out {}: already holds {name} of an earlier run; pass --resume to continue it, or choose another --out",
                 dir.display()
@@ -145,7 +152,7 @@ impl RunDir {
             bail!("--resume: --out {} is not a folder", dir.display());
         }
         if !present(&latest) {
-            if present(&dir.join(MODEL)) || present(&dir.join(STATE)) {
+            if foreign(dir, MODEL) || foreign(dir, STATE) {
                 bail!(
                     "--resume: {} was written by an older elbo without epoch commits (no {LATEST}), so its files cannot be checked to be one epoch; start a new --out",
                     dir.display()
@@ -251,9 +258,12 @@ impl RunDir {
             format!(
                 "epoch {epoch} was not committed; the run stays at {}",
                 if self.last_epoch == 0 {
-                    "no epoch".to_string()
+                    "no commit (start it again)".to_string()
                 } else {
-                    format!("its last commit, epoch {}", self.last_epoch)
+                    format!(
+                        "its last commit, epoch {} (--resume continues it)",
+                        self.last_epoch
+                    )
                 }
             )
         })?;
@@ -318,6 +328,8 @@ impl RunDir {
         std::fs::rename(&partial, &finished).with_context(io_context(&finished, "rename"))?;
         sync_dir(&commits).with_context(io_context(&commits, "sync"))?;
 
+        // `D/model.safetensors` etc. point into `latest` (dangling until the first commit).
+        self.link_files()?;
         // The commit: one rename of a fresh link over `latest`.
         let link_tmp = self.dir.join(format!("{LATEST}.tmp"));
         if present(&link_tmp) {
@@ -331,8 +343,6 @@ impl RunDir {
         std::fs::rename(&link_tmp, self.dir.join(LATEST))
             .with_context(io_context(&self.dir.join(LATEST), "rename"))?;
         sync_dir(&self.dir).with_context(io_context(&self.dir, "sync"))?;
-
-        self.link_files()?;
         self.remove_leftovers(Some(&name))?;
         Ok(())
     }

@@ -224,6 +224,12 @@ fn read_file(
         path: path.to_path_buf(),
         source,
     };
+    // Checked before opening too: opening a named pipe blocks until someone writes to it.
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(IdxError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
     let mut file = std::fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {

@@ -195,7 +195,7 @@ fn find(dir: &Path, stem: &str) -> Option<PathBuf> {
     [stem.to_string(), format!("{stem}.gz")]
         .into_iter()
         .map(|name| dir.join(name))
-        .find(|p| p.is_file())
+        .find(|p| p.exists()) // the reader refuses what is not a regular file
 }
 
 /// Loads a split from a folder in the MNIST layout: `train-images-idx3-ubyte[.gz]` or

@@ -31,6 +31,8 @@ pub enum BetaSchedule {
 /// The default beta range of DDPM and of diffusers' `DDPMScheduler`.
 pub const BETA_START: f64 = 1e-4;
 pub const BETA_END: f64 = 0.02;
+/// The most timesteps T a schedule may have: its arrays then take at most 128 MB.
+pub const MAX_TIMESTEPS: usize = 1_000_000;
 /// Cap on beta_t of the cosine schedule.
 pub const COSINE_MAX_BETA: f64 = 0.999;
 
@@ -64,6 +66,9 @@ impl Schedule {
     pub fn check_size(steps: usize) -> Result<()> {
         if steps < 2 {
             bail!("--steps must be at least 2, got {steps}");
+        }
+        if steps > MAX_TIMESTEPS {
+            bail!("--steps {steps}: at most {MAX_TIMESTEPS} timesteps (DDPM uses 1000)");
         }
         crate::limits::check_bytes(
             &format!("--steps {steps}"),
