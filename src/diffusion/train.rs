@@ -108,7 +108,11 @@ pub struct LoadedDiffusion {
 
 impl LoadedDiffusion {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let loaded = checkpoint::load(path, device)?;
+        Self::from_loaded(checkpoint::load(path, device)?, path, device)
+    }
+
+    /// A model from decoded checkpoint tensors; `path` names the file in errors.
+    pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path, device: &Device) -> Result<Self> {
         let config = model_config(&loaded, path)?;
         let vb = VarBuilder::from_tensors(loaded.tensors, DType::F32, device);
         let net = Net::build(&config.net, vb)
