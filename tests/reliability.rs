@@ -298,160 +298,89 @@ fn an_existing_run_is_not_touched_without_resume() {
     }
 }
 
-/// Every flag or file size that once panicked or aborted now gets one line naming it.
-#[test]
-fn sizes_are_checked_before_they_are_allocated() {
+/// Runs each `(command line, flag)`: `{out}` in the line is a folder that must never be
+/// created; the run must fail with exit code 1 and one line naming the flag.
+fn each_names_its_flag(cases: &[(&str, &str)]) {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("never");
-    let o = out.to_str().unwrap();
-    let cases: &[(&[&str], &str)] = &[
-        (&["schedule", "--steps", "18446744073709551615"], "--steps"),
-        (&["schedule", "--steps", "1000000000"], "--steps"),
-        (
-            &[
-                "train",
-                "diffusion",
-                "--steps",
-                "18446744073709551615",
-                "--out",
-                o,
-            ],
-            "--steps",
-        ),
-        (
-            &["train", "diffusion", "--steps", "1000000000", "--out", o],
-            "--steps",
-        ),
-        (
-            &["train", "diffusion", "--channels", "1000000", "--out", o],
-            "--channels",
-        ),
-        (
-            &[
-                "train",
-                "vae",
-                "--hidden-dim",
-                "9223372036854775808",
-                "--out",
-                o,
-            ],
-            "--hidden-dim",
-        ),
-        (
-            &["train", "vae", "--hidden-dim", "1000000000", "--out", o],
-            "--hidden-dim",
-        ),
-        (
-            &["train", "vae", "--latent-dim", "1000000000", "--out", o],
-            "--latent-dim",
-        ),
-        (
-            &["train", "vae", "--mc-samples", "1000000000", "--out", o],
-            "--mc-samples",
-        ),
-        (
-            &[
-                "train",
-                "vae",
-                "--mc-samples",
-                "1000000000",
-                "--engine",
-                "candle",
-                "--out",
-                o,
-            ],
-            "--mc-samples",
-        ),
-        (
-            &[
-                "sample",
-                "vae",
-                "--n",
-                "10000000",
-                "--checkpoint",
-                "x.safetensors",
-            ],
-            "--n",
-        ),
-        (
-            &[
-                "sample",
-                "diffusion",
-                "--n",
-                "10000000",
-                "--checkpoint",
-                "x.safetensors",
-            ],
-            "--n",
-        ),
-    ];
-    for (args, flag) in cases {
-        let o = elbo(args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+    for (line, flag) in cases {
+        let line = line.replace("{out}", out.to_str().unwrap());
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let o = elbo(&args);
+        assert_eq!(o.status.code(), Some(1), "{line}: {}", stderr(&o));
         assert_one_line_error(&o, flag);
     }
     assert!(!out.exists(), "a refused run created its --out folder");
 }
 
+/// Every flag or file size that once panicked or aborted now gets one line naming it.
+#[test]
+fn sizes_are_checked_before_they_are_allocated() {
+    each_names_its_flag(&[
+        ("schedule --steps 18446744073709551615", "--steps"),
+        ("schedule --steps 1000000000", "--steps"),
+        (
+            "train diffusion --steps 18446744073709551615 --out {out}",
+            "--steps",
+        ),
+        ("train diffusion --steps 1000000000 --out {out}", "--steps"),
+        (
+            "train diffusion --channels 1000000 --out {out}",
+            "--channels",
+        ),
+        (
+            "train vae --hidden-dim 9223372036854775808 --out {out}",
+            "--hidden-dim",
+        ),
+        (
+            "train vae --hidden-dim 1000000000 --out {out}",
+            "--hidden-dim",
+        ),
+        (
+            "train vae --latent-dim 1000000000 --out {out}",
+            "--latent-dim",
+        ),
+        (
+            "train vae --mc-samples 1000000000 --out {out}",
+            "--mc-samples",
+        ),
+        (
+            "train vae --mc-samples 1000000000 --engine candle --out {out}",
+            "--mc-samples",
+        ),
+        ("sample vae --n 10000000 --checkpoint x.safetensors", "--n"),
+        (
+            "sample diffusion --n 10000000 --checkpoint x.safetensors",
+            "--n",
+        ),
+    ]);
+}
+
 #[test]
 fn degenerate_and_negative_values_name_their_flag() {
-    let root = tempfile::tempdir().unwrap();
-    let out = root.path().join("never");
-    let o = out.to_str().unwrap();
-    let cases: &[(&[&str], &str)] = &[
-        (&["train", "vae", "--epochs", "0", "--out", o], "--epochs"),
+    each_names_its_flag(&[
+        ("train vae --epochs 0 --out {out}", "--epochs"),
+        ("train vae --train-limit 0 --out {out}", "--train-limit"),
+        ("train vae --test-limit 0 --out {out}", "--test-limit"),
+        ("train diffusion --epochs 0 --out {out}", "--epochs"),
         (
-            &["train", "vae", "--train-limit", "0", "--out", o],
+            "train diffusion --train-limit 0 --out {out}",
             "--train-limit",
         ),
+        ("train diffusion --test-limit 0 --out {out}", "--test-limit"),
         (
-            &["train", "vae", "--test-limit", "0", "--out", o],
-            "--test-limit",
-        ),
-        (
-            &["train", "diffusion", "--epochs", "0", "--out", o],
-            "--epochs",
-        ),
-        (
-            &["train", "diffusion", "--train-limit", "0", "--out", o],
-            "--train-limit",
-        ),
-        (
-            &["train", "diffusion", "--test-limit", "0", "--out", o],
-            "--test-limit",
-        ),
-        (
-            &[
-                "train",
-                "diffusion",
-                "--dataset",
-                "toy:moons",
-                "--toy-steps-per-epoch",
-                "0",
-                "--out",
-                o,
-            ],
+            "train diffusion --dataset toy:moons --toy-steps-per-epoch 0 --out {out}",
             "--toy-steps-per-epoch",
         ),
-        (&["train", "vae", "--epochs", "-1", "--out", o], "--epochs"),
+        ("train vae --epochs -1 --out {out}", "--epochs"),
         (
-            &["train", "diffusion", "--ema-decay", "-0.5", "--out", o],
+            "train diffusion --ema-decay -0.5 --out {out}",
             "--ema-decay",
         ),
-        (
-            &["sample", "diffusion", "--eta", "-1", "--checkpoint", "x"],
-            "--eta",
-        ),
-        (&["sample", "vae", "--n", "-3", "--checkpoint", "x"], "--n"),
-        (
-            &["eval", "vae", "--iw-samples", "-5", "--checkpoint", "x"],
-            "--iw-samples",
-        ),
-    ];
-    for (args, flag) in cases {
-        assert_one_line_error(&elbo(args), flag);
-    }
-    assert!(!out.exists());
+        ("sample diffusion --eta -1 --checkpoint x", "--eta"),
+        ("sample vae --n -3 --checkpoint x", "--n"),
+        ("eval vae --iw-samples -5 --checkpoint x", "--iw-samples"),
+    ]);
 }
 
 /// A VAE checkpoint of the text's model (small sizes), its tensors changed by `edit`.
