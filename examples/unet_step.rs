@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
         channel_mult: vec![1, 2, 2],
         groups: 8,
         attention: true,
+        in_channels: 1,
     };
     let (net, _vm) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu)?;
     let x = Noise::new(1).randn((64, 1, 28, 28), &Device::Cpu)?;

@@ -34,10 +34,18 @@ COUNTS = {}
 EXAMPLES = {}
 
 
+def limit_memory():
+    """8 GB of address space per run: a binary that trusts a size aborts instead of taking the
+    machine down (the runs' verdicts are the same; the machine survives)."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+
 def run(args, timeout=30, env=None, cwd=ROOT):
     try:
         p = subprocess.run(
-            [ELBO] + args, capture_output=True, timeout=timeout, env=env or ENV, cwd=cwd
+            [ELBO] + args, capture_output=True, timeout=timeout, env=env or ENV, cwd=cwd,
+            preexec_fn=limit_memory,
         )
         return p.returncode, p.stderr.decode("utf-8", "replace"), p.stdout.decode("utf-8", "replace")
     except subprocess.TimeoutExpired:

@@ -397,7 +397,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--obs-log-var applies only to --likelihood gaussian");
             }
             let model = VaeConfig {
-                input_dim: elbo::data::PIXELS,
+                input_dim: 0, // taken from the data
+                image_shape: None,
                 hidden_dim: a.hidden_dim,
                 latent_dim: a.latent_dim,
                 likelihood: a.likelihood,
@@ -447,6 +448,7 @@ fn run(cli: Cli) -> Result<()> {
                         channel_mult,
                         groups: gcd(c, 8),
                         attention,
+                        in_channels: 1, // taken from the data
                     },
                     other => other,
                 },
@@ -466,6 +468,7 @@ fn run(cli: Cli) -> Result<()> {
                 beta_schedule: a.beta_schedule,
                 num_train_timesteps: a.steps,
                 prediction: a.prediction,
+                image_shape: None, // taken from the data
             };
             model.process()?;
             let config = DiffusionTrainConfig {
@@ -520,9 +523,9 @@ fn run(cli: Cli) -> Result<()> {
             if a.n == 0 {
                 bail!("--n must be at least 1");
             }
-            check_grid_memory(a.n)?;
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
-            check_image_model(&vae)?;
+            let shape = elbo::train::image_shape(&vae)?;
+            check_grid_memory(a.n, shape.dim())?;
             // Decoded 4,096 at a time (the same draws as one call), with progress.
             let bar = progress(a.n as u64, "samples");
             let mut noise = Noise::new(a.seed);
@@ -535,7 +538,7 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish_and_clear();
             let images = candle_core::Tensor::cat(&parts, 0)?;
             let cols = (a.n as f64).sqrt().ceil() as usize;
-            elbo::plot::save_grid(&images, cols, &a.out)?;
+            elbo::plot::save_grid(&images, shape, cols, &a.out)?;
             eprintln!("wrote {} samples to {}", a.n, a.out.display());
         }
         Command::Reconstruct {
@@ -545,8 +548,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--n must be at least 1");
             }
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
-            check_image_model(&vae)?;
             let data = a.data.source().load(a.split)?;
+            check_model_takes(&vae, &data, &a.data.source().describe())?;
             elbo::train::save_reconstructions(&vae, &data, a.data.binarize, a.n, &a.out)?;
             eprintln!(
                 "wrote {} originals and reconstructions to {}",
@@ -572,11 +575,11 @@ fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
 
 /// Refuses an `--n` whose samples and PNG grid (f32 values and the 8-bit picture, 30 x 30
 /// pixels a cell) exceed the memory budget, before anything is drawn.
-fn check_grid_memory(n: usize) -> Result<()> {
+fn check_grid_memory(n: usize, pixels_per_image: usize) -> Result<()> {
     elbo::limits::check_bytes(
         &format!("--n {n}"),
         "the samples and their PNG grid",
-        elbo::limits::product(&[n as u64, (elbo::data::PIXELS * 4 * 2 + 900) as u64]),
+        elbo::limits::product(&[n as u64, pixels_per_image as u64 * (4 * 2 + 3)]),
     )
 }
 
@@ -592,12 +595,14 @@ fn check_finite_result(checkpoint: &std::path::Path, values: &[(&str, f64)]) -> 
     Ok(())
 }
 
-fn check_image_model(vae: &Vae) -> Result<()> {
-    if vae.config.input_dim != elbo::data::PIXELS {
+/// Fails unless the model takes the data's images (C x H x W values each).
+fn check_model_takes(vae: &Vae, data: &elbo::data::Dataset, what: &str) -> Result<()> {
+    if vae.config.input_dim != data.shape.dim() {
         bail!(
-            "the checkpoint's model has input_dim {}, but images have {} pixels",
-            vae.config.input_dim,
-            elbo::data::PIXELS
+            "{what}: images are {} ({} values), but the checkpoint's model takes {} values",
+            data.shape,
+            data.shape.dim(),
+            vae.config.input_dim
         );
     }
     Ok(())
@@ -611,8 +616,8 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let vae = Vae::load(&a.checkpoint, device)?.frozen()?;
-    check_image_model(&vae)?;
     let mut data = a.data.source().load(a.split)?;
+    check_model_takes(&vae, &data, &a.data.source().describe())?;
     if let Some(n) = a.limit {
         data = data.take(n);
     }
@@ -718,8 +723,8 @@ fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
-    check_grid_memory(a.n)?;
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    check_grid_memory(a.n, m.config.image_shape().map_or(1, |s| s.dim()))?;
     let mut noise = Noise::new(a.seed);
     let clip = m.config.is_image() && !a.no_clip;
     let total = match a.sampler {
@@ -736,10 +741,9 @@ fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     let mut parts = Vec::new();
     for start in (0..a.n).step_by(CHUNK) {
         let len = CHUNK.min(a.n - start);
-        let shape: Vec<usize> = if m.config.is_image() {
-            vec![len, 1, 28, 28]
-        } else {
-            vec![len, 2]
+        let shape: Vec<usize> = match m.config.image_shape() {
+            Some(s) => vec![len, s.channels, s.height, s.width],
+            None => vec![len, 2],
         };
         let x_t = noise.randn(shape, device)?;
         parts.push(match a.sampler {
@@ -773,20 +777,31 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         bail!("--batch-size and --limit must be at least 1");
     }
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
-    m.config
-        .net
-        .check_training_memory(a.batch_size.min(a.limit))?;
+    m.config.net.check_training_memory(
+        a.batch_size.min(a.limit),
+        m.config.image_shape().map_or(0, |s| s.height * s.width),
+    )?;
     let (x_all, decoder, dims) = if m.config.is_image() {
         let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
         let DiffusionData::Images(source) = data else {
             bail!("--dataset: the checkpoint is an image model; give an image data set");
         };
         let d = source.load(a.split)?.take(a.limit);
+        if m.config.image_shape() != Some(d.shape) {
+            bail!(
+                "{}: images are {}, but the checkpoint's model takes {}",
+                source.describe(),
+                d.shape,
+                m.config
+                    .image_shape()
+                    .map_or("points".into(), |s| s.to_string())
+            );
+        }
         let idx: Vec<usize> = (0..d.len()).collect();
         (
             image_batch(&d, &idx, device)?,
             Decoder::Discretized,
-            elbo::data::PIXELS,
+            d.shape.dim(),
         )
     } else {
         let Some(toy) = a

@@ -1,40 +1,58 @@
-//! PNG image grids of 28x28 grey images.
+//! PNG image grids (grey or colour), scatter plots and curves.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
-use crate::data::SIDE;
+use crate::data::ImageShape;
 
-/// Writes `images` (`[N, 784]`, values in [0, 1]) as a grid `cols` wide with a 2-pixel
-/// border, through a temporary file and a rename.
-pub fn save_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> {
+/// Writes `images` (`[N, C*H*W]`, each C x H x W planar, values in [0, 1]) as a grid `cols`
+/// wide with a 2-pixel border: a grey PNG for C = 1, RGB for C = 3. Through a temporary file
+/// and a rename.
+pub fn save_grid(images: &Tensor, shape: ImageShape, cols: usize, path: &Path) -> Result<()> {
     let (n, d) = images.dims2()?;
-    if d != SIDE * SIDE {
-        bail!("save_grid: images must be [N, 784], got [{n}, {d}]");
+    if d != shape.dim() || !matches!(shape.channels, 1 | 3) {
+        bail!(
+            "save_grid: images must be [N, {}] of {shape}, got [{n}, {d}]",
+            shape.dim()
+        );
     }
     let px = images.flatten_all()?.to_vec1::<f32>()?;
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);
     let pad = 2;
-    let (w, h) = (cols * (SIDE + pad) + pad, rows * (SIDE + pad) + pad);
-    let mut img = image::GrayImage::new(w as u32, h as u32);
+    let (ih, iw, c) = (shape.height, shape.width, shape.channels);
+    let (w, h) = (cols * (iw + pad) + pad, rows * (ih + pad) + pad);
+    crate::limits::check_bytes(
+        &path.display().to_string(),
+        "the PNG grid",
+        crate::limits::product(&[w as u64, h as u64, 3]),
+    )?;
+    let mut img = image::RgbImage::new(w as u32, h as u32);
     for i in 0..n {
-        let (r, c) = (i / cols, i % cols);
-        for y in 0..SIDE {
-            for x in 0..SIDE {
-                let v = px[i * d + y * SIDE + x].clamp(0.0, 1.0);
-                let (gx, gy) = (pad + c * (SIDE + pad) + x, pad + r * (SIDE + pad) + y);
-                img.put_pixel(
-                    gx as u32,
-                    gy as u32,
-                    image::Luma([(v * 255.0).round() as u8]),
-                );
+        let (r, col) = (i / cols, i % cols);
+        for y in 0..ih {
+            for x in 0..iw {
+                let level = |ch: usize| {
+                    let v = px[i * d + (ch * ih + y) * iw + x].clamp(0.0, 1.0);
+                    (v * 255.0).round() as u8
+                };
+                let rgb = if c == 3 {
+                    [level(0), level(1), level(2)]
+                } else {
+                    [level(0); 3]
+                };
+                let (gx, gy) = (pad + col * (iw + pad) + x, pad + r * (ih + pad) + y);
+                img.put_pixel(gx as u32, gy as u32, image::Rgb(rgb));
             }
         }
     }
-    save_png(img, path)
+    if c == 1 {
+        save_png(image::DynamicImage::ImageRgb8(img).into_luma8(), path)
+    } else {
+        save_png(img, path)
+    }
 }
 
 /// Writes a PNG through a temporary file and a rename, creating the folder if needed.

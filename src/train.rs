@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::checkpoint;
-use crate::data::{Dataset, PixelMode, Source, Split};
+use crate::data::{Dataset, ImageShape, PixelMode, Source, Split};
 use crate::distributions::Noise;
 use crate::limits;
 use crate::optim::{Adam, AdamConfig};
@@ -175,6 +175,7 @@ pub fn evaluate_elbo(
 }
 
 /// Trains (or, with `resume`, continues) a VAE in `dir`; returns the metrics of the epochs run.
+/// The model's `input_dim` and `image_shape` are taken from the data (C x H x W).
 pub fn train_vae(
     model_config: VaeConfig,
     config: &TrainConfig,
@@ -184,7 +185,6 @@ pub fn train_vae(
     device: &Device,
 ) -> Result<Vec<EpochMetrics>> {
     config.validate()?;
-    model_config.validate()?;
     let mut train = config.source.load(Split::Train)?;
     let mut test = config.source.load(Split::Test)?;
     if let Some(n) = config.train_limit {
@@ -193,12 +193,33 @@ pub fn train_vae(
     if let Some(n) = config.test_limit {
         test = test.take(n);
     }
+    // The model's input shape is the data's.
+    if test.shape != train.shape {
+        bail!(
+            "{}: train images are {} but test images are {}",
+            config.source.describe(),
+            train.shape,
+            test.shape
+        );
+    }
+    let mut model_config = model_config;
+    model_config.input_dim = train.shape.dim();
+    model_config.image_shape = Some(train.shape);
+    model_config.validate()?;
     check_step_memory(&model_config, config, train.len())?;
 
     let (mut run, vae, mut adam, start_epoch) = if resume {
         let (run, committed) = RunDir::resume(dir)?;
         let model_path = committed.file(run_dir::MODEL);
         let vae = Vae::load(&model_path, device)?;
+        if vae.config.input_dim != train.shape.dim() {
+            bail!(
+                "--resume: the run's model takes {} values per example but the data's images are {} ({} values)",
+                vae.config.input_dim,
+                train.shape,
+                train.shape.dim()
+            );
+        }
         if vae.config != model_config {
             eprintln!(
                 "note: --resume uses the model config stored in {}",
@@ -452,15 +473,22 @@ pub fn save_pictures(
     seed: u64,
 ) -> Result<()> {
     let frozen = vae.frozen()?;
+    let shape = image_shape(vae)?;
     let mut noise = Noise::new(derive_seed(seed, STREAM_PICTURES, 0));
     plot::save_grid(
         &vae::sample_prior(&frozen, 64, &mut noise)?,
+        shape,
         8,
         &dir.join("samples.png"),
     )?;
     save_reconstructions(&frozen, test, pixels, 32, &dir.join("reconstructions.png"))?;
     if vae.config.latent_dim == 2 {
-        plot::save_grid(&manifold(&frozen, 20)?, 20, &dir.join("manifold.png"))?;
+        plot::save_grid(
+            &manifold(&frozen, 20)?,
+            shape,
+            20,
+            &dir.join("manifold.png"),
+        )?;
     }
     Ok(())
 }
@@ -483,7 +511,17 @@ pub fn save_reconstructions(
         rows.push(x.narrow(0, start, len)?);
         rows.push(recon.narrow(0, start, len)?);
     }
-    plot::save_grid(&Tensor::cat(&rows, 0)?, 8, path)
+    plot::save_grid(&Tensor::cat(&rows, 0)?, image_shape(vae)?, 8, path)
+}
+
+/// The shape of the images a VAE models (for its picture grids).
+pub fn image_shape(vae: &Vae) -> Result<ImageShape> {
+    vae.config.image_shape().with_context(|| {
+        format!(
+            "the model's input ({} values) has no image shape to draw",
+            vae.config.input_dim
+        )
+    })
 }
 
 /// Decoded means over a `side x side` grid of z in [-2.5, 2.5]^2 (2-D latents only).

@@ -426,6 +426,7 @@ fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
         beta_schedule: BetaSchedule::Linear,
         num_train_timesteps: 1000,
         prediction: Prediction::Eps,
+        image_shape: None,
     };
     let config = DiffusionTrainConfig {
         data: DiffusionData::Toy(Toy::EightGaussians),
@@ -503,6 +504,7 @@ fn unet_maps_images_to_images() {
         channel_mult: vec![1, 2, 2],
         groups: 4,
         attention: true,
+        in_channels: 1,
     };
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu).unwrap();
     let x = Noise::new(1).randn((3, 1, 28, 28), &Device::Cpu).unwrap();
@@ -748,6 +750,7 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
             channel_mult: vec![1, 1],
             groups: 2,
             attention: false,
+            in_channels: 1,
         },
     ];
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

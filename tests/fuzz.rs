@@ -323,6 +323,7 @@ fn diffusion_checkpoint(net: elbo::diffusion::nets::NetConfig) -> Vec<u8> {
         beta_schedule: elbo::diffusion::BetaSchedule::Linear,
         num_train_timesteps: 10,
         prediction: elbo::diffusion::Prediction::Eps,
+        image_shape: None,
     };
     let tensors: Vec<(String, candle_core::Tensor)> = elbo::diffusion::nets::sorted_vars(&varmap)
         .into_iter()
@@ -365,6 +366,7 @@ fn diffusion_checkpoints_and_their_configs() {
         channel_mult: vec![1, 2],
         groups: 2,
         attention: true,
+        in_channels: 1,
     };
     fuzz(
         "diffusion-unet",

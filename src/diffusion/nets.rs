@@ -41,13 +41,20 @@ pub enum NetConfig {
         layers: usize,
         time_dim: usize,
     },
-    /// U-Net on `[B, 1, 28, 28]`: channels `base * mult` at 28, 14 and 7 pixels.
+    /// U-Net on `[B, C, H, W]`: channels `base * mult` at H, H/2, H/4, ... pixels (28, 14, 7
+    /// for MNIST), `in_channels` = C image channels in and out.
     Unet {
         base: usize,
         channel_mult: Vec<usize>,
         groups: usize,
         attention: bool,
+        #[serde(default = "one")]
+        in_channels: usize,
     },
+}
+
+fn one() -> usize {
+    1
 }
 
 impl NetConfig {
@@ -100,15 +107,17 @@ impl NetConfig {
                 base,
                 channel_mult,
                 groups,
+                in_channels,
                 ..
             } => {
                 if *base == 0 {
                     bail!("U-Net base channels (--channels) must be at least 1");
                 }
-                if channel_mult.is_empty() || channel_mult.len() > 3 {
-                    bail!(
-                        "U-Net channel_mult {channel_mult:?}: needs 1 to 3 levels for 28 x 28 images"
-                    );
+                if !matches!(in_channels, 1 | 3) {
+                    bail!("U-Net in_channels {in_channels}: images have 1 or 3 channels");
+                }
+                if channel_mult.is_empty() || channel_mult.len() > 6 {
+                    bail!("U-Net channel_mult {channel_mult:?}: needs 1 to 6 levels");
                 }
                 if *groups == 0 {
                     bail!("U-Net groups must be at least 1");
@@ -151,10 +160,11 @@ impl NetConfig {
         Some(probe.count.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Refuses a batch whose activations (forward and backward) exceed the memory budget.
-    pub fn check_training_memory(&self, batch: usize) -> anyhow::Result<()> {
+    /// Refuses a batch whose activations (forward and backward) exceed the memory budget;
+    /// `pixels` = H x W of the images (ignored by the MLP).
+    pub fn check_training_memory(&self, batch: usize, pixels: usize) -> anyhow::Result<()> {
         // Floats kept per example: the U-Net keeps ~16 activations of base * sum(mult)
-        // channels at 28 x 28 (an upper estimate); the MLP a few of its width.
+        // channels at H x W (an upper estimate); the MLP a few of its width.
         let per_example = match self {
             NetConfig::Mlp { hidden, layers, .. } => {
                 crate::limits::product(&[*hidden as u64, *layers as u64 + 1, 8])
@@ -163,7 +173,7 @@ impl NetConfig {
                 base, channel_mult, ..
             } => {
                 let mult: u64 = channel_mult.iter().map(|&m| m as u64).sum();
-                crate::limits::product(&[*base as u64, mult, 784, 16])
+                crate::limits::product(&[*base as u64, mult, pixels as u64, 16])
             }
         };
         crate::limits::check_bytes(
@@ -179,6 +189,7 @@ impl NetConfig {
             channel_mult: vec![1, 2, 2],
             groups: 8,
             attention: true,
+            in_channels: 1,
         }
     }
 }
@@ -392,6 +403,7 @@ impl UNet {
         mult: &[usize],
         groups: usize,
         attention: bool,
+        in_channels: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let temb = 4 * base;
@@ -440,7 +452,7 @@ impl UNet {
             base,
             time1: candle_nn::linear(base, temb, vb.pp("time_embedding.linear_1"))?,
             time2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
-            conv_in: conv(1, base, 3, 1, vb.pp("conv_in"))?,
+            conv_in: conv(in_channels, base, 3, 1, vb.pp("conv_in"))?,
             down,
             downsample,
             mid1,
@@ -449,7 +461,7 @@ impl UNet {
             up,
             upsample,
             norm_out: GroupNorm::new(groups, base, 1e-5, vb.pp("norm_out"))?,
-            conv_out: conv(base, 1, 3, 1, vb.pp("conv_out"))?,
+            conv_out: conv(base, in_channels, 3, 1, vb.pp("conv_out"))?,
             fused: OnceLock::new(),
         })
     }
@@ -505,8 +517,11 @@ impl Denoiser for UNet {
     /// ([`FusedUnet`]); a trainable one goes through candle's ops, so autodiff sees them.
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         if xt.device().is_cpu() && xt.dtype() == DType::F32 && !self.is_trainable() {
-            if self.fused.get().is_none() {
-                let _ = self.fused.set(FusedUnet::new(self)?);
+            // A shape the engine does not take (more than one channel) stays on candle.
+            if self.fused.get().is_none()
+                && let Ok(engine) = FusedUnet::new(self)
+            {
+                let _ = self.fused.set(engine);
             }
             if let Some(engine) = self.fused.get() {
                 return engine.forward(xt, t);
@@ -545,11 +560,13 @@ impl Net {
                 channel_mult,
                 groups,
                 attention,
+                in_channels,
             } => Net::Unet(Box::new(UNet::new(
                 *base,
                 channel_mult,
                 *groups,
                 *attention,
+                *in_channels,
                 vb,
             )?)),
         })

@@ -28,7 +28,7 @@ use super::sampler::ddim_sample;
 use super::schedule::{BetaSchedule, Schedule};
 use crate::checkpoint;
 use crate::data::toy::Toy;
-use crate::data::{Dataset, Named, PIXELS, PixelMode, SIDE, Source, Split};
+use crate::data::{Dataset, ImageShape, Named, PixelMode, Source, Split};
 use crate::distributions::Noise;
 use crate::optim::{Adam, AdamConfig};
 use crate::run_dir::{self, RunDir};
@@ -37,7 +37,7 @@ use crate::train::{Engine, derive_seed};
 /// What a diffusion model is trained on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum DiffusionData {
-    /// 28x28 images scaled to [-1, 1], `[B, 1, 28, 28]`.
+    /// Images scaled to [-1, 1], `[B, C, H, W]`.
     Images(Source),
     /// 2-D points, `[B, 2]`.
     Toy(Toy),
@@ -77,13 +77,49 @@ pub struct DiffusionConfig {
     pub beta_schedule: BetaSchedule,
     pub num_train_timesteps: usize,
     pub prediction: Prediction,
+    /// The images' C x H x W (image models; `None` in checkpoints from before it was stored,
+    /// which are 1 x 28 x 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_shape: Option<ImageShape>,
 }
 
 impl DiffusionConfig {
-    /// Checks the network's sizes and the number of timesteps against the memory they imply.
+    /// Checks the network's sizes and the number of timesteps against the memory they imply,
+    /// and that a U-Net takes the images: C in and out, H and W halved without remainder at each
+    /// level below the first.
     pub fn validate(&self) -> Result<()> {
         self.net.validate()?;
+        if let (
+            NetConfig::Unet {
+                channel_mult,
+                in_channels,
+                ..
+            },
+            Some(shape),
+        ) = (&self.net, self.image_shape())
+        {
+            shape.validate("image_shape")?;
+            if *in_channels != shape.channels {
+                bail!("the U-Net takes {in_channels} channels but the images are {shape}");
+            }
+            let factor = 1usize << (channel_mult.len() - 1);
+            if shape.height % factor != 0 || shape.width % factor != 0 {
+                bail!(
+                    "a U-Net of {} levels needs H and W divisible by {factor}, but the images are {shape}",
+                    channel_mult.len()
+                );
+            }
+        }
         Schedule::check_size(self.num_train_timesteps)
+    }
+
+    /// The images' shape: stored, or 1 x 28 x 28 for an image model from before it was stored;
+    /// `None` for 2-D toy models.
+    pub fn image_shape(&self) -> Option<ImageShape> {
+        match self.net {
+            NetConfig::Unet { .. } => Some(self.image_shape.unwrap_or(ImageShape::MNIST)),
+            NetConfig::Mlp { .. } => None,
+        }
     }
 
     pub fn process(&self) -> Result<GaussianDiffusion> {
@@ -93,7 +129,7 @@ impl DiffusionConfig {
         ))
     }
 
-    /// `true` for image models (`[B, 1, 28, 28]`), `false` for 2-D points.
+    /// `true` for image models (`[B, C, H, W]`), `false` for 2-D points.
     pub fn is_image(&self) -> bool {
         matches!(self.net, NetConfig::Unet { .. })
     }
@@ -188,10 +224,12 @@ enum TrainingData {
     Toy { toy: Toy, test: Vec<f32> },
 }
 
-/// Images `[B, 1, 28, 28]` scaled to [-1, 1] from u8 pixels.
+/// Images `[B, C, H, W]` scaled to [-1, 1] from u8 pixels.
 pub fn image_batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<Tensor> {
     let x = data.batch(idx, PixelMode::Grey, &mut StdRng::seed_from_u64(0), device)?;
-    Ok(x.affine(2.0, -1.0)?.reshape((idx.len(), 1, SIDE, SIDE))?)
+    let s = data.shape;
+    Ok(x.affine(2.0, -1.0)?
+        .reshape((idx.len(), s.channels, s.height, s.width))?)
 }
 
 /// The simple loss's inputs for a batch `x0`: t ~ U{0..T-1}, eps ~ N(0, I),
@@ -246,7 +284,7 @@ pub fn fused_simple_loss(
 
 /// Trains (or continues, with `resume`) a diffusion model in `dir`.
 pub fn train_diffusion(
-    model: DiffusionConfig,
+    mut model: DiffusionConfig,
     config: &DiffusionTrainConfig,
     dir: &Path,
     resume: bool,
@@ -261,9 +299,9 @@ pub fn train_diffusion(
     if matches!(config.data, DiffusionData::Toy(_)) {
         crate::limits::at_least_one("--toy-steps-per-epoch", config.toy_steps_per_epoch)?;
     }
-    model.validate()?;
+    model.net.validate()?;
     if let DiffusionData::Toy(_) = config.data {
-        model.net.check_training_memory(config.batch_size)?;
+        model.net.check_training_memory(config.batch_size, 0)?;
         crate::limits::check_bytes(
             &format!("--test-limit {}", config.test_limit.unwrap_or(2000)),
             "the toy test set and its samples",
@@ -284,9 +322,23 @@ pub fn train_diffusion(
                 train = train.take(n);
             }
             test = test.take(config.test_limit.unwrap_or(1000));
-            model
-                .net
-                .check_training_memory(config.batch_size.min(train.len().max(1)))?;
+            // The model's input shape is the data's.
+            if test.shape != train.shape {
+                bail!(
+                    "{}: train images are {} but test images are {}",
+                    s.describe(),
+                    train.shape,
+                    test.shape
+                );
+            }
+            model.image_shape = Some(train.shape);
+            if let NetConfig::Unet { in_channels, .. } = &mut model.net {
+                *in_channels = train.shape.channels;
+            }
+            model.net.check_training_memory(
+                config.batch_size.min(train.len().max(1)),
+                train.shape.height * train.shape.width,
+            )?;
             TrainingData::Images { train, test }
         }
         DiffusionData::Toy(t) => {
@@ -301,6 +353,7 @@ pub fn train_diffusion(
         }
     };
 
+    model.validate()?;
     let (mut run, model, varmap, mut adam, mut ema, start_epoch) = if resume {
         let (run, committed) = RunDir::resume(dir)?;
         let model_path = committed.file(run_dir::MODEL);
@@ -336,6 +389,15 @@ pub fn train_diffusion(
         let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
         adam.load_state(&state.tensors, step)
             .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
+        if let TrainingData::Images { train, .. } = &source
+            && model.image_shape() != Some(train.shape)
+        {
+            bail!(
+                "--resume: the run's model takes {:?} images but the data holds {}",
+                model.image_shape(),
+                train.shape
+            );
+        }
         (run, model, varmap, adam, ema, epoch)
     } else {
         let run = RunDir::create(dir)?;
@@ -364,7 +426,12 @@ pub fn train_diffusion(
     // autodiff (checked in tests/diffusion.rs), without the graph.
     let mut fused = match (&net, config.engine) {
         (_, Engine::Candle) => None,
-        (Net::Unet(u), _) if device.is_cpu() => Some(FusedUnet::new(u)?),
+        // The engine takes one-channel images; others (RGB) train on candle until the layer
+        // engine carries them.
+        (Net::Unet(u), Engine::Auto) if device.is_cpu() => FusedUnet::new(u).ok(),
+        (Net::Unet(u), Engine::Fused) if device.is_cpu() => {
+            Some(FusedUnet::new(u).context("--engine fused")?)
+        }
         (_, Engine::Auto) => None,
         (_, Engine::Fused) => bail!("--engine fused: needs the U-Net and the CPU"),
     };
@@ -497,7 +564,8 @@ pub fn train_diffusion(
     };
     match &source {
         TrainingData::Images { .. } => {
-            let x_t = noise.randn((64, 1, SIDE, SIDE), device)?;
+            let s = model.image_shape().unwrap_or(ImageShape::MNIST);
+            let x_t = noise.randn((64, s.channels, s.height, s.width), device)?;
             let x = ddim_sample(
                 &process,
                 &ema_net,
@@ -540,11 +608,16 @@ pub fn ema_decay_at(decay: f64, step: u64) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
 }
 
-/// Images in [-1, 1], `[N, 1, 28, 28]`, as a PNG grid 8 wide.
+/// Images in [-1, 1], `[N, C, H, W]`, as a PNG grid 8 wide (colour for C = 3).
 pub fn save_image_grid(x: &Tensor, path: &Path) -> Result<()> {
-    let n = x.dim(0)?;
-    let img = x.reshape((n, PIXELS))?.affine(0.5, 0.5)?;
-    crate::plot::save_grid(&img, 8, path)
+    let (n, channels, height, width) = x.dims4()?;
+    let shape = ImageShape {
+        channels,
+        height,
+        width,
+    };
+    let img = x.reshape((n, shape.dim()))?.affine(0.5, 0.5)?;
+    crate::plot::save_grid(&img, shape, 8, path)
 }
 
 fn ema_net(

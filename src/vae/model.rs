@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Linear;
 
 use crate::checkpoint;
+use crate::data::ImageShape;
 use crate::distributions::{DiagGaussian, Noise, bernoulli_log_prob_logits, gaussian_log_prob};
 
 /// The observation model p(x|z).
@@ -41,6 +42,10 @@ pub struct VaeConfig {
     pub likelihood: Likelihood,
     /// Gaussian likelihood only: a fixed log sigma^2; `None` learns it.
     pub obs_log_var: Option<f64>,
+    /// The images x flattens (C x H x W = input_dim), for sample and reconstruction grids;
+    /// `None` in checkpoints from before it was stored (then 784 means 1 x 28 x 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_shape: Option<ImageShape>,
 }
 
 impl Default for VaeConfig {
@@ -51,11 +56,18 @@ impl Default for VaeConfig {
             latent_dim: 32,
             likelihood: Likelihood::Bernoulli,
             obs_log_var: None,
+            image_shape: Some(ImageShape::MNIST),
         }
     }
 }
 
 impl VaeConfig {
+    /// The image shape of x: stored, or 1 x 28 x 28 for a 784-dimensional model without one.
+    pub fn image_shape(&self) -> Option<ImageShape> {
+        self.image_shape
+            .or((self.input_dim == ImageShape::MNIST.dim()).then_some(ImageShape::MNIST))
+    }
+
     /// Every parameter's name and shape, in `state_dict` order.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (i, h, l) = (self.input_dim, self.hidden_dim, self.latent_dim);
@@ -93,6 +105,15 @@ impl VaeConfig {
             if v == 0 {
                 bail!("{flag} must be at least 1");
             }
+        }
+        if let Some(shape) = self.image_shape
+            && shape.dim() != self.input_dim
+        {
+            bail!(
+                "image_shape {shape} has {} values but input_dim is {}",
+                shape.dim(),
+                self.input_dim
+            );
         }
         if let Some(lv) = self.obs_log_var
             && !lv.is_finite()

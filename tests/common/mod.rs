@@ -6,7 +6,9 @@ use std::io::Write;
 use std::process::{Command, Output};
 
 use elbo::data::idx::{encode_images, encode_labels};
-use elbo::data::{Named, PIXELS, Source, Split};
+use elbo::data::{Named, Source, Split};
+
+const PIXELS: usize = 784;
 
 pub fn elbo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_elbo"))
