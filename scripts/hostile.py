@@ -300,8 +300,8 @@ def category_flags():
         with open(os.path.join(d, name), "w") as f:
             f.write("precious\n")
         rc, err, _ = run(["train", "vae", "--epochs", "1", "--train-limit", "256", "--test-limit", "32", "--out", d])
-        with open(os.path.join(d, name)) as f:
-            kept = f.read() == "precious\n"
+        with open(os.path.join(d, name), "rb") as f:
+            kept = f.read() == b"precious\n"
         note("flags", None if kept and rc != 0 else "data loss", f"--out holding only {name} reused")
     # A long evaluation answers Ctrl-C.
     p = subprocess.Popen([ELBO, "eval", "vae", "--checkpoint", FIX, "--iw-samples", "1000000000", "--limit", "1"],
