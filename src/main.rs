@@ -80,8 +80,8 @@ struct TrainDiffusionArgs {
     /// mnist-10k (default), fashion-mnist, or toy:moons|swiss-roll|8gaussians|ring.
     #[arg(long)]
     dataset: Option<String>,
-    /// A folder in the MNIST layout (wins over --dataset).
-    #[arg(long, value_name = "DIR")]
+    /// Images from PATH, as for `train vae --data` (wins over --dataset).
+    #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "linear")]
     beta_schedule: BetaSchedule,
@@ -157,7 +157,7 @@ struct EvalDiffusionArgs {
     /// mnist-10k, fashion-mnist or toy:NAME (default: mnist-10k for image models).
     #[arg(long)]
     dataset: Option<String>,
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "test")]
     split: Split,
@@ -215,8 +215,9 @@ struct DataArgs {
     /// A built-in data set.
     #[arg(long, value_enum)]
     dataset: Option<Named>,
-    /// A folder in the MNIST layout (train-images-idx3-ubyte[.gz], t10k-images-idx3-ubyte[.gz]).
-    #[arg(long, value_name = "DIR")]
+    /// A folder in the MNIST layout (IDX files), an image folder (train/<class>/*.png|jpg),
+    /// a CIFAR binary .tar.gz, or a NumPy .npz / .npy file.
+    #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
     /// Pixel mode: grey levels in [0,1], threshold at 0.5, or a fresh Bernoulli draw.
     #[arg(long, value_enum, default_value = "none")]

@@ -1,6 +1,7 @@
 //! The readers of untrusted bytes, fuzzed for a bounded number of cases on every `cargo test`:
 //! IDX (raw and gzip, images and labels), safetensors checkpoints with their metadata configs
-//! (VAE and diffusion), and a run folder's commit (`commit.json`, `metrics.jsonl`).
+//! (VAE and diffusion), a run folder's commit (`commit.json`, `metrics.jsonl`), NumPy `.npy`
+//! and `.npz`, CIFAR binary `.tar.gz` archives, and PNG files in an image folder.
 //!
 //! Each case is a deterministic mutation of a valid input (bit flips, byte overwrites with
 //! boundary values, truncation, insertion, extension, and for configs numbers replaced by
@@ -480,4 +481,85 @@ fn gzip_header_first_multi_member_and_trailing_bytes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("more than the"), "{e}");
+}
+
+#[test]
+fn npy_and_npz() {
+    let images = elbo::data::npy::encode("|u1", &[2, 4, 4, 3], &[5u8; 96]);
+    fuzz("npy", &images, 1500, mutate_bytes, &|b| {
+        if let Ok(a) = elbo::data::npy::parse(b, "fuzz.npy") {
+            let _ = elbo::data::npy::images(&a, "fuzz.npy");
+            let _ = elbo::data::npy::labels(&a, 2, "fuzz.npy");
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fuzz.npz");
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, bytes) in [
+        ("x_train.npy", images.clone()),
+        (
+            "y_train.npy",
+            elbo::data::npy::encode("<i8", &[2], &[1u8; 16]),
+        ),
+    ] {
+        zip.start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, &bytes).unwrap();
+    }
+    let seed = zip.finish().unwrap().into_inner();
+    fuzz("npz", &seed, 500, mutate_bytes, &|b| {
+        std::fs::write(&path, b).unwrap();
+        let _ = elbo::data::load_path(&path, elbo::data::Split::Train);
+    });
+}
+
+/// A CIFAR-10 archive whose member sizes are wrong (so no 30 MB members are needed): the
+/// reader must refuse every mutation of it without a panic.
+#[test]
+fn cifar_tar_gz() {
+    let mut tar = tar::Builder::new(Vec::new());
+    for name in [
+        "cifar-10-batches-bin/batches.meta.txt",
+        "cifar-10-batches-bin/test_batch.bin",
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, &[3u8; 64][..]).unwrap();
+    }
+    let seed = gzip(&tar.into_inner().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cifar-10-binary.tar.gz");
+    fuzz("cifar", &seed, 400, mutate_gz_or_bytes, &|b| {
+        std::fs::write(&path, b).unwrap();
+        let _ = elbo::data::load_path(&path, elbo::data::Split::Test);
+    });
+}
+
+/// Mutations of a gzip file's bytes, or of what it holds.
+fn mutate_gz_or_bytes(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    if rng.random_bool(0.5) {
+        return mutate_bytes(rng, seed);
+    }
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(seed), &mut raw).unwrap();
+    gzip(&mutate_bytes(rng, &raw))
+}
+
+/// Image files in an image folder: mutated PNGs, decoded under the reader's limits.
+#[test]
+fn image_folder_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("train/a");
+    std::fs::create_dir_all(&class).unwrap();
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(6, 5, |x, y| image::Rgb([x as u8, y as u8, 7]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let path = class.join("0.png");
+    fuzz("png", &png, 400, mutate_bytes, &|b| {
+        std::fs::write(&path, b).unwrap();
+        let _ = elbo::data::load_path(dir.path(), elbo::data::Split::Train);
+    });
 }

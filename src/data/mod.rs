@@ -2,7 +2,10 @@
 //! Fashion-MNIST from Debian's package, and the pixel modes used to turn u8 pixels into
 //! the x of p(x|z).
 
+pub mod cifar;
 pub mod idx;
+pub mod image_folder;
+pub mod npy;
 pub mod toy;
 
 use std::path::{Path, PathBuf};
@@ -88,7 +91,7 @@ pub enum Named {
     FashionMnist,
 }
 
-/// Where to read images from: a named data set or a folder in the MNIST layout.
+/// Where to read images from: a named data set, or a path (`--data`, see [`load_path`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Source {
     Named(Named),
@@ -96,7 +99,7 @@ pub enum Source {
 }
 
 impl Source {
-    /// `--data DIR` wins over `--dataset NAME`; neither means the built-in digits.
+    /// `--data PATH` wins over `--dataset NAME`; neither means the built-in digits.
     pub fn from_flags(dataset: Option<Named>, data: Option<PathBuf>) -> Self {
         match (data, dataset) {
             (Some(dir), _) => Source::Dir(dir),
@@ -119,7 +122,7 @@ impl Source {
                 }
                 load_dir(dir, split)
             }
-            Source::Dir(dir) => load_dir(dir, split),
+            Source::Dir(path) => load_path(path, split),
         }
     }
 
@@ -228,6 +231,70 @@ fn mnist_10k(split: Split) -> Result<Dataset> {
         labels: Some(lb),
         shape: ImageShape::MNIST,
     })
+}
+
+/// Loads a split from whatever `path` holds (`--data PATH`): a folder in the MNIST layout
+/// (IDX files), an image folder (`train/<class>/*.png|jpg`), a CIFAR binary `.tar.gz`, a
+/// NumPy `.npz` or `.npy`, or a lone IDX image file (raw or gzip; served for both splits).
+/// A folder is recognised by what it holds, a file by its magic number and name.
+pub fn load_path(path: &Path, split: Split) -> Result<Dataset> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("--data {}: cannot read", path.display()))?;
+    let dataset = if meta.is_dir() {
+        let idx = ["train", "t10k"]
+            .iter()
+            .any(|p| find(path, &format!("{p}-images-idx3-ubyte")).is_some());
+        if idx {
+            load_dir(path, split)?
+        } else if image_folder::is_image_folder(path) {
+            image_folder::load(path, split)?
+        } else {
+            bail!(
+                "--data {}: a folder, but neither the MNIST layout (train-images-idx3-ubyte[.gz], t10k-images-idx3-ubyte[.gz]) nor an image folder (train/<class>/*.png|jpg, test/<class>/...)",
+                path.display()
+            );
+        }
+    } else if meta.is_file() {
+        let mut head = [0u8; 8];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .with_context(|| format!("--data {}: cannot read", path.display()))?;
+        let head = &head[..n];
+        if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+            npy::load_npz(path, split)?
+        } else if head.starts_with(npy::MAGIC) {
+            npy::load_npy(path)?
+        } else if head.starts_with(&[0x1f, 0x8b]) && cifar::is_tar_gz(path) {
+            cifar::load(path, split)?
+        } else if head.starts_with(&[0x1f, 0x8b])
+            || head.starts_with(&idx::IMAGES_MAGIC.to_be_bytes())
+        {
+            let images = idx::read_images(path)?;
+            Dataset {
+                shape: ImageShape {
+                    channels: 1,
+                    height: images.rows,
+                    width: images.cols,
+                },
+                images: images.pixels,
+                labels: None,
+            }
+        } else {
+            bail!(
+                "--data {}: not a data file elbo reads (IDX, CIFAR .tar.gz, NumPy .npy or .npz)",
+                path.display()
+            );
+        }
+    } else {
+        bail!("--data {}: not a regular file or folder", path.display());
+    };
+    dataset
+        .shape
+        .validate(&format!("--data {}", path.display()))?;
+    if dataset.is_empty() {
+        bail!("--data {}: holds no images", path.display());
+    }
+    Ok(dataset)
 }
 
 /// Finds `stem` or `stem.gz` in `dir`.
