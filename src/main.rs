@@ -35,6 +35,9 @@ use elbo::vae::{self, Likelihood, Vae, VaeConfig};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Never fetch a named data set: a file missing from the cache is an error.
+    #[arg(long, global = true)]
+    offline: bool,
 }
 
 #[derive(Subcommand)]
@@ -77,7 +80,8 @@ struct ScheduleArgs {
 
 #[derive(Args)]
 struct TrainDiffusionArgs {
-    /// mnist-10k (default), fashion-mnist, or toy:moons|swiss-roll|8gaussians|ring.
+    /// mnist-10k (default), mnist, fashion-mnist, cifar10, cifar100, or
+    /// toy:moons|swiss-roll|8gaussians|ring.
     #[arg(long)]
     dataset: Option<String>,
     /// Images from PATH, as for `train vae --data` (wins over --dataset).
@@ -154,7 +158,8 @@ struct SampleDiffusionArgs {
 struct EvalDiffusionArgs {
     #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
-    /// mnist-10k, fashion-mnist or toy:NAME (default: mnist-10k for image models).
+    /// A named image set (mnist-10k, mnist, fashion-mnist, cifar10, cifar100) or toy:NAME
+    /// (default: mnist-10k for image models).
     #[arg(long)]
     dataset: Option<String>,
     #[arg(long, value_name = "PATH")]
@@ -271,7 +276,10 @@ struct TrainVaeArgs {
     /// Continue the run in --out from its last checkpoint, up to --epochs in all.
     #[arg(long)]
     resume: bool,
-    /// Use only the first N training examples.
+    /// Hold out the last N training examples as a validation split, reported every epoch.
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    valid: Option<usize>,
+    /// Use only the first N training examples (after --valid).
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     train_limit: Option<usize>,
     /// Use only the first N test examples.
@@ -389,6 +397,7 @@ fn device() -> Result<Device> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    elbo::data::datasets::set_offline(cli.offline);
     let device = device()?;
     match cli.command {
         Command::Train {
@@ -416,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                 engine: a.engine,
                 pixels: a.data.binarize,
                 seed: a.seed,
+                valid: a.valid,
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
             };

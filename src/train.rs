@@ -45,7 +45,10 @@ pub struct TrainConfig {
     /// Which implementation computes the training steps.
     #[serde(default)]
     pub engine: Engine,
-    /// Use only the first N training examples (all when `None`).
+    /// Hold out the last N training examples as a validation split, evaluated every epoch.
+    #[serde(default)]
+    pub valid: Option<usize>,
+    /// Use only the first N training examples (all when `None`; after `valid` is held out).
     pub train_limit: Option<usize>,
     /// Use only the first N test examples (all when `None`).
     pub test_limit: Option<usize>,
@@ -129,6 +132,9 @@ pub struct Terms {
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train: Terms,
+    /// The held-out part of the training set (`--valid N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid: Option<Terms>,
     pub test: Terms,
     pub seconds: f64,
 }
@@ -147,7 +153,9 @@ const STREAM_EPOCH: u64 = 1;
 const STREAM_TEST: u64 = 2;
 const STREAM_PICTURES: u64 = 3;
 
-/// ELBO terms of a whole data set (per-example means), with a frozen model.
+/// ELBO terms of a whole data set (per-example means), with a frozen model. Binarized pixel
+/// modes draw one fixed binarization (seed 0) of the set, the same every epoch (the protocol of
+/// Burda et al. 2015 for test and validation sets).
 pub fn evaluate_elbo(
     vae: &Vae,
     data: &Dataset,
@@ -187,6 +195,12 @@ pub fn train_vae(
     config.validate()?;
     let mut train = config.source.load(Split::Train)?;
     let mut test = config.source.load(Split::Test)?;
+    let mut valid = None;
+    if let Some(n) = config.valid {
+        let (rest, held) = train.split_last(n, "--valid")?;
+        train = rest;
+        valid = Some(held);
+    }
     if let Some(n) = config.train_limit {
         train = train.take(n);
     }
@@ -369,9 +383,20 @@ pub fn train_vae(
             config.mc_samples,
             derive_seed(config.seed, STREAM_TEST, 0),
         )?;
+        let valid_terms = match &valid {
+            Some(v) => Some(evaluate_elbo(
+                &vae,
+                v,
+                config.pixels,
+                config.mc_samples,
+                derive_seed(config.seed, STREAM_TEST, 0),
+            )?),
+            None => None,
+        };
         let metrics = EpochMetrics {
             epoch,
             train: train_terms,
+            valid: valid_terms,
             test: test_terms,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -388,8 +413,11 @@ pub fn train_vae(
             &serde_json::to_string(&metrics)?,
         )?;
         if show_progress {
+            let valid = valid_terms.map_or(String::new(), |v| {
+                format!("valid -ELBO {:.2} | ", v.neg_elbo)
+            });
             eprintln!(
-                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",
+                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | {valid}test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",
                 train_terms.neg_elbo,
                 train_terms.reconstruction,
                 train_terms.kl,

@@ -32,6 +32,7 @@ fn config(epochs: usize) -> TrainConfig {
         engine: Engine::Auto,
         pixels: PixelMode::Grey,
         seed: 0,
+        valid: None,
         train_limit: None,
         test_limit: None,
     }

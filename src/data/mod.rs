@@ -3,6 +3,7 @@
 //! the x of p(x|z).
 
 pub mod cifar;
+pub mod datasets;
 pub mod idx;
 pub mod image_folder;
 pub mod npy;
@@ -86,9 +87,15 @@ pub enum Named {
     /// 10,000 MNIST digits embedded in the binary (9,000 train / 1,000 test).
     #[value(name = "mnist-10k")]
     Mnist10k,
-    /// Fashion-MNIST from `apt-get install dataset-fashion-mnist`.
+    /// MNIST, 60,000 + 10,000 digits, fetched and verified on first use.
+    Mnist,
+    /// Fashion-MNIST: Debian's `dataset-fashion-mnist` when installed, else fetched.
     #[value(name = "fashion-mnist")]
     FashionMnist,
+    /// CIFAR-10 (binary version), 50,000 + 10,000 colour images 32 x 32, fetched.
+    Cifar10,
+    /// CIFAR-100 (binary version, fine labels), fetched.
+    Cifar100,
 }
 
 /// Where to read images from: a named data set, or a path (`--data`, see [`load_path`]).
@@ -112,16 +119,21 @@ impl Source {
     pub fn load(&self, split: Split) -> Result<Dataset> {
         match self {
             Source::Named(Named::Mnist10k) => mnist_10k(split),
-            Source::Named(Named::FashionMnist) => {
-                let dir = Path::new(FASHION_MNIST_DIR);
-                if !dir.is_dir() {
-                    bail!(
-                        "--dataset fashion-mnist: {FASHION_MNIST_DIR} not found; install it with \
-                         `apt-get install dataset-fashion-mnist`, or pass --data DIR with its IDX files"
-                    );
-                }
-                load_dir(dir, split)
+            Source::Named(Named::FashionMnist) if Path::new(FASHION_MNIST_DIR).is_dir() => {
+                load_dir(Path::new(FASHION_MNIST_DIR), split)
             }
+            Source::Named(Named::FashionMnist) => {
+                load_dir(&datasets::ensure(&datasets::FASHION_MNIST)?, split)
+            }
+            Source::Named(Named::Mnist) => load_dir(&datasets::ensure(&datasets::MNIST)?, split),
+            Source::Named(Named::Cifar10) => cifar::load(
+                &datasets::ensure(&datasets::CIFAR10)?.join("cifar-10-binary.tar.gz"),
+                split,
+            ),
+            Source::Named(Named::Cifar100) => cifar::load(
+                &datasets::ensure(&datasets::CIFAR100)?.join("cifar-100-binary.tar.gz"),
+                split,
+            ),
             Source::Dir(path) => load_path(path, split),
         }
     }
@@ -129,7 +141,12 @@ impl Source {
     pub fn describe(&self) -> String {
         match self {
             Source::Named(Named::Mnist10k) => "mnist-10k (built-in)".into(),
-            Source::Named(Named::FashionMnist) => format!("fashion-mnist ({FASHION_MNIST_DIR})"),
+            Source::Named(n) => {
+                let name = clap::ValueEnum::to_possible_value(n)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                format!("{name} ({})", datasets::cache_dir().display())
+            }
             Source::Dir(d) => d.display().to_string(),
         }
     }
@@ -161,6 +178,25 @@ impl Dataset {
             l.truncate(n);
         }
         self
+    }
+
+    /// Splits off the last `n` examples (a validation split, as the VAE and IWAE papers hold
+    /// out the last 10,000 MNIST training digits): returns (the first len - n, the last n).
+    /// Fails unless 1 <= n < len.
+    pub fn split_last(mut self, n: usize, flag: &str) -> Result<(Self, Self)> {
+        let len = self.len();
+        if n == 0 || n >= len {
+            bail!("{flag} {n}: must be at least 1 and less than the {len} training examples");
+        }
+        let d = self.shape.dim();
+        let images = self.images.split_off((len - n) * d);
+        let labels = self.labels.as_mut().map(|l| l.split_off(len - n));
+        let held = Self {
+            images,
+            labels,
+            shape: self.shape,
+        };
+        Ok((self, held))
     }
 
     /// Pixels of the examples `indices` as `[B, C*H*W]` f32, transformed by `mode`.

@@ -44,22 +44,23 @@ pub enum DiffusionData {
 }
 
 impl DiffusionData {
-    /// `--data DIR` wins; `--dataset` takes `mnist-10k`, `fashion-mnist` or `toy:NAME`.
+    /// `--data PATH` wins; `--dataset` takes a named image set (`mnist-10k`, `mnist`,
+    /// `fashion-mnist`, `cifar10`, `cifar100`) or `toy:NAME`.
     pub fn from_flags(dataset: Option<&str>, data: Option<&Path>) -> Result<Self> {
-        if let Some(dir) = data {
-            return Ok(DiffusionData::Images(Source::Dir(dir.to_path_buf())));
+        if let Some(path) = data {
+            return Ok(DiffusionData::Images(Source::Dir(path.to_path_buf())));
         }
-        Ok(match dataset.unwrap_or("mnist-10k") {
-            "mnist-10k" => DiffusionData::Images(Source::Named(Named::Mnist10k)),
-            "fashion-mnist" => DiffusionData::Images(Source::Named(Named::FashionMnist)),
-            other => match other.strip_prefix("toy:").and_then(Toy::parse) {
-                Some(t) => DiffusionData::Toy(t),
-                None => bail!(
-                    "--dataset {other}: expected mnist-10k, fashion-mnist or toy:NAME with NAME one of {}",
-                    Toy::NAMES.join(", ")
-                ),
-            },
-        })
+        let name = dataset.unwrap_or("mnist-10k");
+        if let Ok(named) = <Named as clap::ValueEnum>::from_str(name, false) {
+            return Ok(DiffusionData::Images(Source::Named(named)));
+        }
+        match name.strip_prefix("toy:").and_then(Toy::parse) {
+            Some(t) => Ok(DiffusionData::Toy(t)),
+            None => bail!(
+                "--dataset {name}: expected mnist-10k, mnist, fashion-mnist, cifar10, cifar100 or toy:NAME with NAME one of {}",
+                Toy::NAMES.join(", ")
+            ),
+        }
     }
 
     pub fn describe(&self) -> String {
