@@ -122,6 +122,9 @@ struct TrainDiffusionArgs {
     out: PathBuf,
     #[arg(long)]
     resume: bool,
+    /// Images: hold out the last N training images as a validation split.
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    valid: Option<usize>,
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     train_limit: Option<usize>,
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
@@ -490,6 +493,7 @@ fn run(cli: Cli) -> Result<()> {
                 ema_decay: a.ema_decay,
                 seed: a.seed,
                 toy_steps_per_epoch: a.toy_steps_per_epoch,
+                valid: a.valid,
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
                 sample_steps: a.sample_steps,

@@ -436,6 +436,7 @@ fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
         ema_decay: 0.99,
         seed: 0,
         toy_steps_per_epoch: 500,
+        valid: None,
         train_limit: None,
         test_limit: Some(500),
         sample_steps: 20,

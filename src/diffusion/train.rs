@@ -200,6 +200,9 @@ pub struct DiffusionTrainConfig {
     pub seed: u64,
     /// Toy data only: optimizer steps per epoch (each on fresh samples).
     pub toy_steps_per_epoch: usize,
+    /// Images only: hold out the last N training images as a validation split.
+    #[serde(default)]
+    pub valid: Option<usize>,
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
     /// DDIM steps for the pictures written at the end.
@@ -215,14 +218,24 @@ pub struct DiffusionEpochMetrics {
     pub epoch: usize,
     pub step: u64,
     pub train_loss: f64,
+    /// The simple loss (EMA weights) on the held-out training images (`--valid N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_loss: Option<f64>,
     pub test_loss: f64,
     pub seconds: f64,
 }
 
 /// Training data: images in [-1, 1] or an endless toy stream.
 enum TrainingData {
-    Images { train: Dataset, test: Dataset },
-    Toy { toy: Toy, test: Vec<f32> },
+    Images {
+        train: Dataset,
+        valid: Option<Dataset>,
+        test: Dataset,
+    },
+    Toy {
+        toy: Toy,
+        test: Vec<f32>,
+    },
 }
 
 /// Images `[B, C, H, W]` scaled to [-1, 1] from u8 pixels.
@@ -319,6 +332,12 @@ pub fn train_diffusion(
         DiffusionData::Images(s) => {
             let mut train = s.load(Split::Train)?;
             let mut test = s.load(Split::Test)?;
+            let mut valid = None;
+            if let Some(n) = config.valid {
+                let (rest, held) = train.split_last(n, "--valid")?;
+                train = rest;
+                valid = Some(held);
+            }
             if let Some(n) = config.train_limit {
                 train = train.take(n);
             }
@@ -340,7 +359,7 @@ pub fn train_diffusion(
                 config.batch_size.min(train.len().max(1)),
                 train.shape.height * train.shape.width,
             )?;
-            TrainingData::Images { train, test }
+            TrainingData::Images { train, valid, test }
         }
         DiffusionData::Toy(t) => {
             let n = config.test_limit.unwrap_or(2000);
@@ -530,10 +549,17 @@ pub fn train_diffusion(
         bar.finish_and_clear();
         let ema_net = ema_net(&model, &vars, &ema, device)?;
         let test_loss = test_loss(&process, &ema_net, &source, config.seed, device)?;
+        let valid_loss = match &source {
+            TrainingData::Images {
+                valid: Some(valid), ..
+            } => Some(images_loss(&process, &ema_net, valid, config.seed, device)?),
+            _ => None,
+        };
         let m = DiffusionEpochMetrics {
             epoch,
             step: adam.step_count(),
             train_loss: loss_sum / batches.len().max(1) as f64,
+            valid_loss,
             test_loss,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -549,8 +575,11 @@ pub fn train_diffusion(
             &serde_json::to_string(&m)?,
         )?;
         if show_progress {
+            let valid = m
+                .valid_loss
+                .map_or(String::new(), |v| format!("valid loss (EMA) {v:.5} | "));
             eprintln!(
-                "epoch {epoch}: train loss {:.5} | test loss (EMA) {:.5} | {:.1}s",
+                "epoch {epoch}: train loss {:.5} | {valid}test loss (EMA) {:.5} | {:.1}s",
                 m.train_loss, m.test_loss, m.seconds
             );
         }
@@ -645,28 +674,35 @@ fn test_loss(
     seed: u64,
     device: &Device,
 ) -> Result<f64> {
+    match source {
+        TrainingData::Images { test, .. } => images_loss(process, net, test, seed, device),
+        TrainingData::Toy { test, .. } => {
+            let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 0));
+            let mut noise = Noise::new(derive_seed(seed, 2, 1));
+            let n = test.len() / 2;
+            let x0 = Tensor::from_slice(test, (n, 2), device)?;
+            Ok(simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()? as f64)
+        }
+    }
+}
+
+/// The mean simple loss over a set of images, with the same t and eps draws every epoch.
+fn images_loss(
+    process: &GaussianDiffusion,
+    net: &Net,
+    data: &Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
     let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 0));
     let mut noise = Noise::new(derive_seed(seed, 2, 1));
     let (mut total, mut count) = (0.0, 0usize);
-    match source {
-        TrainingData::Images { test, .. } => {
-            let idx: Vec<usize> = (0..test.len()).collect();
-            for chunk in idx.chunks(250) {
-                let x0 = image_batch(test, chunk, device)?;
-                total += simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?
-                    as f64
-                    * chunk.len() as f64;
-                count += chunk.len();
-            }
-        }
-        TrainingData::Toy { test, .. } => {
-            let n = test.len() / 2;
-            let x0 = Tensor::from_slice(test, (n, 2), device)?;
-            total = simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?
-                as f64
-                * n as f64;
-            count = n;
-        }
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(250) {
+        let x0 = image_batch(data, chunk, device)?;
+        total += simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()? as f64
+            * chunk.len() as f64;
+        count += chunk.len();
     }
     Ok(total / count.max(1) as f64)
 }
