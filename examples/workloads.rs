@@ -193,7 +193,12 @@ fn main() -> Result<()> {
                 unreachable!("the default network is a U-Net")
             };
             let candle_path = CandleUnet(frozen_unet);
-            let sampler_net: &dyn Denoiser = if fused_engine { &frozen } else { &candle_path };
+            let fused_frozen = FusedUnet::new(frozen_unet)?;
+            let sampler_net: &dyn Denoiser = if fused_engine {
+                &fused_frozen
+            } else {
+                &candle_path
+            };
             match w {
                 "unet-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);

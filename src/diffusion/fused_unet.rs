@@ -42,6 +42,7 @@ use rayon::prelude::*;
 use super::conv::{Conv2d, Geometry, gemm_rm};
 use super::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
 use super::nets::{Attention, ResBlock, UNet};
+use super::process::Denoiser;
 use crate::vae::fused::add_assign;
 
 /// A convolution's place in the flat parameter vector.
@@ -1591,5 +1592,11 @@ impl FusedUnet {
             store.insert(t, g);
         }
         Ok(store)
+    }
+}
+
+impl Denoiser for FusedUnet {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> Result<Tensor> {
+        FusedUnet::forward(self, xt, t)
     }
 }

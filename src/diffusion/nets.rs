@@ -8,10 +8,7 @@ use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
 
-use std::sync::OnceLock;
-
 use super::conv::Conv2d;
-use super::fused_unet::FusedUnet;
 use super::group_norm::GroupNorm;
 use rand::Rng;
 
@@ -393,8 +390,6 @@ pub struct UNet {
     pub(crate) upsample: Vec<Conv2d>,
     pub(crate) norm_out: GroupNorm,
     pub(crate) conv_out: Conv2d,
-    /// The fused CPU engine, built at the first forward pass of a network of plain tensors.
-    fused: OnceLock<FusedUnet>,
 }
 
 impl UNet {
@@ -462,7 +457,6 @@ impl UNet {
             upsample,
             norm_out: GroupNorm::new(groups, base, 1e-5, vb.pp("norm_out"))?,
             conv_out: conv(base, in_channels, 3, 1, vb.pp("conv_out"))?,
-            fused: OnceLock::new(),
         })
     }
 }
@@ -513,20 +507,9 @@ impl UNet {
 }
 
 impl Denoiser for UNet {
-    /// A network of plain tensors (sampling, evaluation) on the CPU runs on the fused engine
-    /// ([`FusedUnet`]); a trainable one goes through candle's ops, so autodiff sees them.
+    /// candle's ops (any device, autodiff); the fused CPU engine is chosen by the caller
+    /// (`diffusion::train::FrozenNet`, the training loop).
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        if xt.device().is_cpu() && xt.dtype() == DType::F32 && !self.is_trainable() {
-            // A shape the engine does not take (more than one channel) stays on candle.
-            if self.fused.get().is_none()
-                && let Ok(engine) = FusedUnet::new(self)
-            {
-                let _ = self.fused.set(engine);
-            }
-            if let Some(engine) = self.fused.get() {
-                return engine.forward(xt, t);
-            }
-        }
         self.forward_candle(xt, t)
     }
 }

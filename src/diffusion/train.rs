@@ -136,11 +136,45 @@ impl DiffusionConfig {
     }
 }
 
+/// A network of plain tensors for sampling and evaluation, with its engine chosen once, here:
+/// the fused CPU engine ([`FusedUnet`]) for a U-Net it takes (one-channel images, on the CPU),
+/// else the network's candle path (any device, colour images, the MLP).
+pub struct FrozenNet {
+    pub net: Net,
+    fused: Option<FusedUnet>,
+}
+
+impl FrozenNet {
+    pub fn new(net: Net) -> Self {
+        let fused = match &net {
+            Net::Unet(u) if u.conv_in.parts().0.device().is_cpu() => FusedUnet::new(u).ok(),
+            _ => None,
+        };
+        Self { net, fused }
+    }
+
+    /// Whether the fused CPU engine runs this network.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+}
+
+impl Denoiser for FrozenNet {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.fused {
+            Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
+                engine.forward(xt, t)
+            }
+            _ => self.net.forward(xt, t),
+        }
+    }
+}
+
 /// A trained model loaded for sampling or evaluation (EMA weights, no autodiff).
 pub struct LoadedDiffusion {
     pub config: DiffusionConfig,
     pub process: GaussianDiffusion,
-    pub net: Net,
+    pub net: FrozenNet,
 }
 
 impl LoadedDiffusion {
@@ -157,7 +191,7 @@ impl LoadedDiffusion {
         Ok(Self {
             process: config.process()?,
             config,
-            net,
+            net: FrozenNet::new(net),
         })
     }
 }
@@ -655,21 +689,21 @@ fn ema_net(
     vars: &[(String, Var)],
     ema: &[Tensor],
     device: &Device,
-) -> Result<Net> {
+) -> Result<FrozenNet> {
     let map: HashMap<String, Tensor> = vars
         .iter()
         .map(|(n, _)| n.clone())
         .zip(ema.iter().cloned())
         .collect();
-    Net::build(
+    Ok(FrozenNet::new(Net::build(
         &model.net,
         VarBuilder::from_tensors(map, DType::F32, device),
-    )
+    )?))
 }
 
 fn test_loss(
     process: &GaussianDiffusion,
-    net: &Net,
+    net: &dyn Denoiser,
     source: &TrainingData,
     seed: u64,
     device: &Device,
@@ -689,7 +723,7 @@ fn test_loss(
 /// The mean simple loss over a set of images, with the same t and eps draws every epoch.
 fn images_loss(
     process: &GaussianDiffusion,
-    net: &Net,
+    net: &dyn Denoiser,
     data: &Dataset,
     seed: u64,
     device: &Device,

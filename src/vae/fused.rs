@@ -374,7 +374,7 @@ impl FusedVae {
         k: usize,
         max_rows: usize,
         noise: &mut Noise,
-    ) -> Result<super::LikelihoodEstimate> {
+    ) -> Result<super::estimate::LikelihoodEstimate> {
         let Layout { d, l, .. } = self.layout;
         if k == 0 || x.is_empty() || !x.len().is_multiple_of(d) {
             bail!(
@@ -416,7 +416,7 @@ impl FusedVae {
                         prior_minus_q -= 0.5 * (zi * zi - ei * ei - lv[i] as f64);
                     }
                     let log_px_z = s.rec[row] as f64;
-                    lse[bi] = super::objective::log_add_exp(lse[bi], log_px_z + prior_minus_q);
+                    lse[bi] = super::estimate::log_add_exp(lse[bi], log_px_z + prior_minus_q);
                     rec_sum[bi] += log_px_z;
                 }
             }
@@ -431,7 +431,7 @@ impl FusedVae {
                 })
                 .collect();
         self.scratch = s;
-        Ok(super::LikelihoodEstimate {
+        Ok(super::estimate::LikelihoodEstimate {
             log_px: lse.iter().map(|v| v - log_k).collect(),
             reconstruction: rec_sum.iter().map(|r| r / k as f64).collect(),
             kl,

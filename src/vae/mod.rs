@@ -1,5 +1,6 @@
 //! The variational autoencoder of the text: model and objectives.
 
+pub mod estimate;
 pub mod fused;
 pub mod model;
 pub mod objective;

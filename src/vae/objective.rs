@@ -3,6 +3,7 @@
 //!
 //! All values are per example in nats; shapes: `x` `[B, D]`, results `[B]`.
 
+pub use super::estimate::{LikelihoodEstimate, log_add_exp};
 use anyhow::Result;
 use candle_core::{D, Tensor};
 
@@ -80,28 +81,6 @@ pub fn iwae_terms(
     Ok((terms, bound))
 }
 
-/// Per-example results of [`estimate_log_likelihood`], in nats.
-#[derive(Debug, Clone)]
-pub struct LikelihoodEstimate {
-    /// `log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)`, z_k ~ q(z|x).
-    pub log_px: Vec<f64>,
-    /// `E_q[log p(x|z)]`, the Monte Carlo mean over the same K samples.
-    pub reconstruction: Vec<f64>,
-    /// Closed-form `KL(q(z|x) || p(z))`.
-    pub kl: Vec<f64>,
-}
-
-impl LikelihoodEstimate {
-    /// `ELBO = reconstruction - kl`, per example.
-    pub fn elbo(&self) -> Vec<f64> {
-        self.reconstruction
-            .iter()
-            .zip(&self.kl)
-            .map(|(r, k)| r - k)
-            .collect()
-    }
-}
-
 /// Importance-sampled log p(x) with q(z|x) as proposal and K samples, computed in chunks of
 /// at most `max_rows` decoded rows (chunk_K x B) so memory stays bounded for K = 5000;
 /// the log-sum-exp is accumulated across chunks in f64:
@@ -174,15 +153,6 @@ pub fn estimate_log_likelihood_candle(
         reconstruction: rec_sum.iter().map(|r| r / k as f64).collect(),
         kl,
     })
-}
-
-/// log(e^a + e^b) without overflow.
-pub fn log_add_exp(a: f64, b: f64) -> f64 {
-    let m = a.max(b);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + ((a - m).exp() + (b - m).exp()).ln()
 }
 
 /// Sums a `[B]` tensor to f64 (for metrics).
