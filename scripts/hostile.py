@@ -31,6 +31,11 @@ QUICK = "--quick" in sys.argv
 ROOT = tempfile.mkdtemp(prefix="hostile-")
 ENV = dict(os.environ, RUST_BACKTRACE="1")  # as in many developers' shells
 COUNTS = {}
+# T's flag: --num-train-timesteps since issue 11's flag clean-up, --steps before.
+T_FLAG = ("--num-train-timesteps"
+          if "--num-train-timesteps" in subprocess.run([ELBO, "schedule", "--help"], capture_output=True,
+                                                       text=True).stdout
+          else "--steps")
 EXAMPLES = {}
 
 
@@ -266,10 +271,10 @@ def category_checkpoints(ckpt, diffusion_ckpt):
 def category_flags():
     out = os.path.join(ROOT, "flag-run")
     cases = [
-        (["schedule", "--steps", "18446744073709551615"], "--steps"),
-        (["schedule", "--steps", "1000000000"], "--steps"),
-        (["train", "diffusion", "--steps", "18446744073709551615", "--out", out], "--steps"),
-        (["train", "diffusion", "--steps", "1000000000", "--out", out], "--steps"),
+        (["schedule", T_FLAG, "18446744073709551615"], T_FLAG),
+        (["schedule", T_FLAG, "1000000000"], T_FLAG),
+        (["train", "diffusion", T_FLAG, "18446744073709551615", "--out", out], T_FLAG),
+        (["train", "diffusion", T_FLAG, "1000000000", "--out", out], T_FLAG),
         (["train", "diffusion", "--channels", "1000000", "--out", out], "--channels"),
         (["train", "vae", "--hidden-dim", "9223372036854775808", "--out", out], "--hidden-dim"),
         (["train", "vae", "--hidden-dim", "1000000000", "--out", out], "--hidden-dim"),
@@ -338,7 +343,7 @@ def weights_of(d):
 
 def category_faults():
     base = ["train", "vae", "--epochs", "4", "--train-limit", "2000", "--test-limit", "200"]
-    diff = ["train", "diffusion", "--dataset", "toy:moons", "--steps", "20", "--epochs", "3",
+    diff = ["train", "diffusion", "--dataset", "toy:moons", T_FLAG, "20", "--epochs", "3",
             "--toy-steps-per-epoch", "20", "--sample-steps", "2"]
     for label, args in [("vae", base), ("diffusion", diff)]:
         ref = os.path.join(ROOT, f"ref-{label}")
@@ -383,7 +388,7 @@ if __name__ == "__main__":
     shutil.copy(os.path.join(fix_dir, "model.safetensors"), FIX)
     dfix_dir = os.path.join(ROOT, "dfix")
     rc, err, _ = run(["train", "diffusion", "--dataset", "mnist-10k", "--train-limit", "32", "--test-limit", "8",
-                      "--steps", "20", "--channels", "8", "--epochs", "1", "--sample-steps", "2",
+                      T_FLAG, "20", "--channels", "8", "--epochs", "1", "--sample-steps", "2",
                       "--out", dfix_dir], timeout=300)
     assert rc == 0, err
     DFIX = os.path.join(ROOT, "dfix.safetensors")

@@ -12,20 +12,27 @@
 //! log p(x) itself by importance sampling with q(z|x) as proposal, so the gap can be measured.
 //!
 //! Modules:
-//! - [`data`]: the IDX (MNIST) format, the built-in digits, pixel modes;
+//! - [`data`]: images of any shape (C x H x W): IDX, image folders, CIFAR archives, NumPy
+//!   files, the built-in digits, named sets fetched and verified, pixel modes;
 //! - [`distributions`]: diagonal Gaussian, Bernoulli and Gaussian likelihoods, seeded noise;
-//! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x));
+//! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x)),
+//!   its fused CPU engine;
+//! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound,
+//!   samplers (DDPM, DDIM), the denoisers (MLP, U-Net) and its fused CPU engine;
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
 //! - [`limits`]: sizes checked against memory before they are allocated; [`fault`]: fault
 //!   injection for the file-system steps of a save (tests);
-//! - [`train`]: the training loop; [`plot`]: PNG image grids.
+//! - [`train`]: the VAE training loop (and [`diffusion::train`] the diffusion one);
+//! - [`eval`]: aggregation of evaluations (means, standard errors, bits/dim);
+//! - [`plot`]: PNG image grids (grey or colour), scatter plots, curves.
 
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
 pub mod distributions;
+pub mod eval;
 pub mod fault;
 pub mod limits;
 pub mod optim;

@@ -70,9 +70,14 @@ enum Command {
 struct ScheduleArgs {
     #[arg(long, value_enum, default_value = "linear")]
     beta_schedule: BetaSchedule,
-    /// Number of diffusion steps T.
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1000)]
-    steps: usize,
+    /// The number of diffusion steps T (diffusers' `num_train_timesteps`).
+    #[arg(
+        long = "num-train-timesteps",
+        visible_alias = "timesteps",
+        allow_negative_numbers = true,
+        default_value_t = 1000
+    )]
+    num_train_timesteps: usize,
     /// One JSON object with every array (index t = 0..T-1).
     #[arg(long)]
     json: bool,
@@ -89,9 +94,14 @@ struct TrainDiffusionArgs {
     data: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "linear")]
     beta_schedule: BetaSchedule,
-    /// Number of diffusion steps T.
-    #[arg(long, allow_negative_numbers = true, default_value_t = 1000)]
-    steps: usize,
+    /// The number of diffusion steps T (diffusers' `num_train_timesteps`).
+    #[arg(
+        long = "num-train-timesteps",
+        visible_alias = "timesteps",
+        allow_negative_numbers = true,
+        default_value_t = 1000
+    )]
+    num_train_timesteps: usize,
     /// What the network predicts.
     #[arg(long, value_enum, default_value = "eps")]
     prediction: Prediction,
@@ -137,7 +147,7 @@ struct SampleDiffusionArgs {
     checkpoint: PathBuf,
     #[arg(long, value_enum, default_value = "ddim")]
     sampler: SamplerKind,
-    /// Sampling steps (DDIM; DDPM always takes all T).
+    /// Sampling steps (diffusers' `num_inference_steps`; DDIM only, DDPM always takes all T).
     #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     steps: usize,
     /// DDIM noise: 0 is deterministic.
@@ -480,7 +490,7 @@ fn run(cli: Cli) -> Result<()> {
             let model = DiffusionConfig {
                 net,
                 beta_schedule: a.beta_schedule,
-                num_train_timesteps: a.steps,
+                num_train_timesteps: a.num_train_timesteps,
                 prediction: a.prediction,
                 image_shape: None, // taken from the data
             };
@@ -511,7 +521,7 @@ fn run(cli: Cli) -> Result<()> {
             model: SampleModel::Diffusion(a),
         } => sample_diffusion(a, &device)?,
         Command::Schedule(a) => {
-            let s = Schedule::new(a.beta_schedule, a.steps)?;
+            let s = Schedule::new(a.beta_schedule, a.num_train_timesteps)?;
             if a.json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -674,15 +684,10 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         kl.extend(kl_chunk.unwrap_or_default());
     }
     bar.finish_and_clear();
-    let n = log_px.len() as f64;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+    use elbo::eval::{mean, standard_error as stderr};
     let (nll, reconstruction, kl_mean) = (-mean(&log_px), -mean(&rec), mean(&kl));
     let neg_elbo = reconstruction + kl_mean;
     check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
-    let stderr = |v: &[f64]| {
-        let m = mean(v);
-        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0) / n).sqrt()
-    };
     if a.json {
         let out = serde_json::json!({
             "neg_elbo": neg_elbo,
@@ -864,7 +869,7 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let lt: Vec<f64> = lt.iter().map(|v| v / nf).collect();
     let lt_sum: f64 = lt.iter().sum();
     let total = l0 + lt_sum + lp;
-    let bpd = total / (dims as f64 * std::f64::consts::LN_2);
+    let bpd = elbo::eval::bits_per_dim(total, dims);
     check_finite_result(&a.checkpoint, &[("the bound", total)])?;
     if let Some(path) = &a.plot {
         elbo::plot::save_log_curve(&lt, path)?;

@@ -320,7 +320,7 @@ fn schedule_json_has_the_arrays() {
         "schedule",
         "--beta-schedule",
         "cosine",
-        "--steps",
+        "--num-train-timesteps",
         "100",
         "--json",
     ]);
@@ -329,7 +329,10 @@ fn schedule_json_has_the_arrays() {
     for key in ["betas", "alphas_cumprod", "posterior_variance"] {
         assert_eq!(v[key].as_array().unwrap().len(), 100, "{key}");
     }
-    assert_one_line_error(&elbo(&["schedule", "--steps", "1"]), "--steps");
+    assert_one_line_error(
+        &elbo(&["schedule", "--num-train-timesteps", "1"]),
+        "--num-train-timesteps",
+    );
     assert_one_line_error(
         &elbo(&["schedule", "--beta-schedule", "quadratic"]),
         "--beta-schedule",
@@ -346,7 +349,7 @@ fn diffusion_train_sample_eval_end_to_end() {
         "diffusion",
         "--dataset",
         "toy:moons",
-        "--steps",
+        "--num-train-timesteps",
         "50",
         "--epochs",
         "2",
@@ -406,7 +409,7 @@ fn diffusion_train_sample_eval_end_to_end() {
         "diffusion",
         "--data",
         data.path().to_str().unwrap(),
-        "--steps",
+        "--num-train-timesteps",
         "20",
         "--channels",
         "8",

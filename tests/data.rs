@@ -316,7 +316,7 @@ fn colour_images_end_to_end() {
         "diffusion",
         "--data",
         d,
-        "--steps",
+        "--num-train-timesteps",
         "20",
         "--channels",
         "8",

@@ -186,7 +186,7 @@ const TOY_ARGS: [&str; 14] = [
     "diffusion",
     "--dataset",
     "toy:moons",
-    "--steps",
+    "--num-train-timesteps",
     "20",
     "--epochs",
     "2",
@@ -212,7 +212,7 @@ fn image_diffusion_killed_mid_commit_resumes_bit_identically() {
         "diffusion",
         "--data",
         data.path().to_str().unwrap(),
-        "--steps",
+        "--num-train-timesteps",
         "20",
         "--channels",
         "8",
@@ -323,13 +323,22 @@ fn each_names_its_flag(cases: &[(&str, &str)]) {
 #[test]
 fn sizes_are_checked_before_they_are_allocated() {
     each_names_its_flag(&[
-        ("schedule --steps 18446744073709551615", "--steps"),
-        ("schedule --steps 1000000000", "--steps"),
         (
-            "train diffusion --steps 18446744073709551615 --out {out}",
-            "--steps",
+            "schedule --num-train-timesteps 18446744073709551615",
+            "--num-train-timesteps",
         ),
-        ("train diffusion --steps 1000000000 --out {out}", "--steps"),
+        (
+            "schedule --num-train-timesteps 1000000000",
+            "--num-train-timesteps",
+        ),
+        (
+            "train diffusion --num-train-timesteps 18446744073709551615 --out {out}",
+            "--num-train-timesteps",
+        ),
+        (
+            "train diffusion --num-train-timesteps 1000000000 --out {out}",
+            "--num-train-timesteps",
+        ),
         (
             "train diffusion --channels 1000000 --out {out}",
             "--channels",
@@ -364,7 +373,7 @@ fn sizes_are_checked_before_they_are_allocated() {
         "diffusion",
         "--data",
         data.path().to_str().unwrap(),
-        "--steps",
+        "--num-train-timesteps",
         "20",
         "--channels",
         "8",

@@ -65,13 +65,13 @@ impl Schedule {
     /// (14 f64 per step) plus the per-step terms of an evaluation within the memory budget.
     pub fn check_size(steps: usize) -> Result<()> {
         if steps < 2 {
-            bail!("--steps must be at least 2, got {steps}");
+            bail!("--num-train-timesteps must be at least 2, got {steps}");
         }
         if steps > MAX_TIMESTEPS {
-            bail!("--steps {steps}: at most {MAX_TIMESTEPS} timesteps (DDPM uses 1000)");
+            bail!("--num-train-timesteps {steps}: at most {MAX_TIMESTEPS} (DDPM uses 1000)");
         }
         crate::limits::check_bytes(
-            &format!("--steps {steps}"),
+            &format!("--num-train-timesteps {steps}"),
             "the schedule arrays of T timesteps",
             crate::limits::product(&[steps as u64, 16 * 8]),
         )
