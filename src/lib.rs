@@ -19,6 +19,7 @@
 //!   its fused CPU engine;
 //! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound,
 //!   samplers (DDPM, DDIM), the denoisers (MLP, U-Net) and its fused CPU engine;
+//! - [`nn`]: the SIMD kernels the fused CPU engines share;
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
@@ -35,6 +36,7 @@ pub mod distributions;
 pub mod eval;
 pub mod fault;
 pub mod limits;
+pub mod nn;
 pub mod optim;
 pub mod plot;
 pub mod run_dir;

@@ -43,7 +43,7 @@ use super::conv::{Conv2d, Geometry, gemm_rm};
 use super::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
 use super::nets::{Attention, ResBlock, UNet};
 use super::process::Denoiser;
-use crate::vae::fused::add_assign;
+use crate::nn::kernels::add_assign;
 
 /// A convolution's place in the flat parameter vector.
 #[derive(Debug, Clone, Copy)]

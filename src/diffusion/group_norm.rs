@@ -120,7 +120,7 @@ fn recip_1_2(d: f32) -> f32 {
 /// e = exp(-|a|) in (0, 1], sigmoid(a) = 1 / (1 + e) for a >= 0 and e / (1 + e) below.
 #[inline(always)]
 fn sigmoid_fast(a: f32) -> f32 {
-    let e = crate::vae::fused::exp_nonpositive(-a.abs());
+    let e = crate::nn::kernels::exp_nonpositive(-a.abs());
     let r = recip_1_2(1.0 + e);
     if a >= 0.0 { r } else { e * r }
 }

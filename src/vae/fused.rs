@@ -35,6 +35,9 @@ use rayon::prelude::*;
 
 use super::model::{Likelihood, Vae};
 use crate::distributions::Noise;
+use crate::nn::kernels::{
+    add_assign, bce_logits_grad, bernoulli_log_prob, column_sums, relu, relu_backward,
+};
 use crate::optim::{Adam, AdamConfig};
 
 /// Offsets of each parameter in the flat buffer. The order keeps `[W_mu; W_lv]` and
@@ -683,14 +686,6 @@ fn rows_in_parallel(
     }
 }
 
-/// `dst += src`, element by element.
-#[multiversion::multiversion(targets = "simd")]
-pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d += s;
-    }
-}
-
 /// `v` resized to `n` values (contents unspecified), as a slice.
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
@@ -765,132 +760,6 @@ fn kl_standard_normal(mu: &[f32], lv: &[f32]) -> f32 {
         .sum::<f32>()
 }
 
-#[multiversion::multiversion(targets = "simd")]
-fn relu(v: &mut [f32]) {
-    for x in v.iter_mut() {
-        *x = x.max(0.0);
-    }
-}
-
-/// `g *= 1[a > 0]`, where `a` is the ReLU's output.
-#[multiversion::multiversion(targets = "simd")]
-fn relu_backward(g: &mut [f32], a: &[f32]) {
-    for (g, &a) in g.iter_mut().zip(a) {
-        *g = if a > 0.0 { *g } else { 0.0 };
-    }
-}
-
-/// `out[j] = sum_i m[i, j]` for a row-major `m` with `cols` columns.
-#[multiversion::multiversion(targets = "simd")]
-fn column_sums(m: &[f32], cols: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    for row in m.chunks_exact(cols) {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o += v;
-        }
-    }
-}
-
-/// `e^x` for x <= 0, branch-free so that it vectorises: x = n ln2 + r, |r| <= ln2/2,
-/// e^r by its Taylor polynomial to r^7 (relative error < 1e-7), 2^n by the exponent bits.
-/// Arguments below -87 are clamped (e^-87 ~ 1.6e-38, the smallest normal f32).
-#[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    // Coefficients are multiplied, never divided by: a division by a constant that is not a
-    // power of two stays a (slow) vector division.
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // SAFETY: x in [-87, 0], so n = round(x log2 e) is an integer in [-126, 0]. (A plain `as`
-    // cast saturates, which the compiler does one lane at a time.)
-    let n = unsafe { n.to_int_unchecked::<i32>() };
-    p * f32::from_bits(((n + 127) as u32) << 23)
-}
-
-/// `ln(1 + e)` for e in [0, 1], branch-free: with s = e / (2 + e), ln(1 + e) =
-/// 2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13); s <= 1/3 so the error is below 1e-8.
-#[inline(always)]
-fn ln_1p_unit(e: f32) -> f32 {
-    ln_1p_from_ratio(e / (2.0 + e))
-}
-
-/// `ln(1 + e)` given `s = e / (2 + e)` in [0, 1/3]: `2 atanh(s)` by its series to s^13.
-#[inline(always)]
-fn ln_1p_from_ratio(s: f32) -> f32 {
-    let s2 = s * s;
-    2.0 * s
-        * (1.0
-            + s2 * (1.0 / 3.0
-                + s2 * (1.0 / 5.0
-                    + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
-}
-
-/// Lanes of the fused row loops: their sums are kept in this many independent accumulators
-/// (added up at the end), so that the loops vectorise; a single float accumulator would force
-/// one addition after the other.
-const LANES: usize = 16;
-
-/// One row of the Bernoulli likelihood: returns `sum_j x_j l_j - softplus(l_j)` and overwrites
-/// `l` with `scale * (sigmoid(l) - x)`, the gradient of `-scale * log p`. Stable for any l:
-/// softplus(l) = max(l, 0) + ln(1 + e^{-|l|}), sigmoid(l) from the same e^{-|l|}.
-#[multiversion::multiversion(targets = "simd")]
-fn bce_logits_grad(l: &mut [f32], x: &[f32], scale: f32) -> f32 {
-    #[inline(always)]
-    fn one(li: &mut f32, xi: f32, scale: f32) -> f32 {
-        let v = *li;
-        let e = exp_nonpositive(-v.abs());
-        // One division serves both 1 / (1 + e) (the sigmoid) and e / (2 + e) (the logarithm).
-        let r = 1.0 / ((1.0 + e) * (2.0 + e));
-        let inv = (2.0 + e) * r;
-        let softplus = v.max(0.0) + ln_1p_from_ratio(e * (1.0 + e) * r);
-        let sigmoid = if v >= 0.0 { inv } else { e * inv };
-        *li = scale * (sigmoid - xi);
-        xi * v - softplus
-    }
-    let mut acc = [0f32; LANES];
-    let mut l_chunks = l.chunks_exact_mut(LANES);
-    let mut x_chunks = x.chunks_exact(LANES);
-    for (lc, xc) in (&mut l_chunks).zip(&mut x_chunks) {
-        for j in 0..LANES {
-            acc[j] += one(&mut lc[j], xc[j], scale);
-        }
-    }
-    let mut total: f32 = acc.iter().sum();
-    for (li, &xi) in l_chunks
-        .into_remainder()
-        .iter_mut()
-        .zip(x_chunks.remainder())
-    {
-        total += one(li, xi, scale);
-    }
-    total
-}
-
-/// `sum_j x_j l_j - softplus(l_j)`: one row of the Bernoulli log-likelihood from logits.
-#[multiversion::multiversion(targets = "simd")]
-fn bernoulli_log_prob(x: &[f32], l: &[f32]) -> f32 {
-    #[inline(always)]
-    fn one(v: f32, xi: f32) -> f32 {
-        xi * v - (v.max(0.0) + ln_1p_unit(exp_nonpositive(-v.abs())))
-    }
-    let mut acc = [0f32; LANES];
-    let (l_chunks, x_chunks) = (l.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (l_rest, x_rest) = (l_chunks.remainder(), x_chunks.remainder());
-    for (lc, xc) in l_chunks.zip(x_chunks) {
-        for j in 0..LANES {
-            acc[j] += one(lc[j], xc[j]);
-        }
-    }
-    let rest: f32 = l_rest.iter().zip(x_rest).map(|(&v, &xi)| one(v, xi)).sum();
-    acc.iter().sum::<f32>() + rest
-}
-
 #[derive(Clone, Copy)]
 struct AdamScalars {
     beta1: f32,
@@ -908,32 +777,5 @@ fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamSc
         m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
         v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
         p[i] -= c.lr_bc1 * m[i] / ((v[i] * c.inv_bc2).sqrt() + c.eps);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Worst relative errors against the standard library over their whole domains: both
-    /// within a few float32 ulps (epsilon 1.19e-7), so the fused likelihood agrees with
-    /// candle's to float rounding.
-    #[test]
-    fn fast_exp_and_log_match_the_standard_library() {
-        let (mut worst_exp, mut worst_log) = (0f64, 0f64);
-        for i in 0..=200_000 {
-            let x = -(i as f32) * 0.000_435; // 0 .. -87
-            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            worst_exp = worst_exp.max((got - want).abs() / want);
-            let e = (-(i as f64) * 1e-4).exp() as f32; // (0, 1]
-            let want = (e as f64).ln_1p();
-            worst_log = worst_log.max((ln_1p_unit(e) as f64 - want).abs() / want);
-        }
-        assert!(worst_exp < 4e-7, "exp: worst relative error {worst_exp:e}");
-        assert!(
-            worst_log < 4e-7,
-            "ln(1 + e): worst relative error {worst_log:e}"
-        );
-        println!("worst relative errors: exp {worst_exp:e}, ln(1 + e) {worst_log:e}");
     }
 }
