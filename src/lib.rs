@@ -19,6 +19,7 @@
 //!   its fused CPU engine;
 //! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound,
 //!   samplers (DDPM, DDIM), the denoisers (MLP, U-Net) and its fused CPU engine;
+//! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model;
 //! - [`nn`]: the SIMD kernels the fused CPU engines share;
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
@@ -33,6 +34,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
 pub mod distributions;
+pub mod engine;
 pub mod eval;
 pub mod fault;
 pub mod limits;

@@ -21,6 +21,7 @@ use rand::seq::SliceRandom;
 use crate::checkpoint;
 use crate::data::{Dataset, ImageShape, PixelMode, Source, Split};
 use crate::distributions::Noise;
+pub use crate::engine::Engine;
 use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
@@ -90,32 +91,6 @@ pub enum Objective {
     Elbo,
     /// `log (1/K) sum_k w_k`, the IWAE bound (Burda et al. 2015); beta is not used.
     Iwae,
-}
-
-/// Which implementation computes a VAE training step. Both compute the same numbers from the
-/// same noise; they differ in speed and reach.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// `fused` where it applies, else `candle`: for the VAE the CPU, the Bernoulli likelihood
-    /// and the ELBO objective; for diffusion the U-Net on the CPU.
-    #[default]
-    Auto,
-    /// candle tensors and autodiff: any device, likelihood and objective.
-    Candle,
-    /// The hand-derived fused CPU step of [`crate::vae::fused`] or
-    /// [`crate::diffusion::fused_unet`].
-    Fused,
 }
 
 /// Per-example averages in nats: `reconstruction = -E_q[log p(x|z)]`, `kl = KL(q || p)`,
@@ -276,15 +251,11 @@ pub fn train_vae(
     let run_config =
         serde_json::to_string_pretty(&serde_json::json!({ "model": vae.config, "train": config }))?;
 
-    let fused_applies = crate::vae::fused::supports(&vae) && config.objective == Objective::Elbo;
-    let use_fused = match config.engine {
-        Engine::Auto => fused_applies,
-        Engine::Candle => false,
-        Engine::Fused if fused_applies => true,
-        Engine::Fused => {
-            bail!("--engine fused: needs the CPU, --likelihood bernoulli and --objective elbo")
-        }
-    };
+    let (use_fused, engine_name) =
+        crate::engine::vae_training(config.engine, &vae, config.objective == Objective::Elbo)?;
+    if show_progress {
+        eprintln!("engine: {engine_name}");
+    }
     let n = train.len();
     let steps_per_epoch = n.div_ceil(config.batch_size);
     let mut all = Vec::new();

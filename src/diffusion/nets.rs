@@ -508,7 +508,7 @@ impl UNet {
 
 impl Denoiser for UNet {
     /// candle's ops (any device, autodiff); the fused CPU engine is chosen by the caller
-    /// (`diffusion::train::FrozenNet`, the training loop).
+    /// (`engine::FrozenNet`, `engine::unet_training`).
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_candle(xt, t)
     }

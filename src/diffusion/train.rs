@@ -30,9 +30,11 @@ use crate::checkpoint;
 use crate::data::toy::Toy;
 use crate::data::{Dataset, ImageShape, Named, PixelMode, Source, Split};
 use crate::distributions::Noise;
+use crate::engine::Engine;
+pub use crate::engine::FrozenNet;
 use crate::optim::{Adam, AdamConfig};
 use crate::run_dir::{self, RunDir};
-use crate::train::{Engine, derive_seed};
+use crate::train::derive_seed;
 
 /// What a diffusion model is trained on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -133,40 +135,6 @@ impl DiffusionConfig {
     /// `true` for image models (`[B, C, H, W]`), `false` for 2-D points.
     pub fn is_image(&self) -> bool {
         matches!(self.net, NetConfig::Unet { .. })
-    }
-}
-
-/// A network of plain tensors for sampling and evaluation, with its engine chosen once, here:
-/// the fused CPU engine ([`FusedUnet`]) for a U-Net it takes (one-channel images, on the CPU),
-/// else the network's candle path (any device, colour images, the MLP).
-pub struct FrozenNet {
-    pub net: Net,
-    fused: Option<FusedUnet>,
-}
-
-impl FrozenNet {
-    pub fn new(net: Net) -> Self {
-        let fused = match &net {
-            Net::Unet(u) if u.conv_in.parts().0.device().is_cpu() => FusedUnet::new(u).ok(),
-            _ => None,
-        };
-        Self { net, fused }
-    }
-
-    /// Whether the fused CPU engine runs this network.
-    pub fn is_fused(&self) -> bool {
-        self.fused.is_some()
-    }
-}
-
-impl Denoiser for FrozenNet {
-    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.fused {
-            Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
-                engine.forward(xt, t)
-            }
-            _ => self.net.forward(xt, t),
-        }
     }
 }
 
@@ -478,17 +446,7 @@ pub fn train_diffusion(
     )?;
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
     // autodiff (checked in tests/diffusion.rs), without the graph.
-    let mut fused = match (&net, config.engine) {
-        (_, Engine::Candle) => None,
-        // The engine takes one-channel images; others (RGB) train on candle until the layer
-        // engine carries them.
-        (Net::Unet(u), Engine::Auto) if device.is_cpu() => FusedUnet::new(u).ok(),
-        (Net::Unet(u), Engine::Fused) if device.is_cpu() => {
-            Some(FusedUnet::new(u).context("--engine fused")?)
-        }
-        (_, Engine::Auto) => None,
-        (_, Engine::Fused) => bail!("--engine fused: needs the U-Net and the CPU"),
-    };
+    let (mut fused, engine_name) = crate::engine::unet_training(config.engine, &net)?;
     let vars: Vec<(String, Var)> = sorted_vars(&varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     if show_progress {
@@ -502,6 +460,7 @@ pub fn train_diffusion(
             config.epochs,
             dir.display()
         );
+        eprintln!("engine: {engine_name}");
     }
     let run_config =
         serde_json::to_string_pretty(&serde_json::json!({ "model": model, "train": config }))?;

@@ -1,0 +1,117 @@
+//! Which implementation runs a model: the one place the choice is made. Models do not know
+//! their engine. On the CPU, the fused engines (hand-derived backward passes in reused
+//! buffers) run what they support; candle's tensors and autodiff run everything else, on any
+//! device. `--engine` forces either; the choice is printed once at the start of a run.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor};
+
+use crate::diffusion::fused_unet::FusedUnet;
+use crate::diffusion::nets::Net;
+use crate::diffusion::process::Denoiser;
+use crate::vae::model::Vae;
+
+/// Which implementation computes a VAE training step. Both compute the same numbers from the
+/// same noise; they differ in speed and reach.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// `fused` where it applies, else `candle`: for the VAE the CPU, the Bernoulli likelihood
+    /// and the ELBO objective; for diffusion the U-Net on the CPU.
+    #[default]
+    Auto,
+    /// candle tensors and autodiff: any device, likelihood and objective.
+    Candle,
+    /// The hand-derived fused CPU step of `vae::fused` or
+    /// `diffusion::fused_unet`.
+    Fused,
+}
+
+/// The engine of a VAE training step: `(fused, description)`. The fused engine takes the
+/// CPU, the Bernoulli likelihood and the ELBO objective (`elbo_objective`).
+pub fn vae_training(engine: Engine, vae: &Vae, elbo_objective: bool) -> Result<(bool, String)> {
+    let applies = crate::vae::fused::supports(vae) && elbo_objective;
+    let fused = match engine {
+        Engine::Auto => applies,
+        Engine::Candle => false,
+        Engine::Fused if applies => true,
+        Engine::Fused => {
+            bail!("--engine fused: needs the CPU, --likelihood bernoulli and --objective elbo")
+        }
+    };
+    Ok((fused, describe(fused, engine)))
+}
+
+/// The engine of a diffusion training step: the fused U-Net engine, or `None` for candle's
+/// autodiff, and a description. The fused engine takes a U-Net of one-channel images on the
+/// CPU; colour images and the MLP train on candle until the layer engine carries them.
+pub fn unet_training(engine: Engine, net: &Net) -> Result<(Option<FusedUnet>, String)> {
+    let on_cpu = |u: &crate::diffusion::nets::UNet| u.conv_in.parts().0.device().is_cpu();
+    let fused = match (net, engine) {
+        (_, Engine::Candle) => None,
+        (Net::Unet(u), Engine::Auto) if on_cpu(u) => FusedUnet::new(u).ok(),
+        (Net::Unet(u), Engine::Fused) if on_cpu(u) => {
+            Some(FusedUnet::new(u).context("--engine fused")?)
+        }
+        (_, Engine::Auto) => None,
+        (_, Engine::Fused) => bail!("--engine fused: needs the U-Net and the CPU"),
+    };
+    let name = describe(fused.is_some(), engine);
+    Ok((fused, name))
+}
+
+fn describe(fused: bool, engine: Engine) -> String {
+    let forced = if engine == Engine::Auto {
+        ""
+    } else {
+        " (--engine)"
+    };
+    if fused {
+        format!("fused CPU engine{forced}")
+    } else {
+        format!("candle (tensors and autodiff){forced}")
+    }
+}
+
+/// A network of plain tensors for sampling and evaluation, with its engine chosen once, here:
+/// the fused CPU engine for a U-Net it takes (one-channel images, on the CPU), else the
+/// network's candle path (any device, colour images, the MLP).
+pub struct FrozenNet {
+    pub net: Net,
+    fused: Option<FusedUnet>,
+}
+
+impl FrozenNet {
+    pub fn new(net: Net) -> Self {
+        let fused = unet_training(Engine::Auto, &net)
+            .map(|(f, _)| f)
+            .unwrap_or(None);
+        Self { net, fused }
+    }
+
+    /// Whether the fused CPU engine runs this network.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+}
+
+impl Denoiser for FrozenNet {
+    fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.fused {
+            Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
+                engine.forward(xt, t)
+            }
+            _ => self.net.forward(xt, t),
+        }
+    }
+}
