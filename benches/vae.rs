@@ -6,9 +6,10 @@ use candle_core::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
+use elbo::engine::estimate_log_likelihood;
 use elbo::optim::{Adam, AdamConfig};
 use elbo::vae::fused::FusedVae;
-use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood};
+use elbo::vae::{Vae, VaeConfig, elbo_terms};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

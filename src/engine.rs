@@ -9,6 +9,8 @@ use candle_core::{DType, Tensor};
 use crate::diffusion::fused_unet::FusedUnet;
 use crate::diffusion::nets::Net;
 use crate::diffusion::process::Denoiser;
+use crate::distributions::Noise;
+use crate::vae::estimate::LikelihoodEstimate;
 use crate::vae::model::Vae;
 
 /// Which implementation computes a VAE training step. Both compute the same numbers from the
@@ -114,4 +116,24 @@ impl Denoiser for FrozenNet {
             _ => self.net.forward(xt, t),
         }
     }
+}
+
+/// The importance-sampled log p(x) of `vae::objective::estimate_log_likelihood_candle`
+/// (K samples, chunks of at most `max_rows` decoded rows), on the fused CPU engine where it
+/// applies (the CPU and the Bernoulli likelihood), else on candle. Both draw the same noise and
+/// agree to float rounding. `x` `[B, D]`; run on a frozen model.
+pub fn estimate_log_likelihood(
+    vae: &Vae,
+    x: &Tensor,
+    k: usize,
+    max_rows: usize,
+    noise: &mut Noise,
+) -> Result<LikelihoodEstimate> {
+    if crate::vae::fused::supports(vae) {
+        let adam = crate::optim::AdamConfig::with_lr(0.0);
+        let mut fused = crate::vae::fused::FusedVae::from_vae(vae, None, adam)?;
+        let x = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        return fused.estimate_log_likelihood(&x, k, max_rows, noise);
+    }
+    crate::vae::objective::estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
 }

@@ -668,7 +668,7 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         let mut done = 0;
         while done < k {
             let kc = piece.min(k - done);
-            let est = vae::estimate_log_likelihood(&vae, &x, kc, 25_000, &mut noise)?;
+            let est = elbo::engine::estimate_log_likelihood(&vae, &x, kc, 25_000, &mut noise)?;
             let ln_kc = (kc as f64).ln();
             for i in 0..b {
                 lse[i] = vae::objective::log_add_exp(lse[i], est.log_px[i] + ln_kc);

@@ -7,12 +7,11 @@ use std::sync::OnceLock;
 use candle_core::{Device, Tensor};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
+use elbo::engine::estimate_log_likelihood;
 use elbo::optim::{Adam, AdamConfig};
 use elbo::train::{Engine, Objective, TrainConfig, train_vae};
 use elbo::vae::fused::FusedVae;
-use elbo::vae::{
-    Vae, VaeConfig, elbo_terms, estimate_log_likelihood, estimate_log_likelihood_candle, iwae_bound,
-};
+use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood_candle, iwae_bound};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

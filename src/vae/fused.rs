@@ -3,7 +3,7 @@
 //! buffers, each matrix product one `gemm` call, every element-wise pass fused into one loop.
 //!
 //! It computes what the candle autodiff path computes ([`super::elbo_terms`] +
-//! `loss.backward()` + [`crate::optim::Adam`], and [`super::estimate_log_likelihood`]),
+//! `loss.backward()` + [`crate::optim::Adam`], and `engine::estimate_log_likelihood`),
 //! draws the same noise in the same order, and is checked against it in `tests/vae.rs`
 //! (gradients, Adam updates, log p(x) estimates). It exists for speed: the autodiff path
 //! spends most of a step allocating and walking tensors for ~20 small element-wise ops.
@@ -368,7 +368,7 @@ impl FusedVae {
         );
     }
 
-    /// The importance-sampled log p(x) of [`super::estimate_log_likelihood`]: same noise,
+    /// The importance-sampled log p(x) of `engine::estimate_log_likelihood`: same noise,
     /// same chunks of at most `max_rows` decoded rows, log-sum-exp accumulated in f64.
     /// `x` `[B, D]`. Returns per example `(log p(x), E_q[log p(x|z)], KL)`.
     pub fn estimate_log_likelihood(

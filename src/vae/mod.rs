@@ -7,6 +7,5 @@ pub mod objective;
 
 pub use model::{Likelihood, Vae, VaeConfig, reconstruct, sample_prior};
 pub use objective::{
-    ElboTerms, LikelihoodEstimate, elbo_terms, estimate_log_likelihood,
-    estimate_log_likelihood_candle, iwae_bound,
+    ElboTerms, LikelihoodEstimate, elbo_terms, estimate_log_likelihood_candle, iwae_bound,
 };

@@ -81,37 +81,16 @@ pub fn iwae_terms(
     Ok((terms, bound))
 }
 
-/// Importance-sampled log p(x) with q(z|x) as proposal and K samples, computed in chunks of
-/// at most `max_rows` decoded rows (chunk_K x B) so memory stays bounded for K = 5000;
-/// the log-sum-exp is accumulated across chunks in f64:
+/// Importance-sampled log p(x) with q(z|x) as proposal and K samples, on candle tensors (any
+/// device and likelihood), computed in chunks of at most `max_rows` decoded rows (chunk_K x B)
+/// so memory stays bounded for K = 5000; the log-sum-exp is accumulated across chunks in f64:
 ///
 /// ```text
 /// log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 /// ```
 ///
-/// On the CPU with the Bernoulli likelihood this runs on the fused engine
-/// ([`super::fused::FusedVae`]), elsewhere on candle ([`estimate_log_likelihood_candle`]);
-/// both draw the same noise and agree to float rounding. Run on a [`Vae::frozen`] model.
-pub fn estimate_log_likelihood(
-    vae: &Vae,
-    x: &Tensor,
-    k: usize,
-    max_rows: usize,
-    noise: &mut Noise,
-) -> Result<LikelihoodEstimate> {
-    if super::fused::supports(vae) {
-        let adam = crate::optim::AdamConfig::with_lr(0.0);
-        let mut fused = super::fused::FusedVae::from_vae(vae, None, adam)?;
-        let x = x
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        return fused.estimate_log_likelihood(&x, k, max_rows, noise);
-    }
-    estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
-}
-
-/// [`estimate_log_likelihood`] on candle tensors, for any device and likelihood.
+/// `engine::estimate_log_likelihood` runs it on the fused CPU engine where that applies (the
+/// same noise, the same numbers to float rounding). Run on a [`Vae::frozen`] model.
 pub fn estimate_log_likelihood_candle(
     vae: &Vae,
     x: &Tensor,
