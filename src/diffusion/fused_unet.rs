@@ -840,46 +840,69 @@ struct Plan {
     conv_out: ConvP,
 }
 
-/// One example's activations.
+/// One example's activations, named after the layer that wrote them (C = base channels,
+/// T = 4C the time embedding's width; `[c, h, w]` planar at the level's resolution).
 #[derive(Default)]
 struct Tape {
-    emb: Vec<f32>,
-    a1: Vec<f32>,
-    s1: Vec<f32>,
-    tm: Vec<f32>,
-    ta: Vec<f32>,
-    h0: Vec<f32>,
+    /// The sinusoidal embedding of t, `[C]`.
+    time_sinusoid: Vec<f32>,
+    /// `time_embedding.linear_1` before its SiLU, `[T]`.
+    time1_pre: Vec<f32>,
+    /// SiLU of `time1_pre`, `[T]`.
+    time1_silu: Vec<f32>,
+    /// `time_embedding.linear_2`, `[T]`: the time embedding before the blocks' SiLU.
+    time2_pre: Vec<f32>,
+    /// SiLU of `time2_pre`, `[T]`: what every residual block's time projection reads.
+    time_act: Vec<f32>,
+    /// `conv_in`'s output, `[C, H, W]`.
+    conv_in_out: Vec<f32>,
+    /// Each down level's residual block.
     down: Vec<ResTape>,
+    /// Each down level's output (also the up path's skip input).
     down_out: Vec<Vec<f32>>,
-    ds_out: Vec<Vec<f32>>,
+    /// Each stride-2 downsampling convolution's output.
+    downsample_out: Vec<Vec<f32>>,
     mid1: ResTape,
     mid1_out: Vec<f32>,
     attn: AttnTape,
     attn_out: Vec<f32>,
     mid2: ResTape,
     mid2_out: Vec<f32>,
+    /// Each up level's input: the previous output concatenated with the skip.
     up_in: Vec<Vec<f32>>,
+    /// Each up level's residual block.
     up: Vec<ResTape>,
+    /// Each up level's output.
     up_out: Vec<Vec<f32>>,
-    up_near: Vec<Vec<f32>>,
-    us_out: Vec<Vec<f32>>,
-    n_out: Vec<f32>,
-    n_out_norm: NormTape,
-    y: Vec<f32>,
+    /// Each up level's output repeated 2 x 2 (nearest neighbour), before its convolution.
+    up_nearest: Vec<Vec<f32>>,
+    /// Each upsampling convolution's output.
+    upsample_out: Vec<Vec<f32>>,
+    /// `norm_out` (GroupNorm + SiLU) of the last up level, `[C, H, W]`: `conv_out`'s input.
+    norm_out_silu: Vec<f32>,
+    /// `norm_out`'s statistics for the backward pass.
+    norm_out: NormTape,
+    /// The network's output (the predicted eps, x_0 or v), `[C_in, H, W]`.
+    output: Vec<f32>,
 }
 
-/// A thread's buffers: the tape, the blocks' scratch and the backward walk's gradients.
+/// A thread's buffers: the tape, the blocks' scratch and the backward walk's gradients
+/// (`d_x` is dL/dx for the tape's `x`).
 #[derive(Default)]
 struct Workspace {
     tape: Tape,
     block: BlockScratch,
-    dh: Vec<f32>,
-    dnext: Vec<f32>,
+    /// dL/d(the activation being walked back through).
+    d_hidden: Vec<f32>,
+    /// dL/d(the next activation down the walk).
+    d_next: Vec<f32>,
+    /// dL/d(each skip connection), added where the up path read it.
     dskip: Vec<Vec<f32>>,
-    dta: Vec<f32>,
-    dtm: Vec<f32>,
-    ds1: Vec<f32>,
-    dy: Vec<f32>,
+    d_time_act: Vec<f32>,
+    d_time2_pre: Vec<f32>,
+    d_time1_silu: Vec<f32>,
+    /// dL/d(output), set by the caller.
+    d_output: Vec<f32>,
 }
 
 impl Workspace {
@@ -894,7 +917,7 @@ impl Workspace {
             r.norm2.inference = !training;
         }
         t.attn.norm.inference = !training;
-        t.n_out_norm.inference = !training;
+        t.norm_out.inference = !training;
     }
 
     fn new(levels: usize) -> Self {
@@ -903,11 +926,11 @@ impl Workspace {
         w.tape.down = (0..levels).map(|_| ResTape::default()).collect();
         w.tape.up = (0..levels).map(|_| ResTape::default()).collect();
         w.tape.down_out = many();
-        w.tape.ds_out = many();
+        w.tape.downsample_out = many();
         w.tape.up_in = many();
         w.tape.up_out = many();
-        w.tape.up_near = many();
-        w.tape.us_out = many();
+        w.tape.up_nearest = many();
+        w.tape.upsample_out = many();
         w.dskip = many();
         w
     }
@@ -992,38 +1015,41 @@ impl Plan {
         out
     }
 
-    /// One example `x` `[1, H, W]` at time `t`; the output lands in `tape.y`.
+    /// One example `x` `[1, H, W]` at time `t`; the output lands in `tape.output`.
     fn forward(&self, p: &[f32], x: &[f32], sizes: &[(usize, usize)], t: f32, ws: &mut Workspace) {
         let tape = &mut ws.tape;
         let cols = &mut ws.block.cols;
         let half = self.freqs.len();
-        sized(&mut tape.emb, 2 * half);
+        sized(&mut tape.time_sinusoid, 2 * half);
         for (i, &f) in self.freqs.iter().enumerate() {
             let a = t * f;
-            tape.emb[i] = a.cos();
-            tape.emb[half + i] = a.sin();
+            tape.time_sinusoid[i] = a.cos();
+            tape.time_sinusoid[half + i] = a.sin();
         }
-        self.time1.forward(p, &tape.emb, &mut tape.a1);
-        tape.s1.clear();
-        tape.s1.extend(tape.a1.iter().map(|&a| silu(a)));
-        self.time2.forward(p, &tape.s1, &mut tape.tm);
-        tape.ta.clear();
-        tape.ta.extend(tape.tm.iter().map(|&a| silu(a)));
+        self.time1
+            .forward(p, &tape.time_sinusoid, &mut tape.time1_pre);
+        tape.time1_silu.clear();
+        tape.time1_silu
+            .extend(tape.time1_pre.iter().map(|&a| silu(a)));
+        self.time2.forward(p, &tape.time1_silu, &mut tape.time2_pre);
+        tape.time_act.clear();
+        tape.time_act
+            .extend(tape.time2_pre.iter().map(|&a| silu(a)));
         self.conv_in
-            .forward(p, x, sizes[0], &mut tape.h0, Init::Bias, cols);
+            .forward(p, x, sizes[0], &mut tape.conv_in_out, Init::Bias, cols);
         let levels = self.levels();
         #[allow(clippy::needless_range_loop)] // i indexes five parallel lists
         for i in 0..levels {
             let input: &[f32] = if i == 0 {
-                &tape.h0
+                &tape.conv_in_out
             } else {
-                &tape.ds_out[i - 1]
+                &tape.downsample_out[i - 1]
             };
             self.down[i].forward(
                 p,
                 input,
                 sizes[i],
-                &tape.ta,
+                &tape.time_act,
                 &mut tape.down[i],
                 &mut tape.down_out[i],
                 cols,
@@ -1033,7 +1059,7 @@ impl Plan {
                     p,
                     &tape.down_out[i],
                     sizes[i],
-                    &mut tape.ds_out[i],
+                    &mut tape.downsample_out[i],
                     Init::Bias,
                     cols,
                 );
@@ -1044,7 +1070,7 @@ impl Plan {
             p,
             &tape.down_out[levels - 1],
             deepest,
-            &tape.ta,
+            &tape.time_act,
             &mut tape.mid1,
             &mut tape.mid1_out,
             cols,
@@ -1067,7 +1093,7 @@ impl Plan {
             p,
             mid2_in,
             deepest,
-            &tape.ta,
+            &tape.time_act,
             &mut tape.mid2,
             &mut tape.mid2_out,
             cols,
@@ -1077,7 +1103,7 @@ impl Plan {
             let prev: &[f32] = if j == 0 {
                 &tape.mid2_out
             } else {
-                &tape.us_out[j - 1]
+                &tape.upsample_out[j - 1]
             };
             let cat = &mut tape.up_in[j];
             cat.clear();
@@ -1087,7 +1113,7 @@ impl Plan {
                 p,
                 &tape.up_in[j],
                 sizes[i],
-                &tape.ta,
+                &tape.time_act,
                 &mut tape.up[j],
                 &mut tape.up_out[j],
                 cols,
@@ -1097,13 +1123,13 @@ impl Plan {
                     &tape.up_out[j],
                     sizes[i],
                     sizes[i - 1],
-                    &mut tape.up_near[j],
+                    &mut tape.up_nearest[j],
                 );
                 us.forward(
                     p,
-                    &tape.up_near[j],
+                    &tape.up_nearest[j],
                     sizes[i - 1],
-                    &mut tape.us_out[j],
+                    &mut tape.upsample_out[j],
                     Init::Bias,
                     cols,
                 );
@@ -1114,15 +1140,21 @@ impl Plan {
             p,
             &tape.up_out[levels - 1],
             hw,
-            &mut tape.n_out,
+            &mut tape.norm_out_silu,
             true,
-            &mut tape.n_out_norm,
+            &mut tape.norm_out,
         );
-        self.conv_out
-            .forward(p, &tape.n_out, sizes[0], &mut tape.y, Init::Bias, cols);
+        self.conv_out.forward(
+            p,
+            &tape.norm_out_silu,
+            sizes[0],
+            &mut tape.output,
+            Init::Bias,
+            cols,
+        );
     }
 
-    /// Adds the gradients of one example into `grads`, `ws.dy` holding dL/dy.
+    /// Adds the gradients of one example into `grads`, `ws.d_output` holding dL/dy.
     fn backward(
         &self,
         p: &[f32],
@@ -1134,67 +1166,67 @@ impl Plan {
         let tape = &ws.tape;
         let levels = self.levels();
         let hw = sizes[0].0 * sizes[0].1;
-        sized(&mut ws.dh, tape.n_out.len());
+        sized(&mut ws.d_hidden, tape.norm_out_silu.len());
         self.conv_out.backward(
             p,
             grads,
-            &tape.n_out,
+            &tape.norm_out_silu,
             sizes[0],
-            &ws.dy,
-            Dx::Set(&mut ws.dh),
+            &ws.d_output,
+            Dx::Set(&mut ws.d_hidden),
             &mut ws.block.cols,
         );
-        zeroed(&mut ws.dnext, tape.up_out[levels - 1].len());
+        zeroed(&mut ws.d_next, tape.up_out[levels - 1].len());
         self.norm_out.backward(
             p,
             grads,
             &tape.up_out[levels - 1],
             hw,
-            &tape.n_out_norm,
+            &tape.norm_out,
             true,
-            &ws.dh,
-            &mut ws.dnext,
+            &ws.d_hidden,
+            &mut ws.d_next,
             &mut ws.block.gn,
         );
-        std::mem::swap(&mut ws.dh, &mut ws.dnext);
+        std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
         for (d, out) in ws.dskip.iter_mut().zip(&tape.down_out) {
             zeroed(d, out.len());
         }
-        zeroed(&mut ws.dta, tape.ta.len());
+        zeroed(&mut ws.d_time_act, tape.time_act.len());
         for j in (0..levels).rev() {
             let i = levels - 1 - j;
             if let Some(us) = self.upsample.get(j) {
-                // ws.dh: the gradient of us_out[j]; through the conv, then the upsampling.
-                sized(&mut ws.dnext, tape.up_near[j].len());
+                // ws.d_hidden: the gradient of us_out[j]; through the conv, then the upsampling.
+                sized(&mut ws.d_next, tape.up_nearest[j].len());
                 us.backward(
                     p,
                     grads,
-                    &tape.up_near[j],
+                    &tape.up_nearest[j],
                     sizes[i - 1],
-                    &ws.dh,
-                    Dx::Set(&mut ws.dnext),
+                    &ws.d_hidden,
+                    Dx::Set(&mut ws.d_next),
                     &mut ws.block.cols,
                 );
-                zeroed(&mut ws.dh, tape.up_out[j].len());
-                upsample_backward(&ws.dnext, sizes[i], sizes[i - 1], &mut ws.dh);
+                zeroed(&mut ws.d_hidden, tape.up_out[j].len());
+                upsample_backward(&ws.d_next, sizes[i], sizes[i - 1], &mut ws.d_hidden);
             }
-            zeroed(&mut ws.dnext, tape.up_in[j].len());
+            zeroed(&mut ws.d_next, tape.up_in[j].len());
             self.up[j].backward(
                 p,
                 grads,
                 &tape.up_in[j],
                 sizes[i],
-                &tape.ta,
+                &tape.time_act,
                 &tape.up[j],
-                &ws.dh,
-                &mut ws.dnext,
-                &mut ws.dta,
+                &ws.d_hidden,
+                &mut ws.d_next,
+                &mut ws.d_time_act,
                 &mut ws.block,
             );
             let prev = tape.up_in[j].len() - tape.down_out[i].len();
-            add_assign(&mut ws.dskip[i], &ws.dnext[prev..]);
-            ws.dh.clear();
-            ws.dh.extend_from_slice(&ws.dnext[..prev]);
+            add_assign(&mut ws.dskip[i], &ws.d_next[prev..]);
+            ws.d_hidden.clear();
+            ws.d_hidden.extend_from_slice(&ws.d_next[..prev]);
         }
         let deepest = sizes[levels - 1];
         let mid2_in: &[f32] = if self.attn.is_some() {
@@ -1202,64 +1234,64 @@ impl Plan {
         } else {
             &tape.mid1_out
         };
-        zeroed(&mut ws.dnext, mid2_in.len());
+        zeroed(&mut ws.d_next, mid2_in.len());
         self.mid2.backward(
             p,
             grads,
             mid2_in,
             deepest,
-            &tape.ta,
+            &tape.time_act,
             &tape.mid2,
-            &ws.dh,
-            &mut ws.dnext,
-            &mut ws.dta,
+            &ws.d_hidden,
+            &mut ws.d_next,
+            &mut ws.d_time_act,
             &mut ws.block,
         );
-        std::mem::swap(&mut ws.dh, &mut ws.dnext);
+        std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
         if let Some(a) = &self.attn {
-            zeroed(&mut ws.dnext, tape.mid1_out.len());
+            zeroed(&mut ws.d_next, tape.mid1_out.len());
             a.backward(
                 p,
                 grads,
                 &tape.mid1_out,
                 deepest,
                 &tape.attn,
-                &ws.dh,
-                &mut ws.dnext,
+                &ws.d_hidden,
+                &mut ws.d_next,
                 &mut ws.block,
             );
-            std::mem::swap(&mut ws.dh, &mut ws.dnext);
+            std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
         }
         self.mid1.backward(
             p,
             grads,
             &tape.down_out[levels - 1],
             deepest,
-            &tape.ta,
+            &tape.time_act,
             &tape.mid1,
-            &ws.dh,
+            &ws.d_hidden,
             &mut ws.dskip[levels - 1],
-            &mut ws.dta,
+            &mut ws.d_time_act,
             &mut ws.block,
         );
         for i in (0..levels).rev() {
             let input: &[f32] = if i == 0 {
-                &tape.h0
+                &tape.conv_in_out
             } else {
-                &tape.ds_out[i - 1]
+                &tape.downsample_out[i - 1]
             };
-            zeroed(&mut ws.dnext, input.len());
+            zeroed(&mut ws.d_next, input.len());
             let (lower, this) = ws.dskip.split_at_mut(i);
             self.down[i].backward(
                 p,
                 grads,
                 input,
                 sizes[i],
-                &tape.ta,
+                &tape.time_act,
                 &tape.down[i],
                 &this[0],
-                &mut ws.dnext,
-                &mut ws.dta,
+                &mut ws.d_next,
+                &mut ws.d_time_act,
                 &mut ws.block,
             );
             if i > 0 {
@@ -1268,7 +1300,7 @@ impl Plan {
                     grads,
                     &tape.down_out[i - 1],
                     sizes[i - 1],
-                    &ws.dnext,
+                    &ws.d_next,
                     Dx::Add(&mut lower[i - 1]),
                     &mut ws.block.cols,
                 );
@@ -1278,23 +1310,33 @@ impl Plan {
                     grads,
                     x,
                     sizes[0],
-                    &ws.dnext,
+                    &ws.d_next,
                     Dx::None,
                     &mut ws.block.cols,
                 );
             }
         }
-        ws.dtm.clear();
-        ws.dtm
-            .extend(ws.dta.iter().zip(&tape.tm).map(|(d, &a)| d * silu_grad(a)));
-        zeroed(&mut ws.ds1, tape.s1.len());
-        self.time2
-            .backward(p, grads, &tape.s1, &ws.dtm, Some(&mut ws.ds1));
-        ws.ds1
+        ws.d_time2_pre.clear();
+        ws.d_time2_pre.extend(
+            ws.d_time_act
+                .iter()
+                .zip(&tape.time2_pre)
+                .map(|(d, &a)| d * silu_grad(a)),
+        );
+        zeroed(&mut ws.d_time1_silu, tape.time1_silu.len());
+        self.time2.backward(
+            p,
+            grads,
+            &tape.time1_silu,
+            &ws.d_time2_pre,
+            Some(&mut ws.d_time1_silu),
+        );
+        ws.d_time1_silu
             .iter_mut()
-            .zip(&tape.a1)
+            .zip(&tape.time1_pre)
             .for_each(|(d, &a)| *d *= silu_grad(a));
-        self.time1.backward(p, grads, &tape.emb, &ws.ds1, None);
+        self.time1
+            .backward(p, grads, &tape.time_sinusoid, &ws.d_time1_silu, None);
     }
 }
 
@@ -1504,7 +1546,7 @@ impl FusedUnet {
                 for (e, &te) in t.iter().enumerate() {
                     self.plan
                         .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
-                    out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.y);
+                    out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.output);
                 }
                 self.give_back(ws);
             });
@@ -1554,11 +1596,11 @@ impl FusedUnet {
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
                     self.plan.forward(&self.params, xe, &sizes, te, &mut ws);
-                    ws.dy.clear();
-                    for (&y, &tg) in ws.tape.y.iter().zip(&target[e * n..(e + 1) * n]) {
+                    ws.d_output.clear();
+                    for (&y, &tg) in ws.tape.output.iter().zip(&target[e * n..(e + 1) * n]) {
                         let d = y - tg;
                         sum += (d * d) as f64;
-                        ws.dy.push(scale * d);
+                        ws.d_output.push(scale * d);
                     }
                     self.plan
                         .backward(&self.params, &mut grads, xe, &sizes, &mut ws);
