@@ -4,11 +4,14 @@
 //! device. `--engine` forces either; the choice is printed once at the start of a run.
 
 use anyhow::{Context, Result, bail};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
 
 use crate::diffusion::fused_unet::FusedUnet;
 use crate::diffusion::nets::Net;
-use crate::diffusion::process::Denoiser;
+use crate::diffusion::objective::simple_loss_inputs;
+use crate::diffusion::process::{Denoiser, GaussianDiffusion};
 use crate::distributions::Noise;
 use crate::vae::estimate::LikelihoodEstimate;
 use crate::vae::model::Vae;
@@ -136,4 +139,22 @@ pub fn estimate_log_likelihood(
         return fused.estimate_log_likelihood(&x, k, max_rows, noise);
     }
     crate::vae::objective::estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
+}
+
+/// `diffusion::model::simple_loss` and its gradients on the fused CPU engine, for images `x0` `[B, 1, H, W]`
+/// (the same draws of t and eps): the loss value and the gradients `loss.backward()` would
+/// give. `engine` must hold the network's current parameters (`FusedUnet::refresh`).
+pub fn fused_simple_loss(
+    process: &GaussianDiffusion,
+    engine: &FusedUnet,
+    x0: &Tensor,
+    rng: &mut StdRng,
+    noise: &mut Noise,
+) -> Result<(f32, GradStore)> {
+    let (_, _, h, w) = x0.dims4()?;
+    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
+    let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+    let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
+    let (loss, grads) = engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w))?;
+    Ok((loss as f32, engine.grad_store(&grads)?))
 }

@@ -17,8 +17,9 @@
 //! - [`distributions`]: diagonal Gaussian, Bernoulli and Gaussian likelihoods, seeded noise;
 //! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x)),
 //!   its fused CPU engine;
-//! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound,
-//!   samplers (DDPM, DDIM), the denoisers (MLP, U-Net) and its fused CPU engine;
+//! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound, the
+//!   simplified loss, samplers (DDPM, DDIM), the denoisers (MLP, U-Net), the model's config
+//!   and loading, and the U-Net's fused CPU engine;
 //! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model;
 //! - [`nn`]: the SIMD kernels the fused CPU engines share;
 //! - [`optim`]: Adam with a state that can be checkpointed;
@@ -26,7 +27,7 @@
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
 //! - [`limits`]: sizes checked against memory before they are allocated; [`fault`]: fault
 //!   injection for the file-system steps of a save (tests);
-//! - [`train`]: the VAE training loop (and [`diffusion::train`] the diffusion one);
+//! - [`train`]: the training loops ([`train::vae`], [`train::diffusion`]) and what they share;
 //! - [`eval`]: aggregation of evaluations (means, standard errors, bits/dim);
 //! - [`plot`]: PNG image grids (grey or colour), scatter plots, curves.
 

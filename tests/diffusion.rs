@@ -416,10 +416,9 @@ fn prediction_types_are_consistent() {
 #[test]
 fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
     use elbo::data::toy::Toy;
+    use elbo::diffusion::model::{DiffusionConfig, LoadedDiffusion};
     use elbo::diffusion::nets::NetConfig;
-    use elbo::diffusion::train::{
-        DiffusionConfig, DiffusionData, DiffusionTrainConfig, LoadedDiffusion, train_diffusion,
-    };
+    use elbo::train::diffusion::{DiffusionData, DiffusionTrainConfig, train_diffusion};
     let dir = tempfile::tempdir().unwrap();
     let model = DiffusionConfig {
         net: NetConfig::default_mlp(2),

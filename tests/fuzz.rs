@@ -319,7 +319,7 @@ fn diffusion_checkpoint(net: elbo::diffusion::nets::NetConfig) -> Vec<u8> {
     use elbo::diffusion::nets::Net;
     let (_, varmap) =
         Net::trainable(&net, &mut elbo::distributions::Noise::new(0), &Device::Cpu).unwrap();
-    let config = elbo::diffusion::train::DiffusionConfig {
+    let config = elbo::diffusion::model::DiffusionConfig {
         net,
         beta_schedule: elbo::diffusion::BetaSchedule::Linear,
         num_train_timesteps: 10,
@@ -346,7 +346,7 @@ fn diffusion_checkpoints_and_their_configs() {
     let p = Path::new("fuzz.safetensors");
     let read = |b: &[u8]| {
         if let Ok(loaded) = elbo::checkpoint::decode(b, p, &Device::Cpu) {
-            let _ = elbo::diffusion::train::LoadedDiffusion::from_loaded(loaded, p, &Device::Cpu);
+            let _ = elbo::diffusion::model::LoadedDiffusion::from_loaded(loaded, p, &Device::Cpu);
         }
     };
     let mlp = NetConfig::Mlp {

@@ -4,11 +4,12 @@
 pub mod conv;
 pub mod fused_unet;
 pub mod group_norm;
+pub mod model;
 pub mod nets;
+pub mod objective;
 pub mod process;
 pub mod sampler;
 pub mod schedule;
-pub mod train;
 
 pub use process::{Decoder, Denoiser, GaussianDiffusion, Prediction, VarianceType};
 pub use schedule::{BetaSchedule, Schedule};

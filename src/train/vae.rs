@@ -7,17 +7,17 @@
 //! - `metrics.jsonl`: one JSON object per epoch; `config.json`: the model and training config;
 //! - `samples.png`, `reconstructions.png`, and `manifold.png` when the latent is 2-D.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
+use super::{derive_seed, state_counters, state_metadata};
 use crate::checkpoint;
 use crate::data::{Dataset, ImageShape, PixelMode, Source, Split};
 use crate::distributions::Noise;
@@ -25,7 +25,7 @@ pub use crate::engine::Engine;
 use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
-use crate::run_dir::{self, Committed, RunDir};
+use crate::run_dir::{self, RunDir};
 use crate::vae::fused::FusedVae;
 use crate::vae::{self, Vae, VaeConfig, elbo_terms};
 
@@ -112,16 +112,6 @@ pub struct EpochMetrics {
     pub valid: Option<Terms>,
     pub test: Terms,
     pub seconds: f64,
-}
-
-/// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
-pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
-    let mut z = seed
-        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ epoch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 const STREAM_EPOCH: u64 = 1;
@@ -266,18 +256,7 @@ pub fn train_vae(
             Noise::new(derive_seed(config.seed, STREAM_EPOCH, epoch as u64).wrapping_add(1));
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
-        let bar = if show_progress {
-            ProgressBar::new(steps_per_epoch as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-            )
-            .expect("valid template"),
-        );
-        bar.set_prefix(format!("{epoch}/{}", config.epochs));
+        let bar = super::epoch_bar(steps_per_epoch, epoch, config.epochs, show_progress);
         let (mut rec_sum, mut kl_sum) = (0.0, 0.0);
         let mut fused = if use_fused {
             Some(FusedVae::from_vae(&vae, Some(&adam), adam.config)?)
@@ -427,39 +406,6 @@ fn check_step_memory(model: &VaeConfig, config: &TrainConfig, n_train: usize) ->
         "one training step",
         bytes,
     )
-}
-
-/// The training state's metadata: the epochs done and Adam's step count.
-pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
-    HashMap::from([
-        ("epoch".to_string(), epoch.to_string()),
-        ("adam_step".to_string(), step.to_string()),
-    ])
-}
-
-/// The (epoch, Adam step) a training state records, checked against its commit.
-pub fn state_counters(
-    state: &checkpoint::Loaded,
-    path: &Path,
-    committed: &Committed,
-) -> Result<(usize, u64)> {
-    let number = |key: &str| -> Result<u64> {
-        state
-            .metadata
-            .get(key)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("{}: metadata {key} missing", path.display()))
-    };
-    let (epoch, step) = (number("epoch")? as usize, number("adam_step")?);
-    if epoch != committed.epoch || step != committed.step {
-        bail!(
-            "{}: records epoch {epoch}, step {step}, but its commit is epoch {}, step {}: the run is out of step",
-            path.display(),
-            committed.epoch,
-            committed.step
-        );
-    }
-    Ok((epoch, step))
 }
 
 /// `samples.png` (64 prior samples), `reconstructions.png` (rows alternate 8 test digits and

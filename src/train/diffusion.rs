@@ -1,7 +1,6 @@
-//! Training a diffusion model with the simplified loss (Ho et al. 2020, eq. 14):
-//! `L_simple = E_{t, x_0, eps} || target - f_theta(x_t, t) ||^2` with t ~ U{0..T-1}, the target
-//! being eps, x_0 or v. Adam, an exponential moving average (EMA) of the weights used for
-//! sampling and evaluation, per-epoch metrics, atomic checkpoints, resume, pictures.
+//! Training a diffusion model with the simplified loss ([`crate::diffusion::objective`]):
+//! Adam, an exponential moving average (EMA) of the weights used for sampling and evaluation,
+//! per-epoch metrics, one atomic commit per epoch, resume, pictures.
 //!
 //! Files: `model.safetensors` (EMA weights + the model config as metadata),
 //! `train_state.safetensors` (raw weights `raw.*`, Adam state, epoch), `metrics.jsonl`,
@@ -14,27 +13,24 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use candle_core::backprop::GradStore;
-
-use super::fused_unet::FusedUnet;
-use super::nets::{Net, NetConfig, sorted_vars};
-use super::process::{Denoiser, GaussianDiffusion, Prediction, timestep_tensor};
-use super::sampler::ddim_sample;
-use super::schedule::{BetaSchedule, Schedule};
+use super::derive_seed;
 use crate::checkpoint;
 use crate::data::toy::Toy;
-use crate::data::{Dataset, ImageShape, Named, PixelMode, Source, Split};
+use crate::data::{Dataset, ImageShape, Named, Source, Split};
+use crate::diffusion::model::{DiffusionConfig, image_batch, model_config, save_image_grid};
+use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
+use crate::diffusion::objective::simple_loss;
+use crate::diffusion::process::{Denoiser, GaussianDiffusion};
+use crate::diffusion::sampler::ddim_sample;
 use crate::distributions::Noise;
-use crate::engine::Engine;
-pub use crate::engine::FrozenNet;
+use crate::engine::{Engine, FrozenNet, fused_simple_loss};
 use crate::optim::{Adam, AdamConfig};
 use crate::run_dir::{self, RunDir};
-use crate::train::derive_seed;
 
 /// What a diffusion model is trained on.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -71,124 +67,6 @@ impl DiffusionData {
             DiffusionData::Toy(t) => format!("toy:{}", t.name()),
         }
     }
-}
-
-/// Everything that defines a trained diffusion model (stored in its checkpoint).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DiffusionConfig {
-    pub net: NetConfig,
-    pub beta_schedule: BetaSchedule,
-    pub num_train_timesteps: usize,
-    pub prediction: Prediction,
-    /// The images' C x H x W (image models; `None` in checkpoints from before it was stored,
-    /// which are 1 x 28 x 28).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_shape: Option<ImageShape>,
-}
-
-impl DiffusionConfig {
-    /// Checks the network's sizes and the number of timesteps against the memory they imply,
-    /// and that a U-Net takes the images: C in and out, H and W halved without remainder at each
-    /// level below the first.
-    pub fn validate(&self) -> Result<()> {
-        self.net.validate()?;
-        if let (
-            NetConfig::Unet {
-                channel_mult,
-                in_channels,
-                ..
-            },
-            Some(shape),
-        ) = (&self.net, self.image_shape())
-        {
-            shape.validate("image_shape")?;
-            if *in_channels != shape.channels {
-                bail!("the U-Net takes {in_channels} channels but the images are {shape}");
-            }
-            let factor = 1usize << (channel_mult.len() - 1);
-            if shape.height % factor != 0 || shape.width % factor != 0 {
-                bail!(
-                    "a U-Net of {} levels needs H and W divisible by {factor}, but the images are {shape}",
-                    channel_mult.len()
-                );
-            }
-        }
-        Schedule::check_size(self.num_train_timesteps)
-    }
-
-    /// The images' shape: stored, or 1 x 28 x 28 for an image model from before it was stored;
-    /// `None` for 2-D toy models.
-    pub fn image_shape(&self) -> Option<ImageShape> {
-        match self.net {
-            NetConfig::Unet { .. } => Some(self.image_shape.unwrap_or(ImageShape::MNIST)),
-            NetConfig::Mlp { .. } => None,
-        }
-    }
-
-    pub fn process(&self) -> Result<GaussianDiffusion> {
-        Ok(GaussianDiffusion::new(
-            Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
-            self.prediction,
-        ))
-    }
-
-    /// `true` for image models (`[B, C, H, W]`), `false` for 2-D points.
-    pub fn is_image(&self) -> bool {
-        matches!(self.net, NetConfig::Unet { .. })
-    }
-}
-
-/// A trained model loaded for sampling or evaluation (EMA weights, no autodiff).
-pub struct LoadedDiffusion {
-    pub config: DiffusionConfig,
-    pub process: GaussianDiffusion,
-    pub net: FrozenNet,
-}
-
-impl LoadedDiffusion {
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::from_loaded(checkpoint::load(path, device)?, path, device)
-    }
-
-    /// A model from decoded checkpoint tensors; `path` names the file in errors.
-    pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path, device: &Device) -> Result<Self> {
-        let config = model_config(&loaded, path)?;
-        let vb = VarBuilder::from_tensors(loaded.tensors, DType::F32, device);
-        let net = Net::build(&config.net, vb)
-            .with_context(|| format!("{}: tensors do not fit the model", path.display()))?;
-        Ok(Self {
-            process: config.process()?,
-            config,
-            net: FrozenNet::new(net),
-        })
-    }
-}
-
-/// The model config a diffusion checkpoint stores, validated (sizes checked against memory)
-/// before anything of its sizes is built; errors name `path`.
-pub fn model_config(loaded: &checkpoint::Loaded, path: &Path) -> Result<DiffusionConfig> {
-    if loaded.metadata.get("elbo.model").map(String::as_str) != Some("diffusion") {
-        bail!(
-            "{}: not a diffusion checkpoint (no elbo.model = diffusion metadata)",
-            path.display()
-        );
-    }
-    let config: DiffusionConfig = serde_json::from_str(
-        loaded
-            .metadata
-            .get("elbo.config")
-            .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
-    )
-    .with_context(|| {
-        format!(
-            "{}: metadata elbo.config is not a diffusion config",
-            path.display()
-        )
-    })?;
-    config
-        .validate()
-        .with_context(|| format!("{}: metadata elbo.config", path.display()))?;
-    Ok(config)
 }
 
 /// Options of `elbo train diffusion`.
@@ -238,64 +116,6 @@ enum TrainingData {
         toy: Toy,
         test: Vec<f32>,
     },
-}
-
-/// Images `[B, C, H, W]` scaled to [-1, 1] from u8 pixels.
-pub fn image_batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<Tensor> {
-    let x = data.batch(idx, PixelMode::Grey, &mut StdRng::seed_from_u64(0), device)?;
-    let s = data.shape;
-    Ok(x.affine(2.0, -1.0)?
-        .reshape((idx.len(), s.channels, s.height, s.width))?)
-}
-
-/// The simple loss's inputs for a batch `x0`: t ~ U{0..T-1}, eps ~ N(0, I),
-/// `x_t = q_sample(x0, t, eps)` and the regression target; returns (x_t, t, target).
-pub fn simple_loss_inputs(
-    process: &GaussianDiffusion,
-    x0: &Tensor,
-    rng: &mut StdRng,
-    noise: &mut Noise,
-) -> Result<(Tensor, Vec<usize>, Tensor)> {
-    use rand::Rng;
-    let b = x0.dim(0)?;
-    let t: Vec<usize> = (0..b)
-        .map(|_| rng.random_range(0..process.num_timesteps()))
-        .collect();
-    let eps = noise.randn(x0.shape(), x0.device())?;
-    let xt = process.q_sample(x0, &t, &eps)?;
-    let target = process.target(x0, &eps, &t)?;
-    Ok((xt, t, target))
-}
-
-/// The simple loss `mean ||target - f(x_t, t)||^2` over a batch, t ~ U{0..T-1}.
-pub fn simple_loss(
-    process: &GaussianDiffusion,
-    net: &dyn Denoiser,
-    x0: &Tensor,
-    rng: &mut StdRng,
-    noise: &mut Noise,
-) -> Result<Tensor> {
-    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let out = net.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
-    Ok((out - target)?.sqr()?.mean_all()?)
-}
-
-/// [`simple_loss`] and its gradients on the fused CPU engine, for images `x0` `[B, 1, H, W]`
-/// (the same draws of t and eps): the loss value and the gradients `loss.backward()` would
-/// give. `engine` must hold the network's current parameters ([`FusedUnet::refresh`]).
-pub fn fused_simple_loss(
-    process: &GaussianDiffusion,
-    engine: &FusedUnet,
-    x0: &Tensor,
-    rng: &mut StdRng,
-    noise: &mut Noise,
-) -> Result<(f32, GradStore)> {
-    let (_, _, h, w) = x0.dims4()?;
-    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-    let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let (loss, grads) = engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w))?;
-    Ok((loss as f32, engine.grad_store(&grads)?))
 }
 
 /// Trains (or continues, with `resume`) a diffusion model in `dir`.
@@ -482,18 +302,7 @@ pub fn train_diffusion(
             }
             TrainingData::Toy { .. } => vec![Vec::new(); config.toy_steps_per_epoch],
         };
-        let bar = if show_progress {
-            ProgressBar::new(batches.len() as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-            )
-            .expect("valid template"),
-        );
-        bar.set_prefix(format!("{epoch}/{}", config.epochs));
+        let bar = super::epoch_bar(batches.len(), epoch, config.epochs, show_progress);
         let mut loss_sum = 0.0;
         for (step, idx) in batches.iter().enumerate() {
             let x0 = match &source {
@@ -629,18 +438,6 @@ pub fn train_diffusion(
 /// 564 steps).
 pub fn ema_decay_at(decay: f64, step: u64) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
-}
-
-/// Images in [-1, 1], `[N, C, H, W]`, as a PNG grid 8 wide (colour for C = 3).
-pub fn save_image_grid(x: &Tensor, path: &Path) -> Result<()> {
-    let (n, channels, height, width) = x.dims4()?;
-    let shape = ImageShape {
-        channels,
-        height,
-        width,
-    };
-    let img = x.reshape((n, shape.dim()))?.affine(0.5, 0.5)?;
-    crate::plot::save_grid(&img, shape, 8, path)
 }
 
 fn ema_net(

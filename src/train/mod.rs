@@ -1,0 +1,79 @@
+//! Training: the scaffolding both loops share (seeds, the training state's counters checked
+//! against their commit, the epoch progress bar; the run folder itself is [`crate::run_dir`])
+//! and one file per model family: [`vae`] (the VAE loop) and [`diffusion`] (the diffusion
+//! loop).
+
+pub mod diffusion;
+pub mod vae;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint;
+pub use crate::engine::Engine;
+use crate::run_dir::Committed;
+pub use vae::{
+    EpochMetrics, Objective, Terms, TrainConfig, evaluate_elbo, image_shape, manifold,
+    save_pictures, save_reconstructions, train_vae,
+};
+
+/// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
+pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
+    let mut z = seed
+        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ epoch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The training state's metadata: the epochs done and Adam's step count.
+pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
+    HashMap::from([
+        ("epoch".to_string(), epoch.to_string()),
+        ("adam_step".to_string(), step.to_string()),
+    ])
+}
+
+/// The (epoch, Adam step) a training state records, checked against its commit.
+pub fn state_counters(
+    state: &checkpoint::Loaded,
+    path: &Path,
+    committed: &Committed,
+) -> Result<(usize, u64)> {
+    let number = |key: &str| -> Result<u64> {
+        state
+            .metadata
+            .get(key)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("{}: metadata {key} missing", path.display()))
+    };
+    let (epoch, step) = (number("epoch")? as usize, number("adam_step")?);
+    if epoch != committed.epoch || step != committed.step {
+        bail!(
+            "{}: records epoch {epoch}, step {step}, but its commit is epoch {}, step {}: the run is out of step",
+            path.display(),
+            committed.epoch,
+            committed.step
+        );
+    }
+    Ok((epoch, step))
+}
+
+/// The progress bar of one epoch of `steps` steps (hidden unless `show`).
+pub fn epoch_bar(steps: usize, epoch: usize, epochs: usize, show: bool) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+            .expect("valid template"),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
