@@ -21,7 +21,7 @@ use rand::seq::SliceRandom;
 use super::derive_seed;
 use crate::checkpoint;
 use crate::data::toy::Toy;
-use crate::data::{Dataset, ImageShape, Named, Source, Split};
+use crate::data::{Dataset, ImageShape, Named, Source};
 use crate::diffusion::model::{DiffusionConfig, image_batch, model_config, save_image_grid};
 use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
 use crate::diffusion::objective::simple_loss;
@@ -152,27 +152,13 @@ pub fn train_diffusion(
     }
     let source = match &config.data {
         DiffusionData::Images(s) => {
-            let mut train = s.load(Split::Train)?;
-            let mut test = s.load(Split::Test)?;
-            let mut valid = None;
-            if let Some(n) = config.valid {
-                let (rest, held) = train.split_last(n, "--valid")?;
-                train = rest;
-                valid = Some(held);
-            }
-            if let Some(n) = config.train_limit {
-                train = train.take(n);
-            }
-            test = test.take(config.test_limit.unwrap_or(1000));
+            let (train, valid, test) = super::load_splits(
+                s,
+                config.valid,
+                config.train_limit,
+                Some(config.test_limit.unwrap_or(1000)),
+            )?;
             // The model's input shape is the data's.
-            if test.shape != train.shape {
-                bail!(
-                    "{}: train images are {} but test images are {}",
-                    s.describe(),
-                    train.shape,
-                    test.shape
-                );
-            }
             model.image_shape = Some(train.shape);
             if let NetConfig::Unet { in_channels, .. } = &mut model.net {
                 *in_channels = train.shape.channels;

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint;
+use crate::data::{Dataset, Source, Split};
 pub use crate::engine::Engine;
 use crate::run_dir::Committed;
 pub use vae::{
@@ -61,6 +62,40 @@ pub fn state_counters(
         );
     }
     Ok((epoch, step))
+}
+
+/// The train, validation and test splits of `source`: `valid` holds out the last N training
+/// examples (before `train_limit` takes the first of the rest), `test_limit` the first of the
+/// test set. Fails unless both splits hold images of one shape.
+pub fn load_splits(
+    source: &Source,
+    valid: Option<usize>,
+    train_limit: Option<usize>,
+    test_limit: Option<usize>,
+) -> Result<(Dataset, Option<Dataset>, Dataset)> {
+    let mut train = source.load(Split::Train)?;
+    let mut test = source.load(Split::Test)?;
+    let mut held = None;
+    if let Some(n) = valid {
+        let (rest, last) = train.split_last(n, "--valid")?;
+        train = rest;
+        held = Some(last);
+    }
+    if let Some(n) = train_limit {
+        train = train.take(n);
+    }
+    if let Some(n) = test_limit {
+        test = test.take(n);
+    }
+    if test.shape != train.shape {
+        bail!(
+            "{}: train images are {} but test images are {}",
+            source.describe(),
+            train.shape,
+            test.shape
+        );
+    }
+    Ok((train, held, test))
 }
 
 /// The progress bar of one epoch of `steps` steps (hidden unless `show`).

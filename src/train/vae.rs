@@ -19,7 +19,7 @@ use rand::seq::SliceRandom;
 
 use super::{derive_seed, state_counters, state_metadata};
 use crate::checkpoint;
-use crate::data::{Dataset, ImageShape, PixelMode, Source, Split};
+use crate::data::{Dataset, ImageShape, PixelMode, Source};
 use crate::distributions::Noise;
 pub use crate::engine::Engine;
 use crate::limits;
@@ -158,29 +158,13 @@ pub fn train_vae(
     device: &Device,
 ) -> Result<Vec<EpochMetrics>> {
     config.validate()?;
-    let mut train = config.source.load(Split::Train)?;
-    let mut test = config.source.load(Split::Test)?;
-    let mut valid = None;
-    if let Some(n) = config.valid {
-        let (rest, held) = train.split_last(n, "--valid")?;
-        train = rest;
-        valid = Some(held);
-    }
-    if let Some(n) = config.train_limit {
-        train = train.take(n);
-    }
-    if let Some(n) = config.test_limit {
-        test = test.take(n);
-    }
+    let (train, valid, test) = super::load_splits(
+        &config.source,
+        config.valid,
+        config.train_limit,
+        config.test_limit,
+    )?;
     // The model's input shape is the data's.
-    if test.shape != train.shape {
-        bail!(
-            "{}: train images are {} but test images are {}",
-            config.source.describe(),
-            train.shape,
-            test.shape
-        );
-    }
     let mut model_config = model_config;
     model_config.input_dim = train.shape.dim();
     model_config.image_shape = Some(train.shape);
