@@ -21,7 +21,8 @@
 //!   simplified loss, samplers (DDPM, DDIM), the denoisers (MLP, U-Net), the model's config
 //!   and loading, and the U-Net's fused CPU engine;
 //! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model;
-//! - [`nn`]: the SIMD kernels the fused CPU engines share;
+//! - [`nn`]: the layer engine's parts: SIMD kernels, the linear layer, activations (forward
+//!   and hand-derived backward);
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
