@@ -141,3 +141,103 @@ fn linear_matches_candle_autodiff_and_finite_differences() {
         }
     }
 }
+
+/// MLPs of several depths, widths and activations against the same network composed of candle
+/// ops: the output, every parameter's gradient and dL/dx.
+#[test]
+fn mlp_matches_candle_autodiff() {
+    use elbo::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
+    let dev = Device::Cpu;
+    let shapes = [
+        (vec![784, 200, 200, 50], Activation::Tanh),
+        (vec![50, 100, 100, 100], Activation::Softplus),
+        (vec![9, 16, 3], Activation::Relu),
+        (vec![6, 8, 8, 8, 4], Activation::Elu),
+        (vec![5, 7, 2], Activation::Silu),
+        (vec![4, 3], Activation::Sigmoid),
+    ];
+    for (sizes, activation) in shapes {
+        let shape = MlpShape { sizes, activation };
+        let mut noise = Noise::new(5);
+        let rows = 6;
+        let params = values(&(noise.randn(shape.parameter_count(), &dev).unwrap() * 0.3).unwrap());
+        let x = values(&noise.randn((rows, shape.sizes[0]), &dev).unwrap());
+        let out = *shape.sizes.last().unwrap();
+        let w = values(&noise.randn((rows, out), &dev).unwrap());
+        let mut tape = MlpTape::default();
+        let y = mlp_forward(&shape, &params, &x, rows, &mut tape, 2).to_vec();
+        let mut grads = vec![0f32; params.len()];
+        let mut dx = Vec::new();
+        mlp_backward(
+            &shape,
+            &params,
+            &mut grads,
+            &x,
+            rows,
+            &mut tape,
+            &w,
+            Some(&mut dx),
+            2,
+        );
+
+        // The same network in candle.
+        let xv = Var::from_vec(x.clone(), (rows, shape.sizes[0]), &dev).unwrap();
+        let mut vars = Vec::new();
+        let mut h = xv.as_tensor().clone();
+        for i in 0..shape.layers() {
+            let (offset, inp, o) = shape.layer(i);
+            let wv =
+                Var::from_vec(params[offset..offset + o * inp].to_vec(), (o, inp), &dev).unwrap();
+            let bv = Var::from_vec(
+                params[offset + o * inp..offset + o * (inp + 1)].to_vec(),
+                o,
+                &dev,
+            )
+            .unwrap();
+            let a = h
+                .matmul(&wv.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(bv.as_tensor())
+                .unwrap();
+            h = if i + 1 < shape.layers() {
+                candle_activation(activation, &a)
+            } else {
+                a
+            };
+            vars.push((wv, bv));
+        }
+        let scale = values(&h).iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+        assert!(
+            max_abs_diff(&y, &values(&h)) < 1e-4 * scale,
+            "{activation:?} output"
+        );
+        let loss = (&h * Tensor::from_vec(w.clone(), (rows, out), &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let close = |got: &[f32], want: &Tensor, what: &str| {
+            let want = values(want);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let err = max_abs_diff(got, &want);
+            assert!(
+                err < 1e-3 * scale,
+                "{activation:?} {what}: {err:e} (scale {scale:e})"
+            );
+        };
+        for (i, (wv, bv)) in vars.iter().enumerate() {
+            let (offset, inp, o) = shape.layer(i);
+            close(
+                &grads[offset..offset + o * inp],
+                g.get(wv.as_tensor()).unwrap(),
+                "dW",
+            );
+            close(
+                &grads[offset + o * inp..offset + o * (inp + 1)],
+                g.get(bv.as_tensor()).unwrap(),
+                "db",
+            );
+        }
+        close(&dx, g.get(xv.as_tensor()).unwrap(), "dx");
+    }
+}
