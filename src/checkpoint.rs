@@ -77,9 +77,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Reads up to this size are not checked against the memory budget.
+const SMALL_READ: u64 = 64 << 20;
+
 /// Reads a whole file, refusing anything that is not a regular file (a pipe, a device such as
-/// `/dev/zero`, a folder) and files larger than `max` bytes or the memory budget; the read is
-/// bounded by the size the file had when opened.
+/// `/dev/zero`, a folder) and files larger than `max` bytes or (above 64 MiB) the memory
+/// budget; the read is bounded by the size the file had when opened.
 pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
     // Checked before opening too: opening a named pipe blocks until someone writes to it.
     let regular = |meta: &std::fs::Metadata| -> Result<()> {
@@ -105,7 +108,11 @@ pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
             crate::limits::human(max)
         );
     }
-    crate::limits::check_bytes(&path.display().to_string(), "reading it", Some(len))?;
+    // Small reads are never refused for memory, which keeps /proc/meminfo out of per-file
+    // loops (an image folder reads 60,000 files).
+    if len > SMALL_READ {
+        crate::limits::check_bytes(&path.display().to_string(), "reading it", Some(len))?;
+    }
     let mut bytes = Vec::with_capacity(len as usize);
     file.take(len)
         .read_to_end(&mut bytes)

@@ -98,15 +98,9 @@ pub struct FrozenNet {
 
 impl FrozenNet {
     pub fn new(net: Net) -> Self {
-        let fused = unet_training(Engine::Auto, &net)
-            .map(|(f, _)| f)
-            .unwrap_or(None);
+        // `Engine::Auto` never fails: it falls back to candle.
+        let fused = unet_training(Engine::Auto, &net).ok().and_then(|(f, _)| f);
         Self { net, fused }
-    }
-
-    /// Whether the fused CPU engine runs this network.
-    pub fn is_fused(&self) -> bool {
-        self.fused.is_some()
     }
 }
 

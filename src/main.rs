@@ -596,8 +596,8 @@ fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Refuses an `--n` whose samples and PNG grid (f32 values and the 8-bit picture, 30 x 30
-/// pixels a cell) exceed the memory budget, before anything is drawn.
+/// Refuses an `--n` whose samples and PNG grid (per pixel: two f32 copies of the samples and
+/// up to 3 bytes of the picture) exceed the memory budget, before anything is drawn.
 fn check_grid_memory(n: usize, pixels_per_image: usize) -> Result<()> {
     elbo::limits::check_bytes(
         &format!("--n {n}"),
