@@ -1,14 +1,15 @@
 //! Micro-benchmarks of the VAE hot paths (`cargo bench`): one training step on the fused engine
-//! and on candle's autodiff, at batch 128 and 1024, and one chunk of the importance-sampled
-//! log p(x). The side-by-side comparison with PyTorch and JAX is `bench/run`.
+//! and on candle's autodiff, at batch 128 and 1024, one chunk of the importance-sampled
+//! log p(x), and the IWAE paper's models (one and two stochastic layers, tanh, batch 20) with
+//! k = 1 and k = 5. The side-by-side comparison with PyTorch and JAX is `bench/run`.
 
 use candle_core::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
 use elbo::engine::estimate_log_likelihood;
+use elbo::engine::vae::FusedVae;
 use elbo::optim::{Adam, AdamConfig};
-use elbo::vae::fused::FusedVae;
 use elbo::vae::{Vae, VaeConfig, elbo_terms};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -51,9 +52,43 @@ fn vae_step(c: &mut Criterion) {
     });
 }
 
+/// The IWAE paper's architectures at its batch size 20 (Burda et al. 2015, Section 5).
+fn iwae_step(c: &mut Criterion) {
+    use elbo::nn::activation::Activation;
+    use elbo::vae::objective::Objective;
+    let train = Source::Named(Named::Mnist10k).load(Split::Train).unwrap();
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut noise = Noise::new(0);
+    let idx: Vec<usize> = (0..20).collect();
+    let xv = train.batch_values(&idx, PixelMode::Dynamic, &mut rng);
+    for (name, hidden, latents) in [
+        ("1 layer", vec![vec![200, 200]], vec![50]),
+        (
+            "2 layers",
+            vec![vec![200, 200], vec![100, 100]],
+            vec![100, 50],
+        ),
+    ] {
+        let config = VaeConfig {
+            hidden,
+            latent_dims: latents,
+            activation: Activation::Tanh,
+            ..VaeConfig::default()
+        };
+        let vae = Vae::new(config, &mut noise, &Device::Cpu).unwrap();
+        for (k, objective) in [(1, Objective::Elbo), (5, Objective::Iwae)] {
+            let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
+            fused.set_objective(objective);
+            c.bench_function(&format!("iwae paper {name} k{k} b20 fused"), |bench| {
+                bench.iter(|| fused.train_step(&xv, k, 1.0, &mut noise).unwrap())
+            });
+        }
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = vae_step
+    targets = vae_step, iwae_step
 }
 criterion_main!(benches);

@@ -235,32 +235,72 @@ struct DataArgs {
     /// a CIFAR binary .tar.gz, or a NumPy .npz / .npy file.
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
-    /// Pixel mode: grey levels in [0,1], threshold at 0.5, or a fresh Bernoulli draw.
-    #[arg(long, value_enum, default_value = "none")]
-    binarize: PixelMode,
+    /// Pixel mode: grey levels in [0,1], threshold at 0.5, or a fresh Bernoulli draw
+    /// [default: none; train vae --preset iwae-paper: dynamic].
+    #[arg(long, value_enum)]
+    binarize: Option<PixelMode>,
 }
 
 impl DataArgs {
+    fn pixels(&self) -> PixelMode {
+        self.binarize.unwrap_or(PixelMode::Grey)
+    }
+
     fn source(&self) -> Source {
         Source::from_flags(self.dataset, self.data.clone())
     }
+}
+
+/// A published protocol: its architecture, optimiser, schedule and data handling.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Preset {
+    /// Burda, Grosse & Salakhutdinov (2015), Section 5: tanh MLPs 784-[200-200]-50 (or with
+    /// `--latent-dim 100,50`, 784-[200-200]-100-[100-100]-50), Glorot initialisation, Adam
+    /// (0.9, 0.999, eps 1e-4), batch 20, 3^i epochs at 1e-3 x 10^(-i/7) for i = 0..7 (3,280
+    /// epochs), pixels binarized by a fresh Bernoulli draw. Flags given explicitly win.
+    IwaePaper,
 }
 
 #[derive(Args)]
 struct TrainVaeArgs {
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
-    epochs: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
-    batch_size: usize,
-    /// Adam learning rate.
+    /// A published protocol's settings (explicit flags win).
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// Epochs [default: 10; iwae-paper: 3280].
+    #[arg(long, allow_negative_numbers = true)]
+    epochs: Option<usize>,
+    /// Examples per batch [default: 128; iwae-paper: 20].
+    #[arg(long, allow_negative_numbers = true)]
+    batch_size: Option<usize>,
+    /// Adam learning rate (the base of --lr-schedule).
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f64,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 32)]
-    latent_dim: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
-    hidden_dim: usize,
+    /// How the learning rate changes over epochs [default: constant; iwae-paper: iwae-paper].
+    #[arg(long, value_enum)]
+    lr_schedule: Option<elbo::train::vae::LrSchedule>,
+    /// Adam's epsilon [default: 1e-8; iwae-paper: 1e-4].
+    #[arg(long, allow_hyphen_values = true)]
+    adam_eps: Option<f64>,
+    /// Initial parameters [default: pytorch; iwae-paper: glorot].
+    #[arg(long, value_enum)]
+    init: Option<vae::Init>,
+    /// Sizes of the stochastic layers z_1,z_2,... bottom-up [default: 32; iwae-paper: 50].
+    #[arg(long, value_name = "L1,L2,...", allow_negative_numbers = true)]
+    latent_dim: Option<String>,
+    /// Hidden widths of each stochastic layer's MLPs, layers separated by '/'
+    /// [default: 256; iwae-paper: 200,200 or 200,200/100,100].
+    #[arg(
+        long,
+        alias = "hidden-dim",
+        value_name = "H,H/H,H",
+        allow_negative_numbers = true
+    )]
+    hidden: Option<String>,
+    /// The MLPs' activation [default: relu; iwae-paper: tanh].
+    #[arg(long, value_enum)]
+    activation: Option<elbo::nn::activation::Activation>,
     /// Weight on the KL term (beta-VAE); 1 is the ELBO.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     beta: f64,
@@ -417,24 +457,68 @@ fn run(cli: Cli) -> Result<()> {
             if a.likelihood == Likelihood::Bernoulli && a.obs_log_var.is_some() {
                 bail!("--obs-log-var applies only to --likelihood gaussian");
             }
+            let paper = a.preset == Some(Preset::IwaePaper);
+            let latent_dims = parse_sizes(
+                "--latent-dim",
+                a.latent_dim
+                    .as_deref()
+                    .unwrap_or(if paper { "50" } else { "32" }),
+            )?;
+            let default_hidden = match (paper, latent_dims.len()) {
+                (false, _) => "256",
+                (true, 1) => "200,200",
+                (true, _) => "200,200/100,100",
+            };
+            let hidden = a
+                .hidden
+                .as_deref()
+                .unwrap_or(default_hidden)
+                .split('/')
+                .map(|group| parse_sizes("--hidden", group))
+                .collect::<Result<Vec<_>>>()?;
             let model = VaeConfig {
                 input_dim: 0, // taken from the data
                 image_shape: None,
-                hidden_dim: a.hidden_dim,
-                latent_dim: a.latent_dim,
+                latent_dims,
+                hidden,
+                activation: a.activation.unwrap_or(if paper {
+                    elbo::nn::activation::Activation::Tanh
+                } else {
+                    elbo::nn::activation::Activation::Relu
+                }),
                 likelihood: a.likelihood,
                 obs_log_var: a.obs_log_var,
             };
+            use elbo::train::vae::LrSchedule;
             let config = TrainConfig {
                 source: a.data.source(),
-                epochs: a.epochs,
-                batch_size: a.batch_size,
+                epochs: a.epochs.unwrap_or(if paper {
+                    LrSchedule::IwaePaper.epochs().unwrap_or(1)
+                } else {
+                    10
+                }),
+                batch_size: a.batch_size.unwrap_or(if paper { 20 } else { 128 }),
                 lr: a.lr,
+                lr_schedule: a.lr_schedule.unwrap_or(if paper {
+                    LrSchedule::IwaePaper
+                } else {
+                    LrSchedule::Constant
+                }),
+                adam_eps: a.adam_eps.unwrap_or(if paper { 1e-4 } else { 1e-8 }),
+                init: a.init.unwrap_or(if paper {
+                    vae::Init::Glorot
+                } else {
+                    vae::Init::Pytorch
+                }),
                 beta: a.beta,
                 mc_samples: a.mc_samples,
                 objective: a.objective,
                 engine: a.engine,
-                pixels: a.data.binarize,
+                pixels: a.data.binarize.unwrap_or(if paper {
+                    PixelMode::Dynamic
+                } else {
+                    PixelMode::Grey
+                }),
                 seed: a.seed,
                 valid: a.valid,
                 train_limit: a.train_limit,
@@ -573,7 +657,7 @@ fn run(cli: Cli) -> Result<()> {
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
             let data = a.data.source().load(a.split)?;
             check_model_takes(&vae, &data, &a.data.source().describe())?;
-            elbo::train::save_reconstructions(&vae, &data, a.data.binarize, a.n, &a.out)?;
+            elbo::train::save_reconstructions(&vae, &data, a.data.pixels(), a.n, &a.out)?;
             eprintln!(
                 "wrote {} originals and reconstructions to {}",
                 a.n.min(data.len()),
@@ -631,6 +715,16 @@ fn check_model_takes(vae: &Vae, data: &elbo::data::Dataset, what: &str) -> Resul
     Ok(())
 }
 
+/// A comma-separated list of sizes (`200,200`), each at least 1; `flag` names it in errors.
+fn parse_sizes(flag: &str, text: &str) -> Result<Vec<usize>> {
+    text.split(',')
+        .map(|v| match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{flag}: expected sizes of at least 1 separated by commas (like 200,200), got {text:?}"),
+        })
+        .collect()
+}
+
 fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
     if a.iw_samples == 0 {
         bail!("--iw-samples must be at least 1");
@@ -648,8 +742,12 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         bail!("--limit 0: nothing to evaluate");
     }
     let mut noise = Noise::new(a.seed);
+    let mut means_noise = Noise::new(a.seed.wrapping_add(1));
     let mut pixel_rng = StdRng::seed_from_u64(0);
-    let (mut log_px, mut rec, mut kl) = (Vec::new(), Vec::new(), Vec::new());
+    let layers = vae.config.layers();
+    let (mut log_px, mut rec) = (Vec::new(), Vec::new());
+    let mut kl_layers = vec![Vec::new(); layers];
+    let mut activity = vec![elbo::eval::Activity::default(); layers];
     let idx: Vec<usize> = (0..data.len()).collect();
     let bar = progress(
         (data.len() as u64).saturating_mul(a.iw_samples as u64),
@@ -658,11 +756,12 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
     let k = a.iw_samples;
     for chunk in idx.chunks(a.batch_size) {
         let b = chunk.len();
-        let x = data.batch(chunk, a.data.binarize, &mut pixel_rng, device)?;
+        let x = data.batch(chunk, a.data.pixels(), &mut pixel_rng, device)?;
         // K in pieces of about 250,000 decoded rows, combined exactly:
         // log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K.
         let piece = (250_000 / b).max(1);
-        let (mut lse, mut rec_sum, mut kl_chunk) = (vec![f64::NEG_INFINITY; b], vec![0.0; b], None);
+        let (mut lse, mut rec_sum) = (vec![f64::NEG_INFINITY; b], vec![0.0; b]);
+        let mut kl_sum = vec![vec![0.0; b]; layers];
         let mut done = 0;
         while done < k {
             let kc = piece.min(k - done);
@@ -671,19 +770,30 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             for i in 0..b {
                 lse[i] = vae::objective::log_add_exp(lse[i], est.log_px[i] + ln_kc);
                 rec_sum[i] += est.reconstruction[i] * kc as f64;
+                for (sum, layer) in kl_sum.iter_mut().zip(&est.kl_layers) {
+                    sum[i] += layer[i] * kc as f64;
+                }
             }
-            kl_chunk.get_or_insert(est.kl);
             done += kc;
             bar.inc((kc * b) as u64);
         }
         let ln_k = (k as f64).ln();
         log_px.extend(lse.iter().map(|l| l - ln_k));
         rec.extend(rec_sum.iter().map(|r| r / k as f64));
-        kl.extend(kl_chunk.unwrap_or_default());
+        for l in 0..layers {
+            kl_layers[l].extend(kl_sum[l].iter().map(|s| s / k as f64));
+        }
+        let means = vae::objective::posterior_means(&vae, &x, 100, &mut means_noise)?;
+        for (acc, m) in activity.iter_mut().zip(&means) {
+            acc.add(&m.flatten_all()?.to_vec1::<f32>()?, m.dim(1)?);
+        }
     }
     bar.finish_and_clear();
     use elbo::eval::{mean, standard_error as stderr};
-    let (nll, reconstruction, kl_mean) = (-mean(&log_px), -mean(&rec), mean(&kl));
+    let kl_means: Vec<f64> = kl_layers.iter().map(|l| mean(l)).collect();
+    let active: Vec<usize> = activity.iter().map(|a| a.active(1e-2)).collect();
+    let (nll, reconstruction, kl_mean) =
+        (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
     let neg_elbo = reconstruction + kl_mean;
     check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
     if a.json {
@@ -691,9 +801,11 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "neg_elbo": neg_elbo,
             "reconstruction": reconstruction,
             "kl": kl_mean,
+            "kl_layers": kl_means,
             "nll": nll,
             "gap": neg_elbo - nll,
             "nll_stderr": stderr(&log_px),
+            "active_units": active,
             "iw_samples": a.iw_samples,
             "n": log_px.len(),
             "split": a.split,
@@ -702,6 +814,7 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         println!("{out}");
     } else {
         println!("checkpoint      {}", a.checkpoint.display());
+        println!("model           VAE {}", vae.config.describe());
         println!(
             "data            {} ({:?}), n = {}",
             a.data.source().describe(),
@@ -713,7 +826,18 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "  reconstruction{reconstruction:10.3}   -E_q[log p(x|z)], K = {} samples",
             a.iw_samples
         );
-        println!("  KL            {kl_mean:10.3}   KL(q(z|x) || p(z)), closed form");
+        if layers == 1 {
+            println!("  KL            {kl_mean:10.3}   KL(q(z|x) || p(z)), closed form");
+        } else {
+            for (l, kl) in kl_means.iter().enumerate() {
+                let how = if l + 1 == layers {
+                    "closed form given z_{l}"
+                } else {
+                    "Monte Carlo"
+                };
+                println!("  KL layer {}    {kl:10.3}   {how}", l + 1);
+            }
+        }
         println!(
             "NLL (IS)        {nll:10.3}   -log p(x), importance sampling, K = {} (+- {:.3})",
             a.iw_samples,
@@ -722,6 +846,15 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         println!(
             "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",
             neg_elbo - nll
+        );
+        let units: Vec<String> = active
+            .iter()
+            .zip(&vae.config.latent_dims)
+            .map(|(a, l)| format!("{a} of {l}"))
+            .collect();
+        println!(
+            "active units    {}   Cov_x(E_q[u|x]) > 0.01 per layer",
+            units.join(", ")
         );
     }
     Ok(())

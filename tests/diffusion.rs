@@ -740,8 +740,8 @@ fn weighted_sum_grads(y: &Tensor, weights: &Tensor) -> candle_core::backprop::Gr
 /// has no backward pass; a network built on it got no gradient there).
 #[test]
 fn fused_unet_matches_candle_autodiff_and_finite_differences() {
-    use elbo::diffusion::fused_unet::FusedUnet;
     use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    use elbo::engine::unet::FusedUnet;
     let dev = Device::Cpu;
     let configs = [
         NetConfig::default_unet(),

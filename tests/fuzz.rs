@@ -234,11 +234,7 @@ fn idx_files_on_disk() {
 }
 
 fn vae_checkpoint() -> Vec<u8> {
-    let config = elbo::vae::VaeConfig {
-        hidden_dim: 4,
-        latent_dim: 2,
-        ..Default::default()
-    };
+    let config = elbo::vae::VaeConfig::mlp(784, 4, 2);
     let vae = elbo::vae::Vae::new(
         config,
         &mut elbo::distributions::Noise::new(0),

@@ -345,12 +345,9 @@ fn sizes_are_checked_before_they_are_allocated() {
         ),
         (
             "train vae --hidden-dim 9223372036854775808 --out {out}",
-            "--hidden-dim",
+            "--hidden",
         ),
-        (
-            "train vae --hidden-dim 1000000000 --out {out}",
-            "--hidden-dim",
-        ),
+        ("train vae --hidden-dim 1000000000 --out {out}", "--hidden"),
         (
             "train vae --latent-dim 1000000000 --out {out}",
             "--latent-dim",
@@ -440,11 +437,7 @@ fn vae_checkpoint(
     name: &str,
     edit: impl FnOnce(&mut Vec<(String, candle_core::Tensor)>),
 ) -> PathBuf {
-    let config = elbo::vae::VaeConfig {
-        hidden_dim: 8,
-        latent_dim: 2,
-        ..Default::default()
-    };
+    let config = elbo::vae::VaeConfig::mlp(784, 8, 2);
     let vae = elbo::vae::Vae::new(
         config,
         &mut elbo::distributions::Noise::new(0),
@@ -651,7 +644,7 @@ fn crafted_checkpoint_metadata_is_refused() {
     );
     assert_one_line_error(
         &elbo(&["eval", "vae", "--checkpoint", p.to_str().unwrap()]),
-        "--latent-dim must be at least 1",
+        "--latent-dim: every stochastic layer needs at least 1 unit",
     );
 }
 

@@ -8,9 +8,9 @@ use candle_core::{Device, Tensor};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
 use elbo::engine::estimate_log_likelihood;
+use elbo::engine::vae::FusedVae;
 use elbo::optim::{Adam, AdamConfig};
 use elbo::train::{Engine, Objective, TrainConfig, train_vae};
-use elbo::vae::fused::FusedVae;
 use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood_candle, iwae_bound};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -25,6 +25,9 @@ fn config(epochs: usize) -> TrainConfig {
         epochs,
         batch_size: 128,
         lr: 1e-3,
+        lr_schedule: Default::default(),
+        adam_eps: 1e-8,
+        init: Default::default(),
         beta: 1.0,
         mc_samples: 1,
         objective: Objective::Elbo,
@@ -179,16 +182,7 @@ fn likelihood_estimate_reports_the_elbo_parts() {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_outputs() {
-    let vae = Vae::new(
-        VaeConfig {
-            latent_dim: 2,
-            hidden_dim: 64,
-            ..VaeConfig::default()
-        },
-        &mut Noise::new(1),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let vae = Vae::new(VaeConfig::mlp(784, 64, 2), &mut Noise::new(1), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
     vae.save(&path).unwrap();
@@ -311,10 +305,7 @@ fn nan_loss_stops_training_and_keeps_the_last_checkpoint_and_resume_continues() 
     let mut cfg = config(1);
     cfg.train_limit = Some(1024);
     cfg.test_limit = Some(100);
-    let small = VaeConfig {
-        hidden_dim: 64,
-        ..VaeConfig::default()
-    };
+    let small = VaeConfig::mlp(784, 64, 32);
     train_vae(small.clone(), &cfg, dir.path(), false, false, &Device::Cpu).unwrap();
     let model = dir.path().join("model.safetensors");
     let before = std::fs::read(&model).unwrap();
@@ -355,10 +346,7 @@ fn resume_is_exact() {
     let mut cfg = config(2);
     cfg.train_limit = Some(512);
     cfg.test_limit = Some(50);
-    let small = VaeConfig {
-        hidden_dim: 32,
-        ..VaeConfig::default()
-    };
+    let small = VaeConfig::mlp(784, 32, 32);
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train_vae(small.clone(), &cfg, a.path(), false, false, &Device::Cpu).unwrap();
     let mut one = cfg.clone();
@@ -446,7 +434,7 @@ fn fused_engine_split_batches_match_candle_autodiff() {
             sums.loss
         );
         for (name, g_fused) in fused.gradients() {
-            let var = &vae.params().iter().find(|(n, _)| n == name).unwrap().1;
+            let var = &vae.params().iter().find(|(n, _)| *n == name).unwrap().1;
             let g_candle = grads.get(var.as_tensor()).unwrap();
             let g_candle = g_candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let dist = relative_distance(&g_fused, &g_candle);
@@ -487,7 +475,7 @@ fn fused_engine_gradients_and_adam_match_candle_autodiff() {
         sums.loss
     );
     for (name, g_fused) in fused.gradients() {
-        let var = &vae.params().iter().find(|(n, _)| n == name).unwrap().1;
+        let var = &vae.params().iter().find(|(n, _)| *n == name).unwrap().1;
         let g_candle = grads
             .get(var.as_tensor())
             .unwrap()

@@ -2,7 +2,6 @@
 //! variational bound, samplers, denoisers and 2-D toy data.
 
 pub mod conv;
-pub mod fused_unet;
 pub mod group_norm;
 pub mod model;
 pub mod nets;

@@ -40,8 +40,9 @@ impl MlpShape {
     }
 }
 
-/// What the forward pass keeps for the backward pass: each layer's pre-activation `a_i` and
-/// output `h_{i+1}` (the last layer's output is the MLP's output).
+/// What the forward pass keeps for the backward pass: each hidden layer's pre-activation
+/// `a_i` and every layer's output `h_{i+1}` (the last layer's output is the MLP's output, and
+/// its `pre` stays empty: it is linear).
 #[derive(Debug, Default)]
 pub struct MlpTape {
     pub pre: Vec<Vec<f32>>,
@@ -68,14 +69,16 @@ pub fn mlp_forward<'t>(
         let (offset, inp, out) = shape.layer(i);
         let w = &params[offset..offset + out * inp];
         let b = &params[offset + out * inp..offset + out * (inp + 1)];
-        let h_in: &[f32] = if i == 0 { x } else { &tape.post[i - 1] };
-        linear_forward(&mut tape.pre[i], h_in, w, b, (rows, inp, out), threads);
-        let (pre, post) = (&tape.pre[i], &mut tape.post[i]);
-        post.resize(pre.len(), 0.0);
-        if i + 1 < layers {
-            shape.activation.forward(pre, post);
+        let (done, rest) = tape.post.split_at_mut(i);
+        let h_in: &[f32] = if i == 0 { x } else { &done[i - 1] };
+        if i + 1 == layers {
+            // The output layer stays linear: written straight into its output (pre stays empty).
+            linear_forward(&mut rest[0], h_in, w, b, (rows, inp, out), threads);
         } else {
-            post.copy_from_slice(pre);
+            linear_forward(&mut tape.pre[i], h_in, w, b, (rows, inp, out), threads);
+            let (pre, post) = (&tape.pre[i], &mut rest[0]);
+            post.resize(pre.len(), 0.0);
+            shape.activation.forward(pre, post);
         }
     }
     &tape.post[layers - 1]
@@ -103,15 +106,15 @@ pub fn mlp_backward(
         d_hidden,
         d_next,
     } = tape;
-    d_hidden.clear();
-    d_hidden.extend_from_slice(dy);
     let mut dx = dx;
     for i in (0..layers).rev() {
         let (offset, inp, out) = shape.layer(i);
         // in the forward pass this was: h_{i+1} = f(a_i); so now dL/da_i = dL/dh_{i+1} f'(a_i).
+        // (The output layer is linear: its gradient is dy itself, read in place.)
         if i + 1 < layers {
             shape.activation.backward(d_hidden, &pre[i], &post[i]);
         }
+        let g: &[f32] = if i + 1 == layers { dy } else { d_hidden };
         let h_in: &[f32] = if i == 0 { x } else { &post[i - 1] };
         let w = &params[offset..offset + out * inp];
         let grad_wb = &mut grads[offset..offset + out * (inp + 1)];
@@ -121,7 +124,7 @@ pub fn mlp_backward(
         } else {
             dx.as_deref_mut()
         };
-        linear_backward(grad_wb, w, d_hidden, h_in, (rows, inp, out), da, threads);
+        linear_backward(grad_wb, w, g, h_in, (rows, inp, out), da, threads);
         if i > 0 {
             std::mem::swap(d_hidden, d_next);
         }

@@ -1,7 +1,7 @@
 //! The layer engine: SIMD kernels, the linear layer, activations and MLPs of any depth, width
 //! and activation, each a forward pass and a hand-derived backward pass over reused buffers,
 //! used by the fused CPU engines of every model
-//! ([`crate::vae::fused`], [`crate::diffusion::fused_unet`]).
+//! ([`crate::engine::vae`], [`crate::engine::unet`]).
 
 pub mod activation;
 pub mod kernels;

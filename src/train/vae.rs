@@ -22,12 +22,13 @@ use crate::checkpoint;
 use crate::data::{Dataset, ImageShape, PixelMode, Source};
 use crate::distributions::Noise;
 pub use crate::engine::Engine;
+use crate::engine::vae::FusedVae;
 use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
 use crate::run_dir::{self, RunDir};
-use crate::vae::fused::FusedVae;
-use crate::vae::{self, Vae, VaeConfig, elbo_terms};
+pub use crate::vae::Objective;
+use crate::vae::{self, Init, Vae, VaeConfig, elbo_terms};
 
 /// Everything `elbo train vae` needs besides the model config.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -36,6 +37,15 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
+    /// How the learning rate changes over the epochs.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Adam's epsilon.
+    #[serde(default = "default_adam_eps")]
+    pub adam_eps: f64,
+    /// How fresh parameters are drawn.
+    #[serde(default)]
+    pub init: Init,
     pub beta: f64,
     pub mc_samples: usize,
     /// What is maximised: the (beta-)ELBO, or the importance-weighted bound with K = mc_samples.
@@ -55,24 +65,11 @@ pub struct TrainConfig {
     pub test_limit: Option<usize>,
 }
 
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        limits::at_least_one("--epochs", self.epochs)?;
-        limits::at_least_one("--batch-size", self.batch_size)?;
-        limits::at_least_one("--mc-samples", self.mc_samples)?;
-        limits::at_least_one("--train-limit", self.train_limit.unwrap_or(1))?;
-        limits::at_least_one("--test-limit", self.test_limit.unwrap_or(1))?;
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be a positive number, got {}", self.lr);
-        }
-        if !(self.beta.is_finite() && self.beta >= 0.0) {
-            bail!("--beta must be a non-negative number, got {}", self.beta);
-        }
-        Ok(())
-    }
+fn default_adam_eps() -> f64 {
+    1e-8
 }
 
-/// The training objective.
+/// A learning-rate schedule over epochs.
 #[derive(
     Debug,
     Clone,
@@ -84,22 +81,97 @@ impl TrainConfig {
     serde::Serialize,
     serde::Deserialize,
 )]
-#[serde(rename_all = "lowercase")]
-pub enum Objective {
-    /// `E_q[log p(x|z)] - beta KL(q || p)`, K-sample Monte Carlo (Kingma & Welling 2014).
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// `--lr` throughout.
     #[default]
-    Elbo,
-    /// `log (1/K) sum_k w_k`, the IWAE bound (Burda et al. 2015); beta is not used.
-    Iwae,
+    Constant,
+    /// Burda et al. (2015): stage i = 0..7 lasts 3^i epochs at `--lr` x 10^(-i/7), the factor
+    /// rounded to two digits as their code does (1, 0.72, 0.52, ..., 0.1): 3,280 epochs in all.
+    IwaePaper,
 }
 
-/// Per-example averages in nats: `reconstruction = -E_q[log p(x|z)]`, `kl = KL(q || p)`,
-/// `neg_elbo = reconstruction + kl`.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+impl LrSchedule {
+    /// The learning rate of (1-based) `epoch` for base rate `lr`.
+    pub fn lr(self, lr: f64, epoch: usize) -> f64 {
+        match self {
+            LrSchedule::Constant => lr,
+            LrSchedule::IwaePaper => {
+                let (mut end, mut stage) = (0usize, 0u32);
+                loop {
+                    end += 3usize.pow(stage);
+                    if epoch <= end || stage == 7 {
+                        break;
+                    }
+                    stage += 1;
+                }
+                // 1e-4 * round(10^(1 - i/7), 1) for a base of 1e-3.
+                let factor = (10f64.powf(1.0 - stage as f64 / 7.0) * 10.0).round() / 100.0;
+                lr * factor
+            }
+        }
+    }
+
+    /// The epochs the schedule is made for, if it has an end (3,280 for `iwae-paper`).
+    pub fn epochs(self) -> Option<usize> {
+        match self {
+            LrSchedule::Constant => None,
+            LrSchedule::IwaePaper => Some((0..8).map(|i| 3usize.pow(i)).sum()),
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        limits::at_least_one("--epochs", self.epochs)?;
+        limits::at_least_one("--batch-size", self.batch_size)?;
+        limits::at_least_one("--mc-samples", self.mc_samples)?;
+        limits::at_least_one("--train-limit", self.train_limit.unwrap_or(1))?;
+        limits::at_least_one("--test-limit", self.test_limit.unwrap_or(1))?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            bail!(
+                "--adam-eps must be a positive number, got {}",
+                self.adam_eps
+            );
+        }
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!("--beta must be a non-negative number, got {}", self.beta);
+        }
+        Ok(())
+    }
+}
+
+/// Per-example averages in nats: `reconstruction = -E_q[log p(x|z_1)]`, `kl = sum_l KL_l`,
+/// `neg_elbo = reconstruction + kl`, and with more than one stochastic layer each `KL_l`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Terms {
     pub neg_elbo: f64,
     pub reconstruction: f64,
     pub kl: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kl_layers: Vec<f64>,
+}
+
+impl Terms {
+    /// Per-example averages from sums over `n` examples (`kl_layers`: one sum per layer; kept
+    /// only when there are several).
+    pub fn from_sums(reconstruction: f64, kl_layers: &[f64], n: usize) -> Self {
+        let n = n.max(1) as f64;
+        let kl: f64 = kl_layers.iter().sum();
+        Self {
+            neg_elbo: (reconstruction + kl) / n,
+            reconstruction: reconstruction / n,
+            kl: kl / n,
+            kl_layers: if kl_layers.len() > 1 {
+                kl_layers.iter().map(|k| k / n).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 /// One line of `metrics.jsonl`.
@@ -111,6 +183,9 @@ pub struct EpochMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid: Option<Terms>,
     pub test: Terms,
+    /// The learning rate of the epoch.
+    #[serde(default)]
+    pub lr: f64,
     pub seconds: f64,
 }
 
@@ -131,20 +206,18 @@ pub fn evaluate_elbo(
     let frozen = vae.frozen()?;
     let mut pixel_rng = StdRng::seed_from_u64(0); // a fixed binarization of the test set
     let mut noise = Noise::new(seed);
-    let (mut rec, mut kl) = (0.0, 0.0);
+    let mut rec = 0.0;
+    let mut kl = vec![0.0; vae.config.layers()];
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(500) {
         let x = data.batch(chunk, pixels, &mut pixel_rng, vae.device())?;
         let t = elbo_terms(&frozen, &x, mc_samples, &mut noise)?;
         rec -= vae::objective::sum_f64(&t.reconstruction)?;
-        kl += vae::objective::sum_f64(&t.kl)?;
+        for (sum, layer) in kl.iter_mut().zip(&t.kl_layers) {
+            *sum += vae::objective::sum_f64(layer)?;
+        }
     }
-    let n = data.len() as f64;
-    Ok(Terms {
-        neg_elbo: (rec + kl) / n,
-        reconstruction: rec / n,
-        kl: kl / n,
-    })
+    Ok(Terms::from_sums(rec, &kl, data.len()))
 }
 
 /// Trains (or, with `resume`, continues) a VAE in `dir`; returns the metrics of the epochs run.
@@ -192,14 +265,22 @@ pub fn train_vae(
         let state_path = committed.file(run_dir::STATE);
         let state = checkpoint::load(&state_path, device)?;
         let (epoch, step) = state_counters(&state, &state_path, &committed)?;
-        let mut adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
+        let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
         adam.load_state(&state.tensors, step)
             .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
         (run, vae, adam, epoch)
     } else {
         let run = RunDir::create(dir)?;
-        let vae = Vae::new(model_config, &mut Noise::new(config.seed), device)?;
-        let adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(config.lr))?;
+        let bias = (config.init == Init::Glorot).then(|| train_mean_logits(&train));
+        let mut noise = Noise::new(config.seed);
+        let vae = Vae::initialised(
+            model_config,
+            config.init,
+            bias.as_deref(),
+            &mut noise,
+            device,
+        )?;
+        let adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
         (run, vae, adam, 0)
     };
     if config.epochs <= start_epoch {
@@ -211,10 +292,8 @@ pub fn train_vae(
     }
     if show_progress {
         eprintln!(
-            "training VAE {}-{}-{} on {} ({} train, {} test) for {} epochs -> {}",
-            vae.config.input_dim,
-            vae.config.hidden_dim,
-            vae.config.latent_dim,
+            "training VAE {} on {} ({} train, {} test) for {} epochs -> {}",
+            vae.config.describe(),
             config.source.describe(),
             train.len(),
             test.len(),
@@ -225,8 +304,7 @@ pub fn train_vae(
     let run_config =
         serde_json::to_string_pretty(&serde_json::json!({ "model": vae.config, "train": config }))?;
 
-    let (use_fused, engine_name) =
-        crate::engine::vae_training(config.engine, &vae, config.objective == Objective::Elbo)?;
+    let (use_fused, engine_name) = crate::engine::vae_training(config.engine, &vae)?;
     if show_progress {
         eprintln!("engine: {engine_name}");
     }
@@ -241,9 +319,14 @@ pub fn train_vae(
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
         let bar = super::epoch_bar(steps_per_epoch, epoch, config.epochs, show_progress);
-        let (mut rec_sum, mut kl_sum) = (0.0, 0.0);
+        let lr = config.lr_schedule.lr(config.lr, epoch);
+        adam.config.lr = lr;
+        let mut rec_sum = 0.0;
+        let mut kl_sums = vec![0.0; vae.config.layers()];
         let mut fused = if use_fused {
-            Some(FusedVae::from_vae(&vae, Some(&adam), adam.config)?)
+            let mut f = FusedVae::from_vae(&vae, Some(&adam), adam.config)?;
+            f.set_objective(config.objective);
+            Some(f)
         } else {
             None
         };
@@ -272,7 +355,7 @@ pub fn train_vae(
                     return Err(stopped(&bar, sums.loss));
                 }
                 rec_sum -= sums.reconstruction;
-                kl_sum += sums.kl;
+                add_sums(&mut kl_sums, &sums.kl_layers);
                 bar.set_message(format!("loss {:.2}", sums.loss));
                 bar.inc(1);
                 continue;
@@ -297,7 +380,9 @@ pub fn train_vae(
             let grads = loss.backward()?;
             adam.step(&grads)?;
             rec_sum -= vae::objective::sum_f64(&terms.reconstruction.detach())?;
-            kl_sum += vae::objective::sum_f64(&terms.kl.detach())?;
+            for (sum, layer) in kl_sums.iter_mut().zip(&terms.kl_layers) {
+                *sum += vae::objective::sum_f64(&layer.detach())?;
+            }
             bar.set_message(format!("loss {loss_value:.2}"));
             bar.inc(1);
         }
@@ -305,11 +390,7 @@ pub fn train_vae(
         if let Some(fused) = &fused {
             fused.write_to(&vae, Some(&mut adam))?;
         }
-        let train_terms = Terms {
-            neg_elbo: (rec_sum + kl_sum) / n as f64,
-            reconstruction: rec_sum / n as f64,
-            kl: kl_sum / n as f64,
-        };
+        let train_terms = Terms::from_sums(rec_sum, &kl_sums, n);
         let test_terms = evaluate_elbo(
             &vae,
             &test,
@@ -329,9 +410,10 @@ pub fn train_vae(
         };
         let metrics = EpochMetrics {
             epoch,
-            train: train_terms,
-            valid: valid_terms,
-            test: test_terms,
+            train: train_terms.clone(),
+            valid: valid_terms.clone(),
+            test: test_terms.clone(),
+            lr,
             seconds: started.elapsed().as_secs_f64(),
         };
         let (state_tensors, step) = adam.state();
@@ -347,7 +429,7 @@ pub fn train_vae(
             &serde_json::to_string(&metrics)?,
         )?;
         if show_progress {
-            let valid = valid_terms.map_or(String::new(), |v| {
+            let valid = valid_terms.as_ref().map_or(String::new(), |v| {
                 format!("valid -ELBO {:.2} | ", v.neg_elbo)
             });
             eprintln!(
@@ -367,19 +449,54 @@ pub fn train_vae(
     Ok(all)
 }
 
+/// Adam as the run asks for it (`--lr`, `--adam-eps`, PyTorch's betas).
+fn adam_config(config: &TrainConfig) -> AdamConfig {
+    AdamConfig {
+        eps: config.adam_eps,
+        ..AdamConfig::with_lr(config.lr)
+    }
+}
+
+fn add_sums(dst: &mut [f64], src: &[f64]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// The logits of the training set's mean pixel, clipped to [0.001, 0.999]: the initial
+/// output bias of p(x|z_1) under [`Init::Glorot`] (Burda et al.'s code).
+pub fn train_mean_logits(train: &Dataset) -> Vec<f32> {
+    let d = train.shape.dim();
+    let mut sums = vec![0f64; d];
+    for image in train.images.chunks(d) {
+        for (s, &p) in sums.iter_mut().zip(image) {
+            *s += p as f64 / 255.0;
+        }
+    }
+    sums.iter()
+        .map(|s| {
+            let m = (s / train.len().max(1) as f64).clamp(0.001, 0.999);
+            (m / (1.0 - m)).ln() as f32
+        })
+        .collect()
+}
+
 /// Refuses, before anything is allocated, a training step or test pass whose activations
 /// (K samples of every example in a batch, forward and backward) exceed the memory budget.
 fn check_step_memory(model: &VaeConfig, config: &TrainConfig, n_train: usize) -> Result<()> {
-    let (i, h, l) = (
-        model.input_dim as u64,
-        model.hidden_dim as u64,
-        model.latent_dim as u64,
-    );
-    // Per sample row: logits and their gradient (2i), three hidden layers and their gradients
-    // (6h), mu, log_var, eps, z (4l); f32. Test batches are 500 examples.
-    let row = [i.checked_mul(2), h.checked_mul(6), l.checked_mul(4)]
-        .into_iter()
-        .try_fold(0u64, |acc, t| acc.checked_add(t?));
+    // Per sample row, f32: every layer's pre-activation, output and gradient (3 per unit of
+    // every MLP), the input and its gradient (2 D), and mu, log_var, eps, z per latent unit.
+    // Test batches are 500 examples. (The sizes were validated, so these sums fit in u64.)
+    let units: u64 = model
+        .hidden
+        .iter()
+        .flatten()
+        .map(|&w| 2 * w as u64)
+        .chain(model.latent_dims.iter().map(|&l| 8 * l as u64))
+        .sum();
+    let row = units
+        .checked_mul(3)
+        .and_then(|u| u.checked_add((model.input_dim as u64).checked_mul(4)?));
     let examples = config.batch_size.min(n_train.max(1)).max(500) as u64;
     let bytes = row.and_then(|r| limits::product(&[r, examples, config.mc_samples as u64, 4]));
     limits::check_bytes(
@@ -411,7 +528,7 @@ pub fn save_pictures(
         &dir.join("samples.png"),
     )?;
     save_reconstructions(&frozen, test, pixels, 32, &dir.join("reconstructions.png"))?;
-    if vae.config.latent_dim == 2 {
+    if vae.config.latent_dims == [2] {
         plot::save_grid(
             &manifold(&frozen, 20)?,
             shape,

@@ -1,11 +1,13 @@
-//! The variational autoencoder of the text: model and objectives.
+//! The VAE family: the models (MLPs with one or more stochastic layers) and their objectives
+//! (ELBO with per-layer KL, IWAE, importance-sampled log p(x)), written once for all of them.
+//! Their fused CPU engine is [`crate::engine::vae`].
 
 pub mod estimate;
-pub mod fused;
 pub mod model;
 pub mod objective;
 
-pub use model::{Likelihood, Vae, VaeConfig, reconstruct, sample_prior};
+pub use model::{Init, Likelihood, Vae, VaeConfig, reconstruct, sample_prior};
 pub use objective::{
-    ElboTerms, LikelihoodEstimate, elbo_terms, estimate_log_likelihood_candle, iwae_bound,
+    ElboTerms, LikelihoodEstimate, Objective, elbo_terms, estimate_log_likelihood_candle,
+    iwae_bound,
 };

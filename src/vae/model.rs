@@ -1,14 +1,24 @@
-//! The text's `SimpleVAE`: an MLP encoder x -> (mu, log_var) and an MLP decoder z -> logits.
+//! The VAE family of MLPs: L stochastic layers z_1..z_L with bottom-up inference and top-down
+//! generation (Burda et al. 2015, Section 5), each conditional a diagonal Gaussian whose mean
+//! and log-variance come from an MLP of any depth, width and activation:
 //!
 //! ```text
-//! h       = ReLU(W_e x + b_e)                    encoder.0   [hidden, input]
-//! mu      = W_mu h + b_mu                        fc_mu       [latent, hidden]
-//! log_var = W_lv h + b_lv                        fc_logvar   [latent, hidden]
-//! logits  = W_2 ReLU(W_0 z + b_0) + b_2          decoder.0 [hidden, latent], decoder.2 [input, hidden]
+//! inference   q(z_1|x) q(z_2|z_1) ... q(z_L|z_{L-1})      q(z_l|.) = N(mu, e^lv), [mu; lv] = MLP(.)
+//! generation  p(z_L) p(z_{L-1}|z_L) ... p(x|z_1)           p(z_L) = N(0, I)
 //! ```
 //!
-//! Parameter names and shapes are those of PyTorch's `SimpleVAE.state_dict()`, so checkpoints
-//! move between elbo and PyTorch with no conversion.
+//! The text's `SimpleVAE` is the case L = 1, hidden = [[256]], ReLU, latent 32: its parameter
+//! names and shapes are exactly `SimpleVAE.state_dict()`'s. In general the names are those the
+//! equivalent PyTorch module's `state_dict()` gives (README, "Checkpoint names"):
+//!
+//! ```text
+//! L = 1   encoder.{2j}.weight  [out, in]    an nn.Sequential of Linear and activation
+//!         fc_mu.weight, fc_logvar.weight    the two heads of q(z_1|x)
+//!         decoder.{2j}.weight               p(x|z_1): logits (Bernoulli) or sigmoid mean (Gaussian)
+//! L > 1   encoder.{l}.net.{2j}, encoder.{l}.fc_mu, encoder.{l}.fc_logvar        q(z_{l+1}|z_l)
+//!         decoder.0.net.{2j}                                                    p(x|z_1)
+//!         decoder.{l}.net.{2j}, decoder.{l}.fc_mu, decoder.{l}.fc_logvar        p(z_l|z_{l+1})
+//! ```
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +30,8 @@ use candle_nn::Linear;
 use crate::checkpoint;
 use crate::data::ImageShape;
 use crate::distributions::{DiagGaussian, Noise, bernoulli_log_prob_logits, gaussian_log_prob};
+use crate::nn::activation::Activation;
+use crate::nn::mlp::MlpShape;
 
 /// The observation model p(x|z).
 #[derive(
@@ -35,10 +47,16 @@ pub enum Likelihood {
 
 /// Model hyper-parameters; defaults are exactly the text's `SimpleVAE`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "RawVaeConfig")]
 pub struct VaeConfig {
     pub input_dim: usize,
-    pub hidden_dim: usize,
-    pub latent_dim: usize,
+    /// Sizes of z_1..z_L, bottom (next to x) to top.
+    pub latent_dims: Vec<usize>,
+    /// For each stochastic layer l, the hidden widths of the MLP of q(z_l|z_{l-1}) (z_0 = x);
+    /// the generative MLP between the same two layers uses them in reverse.
+    pub hidden: Vec<Vec<usize>>,
+    /// The activation after every hidden layer.
+    pub activation: Activation,
     pub likelihood: Likelihood,
     /// Gaussian likelihood only: a fixed log sigma^2; `None` learns it.
     pub obs_log_var: Option<f64>,
@@ -48,48 +66,209 @@ pub struct VaeConfig {
     pub image_shape: Option<ImageShape>,
 }
 
-impl Default for VaeConfig {
-    fn default() -> Self {
-        Self {
-            input_dim: 784,
-            hidden_dim: 256,
-            latent_dim: 32,
-            likelihood: Likelihood::Bernoulli,
-            obs_log_var: None,
-            image_shape: Some(ImageShape::MNIST),
-        }
+/// The config as stored: today's fields, or the SimpleVAE form of earlier checkpoints
+/// (`hidden_dim`, `latent_dim`).
+#[derive(serde::Deserialize)]
+struct RawVaeConfig {
+    input_dim: usize,
+    #[serde(default)]
+    latent_dims: Option<Vec<usize>>,
+    #[serde(default)]
+    hidden: Option<Vec<Vec<usize>>>,
+    #[serde(default)]
+    activation: Option<Activation>,
+    #[serde(default)]
+    hidden_dim: Option<usize>,
+    #[serde(default)]
+    latent_dim: Option<usize>,
+    likelihood: Likelihood,
+    #[serde(default)]
+    obs_log_var: Option<f64>,
+    #[serde(default)]
+    image_shape: Option<ImageShape>,
+}
+
+impl TryFrom<RawVaeConfig> for VaeConfig {
+    type Error = String;
+    fn try_from(raw: RawVaeConfig) -> std::result::Result<Self, String> {
+        let latent_dims = match (raw.latent_dims, raw.latent_dim) {
+            (Some(v), _) => v,
+            (None, Some(l)) => vec![l],
+            (None, None) => return Err("no latent_dims".into()),
+        };
+        let hidden = match (raw.hidden, raw.hidden_dim) {
+            (Some(h), _) => h,
+            (None, Some(h)) => vec![vec![h]],
+            (None, None) => return Err("no hidden".into()),
+        };
+        Ok(Self {
+            input_dim: raw.input_dim,
+            latent_dims,
+            hidden,
+            activation: raw.activation.unwrap_or(Activation::Relu),
+            likelihood: raw.likelihood,
+            obs_log_var: raw.obs_log_var,
+            image_shape: raw.image_shape,
+        })
     }
 }
 
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self::mlp(784, 256, 32)
+    }
+}
+
+/// One MLP of the model, in the flat parameter order (all inference networks bottom-up, then
+/// the generative ones, `p(x|z_1)` first).
+#[derive(Debug, Clone)]
+pub struct NetSpec {
+    /// Name prefix of its `nn.Sequential` layers (`encoder`, `encoder.1.net`, ...).
+    pub prefix: String,
+    /// `Some(prefix)` of `fc_mu` / `fc_logvar` when its last layer is a Gaussian's two heads.
+    pub heads: Option<String>,
+    pub shape: MlpShape,
+}
+
 impl VaeConfig {
+    /// One stochastic layer with one hidden layer of ReLUs: the text's `SimpleVAE`
+    /// (`mlp(784, 256, 32)`), Bernoulli likelihood.
+    pub fn mlp(input_dim: usize, hidden_dim: usize, latent_dim: usize) -> Self {
+        Self {
+            input_dim,
+            latent_dims: vec![latent_dim],
+            hidden: vec![vec![hidden_dim]],
+            activation: Activation::Relu,
+            likelihood: Likelihood::Bernoulli,
+            obs_log_var: None,
+            image_shape: (input_dim == 784).then_some(ImageShape::MNIST),
+        }
+    }
+
     /// The image shape of x: stored, or 1 x 28 x 28 for a 784-dimensional model without one.
     pub fn image_shape(&self) -> Option<ImageShape> {
         self.image_shape
             .or((self.input_dim == ImageShape::MNIST.dim()).then_some(ImageShape::MNIST))
     }
 
-    /// Every parameter's name and shape, in `state_dict` order.
+    /// The number of stochastic layers L.
+    pub fn layers(&self) -> usize {
+        self.latent_dims.len()
+    }
+
+    /// The size of z_1, the layer the likelihood's decoder reads.
+    pub fn latent_dim(&self) -> usize {
+        self.latent_dims[0]
+    }
+
+    /// A short description: `784-[200-200]-50 tanh` or `784-[200-200]-100-[100-100]-50 tanh`.
+    pub fn describe(&self) -> String {
+        let mut s = self.input_dim.to_string();
+        for (h, l) in self.hidden.iter().zip(&self.latent_dims) {
+            let widths: Vec<String> = h.iter().map(|w| w.to_string()).collect();
+            s.push_str(&format!("-[{}]-{l}", widths.join("-")));
+        }
+        let act = serde_json::to_string(&self.activation).unwrap_or_default();
+        format!("{s} {}", act.trim_matches('"'))
+    }
+
+    /// The MLPs in flat-parameter order: q(z_1|x), ..., q(z_L|z_{L-1}), p(x|z_1),
+    /// p(z_1|z_2), ..., p(z_{L-1}|z_L).
+    pub fn networks(&self) -> Vec<NetSpec> {
+        let layers = self.layers();
+        let act = self.activation;
+        let mut nets = Vec::new();
+        for l in 0..layers {
+            let input = if l == 0 {
+                self.input_dim
+            } else {
+                self.latent_dims[l - 1]
+            };
+            let mut sizes = vec![input];
+            sizes.extend(&self.hidden[l]);
+            sizes.push(2 * self.latent_dims[l]);
+            let (prefix, heads) = if layers == 1 {
+                ("encoder".to_string(), String::new())
+            } else {
+                (format!("encoder.{l}.net"), format!("encoder.{l}."))
+            };
+            nets.push(NetSpec {
+                prefix,
+                heads: Some(heads),
+                shape: MlpShape {
+                    sizes,
+                    activation: act,
+                },
+            });
+        }
+        for l in 0..layers {
+            let mut sizes = vec![self.latent_dims[l]];
+            sizes.extend(self.hidden[l].iter().rev());
+            let (prefix, heads) = if l == 0 {
+                sizes.push(self.input_dim);
+                let prefix = if layers == 1 {
+                    "decoder"
+                } else {
+                    "decoder.0.net"
+                };
+                (prefix.to_string(), None)
+            } else {
+                sizes.push(2 * self.latent_dims[l - 1]);
+                (format!("decoder.{l}.net"), Some(format!("decoder.{l}.")))
+            };
+            nets.push(NetSpec {
+                prefix,
+                heads,
+                shape: MlpShape {
+                    sizes,
+                    activation: act,
+                },
+            });
+        }
+        nets
+    }
+
+    /// Every MLP parameter: `(state_dict name, offset in the flat vector, shape)`. A Gaussian
+    /// head's `[2L, H]` weight is `[fc_mu; fc_logvar]`, so the two are adjacent rows.
+    pub fn flat_entries(&self) -> Vec<(String, usize, Vec<usize>)> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for net in self.networks() {
+            let layers = net.shape.layers();
+            for j in 0..layers {
+                let (offset, inp, outp) = net.shape.layer(j);
+                let (w, b) = (base + offset, base + offset + outp * inp);
+                match (&net.heads, j + 1 == layers) {
+                    (Some(h), true) => {
+                        let l = outp / 2;
+                        out.push((format!("{h}fc_mu.weight"), w, vec![l, inp]));
+                        out.push((format!("{h}fc_mu.bias"), b, vec![l]));
+                        out.push((format!("{h}fc_logvar.weight"), w + l * inp, vec![l, inp]));
+                        out.push((format!("{h}fc_logvar.bias"), b + l, vec![l]));
+                    }
+                    _ => {
+                        let p = &net.prefix;
+                        out.push((format!("{p}.{}.weight", 2 * j), w, vec![outp, inp]));
+                        out.push((format!("{p}.{}.bias", 2 * j), b, vec![outp]));
+                    }
+                }
+            }
+            base += net.shape.parameter_count();
+        }
+        out
+    }
+
+    /// Every parameter's name and shape (the MLPs', then `obs_log_var` when it is learned).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (i, h, l) = (self.input_dim, self.hidden_dim, self.latent_dim);
-        let mut shapes = vec![
-            ("encoder.0.weight", vec![h, i]),
-            ("encoder.0.bias", vec![h]),
-            ("fc_mu.weight", vec![l, h]),
-            ("fc_mu.bias", vec![l]),
-            ("fc_logvar.weight", vec![l, h]),
-            ("fc_logvar.bias", vec![l]),
-            ("decoder.0.weight", vec![h, l]),
-            ("decoder.0.bias", vec![h]),
-            ("decoder.2.weight", vec![i, h]),
-            ("decoder.2.bias", vec![i]),
-        ];
+        let mut shapes: Vec<(String, Vec<usize>)> = self
+            .flat_entries()
+            .into_iter()
+            .map(|(n, _, s)| (n, s))
+            .collect();
         if self.learns_obs_var() {
-            shapes.push(("obs_log_var", vec![1]));
+            shapes.push(("obs_log_var".to_string(), vec![1]));
         }
         shapes
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect()
     }
 
     fn learns_obs_var(&self) -> bool {
@@ -97,14 +276,24 @@ impl VaeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        for (flag, v) in [
-            ("--input-dim", self.input_dim),
-            ("--hidden-dim", self.hidden_dim),
-            ("--latent-dim", self.latent_dim),
-        ] {
-            if v == 0 {
-                bail!("{flag} must be at least 1");
-            }
+        if self.input_dim == 0 {
+            bail!("--input-dim must be at least 1");
+        }
+        if self.latent_dims.is_empty() || self.latent_dims.contains(&0) {
+            bail!(
+                "--latent-dim: every stochastic layer needs at least 1 unit, got {:?}",
+                self.latent_dims
+            );
+        }
+        if self.hidden.len() != self.latent_dims.len() {
+            bail!(
+                "--hidden: {} groups of hidden widths for {} stochastic layers (give one group per layer, separated by '/')",
+                self.hidden.len(),
+                self.latent_dims.len()
+            );
+        }
+        if self.hidden.iter().flatten().any(|&w| w == 0) {
+            bail!("--hidden: every hidden width must be at least 1");
         }
         if let Some(shape) = self.image_shape
             && shape.dim() != self.input_dim
@@ -121,37 +310,81 @@ impl VaeConfig {
             bail!("--obs-log-var must be a finite number, got {lv}");
         }
         // Weights, gradients and Adam's two moments: four f32 copies of every parameter.
-        let count = self.parameter_shapes_checked();
+        let count = self.parameter_count_checked();
         crate::limits::check_bytes(
             &format!(
-                "--hidden-dim {} with --latent-dim {}",
-                self.hidden_dim, self.latent_dim
+                "--hidden {} with --latent-dim {}",
+                self.hidden_flag(),
+                join(&self.latent_dims, ",")
             ),
             "the model's parameters with their gradients and Adam's moments",
             count.and_then(|c| c.checked_mul(16)),
         )
     }
 
+    /// The hidden widths as the `--hidden` flag writes them: `200,200/100,100`.
+    pub fn hidden_flag(&self) -> String {
+        let groups: Vec<String> = self.hidden.iter().map(|h| join(h, ",")).collect();
+        groups.join("/")
+    }
+
     /// The number of parameters, computed without overflow (`None` when it overflows).
-    pub fn parameter_shapes_checked(&self) -> Option<u64> {
-        let (i, h, l) = (
-            self.input_dim as u64,
-            self.hidden_dim as u64,
-            self.latent_dim as u64,
-        );
-        // encoder (h i + h), fc_mu and fc_logvar (2 (l h + l)), decoder (h l + h, i h + i), + 1
-        let terms = [
-            i.checked_mul(h)?,
-            h,
-            l.checked_mul(h)?.checked_mul(2)?,
-            l.checked_mul(2)?,
-            h.checked_mul(l)?,
-            h,
-            i.checked_mul(h)?,
-            i,
-            1,
-        ];
-        terms.iter().try_fold(0u64, |acc, &t| acc.checked_add(t))
+    pub fn parameter_count_checked(&self) -> Option<u64> {
+        let mut total = 1u64; // obs_log_var
+        let count = |sizes: &[u64]| -> Option<u64> {
+            sizes.windows(2).try_fold(0u64, |acc, p| {
+                acc.checked_add(p[1].checked_mul(p[0].checked_add(1)?)?)
+            })
+        };
+        let d = self.input_dim as u64;
+        for (l, (h, &z)) in self.hidden.iter().zip(&self.latent_dims).enumerate() {
+            let z = z as u64;
+            let below = if l == 0 {
+                d
+            } else {
+                self.latent_dims[l - 1] as u64
+            };
+            let hidden: Vec<u64> = h.iter().map(|&w| w as u64).collect();
+            let mut q = vec![below];
+            q.extend(&hidden);
+            q.push(z.checked_mul(2)?);
+            let mut p = vec![z];
+            p.extend(hidden.iter().rev());
+            p.push(if l == 0 { d } else { below.checked_mul(2)? });
+            total = total.checked_add(count(&q)?)?.checked_add(count(&p)?)?;
+        }
+        Some(total)
+    }
+
+    /// The number of values in the flat MLP parameter vector.
+    pub fn flat_len(&self) -> usize {
+        self.networks()
+            .iter()
+            .map(|n| n.shape.parameter_count())
+            .sum()
+    }
+}
+
+/// An MLP of candle `Linear`s: the activation after every layer but the last.
+struct CandleMlp {
+    layers: Vec<Linear>,
+    activation: Activation,
+}
+
+impl CandleMlp {
+    /// `x` `[..., in]` -> `[..., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let mut h = x.reshape(((), dims[dims.len() - 1]))?;
+        for (j, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if j + 1 < self.layers.len() {
+                h = crate::nn::activation::candle_forward(self.activation, &h)?;
+            }
+        }
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(h.dim(1)?);
+        Ok(h.reshape(out)?)
     }
 }
 
@@ -159,11 +392,10 @@ impl VaeConfig {
 pub struct Vae {
     pub config: VaeConfig,
     params: Vec<(String, Var)>,
-    encoder: Linear,
-    fc_mu: Linear,
-    fc_logvar: Linear,
-    decoder0: Linear,
-    decoder2: Linear,
+    /// q(z_{l+1}|z_l) for l = 0..L (z_0 = x): output `[mu; log_var]`.
+    inference: Vec<CandleMlp>,
+    /// p(x|z_1) (logits), then p(z_l|z_{l+1}) for l = 1..L-1 (`[mu; log_var]`).
+    generative: Vec<CandleMlp>,
     obs_log_var: Option<Tensor>,
 }
 
@@ -171,66 +403,121 @@ impl Vae {
     /// Fresh parameters with PyTorch's `nn.Linear` initialisation, weight and bias
     /// ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from the seeded `noise`.
     pub fn new(config: VaeConfig, noise: &mut Noise, device: &Device) -> Result<Self> {
+        Self::initialised(config, Init::Pytorch, None, noise, device)
+    }
+
+    /// Fresh parameters drawn from the seeded `noise` by `init`; with [`Init::Glorot`],
+    /// `output_bias` (`[input_dim]`, the logits of the training mean) sets the last bias of
+    /// p(x|z_1), as Burda et al.'s code does.
+    pub fn initialised(
+        config: VaeConfig,
+        init: Init,
+        output_bias: Option<&[f32]>,
+        noise: &mut Noise,
+        device: &Device,
+    ) -> Result<Self> {
         use rand::Rng;
         config.validate()?;
         let mut params = Vec::new();
-        for (name, shape) in config.parameter_shapes() {
-            let t = if name == "obs_log_var" {
-                Tensor::zeros(shape, DType::F32, device)?
-            } else {
-                let fan_in = if name.ends_with("weight") {
-                    shape[1]
-                } else {
-                    match name.as_str() {
-                        "encoder.0.bias" => config.input_dim,
-                        "decoder.0.bias" => config.latent_dim,
-                        _ => config.hidden_dim,
-                    }
-                };
-                let bound = 1.0 / (fan_in as f32).sqrt();
-                let n: usize = shape.iter().product();
-                let v: Vec<f32> = (0..n)
-                    .map(|_| noise.rng.random_range(-bound..bound))
-                    .collect();
-                Tensor::from_vec(v, shape, device)?
+        let entries = config.flat_entries();
+        // The fan-in of each bias is its weight's.
+        let fan_in: HashMap<String, usize> = entries
+            .iter()
+            .filter(|(n, _, _)| n.ends_with(".weight"))
+            .map(|(n, _, s)| (n.trim_end_matches(".weight").to_string(), s[1]))
+            .collect();
+        let decoder_out = config.flat_entries().into_iter().rfind(|(n, _, s)| {
+            n.starts_with("decoder") && n.ends_with(".bias") && s[0] == config.input_dim
+        });
+        for (name, _, shape) in entries {
+            let n: usize = shape.iter().product();
+            let is_weight = name.ends_with(".weight");
+            let v: Vec<f32> = match init {
+                Init::Pytorch => {
+                    let stem = name.trim_end_matches(".weight").trim_end_matches(".bias");
+                    let bound = 1.0 / (fan_in[stem] as f32).sqrt();
+                    (0..n)
+                        .map(|_| noise.rng.random_range(-bound..bound))
+                        .collect()
+                }
+                Init::Glorot if is_weight => {
+                    let bound = (6.0 / (shape[0] + shape[1]) as f32).sqrt();
+                    (0..n)
+                        .map(|_| noise.rng.random_range(-bound..bound))
+                        .collect()
+                }
+                Init::Glorot => match (output_bias, &decoder_out) {
+                    (Some(b), Some((out, _, _))) if *out == name && b.len() == n => b.to_vec(),
+                    _ => vec![0.0; n],
+                },
             };
+            let t = Tensor::from_vec(v, shape, device)?;
             params.push((name, Var::from_tensor(&t)?));
         }
-        Self::from_params(config, params)
-    }
-
-    fn from_params(config: VaeConfig, params: Vec<(String, Var)>) -> Result<Self> {
+        if config.learns_obs_var() {
+            let t = Tensor::zeros(1, DType::F32, device)?;
+            params.push(("obs_log_var".to_string(), Var::from_tensor(&t)?));
+        }
         Self::build(config, params, false)
     }
 
     fn build(config: VaeConfig, params: Vec<(String, Var)>, detach: bool) -> Result<Self> {
-        let get = |n: &str| -> Tensor {
-            let var = params
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v)
-                .expect("known name");
-            if detach {
+        let by_name: HashMap<&str, &Var> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let get = |n: &str| -> Result<Tensor> {
+            let var = by_name
+                .get(n)
+                .with_context(|| format!("no parameter {n}"))?;
+            Ok(if detach {
                 var.as_tensor().detach()
             } else {
                 var.as_tensor().clone()
-            }
+            })
         };
-        let lin =
-            |p: &str| Linear::new(get(&format!("{p}.weight")), Some(get(&format!("{p}.bias"))));
+        let mut nets = Vec::new();
+        for spec in config.networks() {
+            let layers = spec.shape.layers();
+            let mut linears = Vec::new();
+            for j in 0..layers {
+                let (w, b) = match (&spec.heads, j + 1 == layers) {
+                    (Some(h), true) => (
+                        Tensor::cat(
+                            &[
+                                get(&format!("{h}fc_mu.weight"))?,
+                                get(&format!("{h}fc_logvar.weight"))?,
+                            ],
+                            0,
+                        )?,
+                        Tensor::cat(
+                            &[
+                                get(&format!("{h}fc_mu.bias"))?,
+                                get(&format!("{h}fc_logvar.bias"))?,
+                            ],
+                            0,
+                        )?,
+                    ),
+                    _ => (
+                        get(&format!("{}.{}.weight", spec.prefix, 2 * j))?,
+                        get(&format!("{}.{}.bias", spec.prefix, 2 * j))?,
+                    ),
+                };
+                linears.push(Linear::new(w, Some(b)));
+            }
+            nets.push(CandleMlp {
+                layers: linears,
+                activation: spec.shape.activation,
+            });
+        }
+        let generative = nets.split_off(config.layers());
         let obs_log_var = match (config.likelihood, config.obs_log_var) {
             (Likelihood::Bernoulli, _) => None,
-            (Likelihood::Gaussian, None) => Some(get("obs_log_var")),
+            (Likelihood::Gaussian, None) => Some(get("obs_log_var")?),
             (Likelihood::Gaussian, Some(lv)) => {
                 Some(Tensor::new(&[lv as f32], params[0].1.device())?)
             }
         };
         Ok(Self {
-            encoder: lin("encoder.0"),
-            fc_mu: lin("fc_mu"),
-            fc_logvar: lin("fc_logvar"),
-            decoder0: lin("decoder.0"),
-            decoder2: lin("decoder.2"),
+            inference: nets,
+            generative,
             obs_log_var,
             config,
             params,
@@ -251,24 +538,39 @@ impl Vae {
         Self::build(self.config.clone(), self.params.clone(), true)
     }
 
-    /// q(z|x): `x` `[B, input_dim]` -> DiagGaussian with mean, log_var `[B, latent_dim]`.
+    /// q(z_1|x): `x` `[B, input_dim]` -> DiagGaussian with mean, log_var `[B, latent_dims[0]]`.
     pub fn encode(&self, x: &Tensor) -> Result<DiagGaussian> {
-        let h = self.encoder.forward(x)?.relu()?;
-        Ok(DiagGaussian::new(
-            self.fc_mu.forward(&h)?,
-            self.fc_logvar.forward(&h)?,
-        )?)
+        self.encode_layer(0, x)
     }
 
-    /// Decoder logits: `z` `[..., latent_dim]` -> `[..., input_dim]`.
+    /// q(z_{l+1}|z_l) (0-based `l`; z_0 = x): `input` `[..., in]` -> `[..., latent_dims[l]]`.
+    pub fn encode_layer(&self, l: usize, input: &Tensor) -> Result<DiagGaussian> {
+        gaussian_heads(&self.inference[l].forward(input)?)
+    }
+
+    /// p(z_l|z_{l+1}) for 0-based `l` in 1..L, i.e. the Gaussian over the layer below `z`:
+    /// `z` `[..., latent_dims[l]]` -> `[..., latent_dims[l - 1]]`.
+    pub fn prior_layer(&self, l: usize, z: &Tensor) -> Result<DiagGaussian> {
+        gaussian_heads(&self.generative[l].forward(z)?)
+    }
+
+    /// Decoder logits of p(x|z_1): `z` `[..., latent_dims[0]]` -> `[..., input_dim]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let dims = z.dims().to_vec();
-        let flat = z.reshape(((), self.config.latent_dim))?;
-        let h = self.decoder0.forward(&flat)?.relu()?;
-        let logits = self.decoder2.forward(&h)?;
-        let mut out_dims = dims[..dims.len() - 1].to_vec();
-        out_dims.push(self.config.input_dim);
-        Ok(logits.reshape(out_dims)?)
+        self.generative[0].forward(z)
+    }
+
+    /// z_1 of ancestral samples from the prior: z_L ~ N(0, I), then the means of
+    /// p(z_{l}|z_{l+1}) down to z_1 (the picture of a sample, as Burda et al. draw them, takes
+    /// each layer's sample; `sample_prior` does that). `[n, latent_dims[0]]`.
+    pub fn sample_z1(&self, n: usize, noise: &mut Noise) -> Result<Tensor> {
+        let top = self.config.layers() - 1;
+        let mut z = noise.randn((n, self.config.latent_dims[top]), self.device())?;
+        for l in (1..=top).rev() {
+            let p = self.prior_layer(l, &z)?;
+            let eps = noise.randn(p.mean.dims(), self.device())?;
+            z = p.rsample_with(&eps)?;
+        }
+        Ok(z)
     }
 
     /// The mean of p(x|z) from decoder logits: sigmoid(logits), in [0, 1].
@@ -316,7 +618,8 @@ impl Vae {
 
     /// Loads a checkpoint written by [`Vae::save`] or by PyTorch
     /// (`safetensors.torch.save_file(model.state_dict(), path)`): without elbo's metadata the
-    /// sizes are read off the tensor shapes and the likelihood is Bernoulli, as in the text.
+    /// sizes are read off the tensor shapes of a `SimpleVAE` and the likelihood is Bernoulli,
+    /// as in the text.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         Self::from_loaded(checkpoint::load(path, device)?, path)
     }
@@ -324,7 +627,7 @@ impl Vae {
     /// A VAE from decoded checkpoint tensors; `path` names the file in errors. The config is
     /// validated before anything of its sizes is built.
     pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path) -> Result<Self> {
-        let config = match loaded.metadata.get("elbo.config") {
+        let config: VaeConfig = match loaded.metadata.get("elbo.config") {
             Some(json) => serde_json::from_str(json).with_context(|| {
                 format!(
                     "{}: metadata elbo.config is not a VAE config",
@@ -354,8 +657,46 @@ impl Vae {
             }
             params.push((name, Var::from_tensor(&t.to_dtype(DType::F32)?)?));
         }
-        Self::from_params(config, params)
+        Self::build(config, params, false)
     }
+}
+
+/// How fresh parameters are drawn.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// PyTorch's `nn.Linear` default: weight and bias ~ U(+-1/sqrt(fan_in)).
+    #[default]
+    Pytorch,
+    /// Glorot & Bengio (2010) uniform weights U(+-sqrt(6 / (fan_in + fan_out))), zero biases,
+    /// and the last bias of p(x|z_1) at the logits of the training mean clipped to
+    /// [0.001, 0.999] (Burda et al. 2015's code).
+    Glorot,
+}
+
+fn join(values: &[usize], sep: &str) -> String {
+    let parts: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    parts.join(sep)
+}
+
+/// Splits an MLP's `[..., 2L]` output into the Gaussian's mean and log-variance.
+fn gaussian_heads(out: &Tensor) -> Result<DiagGaussian> {
+    let last = out.rank() - 1;
+    let l = out.dim(last)? / 2;
+    Ok(DiagGaussian::new(
+        out.narrow(last, 0, l)?.contiguous()?,
+        out.narrow(last, l, l)?.contiguous()?,
+    )?)
 }
 
 fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<VaeConfig> {
@@ -371,21 +712,16 @@ fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<VaeConfig> {
     if enc.len() != 2 || mu.len() != 2 {
         bail!("encoder.0.weight {enc:?} and fc_mu.weight {mu:?} must be matrices");
     }
-    Ok(VaeConfig {
-        input_dim: enc[1],
-        hidden_dim: enc[0],
-        latent_dim: mu[0],
-        ..VaeConfig::default()
-    })
+    Ok(VaeConfig::mlp(enc[1], enc[0], mu[0]))
 }
 
-/// Decoded means of `n` prior samples z ~ N(0, I): `[n, input_dim]`.
+/// Decoded means of `n` ancestral samples from the prior: `[n, input_dim]`.
 pub fn sample_prior(vae: &Vae, n: usize, noise: &mut Noise) -> Result<Tensor> {
-    let z = noise.randn((n, vae.config.latent_dim), vae.device())?;
+    let z = vae.sample_z1(n, noise)?;
     vae.mean_from_logits(&vae.decode(&z)?)
 }
 
-/// Reconstructions decoded from the posterior means: `[B, input_dim]`.
+/// Reconstructions decoded from the posterior means of z_1: `[B, input_dim]`.
 pub fn reconstruct(vae: &Vae, x: &Tensor) -> Result<Tensor> {
     let q = vae.encode(x)?;
     vae.mean_from_logits(&vae.decode(&q.mean)?)

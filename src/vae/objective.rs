@@ -1,21 +1,53 @@
-//! Objectives of the VAE: the ELBO (two parts, K Monte Carlo samples), the importance-weighted
+//! Objectives of the VAE family, written once for any number of stochastic layers: the ELBO
+//! (reconstruction and the KL of each layer, K Monte Carlo samples), the importance-weighted
 //! bound IWAE_K (Burda et al. 2015) and the importance-sampling estimate of log p(x).
 //!
-//! All values are per example in nats; shapes: `x` `[B, D]`, results `[B]`.
+//! With z_0 = x, samples z_l = mu_l + sigma_l eps_l drawn bottom-up from q, and the noise
+//! drawn layer by layer (`eps_1` `[K, B, L_1]`, then `eps_2`, ...):
+//!
+//! ```text
+//! log w = log p(x|z_1) + sum_{l<L} [log p(z_l|z_{l+1}) - log q(z_l|z_{l-1})] + log p(z_L) - log q(z_L|z_{L-1})
+//! ELBO  = E_q[log p(x|z_1)] - sum_l KL_l,   KL_l = E_q[log q(z_l|z_{l-1}) - log p(z_l|z_{l+1})]
+//! ```
+//!
+//! The top layer's KL against N(0, I) is in closed form given z_{L-1}; the lower layers' are
+//! Monte Carlo (their prior depends on a sample). All values are per example in nats; shapes:
+//! `x` `[B, D]`, results `[B]`.
 
 pub use super::estimate::{LikelihoodEstimate, log_add_exp};
 use anyhow::Result;
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use super::model::Vae;
 use crate::distributions::{DiagGaussian, Noise, standard_normal_log_prob};
 
-/// The two parts of the ELBO, per example, `[B]` each:
-/// `reconstruction = E_q[log p(x|z)]` (a K-sample Monte Carlo mean) and the closed-form
-/// `kl = KL(q(z|x) || N(0, I))`.
+/// The training objective.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// `E_q[log p(x|z)] - beta KL(q || p)`, K-sample Monte Carlo (Kingma & Welling 2014).
+    #[default]
+    Elbo,
+    /// `log (1/K) sum_k w_k`, the IWAE bound (Burda et al. 2015); beta is not used.
+    Iwae,
+}
+
+/// The parts of the ELBO, per example, `[B]` each: `reconstruction = E_q[log p(x|z_1)]` (a
+/// K-sample Monte Carlo mean), `kl` the sum of the layers' KLs, `kl_layers[l]` layer l+1's.
 pub struct ElboTerms {
     pub reconstruction: Tensor,
     pub kl: Tensor,
+    pub kl_layers: Vec<Tensor>,
 }
 
 impl ElboTerms {
@@ -30,29 +62,110 @@ impl ElboTerms {
     }
 }
 
-/// ELBO terms with K reparameterized samples z_k = mu + sigma * eps_k.
-pub fn elbo_terms(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<ElboTerms> {
-    let q = vae.encode(x)?;
-    let z = q.rsample(k, noise)?; // [K, B, L]
-    let log_px_z = vae.log_likelihood(x, &vae.decode(&z)?)?; // [K, B]
-    Ok(ElboTerms {
-        reconstruction: log_px_z.mean(0)?,
-        kl: q.kl_standard_normal()?,
+/// One pass of K samples through the model: what every objective is made of.
+pub struct Pass {
+    /// `log p(x|z_1)` `[K, B]`.
+    pub log_px_z: Tensor,
+    /// Per layer l (bottom-up), `log p(z_l|.) - log q(z_l|.)` at the samples, `[K, B]`.
+    pub log_ratio: Vec<Tensor>,
+    /// The top layer's closed-form KL(q(z_L|z_{L-1}) || N(0, I)): `[B]` for one layer,
+    /// `[K, B]` above one (it depends on the sampled z_{L-1}).
+    pub top_kl: Tensor,
+    /// q(z_1|x) (for the active-unit count and the closed-form KL of one layer).
+    pub q1: DiagGaussian,
+}
+
+impl Pass {
+    /// `log w` `[K, B]`.
+    pub fn log_weights(&self) -> Result<Tensor> {
+        let mut total = self.log_px_z.clone();
+        for r in &self.log_ratio {
+            total = (total + r)?;
+        }
+        Ok(total)
+    }
+
+    /// The KL of each layer, `[B]`: Monte Carlo below the top, closed form at the top.
+    pub fn kl_layers(&self) -> Result<Vec<Tensor>> {
+        let top = self.log_ratio.len() - 1;
+        let mut out = Vec::new();
+        for r in &self.log_ratio[..top] {
+            out.push(r.mean(0)?.neg()?);
+        }
+        out.push(if self.top_kl.rank() == 2 {
+            self.top_kl.mean(0)?
+        } else {
+            self.top_kl.clone()
+        });
+        Ok(out)
+    }
+
+    /// The ELBO's parts from this pass.
+    pub fn elbo_terms(&self) -> Result<ElboTerms> {
+        let kl_layers = self.kl_layers()?;
+        let mut kl = kl_layers[0].clone();
+        for k in &kl_layers[1..] {
+            kl = (kl + k)?;
+        }
+        Ok(ElboTerms {
+            reconstruction: self.log_px_z.mean(0)?,
+            kl,
+            kl_layers,
+        })
+    }
+}
+
+/// Draws the noise of K samples of every layer, layer by layer: `[K, B, L_l]` each.
+pub fn draw_noise(vae: &Vae, k: usize, b: usize, noise: &mut Noise) -> Result<Vec<Tensor>> {
+    vae.config
+        .latent_dims
+        .iter()
+        .map(|&l| Ok(noise.randn((k, b, l), vae.device())?))
+        .collect()
+}
+
+/// The pass of [`Pass`] with the given noise (`eps[l]` `[K, B, L_l]`).
+pub fn pass_with(vae: &Vae, x: &Tensor, eps: &[Tensor]) -> Result<Pass> {
+    let layers = vae.config.layers();
+    let q1 = vae.encode(x)?;
+    let mut q = q1.clone();
+    let mut samples = Vec::new();
+    let mut log_q = Vec::new();
+    let mut top_kl = None;
+    for l in 0..layers {
+        if l > 0 {
+            q = vae.encode_layer(l, &samples[l - 1])?;
+        }
+        let z = q.rsample_with(&eps[l])?; // [K, B, L_l]
+        log_q.push(q.log_prob(&z)?);
+        if l + 1 == layers {
+            top_kl = Some(q.kl_standard_normal()?);
+        }
+        samples.push(z);
+    }
+    let log_px_z = vae.log_likelihood(x, &vae.decode(&samples[0])?)?;
+    let mut log_ratio = Vec::new();
+    for l in 0..layers {
+        let log_p = if l + 1 == layers {
+            standard_normal_log_prob(&samples[l])?
+        } else {
+            vae.prior_layer(l + 1, &samples[l + 1])?
+                .log_prob(&samples[l])?
+        };
+        log_ratio.push((log_p - &log_q[l])?);
+    }
+    Ok(Pass {
+        log_px_z,
+        log_ratio,
+        top_kl: top_kl.expect("at least one layer"),
+        q1,
     })
 }
 
-/// Log importance weights `log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x)` for
-/// z_k = mu + sigma * eps_k; `eps` `[K, B, L]`. Returns `(log w, log p(x|z))`, both `[K, B]`.
-pub fn log_importance_weights(
-    vae: &Vae,
-    x: &Tensor,
-    q: &DiagGaussian,
-    eps: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let z = q.rsample_with(eps)?;
-    let log_px_z = vae.log_likelihood(x, &vae.decode(&z)?)?;
-    let log_w = ((&log_px_z + standard_normal_log_prob(&z)?)? - q.log_prob(&z)?)?;
-    Ok((log_w, log_px_z))
+/// ELBO terms with K reparameterized samples of every layer.
+pub fn elbo_terms(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<ElboTerms> {
+    let eps = draw_noise(vae, k, x.dim(0)?, noise)?;
+    pass_with(vae, x, &eps)?.elbo_terms()
 }
 
 /// The importance-weighted bound `IWAE_K = log (1/K) sum_k w_k` (one draw of it), `[B]`.
@@ -63,30 +176,33 @@ pub fn iwae_bound(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<
 }
 
 /// The IWAE_K bound `[B]` (differentiable, for training) together with the ELBO parts
-/// estimated from the same K samples (reconstruction: their mean log p(x|z); KL: closed form).
+/// estimated from the same K samples.
+///
+/// Its gradient is the paper's (Burda et al. 2015, Eq. 14): `sum_k w~_k grad log w_k`, the
+/// normalised weights `w~_k = w_k / sum_k' w_k'` acting as constants. That is exactly the
+/// derivative of the log-mean-exp, which autodiff of this function computes; the fused engine
+/// computes it by hand, and `tests/vae.rs` checks the two against each other.
 pub fn iwae_terms(
     vae: &Vae,
     x: &Tensor,
     k: usize,
     noise: &mut Noise,
 ) -> Result<(ElboTerms, Tensor)> {
-    let q = vae.encode(x)?;
-    let eps = noise.randn((k, x.dim(0)?, vae.config.latent_dim), x.device())?;
-    let (log_w, log_px_z) = log_importance_weights(vae, x, &q, &eps)?;
-    let bound = log_w.log_sum_exp(0)?.affine(1.0, -(k as f64).ln())?;
-    let terms = ElboTerms {
-        reconstruction: log_px_z.mean(0)?,
-        kl: q.kl_standard_normal()?,
-    };
-    Ok((terms, bound))
+    let eps = draw_noise(vae, k, x.dim(0)?, noise)?;
+    let pass = pass_with(vae, x, &eps)?;
+    let bound = pass
+        .log_weights()?
+        .log_sum_exp(0)?
+        .affine(1.0, -(k as f64).ln())?;
+    Ok((pass.elbo_terms()?, bound))
 }
 
-/// Importance-sampled log p(x) with q(z|x) as proposal and K samples, on candle tensors (any
+/// Importance-sampled log p(x) with q as proposal and K samples, on candle tensors (any
 /// device and likelihood), computed in chunks of at most `max_rows` decoded rows (chunk_K x B)
 /// so memory stays bounded for K = 5000; the log-sum-exp is accumulated across chunks in f64:
 ///
 /// ```text
-/// log p(x) ~= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
+/// log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k|x),   z_k ~ q(z|x)
 /// ```
 ///
 /// `engine::estimate_log_likelihood` runs it on the fused CPU engine where that applies (the
@@ -99,44 +215,57 @@ pub fn estimate_log_likelihood_candle(
     noise: &mut Noise,
 ) -> Result<LikelihoodEstimate> {
     let b = x.dim(0)?;
-    let q = vae.encode(x)?;
+    let layers = vae.config.layers();
     let chunk = (max_rows / b.max(1)).clamp(1, k.max(1));
     let mut lse = vec![f64::NEG_INFINITY; b];
     let mut rec_sum = vec![0.0f64; b];
+    let mut kl_sums = vec![vec![0.0f64; b]; layers];
     let mut done = 0;
+    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
     while done < k {
         let kc = chunk.min(k - done);
-        let eps = noise.randn((kc, b, vae.config.latent_dim), x.device())?;
-        let (log_w, log_px_z) = log_importance_weights(vae, x, &q, &eps)?;
-        let chunk_lse = log_w
-            .log_sum_exp(0)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        let chunk_rec = log_px_z
-            .sum(0)?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
+        let eps = draw_noise(vae, kc, b, noise)?;
+        let pass = pass_with(vae, x, &eps)?;
+        let chunk_lse = to_f64(&pass.log_weights()?.log_sum_exp(0)?)?;
+        let chunk_rec = to_f64(&pass.log_px_z.sum(0)?)?;
+        for (l, kl) in pass.kl_layers()?.iter().enumerate() {
+            for (s, v) in kl_sums[l].iter_mut().zip(to_f64(kl)?) {
+                *s += v * kc as f64;
+            }
+        }
         for i in 0..b {
             lse[i] = log_add_exp(lse[i], chunk_lse[i]);
             rec_sum[i] += chunk_rec[i];
         }
         done += kc;
     }
-    let log_k = (k as f64).ln();
-    let kl = q
-        .kl_standard_normal()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?;
-    Ok(LikelihoodEstimate {
-        log_px: lse.iter().map(|l| l - log_k).collect(),
-        reconstruction: rec_sum.iter().map(|r| r / k as f64).collect(),
-        kl,
-    })
+    Ok(LikelihoodEstimate::from_sums(lse, rec_sum, kl_sums, k))
 }
 
 /// Sums a `[B]` tensor to f64 (for metrics).
 pub fn sum_f64(t: &Tensor) -> Result<f64> {
-    Ok(t.sum(D::Minus1)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?)
+    Ok(t.sum(D::Minus1)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The posterior means `E_q[z_l | x]` of every layer, `[B, L_l]` each: `mu_1(x)` for the
+/// first, and above it the Monte Carlo mean of `mu_l(z_{l-1})` over `samples` draws of the
+/// layers below. Their variance across examples gives the active units (Burda et al. 2015,
+/// Section 5.2): `A_u = Cov_x(E_q[u|x]) > 10^-2`.
+pub fn posterior_means(
+    vae: &Vae,
+    x: &Tensor,
+    samples: usize,
+    noise: &mut Noise,
+) -> Result<Vec<Tensor>> {
+    let q1 = vae.encode(x)?;
+    let mut means = vec![q1.mean.clone()];
+    let mut dims = vec![samples];
+    dims.extend_from_slice(q1.mean.dims());
+    let mut z = q1.rsample_with(&noise.randn(dims, x.device())?)?; // [S, B, L_1]
+    for l in 1..vae.config.layers() {
+        let q = vae.encode_layer(l, &z)?; // [S, B, L_l]
+        means.push(q.mean.mean(0)?);
+        z = q.rsample_with(&noise.randn(q.mean.dims(), x.device())?)?;
+    }
+    Ok(means)
 }

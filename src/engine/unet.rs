@@ -1,4 +1,4 @@
-//! The U-Net of [`super::nets`] on the CPU as one fused engine: forward pass, hand-derived
+//! The U-Net of [`crate::diffusion::nets`] on the CPU as one fused engine: forward pass, hand-derived
 //! backward pass and the simple loss, one example at a time per thread.
 //!
 //! Every layer of the U-Net (GroupNorm included: its statistics are per example and group)
@@ -10,7 +10,7 @@
 //! between layers. A stride-1 3x3 convolution is 3 gemms over 3 row-shifted copies of its
 //! input (`shifted_rows`; im2col would make 9), its dx the same convolution of dy with the
 //! flipped weights, its dW 3 gemms against the copies kept from the forward pass; the
-//! stride-2 ones are im2col + one gemm (see [`super::conv`]). The time projection of each
+//! stride-2 ones are im2col + one gemm (see [`crate::diffusion::conv`]). The time projection of each
 //! residual block is added as a per-channel bias of its first convolution, its skip branch is
 //! the starting value of the second convolution's output (accumulated in the gemm), and the
 //! up path's concatenation is one copy per example.
@@ -20,7 +20,7 @@
 //! ```text
 //! conv        y = W im2col(x) + b        dW += dy im2col(x)^T, db += sum dy, dx += col2im(W^T dy)
 //!             (stride 1: col2im(W^T dy) = the convolution of dy with W'[c,o,u,v] = W[o,c,-u,-v])
-//! group norm  see super::group_norm (closed form, optionally through the SiLU)
+//! group norm  see crate::diffusion::group_norm (closed form, optionally through the SiLU)
 //! linear      y = W x + b                dW += dy x^T, db += dy, dx += W^T dy
 //! attention   S = Q^T K / sqrt(C), A = softmax_rows(S), O = V A^T, y = x + P O + p
 //!             dV = dO A, dA = dO^T V, dS = A * (dA - rowsum(A * dA)) / sqrt(C),
@@ -39,10 +39,10 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::conv::{Conv2d, Geometry, gemm_rm};
-use super::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
-use super::nets::{Attention, ResBlock, UNet};
-use super::process::Denoiser;
+use crate::diffusion::conv::{Conv2d, Geometry, gemm_rm};
+use crate::diffusion::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
+use crate::diffusion::nets::{Attention, ResBlock, UNet};
+use crate::diffusion::process::Denoiser;
 use crate::nn::kernels::add_assign;
 
 /// A convolution's place in the flat parameter vector.
@@ -480,7 +480,7 @@ impl NormP {
         }
     }
 
-    /// `dx += d group_norm`, `dgamma`, `dbeta +=` (see [`super::group_norm`]).
+    /// `dx += d group_norm`, `dgamma`, `dbeta +=` (see [`crate::diffusion::group_norm`]).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -1553,7 +1553,7 @@ impl FusedUnet {
         Ok(out)
     }
 
-    /// The [`super::process::Denoiser`] forward on tensors (`xt` `[B, 1, H, W]`, `t` `[B]`).
+    /// The [`crate::diffusion::process::Denoiser`] forward on tensors (`xt` `[B, 1, H, W]`, `t` `[B]`).
     pub fn forward(&self, xt: &Tensor, t: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xt.dims4()?;
         if c != 1 {

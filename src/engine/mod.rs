@@ -1,4 +1,5 @@
-//! Which implementation runs a model: the one place the choice is made. Models do not know
+//! Which implementation runs a model: the one place the choice is made, and the fused CPU
+//! engines themselves ([`vae`]: the VAE family; [`unet`]: the U-Net). Models do not know
 //! their engine. On the CPU, the fused engines (hand-derived backward passes in reused
 //! buffers) run what they support; candle's tensors and autodiff run everything else, on any
 //! device. `--engine` forces either; the choice is printed once at the start of a run.
@@ -8,7 +9,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 
-use crate::diffusion::fused_unet::FusedUnet;
+pub mod unet;
+pub mod vae;
+
+use self::unet::FusedUnet;
 use crate::diffusion::nets::Net;
 use crate::diffusion::objective::simple_loss_inputs;
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
@@ -31,27 +35,26 @@ use crate::vae::model::Vae;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
-    /// `fused` where it applies, else `candle`: for the VAE the CPU, the Bernoulli likelihood
-    /// and the ELBO objective; for diffusion the U-Net on the CPU.
+    /// `fused` where it applies, else `candle`: for the VAE the CPU and the Bernoulli
+    /// likelihood; for diffusion the U-Net on the CPU.
     #[default]
     Auto,
     /// candle tensors and autodiff: any device, likelihood and objective.
     Candle,
-    /// The hand-derived fused CPU step of `vae::fused` or
-    /// `diffusion::fused_unet`.
+    /// The hand-derived fused CPU step of [`vae`] or [`unet`].
     Fused,
 }
 
 /// The engine of a VAE training step: `(fused, description)`. The fused engine takes the
-/// CPU, the Bernoulli likelihood and the ELBO objective (`elbo_objective`).
-pub fn vae_training(engine: Engine, vae: &Vae, elbo_objective: bool) -> Result<(bool, String)> {
-    let applies = crate::vae::fused::supports(vae) && elbo_objective;
+/// CPU and the Bernoulli likelihood (any depth, activation, stochastic layers, objective).
+pub fn vae_training(engine: Engine, vae: &Vae) -> Result<(bool, String)> {
+    let applies = self::vae::supports(vae);
     let fused = match engine {
         Engine::Auto => applies,
         Engine::Candle => false,
         Engine::Fused if applies => true,
         Engine::Fused => {
-            bail!("--engine fused: needs the CPU, --likelihood bernoulli and --objective elbo")
+            bail!("--engine fused: needs the CPU and --likelihood bernoulli")
         }
     };
     Ok((fused, describe(fused, engine)))
@@ -126,9 +129,9 @@ pub fn estimate_log_likelihood(
     max_rows: usize,
     noise: &mut Noise,
 ) -> Result<LikelihoodEstimate> {
-    if crate::vae::fused::supports(vae) {
+    if self::vae::supports(vae) {
         let adam = crate::optim::AdamConfig::with_lr(0.0);
-        let mut fused = crate::vae::fused::FusedVae::from_vae(vae, None, adam)?;
+        let mut fused = self::vae::FusedVae::from_vae(vae, None, adam)?;
         let x = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         return fused.estimate_log_likelihood(&x, k, max_rows, noise);
     }

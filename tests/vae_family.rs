@@ -1,0 +1,396 @@
+//! The VAE family (any depth, width, activation, one or more stochastic layers) on both
+//! engines: the fused engine's hand-derived gradients of the ELBO and of the IWAE bound
+//! against candle's autodiff, its log p(x) estimate against candle's, the bounds' ordering,
+//! each layer's KL against Monte Carlo, and checkpoints of every architecture.
+
+use candle_core::{Device, Tensor};
+use elbo::distributions::Noise;
+use elbo::engine::vae::FusedVae;
+use elbo::nn::activation::Activation;
+use elbo::optim::AdamConfig;
+use elbo::vae::objective::{Objective, draw_noise, pass_with};
+use elbo::vae::{Init, Vae, VaeConfig, elbo_terms, estimate_log_likelihood_candle, iwae_bound};
+use rand::{Rng, SeedableRng};
+
+fn config(input: usize, hidden: &[&[usize]], latents: &[usize], act: Activation) -> VaeConfig {
+    VaeConfig {
+        input_dim: input,
+        latent_dims: latents.to_vec(),
+        hidden: hidden.iter().map(|h| h.to_vec()).collect(),
+        activation: act,
+        likelihood: elbo::vae::Likelihood::Bernoulli,
+        obs_log_var: None,
+        image_shape: None,
+    }
+}
+
+/// `b` examples of `d` pixels in [0, 1], a third of them exactly 0 or 1.
+fn data(b: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..b * d)
+        .map(|i| match i % 3 {
+            0 => rng.random_range(0.0..1.0),
+            1 => 0.0,
+            _ => 1.0,
+        })
+        .collect()
+}
+
+fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().map(|v| v.abs() as f64).fold(1e-12, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    diff / scale
+}
+
+/// The architectures the tests run: (config, K, objective, beta).
+fn cases() -> Vec<(VaeConfig, usize, Objective, f64)> {
+    use Activation::*;
+    vec![
+        (
+            config(30, &[&[24, 16]], &[6], Tanh),
+            3,
+            Objective::Elbo,
+            0.7,
+        ),
+        (
+            config(30, &[&[24, 16]], &[6], Tanh),
+            5,
+            Objective::Iwae,
+            1.0,
+        ),
+        (
+            config(30, &[&[20], &[12, 10]], &[8, 4], Tanh),
+            2,
+            Objective::Elbo,
+            1.0,
+        ),
+        (
+            config(30, &[&[20], &[12, 10]], &[8, 4], Tanh),
+            5,
+            Objective::Iwae,
+            1.0,
+        ),
+        (
+            config(25, &[&[16], &[12], &[8]], &[8, 6, 3], Softplus),
+            4,
+            Objective::Iwae,
+            1.0,
+        ),
+        (
+            config(25, &[&[16], &[]], &[8, 3], Elu),
+            3,
+            Objective::Elbo,
+            0.5,
+        ),
+        (config(25, &[&[18]], &[5], Relu), 6, Objective::Iwae, 1.0),
+    ]
+}
+
+/// The candle loss of a case: `-(1/B) sum_b [rec - beta KL]` or `-(1/B) sum_b IWAE_K`.
+fn candle_loss(
+    vae: &Vae,
+    x: &Tensor,
+    k: usize,
+    objective: Objective,
+    beta: f64,
+    seed: u64,
+) -> Tensor {
+    let mut noise = Noise::new(seed);
+    match objective {
+        Objective::Elbo => elbo_terms(vae, x, k, &mut noise)
+            .unwrap()
+            .loss(beta)
+            .unwrap(),
+        Objective::Iwae => iwae_bound(vae, x, k, &mut noise)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap(),
+    }
+}
+
+/// For every architecture and objective, on one thread and split across two, the fused
+/// engine's loss and every parameter's gradient equal candle's autodiff of the same loss with
+/// the same noise (relative 2e-4: float32 rounding through a few layers). For the IWAE that is
+/// the paper's gradient, the normalised weights as constants (Eq. 14), since autodiff of the
+/// log-mean-exp gives exactly that.
+#[test]
+fn fused_gradients_match_candle_autodiff_for_every_architecture() {
+    for (case, (cfg, k, objective, beta)) in cases().into_iter().enumerate() {
+        let vae = Vae::initialised(
+            cfg.clone(),
+            Init::Glorot,
+            None,
+            &mut Noise::new(case as u64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let b = 16;
+        let xv = data(b, cfg.input_dim, 100 + case as u64);
+        let x = Tensor::from_vec(xv.clone(), (b, cfg.input_dim), &Device::Cpu).unwrap();
+        let loss = candle_loss(&vae, &x, k, objective, beta, 7);
+        let grads = loss.backward().unwrap();
+        let want = loss.to_scalar::<f32>().unwrap() as f64;
+        for threads in [1, 2] {
+            let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
+            fused.set_threads(threads);
+            fused.set_objective(objective);
+            let sums = fused
+                .forward_backward(&xv, k, beta, &mut Noise::new(7))
+                .unwrap();
+            let what = format!(
+                "case {case} ({} K={k} {objective:?}, {threads} threads)",
+                cfg.describe()
+            );
+            assert!(
+                (sums.loss - want).abs() < 1e-4 * want.abs(),
+                "{what}: loss {} vs candle {want}",
+                sums.loss
+            );
+            for (name, g) in fused.gradients() {
+                let var = &vae.params().iter().find(|(n, _)| *n == name).unwrap().1;
+                let gc = grads
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let dist = relative_distance(&g, &gc);
+                assert!(
+                    dist < 2e-4,
+                    "{what}, {name}: gradient differs by {dist:e} (relative)"
+                );
+            }
+        }
+    }
+}
+
+/// The mistake the IWAE gradient invites: weighting every sample equally (the gradient of
+/// mean_k log w_k, the K-sample ELBO) instead of by its normalised weight. On the same model
+/// and noise it is far from the true gradient, so the comparison above would catch it.
+#[test]
+fn equal_weights_are_not_the_iwae_gradient() {
+    let cfg = config(30, &[&[20], &[12, 10]], &[8, 4], Activation::Tanh);
+    let vae = Vae::initialised(
+        cfg.clone(),
+        Init::Glorot,
+        None,
+        &mut Noise::new(3),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::from_vec(data(16, 30, 5), (16, 30), &Device::Cpu).unwrap();
+    let k = 5;
+    let iwae = candle_loss(&vae, &x, k, Objective::Iwae, 1.0, 9);
+    let eps = draw_noise(&vae, k, 16, &mut Noise::new(9)).unwrap();
+    let equal = pass_with(&vae, &x, &eps)
+        .unwrap()
+        .log_weights()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let (g1, g2) = (iwae.backward().unwrap(), equal.backward().unwrap());
+    let mut worst = 0f64;
+    for (_, var) in vae.params() {
+        let a = g1
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = g2
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        worst = worst.max(relative_distance(&b, &a));
+    }
+    assert!(
+        worst > 1e-2,
+        "equal weights differ from the IWAE gradient by only {worst:e}"
+    );
+}
+
+/// The fused log p(x) estimate and its parts (reconstruction, the KL of each layer) equal
+/// candle's with the same noise and chunks, for one and for three stochastic layers.
+#[test]
+fn fused_log_likelihood_matches_candle_for_hierarchies() {
+    for (case, (cfg, ..)) in cases()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| [0, 3, 4].contains(i))
+    {
+        let vae = Vae::initialised(
+            cfg.clone(),
+            Init::Glorot,
+            None,
+            &mut Noise::new(case as u64),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .frozen()
+        .unwrap();
+        let xv = data(12, cfg.input_dim, 1);
+        let x = Tensor::from_vec(xv.clone(), (12, cfg.input_dim), &Device::Cpu).unwrap();
+        let c = estimate_log_likelihood_candle(&vae, &x, 70, 200, &mut Noise::new(4)).unwrap();
+        let f =
+            elbo::engine::estimate_log_likelihood(&vae, &x, 70, 200, &mut Noise::new(4)).unwrap();
+        for i in 0..12 {
+            assert!(
+                (f.log_px[i] - c.log_px[i]).abs() < 1e-3,
+                "case {case} example {i}: log p(x) {} vs {}",
+                f.log_px[i],
+                c.log_px[i]
+            );
+            assert!((f.reconstruction[i] - c.reconstruction[i]).abs() < 1e-3);
+            for l in 0..cfg.layers() {
+                let (a, b) = (f.kl_layers[l][i], c.kl_layers[l][i]);
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "case {case} layer {l} example {i}: KL {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Burda et al. (2015), Theorem 1, on a two-layer model trained a little (so the bounds are
+/// apart): E[ELBO] <= E[IWAE_5] <= E[IWAE_50] <= log p(x), per example the mean of 200 draws
+/// of each bound (log p(x): K = 20,000); each step must hold for the mean over 32 examples
+/// beyond 3 standard errors of the per-example differences.
+#[test]
+fn bounds_are_ordered_for_two_stochastic_layers() {
+    let cfg = config(30, &[&[40], &[20]], &[10, 4], Activation::Tanh);
+    let vae = Vae::initialised(cfg, Init::Glorot, None, &mut Noise::new(2), &Device::Cpu).unwrap();
+    let (b, draws) = (32, 200);
+    // Train on a fixed batch for 100 steps so q is informative but imperfect.
+    let xv = data(b, 30, 8);
+    let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(3e-3)).unwrap();
+    let mut noise = Noise::new(1);
+    for _ in 0..100 {
+        fused.train_step(&xv, 1, 1.0, &mut noise).unwrap();
+    }
+    fused.write_to(&vae, None).unwrap();
+    let vae = vae.frozen().unwrap();
+    let x = Tensor::from_vec(xv, (b, 30), &Device::Cpu).unwrap();
+    let repeated = x.repeat((draws, 1)).unwrap();
+    // The mean over the draws of each example (rows d * b + i).
+    let per_example = |t: Tensor| -> Vec<f64> {
+        let v = t.to_vec1::<f32>().unwrap();
+        (0..b)
+            .map(|i| (0..draws).map(|d| v[d * b + i] as f64).sum::<f64>() / draws as f64)
+            .collect()
+    };
+    let mut n = Noise::new(12);
+    let elbo = per_example(
+        elbo_terms(&vae, &repeated, 1, &mut n)
+            .unwrap()
+            .elbo(1.0)
+            .unwrap(),
+    );
+    let i5 = per_example(iwae_bound(&vae, &repeated, 5, &mut n).unwrap());
+    let i50 = per_example(iwae_bound(&vae, &repeated, 50, &mut n).unwrap());
+    let log_px = estimate_log_likelihood_candle(&vae, &x, 20_000, 100_000, &mut n)
+        .unwrap()
+        .log_px;
+    for (what, hi, lo) in [
+        ("IWAE_5 - ELBO", &i5, &elbo),
+        ("IWAE_50 - IWAE_5", &i50, &i5),
+        ("log p(x) - IWAE_50", &log_px, &i50),
+    ] {
+        let diff: Vec<f64> = hi.iter().zip(lo.iter()).map(|(a, b)| a - b).collect();
+        let (m, se) = (elbo::eval::mean(&diff), elbo::eval::standard_error(&diff));
+        assert!(m > 3.0 * se, "{what}: mean {m:.4} +- {se:.4}");
+        println!("{what}: {m:.3} +- {se:.3}");
+    }
+}
+
+/// Each layer's KL as the ELBO reports it (closed form at the top, given z_{L-1}; Monte Carlo
+/// below) against a plain Monte Carlo estimate E_q[log q(z_l|.) - log p(z_l|.)] from 4,000
+/// fresh samples: equal within 4 standard errors.
+#[test]
+fn kl_of_each_layer_matches_monte_carlo() {
+    let cfg = config(20, &[&[16], &[12]], &[6, 3], Activation::Tanh);
+    let vae = Vae::initialised(cfg, Init::Pytorch, None, &mut Noise::new(6), &Device::Cpu)
+        .unwrap()
+        .frozen()
+        .unwrap();
+    let x = Tensor::from_vec(data(1, 20, 2), (1, 20), &Device::Cpu).unwrap();
+    let k = 4000;
+    let reported = elbo_terms(&vae, &x, k, &mut Noise::new(1)).unwrap();
+    let eps = draw_noise(&vae, k, 1, &mut Noise::new(2)).unwrap();
+    let pass = pass_with(&vae, &x, &eps).unwrap();
+    for (l, ratio) in pass.log_ratio.iter().enumerate() {
+        let mc: Vec<f64> = ratio
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| -(v as f64))
+            .collect();
+        let (m, se) = (elbo::eval::mean(&mc), elbo::eval::standard_error(&mc));
+        let got = reported.kl_layers[l].to_vec1::<f32>().unwrap()[0] as f64;
+        assert!(
+            (got - m).abs() < 4.0 * se + 1e-3,
+            "layer {}: reported {got:.4}, Monte Carlo {m:.4} +- {se:.4}",
+            l + 1
+        );
+    }
+}
+
+/// Every architecture survives a checkpoint round trip: same config, same parameters, and the
+/// names PyTorch's state_dict of the equivalent module would give.
+#[test]
+fn checkpoints_round_trip_for_every_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, (cfg, ..)) in cases().into_iter().enumerate() {
+        let vae = Vae::initialised(
+            cfg.clone(),
+            Init::Glorot,
+            None,
+            &mut Noise::new(case as u64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let path = dir.path().join(format!("{case}.safetensors"));
+        vae.save(&path).unwrap();
+        let back = Vae::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.config, cfg);
+        for ((n1, a), (n2, b)) in vae.params().iter().zip(back.params()) {
+            assert_eq!(n1, n2);
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(a, b, "{n1}");
+        }
+        let names: Vec<&str> = vae.params().iter().map(|(n, _)| n.as_str()).collect();
+        if cfg.layers() == 1 {
+            assert!(names.contains(&"encoder.0.weight") && names.contains(&"fc_logvar.bias"));
+            let last = 2 * cfg.hidden[0].len();
+            assert!(
+                names.contains(&format!("decoder.{last}.weight").as_str()),
+                "{names:?}"
+            );
+        } else {
+            assert!(
+                names.contains(&"encoder.1.fc_mu.weight")
+                    && names.contains(&"decoder.0.net.0.weight")
+            );
+            assert!(names.contains(&"decoder.1.fc_logvar.bias"), "{names:?}");
+        }
+    }
+}
