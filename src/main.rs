@@ -327,9 +327,13 @@ struct TrainVaeArgs {
     /// Continue the run in --out from its last checkpoint, up to --epochs in all.
     #[arg(long)]
     resume: bool,
-    /// Hold out the last N training examples as a validation split, reported every epoch.
+    /// Hold out the last N training examples as a validation split, reported with the test set.
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     valid: Option<usize>,
+    /// Evaluate the test (and validation) set every N epochs and at the last
+    /// [default: 1; iwae-paper: 10].
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    eval_every: Option<usize>,
     /// Use only the first N training examples (after --valid).
     #[arg(long, allow_negative_numbers = true, value_name = "N")]
     train_limit: Option<usize>,
@@ -521,6 +525,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 seed: a.seed,
                 valid: a.valid,
+                eval_every: a.eval_every.unwrap_or(if paper { 10 } else { 1 }),
                 train_limit: a.train_limit,
                 test_limit: a.test_limit,
             };

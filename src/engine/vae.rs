@@ -492,7 +492,7 @@ fn add_f64(dst: &mut [f64], src: &[f64]) {
 }
 
 /// Examples per slice below which a batch is not cut (the hand-off costs more).
-const MIN_SLICE_EXAMPLES: usize = 4;
+const MIN_SLICE_EXAMPLES: usize = 16;
 
 /// Copies the noise of examples `from..to` out of the batch's `[K, B, L]` per layer.
 fn gather_noise(

@@ -56,13 +56,20 @@ pub struct TrainConfig {
     /// Which implementation computes the training steps.
     #[serde(default)]
     pub engine: Engine,
-    /// Hold out the last N training examples as a validation split, evaluated every epoch.
+    /// Hold out the last N training examples as a validation split, evaluated with the test set.
     #[serde(default)]
     pub valid: Option<usize>,
+    /// Evaluate the test (and validation) set every N epochs and at the last.
+    #[serde(default = "one")]
+    pub eval_every: usize,
     /// Use only the first N training examples (all when `None`; after `valid` is held out).
     pub train_limit: Option<usize>,
     /// Use only the first N test examples (all when `None`).
     pub test_limit: Option<usize>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_adam_eps() -> f64 {
@@ -126,6 +133,7 @@ impl TrainConfig {
         limits::at_least_one("--epochs", self.epochs)?;
         limits::at_least_one("--batch-size", self.batch_size)?;
         limits::at_least_one("--mc-samples", self.mc_samples)?;
+        limits::at_least_one("--eval-every", self.eval_every)?;
         limits::at_least_one("--train-limit", self.train_limit.unwrap_or(1))?;
         limits::at_least_one("--test-limit", self.test_limit.unwrap_or(1))?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
@@ -182,7 +190,9 @@ pub struct EpochMetrics {
     /// The held-out part of the training set (`--valid N`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid: Option<Terms>,
-    pub test: Terms,
+    /// The test set's terms (every `eval_every` epochs and at the last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<Terms>,
     /// The learning rate of the epoch.
     #[serde(default)]
     pub lr: f64,
@@ -211,10 +221,13 @@ pub fn evaluate_elbo(
     let idx: Vec<usize> = (0..data.len()).collect();
     for chunk in idx.chunks(500) {
         let x = data.batch(chunk, pixels, &mut pixel_rng, vae.device())?;
-        let t = elbo_terms(&frozen, &x, mc_samples, &mut noise)?;
-        rec -= vae::objective::sum_f64(&t.reconstruction)?;
-        for (sum, layer) in kl.iter_mut().zip(&t.kl_layers) {
-            *sum += vae::objective::sum_f64(layer)?;
+        // The K-sample ELBO's parts are those of the log p(x) estimate's pass (the same noise
+        // as `elbo_terms`), on the fused engine where it applies.
+        let est =
+            crate::engine::estimate_log_likelihood(&frozen, &x, mc_samples, 1 << 20, &mut noise)?;
+        rec -= est.reconstruction.iter().sum::<f64>();
+        for (sum, layer) in kl.iter_mut().zip(&est.kl_layers) {
+            *sum += layer.iter().sum::<f64>();
         }
     }
     Ok(Terms::from_sums(rec, &kl, data.len()))
@@ -391,22 +404,26 @@ pub fn train_vae(
             fused.write_to(&vae, Some(&mut adam))?;
         }
         let train_terms = Terms::from_sums(rec_sum, &kl_sums, n);
-        let test_terms = evaluate_elbo(
-            &vae,
-            &test,
-            config.pixels,
-            config.mc_samples,
-            derive_seed(config.seed, STREAM_TEST, 0),
-        )?;
+        let evaluate = epoch % config.eval_every.max(1) == 0 || epoch == config.epochs;
+        let test_terms = match evaluate {
+            true => Some(evaluate_elbo(
+                &vae,
+                &test,
+                config.pixels,
+                config.mc_samples,
+                derive_seed(config.seed, STREAM_TEST, 0),
+            )?),
+            false => None,
+        };
         let valid_terms = match &valid {
-            Some(v) => Some(evaluate_elbo(
+            Some(v) if evaluate => Some(evaluate_elbo(
                 &vae,
                 v,
                 config.pixels,
                 config.mc_samples,
                 derive_seed(config.seed, STREAM_TEST, 0),
             )?),
-            None => None,
+            _ => None,
         };
         let metrics = EpochMetrics {
             epoch,
@@ -432,15 +449,15 @@ pub fn train_vae(
             let valid = valid_terms.as_ref().map_or(String::new(), |v| {
                 format!("valid -ELBO {:.2} | ", v.neg_elbo)
             });
+            let test = test_terms.as_ref().map_or(String::new(), |t| {
+                format!(
+                    "test -ELBO {:.2} (rec {:.2}, KL {:.2}) | ",
+                    t.neg_elbo, t.reconstruction, t.kl
+                )
+            });
             eprintln!(
-                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | {valid}test -ELBO {:.2} (rec {:.2}, KL {:.2}) | {:.1}s",
-                train_terms.neg_elbo,
-                train_terms.reconstruction,
-                train_terms.kl,
-                test_terms.neg_elbo,
-                test_terms.reconstruction,
-                test_terms.kl,
-                metrics.seconds
+                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | {valid}{test}lr {lr:.2e} | {:.1}s",
+                train_terms.neg_elbo, train_terms.reconstruction, train_terms.kl, metrics.seconds
             );
         }
         all.push(metrics);
