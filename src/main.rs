@@ -836,9 +836,9 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         } else {
             for (l, kl) in kl_means.iter().enumerate() {
                 let how = if l + 1 == layers {
-                    "closed form given z_{l}"
+                    format!("closed form given the sampled z_{l}")
                 } else {
-                    "Monte Carlo"
+                    "Monte Carlo, E_q[log q(z|.) - log p(z|.)]".to_string()
                 };
                 println!("  KL layer {}    {kl:10.3}   {how}", l + 1);
             }

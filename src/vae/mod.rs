@@ -1,6 +1,6 @@
 //! The VAE family: the models (MLPs with one or more stochastic layers) and their objectives
 //! (ELBO with per-layer KL, IWAE, importance-sampled log p(x)), written once for all of them.
-//! Their fused CPU engine is [`crate::engine::vae`].
+//! Their fused CPU engine is `engine::vae`.
 
 pub mod estimate;
 pub mod model;
@@ -8,6 +8,6 @@ pub mod objective;
 
 pub use model::{Init, Likelihood, Vae, VaeConfig, reconstruct, sample_prior};
 pub use objective::{
-    ElboTerms, LikelihoodEstimate, Objective, elbo_terms, estimate_log_likelihood_candle,
-    iwae_bound,
+    ElboTerms, LatentVariableModel, LikelihoodEstimate, Objective, elbo_terms,
+    estimate_log_likelihood_candle, iwae_bound,
 };

@@ -661,6 +661,28 @@ impl Vae {
     }
 }
 
+impl super::objective::LatentVariableModel for Vae {
+    fn latent_dims(&self) -> Vec<usize> {
+        self.config.latent_dims.clone()
+    }
+
+    fn device(&self) -> &Device {
+        Vae::device(self)
+    }
+
+    fn encode_layer(&self, l: usize, input: &Tensor) -> Result<DiagGaussian> {
+        Vae::encode_layer(self, l, input)
+    }
+
+    fn prior_layer(&self, l: usize, z: &Tensor) -> Result<DiagGaussian> {
+        Vae::prior_layer(self, l, z)
+    }
+
+    fn log_px_given_z(&self, x: &Tensor, z1: &Tensor) -> Result<Tensor> {
+        self.log_likelihood(x, &self.decode(z1)?)
+    }
+}
+
 /// How fresh parameters are drawn.
 #[derive(
     Debug,

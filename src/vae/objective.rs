@@ -16,10 +16,36 @@
 
 pub use super::estimate::{LikelihoodEstimate, log_add_exp};
 use anyhow::Result;
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
-use super::model::Vae;
 use crate::distributions::{DiagGaussian, Noise, standard_normal_log_prob};
+
+/// A latent variable model with L stochastic layers, bottom-up inference and top-down
+/// generation (Burda et al. 2015, Section 2): what every objective here needs. The shipped
+/// `Vae` (in `vae::model`) implements it; so can any model of candle modules
+/// (`examples/custom_vae.rs`), and then the ELBO, IWAE_K, log p(x), posterior means and
+/// active units come with it.
+///
+/// ```text
+/// q(z_1|x) q(z_2|z_1) ... q(z_L|z_{L-1})       encode_layer(0..L)
+/// p(z_L) = N(0, I)  p(z_{L-1}|z_L) ... p(x|z_1)  prior_layer(1..L), log_px_given_z
+/// ```
+pub trait LatentVariableModel {
+    /// The sizes of z_1..z_L (bottom-up; at least one).
+    fn latent_dims(&self) -> Vec<usize>;
+    /// The device its parameters live on (noise is drawn there).
+    fn device(&self) -> &Device;
+    /// q(z_{l+1}|z_l) for 0-based `l` (z_0 = x): `input` `[..., in]` -> `[..., L_{l+1}]`.
+    fn encode_layer(&self, l: usize, input: &Tensor) -> Result<DiagGaussian>;
+    /// p(z_l|z_{l+1}) for 0-based `l` in 1..L: `z` `[..., L_{l+1}]` -> a Gaussian over z_l.
+    /// Models with one stochastic layer never have it called.
+    fn prior_layer(&self, l: usize, z: &Tensor) -> Result<DiagGaussian> {
+        let _ = z;
+        anyhow::bail!("this model has no generative layer above z_{l}")
+    }
+    /// `log p(x|z_1)` summed over the pixels: `x` `[B, D]`, `z1` `[..., B, L_1]` -> `[..., B]`.
+    fn log_px_given_z(&self, x: &Tensor, z1: &Tensor) -> Result<Tensor>;
+}
 
 /// The training objective.
 #[derive(
@@ -116,18 +142,26 @@ impl Pass {
 }
 
 /// Draws the noise of K samples of every layer, layer by layer: `[K, B, L_l]` each.
-pub fn draw_noise(vae: &Vae, k: usize, b: usize, noise: &mut Noise) -> Result<Vec<Tensor>> {
-    vae.config
-        .latent_dims
+pub fn draw_noise<M: LatentVariableModel + ?Sized>(
+    vae: &M,
+    k: usize,
+    b: usize,
+    noise: &mut Noise,
+) -> Result<Vec<Tensor>> {
+    vae.latent_dims()
         .iter()
         .map(|&l| Ok(noise.randn((k, b, l), vae.device())?))
         .collect()
 }
 
 /// The pass of [`Pass`] with the given noise (`eps[l]` `[K, B, L_l]`).
-pub fn pass_with(vae: &Vae, x: &Tensor, eps: &[Tensor]) -> Result<Pass> {
-    let layers = vae.config.layers();
-    let q1 = vae.encode(x)?;
+pub fn pass_with<M: LatentVariableModel + ?Sized>(
+    vae: &M,
+    x: &Tensor,
+    eps: &[Tensor],
+) -> Result<Pass> {
+    let layers = vae.latent_dims().len();
+    let q1 = vae.encode_layer(0, x)?;
     let mut q = q1.clone();
     let mut samples = Vec::new();
     let mut log_q = Vec::new();
@@ -143,7 +177,7 @@ pub fn pass_with(vae: &Vae, x: &Tensor, eps: &[Tensor]) -> Result<Pass> {
         }
         samples.push(z);
     }
-    let log_px_z = vae.log_likelihood(x, &vae.decode(&samples[0])?)?;
+    let log_px_z = vae.log_px_given_z(x, &samples[0])?;
     let mut log_ratio = Vec::new();
     for l in 0..layers {
         let log_p = if l + 1 == layers {
@@ -163,7 +197,12 @@ pub fn pass_with(vae: &Vae, x: &Tensor, eps: &[Tensor]) -> Result<Pass> {
 }
 
 /// ELBO terms with K reparameterized samples of every layer.
-pub fn elbo_terms(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<ElboTerms> {
+pub fn elbo_terms<M: LatentVariableModel + ?Sized>(
+    vae: &M,
+    x: &Tensor,
+    k: usize,
+    noise: &mut Noise,
+) -> Result<ElboTerms> {
     let eps = draw_noise(vae, k, x.dim(0)?, noise)?;
     pass_with(vae, x, &eps)?.elbo_terms()
 }
@@ -171,7 +210,12 @@ pub fn elbo_terms(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<
 /// The importance-weighted bound `IWAE_K = log (1/K) sum_k w_k` (one draw of it), `[B]`.
 /// `E[IWAE_1] = ELBO <= E[IWAE_K] <= E[IWAE_K'] <= log p(x)` for K <= K' (Burda et al. 2015, Thm 1).
 /// Differentiable, so it can also be trained on.
-pub fn iwae_bound(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<Tensor> {
+pub fn iwae_bound<M: LatentVariableModel + ?Sized>(
+    vae: &M,
+    x: &Tensor,
+    k: usize,
+    noise: &mut Noise,
+) -> Result<Tensor> {
     Ok(iwae_terms(vae, x, k, noise)?.1)
 }
 
@@ -182,8 +226,8 @@ pub fn iwae_bound(vae: &Vae, x: &Tensor, k: usize, noise: &mut Noise) -> Result<
 /// normalised weights `w~_k = w_k / sum_k' w_k'` acting as constants. That is exactly the
 /// derivative of the log-mean-exp, which autodiff of this function computes; the fused engine
 /// computes it by hand, and `tests/vae.rs` checks the two against each other.
-pub fn iwae_terms(
-    vae: &Vae,
+pub fn iwae_terms<M: LatentVariableModel + ?Sized>(
+    vae: &M,
     x: &Tensor,
     k: usize,
     noise: &mut Noise,
@@ -206,16 +250,16 @@ pub fn iwae_terms(
 /// ```
 ///
 /// `engine::estimate_log_likelihood` runs it on the fused CPU engine where that applies (the
-/// same noise, the same numbers to float rounding). Run on a [`Vae::frozen`] model.
-pub fn estimate_log_likelihood_candle(
-    vae: &Vae,
+/// same noise, the same numbers to float rounding). Run on a frozen model (`Vae::frozen`).
+pub fn estimate_log_likelihood_candle<M: LatentVariableModel + ?Sized>(
+    vae: &M,
     x: &Tensor,
     k: usize,
     max_rows: usize,
     noise: &mut Noise,
 ) -> Result<LikelihoodEstimate> {
     let b = x.dim(0)?;
-    let layers = vae.config.layers();
+    let layers = vae.latent_dims().len();
     let chunk = (max_rows / b.max(1)).clamp(1, k.max(1));
     let mut lse = vec![f64::NEG_INFINITY; b];
     let mut rec_sum = vec![0.0f64; b];
@@ -251,18 +295,18 @@ pub fn sum_f64(t: &Tensor) -> Result<f64> {
 /// first, and above it the Monte Carlo mean of `mu_l(z_{l-1})` over `samples` draws of the
 /// layers below. Their variance across examples gives the active units (Burda et al. 2015,
 /// Section 5.2): `A_u = Cov_x(E_q[u|x]) > 10^-2`.
-pub fn posterior_means(
-    vae: &Vae,
+pub fn posterior_means<M: LatentVariableModel + ?Sized>(
+    vae: &M,
     x: &Tensor,
     samples: usize,
     noise: &mut Noise,
 ) -> Result<Vec<Tensor>> {
-    let q1 = vae.encode(x)?;
+    let q1 = vae.encode_layer(0, x)?;
     let mut means = vec![q1.mean.clone()];
     let mut dims = vec![samples];
     dims.extend_from_slice(q1.mean.dims());
     let mut z = q1.rsample_with(&noise.randn(dims, x.device())?)?; // [S, B, L_1]
-    for l in 1..vae.config.layers() {
+    for l in 1..vae.latent_dims().len() {
         let q = vae.encode_layer(l, &z)?; // [S, B, L_l]
         means.push(q.mean.mean(0)?);
         z = q.rsample_with(&noise.randn(q.mean.dims(), x.device())?)?;
