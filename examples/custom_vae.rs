@@ -3,16 +3,16 @@
 //! importance-sampled log p(x) to evaluate with. `cargo run --release --example custom_vae -- 600`
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, Optimizer, VarBuilder, VarMap, conv2d, linear};
+use candle_nn::{Activation::Relu, Conv2dConfig, Optimizer, Sequential, VarBuilder, VarMap};
+use candle_nn::{conv2d, linear, seq};
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::{DiagGaussian, Noise, bernoulli_log_prob_logits};
 use elbo::vae::objective::{LatentVariableModel, estimate_log_likelihood_candle, iwae_bound};
 use rand::SeedableRng;
 
 struct ConvVae {
-    conv: [Conv2d; 2],
-    heads: Linear,
-    decoder: [Linear; 2],
+    encoder: Sequential,
+    decoder: Sequential,
     device: Device,
 }
 
@@ -23,11 +23,9 @@ impl LatentVariableModel for ConvVae {
     fn device(&self) -> &Device {
         &self.device
     }
-    /// q(z|x): 1x28x28 -> 16x14x14 -> 32x7x7 (stride-2 3x3 convolutions) -> mean, log-variance.
+    /// q(z|x): the encoder's 32 outputs are the mean and log-variance of z (16 each).
     fn encode_layer(&self, _: usize, x: &Tensor) -> Result<DiagGaussian> {
-        let h = self.conv[0].forward(&x.reshape(((), 1, 28, 28))?)?.relu()?;
-        let h = self.conv[1].forward(&h)?.relu()?.flatten_from(1)?;
-        let out = self.heads.forward(&h)?;
+        let out = self.encoder.forward(&x.reshape(((), 1, 28, 28))?)?;
         Ok(DiagGaussian::new(
             out.narrow(1, 0, 16)?,
             out.narrow(1, 16, 16)?,
@@ -35,8 +33,7 @@ impl LatentVariableModel for ConvVae {
     }
     /// log p(x|z) with Bernoulli pixels; `z` `[K, B, 16]`.
     fn log_px_given_z(&self, x: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let logits = self.decoder[1].forward(&self.decoder[0].forward(z)?.relu()?)?;
-        Ok(bernoulli_log_prob_logits(x, &logits)?)
+        Ok(bernoulli_log_prob_logits(x, &self.decoder.forward(z)?)?)
     }
 }
 
@@ -50,16 +47,19 @@ pub fn run(steps: usize) -> Result<(f64, f64)> {
         padding: 1,
         ..Default::default()
     };
+    // 1x28x28 -> 16x14x14 -> 32x7x7 (stride-2 3x3 convolutions) -> 32; 16 -> 256 -> 784 logits.
     let model = ConvVae {
-        conv: [
-            conv2d(1, 16, 3, c, vb.pp("c0"))?,
-            conv2d(16, 32, 3, c, vb.pp("c1"))?,
-        ],
-        heads: linear(32 * 49, 32, vb.pp("heads"))?,
-        decoder: [
-            linear(16, 256, vb.pp("d0"))?,
-            linear(256, 784, vb.pp("d1"))?,
-        ],
+        encoder: seq()
+            .add(conv2d(1, 16, 3, c, vb.pp("c0"))?)
+            .add(Relu)
+            .add(conv2d(16, 32, 3, c, vb.pp("c1"))?)
+            .add(Relu)
+            .add_fn(|h| h.flatten_from(1))
+            .add(linear(32 * 49, 32, vb.pp("heads"))?),
+        decoder: seq()
+            .add(linear(16, 256, vb.pp("d0"))?)
+            .add(Relu)
+            .add(linear(256, 784, vb.pp("d1"))?),
         device: device.clone(),
     };
     let mut adam = candle_nn::AdamW::new_lr(vars.all_vars(), 1e-3)?;
