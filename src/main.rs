@@ -458,7 +458,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train {
             model: TrainModel::Vae(a),
         } => {
-            if a.likelihood == Likelihood::Bernoulli && a.obs_log_var.is_some() {
+            if a.likelihood != Likelihood::Gaussian && a.obs_log_var.is_some() {
                 bail!("--obs-log-var applies only to --likelihood gaussian");
             }
             let paper = a.preset == Some(Preset::IwaePaper);
@@ -810,6 +810,7 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "nll": nll,
             "gap": neg_elbo - nll,
             "nll_stderr": stderr(&log_px),
+            "nll_bits_per_dim": elbo::eval::bits_per_dim(nll, vae.config.input_dim),
             "active_units": active,
             "iw_samples": a.iw_samples,
             "n": log_px.len(),
@@ -847,6 +848,11 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "NLL (IS)        {nll:10.3}   -log p(x), importance sampling, K = {} (+- {:.3})",
             a.iw_samples,
             stderr(&log_px)
+        );
+        println!(
+            "                {:10.4}   bits/dim (NLL / ({} ln 2))",
+            elbo::eval::bits_per_dim(nll, vae.config.input_dim),
+            vae.config.input_dim
         );
         println!(
             "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",

@@ -29,7 +29,10 @@ use candle_nn::Linear;
 
 use crate::checkpoint;
 use crate::data::ImageShape;
-use crate::distributions::{DiagGaussian, Noise, bernoulli_log_prob_logits, gaussian_log_prob};
+use crate::distributions::{
+    DiagGaussian, Noise, bernoulli_log_prob_logits, discretized_logistic_log_prob,
+    gaussian_log_prob,
+};
 use crate::nn::activation::Activation;
 use crate::nn::mlp::MlpShape;
 
@@ -43,6 +46,10 @@ pub enum Likelihood {
     Bernoulli,
     /// N(sigmoid(logits), sigma^2 I), sigma^2 fixed or learned (one scalar `obs_log_var`).
     Gaussian,
+    /// Discretized logistic over the 256 levels of 8-bit pixels (PixelCNN++): the decoder gives
+    /// a mean and a log-scale per pixel and channel (`2 D` outputs), so the NLL is a
+    /// probability of the data itself and reads as bits/dim.
+    Logistic,
 }
 
 /// Model hyper-parameters; defaults are exactly the text's `SimpleVAE`.
@@ -151,6 +158,15 @@ impl VaeConfig {
             .or((self.input_dim == ImageShape::MNIST.dim()).then_some(ImageShape::MNIST))
     }
 
+    /// The decoder's outputs per example: `input_dim`, or two per value (mean and log-scale)
+    /// for the discretized logistic.
+    pub fn output_dim(&self) -> usize {
+        match self.likelihood {
+            Likelihood::Logistic => 2 * self.input_dim,
+            _ => self.input_dim,
+        }
+    }
+
     /// The number of stochastic layers L.
     pub fn layers(&self) -> usize {
         self.latent_dims.len()
@@ -205,7 +221,7 @@ impl VaeConfig {
             let mut sizes = vec![self.latent_dims[l]];
             sizes.extend(self.hidden[l].iter().rev());
             let (prefix, heads) = if l == 0 {
-                sizes.push(self.input_dim);
+                sizes.push(self.output_dim());
                 let prefix = if layers == 1 {
                     "decoder"
                 } else {
@@ -350,7 +366,11 @@ impl VaeConfig {
             q.push(z.checked_mul(2)?);
             let mut p = vec![z];
             p.extend(hidden.iter().rev());
-            p.push(if l == 0 { d } else { below.checked_mul(2)? });
+            let out = match self.likelihood {
+                Likelihood::Logistic => d.checked_mul(2)?,
+                _ => d,
+            };
+            p.push(if l == 0 { out } else { below.checked_mul(2)? });
             total = total.checked_add(count(&q)?)?.checked_add(count(&p)?)?;
         }
         Some(total)
@@ -368,19 +388,25 @@ impl VaeConfig {
 /// An MLP of candle `Linear`s: the activation after every layer but the last.
 struct CandleMlp {
     layers: Vec<Linear>,
+    /// A Gaussian's two heads (`fc_mu`, `fc_logvar`) after the last hidden layer.
+    heads: Option<(Linear, Linear)>,
     activation: Activation,
 }
 
 impl CandleMlp {
-    /// `x` `[..., in]` -> `[..., out]`.
+    /// `x` `[..., in]` -> `[..., out]` (`[mu; log_var]` for a Gaussian's heads).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let mut h = x.reshape(((), dims[dims.len() - 1]))?;
+        let hidden = self.layers.len() - usize::from(self.heads.is_none());
         for (j, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h)?;
-            if j + 1 < self.layers.len() {
+            if j < hidden {
                 h = crate::nn::activation::candle_forward(self.activation, &h)?;
             }
+        }
+        if let Some((mu, log_var)) = &self.heads {
+            h = Tensor::cat(&[mu.forward(&h)?, log_var.forward(&h)?], 1)?;
         }
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(h.dim(1)?);
@@ -427,7 +453,7 @@ impl Vae {
             .map(|(n, _, s)| (n.trim_end_matches(".weight").to_string(), s[1]))
             .collect();
         let decoder_out = config.flat_entries().into_iter().rfind(|(n, _, s)| {
-            n.starts_with("decoder") && n.ends_with(".bias") && s[0] == config.input_dim
+            n.starts_with("decoder") && n.ends_with(".bias") && s[0] == config.output_dim()
         });
         for (name, _, shape) in entries {
             let n: usize = shape.iter().product();
@@ -447,7 +473,22 @@ impl Vae {
                         .collect()
                 }
                 Init::Glorot => match (output_bias, &decoder_out) {
-                    (Some(b), Some((out, _, _))) if *out == name && b.len() == n => b.to_vec(),
+                    // The logits of the mean (Bernoulli); the logistic's means start at the
+                    // mean pixel in [-1, 1] and its log-scales at 0.
+                    (Some(b), Some((out, _, _))) if *out == name => match config.likelihood {
+                        Likelihood::Logistic => b
+                            .iter()
+                            .map(|l| 2.0 / (1.0 + (-l).exp()) - 1.0)
+                            .chain(std::iter::repeat_n(0.0, n.saturating_sub(b.len())))
+                            .take(n)
+                            .collect(),
+                        _ => b
+                            .iter()
+                            .copied()
+                            .chain(std::iter::repeat(0.0))
+                            .take(n)
+                            .collect(),
+                    },
                     _ => vec![0.0; n],
                 },
             };
@@ -477,39 +518,37 @@ impl Vae {
         for spec in config.networks() {
             let layers = spec.shape.layers();
             let mut linears = Vec::new();
+            let mut heads = None;
+            let linear =
+                |w: &str, b: &str| -> Result<Linear> { Ok(Linear::new(get(w)?, Some(get(b)?))) };
             for j in 0..layers {
-                let (w, b) = match (&spec.heads, j + 1 == layers) {
-                    (Some(h), true) => (
-                        Tensor::cat(
-                            &[
-                                get(&format!("{h}fc_mu.weight"))?,
-                                get(&format!("{h}fc_logvar.weight"))?,
-                            ],
-                            0,
-                        )?,
-                        Tensor::cat(
-                            &[
-                                get(&format!("{h}fc_mu.bias"))?,
-                                get(&format!("{h}fc_logvar.bias"))?,
-                            ],
-                            0,
-                        )?,
-                    ),
-                    _ => (
-                        get(&format!("{}.{}.weight", spec.prefix, 2 * j))?,
-                        get(&format!("{}.{}.bias", spec.prefix, 2 * j))?,
-                    ),
-                };
-                linears.push(Linear::new(w, Some(b)));
+                match (&spec.heads, j + 1 == layers) {
+                    // Two layers, not one of their concatenated weights: a concatenation made
+                    // here would be a copy that Adam's in-place updates never reach.
+                    (Some(h), true) => {
+                        heads = Some((
+                            linear(&format!("{h}fc_mu.weight"), &format!("{h}fc_mu.bias"))?,
+                            linear(
+                                &format!("{h}fc_logvar.weight"),
+                                &format!("{h}fc_logvar.bias"),
+                            )?,
+                        ))
+                    }
+                    _ => linears.push(linear(
+                        &format!("{}.{}.weight", spec.prefix, 2 * j),
+                        &format!("{}.{}.bias", spec.prefix, 2 * j),
+                    )?),
+                }
             }
             nets.push(CandleMlp {
                 layers: linears,
+                heads,
                 activation: spec.shape.activation,
             });
         }
         let generative = nets.split_off(config.layers());
         let obs_log_var = match (config.likelihood, config.obs_log_var) {
-            (Likelihood::Bernoulli, _) => None,
+            (Likelihood::Bernoulli | Likelihood::Logistic, _) => None,
             (Likelihood::Gaussian, None) => Some(get("obs_log_var")?),
             (Likelihood::Gaussian, Some(lv)) => {
                 Some(Tensor::new(&[lv as f32], params[0].1.device())?)
@@ -554,7 +593,8 @@ impl Vae {
         gaussian_heads(&self.generative[l].forward(z)?)
     }
 
-    /// Decoder logits of p(x|z_1): `z` `[..., latent_dims[0]]` -> `[..., input_dim]`.
+    /// The outputs of p(x|z_1)'s decoder: `z` `[..., latent_dims[0]]` -> `[..., output_dim]`
+    /// (logits; for the discretized logistic, means then log-scales).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.generative[0].forward(z)
     }
@@ -573,12 +613,21 @@ impl Vae {
         Ok(z)
     }
 
-    /// The mean of p(x|z) from decoder logits: sigmoid(logits), in [0, 1].
+    /// The mean of p(x|z) in [0, 1] from the decoder's outputs: sigmoid(logits), or for the
+    /// discretized logistic its location mapped from [-1, 1] (the first `input_dim` outputs).
     pub fn mean_from_logits(&self, logits: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::sigmoid(logits)?)
+        Ok(match self.config.likelihood {
+            Likelihood::Logistic => {
+                let last = logits.rank() - 1;
+                let mean = logits.narrow(last, 0, self.config.input_dim)?;
+                mean.clamp(-1f32, 1f32)?.affine(0.5, 0.5)?
+            }
+            _ => candle_nn::ops::sigmoid(logits)?,
+        })
     }
 
-    /// log p(x|z) summed over pixels. `x` `[B, D]`, `logits` `[..., B, D]` -> `[..., B]`.
+    /// log p(x|z) summed over pixels. `x` `[B, D]`, the decoder's outputs `logits`
+    /// `[..., B, output_dim]` -> `[..., B]`.
     pub fn log_likelihood(&self, x: &Tensor, logits: &Tensor) -> Result<Tensor> {
         Ok(match self.config.likelihood {
             Likelihood::Bernoulli => bernoulli_log_prob_logits(x, logits)?,
@@ -588,6 +637,12 @@ impl Vae {
                     .as_ref()
                     .expect("gaussian has a log variance");
                 gaussian_log_prob(x, &candle_nn::ops::sigmoid(logits)?, lv)?
+            }
+            Likelihood::Logistic => {
+                let (last, d) = (logits.rank() - 1, self.config.input_dim);
+                let mean = logits.narrow(last, 0, d)?;
+                let log_scale = logits.narrow(last, d, d)?;
+                discretized_logistic_log_prob(x, &mean, &log_scale)?
             }
         })
     }
