@@ -472,8 +472,10 @@ fn discretized_logistic_vae_reaches_a_stated_bound_in_bits_per_dim() {
         train_limit: None,
         test_limit: None,
     };
-    let mut model = VaeConfig::default();
-    model.likelihood = elbo::vae::Likelihood::Logistic;
+    let model = VaeConfig {
+        likelihood: elbo::vae::Likelihood::Logistic,
+        ..VaeConfig::default()
+    };
     let metrics = train_vae(model, &config, dir.path(), false, false, &Device::Cpu).unwrap();
     let test = metrics.last().unwrap().test.clone().unwrap();
     let bits = elbo::eval::bits_per_dim(test.neg_elbo, 784);
