@@ -62,12 +62,12 @@ class GaussianMLP(nn.Module):
 class OneLayer(nn.Module):
     """The state_dict layout of one stochastic layer (the text's SimpleVAE when 784-256-32)."""
 
-    def __init__(self, d, hidden, latent, act):
+    def __init__(self, d, hidden, latent, act, out):
         super().__init__()
         self.encoder = mlp([d] + hidden, act, linear_last=False)
         self.fc_mu = nn.Linear(([d] + hidden)[-1], latent)
         self.fc_logvar = nn.Linear(([d] + hidden)[-1], latent)
-        self.decoder = mlp([latent] + hidden[::-1] + [d], act, linear_last=True)
+        self.decoder = mlp([latent] + hidden[::-1] + [out], act, linear_last=True)
 
     def q(self, l, x):
         h = self.encoder(x)
@@ -77,17 +77,82 @@ class OneLayer(nn.Module):
         return self.decoder(z)
 
 
+class Residual(nn.Module):
+    """h + conv2(act(conv1(act(h)))), 3x3 convolutions."""
+
+    def __init__(self, c, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1)
+        self.act = ACTIVATIONS[act]()
+
+    def forward(self, h):
+        return h + self.conv2(self.act(self.conv1(self.act(h))))
+
+
+class ConvVAE(nn.Module):
+    """elbo's convolutional VAE: stride-2 4x4 convolutions (with residual blocks), an MLP to
+    the heads; the decoder mirrors it with transposed convolutions."""
+
+    def __init__(self, shape, conv, hidden, latent, act, out_channels):
+        super().__init__()
+        c, h, w = shape["channels"], shape["height"], shape["width"]
+        chans, n = conv["channels"], len(conv["channels"])
+        self.shape, self.residual = (c, h, w), conv["residual"]
+        self.features = (chans[-1], h >> n, w >> n)
+        feat = chans[-1] * (h >> n) * (w >> n)
+        self.encoder = nn.Module()
+        self.encoder.conv = nn.ModuleList(
+            nn.Conv2d(ci, co, 4, 2, 1) for ci, co in zip([c] + chans[:-1], chans)
+        )
+        if self.residual:
+            self.encoder.res = nn.ModuleList(Residual(co, act) for co in chans)
+        self.encoder.mlp = mlp([feat] + hidden, act, linear_last=False)
+        self.fc_mu = nn.Linear(([feat] + hidden)[-1], latent)
+        self.fc_logvar = nn.Linear(([feat] + hidden)[-1], latent)
+        self.decoder = nn.Module()
+        self.decoder.mlp = mlp([latent] + hidden[::-1] + [feat], act, linear_last=True)
+        rev = chans[::-1]
+        if self.residual:
+            self.decoder.res = nn.ModuleList(Residual(ci, act) for ci in rev)
+        self.decoder.deconv = nn.ModuleList(
+            nn.ConvTranspose2d(ci, co, 4, 2, 1) for ci, co in zip(rev, rev[1:] + [out_channels])
+        )
+        self.act = ACTIVATIONS[act]()
+
+    def q(self, l, x):
+        lead = x.shape[:-1]
+        h = x.reshape((-1,) + self.shape)
+        for j, conv in enumerate(self.encoder.conv):
+            h = self.act(conv(h))
+            if self.residual:
+                h = self.encoder.res[j](h)
+        h = self.encoder.mlp(h.flatten(1))
+        return self.fc_mu(h).reshape(lead + (-1,)), self.fc_logvar(h).reshape(lead + (-1,))
+
+    def logits(self, z):
+        lead = z.shape[:-1]
+        x = self.act(self.decoder.mlp(z.reshape(-1, z.shape[-1])).reshape((-1,) + self.features))
+        for j, deconv in enumerate(self.decoder.deconv):
+            if self.residual:
+                x = self.decoder.res[j](x)
+            x = deconv(x)
+            if j + 1 < len(self.decoder.deconv):
+                x = self.act(x)
+        return x.flatten(1).reshape(lead + (-1,))
+
+
 class Hierarchy(nn.Module):
     """encoder.{l} = q(z_{l+1}|z_l); decoder.0.net = p(x|z_1); decoder.{l} = p(z_l|z_{l+1})."""
 
-    def __init__(self, d, hidden, latents, act):
+    def __init__(self, d, hidden, latents, act, out):
         super().__init__()
         below = [d] + latents[:-1]
         self.encoder = nn.ModuleList(
             GaussianMLP([below[l]] + hidden[l], latents[l], act) for l in range(len(latents))
         )
         first = nn.Module()
-        first.net = mlp([latents[0]] + hidden[0][::-1] + [d], act, linear_last=True)
+        first.net = mlp([latents[0]] + hidden[0][::-1] + [out], act, linear_last=True)
         self.decoder = nn.ModuleList(
             [first]
             + [
@@ -110,6 +175,17 @@ def gaussian_log_prob(z, mu, lv):
     return -0.5 * (LOG_2PI + lv + (z - mu) ** 2 * torch.exp(-lv)).sum(-1)
 
 
+def discretized_logistic(x, mean, log_scale):
+    """Per-value log-probabilities of 8-bit levels x in [0, 1] (PixelCNN++), written the plain
+    way: differences of the logistic CDF, the edge bins taking the tails."""
+    xc = (2 * x - 1).expand_as(mean)
+    inv_s = torch.exp(-log_scale.clamp(min=-7.0))
+    cdf_up = torch.sigmoid((xc + 1 / 255 - mean) * inv_s)
+    cdf_low = torch.sigmoid((xc - 1 / 255 - mean) * inv_s)
+    p = torch.where(xc < -0.999, cdf_up, torch.where(xc > 0.999, 1 - cdf_low, cdf_up - cdf_low))
+    return torch.log(p.double().clamp(min=1e-30)).float()
+
+
 def log_weights(model, cfg, x, k, gen):
     """log w [k, B] and per layer the KL estimate as elbo reports it ([k, B] each), plus
     log p(x|z_1) [k, B]."""
@@ -123,8 +199,11 @@ def log_weights(model, cfg, x, k, gen):
         qs.append((mu, lv))
         inp = z
     logits = model.logits(samples[0])
+    d = x.shape[-1]
     if cfg["likelihood"] == "bernoulli":
         log_px_z = (x * logits - nn.functional.softplus(logits)).sum(-1)
+    elif cfg["likelihood"] == "logistic":
+        log_px_z = discretized_logistic(x, logits[..., :d], logits[..., d:]).sum(-1)
     else:
         lv = model.obs_log_var if cfg.get("obs_log_var") is None else torch.tensor(cfg["obs_log_var"])
         log_px_z = gaussian_log_prob(x, torch.sigmoid(logits), lv)
@@ -167,10 +246,15 @@ def main():
     if "latent_dims" not in cfg:  # checkpoints from before the VAE family
         cfg["latent_dims"], cfg["hidden"] = [cfg["latent_dim"]], [[cfg["hidden_dim"]]]
     act, d = cfg.get("activation", "relu"), cfg["input_dim"]
-    if len(cfg["latent_dims"]) == 1:
-        model = OneLayer(d, cfg["hidden"][0], cfg["latent_dims"][0], act)
+    out = d * (2 if cfg["likelihood"] == "logistic" else 1)
+    if cfg.get("conv"):
+        shape = cfg["image_shape"]
+        out_channels = shape["channels"] * (2 if cfg["likelihood"] == "logistic" else 1)
+        model = ConvVAE(shape, cfg["conv"], cfg["hidden"][0], cfg["latent_dims"][0], act, out_channels)
+    elif len(cfg["latent_dims"]) == 1:
+        model = OneLayer(d, cfg["hidden"][0], cfg["latent_dims"][0], act, out)
     else:
-        model = Hierarchy(d, cfg["hidden"], cfg["latent_dims"], act)
+        model = Hierarchy(d, cfg["hidden"], cfg["latent_dims"], act, out)
     state = load_file(args.checkpoint)
     if "obs_log_var" in state:
         model.obs_log_var = nn.Parameter(torch.zeros(1))

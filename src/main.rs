@@ -301,6 +301,13 @@ struct TrainVaeArgs {
     /// The MLPs' activation [default: relu; iwae-paper: tanh].
     #[arg(long, value_enum)]
     activation: Option<elbo::nn::activation::Activation>,
+    /// A convolutional VAE: channels after each stride-2 convolution of the encoder (the
+    /// decoder mirrors them with transposed convolutions), then the MLPs of --hidden.
+    #[arg(long, value_name = "C1,C2,...")]
+    conv: Option<String>,
+    /// With --conv: a residual block after each convolution.
+    #[arg(long)]
+    residual: bool,
     /// Weight on the KL term (beta-VAE); 1 is the ELBO.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     beta: f64,
@@ -492,6 +499,14 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 likelihood: a.likelihood,
                 obs_log_var: a.obs_log_var,
+                conv: match (&a.conv, a.residual) {
+                    (Some(c), residual) => Some(vae::model::ConvNet {
+                        channels: parse_sizes("--conv", c)?,
+                        residual,
+                    }),
+                    (None, true) => bail!("--residual applies only with --conv"),
+                    (None, false) => None,
+                },
             };
             use elbo::train::vae::LrSchedule;
             let config = TrainConfig {

@@ -21,6 +21,7 @@ fn config(input: usize, hidden: &[&[usize]], latents: &[usize], act: Activation)
         likelihood: elbo::vae::Likelihood::Bernoulli,
         obs_log_var: None,
         image_shape: None,
+        conv: None,
     }
 }
 
@@ -502,4 +503,129 @@ fn discretized_logistic_vae_reaches_a_stated_bound_in_bits_per_dim() {
     );
     println!("{bits:.3} bits/dim bound; NLL {nll:.1} <= -ELBO {neg_elbo:.1}");
     assert!(nll <= neg_elbo, "NLL {nll} above -ELBO {neg_elbo}");
+}
+
+/// Convolutional VAEs (plain and residual) for colour images: the decoder gives one output
+/// per value (two for the discretized logistic), the parameters carry the names of the
+/// equivalent PyTorch module, survive a checkpoint round trip, and a shape the convolutions
+/// cannot halve is one line naming it.
+#[test]
+fn conv_vaes_for_colour_images() {
+    use elbo::data::ImageShape;
+    use elbo::vae::Likelihood;
+    use elbo::vae::model::ConvNet;
+    let shape = ImageShape {
+        channels: 3,
+        height: 16,
+        width: 16,
+    };
+    for (residual, likelihood) in [(false, Likelihood::Bernoulli), (true, Likelihood::Logistic)] {
+        let cfg = VaeConfig {
+            input_dim: shape.dim(),
+            image_shape: Some(shape),
+            conv: Some(ConvNet {
+                channels: vec![8, 16],
+                residual,
+            }),
+            hidden: vec![vec![32]],
+            latent_dims: vec![6],
+            likelihood,
+            ..VaeConfig::default()
+        };
+        let vae = Vae::new(cfg.clone(), &mut Noise::new(0), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(data(4, shape.dim(), 1), (4, shape.dim()), &Device::Cpu).unwrap();
+        let q = vae.encode(&x).unwrap();
+        assert_eq!(q.mean.dims(), &[4, 6]);
+        let z = Tensor::zeros((2, 4, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(vae.decode(&z).unwrap().dims(), &[2, 4, cfg.output_dim()]);
+        let names: Vec<&str> = vae.params().iter().map(|(n, _)| n.as_str()).collect();
+        for n in [
+            "encoder.conv.1.weight",
+            "encoder.mlp.0.weight",
+            "fc_mu.bias",
+            "decoder.mlp.2.bias",
+            "decoder.deconv.1.weight",
+        ] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        assert_eq!(names.contains(&"decoder.res.0.conv2.weight"), residual);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        vae.save(&path).unwrap();
+        let back = Vae::load(&path, &Device::Cpu).unwrap();
+        let eps = draw_noise(&vae, 2, 4, &mut Noise::new(3)).unwrap();
+        let lw = |m: &Vae| {
+            pass_with(m, &x, &eps)
+                .unwrap()
+                .log_weights()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(lw(&vae), lw(&back));
+    }
+    let bad = VaeConfig {
+        input_dim: 3 * 10 * 10,
+        image_shape: Some(ImageShape {
+            channels: 3,
+            height: 10,
+            width: 10,
+        }),
+        conv: Some(ConvNet {
+            channels: vec![8, 16],
+            residual: false,
+        }),
+        ..VaeConfig::default()
+    };
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("divisible by 4") && !err.contains('\n'),
+        "{err}"
+    );
+}
+
+/// A convolutional VAE trains on the built-in digits (candle's autodiff): 2 epochs over 3,000
+/// digits take the test -ELBO from 543 nats (784 ln 2) to below 215.
+#[test]
+fn conv_vae_trains_on_digits() {
+    use elbo::data::{Named, PixelMode, Source};
+    use elbo::train::{Engine, TrainConfig, train_vae};
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        source: Source::Named(Named::Mnist10k),
+        epochs: 2,
+        batch_size: 64,
+        lr: 2e-3,
+        lr_schedule: Default::default(),
+        adam_eps: 1e-8,
+        init: Init::Pytorch,
+        beta: 1.0,
+        mc_samples: 1,
+        objective: Objective::Elbo,
+        engine: Engine::Auto,
+        pixels: PixelMode::Dynamic,
+        seed: 0,
+        valid: None,
+        eval_every: 1,
+        train_limit: Some(3000),
+        test_limit: Some(500),
+    };
+    let model = VaeConfig {
+        conv: Some(elbo::vae::model::ConvNet {
+            channels: vec![16, 32],
+            residual: true,
+        }),
+        hidden: vec![vec![128]],
+        latent_dims: vec![16],
+        ..VaeConfig::default()
+    };
+    let metrics = train_vae(model, &config, dir.path(), false, false, &Device::Cpu).unwrap();
+    let test = metrics.last().unwrap().test.clone().unwrap();
+    println!(
+        "conv VAE: test -ELBO {:.2} (KL {:.2})",
+        test.neg_elbo, test.kl
+    );
+    assert!(test.neg_elbo < 215.0, "test -ELBO {}", test.neg_elbo);
 }

@@ -45,9 +45,12 @@ use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::Objective;
 
-/// Whether the fused engine computes this model (CPU, Bernoulli likelihood).
+/// Whether the fused engine computes this model (CPU, Bernoulli likelihood, MLPs: the
+/// convolutional VAEs train on candle until the layer engine carries convolutions).
 pub fn supports(vae: &Vae) -> bool {
-    vae.device().is_cpu() && vae.config.likelihood == Likelihood::Bernoulli
+    vae.device().is_cpu()
+        && vae.config.likelihood == Likelihood::Bernoulli
+        && vae.config.conv.is_none()
 }
 
 /// The networks' shapes and where each starts in the flat buffer.

@@ -71,6 +71,32 @@ pub struct VaeConfig {
     /// `None` in checkpoints from before it was stored (then 784 means 1 x 28 x 28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_shape: Option<ImageShape>,
+    /// A convolutional encoder and mirrored decoder around the MLPs of the first stochastic
+    /// layer (one stochastic layer only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<ConvNet>,
+}
+
+/// The convolutional part of a VAE for C x H x W images:
+///
+/// ```text
+/// encoder  x [C, H, W] -> (conv 4x4 stride 2 pad 1 -> act [-> residual block]) per channel
+///          count -> flatten [c_n H/2^n W/2^n] -> MLP -> (mu, log_var)
+/// decoder  z -> MLP -> [c_n H/2^n W/2^n] -> act -> ([residual block ->] transposed conv 4x4
+///          stride 2 pad 1 -> act) per channel count, mirrored, the last to C outputs (2C for
+///          the discretized logistic), no activation
+/// residual block  h + conv3x3(act(conv3x3(act(h))))
+/// ```
+///
+/// Names: `encoder.conv.{j}`, `encoder.res.{j}.conv1|conv2`, `encoder.mlp.{2j}`, `fc_mu`,
+/// `fc_logvar`, `decoder.mlp.{2j}`, `decoder.res.{j}.conv1|conv2`, `decoder.deconv.{j}`
+/// (`decoder.*.{j}` counted from the bottleneck outwards).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConvNet {
+    /// Channels after each stride-2 convolution (e.g. `[32, 64]`).
+    pub channels: Vec<usize>,
+    /// A residual block after each convolution (and before each transposed one).
+    pub residual: bool,
 }
 
 /// The config as stored: today's fields, or the SimpleVAE form of earlier checkpoints
@@ -93,6 +119,8 @@ struct RawVaeConfig {
     obs_log_var: Option<f64>,
     #[serde(default)]
     image_shape: Option<ImageShape>,
+    #[serde(default)]
+    conv: Option<ConvNet>,
 }
 
 impl TryFrom<RawVaeConfig> for VaeConfig {
@@ -116,6 +144,7 @@ impl TryFrom<RawVaeConfig> for VaeConfig {
             likelihood: raw.likelihood,
             obs_log_var: raw.obs_log_var,
             image_shape: raw.image_shape,
+            conv: raw.conv,
         })
     }
 }
@@ -149,7 +178,59 @@ impl VaeConfig {
             likelihood: Likelihood::Bernoulli,
             obs_log_var: None,
             image_shape: (input_dim == 784).then_some(ImageShape::MNIST),
+            conv: None,
         }
+    }
+
+    /// The convolutional part's feature map at the bottleneck `(channels, h, w)`, when the
+    /// model has one (its image shape must be known and divisible; see `validate`).
+    pub fn conv_features(&self) -> Option<(usize, usize, usize)> {
+        let conv = self.conv.as_ref()?;
+        let shape = self.image_shape()?;
+        let n = conv.channels.len() as u32;
+        let (h, w) = (shape.height >> n, shape.width >> n);
+        Some((*conv.channels.last()?, h, w))
+    }
+
+    /// The conv part's parameters: `(name, shape)` in `state_dict` order.
+    pub fn conv_parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (Some(conv), Some(shape)) = (&self.conv, self.image_shape()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut push = |name: String, o: usize, i: usize, k: usize| {
+            out.push((format!("{name}.weight"), vec![o, i, k, k]));
+            // A transposed convolution's bias has its output channels, the weight's second
+            // dimension; a convolution's, its first.
+            let bias = if name.contains("deconv") { i } else { o };
+            out.push((format!("{name}.bias"), vec![bias]));
+        };
+        let mut c_in = shape.channels;
+        for (j, &c) in conv.channels.iter().enumerate() {
+            push(format!("encoder.conv.{j}"), c, c_in, 4);
+            if conv.residual {
+                push(format!("encoder.res.{j}.conv1"), c, c, 3);
+                push(format!("encoder.res.{j}.conv2"), c, c, 3);
+            }
+            c_in = c;
+        }
+        let c_out = self.output_dim() / (shape.height * shape.width);
+        let n = conv.channels.len();
+        for j in 0..n {
+            let c = conv.channels[n - 1 - j];
+            let next = if j + 1 < n {
+                conv.channels[n - 2 - j]
+            } else {
+                c_out
+            };
+            if conv.residual {
+                push(format!("decoder.res.{j}.conv1"), c, c, 3);
+                push(format!("decoder.res.{j}.conv2"), c, c, 3);
+            }
+            // ConvTranspose2d weights are [in, out, k, k]: (o, i) = (c, next) in that order.
+            push(format!("decoder.deconv.{j}"), c, next, 4);
+        }
+        out
     }
 
     /// The image shape of x: stored, or 1 x 28 x 28 for a 784-dimensional model without one.
@@ -195,15 +276,18 @@ impl VaeConfig {
         let act = self.activation;
         let mut nets = Vec::new();
         for l in 0..layers {
-            let input = if l == 0 {
-                self.input_dim
-            } else {
-                self.latent_dims[l - 1]
+            let features = self.conv_features().map(|(c, h, w)| c * h * w);
+            let input = match (l, features) {
+                (0, Some(f)) => f,
+                (0, None) => self.input_dim,
+                _ => self.latent_dims[l - 1],
             };
             let mut sizes = vec![input];
             sizes.extend(&self.hidden[l]);
             sizes.push(2 * self.latent_dims[l]);
-            let (prefix, heads) = if layers == 1 {
+            let (prefix, heads) = if features.is_some() {
+                ("encoder.mlp".to_string(), String::new())
+            } else if layers == 1 {
                 ("encoder".to_string(), String::new())
             } else {
                 (format!("encoder.{l}.net"), format!("encoder.{l}."))
@@ -220,12 +304,13 @@ impl VaeConfig {
         for l in 0..layers {
             let mut sizes = vec![self.latent_dims[l]];
             sizes.extend(self.hidden[l].iter().rev());
+            let features = self.conv_features().map(|(c, h, w)| c * h * w);
             let (prefix, heads) = if l == 0 {
-                sizes.push(self.output_dim());
-                let prefix = if layers == 1 {
-                    "decoder"
-                } else {
-                    "decoder.0.net"
+                sizes.push(features.unwrap_or(self.output_dim()));
+                let prefix = match (features, layers) {
+                    (Some(_), _) => "decoder.mlp",
+                    (None, 1) => "decoder",
+                    _ => "decoder.0.net",
                 };
                 (prefix.to_string(), None)
             } else {
@@ -274,13 +359,11 @@ impl VaeConfig {
         out
     }
 
-    /// Every parameter's name and shape (the MLPs', then `obs_log_var` when it is learned).
+    /// Every parameter's name and shape (the convolutions', the MLPs', then `obs_log_var` when
+    /// it is learned).
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut shapes: Vec<(String, Vec<usize>)> = self
-            .flat_entries()
-            .into_iter()
-            .map(|(n, _, s)| (n, s))
-            .collect();
+        let mut shapes = self.conv_parameter_shapes();
+        shapes.extend(self.flat_entries().into_iter().map(|(n, _, s)| (n, s)));
         if self.learns_obs_var() {
             shapes.push(("obs_log_var".to_string(), vec![1]));
         }
@@ -324,6 +407,31 @@ impl VaeConfig {
             && !lv.is_finite()
         {
             bail!("--obs-log-var must be a finite number, got {lv}");
+        }
+        if let Some(conv) = &self.conv {
+            let Some(shape) = self.image_shape() else {
+                bail!("--conv needs images of a known shape (C x H x W)");
+            };
+            if self.layers() != 1 {
+                bail!("--conv: convolutional VAEs have one stochastic layer here");
+            }
+            if conv.channels.is_empty() || conv.channels.iter().any(|&c| c == 0 || c > 1 << 16) {
+                bail!(
+                    "--conv: channel counts from 1 to 65536, got {:?}",
+                    conv.channels
+                );
+            }
+            let n = conv.channels.len();
+            let step = 1usize
+                .checked_shl(n as u32)
+                .filter(|s| *s <= shape.height && *s <= shape.width);
+            match step {
+                Some(s) if shape.height.is_multiple_of(s) && shape.width.is_multiple_of(s) => {}
+                _ => bail!(
+                    "--conv: {n} stride-2 convolutions need H and W divisible by {}, but the images are {shape}",
+                    1u128 << n.min(100)
+                ),
+            }
         }
         // Weights, gradients and Adam's two moments: four f32 copies of every parameter.
         let count = self.parameter_count_checked();
@@ -422,7 +530,87 @@ pub struct Vae {
     inference: Vec<CandleMlp>,
     /// p(x|z_1) (logits), then p(z_l|z_{l+1}) for l = 1..L-1 (`[mu; log_var]`).
     generative: Vec<CandleMlp>,
+    /// The convolutional encoder and decoder around the first layer's MLPs (`VaeConfig::conv`).
+    conv: Option<ConvParts>,
     obs_log_var: Option<Tensor>,
+}
+
+/// A convolution's weight and bias.
+struct ConvLayer {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl ConvLayer {
+    /// `x` `[N, C_in, H, W]`; stride-2 4x4 (`down`), 3x3 stride 1 (`same`) or transposed 4x4
+    /// stride 2 (`up`), each padded by 1.
+    fn apply(&self, x: &Tensor, kind: ConvKind) -> Result<Tensor> {
+        let y = match kind {
+            ConvKind::Down => x.conv2d(&self.w, 1, 2, 1, 1)?,
+            ConvKind::Same => x.conv2d(&self.w, 1, 1, 1, 1)?,
+            ConvKind::Up => x.conv_transpose2d(&self.w, 1, 0, 2, 1)?,
+        };
+        Ok(y.broadcast_add(&self.b.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ConvKind {
+    Down,
+    Same,
+    Up,
+}
+
+struct ConvParts {
+    shape: ImageShape,
+    /// `(c, h, w)` at the bottleneck.
+    features: (usize, usize, usize),
+    down: Vec<ConvLayer>,
+    down_res: Vec<(ConvLayer, ConvLayer)>,
+    up: Vec<ConvLayer>,
+    up_res: Vec<(ConvLayer, ConvLayer)>,
+    activation: Activation,
+}
+
+impl ConvParts {
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::nn::activation::candle_forward(self.activation, x)?)
+    }
+
+    /// `h + conv2(act(conv1(act(h))))`.
+    fn residual(&self, h: &Tensor, (c1, c2): &(ConvLayer, ConvLayer)) -> Result<Tensor> {
+        let r = c1.apply(&self.act(h)?, ConvKind::Same)?;
+        Ok((h + c2.apply(&self.act(&r)?, ConvKind::Same)?)?)
+    }
+
+    /// `x` `[..., C H W]` -> features `[N, c h w]` (N the leading dims flattened).
+    fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let s = self.shape;
+        let mut h = x.reshape(((), s.channels, s.height, s.width))?;
+        for (j, conv) in self.down.iter().enumerate() {
+            h = self.act(&conv.apply(&h, ConvKind::Down)?)?;
+            if let Some(block) = self.down_res.get(j) {
+                h = self.residual(&h, block)?;
+            }
+        }
+        Ok(h.flatten_from(1)?)
+    }
+
+    /// Features `[N, c h w]` -> outputs `[N, C_out H W]`, planar.
+    fn decode(&self, f: &Tensor) -> Result<Tensor> {
+        let (c, h, w) = self.features;
+        let mut x = self.act(&f.reshape(((), c, h, w))?)?;
+        for (j, deconv) in self.up.iter().enumerate() {
+            if let Some(block) = self.up_res.get(j) {
+                x = self.residual(&x, block)?;
+            }
+            x = deconv.apply(&x, ConvKind::Up)?;
+            if j + 1 < self.up.len() {
+                x = self.act(&x)?;
+            }
+        }
+        Ok(x.flatten_from(1)?)
+    }
 }
 
 impl Vae {
@@ -453,7 +641,10 @@ impl Vae {
             .map(|(n, _, s)| (n.trim_end_matches(".weight").to_string(), s[1]))
             .collect();
         let decoder_out = config.flat_entries().into_iter().rfind(|(n, _, s)| {
-            n.starts_with("decoder") && n.ends_with(".bias") && s[0] == config.output_dim()
+            config.conv.is_none()
+                && n.starts_with("decoder")
+                && n.ends_with(".bias")
+                && s[0] == config.output_dim()
         });
         for (name, _, shape) in entries {
             let n: usize = shape.iter().product();
@@ -494,6 +685,36 @@ impl Vae {
             };
             let t = Tensor::from_vec(v, shape, device)?;
             params.push((name, Var::from_tensor(&t)?));
+        }
+        for (name, shape) in config.conv_parameter_shapes() {
+            // fan_in as PyTorch computes it: weight.size(1) * k * k (for a transposed
+            // convolution that is its output channels); Glorot adds fan_out = size(0) * k * k.
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with(".weight") {
+                let k2 = shape[2] * shape[3];
+                let bound = match init {
+                    Init::Pytorch => 1.0 / ((shape[1] * k2) as f32).sqrt(),
+                    Init::Glorot => (6.0 / ((shape[0] + shape[1]) * k2) as f32).sqrt(),
+                };
+                (0..n)
+                    .map(|_| noise.rng.random_range(-bound..bound))
+                    .collect()
+            } else {
+                let w = &params_shape(&config, &name.replace(".bias", ".weight"));
+                match init {
+                    Init::Pytorch => {
+                        let bound = 1.0 / ((w[1] * w[2] * w[3]) as f32).sqrt();
+                        (0..n)
+                            .map(|_| noise.rng.random_range(-bound..bound))
+                            .collect()
+                    }
+                    Init::Glorot => vec![0.0; n],
+                }
+            };
+            params.push((
+                name,
+                Var::from_tensor(&Tensor::from_vec(v, shape, device)?)?,
+            ));
         }
         if config.learns_obs_var() {
             let t = Tensor::zeros(1, DType::F32, device)?;
@@ -547,6 +768,44 @@ impl Vae {
             });
         }
         let generative = nets.split_off(config.layers());
+        let conv = match (&config.conv, config.image_shape(), config.conv_features()) {
+            (Some(spec), Some(shape), Some(features)) => {
+                let layer = |n: &str| -> Result<ConvLayer> {
+                    Ok(ConvLayer {
+                        w: get(&format!("{n}.weight"))?,
+                        b: get(&format!("{n}.bias"))?,
+                    })
+                };
+                let pairs = |side: &str| -> Result<Vec<(ConvLayer, ConvLayer)>> {
+                    if !spec.residual {
+                        return Ok(Vec::new());
+                    }
+                    (0..spec.channels.len())
+                        .map(|j| {
+                            Ok((
+                                layer(&format!("{side}.res.{j}.conv1"))?,
+                                layer(&format!("{side}.res.{j}.conv2"))?,
+                            ))
+                        })
+                        .collect()
+                };
+                let n = spec.channels.len();
+                Some(ConvParts {
+                    shape,
+                    features,
+                    down: (0..n)
+                        .map(|j| layer(&format!("encoder.conv.{j}")))
+                        .collect::<Result<_>>()?,
+                    down_res: pairs("encoder")?,
+                    up: (0..n)
+                        .map(|j| layer(&format!("decoder.deconv.{j}")))
+                        .collect::<Result<_>>()?,
+                    up_res: pairs("decoder")?,
+                    activation: config.activation,
+                })
+            }
+            _ => None,
+        };
         let obs_log_var = match (config.likelihood, config.obs_log_var) {
             (Likelihood::Bernoulli | Likelihood::Logistic, _) => None,
             (Likelihood::Gaussian, None) => Some(get("obs_log_var")?),
@@ -557,6 +816,7 @@ impl Vae {
         Ok(Self {
             inference: nets,
             generative,
+            conv,
             obs_log_var,
             config,
             params,
@@ -584,7 +844,16 @@ impl Vae {
 
     /// q(z_{l+1}|z_l) (0-based `l`; z_0 = x): `input` `[..., in]` -> `[..., latent_dims[l]]`.
     pub fn encode_layer(&self, l: usize, input: &Tensor) -> Result<DiagGaussian> {
-        gaussian_heads(&self.inference[l].forward(input)?)
+        match (&self.conv, l) {
+            (Some(conv), 0) => {
+                let dims = input.dims().to_vec();
+                let out = self.inference[0].forward(&conv.encode(input)?)?;
+                let mut shape = dims[..dims.len() - 1].to_vec();
+                shape.push(out.dim(1)?);
+                gaussian_heads(&out.reshape(shape)?)
+            }
+            _ => gaussian_heads(&self.inference[l].forward(input)?),
+        }
     }
 
     /// p(z_l|z_{l+1}) for 0-based `l` in 1..L, i.e. the Gaussian over the layer below `z`:
@@ -596,7 +865,15 @@ impl Vae {
     /// The outputs of p(x|z_1)'s decoder: `z` `[..., latent_dims[0]]` -> `[..., output_dim]`
     /// (logits; for the discretized logistic, means then log-scales).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.generative[0].forward(z)
+        let Some(conv) = &self.conv else {
+            return self.generative[0].forward(z);
+        };
+        let dims = z.dims().to_vec();
+        let features = self.generative[0].forward(&z.reshape(((), dims[dims.len() - 1]))?)?;
+        let out = conv.decode(&features)?;
+        let mut shape = dims[..dims.len() - 1].to_vec();
+        shape.push(out.dim(1)?);
+        Ok(out.reshape(shape)?)
     }
 
     /// z_1 of ancestral samples from the prior: z_L ~ N(0, I), then the means of
@@ -764,6 +1041,15 @@ pub enum Init {
 fn join(values: &[usize], sep: &str) -> String {
     let parts: Vec<String> = values.iter().map(|v| v.to_string()).collect();
     parts.join(sep)
+}
+
+fn params_shape(config: &VaeConfig, name: &str) -> Vec<usize> {
+    config
+        .conv_parameter_shapes()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s)
+        .unwrap_or_default()
 }
 
 /// Splits an MLP's `[..., 2L]` output into the Gaussian's mean and log-variance.
