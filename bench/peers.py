@@ -2,11 +2,14 @@
 (jax.jit of the whole step, optax.adam). One workload per process, as elbo's
 `examples/workloads.rs`, printing one JSON object: {"workload", "framework", "unit", "ms": [...]}.
 
-    bench/.venv/bin/python bench/peers.py torch|jax WORKLOAD [--reps N] [--warmup N] [--images N]
+    bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N]
 
-Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), and for torch only
-unet-step-64, ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same
-state_dict names, same parameter count: 171,937).
+Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1 and
+iwae-step-k5 (Burda et al.'s one-layer model, batch 20), and for torch only unet-step-64,
+ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same state_dict
+names, same parameter count: 171,937). `torch` runs the training steps in their fastest eager
+form (BCE from logits, not the text's sigmoid + BCE); `torch-compile` wraps the model and loss
+in `torch.compile` and warms it up until compilation is over (not timed).
 """
 import argparse
 import gzip
@@ -44,7 +47,7 @@ def timed(warmup, reps, f):
 
 
 # ----------------------------------------------------------------------------- PyTorch
-def torch_workload(name, a):
+def torch_workload(name, a, compiled=False):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -54,15 +57,67 @@ def torch_workload(name, a):
     train, test = (torch.from_numpy(v) for v in load_images())
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from torch_vae import SimpleVAE, vae_loss  # the text's code, verbatim
+    from torch_vae import SimpleVAE  # the text's model, verbatim
+
+    def logits_loss(model, xb):
+        """The text's vae_loss in its fast form: BCE from the decoder's logits (the model's
+        last layer before its sigmoid), the closed-form KL."""
+        h = model.encoder(xb)
+        mu, logvar = model.fc_mu(h), model.fc_logvar(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = model.decoder(z)  # the logits the text passes through torch.sigmoid
+        bce = F.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
+        return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+    if name.startswith("iwae-step-"):
+        k = int(name.rsplit("k", 1)[1])
+
+        class IwaeMLP(nn.Module):  # Burda et al. 2015, one stochastic layer
+            def __init__(self):
+                super().__init__()
+                self.enc = nn.Sequential(nn.Linear(784, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh())
+                self.mu, self.lv = nn.Linear(200, 50), nn.Linear(200, 50)
+                self.dec = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
+                                         nn.Linear(200, 784))
+                for m in self.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_uniform_(m.weight)
+                        nn.init.zeros_(m.bias)
+
+            def forward(self, x):
+                h = self.enc(x)
+                mu, lv = self.mu(h), self.lv(h)
+                eps = torch.randn((k,) + mu.shape)
+                z = mu + torch.exp(0.5 * lv) * eps
+                logits = self.dec(z)
+                log_px = -F.binary_cross_entropy_with_logits(
+                    logits, x.expand_as(logits), reduction="none").sum(-1)
+                if k == 1:  # the VAE: the ELBO with its closed-form KL
+                    kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1)
+                    return -(log_px[0] - kl).mean()
+                log_w = log_px - 0.5 * z.pow(2).sum(-1) + 0.5 * (lv + eps.pow(2)).sum(-1)
+                return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
+
+        model = IwaeMLP()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+        loss_fn = torch.compile(model) if compiled else model
+        xb = (torch.rand(20, 784) < train[:20]).float()
+
+        def step():
+            loss = loss_fn(xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        warm = a.warmup or (300 if compiled else 100)
+        return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
 
     if name.startswith("vae-step-") or name == "vae-epoch":
         model = SimpleVAE()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = torch.compile(logits_loss) if compiled else logits_loss
 
         def step(xb):
-            recon, mu, logvar = model(xb)
-            loss = vae_loss(recon, xb, mu, logvar)
+            loss = loss_fn(model, xb)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -74,7 +129,8 @@ def torch_workload(name, a):
             return timed(a.warmup or 1, a.reps or 5, epoch), "one epoch, 9000 digits, batch 128"
         b = int(name.rsplit("-", 1)[1])
         xb = train[:b].clone()
-        return timed(a.warmup or 20, a.reps or 200, lambda: step(xb)), f"one training step, batch {b}"
+        warm = a.warmup or (100 if compiled else 20)
+        return timed(warm, a.reps or 200, lambda: step(xb)), f"one training step, batch {b}"
 
     if name == "nll":
         model = SimpleVAE().eval()
@@ -193,6 +249,8 @@ def torch_workload(name, a):
     net = UNet()
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params == 171_937, f"U-Net has {n_params} parameters, elbo's default has 171937"
+    if compiled:
+        net = torch.compile(net)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alphas = 1 - betas
     abar = torch.cumprod(alphas, 0)
@@ -217,7 +275,7 @@ def torch_workload(name, a):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return timed(a.warmup or 2, a.reps or 10, step), "one U-Net training step, batch 64"
+        return timed(a.warmup or (6 if compiled else 2), a.reps or 10, step), "one U-Net training step, batch 64"
 
     net.eval()
 
@@ -243,7 +301,7 @@ def torch_workload(name, a):
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
     if name == "ddim-50":
-        return timed(a.warmup or 1, a.reps or 3, ddim), "DDIM, 50 steps, 64 images"
+        return timed(a.warmup or (2 if compiled else 1), a.reps or 3, ddim), "DDIM, 50 steps, 64 images"
     if name == "ddpm-1000":
         return timed(a.warmup, a.reps or 1, ddpm), "DDPM, 1000 steps, 64 images"
     raise SystemExit(f"unknown workload {name}")
@@ -295,6 +353,48 @@ def jax_workload(name, a):
         g = jax.grad(loss_fn)(p, x, sub)
         updates, s = opt.update(g, s)
         return optax.apply_updates(p, updates), s, key
+
+    if name.startswith("iwae-step-"):
+        k = int(name.rsplit("k", 1)[1])
+
+        def glorot(key, i, o):
+            bound = math.sqrt(6 / (i + o))
+            return (jax.random.uniform(key, (o, i), minval=-bound, maxval=bound), jnp.zeros(o))
+
+        ks = jax.random.split(key, 8)
+        sizes = {"e0": (784, 200), "e1": (200, 200), "mu": (200, 50), "lv": (200, 50),
+                 "d0": (50, 200), "d1": (200, 200), "d2": (200, 784)}
+        ip = {n: glorot(kk, *io) for kk, (n, io) in zip(ks, sizes.items())}
+
+        def iwae_loss(p, x, key):
+            h = jnp.tanh(lin(p["e1"], jnp.tanh(lin(p["e0"], x))))
+            mu, lv = lin(p["mu"], h), lin(p["lv"], h)
+            eps = jax.random.normal(key, (k,) + mu.shape)
+            z = mu + jnp.exp(0.5 * lv) * eps
+            logits = lin(p["d2"], jnp.tanh(lin(p["d1"], jnp.tanh(lin(p["d0"], z)))))
+            log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
+            if k == 1:
+                kl = -0.5 * jnp.sum(1 + lv - mu ** 2 - jnp.exp(lv), -1)
+                return -jnp.mean(log_px[0] - kl)
+            log_w = log_px - 0.5 * jnp.sum(z ** 2, -1) + 0.5 * jnp.sum(lv + eps ** 2, -1)
+            return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
+
+        iopt = optax.adam(1e-3, eps=1e-4)
+
+        @jax.jit
+        def istep(p, s, x, key):
+            key, sub = jax.random.split(key)
+            g = jax.grad(iwae_loss)(p, x, sub)
+            updates, s = iopt.update(g, s)
+            return optax.apply_updates(p, updates), s, key
+
+        xb = jnp.asarray((np.random.default_rng(0).random((20, 784)) < train[:20]).astype(np.float32))
+        st = {"p": ip, "s": iopt.init(ip), "k": key}
+
+        def one():
+            st["p"], st["s"], st["k"] = istep(st["p"], st["s"], xb, st["k"])
+            jax.block_until_ready(st["p"])
+        return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
 
     if name.startswith("vae-step-") or name == "vae-epoch":
         state = {"p": params, "s": opt.init(params), "k": key}
@@ -354,14 +454,16 @@ def jax_workload(name, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("framework", choices=["torch", "jax"])
+    ap.add_argument("framework", choices=["torch", "torch-compile", "jax"])
     ap.add_argument("workload")
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--images", type=int, default=1000)
     a = ap.parse_args()
-    f = torch_workload if a.framework == "torch" else jax_workload
-    ms, unit = f(a.workload, a)
+    if a.framework == "jax":
+        ms, unit = jax_workload(a.workload, a)
+    else:
+        ms, unit = torch_workload(a.workload, a, compiled=a.framework == "torch-compile")
     print(json.dumps({"workload": a.workload, "framework": a.framework, "unit": unit, "ms": ms}))
 
 

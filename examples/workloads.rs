@@ -37,7 +37,7 @@ use elbo::engine::fused_simple_loss;
 use elbo::engine::unet::FusedUnet;
 use elbo::engine::vae::FusedVae;
 use elbo::optim::{Adam, AdamConfig};
-use elbo::vae::{Vae, VaeConfig, elbo_terms};
+use elbo::vae::{Init, Objective, Vae, VaeConfig, elbo_terms, iwae_bound};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -134,6 +134,46 @@ fn main() -> Result<()> {
                 })?
             };
             (t, format!("one training step, batch {b}"))
+        }
+        w @ ("iwae-step-k1" | "iwae-step-k5") => {
+            // Burda et al.'s one-layer model (784-200-200-50 tanh, Glorot), batch 20: the VAE
+            // (k = 1, ELBO) or the IWAE (k = 5), Adam with epsilon 1e-4.
+            let k: usize = w.trim_start_matches("iwae-step-k").parse()?;
+            let config = VaeConfig {
+                hidden: vec![vec![200, 200]],
+                latent_dims: vec![50],
+                activation: elbo::nn::activation::Activation::Tanh,
+                ..VaeConfig::default()
+            };
+            let vae = Vae::initialised(config, Init::Glorot, None, &mut noise, &dev)?;
+            let adam = AdamConfig {
+                eps: 1e-4,
+                ..AdamConfig::with_lr(1e-3)
+            };
+            let idx: Vec<usize> = (0..20).collect();
+            let x = train.batch_values(&idx, PixelMode::Dynamic, &mut rng);
+            let objective = if k == 1 { Objective::Elbo } else { Objective::Iwae };
+            let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
+            let t = if fused_engine {
+                let mut fused = FusedVae::from_vae(&vae, None, adam)?;
+                fused.set_objective(objective);
+                time(warmup, reps, || {
+                    fused.train_step(&x, k, 1.0, &mut noise)?;
+                    Ok(())
+                })?
+            } else {
+                let xt = candle_core::Tensor::from_vec(x.clone(), (20, 784), &dev)?;
+                let mut opt = Adam::new(vae.params().to_vec(), adam)?;
+                time(warmup, reps, || {
+                    let loss = match objective {
+                        Objective::Elbo => elbo_terms(&vae, &xt, 1, &mut noise)?.loss(1.0)?,
+                        Objective::Iwae => iwae_bound(&vae, &xt, k, &mut noise)?.mean_all()?.neg()?,
+                    };
+                    opt.step(&loss.backward()?)?;
+                    Ok(())
+                })?
+            };
+            (t, format!("one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"))
         }
         "vae-epoch" => {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
@@ -244,8 +284,8 @@ fn main() -> Result<()> {
             }
         }
         other => bail!(
-            "unknown workload {other:?}: vae-step-128, vae-step-1024, vae-epoch, nll, \
-             unet-step-64, ddim-50, ddpm-1000"
+            "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
+             iwae-step-k5, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000"
         ),
     };
     println!(
