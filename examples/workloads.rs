@@ -152,7 +152,11 @@ fn main() -> Result<()> {
             };
             let idx: Vec<usize> = (0..20).collect();
             let x = train.batch_values(&idx, PixelMode::Dynamic, &mut rng);
-            let objective = if k == 1 { Objective::Elbo } else { Objective::Iwae };
+            let objective = if k == 1 {
+                Objective::Elbo
+            } else {
+                Objective::Iwae
+            };
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
             let t = if fused_engine {
                 let mut fused = FusedVae::from_vae(&vae, None, adam)?;
@@ -167,13 +171,18 @@ fn main() -> Result<()> {
                 time(warmup, reps, || {
                     let loss = match objective {
                         Objective::Elbo => elbo_terms(&vae, &xt, 1, &mut noise)?.loss(1.0)?,
-                        Objective::Iwae => iwae_bound(&vae, &xt, k, &mut noise)?.mean_all()?.neg()?,
+                        Objective::Iwae => {
+                            iwae_bound(&vae, &xt, k, &mut noise)?.mean_all()?.neg()?
+                        }
                     };
                     opt.step(&loss.backward()?)?;
                     Ok(())
                 })?
             };
-            (t, format!("one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"))
+            (
+                t,
+                format!("one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"),
+            )
         }
         "vae-epoch" => {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;

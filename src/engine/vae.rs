@@ -351,7 +351,11 @@ impl FusedVae {
             1
         };
         // Adam follows suit: a step this small is done on one thread from start to end.
-        self.adam_threads = if slices == 1 && threads == 1 { 1 } else { self.threads };
+        self.adam_threads = if slices == 1 && threads == 1 {
+            1
+        } else {
+            self.threads
+        };
         let (model, params) = (&self.model, &self.params);
         let outs: Vec<SliceOut> = if slices == 1 {
             let g = train.then_some(&mut self.grads[..]);
@@ -460,7 +464,13 @@ impl FusedVae {
         // Memory-bound (four streams of the parameters): one piece per thread.
         let piece = self.params.len().div_ceil(self.adam_threads.max(1));
         if self.adam_threads <= 1 {
-            adam_kernel(&mut self.params, &self.grads, &mut self.adam_m, &mut self.adam_v, scalars);
+            adam_kernel(
+                &mut self.params,
+                &self.grads,
+                &mut self.adam_m,
+                &mut self.adam_v,
+                scalars,
+            );
             return;
         }
         self.params

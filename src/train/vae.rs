@@ -600,3 +600,27 @@ pub fn manifold(vae: &Vae, side: usize) -> Result<Tensor> {
     let z = Tensor::from_vec(z, (side * side, 2), vae.device())?;
     vae.mean_from_logits(&vae.decode(&z)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LrSchedule;
+
+    /// Burda et al.'s schedule as their code computes it: stage i = 0..7 lasts 3^i epochs at
+    /// 1e-4 * round(10^(1 - i/7), 1), 3,280 epochs in all.
+    #[test]
+    fn iwae_paper_schedule() {
+        let s = LrSchedule::IwaePaper;
+        let want = [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4];
+        let mut first = 1;
+        for (i, w) in want.iter().enumerate() {
+            let last = first + 3usize.pow(i as u32) - 1;
+            for e in [first, last] {
+                assert!((s.lr(1e-3, e) - w).abs() < 1e-12, "epoch {e}: {} vs {w}", s.lr(1e-3, e));
+            }
+            first = last + 1;
+        }
+        assert_eq!(first - 1, 3280);
+        assert_eq!(s.epochs(), Some(3280));
+        assert_eq!(LrSchedule::Constant.lr(3e-4, 77), 3e-4);
+    }
+}
