@@ -15,14 +15,17 @@
 //! - [`data`]: images of any shape (C x H x W): IDX, image folders, CIFAR archives, NumPy
 //!   files, the built-in digits, named sets fetched and verified, pixel modes;
 //! - [`distributions`]: diagonal Gaussian, Bernoulli and Gaussian likelihoods, seeded noise;
-//! - [`vae`]: the text's SimpleVAE, its objectives (ELBO, IWAE, importance-sampled log p(x)),
-//!   its fused CPU engine;
+//! - [`vae`]: the VAE family (MLPs of any depth with one or more stochastic layers,
+//!   convolutional VAEs; Bernoulli, Gaussian and discretized logistic likelihoods) and its
+//!   objectives written once over `LatentVariableModel` (ELBO with per-layer KL, IWAE,
+//!   importance-sampled log p(x));
 //! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound, the
 //!   simplified loss, samplers (DDPM, DDIM), the denoisers (MLP, U-Net), the model's config
-//!   and loading, and the U-Net's fused CPU engine;
-//! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model;
-//! - [`nn`]: the layer engine's parts: SIMD kernels, the linear layer, activations (forward
-//!   and hand-derived backward);
+//!   and loading;
+//! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model, and
+//!   the fused engines ([`engine::vae`] for the VAE family, [`engine::unet`] for the U-Net);
+//! - [`nn`]: the layer engine's parts: SIMD kernels, the linear layer, activations, MLPs
+//!   (forward and hand-derived backward);
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;
@@ -30,7 +33,8 @@
 //!   injection for the file-system steps of a save (tests);
 //! - [`train`]: the training loops ([`train::vae`], [`train::diffusion`]) and what they share;
 //! - [`eval`]: aggregation of evaluations (means, standard errors, bits/dim);
-//! - [`plot`]: PNG image grids (grey or colour), scatter plots, curves.
+//! - [`plot`]: PNG image grids (grey or colour), scatter plots, curves;
+//! - [`report`]: the run report, one self-contained HTML page (SVG plots, inline pictures).
 
 pub mod checkpoint;
 pub mod data;
@@ -43,6 +47,7 @@ pub mod limits;
 pub mod nn;
 pub mod optim;
 pub mod plot;
+pub mod report;
 pub mod run_dir;
 pub mod train;
 pub mod vae;

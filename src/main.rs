@@ -62,6 +62,18 @@ enum Command {
     },
     /// Print a DDPM noise schedule and its derived arrays.
     Schedule(ScheduleArgs),
+    /// Write a run's report: one self-contained HTML page (curves, evaluation, samples, latent
+    /// space), also written as RUN_DIR/report.html at the end of training.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The run folder (`train --out`).
+    run_dir: PathBuf,
+    /// Where to write the page [default: RUN_DIR/report.html].
+    #[arg(long, value_name = "FILE.html")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -190,12 +202,17 @@ struct EvalDiffusionArgs {
     #[arg(long, value_enum, default_value = "fixed-small")]
     variance: VarianceType,
     /// Also write a PNG plot of L_t against t.
-    #[arg(long, value_name = "FILE.png")]
+    /// Draw L_t against t: FILE.svg is a plot with log axes, labels and units; FILE.png the
+    /// bare curve.
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
     plot: Option<PathBuf>,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
     json: bool,
+    /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
+    #[arg(long, value_name = "RUN_DIR")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -371,6 +388,9 @@ struct EvalVaeArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
+    #[arg(long, value_name = "RUN_DIR")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -622,6 +642,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sample {
             model: SampleModel::Diffusion(a),
         } => sample_diffusion(a, &device)?,
+        Command::Report(a) => {
+            let out = a.out.unwrap_or_else(|| a.run_dir.join("report.html"));
+            elbo::report::write_report(&a.run_dir, &out)?;
+            eprintln!("report: {}", out.display());
+        }
         Command::Schedule(a) => {
             let s = Schedule::new(a.beta_schedule, a.num_train_timesteps)?;
             if a.json {
@@ -735,6 +760,22 @@ fn check_model_takes(vae: &Vae, data: &elbo::data::Dataset, what: &str) -> Resul
     Ok(())
 }
 
+/// Writes `results` as `dir/eval.json` and refreshes `dir/report.html`.
+fn save_eval_report(dir: &std::path::Path, results: &serde_json::Value) -> Result<()> {
+    if !dir.join("config.json").exists() {
+        bail!(
+            "--report {}: not a run folder (no config.json); give the folder train --out wrote",
+            dir.display()
+        );
+    }
+    let path = dir.join(elbo::report::EVAL_FILE);
+    elbo::checkpoint::write_atomic(&path, serde_json::to_string_pretty(results)?.as_bytes())?;
+    let out = dir.join("report.html");
+    elbo::report::write_report(dir, &out)?;
+    eprintln!("report: {}", out.display());
+    Ok(())
+}
+
 /// A comma-separated list of sizes (`200,200`), each at least 1; `flag` names it in errors.
 fn parse_sizes(flag: &str, text: &str) -> Result<Vec<usize>> {
     text.split(',')
@@ -816,8 +857,7 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
     let neg_elbo = reconstruction + kl_mean;
     check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
-    if a.json {
-        let out = serde_json::json!({
+    let results = serde_json::json!({
             "neg_elbo": neg_elbo,
             "reconstruction": reconstruction,
             "kl": kl_mean,
@@ -831,8 +871,12 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "n": log_px.len(),
             "split": a.split,
             "checkpoint": a.checkpoint,
-        });
-        println!("{out}");
+    });
+    if let Some(dir) = &a.report {
+        save_eval_report(dir, &results)?;
+    }
+    if a.json {
+        println!("{results}");
     } else {
         println!("checkpoint      {}", a.checkpoint.display());
         println!("model           VAE {}", vae.config.describe());
@@ -1029,17 +1073,26 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let bpd = elbo::eval::bits_per_dim(total, dims);
     check_finite_result(&a.checkpoint, &[("the bound", total)])?;
     if let Some(path) = &a.plot {
-        elbo::plot::save_log_curve(&lt, path)?;
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+        {
+            let svg = elbo::report::lt_plot_svg(&lt)?;
+            elbo::checkpoint::write_atomic(path, svg.as_bytes())?;
+        } else {
+            elbo::plot::save_log_curve(&lt, path)?;
+        }
+    }
+    let results = serde_json::json!({
+        "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
+        "lt": lt, "decoder": format!("{decoder:?}").to_lowercase(), "split": a.split,
+        "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
+    });
+    if let Some(dir) = &a.report {
+        save_eval_report(dir, &results)?;
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
-                "lt": lt, "decoder": format!("{decoder:?}").to_lowercase(), "split": a.split,
-                "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
-            })
-        );
+        println!("{results}");
     } else {
         println!("checkpoint      {}", a.checkpoint.display());
         println!(

@@ -268,8 +268,23 @@ pub fn train_diffusion(
         );
         eprintln!("engine: {engine_name}");
     }
-    let run_config =
-        serde_json::to_string_pretty(&serde_json::json!({ "model": model, "train": config }))?;
+    let data = match &source {
+        TrainingData::Images { train, valid, test } => serde_json::json!({
+            "source": config.data.describe(),
+            "shape": train.shape.to_string(),
+            "train": train.len(),
+            "valid": valid.as_ref().map(Dataset::len),
+            "test": test.len(),
+        }),
+        TrainingData::Toy { test, .. } => serde_json::json!({
+            "source": config.data.describe(),
+            "shape": "2-D points",
+            "test": test.len() / 2,
+        }),
+    };
+    let run_config = serde_json::to_string_pretty(
+        &serde_json::json!({ "model": model, "train": config, "data": data }),
+    )?;
 
     let mut all = Vec::new();
     for epoch in start_epoch + 1..=config.epochs {
@@ -415,6 +430,7 @@ pub fn train_diffusion(
         }
     }
     bar.finish_and_clear();
+    super::write_report(dir, show_progress);
     Ok(all)
 }
 

@@ -98,6 +98,20 @@ pub fn load_splits(
     Ok((train, held, test))
 }
 
+/// Writes `dir/report.html` at the end of a run. A report that cannot be drawn does not undo
+/// the training: it is a warning (with `show`), the run's files are all in place.
+pub fn write_report(dir: &Path, show: bool) {
+    let out = dir.join("report.html");
+    match crate::report::write_report(dir, &out) {
+        Ok(()) if show => eprintln!("report: {}", out.display()),
+        Ok(()) => {}
+        Err(e) => eprintln!(
+            "warning: no report: {}",
+            format!("{e:#}").replace('\n', " ")
+        ),
+    }
+}
+
 /// The progress bar of one epoch of `steps` steps (hidden unless `show`).
 pub fn epoch_bar(steps: usize, epoch: usize, epochs: usize, show: bool) -> ProgressBar {
     let bar = if show {

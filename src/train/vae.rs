@@ -314,8 +314,16 @@ pub fn train_vae(
             dir.display()
         );
     }
-    let run_config =
-        serde_json::to_string_pretty(&serde_json::json!({ "model": vae.config, "train": config }))?;
+    let data = serde_json::json!({
+        "source": config.source.describe(),
+        "shape": train.shape.to_string(),
+        "train": train.len(),
+        "valid": valid.as_ref().map(Dataset::len),
+        "test": test.len(),
+    });
+    let run_config = serde_json::to_string_pretty(
+        &serde_json::json!({ "model": vae.config, "train": config, "data": data }),
+    )?;
 
     let (use_fused, engine_name) = crate::engine::vae_training(config.engine, &vae)?;
     if show_progress {
@@ -460,10 +468,36 @@ pub fn train_vae(
                 train_terms.neg_elbo, train_terms.reconstruction, train_terms.kl, metrics.seconds
             );
         }
+        if evaluate {
+            save_epoch_samples(&vae, dir, epoch, config.seed)?;
+        }
         all.push(metrics);
     }
     save_pictures(&vae, &test, config.pixels, dir, config.seed)?;
+    super::write_report(dir, show_progress);
     Ok(all)
+}
+
+/// `pictures/samples-NNNNNN.png`: 16 samples decoded from the same z every epoch (kept small,
+/// as pytorch/examples' VAE does), for the report's view of training.
+pub fn save_epoch_samples(vae: &Vae, dir: &Path, epoch: usize, seed: u64) -> Result<()> {
+    let Some(shape) = vae.config.image_shape() else {
+        return Ok(());
+    };
+    let frozen = vae.frozen()?;
+    let mut noise = Noise::new(derive_seed(seed, STREAM_PICTURES, 1));
+    let folder = dir.join(crate::report::PICTURES_DIR);
+    std::fs::create_dir_all(&folder)
+        .with_context(|| format!("{}: cannot create", folder.display()))?;
+    let path = folder.join(format!("samples-{epoch:06}.png"));
+    let partial = folder.join(format!(".samples-{epoch:06}.png.partial.png"));
+    plot::save_grid(
+        &vae::sample_prior(&frozen, 16, &mut noise)?,
+        shape,
+        8,
+        &partial,
+    )?;
+    std::fs::rename(&partial, &path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// Adam as the run asks for it (`--lr`, `--adam-eps`, PyTorch's betas).
@@ -615,7 +649,11 @@ mod tests {
         for (i, w) in want.iter().enumerate() {
             let last = first + 3usize.pow(i as u32) - 1;
             for e in [first, last] {
-                assert!((s.lr(1e-3, e) - w).abs() < 1e-12, "epoch {e}: {} vs {w}", s.lr(1e-3, e));
+                assert!(
+                    (s.lr(1e-3, e) - w).abs() < 1e-12,
+                    "epoch {e}: {} vs {w}",
+                    s.lr(1e-3, e)
+                );
             }
             first = last + 1;
         }
