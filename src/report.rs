@@ -31,11 +31,16 @@ pub const EVAL_FILE: &str = "eval.json";
 /// The per-epoch sample grids the trainers write.
 pub const PICTURES_DIR: &str = "pictures";
 
-/// Writes the report of the run in `dir` to `out` (atomically).
+/// Writes the report of the run in `dir` to `out`: a temporary file renamed into place, so a
+/// reader never sees half a page. (Not through `checkpoint::write_atomic`: the report is not
+/// part of a run's committed state, and its file-system steps are not the commit's.)
 pub fn write_report(dir: &Path, out: &Path) -> Result<()> {
     let html = build(dir)?;
-    crate::checkpoint::write_atomic(out, html.as_bytes())
-        .with_context(|| format!("{}: cannot write the report", out.display()))
+    let tmp = crate::checkpoint::tmp_path(out);
+    std::fs::write(&tmp, html.as_bytes())
+        .with_context(|| format!("{}: cannot write the report", tmp.display()))?;
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("{}: cannot rename the report into place", out.display()))
 }
 
 fn read_json(path: &Path) -> Result<Value> {

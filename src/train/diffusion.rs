@@ -386,6 +386,10 @@ pub fn train_diffusion(
                 m.train_loss, m.test_loss, m.seconds
             );
         }
+        if let TrainingData::Images { .. } = &source {
+            let s = model.image_shape().unwrap_or(ImageShape::MNIST);
+            save_epoch_samples(&process, &ema_net, s, dir, epoch, config, device)?;
+        }
         all.push(m);
     }
     let ema_net = ema_net(&model, &vars, &ema, device)?;
@@ -432,6 +436,31 @@ pub fn train_diffusion(
     bar.finish_and_clear();
     super::write_report(dir, show_progress);
     Ok(all)
+}
+
+/// `pictures/samples-NNNNNN.png`: 16 DDIM samples of the EMA weights from the same x_T every
+/// epoch (at most 20 steps, so it stays a small share of an epoch), for the report.
+fn save_epoch_samples(
+    process: &GaussianDiffusion,
+    net: &dyn Denoiser,
+    s: ImageShape,
+    dir: &Path,
+    epoch: usize,
+    config: &DiffusionTrainConfig,
+    device: &Device,
+) -> Result<()> {
+    let mut noise = Noise::new(derive_seed(config.seed, 3, 1));
+    let x_t = noise.randn((16, s.channels, s.height, s.width), device)?;
+    let steps = config.sample_steps.clamp(1, 20);
+    let bar = ProgressBar::hidden();
+    let x = ddim_sample(process, net, x_t, steps, 0.0, true, &mut noise, &bar)?;
+    let folder = dir.join(crate::report::PICTURES_DIR);
+    std::fs::create_dir_all(&folder)
+        .with_context(|| format!("{}: cannot create", folder.display()))?;
+    let path = folder.join(format!("samples-{epoch:06}.png"));
+    let partial = folder.join(format!(".samples-{epoch:06}.png.partial.png"));
+    save_image_grid(&x, &partial)?;
+    std::fs::rename(&partial, &path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// The EMA decay after `step` optimizer steps: `min(decay, (1 + step) / (10 + step))`, the
