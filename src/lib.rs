@@ -33,7 +33,7 @@
 //!   injection for the file-system steps of a save (tests);
 //! - [`train`]: the training loops ([`train::vae`], [`train::diffusion`]) and what they share;
 //! - [`eval`]: aggregation of evaluations (means, standard errors, bits/dim);
-//! - [`plot`]: PNG image grids (grey or colour), scatter plots, curves;
+//! - [`plot`]: PNG image grids (grey or colour) and scatter plots;
 //! - [`report`]: the run report, one self-contained HTML page (SVG plots, inline pictures).
 
 pub mod checkpoint;

@@ -201,10 +201,8 @@ struct EvalDiffusionArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value = "fixed-small")]
     variance: VarianceType,
-    /// Also write a PNG plot of L_t against t.
-    /// Draw L_t against t: FILE.svg is a plot with log axes, labels and units; FILE.png the
-    /// bare curve.
-    #[arg(long, value_name = "FILE.svg|FILE.png")]
+    /// Also draw L_t against t on log axes, with labels and units, as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
@@ -997,6 +995,14 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     if a.batch_size == 0 || a.limit == 0 {
         bail!("--batch-size and --limit must be at least 1");
     }
+    if let Some(p) = &a.plot
+        && !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        bail!(
+            "--plot {}: the L_t plot is an SVG (axes, labels, units); name it FILE.svg",
+            p.display()
+        );
+    }
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
@@ -1073,15 +1079,8 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let bpd = elbo::eval::bits_per_dim(total, dims);
     check_finite_result(&a.checkpoint, &[("the bound", total)])?;
     if let Some(path) = &a.plot {
-        if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
-        {
-            let svg = elbo::report::lt_plot_svg(&lt)?;
-            elbo::checkpoint::write_atomic(path, svg.as_bytes())?;
-        } else {
-            elbo::plot::save_log_curve(&lt, path)?;
-        }
+        let svg = elbo::report::lt_plot_svg(&lt)?;
+        elbo::checkpoint::write_atomic(path, svg.as_bytes())?;
     }
     let results = serde_json::json!({
         "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,

@@ -1,4 +1,4 @@
-//! PNG image grids (grey or colour), scatter plots and curves.
+//! PNG image grids (grey or colour) and scatter plots.
 
 use std::path::Path;
 
@@ -97,45 +97,6 @@ pub fn save_scatter(panels: &[&[f32]], path: &Path) -> Result<()> {
         }
         for y in 0..side {
             img.put_pixel(p as u32 * side, y, image::Rgb([0, 0, 0]));
-        }
-    }
-    save_png(img, path)
-}
-
-/// A line plot of `values` against their index with a log10 y axis (non-positive values are
-/// skipped), 640x320, with horizontal grid lines at each power of ten.
-pub fn save_log_curve(values: &[f64], path: &Path) -> Result<()> {
-    let (w, h) = (640u32, 320u32);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let logs: Vec<Option<f64>> = values
-        .iter()
-        .map(|&v| (v > 0.0).then(|| v.log10()))
-        .collect();
-    let (lo, hi) = logs
-        .iter()
-        .flatten()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    if !lo.is_finite() {
-        bail!("{}: nothing positive to plot", path.display());
-    }
-    let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
-    let to_y = |v: f64| (h as f64 - 10.0 - (v - lo) / (hi - lo) * (h as f64 - 20.0)) as u32;
-    for decade in lo as i64..=hi as i64 {
-        let y = to_y(decade as f64);
-        for x in 0..w {
-            img.put_pixel(x, y.min(h - 1), image::Rgb([225, 225, 225]));
-        }
-    }
-    let n = values.len().max(2);
-    for (i, v) in logs.iter().enumerate() {
-        if let Some(v) = v {
-            let x = (10.0 + i as f64 / (n - 1) as f64 * (w as f64 - 20.0)) as u32;
-            let y = to_y(*v);
-            for dy in 0..2 {
-                img.put_pixel(x.min(w - 1), (y + dy).min(h - 1), image::Rgb([200, 40, 40]));
-            }
         }
     }
     save_png(img, path)

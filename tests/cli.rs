@@ -432,7 +432,7 @@ fn diffusion_train_sample_eval_end_to_end() {
         2
     );
     let ic = img.join("model.safetensors");
-    let plot = out.path().join("lt.png");
+    let plot = out.path().join("lt.svg");
     let o = elbo(&[
         "eval",
         "diffusion",
@@ -454,7 +454,11 @@ fn diffusion_train_sample_eval_end_to_end() {
     assert_eq!(v["n"], 4);
     let bpd = v["bpd"].as_f64().unwrap();
     assert!(bpd > 0.0 && bpd.is_finite(), "bits/dim {bpd}");
-    assert!(plot.is_file());
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("timestep t") && svg.contains("L_t"),
+        "{svg}"
+    );
 
     assert_one_line_error(
         &elbo(&[
