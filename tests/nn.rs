@@ -241,3 +241,192 @@ fn mlp_matches_candle_autodiff() {
         close(&dx, g.get(xv.as_tensor()).unwrap(), "dx");
     }
 }
+
+/// Convolutions of several geometries (kernels 1, 3, 4, 5; strides 1 and 2; paddings 0-2;
+/// odd and even sizes) and transposed convolutions (the VAE decoder's 4x4 stride-2 doubling,
+/// and others), one example at a time: output, dW, db and dx against candle's `conv2d` /
+/// `conv_transpose2d` and autodiff, and dx against central differences of the loss in a few
+/// inputs. L = sum(g * y) with a random g.
+#[test]
+fn convolutions_match_candle_autodiff_and_finite_differences() {
+    use elbo::nn::conv::{
+        ConvScratch, Geometry, conv_transpose2d_backward, conv_transpose2d_forward,
+        conv2d_backward, conv2d_forward,
+    };
+    let dev = Device::Cpu;
+    let mut noise = Noise::new(5);
+    // (C_in, C_out, H, W, k, stride, padding)
+    let cases = [
+        (3, 4, 8, 8, 3, 1, 1),
+        (2, 5, 7, 9, 3, 2, 1),
+        (4, 3, 8, 8, 4, 2, 1),
+        (1, 2, 6, 5, 1, 1, 0),
+        (2, 2, 9, 9, 5, 2, 2),
+        (3, 2, 6, 6, 3, 1, 0),
+    ];
+    for (transposed, name) in [(false, "conv2d"), (true, "conv_transpose2d")] {
+        for &(ci, co, h, w, k, s, p) in &cases {
+            let what = format!("{name} C {ci}->{co}, {h}x{w}, k {k}, stride {s}, padding {p}");
+            // The convolution's geometry maps [h, w] to [oh, ow]; a transposed one runs it
+            // backwards, from [oh, ow] (its input) to [h, w] (its output).
+            let g = Geometry {
+                k,
+                stride: s,
+                padding: p,
+                h,
+                w,
+            };
+            let (oh, ow) = g.output();
+            let (x_shape, y_shape, w_shape) = if transposed {
+                ((ci, oh, ow), (co, h, w), (ci, co, k, k))
+            } else {
+                ((ci, h, w), (co, oh, ow), (co, ci, k, k))
+            };
+            let x = values(&noise.randn(x_shape, &dev).unwrap());
+            let wt = values(&noise.randn(w_shape, &dev).unwrap());
+            let b = values(&noise.randn(co, &dev).unwrap());
+            let gy = values(&noise.randn(y_shape, &dev).unwrap());
+            let xv = Var::from_vec(x.clone(), (1, x_shape.0, x_shape.1, x_shape.2), &dev).unwrap();
+            let wv = Var::from_vec(wt.clone(), w_shape, &dev).unwrap();
+            let bv = Var::from_vec(b.clone(), co, &dev).unwrap();
+            let yc = if transposed {
+                xv.as_tensor()
+                    .conv_transpose2d(wv.as_tensor(), p, 0, s, 1)
+                    .unwrap()
+            } else {
+                xv.as_tensor().conv2d(wv.as_tensor(), p, s, 1, 1).unwrap()
+            };
+            let yc = yc
+                .broadcast_add(&bv.as_tensor().reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(
+                yc.dims()[1..],
+                [y_shape.0, y_shape.1, y_shape.2],
+                "{what}: shape"
+            );
+            let gt = Tensor::from_vec(gy.clone(), yc.shape(), &dev).unwrap();
+            let grads = (&yc * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+            let grad = |v: &Var| values(grads.get(v.as_tensor()).unwrap());
+
+            let mut scratch = ConvScratch::default();
+            let forward = |x: &[f32], scratch: &mut ConvScratch| {
+                let mut y = vec![0f32; gy.len()];
+                if transposed {
+                    conv_transpose2d_forward(&mut y, x, &wt, &b, g, (ci, co), scratch);
+                } else {
+                    conv2d_forward(&mut y, x, &wt, &b, g, (ci, co), scratch);
+                }
+                y
+            };
+            let y = forward(&x, &mut scratch);
+            assert!(max_abs_diff(&y, &values(&yc)) < 1e-4, "{what}: forward");
+            let (mut dw, mut db, mut dx) =
+                (vec![0f32; wt.len()], vec![0f32; co], vec![0f32; x.len()]);
+            if transposed {
+                conv_transpose2d_backward(
+                    &mut dw,
+                    &mut db,
+                    Some(&mut dx),
+                    &x,
+                    &wt,
+                    &gy,
+                    g,
+                    (ci, co),
+                    &mut scratch,
+                );
+            } else {
+                conv2d_backward(
+                    &mut dw,
+                    &mut db,
+                    Some(&mut dx),
+                    &x,
+                    &wt,
+                    &gy,
+                    g,
+                    (ci, co),
+                    &mut scratch,
+                );
+            }
+            assert!(max_abs_diff(&dw, &grad(&wv)) < 1e-3, "{what}: dW");
+            assert!(max_abs_diff(&db, &grad(&bv)) < 1e-3, "{what}: db");
+            assert!(max_abs_diff(&dx, &grad(&xv)) < 1e-3, "{what}: dx");
+            // L is linear in x: central differences are exact up to rounding.
+            let loss = |x: &[f32], scratch: &mut ConvScratch| -> f64 {
+                forward(x, scratch)
+                    .iter()
+                    .zip(&gy)
+                    .map(|(y, g)| (y * g) as f64)
+                    .sum()
+            };
+            for i in [0, x.len() / 2, x.len() - 1] {
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[i] += 1e-2;
+                down[i] -= 1e-2;
+                let fd = (loss(&up, &mut scratch) - loss(&down, &mut scratch)) / 2e-2;
+                assert!(
+                    (dx[i] as f64 - fd).abs() < 1e-2,
+                    "{what}: dx[{i}] {} vs {fd}",
+                    dx[i]
+                );
+            }
+        }
+    }
+}
+
+/// A deliberate mistake is caught: a convolution backward pass that forgets the border (the
+/// kernel offsets that overhang the image: dx of the first and last rows) differs from
+/// candle's dx by far more than the tolerance above.
+#[test]
+fn a_convolution_backward_without_its_border_is_caught() {
+    use elbo::nn::conv::{ConvScratch, Geometry, conv2d_backward};
+    let dev = Device::Cpu;
+    let mut noise = Noise::new(8);
+    let g = Geometry {
+        k: 3,
+        stride: 1,
+        padding: 1,
+        h: 6,
+        w: 6,
+    };
+    let x = values(&noise.randn((2, 6, 6), &dev).unwrap());
+    let wt = values(&noise.randn((3, 2, 3, 3), &dev).unwrap());
+    let gy = values(&noise.randn((3, 6, 6), &dev).unwrap());
+    let (mut dw, mut db, mut dx) = (vec![0f32; wt.len()], vec![0f32; 3], vec![0f32; x.len()]);
+    conv2d_backward(
+        &mut dw,
+        &mut db,
+        Some(&mut dx),
+        &x,
+        &wt,
+        &gy,
+        g,
+        (2, 3),
+        &mut ConvScratch::default(),
+    );
+    let xv = Var::from_vec(x.clone(), (1, 2, 6, 6), &dev).unwrap();
+    let wv = Tensor::from_vec(wt.clone(), (3, 2, 3, 3), &dev).unwrap();
+    let y = xv.as_tensor().conv2d(&wv, 1, 1, 1, 1).unwrap();
+    let gt = Tensor::from_vec(gy, y.shape(), &dev).unwrap();
+    let want = values(
+        grads_of(&(&y * &gt).unwrap().sum_all().unwrap(), &xv)
+            .as_ref()
+            .unwrap(),
+    );
+    assert!(max_abs_diff(&dx, &want) < 1e-3);
+    // The mutation: the border rows of each channel's dx left at zero.
+    let mut broken = dx.clone();
+    for c in 0..2 {
+        for j in 0..6 {
+            broken[c * 36 + j] = 0.0;
+            broken[c * 36 + 30 + j] = 0.0;
+        }
+    }
+    assert!(
+        max_abs_diff(&broken, &want) > 1e-1,
+        "the mutation went unnoticed"
+    );
+}
+
+fn grads_of(loss: &Tensor, v: &Var) -> Option<Tensor> {
+    loss.backward().unwrap().get(v.as_tensor()).cloned()
+}
