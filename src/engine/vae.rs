@@ -1,6 +1,7 @@
 //! The fused CPU engine of the VAE family ([`crate::vae::model`]): any number of stochastic
-//! layers, MLPs of any depth, width and activation, the Bernoulli likelihood, the ELBO and the
-//! IWAE objectives with K samples, and Adam, in one flat parameter buffer and scratch buffers
+//! layers, MLPs of any depth, width and activation, convolutional encoders and decoders (stride-2
+//! convolutions and transposed convolutions of [`crate::nn::conv`]), the Bernoulli likelihood,
+//! the ELBO and the IWAE objectives with K samples, and Adam, in one flat parameter buffer and scratch buffers
 //! reused from step to step. Each network runs on [`crate::nn::mlp`] (one `gemm` call per
 //! product); the densities, the reparameterization and their backward passes are fused loops.
 //!
@@ -38,6 +39,11 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::distributions::Noise;
+use crate::nn::activation::Activation;
+use crate::nn::conv::{
+    ConvScratch, Geometry, conv_transpose2d_backward, conv_transpose2d_forward, conv2d_backward,
+    conv2d_forward,
+};
 use crate::nn::kernels::{add_assign, bce_logits_grad, bernoulli_log_prob};
 use crate::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
 use crate::optim::{Adam, AdamConfig};
@@ -45,12 +51,200 @@ use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::Objective;
 
-/// Whether the fused engine computes this model (CPU, Bernoulli likelihood, MLPs: the
-/// convolutional VAEs train on candle until the layer engine carries convolutions).
+/// Whether the fused engine computes this model: the CPU, the Bernoulli likelihood, MLPs, and
+/// convolutional VAEs without residual blocks (those train on candle for now).
 pub fn supports(vae: &Vae) -> bool {
     vae.device().is_cpu()
         && vae.config.likelihood == Likelihood::Bernoulli
-        && vae.config.conv.is_none()
+        && vae.config.conv.as_ref().is_none_or(|c| !c.residual)
+}
+
+/// One convolution of a convolutional VAE: where its weight and bias sit in the flat buffer,
+/// its channels and geometry (for a transposed one, the geometry of the convolution from its
+/// output back to its input).
+#[derive(Debug, Clone)]
+struct ConvSpec {
+    w: usize,
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    g: Geometry,
+    /// Values per example in and out.
+    size_in: usize,
+    size_out: usize,
+}
+
+/// The convolutional encoder (x -> features) and decoder (features -> logits) around the first
+/// layer's MLPs (`VaeConfig::conv`):
+///
+/// ```text
+/// encoder  h_0 = x,  a_j = conv_j(h_j),  h_{j+1} = f(a_j)             features = h_n
+/// decoder  u_0 = f(MLP output),  a_j = deconv_j(u_j),  u_{j+1} = f(a_j)  logits = a_last
+/// ```
+#[derive(Debug, Clone)]
+struct ConvStack {
+    down: Vec<ConvSpec>,
+    up: Vec<ConvSpec>,
+    activation: Activation,
+}
+
+/// `state_dict` entries `(name, offset, shape)`.
+type Entries = Vec<(String, usize, Vec<usize>)>;
+
+impl ConvStack {
+    /// The stack of `config` with its parameters from `offset` on, and their `state_dict`
+    /// entries; `None` for an MLP VAE.
+    fn new(config: &VaeConfig, offset: usize) -> Option<(Self, Entries)> {
+        let conv = config.conv.as_ref()?;
+        let shape = config.image_shape()?;
+        let (fc, fh, fw) = config.conv_features()?;
+        let mut entries = Vec::new();
+        let mut at = offset;
+        for (name, dims) in config.conv_parameter_shapes() {
+            let n: usize = dims.iter().product();
+            entries.push((name, at, dims));
+            at += n;
+        }
+        let find = |name: &str| entries.iter().find(|(n, _, _)| n == name).map(|e| e.1);
+        let (mut c, mut h, mut w) = (shape.channels, shape.height, shape.width);
+        let mut down = Vec::new();
+        for (j, &co) in conv.channels.iter().enumerate() {
+            let g = Geometry {
+                k: 4,
+                stride: 2,
+                padding: 1,
+                h,
+                w,
+            };
+            let (oh, ow) = g.output();
+            down.push(ConvSpec {
+                w: find(&format!("encoder.conv.{j}.weight"))?,
+                b: find(&format!("encoder.conv.{j}.bias"))?,
+                c_in: c,
+                c_out: co,
+                g,
+                size_in: c * h * w,
+                size_out: co * oh * ow,
+            });
+            (c, h, w) = (co, oh, ow);
+        }
+        let mut up = Vec::new();
+        let n = conv.channels.len();
+        let (mut c, mut h, mut w) = (fc, fh, fw);
+        for j in 0..n {
+            let next = if j + 1 < n {
+                conv.channels[n - 2 - j]
+            } else {
+                shape.channels
+            };
+            let g = Geometry {
+                k: 4,
+                stride: 2,
+                padding: 1,
+                h: 2 * h,
+                w: 2 * w,
+            };
+            up.push(ConvSpec {
+                w: find(&format!("decoder.deconv.{j}.weight"))?,
+                b: find(&format!("decoder.deconv.{j}.bias"))?,
+                c_in: c,
+                c_out: next,
+                g,
+                size_in: c * h * w,
+                size_out: next * 4 * h * w,
+            });
+            (c, h, w) = (next, 2 * h, 2 * w);
+        }
+        let stack = Self {
+            down,
+            up,
+            activation: config.activation,
+        };
+        Some((stack, entries))
+    }
+
+    /// Where the stack's parameters end in the flat buffer.
+    fn end(&self) -> usize {
+        self.down
+            .iter()
+            .chain(&self.up)
+            .map(|c| c.b + c.c_out)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What the conv stack keeps from its forward pass for its backward pass.
+#[derive(Default)]
+struct ConvTape {
+    /// Per encoder layer: pre-activations and outputs, `[b, size_out]`.
+    enc_pre: Vec<Vec<f32>>,
+    enc_post: Vec<Vec<f32>>,
+    /// The decoder's input f(MLP output) `[R, features]`.
+    dec_in: Vec<f32>,
+    /// Per decoder layer: pre-activations (the last: the logits) and outputs `[R, size_out]`.
+    dec_pre: Vec<Vec<f32>>,
+    dec_post: Vec<Vec<f32>>,
+    /// Gradients being walked back, and the next one down.
+    g: Vec<f32>,
+    g_next: Vec<f32>,
+    scratch: ConvScratch,
+}
+
+/// `out[r] = conv(input[r])` for every example row.
+fn conv_rows(
+    p: &[f32],
+    c: &ConvSpec,
+    input: &[f32],
+    out: &mut Vec<f32>,
+    transposed: bool,
+    sc: &mut ConvScratch,
+) {
+    let rows = input.len() / c.size_in;
+    out.resize(rows * c.size_out, 0.0);
+    for (y, x) in out.chunks_mut(c.size_out).zip(input.chunks(c.size_in)) {
+        let (w, b) = (&p[c.w..], &p[c.b..c.b + c.c_out]);
+        if transposed {
+            conv_transpose2d_forward(y, x, w, b, c.g, (c.c_in, c.c_out), sc);
+        } else {
+            conv2d_forward(y, x, w, b, c.g, (c.c_in, c.c_out), sc);
+        }
+    }
+}
+
+/// Backward of [`conv_rows`]: adds every row's dW, db into `grads`; writes dx when asked.
+#[allow(clippy::too_many_arguments)]
+fn conv_rows_backward(
+    p: &[f32],
+    grads: &mut [f32],
+    c: &ConvSpec,
+    input: &[f32],
+    dy: &[f32],
+    dx: Option<&mut Vec<f32>>,
+    transposed: bool,
+    sc: &mut ConvScratch,
+) {
+    let rows = input.len() / c.size_in;
+    let w = &p[c.w..];
+    let (gw, gb) = grads.split_at_mut(c.b);
+    let gw = &mut gw[c.w..];
+    let gb = &mut gb[..c.c_out];
+    let mut dx = dx;
+    if let Some(d) = dx.as_deref_mut() {
+        d.resize(rows * c.size_in, 0.0);
+    }
+    for r in 0..rows {
+        let x = &input[r * c.size_in..(r + 1) * c.size_in];
+        let g = &dy[r * c.size_out..(r + 1) * c.size_out];
+        let dxr = dx
+            .as_deref_mut()
+            .map(|d| &mut d[r * c.size_in..(r + 1) * c.size_in]);
+        if transposed {
+            conv_transpose2d_backward(gw, gb, dxr, x, w, g, c.g, (c.c_in, c.c_out), sc);
+        } else {
+            conv2d_backward(gw, gb, dxr, x, w, g, c.g, (c.c_in, c.c_out), sc);
+        }
+    }
 }
 
 /// The networks' shapes and where each starts in the flat buffer.
@@ -60,6 +254,8 @@ struct Model {
     latents: Vec<usize>,
     /// q(z_{l+1}|z_l), l = 0..L, then p(x|z_1), p(z_l|z_{l+1}) for l = 1..L.
     nets: Vec<(MlpShape, usize)>,
+    /// A convolutional VAE's convolutions (their parameters after the MLPs').
+    conv: Option<ConvStack>,
     len: usize,
 }
 
@@ -72,11 +268,14 @@ impl Model {
             nets.push((spec.shape, offset));
             offset += count;
         }
+        let conv = ConvStack::new(config, offset).map(|(c, _)| c);
+        let len = conv.as_ref().map_or(offset, ConvStack::end);
         Self {
             d: config.input_dim,
             latents: config.latent_dims.clone(),
             nets,
-            len: offset,
+            conv,
+            len,
         }
     }
 
@@ -138,6 +337,7 @@ struct Slice {
     /// Gradients of network outputs, and of network inputs.
     dout: Vec<f32>,
     dx: Vec<f32>,
+    conv: ConvTape,
 }
 
 /// Per-example results of a slice: `log sum_k e^{log w}`, `sum_k log p(x|z_1)`, and per layer
@@ -189,7 +389,11 @@ impl FusedVae {
             bail!("the fused engine needs a CPU model with the Bernoulli likelihood");
         }
         let model = Model::new(&vae.config);
-        let entries = vae.config.flat_entries();
+        let mut entries = vae.config.flat_entries();
+        let mlp_len: usize = model.nets.iter().map(|(n, _)| n.parameter_count()).sum();
+        if let Some((_, conv_entries)) = ConvStack::new(&vae.config, mlp_len) {
+            entries.extend(conv_entries);
+        }
         let mut params = vec![0f32; model.len];
         let mut adam_m = vec![0f32; model.len];
         let mut adam_v = vec![0f32; model.len];
@@ -581,12 +785,29 @@ fn run_slice(
     s.dz.resize_with(layers, Vec::new);
     s.ratio.resize_with(layers, Vec::new);
 
+    // A convolutional VAE's encoder: x -> features, the first MLP's input.
+    if let Some(conv) = &model.conv {
+        let t = &mut s.conv;
+        t.enc_pre.resize_with(conv.down.len(), Vec::new);
+        t.enc_post.resize_with(conv.down.len(), Vec::new);
+        for (j, c) in conv.down.iter().enumerate() {
+            let (done, rest) = t.enc_post.split_at_mut(j);
+            let input: &[f32] = if j == 0 { x } else { &done[j - 1] };
+            conv_rows(p, c, input, &mut t.enc_pre[j], false, &mut t.scratch);
+            rest[0].resize(t.enc_pre[j].len(), 0.0);
+            conv.activation.forward(&t.enc_pre[j], &mut rest[0]);
+        }
+    }
     // Inference, bottom-up: [m; lv] of q(z_l|z_{l-1}) on b rows (l = 0) or K b rows.
     for l in 0..layers {
         let (shape, _) = model.q(l);
         let (below, here) = s.z.split_at_mut(l);
+        let first_input: &[f32] = match &model.conv {
+            Some(_) => s.conv.enc_post.last().map_or(x, Vec::as_slice),
+            None => x,
+        };
         let (input, src_rows): (&[f32], usize) = if l == 0 {
-            (x, b)
+            (first_input, b)
         } else {
             (&below[l - 1], rows)
         };
@@ -607,10 +828,31 @@ fn run_slice(
         );
     }
 
+    // A convolutional VAE's decoder: the first MLP's output -> logits.
+    if let Some(conv) = &model.conv {
+        let t = &mut s.conv;
+        let features = q_output(&s.p_tapes[0]);
+        t.dec_in.resize(features.len(), 0.0);
+        conv.activation.forward(features, &mut t.dec_in);
+        t.dec_pre.resize_with(conv.up.len(), Vec::new);
+        t.dec_post.resize_with(conv.up.len(), Vec::new);
+        for (j, c) in conv.up.iter().enumerate() {
+            let (done, rest) = t.dec_post.split_at_mut(j);
+            let input: &[f32] = if j == 0 { &t.dec_in } else { &done[j - 1] };
+            conv_rows(p, c, input, &mut t.dec_pre[j], true, &mut t.scratch);
+            if j + 1 < conv.up.len() {
+                rest[0].resize(t.dec_pre[j].len(), 0.0);
+                conv.activation.forward(&t.dec_pre[j], &mut rest[0]);
+            }
+        }
+    }
     // Per-row terms. log p(x|z_1), and for ELBO training its gradient in the same pass.
     let logits_at = |t: &MlpTape| t.post.len() - 1;
     let last = logits_at(&s.p_tapes[0]);
-    let mut logits = std::mem::take(&mut s.p_tapes[0].post[last]);
+    let mut logits = match &model.conv {
+        Some(_) => std::mem::take(s.conv.dec_pre.last_mut().expect("a decoder layer")),
+        None => std::mem::take(&mut s.p_tapes[0].post[last]),
+    };
     s.rec.resize(rows, 0.0);
     let fused_grad = match mode {
         Mode::Train {
@@ -699,7 +941,7 @@ fn run_slice(
         Some(grads),
     ) = (mode, grads)
     else {
-        s.p_tapes[0].post[last] = logits;
+        restore_logits(model, s, last, logits);
         return out;
     };
 
@@ -724,10 +966,48 @@ fn run_slice(
         dz.clear();
         dz.resize(rows * model.latents[l], 0.0);
     }
-    // p(x|z_1): backward from d logits.
+    // The conv layers' gradients are sums over rows: start them at zero.
+    if let Some(conv) = &model.conv {
+        let start = conv
+            .down
+            .iter()
+            .chain(&conv.up)
+            .map(|c| c.w)
+            .min()
+            .unwrap_or(0);
+        grads[start..model.len].fill(0.0);
+    }
+    // p(x|z_1): backward from d logits (through the decoder's transposed convolutions first).
     {
+        if let Some(conv) = &model.conv {
+            let t = &mut s.conv;
+            t.g.clear();
+            t.g.extend_from_slice(&logits);
+            for (j, c) in conv.up.iter().enumerate().rev() {
+                if j + 1 < conv.up.len() {
+                    conv.activation
+                        .backward(&mut t.g, &t.dec_pre[j], &t.dec_post[j]);
+                }
+                let input: &[f32] = if j == 0 {
+                    &t.dec_in
+                } else {
+                    &t.dec_post[j - 1]
+                };
+                let dx = Some(&mut t.g_next);
+                conv_rows_backward(p, grads, c, input, &t.g, dx, true, &mut t.scratch);
+                std::mem::swap(&mut t.g, &mut t.g_next);
+            }
+            // Through u_0 = f(MLP output): d(MLP output) = g f'.
+            conv.activation
+                .backward(&mut t.g, q_output(&s.p_tapes[0]), &t.dec_in);
+        }
         let net = model.p(0);
         let g = region_mut(grads, net);
+        let dy: &[f32] = if model.conv.is_some() {
+            &s.conv.g
+        } else {
+            &logits
+        };
         mlp_backward(
             &net.0,
             region(p, net),
@@ -735,13 +1015,13 @@ fn run_slice(
             &s.z[0],
             rows,
             &mut s.p_tapes[0],
-            &logits,
+            dy,
             Some(&mut s.dx),
             threads,
         );
         add_assign(&mut s.dz[0], &s.dx);
     }
-    s.p_tapes[0].post[last] = logits;
+    restore_logits(model, s, last, logits);
     // p(z_{l-1}|z_l) for l >= 1: the density of z_{l-1}, weighted a = c beta.
     for l in 1..layers {
         let lat = model.latents[l - 1];
@@ -829,17 +1109,45 @@ fn run_slice(
         let net = model.q(l);
         let g = region_mut(grads, net);
         if l == 0 {
+            let Some(conv) = &model.conv else {
+                let tape = &mut s.q_tapes[0];
+                mlp_backward(
+                    &net.0,
+                    region(p, net),
+                    g,
+                    x,
+                    b,
+                    tape,
+                    &s.dout,
+                    None,
+                    threads,
+                );
+                continue;
+            };
+            // The encoder: d features from the first MLP, then back through the convolutions.
+            let t = &mut s.conv;
+            let features = t.enc_post.last().expect("an encoder layer");
+            let tape = &mut s.q_tapes[0];
+            let dfeat = Some(&mut t.g);
             mlp_backward(
                 &net.0,
                 region(p, net),
                 g,
-                x,
+                features,
                 b,
-                &mut s.q_tapes[0],
+                tape,
                 &s.dout,
-                None,
+                dfeat,
                 threads,
             );
+            for (j, c) in conv.down.iter().enumerate().rev() {
+                conv.activation
+                    .backward(&mut t.g, &t.enc_pre[j], &t.enc_post[j]);
+                let input: &[f32] = if j == 0 { x } else { &t.enc_post[j - 1] };
+                let dx = (j > 0).then_some(&mut t.g_next);
+                conv_rows_backward(p, grads, c, input, &t.g, dx, false, &mut t.scratch);
+                std::mem::swap(&mut t.g, &mut t.g_next);
+            }
         } else {
             mlp_backward(
                 &net.0,
@@ -856,6 +1164,14 @@ fn run_slice(
         }
     }
     out
+}
+
+/// Puts the logits back where the forward pass left them (the tape they were taken from).
+fn restore_logits(model: &Model, s: &mut Slice, last: usize, logits: Vec<f32>) {
+    match &model.conv {
+        Some(_) => *s.conv.dec_pre.last_mut().expect("a decoder layer") = logits,
+        None => s.p_tapes[0].post[last] = logits,
+    }
 }
 
 /// The output of the network a tape holds (its last layer's).

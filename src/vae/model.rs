@@ -359,11 +359,15 @@ impl VaeConfig {
         out
     }
 
-    /// Every parameter's name and shape (the convolutions', the MLPs', then `obs_log_var` when
-    /// it is learned).
+    /// Every parameter's name and shape (the MLPs', the convolutions', then `obs_log_var` when
+    /// it is learned), in the order fresh parameters are drawn.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut shapes = self.conv_parameter_shapes();
-        shapes.extend(self.flat_entries().into_iter().map(|(n, _, s)| (n, s)));
+        let mut shapes: Vec<(String, Vec<usize>)> = self
+            .flat_entries()
+            .into_iter()
+            .map(|(n, _, s)| (n, s))
+            .collect();
+        shapes.extend(self.conv_parameter_shapes());
         if self.learns_obs_var() {
             shapes.push(("obs_log_var".to_string(), vec![1]));
         }
