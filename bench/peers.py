@@ -5,7 +5,8 @@
     bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N]
 
 Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1 and
-iwae-step-k5 (Burda et al.'s one-layer model, batch 20), and for torch only unet-step-64,
+iwae-step-k5 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
+VAE on 1 x 28 x 28), and for torch only unet-step-64,
 ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same state_dict
 names, same parameter count: 171,937). `torch` runs the training steps in their fastest eager
 form (BCE from logits, not the text's sigmoid + BCE); `torch-compile` wraps the model and loss
@@ -110,6 +111,37 @@ def torch_workload(name, a, compiled=False):
             opt.step()
         warm = a.warmup or (300 if compiled else 100)
         return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
+
+    if name == "conv-vae-step-128":
+        class ConvVAE(nn.Module):  # elbo's --conv 32,64 --hidden 256 --latent-dim 32
+            def __init__(self):
+                super().__init__()
+                self.enc = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1),
+                                         nn.ReLU(), nn.Flatten(), nn.Linear(3136, 256), nn.ReLU())
+                self.mu, self.lv = nn.Linear(256, 32), nn.Linear(256, 32)
+                self.dec = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 3136), nn.ReLU(),
+                                         nn.Unflatten(1, (64, 7, 7)), nn.ConvTranspose2d(64, 32, 4, 2, 1),
+                                         nn.ReLU(), nn.ConvTranspose2d(32, 1, 4, 2, 1), nn.Flatten())
+
+            def forward(self, x):
+                h = self.enc(x.view(-1, 1, 28, 28))
+                mu, lv = self.mu(h), self.lv(h)
+                z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
+                bce = F.binary_cross_entropy_with_logits(self.dec(z), x, reduction="sum")
+                return bce - 0.5 * torch.sum(1 + lv - mu.pow(2) - lv.exp())
+
+        model = ConvVAE()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = torch.compile(model) if compiled else model
+        xb = train[:128].clone()
+
+        def step():
+            loss = loss_fn(xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        warm = a.warmup or (30 if compiled else 5)
+        return timed(warm, a.reps or 50, step), "one conv VAE training step, batch 128"
 
     if name.startswith("vae-step-") or name == "vae-epoch":
         model = SimpleVAE()
@@ -395,6 +427,58 @@ def jax_workload(name, a):
             st["p"], st["s"], st["k"] = istep(st["p"], st["s"], xb, st["k"])
             jax.block_until_ready(st["p"])
         return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
+
+    if name == "conv-vae-step-128":
+        from jax import lax
+
+        def conv_init(key, o, i, k):
+            bound = 1 / math.sqrt(i * k * k)
+            kw, kb = jax.random.split(key)
+            return (jax.random.uniform(kw, (o, i, k, k), minval=-bound, maxval=bound),
+                    jax.random.uniform(kb, (o,), minval=-bound, maxval=bound))
+
+        ks = jax.random.split(key, 9)
+        cp = {"c0": conv_init(ks[0], 32, 1, 4), "c1": conv_init(ks[1], 64, 32, 4),
+              "e": linear(ks[2], 3136, 256), "mu": linear(ks[3], 256, 32), "lv": linear(ks[4], 256, 32),
+              "d0": linear(ks[5], 32, 256), "d1": linear(ks[6], 256, 3136),
+              # ConvTranspose2d(in, out): weight [in, out, k, k], bias [out].
+              "t0": (conv_init(ks[7], 64, 32, 4)[0], jnp.zeros(32)),
+              "t1": (conv_init(ks[8], 32, 1, 4)[0], jnp.zeros(1))}
+        dn = ("NCHW", "OIHW", "NCHW")
+
+        def conv(p, x):
+            y = lax.conv_general_dilated(x, p[0], (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
+            return y + p[1][None, :, None, None]
+
+        def deconv(p, x):  # PyTorch's ConvTranspose2d(k 4, stride 2, padding 1): doubles the size
+            y = lax.conv_transpose(x, p[0], (2, 2), ((2, 2), (2, 2)),
+                                   dimension_numbers=("NCHW", "OIHW", "NCHW"), transpose_kernel=True)
+            return y + p[1][None, :, None, None]
+
+        def conv_loss(p, x, key):
+            h = jax.nn.relu(conv(p["c1"], jax.nn.relu(conv(p["c0"], x.reshape(-1, 1, 28, 28)))))
+            h = jax.nn.relu(lin(p["e"], h.reshape(h.shape[0], -1)))
+            mu, lv = lin(p["mu"], h), lin(p["lv"], h)
+            z = mu + jnp.exp(0.5 * lv) * jax.random.normal(key, mu.shape)
+            f = jax.nn.relu(lin(p["d1"], jax.nn.relu(lin(p["d0"], z)))).reshape(-1, 64, 7, 7)
+            logits = deconv(p["t1"], jax.nn.relu(deconv(p["t0"], f))).reshape(x.shape[0], -1)
+            bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x))
+            return bce - 0.5 * jnp.sum(1 + lv - mu ** 2 - jnp.exp(lv))
+
+        @jax.jit
+        def cstep(p, s, x, key):
+            key, sub = jax.random.split(key)
+            g = jax.grad(conv_loss)(p, x, sub)
+            updates, s = opt.update(g, s)
+            return optax.apply_updates(p, updates), s, key
+
+        xb = jnp.asarray(train[:128])
+        st = {"p": cp, "s": opt.init(cp), "k": key}
+
+        def one():
+            st["p"], st["s"], st["k"] = cstep(st["p"], st["s"], xb, st["k"])
+            jax.block_until_ready(st["p"])
+        return timed(a.warmup or 5, a.reps or 50, one), "one conv VAE training step, batch 128"
 
     if name.startswith("vae-step-") or name == "vae-epoch":
         state = {"p": params, "s": opt.init(params), "k": key}

@@ -184,6 +184,38 @@ fn main() -> Result<()> {
                 format!("one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"),
             )
         }
+        "conv-vae-step-128" => {
+            // A convolutional VAE on 1 x 28 x 28: two stride-2 4x4 convolutions (32, 64
+            // channels), an MLP of 256 to z (32), mirrored with transposed convolutions; ReLU.
+            let config = VaeConfig {
+                conv: Some(elbo::vae::model::ConvNet {
+                    channels: vec![32, 64],
+                    residual: false,
+                }),
+                ..VaeConfig::default()
+            };
+            let vae = Vae::new(config, &mut noise, &dev)?;
+            let adam = AdamConfig::with_lr(1e-3);
+            let idx: Vec<usize> = (0..128).collect();
+            let (reps, warmup) = (or(a.reps, 50), or(a.warmup, 5));
+            let t = if fused_engine {
+                let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+                let mut fused = FusedVae::from_vae(&vae, None, adam)?;
+                time(warmup, reps, || {
+                    fused.train_step(&x, 1, 1.0, &mut noise)?;
+                    Ok(())
+                })?
+            } else {
+                let x = train.batch(&idx, PixelMode::Grey, &mut rng, &dev)?;
+                let mut opt = Adam::new(vae.params().to_vec(), adam)?;
+                time(warmup, reps, || {
+                    let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
+                    opt.step(&loss.backward()?)?;
+                    Ok(())
+                })?
+            };
+            (t, "one conv VAE training step, batch 128".to_string())
+        }
         "vae-epoch" => {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
             let config = AdamConfig::with_lr(1e-3);
@@ -294,7 +326,7 @@ fn main() -> Result<()> {
         }
         other => bail!(
             "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
-             iwae-step-k5, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000"
+             iwae-step-k5, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000"
         ),
     };
     println!(
