@@ -430,3 +430,114 @@ fn a_convolution_backward_without_its_border_is_caught() {
 fn grads_of(loss: &Tensor, v: &Var) -> Option<Tensor> {
     loss.backward().unwrap().get(v.as_tensor()).cloned()
 }
+
+/// Group normalisation, with and without the SiLU after it, one (example, group) at a time:
+/// output, dx, dgamma, dbeta against candle's autodiff of the textbook composition (mean,
+/// biased variance, normalise, scale and shift, SiLU), and dx against central differences.
+#[test]
+fn group_norm_matches_candle_autodiff_and_finite_differences() {
+    use elbo::nn::group_norm::{group_backward, group_forward};
+    let dev = Device::Cpu;
+    let mut noise = Noise::new(21);
+    let (c, groups, hw, eps) = (6, 3, 20, 1e-5);
+    let cg = c / groups;
+    for with_silu in [false, true] {
+        // Values away from zero mean, so the variance's cancellation is exercised too.
+        let x: Vec<f32> = values(&noise.randn((c, hw), &dev).unwrap())
+            .iter()
+            .map(|v| 3.0 + 2.0 * v)
+            .collect();
+        let gamma = values(&noise.randn(c, &dev).unwrap());
+        let beta = values(&noise.randn(c, &dev).unwrap());
+        let gy = values(&noise.randn((c, hw), &dev).unwrap());
+        let xv = Var::from_vec(x.clone(), (groups, cg * hw), &dev).unwrap();
+        let gv = Var::from_vec(gamma.clone(), (c, 1), &dev).unwrap();
+        let bv = Var::from_vec(beta.clone(), (c, 1), &dev).unwrap();
+        let xt = xv.as_tensor();
+        let mean = xt.mean_keepdim(1).unwrap();
+        let centred = xt.broadcast_sub(&mean).unwrap();
+        let var = centred.sqr().unwrap().mean_keepdim(1).unwrap();
+        let x_hat = centred
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((c, hw))
+            .unwrap();
+        let a = x_hat
+            .broadcast_mul(gv.as_tensor())
+            .unwrap()
+            .broadcast_add(bv.as_tensor())
+            .unwrap();
+        let y = if with_silu { a.silu().unwrap() } else { a };
+        let gt = Tensor::from_vec(gy.clone(), (c, hw), &dev).unwrap();
+        let grads = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = |v: &Var| values(grads.get(v.as_tensor()).unwrap());
+
+        let forward = |x: &[f32]| -> (Vec<f32>, Vec<f32>, Vec<(f32, f32)>) {
+            let (mut out, mut sig) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            let mut stats = Vec::new();
+            for g in 0..groups {
+                let r = g * cg * hw..(g + 1) * cg * hw;
+                let ch = g * cg..(g + 1) * cg;
+                stats.push(group_forward(
+                    &mut out[r.clone()],
+                    &mut sig[r.clone()],
+                    &x[r],
+                    &gamma[ch.clone()],
+                    &beta[ch],
+                    hw,
+                    eps,
+                    with_silu,
+                ));
+            }
+            (out, sig, stats)
+        };
+        let (out, sig, stats) = forward(&x);
+        let what = if with_silu {
+            "group norm + SiLU"
+        } else {
+            "group norm"
+        };
+        assert!(max_abs_diff(&out, &values(&y)) < 1e-4, "{what}: forward");
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
+        let mut scratch = vec![0f32; cg * hw];
+        for (g, &st) in stats.iter().enumerate() {
+            let r = g * cg * hw..(g + 1) * cg * hw;
+            let ch = g * cg..(g + 1) * cg;
+            group_backward(
+                &mut dx[r.clone()],
+                &mut dgamma[ch.clone()],
+                &mut dbeta[ch.clone()],
+                &gy[r.clone()],
+                &sig[r.clone()],
+                &x[r],
+                st,
+                (&gamma[ch.clone()], &beta[ch]),
+                hw,
+                with_silu,
+                &mut scratch,
+            );
+        }
+        assert!(max_abs_diff(&dx, &grad(&xv)) < 1e-3, "{what}: dx");
+        assert!(max_abs_diff(&dgamma, &grad(&gv)) < 1e-3, "{what}: dgamma");
+        assert!(max_abs_diff(&dbeta, &grad(&bv)) < 1e-3, "{what}: dbeta");
+        let loss = |x: &[f32]| -> f64 {
+            forward(x)
+                .0
+                .iter()
+                .zip(&gy)
+                .map(|(y, g)| (y * g) as f64)
+                .sum()
+        };
+        for i in [0, 37, x.len() - 1] {
+            let (mut up, mut down) = (x.clone(), x.clone());
+            up[i] += 1e-2;
+            down[i] -= 1e-2;
+            let fd = (loss(&up) - loss(&down)) / 2e-2;
+            assert!(
+                (dx[i] as f64 - fd).abs() < 2e-2,
+                "{what}: dx[{i}] {} vs {fd}",
+                dx[i]
+            );
+        }
+    }
+}

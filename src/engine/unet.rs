@@ -40,10 +40,11 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use crate::diffusion::conv::Conv2d;
-use crate::diffusion::group_norm::{GroupNorm, group_backward, group_forward, silu, silu_grad};
+use crate::diffusion::group_norm::GroupNorm;
 use crate::diffusion::nets::{Attention, ResBlock, UNet};
 use crate::diffusion::process::Denoiser;
 use crate::nn::conv::{Geometry, gemm_rm};
+use crate::nn::group_norm::{group_backward, group_forward, silu, silu_grad};
 use crate::nn::kernels::add_assign;
 
 /// A convolution's place in the flat parameter vector.
