@@ -554,3 +554,90 @@ fn the_iwae_paper_preset_sets_the_protocol_and_learns() {
         );
     }
 }
+
+/// The VAE family's and the report's flags refuse bad values in one line naming the flag,
+/// before any run folder is made.
+#[test]
+fn vae_family_and_report_flags_refuse_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "vae", "--hidden", "0", "--out", o],
+            "--hidden",
+        ),
+        (
+            vec!["train", "vae", "--hidden", "abc", "--out", o],
+            "--hidden",
+        ),
+        (
+            vec!["train", "vae", "--latent-dim", "10,0", "--out", o],
+            "--latent-dim",
+        ),
+        (
+            vec![
+                "train",
+                "vae",
+                "--latent-dim",
+                "10,5",
+                "--hidden",
+                "32",
+                "--out",
+                o,
+            ],
+            "one group per layer",
+        ),
+        (vec!["train", "vae", "--conv", "0", "--out", o], "--conv"),
+        (
+            vec!["train", "vae", "--conv", "8,8,8", "--out", o],
+            "divisible by 8",
+        ),
+        (vec!["train", "vae", "--residual", "--out", o], "--residual"),
+        (
+            vec![
+                "train",
+                "vae",
+                "--conv",
+                "8",
+                "--latent-dim",
+                "4,2",
+                "--hidden",
+                "8/8",
+                "--out",
+                o,
+            ],
+            "one stochastic layer",
+        ),
+        (
+            vec!["train", "vae", "--adam-eps", "0", "--out", o],
+            "--adam-eps",
+        ),
+        (
+            vec!["train", "vae", "--eval-every", "0", "--out", o],
+            "--eval-every",
+        ),
+        (
+            vec![
+                "train",
+                "vae",
+                "--likelihood",
+                "logistic",
+                "--obs-log-var",
+                "1",
+                "--out",
+                o,
+            ],
+            "--obs-log-var",
+        ),
+        (
+            vec!["train", "vae", "--hidden", "9999999999999,5", "--out", o],
+            "--hidden 9999999999999,5",
+        ),
+        (vec!["report", o], "not a run folder"),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(&elbo(&args), needle);
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+}
