@@ -1,14 +1,14 @@
 //! A VAE elbo does not ship (a convolutional encoder, an MLP decoder) made of candle modules:
-//! implementing `LatentVariableModel` gives it elbo's IWAE bound to train on and the
-//! importance-sampled log p(x) to evaluate with. `cargo run --release --example custom_vae -- 600`
+//! implementing `LatentVariableModel` gives it elbo's objectives, training loop and evaluation.
+//! `cargo run --release --example custom_vae -- 600` (training steps).
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation::Relu, Conv2dConfig, Optimizer, Sequential, VarBuilder, VarMap};
+use candle_nn::{Activation::Relu, Conv2dConfig, Sequential, VarBuilder, VarMap};
 use candle_nn::{conv2d, linear, seq};
 use elbo::data::{Named, PixelMode, Source, Split};
-use elbo::distributions::{DiagGaussian, Noise, bernoulli_log_prob_logits};
-use elbo::vae::objective::{LatentVariableModel, estimate_log_likelihood_candle, iwae_bound};
-use rand::SeedableRng;
+use elbo::distributions::{DiagGaussian, bernoulli_log_prob_logits};
+use elbo::train::latent::{Evaluation, FitConfig, evaluate, fit};
+use elbo::vae::objective::{LatentVariableModel, Objective};
 
 struct ConvVae {
     encoder: Sequential,
@@ -37,9 +37,9 @@ impl LatentVariableModel for ConvVae {
     }
 }
 
-/// Trains for `steps` steps of IWAE_5 at batch 64 on the built-in digits; returns the test
-/// -ELBO and NLL (log p(x) with K = 500) of 200 digits.
-pub fn run(steps: usize) -> Result<(f64, f64)> {
+/// Trains on IWAE_5 for `steps` steps of 64 built-in digits, then evaluates 200 test digits
+/// (log p(x) with K = 500).
+pub fn run(steps: usize) -> Result<Evaluation> {
     let (device, vars) = (Device::Cpu, VarMap::new());
     let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
     let c = Conv2dConfig {
@@ -60,32 +60,24 @@ pub fn run(steps: usize) -> Result<(f64, f64)> {
             .add(linear(16, 256, vb.pp("d0"))?)
             .add(Relu)
             .add(linear(256, 784, vb.pp("d1"))?),
-        device: device.clone(),
+        device,
     };
-    let mut adam = candle_nn::AdamW::new_lr(vars.all_vars(), 1e-3)?;
-    let (train, test) = (
-        Source::Named(Named::Mnist10k).load(Split::Train)?,
-        Source::Named(Named::Mnist10k).load(Split::Test)?,
+    let train = Source::Named(Named::Mnist10k)
+        .load(Split::Train)?
+        .take(steps * 64);
+    let config = FitConfig {
+        objective: Objective::Iwae,
+        k: 5,
+        ..Default::default()
+    };
+    fit(&model, vars.all_vars(), &train, &config)?;
+    let test = Source::Named(Named::Mnist10k).load(Split::Test)?;
+    let e = evaluate(&model, &test, PixelMode::Dynamic, 500, Some(200), 0)?;
+    println!(
+        "after {steps} steps: test -ELBO {:.2}, NLL {:.2} +- {:.2} nats",
+        e.neg_elbo, e.nll, e.nll_stderr
     );
-    let (mut rng, mut noise) = (rand::rngs::StdRng::seed_from_u64(0), Noise::new(0));
-    for step in 0..steps {
-        let idx: Vec<usize> = (0..64).map(|i| (step * 64 + i) % train.len()).collect();
-        let x = train.batch(&idx, PixelMode::Dynamic, &mut rng, &device)?;
-        adam.backward_step(&iwae_bound(&model, &x, 5, &mut noise)?.mean_all()?.neg()?)?;
-    }
-    let x = test.batch(
-        &(0..200).collect::<Vec<_>>(),
-        PixelMode::Dynamic,
-        &mut rng,
-        &device,
-    )?;
-    let est = estimate_log_likelihood_candle(&model, &x, 500, 50_000, &mut noise)?;
-    let (neg_elbo, nll) = (
-        -elbo::eval::mean(&est.elbo()),
-        -elbo::eval::mean(&est.log_px),
-    );
-    println!("after {steps} steps: test -ELBO {neg_elbo:.2}, NLL {nll:.2} nats (200 digits)");
-    Ok((neg_elbo, nll))
+    Ok(e)
 }
 
 #[allow(dead_code)]

@@ -1,9 +1,10 @@
 //! Training: the scaffolding both loops share (seeds, the training state's counters checked
 //! against their commit, the epoch progress bar; the run folder itself is [`crate::run_dir`])
-//! and one file per model family: [`vae`] (the VAE loop) and [`diffusion`] (the diffusion
-//! loop).
+//! and one file per model family: [`vae`] (the VAE loop), [`diffusion`] (the diffusion
+//! loop) and [`latent`] (training and evaluation for any `LatentVariableModel` of your own).
 
 pub mod diffusion;
+pub mod latent;
 pub mod vae;
 
 use std::collections::HashMap;
