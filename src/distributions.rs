@@ -87,6 +87,15 @@ pub fn discretized_logistic_log_prob(
     mean: &Tensor,
     log_scale: &Tensor,
 ) -> Result<Tensor> {
+    discretized_logistic_log_prob_values(x, mean, log_scale)?.sum(D::Minus1)
+}
+
+/// [`discretized_logistic_log_prob`] value by value, not summed: `[..., B, D]`.
+pub fn discretized_logistic_log_prob_values(
+    x: &Tensor,
+    mean: &Tensor,
+    log_scale: &Tensor,
+) -> Result<Tensor> {
     let x = x.affine(2.0, -1.0)?;
     let log_scale = log_scale.maximum(-7.0)?;
     let inv_s = log_scale.neg()?.exp()?;
@@ -101,8 +110,23 @@ pub fn discretized_logistic_log_prob(
     let mid = ((&log_sig_a + &log_sig_neg_b)? + log_width)?;
     let low = x.broadcast_as(mid.shape())?.lt(-0.999)?;
     let high = x.broadcast_as(mid.shape())?.gt(0.999)?;
-    let per_pixel = low.where_cond(&log_sig_a, &high.where_cond(&log_sig_neg_b, &mid)?)?;
-    per_pixel.sum(D::Minus1)
+    low.where_cond(&log_sig_a, &high.where_cond(&log_sig_neg_b, &mid)?)
+}
+
+/// A mixture of M discretized logistics per value (PixelCNN++'s mixture, each channel on its
+/// own): `log p(x) = sum_values log sum_m pi_m P_m(x)`, with `pi = softmax(logits)` over m.
+/// `x` `[B, D]`; `logits`, `mean`, `log_scale` `[..., B, M, D]`; returns `[..., B]`.
+pub fn discretized_logistic_mixture_log_prob(
+    x: &Tensor,
+    logits: &Tensor,
+    mean: &Tensor,
+    log_scale: &Tensor,
+) -> Result<Tensor> {
+    let m_dim = logits.rank() - 2;
+    let x = x.unsqueeze(x.rank() - 1)?; // [B, 1, D] against [..., B, M, D]
+    let per = discretized_logistic_log_prob_values(&x, mean, log_scale)?;
+    let log_pi = candle_nn::ops::log_softmax(logits, m_dim)?;
+    (per + log_pi)?.log_sum_exp(m_dim)?.sum(D::Minus1)
 }
 
 /// A diagonal Gaussian N(mean, diag(exp(log_var))): the mean-field posterior q(z|x).

@@ -341,6 +341,9 @@ struct TrainVaeArgs {
     /// Gaussian likelihood: a fixed log sigma^2 (learned when omitted).
     #[arg(long, allow_hyphen_values = true)]
     obs_log_var: Option<f64>,
+    /// Discretized logistic: a mixture of this many logistics per value (PixelCNN++'s).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
+    mixtures: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Output folder for checkpoints, metrics and pictures.
@@ -517,6 +520,7 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 likelihood: a.likelihood,
                 obs_log_var: a.obs_log_var,
+                mixtures: a.mixtures,
                 conv: match (&a.conv, a.residual) {
                     (Some(c), residual) => Some(vae::model::ConvNet {
                         channels: parse_sizes("--conv", c)?,

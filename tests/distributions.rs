@@ -266,3 +266,53 @@ fn discretized_logistic_sums_to_one_and_matches_a_direct_computation() {
         }
     }
 }
+
+/// The mixture of discretized logistics: the 256 probabilities of a value sum to 1 and equal
+/// the pi-weighted sum of the components' probabilities, computed directly in f64.
+#[test]
+fn discretized_logistic_mixture_sums_to_one_and_matches_a_direct_computation() {
+    use elbo::distributions::discretized_logistic_mixture_log_prob;
+    let dev = Device::Cpu;
+    let levels: Vec<f32> = (0..256).map(|v| v as f32 / 255.0).collect();
+    let x = Tensor::from_vec(levels, (256, 1), &dev).unwrap();
+    // Three components: logits of pi, means, log-scales ([B = 256, M = 3, D = 1]).
+    let (logits, means, scales) = (
+        [0.3f32, -1.0, 1.2],
+        [-0.5f32, 0.1, 0.8],
+        [-3.0f32, -1.5, -4.0],
+    );
+    let full = |v: [f32; 3]| Tensor::from_vec(v.repeat(256), (256, 3, 1), &dev).unwrap();
+    let lp = discretized_logistic_mixture_log_prob(&x, &full(logits), &full(means), &full(scales))
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let total: f64 = lp.iter().map(|&l| (l as f64).exp()).sum();
+    assert!((total - 1.0).abs() < 1e-5, "sum {total}");
+    let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+    let sig = |t: f64| 1.0 / (1.0 + (-t).exp());
+    for (v, &l) in lp.iter().enumerate() {
+        let xc = 2.0 * v as f64 / 255.0 - 1.0;
+        let mut want = 0.0;
+        for m in 0..3 {
+            let s = (scales[m] as f64).exp();
+            let up = if v == 255 {
+                1.0
+            } else {
+                sig((xc + 1.0 / 255.0 - means[m] as f64) / s)
+            };
+            let low = if v == 0 {
+                0.0
+            } else {
+                sig((xc - 1.0 / 255.0 - means[m] as f64) / s)
+            };
+            want += (logits[m] as f64).exp() / z * (up - low);
+        }
+        if want > 1e-6 {
+            let got = (l as f64).exp();
+            assert!(
+                (got - want).abs() < 1e-4 * want,
+                "level {v}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -67,6 +67,9 @@ pub struct VaeConfig {
     pub likelihood: Likelihood,
     /// Gaussian likelihood only: a fixed log sigma^2; `None` learns it.
     pub obs_log_var: Option<f64>,
+    /// Discretized logistic only: components of a mixture per value (1: a single logistic).
+    #[serde(default = "one_component", skip_serializing_if = "is_one")]
+    pub mixtures: usize,
     /// The images x flattens (C x H x W = input_dim), for sample and reconstruction grids;
     /// `None` in checkpoints from before it was stored (then 784 means 1 x 28 x 28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +102,14 @@ pub struct ConvNet {
     pub residual: bool,
 }
 
+fn one_component() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 /// The config as stored: today's fields, or the SimpleVAE form of earlier checkpoints
 /// (`hidden_dim`, `latent_dim`).
 #[derive(serde::Deserialize)]
@@ -117,6 +128,8 @@ struct RawVaeConfig {
     likelihood: Likelihood,
     #[serde(default)]
     obs_log_var: Option<f64>,
+    #[serde(default = "one_component")]
+    mixtures: usize,
     #[serde(default)]
     image_shape: Option<ImageShape>,
     #[serde(default)]
@@ -143,6 +156,7 @@ impl TryFrom<RawVaeConfig> for VaeConfig {
             activation: raw.activation.unwrap_or(Activation::Relu),
             likelihood: raw.likelihood,
             obs_log_var: raw.obs_log_var,
+            mixtures: raw.mixtures,
             image_shape: raw.image_shape,
             conv: raw.conv,
         })
@@ -177,6 +191,7 @@ impl VaeConfig {
             activation: Activation::Relu,
             likelihood: Likelihood::Bernoulli,
             obs_log_var: None,
+            mixtures: 1,
             image_shape: (input_dim == 784).then_some(ImageShape::MNIST),
             conv: None,
         }
@@ -243,6 +258,7 @@ impl VaeConfig {
     /// for the discretized logistic.
     pub fn output_dim(&self) -> usize {
         match self.likelihood {
+            Likelihood::Logistic if self.mixtures > 1 => 3 * self.mixtures * self.input_dim,
             Likelihood::Logistic => 2 * self.input_dim,
             _ => self.input_dim,
         }
@@ -412,6 +428,12 @@ impl VaeConfig {
         {
             bail!("--obs-log-var must be a finite number, got {lv}");
         }
+        if !(1..=64).contains(&self.mixtures) {
+            bail!("--mixtures: from 1 to 64 components, got {}", self.mixtures);
+        }
+        if self.mixtures > 1 && self.likelihood != Likelihood::Logistic {
+            bail!("--mixtures applies only to --likelihood logistic");
+        }
         if let Some(conv) = &self.conv {
             let Some(shape) = self.image_shape() else {
                 bail!("--conv needs images of a known shape (C x H x W)");
@@ -479,7 +501,11 @@ impl VaeConfig {
             let mut p = vec![z];
             p.extend(hidden.iter().rev());
             let out = match self.likelihood {
-                Likelihood::Logistic => d.checked_mul(2)?,
+                Likelihood::Logistic => d.checked_mul(if self.mixtures > 1 {
+                    3 * self.mixtures as u64
+                } else {
+                    2
+                })?,
                 _ => d,
             };
             p.push(if l == 0 { out } else { below.checked_mul(2)? });
@@ -671,12 +697,17 @@ impl Vae {
                     // The logits of the mean (Bernoulli); the logistic's means start at the
                     // mean pixel in [-1, 1] and its log-scales at 0.
                     (Some(b), Some((out, _, _))) if *out == name => match config.likelihood {
-                        Likelihood::Logistic => b
-                            .iter()
-                            .map(|l| 2.0 / (1.0 + (-l).exp()) - 1.0)
-                            .chain(std::iter::repeat_n(0.0, n.saturating_sub(b.len())))
-                            .take(n)
-                            .collect(),
+                        Likelihood::Logistic => {
+                            // A mixture's outputs are [pi logits; means; log-scales], M D each.
+                            let m = config.mixtures;
+                            let means = b.iter().map(|l| 2.0 / (1.0 + (-l).exp()) - 1.0);
+                            let lead = if m > 1 { m * b.len() } else { 0 };
+                            std::iter::repeat_n(0.0, lead)
+                                .chain(means.cycle().take(m * b.len()))
+                                .chain(std::iter::repeat(0.0))
+                                .take(n)
+                                .collect()
+                        }
                         _ => b
                             .iter()
                             .copied()
@@ -894,9 +925,30 @@ impl Vae {
         Ok(z)
     }
 
+    /// A mixture's decoder outputs `[..., 3 M D]` as `(logits of pi, means, log-scales)`, each
+    /// `[..., M, D]` (the layout: the M D logits, then the means, then the log-scales).
+    fn mixture_parts(&self, out: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (m, d) = (self.config.mixtures, self.config.input_dim);
+        let mut dims = out.dims()[..out.rank() - 1].to_vec();
+        dims.extend([3, m, d]);
+        let parts = out.reshape(dims)?;
+        let at = parts.rank() - 3;
+        let part =
+            |i: usize| -> Result<Tensor> { Ok(parts.narrow(at, i, 1)?.squeeze(at)?.contiguous()?) };
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+
     /// The mean of p(x|z) in [0, 1] from the decoder's outputs: sigmoid(logits), or for the
-    /// discretized logistic its location mapped from [-1, 1] (the first `input_dim` outputs).
+    /// discretized logistic its location mapped from [-1, 1] (the first `input_dim` outputs;
+    /// for a mixture, the weighted mean of the components' locations).
     pub fn mean_from_logits(&self, logits: &Tensor) -> Result<Tensor> {
+        if self.config.likelihood == Likelihood::Logistic && self.config.mixtures > 1 {
+            let (pi, mean, _) = self.mixture_parts(logits)?;
+            let at = pi.rank() - 2;
+            let pi = candle_nn::ops::softmax(&pi, at)?;
+            let mean = (pi * mean.clamp(-1f32, 1f32)?)?.sum(at)?;
+            return Ok(mean.affine(0.5, 0.5)?);
+        }
         Ok(match self.config.likelihood {
             Likelihood::Logistic => {
                 let last = logits.rank() - 1;
@@ -918,6 +970,12 @@ impl Vae {
                     .as_ref()
                     .expect("gaussian has a log variance");
                 gaussian_log_prob(x, &candle_nn::ops::sigmoid(logits)?, lv)?
+            }
+            Likelihood::Logistic if self.config.mixtures > 1 => {
+                let (pi, mean, log_scale) = self.mixture_parts(logits)?;
+                crate::distributions::discretized_logistic_mixture_log_prob(
+                    x, &pi, &mean, &log_scale,
+                )?
             }
             Likelihood::Logistic => {
                 let (last, d) = (logits.rank() - 1, self.config.input_dim);
