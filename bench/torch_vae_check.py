@@ -202,6 +202,12 @@ def log_weights(model, cfg, x, k, gen):
     d = x.shape[-1]
     if cfg["likelihood"] == "bernoulli":
         log_px_z = (x * logits - nn.functional.softplus(logits)).sum(-1)
+    elif cfg["likelihood"] == "logistic" and cfg.get("mixtures", 1) > 1:
+        m = cfg["mixtures"]
+        parts = logits.reshape(logits.shape[:-1] + (3, m, d))
+        log_pi = torch.log_softmax(parts[..., 0, :, :], -2)
+        per = discretized_logistic(x.unsqueeze(-2), parts[..., 1, :, :], parts[..., 2, :, :])
+        log_px_z = torch.logsumexp(log_pi + per, -2).sum(-1)
     elif cfg["likelihood"] == "logistic":
         log_px_z = discretized_logistic(x, logits[..., :d], logits[..., d:]).sum(-1)
     else:
@@ -246,7 +252,8 @@ def main():
     if "latent_dims" not in cfg:  # checkpoints from before the VAE family
         cfg["latent_dims"], cfg["hidden"] = [cfg["latent_dim"]], [[cfg["hidden_dim"]]]
     act, d = cfg.get("activation", "relu"), cfg["input_dim"]
-    out = d * (2 if cfg["likelihood"] == "logistic" else 1)
+    mixtures = cfg.get("mixtures", 1)
+    out = d * ((3 * mixtures if mixtures > 1 else 2) if cfg["likelihood"] == "logistic" else 1)
     if cfg.get("conv"):
         shape = cfg["image_shape"]
         out_channels = shape["channels"] * (2 if cfg["likelihood"] == "logistic" else 1)
