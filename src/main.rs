@@ -569,7 +569,7 @@ fn run(cli: Cli) -> Result<()> {
             let started = std::time::Instant::now();
             train_vae(model, &config, &a.out, a.resume, true, &device)?;
             eprintln!(
-                "done in {:.1}s: {}/model.safetensors, metrics.jsonl, samples.png, reconstructions.png",
+                "done in {:.1}s: {}/model.safetensors, metrics.jsonl, samples.png, reconstructions.png, pictures/, report.html",
                 started.elapsed().as_secs_f64(),
                 a.out.display()
             );
@@ -636,7 +636,7 @@ fn run(cli: Cli) -> Result<()> {
             let started = std::time::Instant::now();
             train_diffusion(model, &config, &a.out, a.resume, true, &device)?;
             eprintln!(
-                "done in {:.1}s: {}/model.safetensors (EMA), metrics.jsonl, samples.png",
+                "done in {:.1}s: {}/model.safetensors (EMA), metrics.jsonl, samples.png, report.html",
                 started.elapsed().as_secs_f64(),
                 a.out.display()
             );
