@@ -19,9 +19,7 @@ use crate::distributions::Noise;
 /// `[cos(t f_i), sin(t f_i)]`, f_i = 10000^{-i/half}. `t` `[B]` -> `[B, dim]` (dim even).
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
-        .collect();
+    let freqs = crate::nn::embedding::sinusoid_frequencies(dim);
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)

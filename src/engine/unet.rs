@@ -1023,11 +1023,7 @@ impl Plan {
         let cols = &mut ws.block.cols;
         let half = self.freqs.len();
         sized(&mut tape.time_sinusoid, 2 * half);
-        for (i, &f) in self.freqs.iter().enumerate() {
-            let a = t * f;
-            tape.time_sinusoid[i] = a.cos();
-            tape.time_sinusoid[half + i] = a.sin();
-        }
+        crate::nn::embedding::sinusoidal_embedding(t, &self.freqs, &mut tape.time_sinusoid);
         self.time1
             .forward(p, &tape.time_sinusoid, &mut tape.time1_pre);
         tape.time1_silu.clear();
@@ -1440,10 +1436,7 @@ impl FusedUnet {
         if base % 2 != 0 {
             bail!("fused U-Net: the time embedding width must be even, got {base}");
         }
-        let half = base / 2;
-        let freqs = (0..half)
-            .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
-            .collect();
+        let freqs = crate::nn::embedding::sinusoid_frequencies(base);
         let plan = Plan {
             freqs,
             time1: b.linear(&net.time1)?,

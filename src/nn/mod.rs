@@ -1,11 +1,12 @@
 //! The layer engine: SIMD kernels, the linear layer, activations, MLPs of any depth, width
 //! and activation, convolutions and transposed convolutions of any geometry, group
-//! normalisation with an optional SiLU; each a forward
+//! normalisation with an optional SiLU, the sinusoidal timestep embedding; each a forward
 //! pass and a hand-derived backward pass over reused buffers, used by the fused CPU engines of
 //! every model (the VAE family's and the U-Net's, in `engine`).
 
 pub mod activation;
 pub mod conv;
+pub mod embedding;
 pub mod group_norm;
 pub mod kernels;
 pub mod linear;
