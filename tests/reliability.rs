@@ -646,6 +646,57 @@ fn crafted_checkpoint_metadata_is_refused() {
         &elbo(&["eval", "vae", "--checkpoint", p.to_str().unwrap()]),
         "--latent-dim: every stochastic layer needs at least 1 unit",
     );
+    // The VAE family's crafted configs (no tensors needed: the config is refused first).
+    let vae_config = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({
+            "input_dim": 784, "latent_dims": [8], "hidden": [[16]], "activation": "tanh",
+            "likelihood": "bernoulli", "obs_log_var": null
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let crafted = [
+        (serde_json::json!({"latent_dims": []}), "--latent-dim"),
+        (serde_json::json!({"hidden": [[16], [8]]}), "--hidden"),
+        (serde_json::json!({"hidden": [[0]]}), "--hidden"),
+        (
+            serde_json::json!({"likelihood": "logistic", "mixtures": 0}),
+            "--mixtures",
+        ),
+        (serde_json::json!({"mixtures": 3}), "--mixtures"),
+        (
+            serde_json::json!({"conv": {"channels": [1000000], "residual": false}}),
+            "--conv",
+        ),
+        (
+            serde_json::json!({"conv": {"channels": [8, 8, 8], "residual": false}}),
+            "divisible by 8",
+        ),
+        (
+            serde_json::json!({"hidden": [[4_611_686_018_427_387_904u64]], "latent_dims": [4_611_686_018_427_387_904u64]}),
+            "--hidden",
+        ),
+    ];
+    for (i, (extra, needle)) in crafted.iter().enumerate() {
+        let p = write(
+            &format!("crafted{i}.safetensors"),
+            &[],
+            &[
+                ("elbo.model", "vae".into()),
+                ("elbo.config", vae_config(extra.clone()).to_string()),
+            ],
+        );
+        assert_one_line_error(
+            &elbo(&["eval", "vae", "--checkpoint", p.to_str().unwrap()]),
+            needle,
+        );
+        assert_one_line_error(
+            &elbo(&["sample", "vae", "--checkpoint", p.to_str().unwrap()]),
+            needle,
+        );
+    }
 }
 
 #[test]
