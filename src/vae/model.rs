@@ -7,7 +7,7 @@
 //! generation  p(z_L) p(z_{L-1}|z_L) ... p(x|z_1)           p(z_L) = N(0, I)
 //! ```
 //!
-//! The text's `SimpleVAE` is the case L = 1, hidden = [[256]], ReLU, latent 32: its parameter
+//! The text's `SimpleVAE` is the case L = 1, hidden = `[[256]]`, ReLU, latent 32: its parameter
 //! names and shapes are exactly `SimpleVAE.state_dict()`'s. In general the names are those the
 //! equivalent PyTorch module's `state_dict()` gives (README, "Checkpoint names"):
 //!
