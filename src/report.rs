@@ -83,7 +83,7 @@ pub fn build(dir: &Path) -> Result<String> {
         diffusion_curves(&metrics)?
     });
     page.push_str(&eval_section(eval.as_ref(), is_vae, dir)?);
-    page.push_str(&pictures_section(dir)?);
+    page.push_str(&pictures_section(dir, &config)?);
     if is_vae {
         page.push_str(&latent_section(dir, &config));
     }
@@ -391,10 +391,9 @@ fn figure(s: &mut String, path: &Path, caption: &str, width: Option<u32>) {
     }
 }
 
-fn pictures_section(dir: &Path) -> Result<String> {
+fn pictures_section(dir: &Path, config: &Value) -> Result<String> {
     let mut s = String::from("<section id=\"pictures\"><h2>Samples and reconstructions</h2>\n");
-    let toy =
-        std::fs::read_to_string(dir.join("config.json")).is_ok_and(|c| c.contains("2-D points"));
+    let toy = config["data"]["shape"] == "2-D points";
     let caption = if toy {
         "test data (left) and samples (right), the end of training"
     } else {

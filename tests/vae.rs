@@ -1,16 +1,19 @@
 //! The VAE end to end: training reaches a stated bound, the bounds are ordered as theory says
 //! (ELBO <= IWAE_k <= IWAE_k' <= log p(x)), checkpoints round-trip and PyTorch's load.
 
+mod common;
+
 use std::path::Path;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
+use common::relative_distance;
 use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::distributions::Noise;
 use elbo::engine::estimate_log_likelihood;
 use elbo::engine::vae::FusedVae;
 use elbo::optim::{Adam, AdamConfig};
-use elbo::train::{Engine, Objective, TrainConfig, train_vae};
+use elbo::train::{Objective, TrainConfig, train_vae};
 use elbo::vae::{Vae, VaeConfig, elbo_terms, estimate_log_likelihood_candle, iwae_bound};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -21,23 +24,8 @@ fn fixtures() -> &'static Path {
 
 fn config(epochs: usize) -> TrainConfig {
     TrainConfig {
-        source: Source::Named(Named::Mnist10k),
         epochs,
-        batch_size: 128,
-        lr: 1e-3,
-        lr_schedule: Default::default(),
-        adam_eps: 1e-8,
-        init: Default::default(),
-        beta: 1.0,
-        mc_samples: 1,
-        objective: Objective::Elbo,
-        engine: Engine::Auto,
-        pixels: PixelMode::Grey,
-        seed: 0,
-        valid: None,
-        eval_every: 1,
-        train_limit: None,
-        test_limit: None,
+        ..TrainConfig::new(Source::Named(Named::Mnist10k))
     }
 }
 
@@ -392,18 +380,6 @@ fn training_on_the_iwae_bound_learns() {
     .unwrap();
     let got = m[0].test.as_ref().unwrap().neg_elbo;
     assert!(got < 300.0, "test -ELBO after one IWAE epoch: {got}");
-}
-
-/// Largest |a - b| over the largest |b|: a scale-free distance between two gradients.
-fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().map(|v| v.abs() as f64).fold(1e-12, f64::max);
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .fold(0.0, f64::max);
-    diff / scale
 }
 
 /// A one-sample batch large enough to be split across threads (one slice per thread, run

@@ -3,7 +3,10 @@
 //! against candle's autodiff, its log p(x) estimate against candle's, the bounds' ordering,
 //! each layer's KL against Monte Carlo, and checkpoints of every architecture.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::relative_distance;
 use elbo::distributions::Noise;
 use elbo::engine::vae::FusedVae;
 use elbo::nn::activation::Activation;
@@ -36,17 +39,6 @@ fn data(b: usize, d: usize, seed: u64) -> Vec<f32> {
             _ => 1.0,
         })
         .collect()
-}
-
-fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().map(|v| v.abs() as f64).fold(1e-12, f64::max);
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() as f64)
-        .fold(0.0, f64::max);
-    diff / scale
 }
 
 /// The architectures the tests run: (config, K, objective, beta).
@@ -490,26 +482,11 @@ fn the_live_model_sees_every_update() {
 #[test]
 fn discretized_logistic_vae_reaches_a_stated_bound_in_bits_per_dim() {
     use elbo::data::{Named, PixelMode, Source, Split};
-    use elbo::train::{Engine, TrainConfig, train_vae};
+    use elbo::train::{TrainConfig, train_vae};
     let dir = tempfile::tempdir().unwrap();
     let config = TrainConfig {
-        source: Source::Named(Named::Mnist10k),
         epochs: 3,
-        batch_size: 128,
-        lr: 1e-3,
-        lr_schedule: Default::default(),
-        adam_eps: 1e-8,
-        init: Init::Pytorch,
-        beta: 1.0,
-        mc_samples: 1,
-        objective: Objective::Elbo,
-        engine: Engine::Auto,
-        pixels: PixelMode::Grey,
-        seed: 0,
-        valid: None,
-        eval_every: 1,
-        train_limit: None,
-        test_limit: None,
+        ..TrainConfig::new(Source::Named(Named::Mnist10k))
     };
     let model = VaeConfig {
         likelihood: elbo::vae::Likelihood::Logistic,
@@ -629,26 +606,16 @@ fn conv_vaes_for_colour_images() {
 #[test]
 fn conv_vae_trains_on_digits() {
     use elbo::data::{Named, PixelMode, Source};
-    use elbo::train::{Engine, TrainConfig, train_vae};
+    use elbo::train::{TrainConfig, train_vae};
     let dir = tempfile::tempdir().unwrap();
     let config = TrainConfig {
-        source: Source::Named(Named::Mnist10k),
         epochs: 2,
         batch_size: 64,
         lr: 2e-3,
-        lr_schedule: Default::default(),
-        adam_eps: 1e-8,
-        init: Init::Pytorch,
-        beta: 1.0,
-        mc_samples: 1,
-        objective: Objective::Elbo,
-        engine: Engine::Auto,
         pixels: PixelMode::Dynamic,
-        seed: 0,
-        valid: None,
-        eval_every: 1,
         train_limit: Some(3000),
         test_limit: Some(500),
+        ..TrainConfig::new(Source::Named(Named::Mnist10k))
     };
     let model = VaeConfig {
         conv: Some(elbo::vae::model::ConvNet {

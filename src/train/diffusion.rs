@@ -454,13 +454,11 @@ fn save_epoch_samples(
     let steps = config.sample_steps.clamp(1, 20);
     let bar = ProgressBar::hidden();
     let x = ddim_sample(process, net, x_t, steps, 0.0, true, &mut noise, &bar)?;
-    let folder = dir.join(crate::report::PICTURES_DIR);
-    std::fs::create_dir_all(&folder)
-        .with_context(|| format!("{}: cannot create", folder.display()))?;
-    let path = folder.join(format!("samples-{epoch:06}.png"));
-    let partial = folder.join(format!(".samples-{epoch:06}.png.partial.png"));
-    save_image_grid(&x, &partial)?;
-    std::fs::rename(&partial, &path).with_context(|| format!("{}: cannot write", path.display()))
+    // save_image_grid creates the folder and writes through a temporary file.
+    let path = dir
+        .join(crate::report::PICTURES_DIR)
+        .join(format!("samples-{epoch:06}.png"));
+    save_image_grid(&x, &path)
 }
 
 /// The EMA decay after `step` optimizer steps: `min(decay, (1 + step) / (10 + step))`, the

@@ -129,6 +129,30 @@ impl LrSchedule {
 }
 
 impl TrainConfig {
+    /// The defaults of `elbo train vae` (10 epochs of batch 128, Adam at 1e-3, one sample of
+    /// the ELBO, grey pixels, seed 0) on `source`.
+    pub fn new(source: Source) -> Self {
+        Self {
+            source,
+            epochs: 10,
+            batch_size: 128,
+            lr: 1e-3,
+            lr_schedule: LrSchedule::Constant,
+            adam_eps: default_adam_eps(),
+            init: Init::Pytorch,
+            beta: 1.0,
+            mc_samples: 1,
+            objective: Objective::Elbo,
+            pixels: PixelMode::Grey,
+            seed: 0,
+            engine: Engine::Auto,
+            valid: None,
+            eval_every: 1,
+            train_limit: None,
+            test_limit: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         limits::at_least_one("--epochs", self.epochs)?;
         limits::at_least_one("--batch-size", self.batch_size)?;
@@ -486,18 +510,16 @@ pub fn save_epoch_samples(vae: &Vae, dir: &Path, epoch: usize, seed: u64) -> Res
     };
     let frozen = vae.frozen()?;
     let mut noise = Noise::new(derive_seed(seed, STREAM_PICTURES, 1));
-    let folder = dir.join(crate::report::PICTURES_DIR);
-    std::fs::create_dir_all(&folder)
-        .with_context(|| format!("{}: cannot create", folder.display()))?;
-    let path = folder.join(format!("samples-{epoch:06}.png"));
-    let partial = folder.join(format!(".samples-{epoch:06}.png.partial.png"));
+    // save_grid creates the folder and writes through a temporary file.
+    let path = dir
+        .join(crate::report::PICTURES_DIR)
+        .join(format!("samples-{epoch:06}.png"));
     plot::save_grid(
         &vae::sample_prior(&frozen, 16, &mut noise)?,
         shape,
         8,
-        &partial,
-    )?;
-    std::fs::rename(&partial, &path).with_context(|| format!("{}: cannot write", path.display()))
+        &path,
+    )
 }
 
 /// Adam as the run asks for it (`--lr`, `--adam-eps`, PyTorch's betas).

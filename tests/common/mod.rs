@@ -80,3 +80,15 @@ pub fn mnist_dir(n_train: usize, n_test: usize) -> tempfile::TempDir {
     );
     dir
 }
+
+/// Largest |a - b| over the largest |b|: a scale-free distance between two gradients.
+pub fn relative_distance(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().map(|v| v.abs() as f64).fold(1e-12, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    diff / scale
+}
