@@ -8,7 +8,9 @@ Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1 
 iwae-step-k5 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
 VAE on 1 x 28 x 28), and for torch only unet-step-64,
 ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same state_dict
-names, same parameter count: 171,937). `torch` runs the training steps in their fastest eager
+names, same parameter count: 171,937), and unet-cifar-step-64, ddim-50-cifar (16 images) with
+DDPM's CIFAR-10 U-Net at base width 32 (3 x 32 x 32; elbo's NetConfig::ddpm_cifar10(32, 3)).
+JAX runs the U-Net rows with the same network as a pure function (jax_unet_workload). `torch` runs the training steps in their fastest eager
 form (BCE from logits, not the text's sigmoid + BCE); `torch-compile` wraps the model and loss
 in `torch.compile` and warms it up until compilation is over (not timed).
 """
@@ -195,19 +197,20 @@ def torch_workload(name, a, compiled=False):
         return nn.Conv2d(i, o, k, stride=stride, padding=k // 2)
 
     class ResBlock(nn.Module):
-        def __init__(self, i, o, temb, groups):
+        def __init__(self, i, o, temb, groups, dropout=0.0):
             super().__init__()
             self.norm1 = nn.GroupNorm(groups, i)
             self.conv1 = conv(i, o, 3)
             self.time_emb_proj = nn.Linear(temb, o)
             self.norm2 = nn.GroupNorm(groups, o)
+            self.dropout = nn.Dropout(dropout)
             self.conv2 = conv(o, o, 3)
             self.conv_shortcut = conv(i, o, 1) if i != o else None
 
         def forward(self, x, temb):
             h = self.conv1(F.silu(self.norm1(x)))
             h = h + self.time_emb_proj(temb)[:, :, None, None]
-            h = self.conv2(F.silu(self.norm2(h)))
+            h = self.conv2(self.dropout(F.silu(self.norm2(h))))
             return h + (self.conv_shortcut(x) if self.conv_shortcut is not None else x)
 
     class Attention(nn.Module):
@@ -226,37 +229,58 @@ def torch_workload(name, a, compiled=False):
             return x + self.proj_out(out)
 
     class UNet(nn.Module):
-        def __init__(self, base=16, mult=(1, 2, 2), groups=8):
+        """elbo's U-Net, either layout (nets.rs): res_blocks=None is the compact one."""
+
+        def __init__(self, base=16, mult=(1, 2, 2), groups=8, in_ch=1, res_blocks=None,
+                     attn_levels=(), dropout=0.0):
             super().__init__()
-            self.base = base
+            self.base, self.compact = base, res_blocks is None
             temb = 4 * base
             chans = [m * base for m in mult]
+            per = res_blocks or 1
+            block = lambda i, o: ResBlock(i, o, temb, groups, dropout)
             self.time_embedding = nn.Module()
             self.time_embedding.linear_1 = nn.Linear(base, temb)
             self.time_embedding.linear_2 = nn.Linear(temb, temb)
-            self.conv_in = conv(1, base, 3)
+            self.conv_in = conv(in_ch, base, 3)
             self.down = nn.ModuleList()
-            prev = base
+            prev, skips = base, ([] if self.compact else [base])
             for i, c in enumerate(chans):
                 level = nn.Module()
-                level.res = ResBlock(prev, c, temb, groups)
+                if self.compact:
+                    level.res = block(prev, c)
+                    if i in attn_levels:
+                        level.attn = Attention(c, groups)
+                else:
+                    level.res = nn.ModuleList([block(prev if j == 0 else c, c) for j in range(per)])
+                    if i in attn_levels:
+                        level.attn = nn.ModuleList([Attention(c, groups) for _ in range(per)])
+                skips += [c] * per
                 if i + 1 < len(chans):
                     level.downsample = conv(c, c, 3, stride=2)
+                    if not self.compact:
+                        skips.append(c)
                 self.down.append(level)
                 prev = c
             self.mid = nn.Module()
-            self.mid.res1 = ResBlock(prev, prev, temb, groups)
+            self.mid.res1 = block(prev, prev)
             self.mid.attn = Attention(prev, groups)
-            self.mid.res2 = ResBlock(prev, prev, temb, groups)
+            self.mid.res2 = block(prev, prev)
             self.up = nn.ModuleList([nn.Module() for _ in chans])
             for i in reversed(range(len(chans))):
-                out = base if i == 0 else chans[i - 1]
-                self.up[i].res = ResBlock(prev + chans[i], out, temb, groups)
+                out = (base if i == 0 else chans[i - 1]) if self.compact else chans[i]
+                blocks = []
+                for _ in range(per + (0 if self.compact else 1)):
+                    blocks.append(block(prev + skips.pop(), out))
+                    prev = out
+                self.up[i].res = blocks[0] if self.compact else nn.ModuleList(blocks)
+                if i in attn_levels:
+                    atts = [Attention(out, groups) for _ in blocks]
+                    self.up[i].attn = atts[0] if self.compact else nn.ModuleList(atts)
                 if i > 0:
                     self.up[i].upsample = conv(out, out, 3)
-                prev = out
-            self.norm_out = nn.GroupNorm(groups, base)
-            self.conv_out = conv(base, 1, 3)
+            self.norm_out = nn.GroupNorm(groups, prev)
+            self.conv_out = conv(prev, in_ch, 3)
 
         def forward(self, x, t):
             half = self.base // 2
@@ -264,23 +288,42 @@ def torch_workload(name, a, compiled=False):
             args = t.float()[:, None] * freqs[None]
             emb = torch.cat([args.cos(), args.sin()], dim=-1)
             temb = F.silu(self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb))))
+            as_list = lambda m: [m] if self.compact else list(m)
             h = self.conv_in(x)
-            skips = []
+            skips = [] if self.compact else [h]
             for level in self.down:
-                h = level.res(h, temb)
-                skips.append(h)
+                atts = as_list(level.attn) if hasattr(level, "attn") else None
+                for j, res in enumerate(as_list(level.res)):
+                    h = res(h, temb)
+                    if atts:
+                        h = atts[j](h)
+                    skips.append(h)
                 if hasattr(level, "downsample"):
                     h = level.downsample(h)
+                    if not self.compact:
+                        skips.append(h)
             h = self.mid.res2(self.mid.attn(self.mid.res1(h, temb)), temb)
             for i in reversed(range(len(self.up))):
-                h = self.up[i].res(torch.cat([h, skips.pop()], 1), temb)
+                level = self.up[i]
+                atts = as_list(level.attn) if hasattr(level, "attn") else None
+                for j, res in enumerate(as_list(level.res)):
+                    h = res(torch.cat([h, skips.pop()], 1), temb)
+                    if atts:
+                        h = atts[j](h)
                 if i > 0:
-                    h = self.up[i].upsample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
+                    h = level.upsample(F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
             return self.conv_out(F.silu(self.norm_out(h)))
 
-    net = UNet()
-    n_params = sum(p.numel() for p in net.parameters())
-    assert n_params == 171_937, f"U-Net has {n_params} parameters, elbo's default has 171937"
+    cifar = "cifar" in name
+    if cifar:  # DDPM's CIFAR-10 U-Net at base width 32 (elbo's NetConfig::ddpm_cifar10(32, 3))
+        net = UNet(base=32, mult=(1, 2, 2, 2), groups=32, in_ch=3, res_blocks=2,
+                   attn_levels=(1,), dropout=0.1)
+        shape = (3, 32, 32)
+    else:
+        net = UNet()
+        shape = (1, 28, 28)
+        n_params = sum(p.numel() for p in net.parameters())
+        assert n_params == 171_937, f"U-Net has {n_params} parameters, elbo's default has 171937"
     if compiled:
         net = torch.compile(net)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -293,9 +336,12 @@ def torch_workload(name, a, compiled=False):
     coef2 = (1 - abar_prev) * alphas.sqrt() / (1 - abar)
     f = lambda v, i: float(v[i])
 
-    if name == "unet-step-64":
+    if name in ("unet-step-64", "unet-cifar-step-64"):
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        x0 = train[:64].reshape(64, 1, 28, 28) * 2 - 1
+        if cifar:
+            x0 = torch.randn(64, *shape).clamp(-1, 1)
+        else:
+            x0 = train[:64].reshape(64, 1, 28, 28) * 2 - 1
         abar32 = abar.float()
 
         def step():
@@ -322,18 +368,19 @@ def torch_workload(name, a, compiled=False):
 
     @torch.no_grad()
     def ddim():
-        x = torch.randn(64, 1, 28, 28)
+        x = torch.randn(16 if cifar else 64, *shape)
         ts = list(range(0, 1000, 20))[::-1]
         for i in ts:
-            eps = net(x, torch.full((64,), i))
+            eps = net(x, torch.full((x.shape[0],), i))
             a_t = f(abar, i)
             a_prev = f(abar, i - 20) if i >= 20 else 1.0
             x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
 
-    if name == "ddim-50":
-        return timed(a.warmup or (2 if compiled else 1), a.reps or 3, ddim), "DDIM, 50 steps, 64 images"
+    if name in ("ddim-50", "ddim-50-cifar"):
+        n = 16 if cifar else 64
+        return timed(a.warmup or (2 if compiled else 1), a.reps or 3, ddim), f"DDIM, 50 steps, {n} images"
     if name == "ddpm-1000":
         return timed(a.warmup, a.reps or 1, ddpm), "DDPM, 1000 steps, 64 images"
     raise SystemExit(f"unknown workload {name}")
@@ -533,7 +580,197 @@ def jax_workload(name, a):
                     lse = np.logaddexp(lse, np.asarray(chunk_lse(params, xb, mu, logvar, sub, k), dtype=np.float64))
                     done += k
         return timed(a.warmup, a.reps or 3, nll), f"log p(x), K = 5000, {len(x_all)} test digits"
-    raise SystemExit(f"jax: workload {name} is not benchmarked (PyTorch alone for diffusion)")
+    if name in ("unet-step-64", "ddim-50", "ddpm-1000", "unet-cifar-step-64", "ddim-50-cifar"):
+        return jax_unet_workload(name, a, train, key)
+    raise SystemExit(f"jax: workload {name} is not benchmarked")
+
+
+def jax_unet_workload(name, a, train, key):
+    """elbo's U-Net (either layout, as the PyTorch peer) as a pure function of a parameter
+    pytree: lax.conv_general_dilated convolutions, GroupNorm, single-head attention over the
+    pixels, nearest-neighbour upsampling; the step (loss, grad, optax.adam) jitted whole."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+
+    cifar = "cifar" in name
+    if cifar:
+        base, mult, groups, in_ch, per, attn_levels, dropout = 32, (1, 2, 2, 2), 32, 3, 2, (1,), 0.1
+        shape, compact = (3, 32, 32), False
+    else:
+        base, mult, groups, in_ch, per, attn_levels, dropout = 16, (1, 2, 2), 8, 1, 1, (), 0.0
+        shape, compact = (1, 28, 28), True
+    keys = iter(jax.random.split(key, 512))
+
+    def uniform(shape_, fan_in):
+        b = 1 / math.sqrt(fan_in)
+        return jax.random.uniform(next(keys), shape_, minval=-b, maxval=b)
+
+    conv_p = lambda i, o, k: {"w": uniform((o, i, k, k), i * k * k), "b": uniform((o,), i * k * k)}
+    lin_p = lambda i, o: {"w": uniform((o, i), i), "b": uniform((o,), i)}
+    norm_p = lambda c: {"g": jnp.ones(c), "b": jnp.zeros(c)}
+    temb_dim = 4 * base
+
+    def res_p(i, o):
+        p = {"n1": norm_p(i), "c1": conv_p(i, o, 3), "t": lin_p(temb_dim, o), "n2": norm_p(o),
+             "c2": conv_p(o, o, 3)}
+        if i != o:
+            p["skip"] = conv_p(i, o, 1)
+        return p
+
+    attn_p = lambda c: {"n": norm_p(c), "qkv": conv_p(c, 3 * c, 1), "proj": conv_p(c, c, 1)}
+    # The program: the stages of nets.rs (kind, params, concat, push).
+    chans = [m * base for m in mult]
+    stages, skips, prev = [], ([] if compact else [base]), base
+    for i, c in enumerate(chans):
+        for _ in range(per):
+            stages.append(("res", {"r": res_p(prev, c), "a": attn_p(c) if i in attn_levels else None},
+                           False, True))
+            skips.append(c)
+            prev = c
+        if i + 1 < len(chans):
+            stages.append(("down", conv_p(c, c, 3), False, not compact))
+            if not compact:
+                skips.append(c)
+    stages.append(("res", {"r": res_p(prev, prev), "a": attn_p(prev)}, False, False))
+    stages.append(("res", {"r": res_p(prev, prev), "a": None}, False, False))
+    for i in reversed(range(len(chans))):
+        out = (base if i == 0 else chans[i - 1]) if compact else chans[i]
+        for _ in range(per + (0 if compact else 1)):
+            stages.append(("res", {"r": res_p(prev + skips.pop(), out),
+                                   "a": attn_p(out) if i in attn_levels else None}, True, False))
+            prev = out
+        if i > 0:
+            stages.append(("up", conv_p(out, out, 3), False, False))
+    params = {"t1": lin_p(base, temb_dim), "t2": lin_p(temb_dim, temb_dim),
+              "in": conv_p(in_ch, base, 3), "stages": [st[1] for st in stages],
+              "nout": norm_p(prev), "out": conv_p(prev, in_ch, 3)}
+    program = [(kind, concat, push) for kind, _, concat, push in stages]
+    dn = ("NCHW", "OIHW", "NCHW")
+
+    def conv(p, x, stride=1):
+        k = p["w"].shape[-1]
+        y = lax.conv_general_dilated(x, p["w"], (stride, stride), ((k // 2, k // 2),) * 2,
+                                     dimension_numbers=dn)
+        return y + p["b"][None, :, None, None]
+
+    def gnorm(p, x, act):
+        b, c, h, w = x.shape
+        g = x.reshape(b, groups, -1)
+        mu, var = g.mean(-1, keepdims=True), g.var(-1, keepdims=True)
+        y = ((g - mu) / jnp.sqrt(var + 1e-5)).reshape(b, c, h, w)
+        y = y * p["g"][None, :, None, None] + p["b"][None, :, None, None]
+        return jax.nn.silu(y) if act else y
+
+    def res(p, x, temb, key):
+        h = conv(p["c1"], gnorm(p["n1"], x, True))
+        h = h + (temb @ p["t"]["w"].T + p["t"]["b"])[:, :, None, None]
+        h = gnorm(p["n2"], h, True)
+        if key is not None and dropout > 0:
+            h = jnp.where(jax.random.bernoulli(key, 1 - dropout, h.shape), h / (1 - dropout), 0)
+        return conv(p["c2"], h) + (conv(p["skip"], x) if "skip" in p else x)
+
+    def attn(p, x):
+        b, c, h, w = x.shape
+        qkv = conv(p["qkv"], gnorm(p["n"], x, False)).reshape(b, 3, c, h * w)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        att = jax.nn.softmax(jnp.einsum("bci,bcj->bij", q, k) / math.sqrt(c), -1)
+        return x + conv(p["proj"], jnp.einsum("bij,bcj->bci", att, v).reshape(b, c, h, w))
+
+    half = base // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half) / half)
+
+    def unet(p, x, t, key=None):
+        args = t.astype(jnp.float32)[:, None] * freqs[None]
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
+        lin = lambda q, v: v @ q["w"].T + q["b"]
+        temb = jax.nn.silu(lin(p["t2"], jax.nn.silu(lin(p["t1"], emb))))
+        h = conv(p["in"], x)
+        stack = [] if compact else [h]
+        for n, ((kind, concat, push), sp) in enumerate(zip(program, p["stages"])):
+            if kind == "res":
+                if concat:
+                    h = jnp.concatenate([h, stack.pop()], 1)
+                h = res(sp["r"], h, temb, None if key is None else jax.random.fold_in(key, n))
+                if sp["a"] is not None:
+                    h = attn(sp["a"], h)
+            elif kind == "down":
+                h = conv(sp, h, 2)
+            else:
+                h = conv(sp, jnp.repeat(jnp.repeat(h, 2, 2), 2, 3))
+            if push:
+                stack.append(h)
+        return conv(p["out"], gnorm(p["nout"], h, True))
+
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    abar32 = jnp.asarray(abar, jnp.float32)
+    opt = optax.adam(1e-3)
+
+    if name in ("unet-step-64", "unet-cifar-step-64"):
+        def loss_fn(p, x0, key):
+            kt, ke, kd = jax.random.split(key, 3)
+            t = jax.random.randint(kt, (x0.shape[0],), 0, 1000)
+            eps = jax.random.normal(ke, x0.shape)
+            a_t = abar32[t][:, None, None, None]
+            xt = jnp.sqrt(a_t) * x0 + jnp.sqrt(1 - a_t) * eps
+            return jnp.mean((unet(p, xt, t, kd) - eps) ** 2)
+
+        @jax.jit
+        def step(p, s, x0, key):
+            key, sub = jax.random.split(key)
+            g = jax.grad(loss_fn)(p, x0, sub)
+            updates, s = opt.update(g, s)
+            return optax.apply_updates(p, updates), s, key
+
+        if cifar:
+            x0 = jnp.clip(jax.random.normal(next(keys), (64,) + shape), -1, 1)
+        else:
+            x0 = jnp.asarray(train[:64].reshape(64, 1, 28, 28) * 2 - 1)
+        st = {"p": params, "s": opt.init(params), "k": key}
+
+        def one():
+            st["p"], st["s"], st["k"] = step(st["p"], st["s"], x0, st["k"])
+            jax.block_until_ready(st["p"])
+        return timed(a.warmup or 3, a.reps or 10, one), "one U-Net training step, batch 64"
+
+    net = jax.jit(unet)
+    f = lambda v, i: float(v[i])
+    n = 16 if cifar else 64
+
+    def ddim():
+        x = jax.random.normal(next(keys), (n,) + shape)
+        for i in list(range(0, 1000, 20))[::-1]:
+            eps = net(params, x, jnp.full((n,), i))
+            a_t, a_prev = f(abar, i), (f(abar, i - 20) if i >= 20 else 1.0)
+            x0 = jnp.clip((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t), -1, 1)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        jax.block_until_ready(x)
+
+    if name in ("ddim-50", "ddim-50-cifar"):
+        return timed(a.warmup or 1, a.reps or 3, ddim), f"DDIM, 50 steps, {n} images"
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]]))
+    coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
+    coef2 = (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar)
+
+    def ddpm():
+        x = jax.random.normal(next(keys), (n,) + shape)
+        k = jax.random.PRNGKey(1)
+        for i in reversed(range(1000)):
+            eps = net(params, x, jnp.full((n,), i))
+            x0 = jnp.clip((x - math.sqrt(1 - f(abar, i)) * eps) / math.sqrt(f(abar, i)), -1, 1)
+            mean = f(coef1, i) * x0 + f(coef2, i) * x
+            if i > 0:
+                k, sub = jax.random.split(k)
+                x = mean + math.exp(0.5 * f(post_logvar, i)) * jax.random.normal(sub, x.shape)
+            else:
+                x = mean
+        jax.block_until_ready(x)
+    return timed(a.warmup, a.reps or 1, ddpm), f"DDPM, 1000 steps, {n} images"
 
 
 def main():

@@ -20,9 +20,11 @@ WORKLOADS = {
     "conv-vae-step-128": ["elbo", "elbo-candle", "torch", "torch-compile", "jax"],
     "vae-epoch": ["elbo", "torch", "jax"],
     "nll": ["elbo", "torch", "jax"],
-    "unet-step-64": ["elbo", "torch", "torch-compile"],
-    "ddim-50": ["elbo", "torch", "torch-compile"],
-    "ddpm-1000": ["elbo", "torch"],
+    "unet-step-64": ["elbo", "torch", "torch-compile", "jax"],
+    "ddim-50": ["elbo", "torch", "torch-compile", "jax"],
+    "ddpm-1000": ["elbo", "torch", "jax"],
+    "unet-cifar-step-64": ["elbo", "torch", "torch-compile", "jax"],
+    "ddim-50-cifar": ["elbo", "torch", "torch-compile", "jax"],
 }
 
 
@@ -42,7 +44,8 @@ def main():
                      "conv-vae-step-128": ["--reps", "20"],
                      "vae-epoch": ["--reps", "2"], "nll": ["--reps", "1", "--images", "200"],
                      "unet-step-64": ["--reps", "3"], "ddim-50": ["--reps", "1"],
-                     "ddpm-1000": ["--reps", "1"]}[w]
+                     "ddpm-1000": ["--reps", "1"], "unet-cifar-step-64": ["--reps", "3"],
+                     "ddim-50-cifar": ["--reps", "1"]}[w]
         elif w == "nll":
             extra = ["--reps", "3"]
         results = {}

@@ -15,6 +15,9 @@ fn main() -> anyhow::Result<()> {
         groups: 8,
         attention: true,
         in_channels: 1,
+        res_blocks: None,
+        attention_levels: Vec::new(),
+        dropout: 0.0,
     };
     let (net, _vm) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu)?;
     let x = Noise::new(1).randn((64, 1, 28, 28), &Device::Cpu)?;

@@ -11,7 +11,10 @@
 //! - `vae-epoch`: one epoch over the 9,000 training digits at batch 128, batching included;
 //! - `nll`: the importance-sampled log p(x), K = 5000, over `--images` test digits (1,000);
 //! - `unet-step-64`: one training step of the default U-Net on the simple loss, batch 64;
-//! - `ddim-50`, `ddpm-1000`: sampling 64 images with the default U-Net.
+//! - `ddim-50`, `ddpm-1000`: sampling 64 images with the default U-Net;
+//! - `unet-cifar-step-64`: one training step of DDPM's CIFAR-10 U-Net at base width 32
+//!   (3 x 32 x 32, channel multipliers 1,2,2,2, two residual blocks per level, attention at
+//!   16 x 16, dropout 0.1), batch 64; `ddim-50-cifar`: 16 images sampled with it.
 
 use std::time::Instant;
 
@@ -257,8 +260,16 @@ fn main() -> Result<()> {
             })?;
             (t, format!("log p(x), K = 5000, {n} test digits"))
         }
-        w @ ("unet-step-64" | "ddim-50" | "ddpm-1000") => {
-            let (net, varmap) = Net::trainable(&NetConfig::default_unet(), &mut noise, &dev)?;
+        w @ ("unet-step-64" | "ddim-50" | "ddpm-1000" | "unet-cifar-step-64" | "ddim-50-cifar") => {
+            // The default U-Net on 1 x 28 x 28, or DDPM's CIFAR-10 U-Net at base width 32 on
+            // 3 x 32 x 32 (images N(0, 1) clipped to [-1, 1]: the step's cost does not depend
+            // on them).
+            let cifar = w.ends_with("cifar") || w.starts_with("unet-cifar");
+            let (cfg, shape) = match cifar {
+                true => (NetConfig::ddpm_cifar10(32, 3), (3, 32, 32)),
+                false => (NetConfig::default_unet(), (1, 28, 28)),
+            };
+            let (net, varmap) = Net::trainable(&cfg, &mut noise, &dev)?;
             let process =
                 GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 1000)?, Prediction::Eps);
             let bar = ProgressBar::hidden();
@@ -270,7 +281,7 @@ fn main() -> Result<()> {
                     .map(|(n, v)| (n, v.as_tensor().detach()))
                     .collect();
             let frozen = Net::build(
-                &NetConfig::default_unet(),
+                &cfg,
                 candle_nn::VarBuilder::from_tensors(frozen, candle_core::DType::F32, &dev),
             )?;
             let Net::Unet(frozen_unet) = &frozen else {
@@ -284,11 +295,14 @@ fn main() -> Result<()> {
                 &candle_path
             };
             match w {
-                "unet-step-64" => {
+                "unet-step-64" | "unet-cifar-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);
                     let mut adam = Adam::new(vars, AdamConfig::with_lr(1e-3))?;
                     let idx: Vec<usize> = (0..64).collect();
-                    let x0 = image_batch(&train, &idx, &dev)?;
+                    let x0 = match cifar {
+                        true => noise.randn((64, 3, 32, 32), &dev)?.clamp(-1f32, 1f32)?,
+                        false => image_batch(&train, &idx, &dev)?,
+                    };
                     let Net::Unet(unet) = &net else {
                         unreachable!("the default network is a U-Net")
                     };
@@ -305,13 +319,14 @@ fn main() -> Result<()> {
                     })?;
                     (t, "one U-Net training step, batch 64".to_string())
                 }
-                "ddim-50" => {
+                "ddim-50" | "ddim-50-cifar" => {
+                    let n = if cifar { 16 } else { 64 };
                     let t = time(or(a.warmup, 1), or(a.reps, 3), || {
-                        let xt = noise.randn((64, 1, 28, 28), &dev)?;
+                        let xt = noise.randn((n, shape.0, shape.1, shape.2), &dev)?;
                         ddim_sample(&process, sampler_net, xt, 50, 0.0, true, &mut noise, &bar)?;
                         Ok(())
                     })?;
-                    (t, "DDIM, 50 steps, 64 images".to_string())
+                    (t, format!("DDIM, 50 steps, {n} images"))
                 }
                 _ => {
                     let t = time(or(a.warmup, 0), or(a.reps, 1), || {
@@ -326,7 +341,8 @@ fn main() -> Result<()> {
         }
         other => bail!(
             "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
-             iwae-step-k5, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000"
+             iwae-step-k5, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
+             unet-cifar-step-64, ddim-50-cifar"
         ),
     };
     println!(

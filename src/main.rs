@@ -127,6 +127,21 @@ struct TrainDiffusionArgs {
     /// U-Net base channels (images) or MLP width (toys).
     #[arg(long, allow_negative_numbers = true)]
     channels: Option<usize>,
+    /// U-Net channel multiplier of each level (default 1,2,2: 28, 14, 7 pixels for MNIST;
+    /// DDPM's CIFAR-10 net: 1,2,2,2).
+    #[arg(long, value_name = "M,M,..")]
+    channel_mult: Option<String>,
+    /// U-Net in DDPM's layout with N residual blocks per level (DDPM: 2); without it, the
+    /// compact layout (one block per level).
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    res_blocks: Option<usize>,
+    /// U-Net levels (0 = full resolution) whose blocks are followed by self-attention (DDPM's
+    /// CIFAR-10 net: 1, at 16 x 16).
+    #[arg(long, value_name = "L,L,..")]
+    attention_levels: Option<String>,
+    /// U-Net dropout probability in every residual block (DDPM's CIFAR-10 net: 0.1).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    dropout: f32,
     /// Toy data: optimizer steps per epoch.
     #[arg(long, allow_negative_numbers = true, default_value_t = 500)]
     toy_steps_per_epoch: usize,
@@ -584,22 +599,51 @@ fn run(cli: Cli) -> Result<()> {
             model: TrainModel::Diffusion(a),
         } => {
             let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
+            if a.channels == Some(0) {
+                bail!("--channels must be at least 1");
+            }
+            let unet_flags = a.channel_mult.is_some()
+                || a.res_blocks.is_some()
+                || a.attention_levels.is_some()
+                || a.dropout != 0.0;
             let net = match (&data, a.channels) {
-                (DiffusionData::Images(_), None) => NetConfig::default_unet(),
-                (DiffusionData::Images(_), Some(c)) => match NetConfig::default_unet() {
+                (DiffusionData::Images(_), c) => match NetConfig::default_unet() {
                     NetConfig::Unet {
+                        base,
                         channel_mult,
                         attention,
                         ..
-                    } => NetConfig::Unet {
-                        base: c,
-                        channel_mult,
-                        groups: gcd(c, 8),
-                        attention,
-                        in_channels: 1, // taken from the data
-                    },
+                    } => {
+                        let base = c.unwrap_or(base);
+                        let levels = |flag: &str, text: &str| -> Result<Vec<usize>> {
+                            text.split(',')
+                                .map(|v| v.trim().parse::<usize>().map_err(|_| {
+                                    anyhow::anyhow!("{flag}: expected level numbers separated by commas (like 1 or 1,2), got {text:?}")
+                                }))
+                                .collect()
+                        };
+                        NetConfig::Unet {
+                            base,
+                            channel_mult: match &a.channel_mult {
+                                Some(m) => parse_sizes("--channel-mult", m)?,
+                                None => channel_mult,
+                            },
+                            groups: elbo::diffusion::nets::gcd(base, 8),
+                            attention,
+                            in_channels: 1, // taken from the data
+                            res_blocks: a.res_blocks,
+                            attention_levels: match &a.attention_levels {
+                                Some(l) => levels("--attention-levels", l)?,
+                                None => Vec::new(),
+                            },
+                            dropout: a.dropout,
+                        }
+                    }
                     other => other,
                 },
+                (DiffusionData::Toy(_), _) if unet_flags => bail!(
+                    "--channel-mult, --res-blocks, --attention-levels and --dropout shape the U-Net of image data; toy data trains an MLP"
+                ),
                 (DiffusionData::Toy(_), None) => NetConfig::default_mlp(2),
                 (DiffusionData::Toy(_), Some(c)) => NetConfig::Mlp {
                     dim: 2,
@@ -608,9 +652,6 @@ fn run(cli: Cli) -> Result<()> {
                     time_dim: 32,
                 },
             };
-            if a.channels == Some(0) {
-                bail!("--channels must be at least 1");
-            }
             let model = DiffusionConfig {
                 net,
                 beta_schedule: a.beta_schedule,
@@ -930,10 +971,6 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 { a.max(1) } else { gcd(b, a % b) }
 }
 
 fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {

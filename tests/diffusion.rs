@@ -505,6 +505,9 @@ fn unet_maps_images_to_images() {
         groups: 4,
         attention: true,
         in_channels: 1,
+        res_blocks: None,
+        attention_levels: Vec::new(),
+        dropout: 0.0,
     };
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu).unwrap();
     let x = Noise::new(1).randn((3, 1, 28, 28), &Device::Cpu).unwrap();
@@ -731,30 +734,56 @@ fn weighted_sum_grads(y: &Tensor, weights: &Tensor) -> candle_core::backprop::Gr
         .unwrap()
 }
 
-/// The fused U-Net engine (hand-written backward, one example per thread) computes the same
+/// The fused U-Net engine (`engine::unet`) computes, for a batch of timesteps, the same
 /// output, simple loss and gradient of every parameter as candle's autodiff of the same
-/// network, to 1e-3 of each gradient's largest entry: two configurations (with and without
-/// attention, with and without 1x1 skips), every parameter perturbed off its initial value so
-/// that GroupNorm's scale and shift are not the identity. The attention's query bias is also
-/// checked against central finite differences of the loss (candle_nn's `softmax_last_dim`
-/// has no backward pass; a network built on it got no gradient there).
+/// network, to 1e-3 of each gradient's largest entry, for four configurations: the default
+/// compact net (28 x 28, attention in the middle); a compact net without attention or 1x1
+/// skips; DDPM's CIFAR-10 layout at base width 8 on 3 x 32 x 32 (two blocks per level,
+/// attention at 16 x 16, dropout 0.1 with the same masks on both paths); DDPM's layout on
+/// 28 x 28 (odd sizes 7 -> 4 and back, attention at the lowest level). Every parameter is
+/// perturbed off its initial value so that GroupNorm's scale and shift are not the identity.
+/// The middle attention's query bias is also checked against central finite differences of
+/// the loss (candle_nn's `softmax_last_dim` has no backward pass; a network built on it got
+/// no gradient there).
 #[test]
 fn fused_unet_matches_candle_autodiff_and_finite_differences() {
     use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
     use elbo::engine::unet::FusedUnet;
     let dev = Device::Cpu;
     let configs = [
-        NetConfig::default_unet(),
-        NetConfig::Unet {
-            base: 8,
-            channel_mult: vec![1, 1],
-            groups: 2,
-            attention: false,
-            in_channels: 1,
-        },
+        (NetConfig::default_unet(), (1, 28, 28), None),
+        (
+            NetConfig::Unet {
+                base: 8,
+                channel_mult: vec![1, 1],
+                groups: 2,
+                attention: false,
+                in_channels: 1,
+                res_blocks: None,
+                attention_levels: Vec::new(),
+                dropout: 0.0,
+            },
+            (1, 28, 28),
+            None,
+        ),
+        (NetConfig::ddpm_cifar10(8, 3), (3, 32, 32), Some(11u64)),
+        (
+            NetConfig::Unet {
+                base: 8,
+                channel_mult: vec![1, 2, 2],
+                groups: 4,
+                attention: false,
+                in_channels: 1,
+                res_blocks: Some(1),
+                attention_levels: vec![2],
+                dropout: 0.0,
+            },
+            (1, 28, 28),
+            None,
+        ),
     ];
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for cfg in configs {
+    for (index, (cfg, (c, h, w), seed)) in configs.into_iter().enumerate() {
         let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
         let mut noise = Noise::new(7);
         for (_, var) in sorted_vars(&varmap) {
@@ -765,11 +794,14 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
             unreachable!()
         };
         let b = 5;
-        let x = noise.randn((b, 1, 28, 28), &dev).unwrap();
-        let target = noise.randn((b, 1, 28, 28), &dev).unwrap();
+        let x = noise.randn((b, c, h, w), &dev).unwrap();
+        let target = noise.randn((b, c, h, w), &dev).unwrap();
         let t = timestep_tensor(&[0, 17, 250, 600, 999], &dev).unwrap();
         let candle_loss = |unet: &elbo::diffusion::nets::UNet| {
-            let out = unet.forward_candle(&x, &t).unwrap();
+            let out = match seed {
+                Some(s) => unet.forward_dropout(&x, &t, s).unwrap(),
+                None => unet.forward_candle(&x, &t).unwrap(),
+            };
             let loss = (&out - &target).unwrap().sqr().unwrap().mean_all().unwrap();
             (out, loss)
         };
@@ -777,9 +809,16 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
         let grads = loss.backward().unwrap();
 
         let fused = FusedUnet::new(unet).unwrap();
-        assert!(max_abs_diff(&fused.forward(&x, &t).unwrap(), &out) < 1e-4);
+        if seed.is_none() {
+            assert!(max_abs_diff(&fused.forward(&x, &t).unwrap(), &out) < 1e-4);
+        } else {
+            // Dropout changes the training pass only.
+            let eval = unet.forward_candle(&x, &t).unwrap();
+            assert!(max_abs_diff(&fused.forward(&x, &t).unwrap(), &eval) < 1e-4);
+            assert!(max_abs_diff(&eval, &out) > 1e-3, "dropout dropped nothing");
+        }
         let (fused_loss, flat) = fused
-            .loss_and_grads(&values(&x), &values(&t), &values(&target), (28, 28))
+            .loss_and_grads(&values(&x), &values(&t), &values(&target), (h, w), seed)
             .unwrap();
         let reference = loss.to_scalar::<f32>().unwrap() as f64;
         assert!(
@@ -800,9 +839,9 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
             let err = max_abs_diff(got, want);
             assert!(
                 err <= 1e-3 * scale + 1e-7,
-                "{name}: max |fused - candle| = {err:e}, max |candle| = {scale:e}"
+                "config {index}, {name}: max |fused - candle| = {err:e}, max |candle| = {scale:e}"
             );
-            if name == "mid.attn.qkv.bias" {
+            if index == 0 && name == "mid.attn.qkv.bias" {
                 // dL/db_q by central differences, h = 1e-2, for the first query channels.
                 let (analytic, mut v) = (values(got), values(var.as_tensor()));
                 for i in 0..3 {
@@ -822,5 +861,32 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
                 var.set(&Tensor::new(v.as_slice(), &dev).unwrap()).unwrap();
             }
         }
+    }
+}
+
+/// DDPM's CIFAR-10 U-Net at base width 32 (`NetConfig::ddpm_cifar10`) has the parameters of
+/// its PyTorch twin in `bench/peers.py` (the DDPM-layout `UNet` there, 2,245,763 parameters
+/// counted by PyTorch): the same count, the state_dict names a PyTorch `ModuleList` gives.
+#[test]
+fn ddpm_cifar10_unet_has_the_pytorch_peers_parameters() {
+    use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    let cfg = NetConfig::ddpm_cifar10(32, 3);
+    assert_eq!(cfg.parameter_count(), Some(2_245_763));
+    let (_, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu).unwrap();
+    let names: Vec<String> = sorted_vars(&varmap).into_iter().map(|(n, _)| n).collect();
+    if let Ok(path) = std::env::var("ELBO_DUMP_NAMES") {
+        std::fs::write(path, names.join("\n")).unwrap();
+    }
+    assert_eq!(names.len(), 304);
+    for name in [
+        "down.0.res.1.conv2.weight",
+        "down.1.attn.1.qkv.weight",
+        "down.2.downsample.weight",
+        "mid.attn.proj_out.bias",
+        "up.3.res.2.conv_shortcut.weight",
+        "up.1.attn.2.norm.weight",
+        "up.1.upsample.weight",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} missing");
     }
 }

@@ -364,6 +364,9 @@ fn diffusion_checkpoints_and_their_configs() {
         groups: 2,
         attention: true,
         in_channels: 1,
+        res_blocks: Some(1),
+        attention_levels: vec![1],
+        dropout: 0.1,
     };
     fuzz(
         "diffusion-unet",

@@ -42,14 +42,32 @@ pub enum NetConfig {
         base: usize,
         channel_mult: Vec<usize>,
         groups: usize,
+        /// Self-attention between the middle block's two residual blocks.
         attention: bool,
         #[serde(default = "one")]
         in_channels: usize,
+        /// DDPM's layout (Ho et al. 2020, appendix B): `res_blocks` residual blocks per level
+        /// on the way down and `res_blocks + 1` on the way up, a skip connection after
+        /// `conv_in`, every block and every downsampling. Absent: elbo's compact layout, one
+        /// block per level each way and one skip per level.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        res_blocks: Option<usize>,
+        /// The levels (0 = full resolution, i = H / 2^i) whose residual blocks are each
+        /// followed by self-attention (DDPM layout; DDPM's CIFAR-10 net: level 1, 16 x 16).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attention_levels: Vec<usize>,
+        /// Dropout probability before each residual block's second convolution, in training.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropout: f32,
     },
 }
 
 fn one() -> usize {
     1
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl NetConfig {
@@ -103,8 +121,23 @@ impl NetConfig {
                 channel_mult,
                 groups,
                 in_channels,
+                res_blocks,
+                attention_levels,
+                dropout,
                 ..
             } => {
+                if matches!(res_blocks, Some(n) if !(1..=8).contains(n)) {
+                    bail!("U-Net res_blocks (--res-blocks) must be 1 to 8, got {res_blocks:?}");
+                }
+                if let Some(l) = attention_levels.iter().find(|&&l| l >= channel_mult.len()) {
+                    bail!(
+                        "U-Net attention level {l} (--attention-levels): the net has levels 0 to {}",
+                        channel_mult.len().saturating_sub(1)
+                    );
+                }
+                if !(0.0..1.0).contains(dropout) {
+                    bail!("U-Net dropout (--dropout) must be in [0, 1), got {dropout}");
+                }
                 if *base == 0 {
                     bail!("U-Net base channels (--channels) must be at least 1");
                 }
@@ -185,8 +218,33 @@ impl NetConfig {
             groups: 8,
             attention: true,
             in_channels: 1,
+            res_blocks: None,
+            attention_levels: Vec::new(),
+            dropout: 0.0,
         }
     }
+
+    /// DDPM's CIFAR-10 U-Net (Ho et al. 2020, appendix B) at base width `base` (theirs: 128):
+    /// channel multipliers 1, 2, 2, 2, two residual blocks per level, self-attention at
+    /// 16 x 16 and in the middle, dropout 0.1, GroupNorm with 32 groups (fewer when `base`
+    /// has no multiple of 32).
+    pub fn ddpm_cifar10(base: usize, in_channels: usize) -> Self {
+        NetConfig::Unet {
+            base,
+            channel_mult: vec![1, 2, 2, 2],
+            groups: gcd(base, 32),
+            attention: true,
+            in_channels,
+            res_blocks: Some(2),
+            attention_levels: vec![1],
+            dropout: 0.1,
+        }
+    }
+}
+
+/// The greatest common divisor (the GroupNorm group count that divides a channel count).
+pub fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The largest channel count or width a network may ask for (2^24): every parameter count
@@ -318,11 +376,28 @@ impl ResBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+    /// `dropout`: (seed, blocks, this block's index, p) of the training masks.
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        dropout: Option<(u64, u64, u64, f32)>,
+    ) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let mut h = self.norm2.forward_silu(&h)?;
+        if let Some((seed, blocks, index, p)) = dropout {
+            let (b, c, hh, ww) = h.dims4()?;
+            let n = c * hh * ww;
+            let mut mask = vec![0f32; b * n];
+            for (e, m) in mask.chunks_mut(n).enumerate() {
+                crate::nn::dropout::fill_mask(seed, e as u64 * blocks + index, p, m);
+            }
+            let mask = Tensor::from_vec(mask, (b, c, hh, ww), h.device())?;
+            h = (h * mask)?;
+        }
+        let h = self.conv2.forward(&h)?;
         let skip = match &self.skip {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -372,90 +447,162 @@ impl Attention {
     }
 }
 
-/// A small U-Net for 28x28: one residual block per level, stride-2 conv down, nearest-neighbour
-/// up + conv, skip connections by concatenation, attention at the lowest resolution.
+/// One step of a U-Net's body after `conv_in`, in the order the forward pass runs them.
+pub(crate) enum Stage {
+    /// A residual block, then self-attention when `attn` is set. `concat`: the block's input
+    /// is the running activation concatenated (channels) with the last skip pushed, which is
+    /// popped; `push`: the output is pushed as a skip.
+    Res {
+        block: Box<ResBlock>,
+        attn: Option<Attention>,
+        concat: bool,
+        push: bool,
+    },
+    /// A stride-2 3 x 3 convolution.
+    Downsample { conv: Conv2d, push: bool },
+    /// Nearest-neighbour upsampling to the size of the next skip, then a 3 x 3 convolution.
+    Upsample { conv: Conv2d },
+}
+
+/// The U-Net of DDPM (Ho et al. 2020, appendix B; the PixelCNN++ backbone with
+/// self-attention), in two layouts (see [`NetConfig::Unet`]): residual blocks with a timestep
+/// embedding, stride-2 convolutions down, nearest-neighbour up + conv, skip connections by
+/// concatenation, self-attention in the middle block and at chosen levels, dropout. The body
+/// is a list of [`Stage`]s, which the candle path here and the fused engine
+/// (`engine::unet`) both walk.
 pub struct UNet {
     pub(crate) base: usize,
     pub(crate) time1: Linear,
     pub(crate) time2: Linear,
     pub(crate) conv_in: Conv2d,
-    pub(crate) down: Vec<ResBlock>,
-    pub(crate) downsample: Vec<Conv2d>,
-    pub(crate) mid1: ResBlock,
-    pub(crate) attn: Option<Attention>,
-    pub(crate) mid2: ResBlock,
-    pub(crate) up: Vec<ResBlock>,
-    pub(crate) upsample: Vec<Conv2d>,
+    /// Whether `conv_in`'s output is pushed as a skip (DDPM layout).
+    pub(crate) push_input: bool,
+    pub(crate) stages: Vec<Stage>,
     pub(crate) norm_out: GroupNorm,
     pub(crate) conv_out: Conv2d,
+    /// Dropout probability in each residual block (training only).
+    pub(crate) dropout: f32,
+}
+
+/// The channel counts and options [`UNet::new`] builds from.
+struct UnetShape<'a> {
+    base: usize,
+    mult: &'a [usize],
+    groups: usize,
+    attention: bool,
+    in_channels: usize,
+    res_blocks: Option<usize>,
+    attention_levels: &'a [usize],
 }
 
 impl UNet {
-    fn new(
-        base: usize,
-        mult: &[usize],
-        groups: usize,
-        attention: bool,
-        in_channels: usize,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
+    fn new(s: UnetShape, dropout: f32, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (base, groups) = (s.base, s.groups);
         let temb = 4 * base;
-        let chans: Vec<usize> = mult.iter().map(|m| m * base).collect();
-        let mut down = Vec::new();
-        let mut downsample = Vec::new();
-        let mut prev = base;
-        for (i, &c) in chans.iter().enumerate() {
-            down.push(ResBlock::new(
-                prev,
-                c,
-                temb,
-                groups,
-                vb.pp(format!("down.{i}.res")),
-            )?);
-            if i + 1 < chans.len() {
-                downsample.push(conv(c, c, 3, 2, vb.pp(format!("down.{i}.downsample")))?);
+        let chans: Vec<usize> = s.mult.iter().map(|m| m * base).collect();
+        let levels = chans.len();
+        let res = |i, o, name: String| ResBlock::new(i, o, temb, groups, vb.pp(name));
+        let attn = |level: usize, c, name: String| -> candle_core::Result<Option<Attention>> {
+            if s.attention_levels.contains(&level) {
+                Ok(Some(Attention::new(c, groups, vb.pp(name))?))
+            } else {
+                Ok(None)
             }
-            prev = c;
+        };
+        let mut stages = Vec::new();
+        let mut prev = base;
+        // The channels of each skip pushed, so the up path knows what it concatenates.
+        let mut skips = Vec::new();
+        let compact = s.res_blocks.is_none();
+        let per_level = s.res_blocks.unwrap_or(1);
+        if !compact {
+            skips.push(base);
         }
-        let deepest = *chans.last().expect("at least one level");
-        let mid1 = ResBlock::new(deepest, deepest, temb, groups, vb.pp("mid.res1"))?;
-        let attn = if attention {
-            Some(Attention::new(deepest, groups, vb.pp("mid.attn"))?)
+        for (i, &c) in chans.iter().enumerate() {
+            for j in 0..per_level {
+                let name = |what: &str| match compact {
+                    true => format!("down.{i}.{what}"),
+                    false => format!("down.{i}.{what}.{j}"),
+                };
+                stages.push(Stage::Res {
+                    block: Box::new(res(prev, c, name("res"))?),
+                    attn: attn(i, c, name("attn"))?,
+                    concat: false,
+                    push: true,
+                });
+                skips.push(c);
+                prev = c;
+            }
+            if i + 1 < levels {
+                stages.push(Stage::Downsample {
+                    conv: conv(c, c, 3, 2, vb.pp(format!("down.{i}.downsample")))?,
+                    push: !compact,
+                });
+                if !compact {
+                    skips.push(c);
+                }
+            }
+        }
+        let mid_attn = if s.attention {
+            Some(Attention::new(prev, groups, vb.pp("mid.attn"))?)
         } else {
             None
         };
-        let mid2 = ResBlock::new(deepest, deepest, temb, groups, vb.pp("mid.res2"))?;
-        let mut up = Vec::new();
-        let mut upsample = Vec::new();
+        for (name, attn) in [("mid.res1", mid_attn), ("mid.res2", None)] {
+            stages.push(Stage::Res {
+                block: Box::new(res(prev, prev, name.to_string())?),
+                attn,
+                concat: false,
+                push: false,
+            });
+        }
         for (i, &c) in chans.iter().enumerate().rev() {
-            let out = if i == 0 { base } else { chans[i - 1] };
-            up.push(ResBlock::new(
-                prev + c,
-                out,
-                temb,
-                groups,
-                vb.pp(format!("up.{i}.res")),
-            )?);
-            if i > 0 {
-                upsample.push(conv(out, out, 3, 1, vb.pp(format!("up.{i}.upsample")))?);
+            // The compact layout's up blocks give the next level's channels (base at the
+            // top); DDPM's keep the level's own.
+            let out = match (compact, i) {
+                (true, 0) => base,
+                (true, _) => chans[i - 1],
+                (false, _) => c,
+            };
+            for j in 0..per_level + usize::from(!compact) {
+                let name = |what: &str| match compact {
+                    true => format!("up.{i}.{what}"),
+                    false => format!("up.{i}.{what}.{j}"),
+                };
+                let skip = skips.pop().expect("one skip per up block");
+                stages.push(Stage::Res {
+                    block: Box::new(res(prev + skip, out, name("res"))?),
+                    attn: attn(i, out, name("attn"))?,
+                    concat: true,
+                    push: false,
+                });
+                prev = out;
             }
-            prev = out;
+            if i > 0 {
+                stages.push(Stage::Upsample {
+                    conv: conv(prev, prev, 3, 1, vb.pp(format!("up.{i}.upsample")))?,
+                });
+            }
         }
         Ok(Self {
             base,
             time1: candle_nn::linear(base, temb, vb.pp("time_embedding.linear_1"))?,
             time2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
-            conv_in: conv(in_channels, base, 3, 1, vb.pp("conv_in"))?,
-            down,
-            downsample,
-            mid1,
-            attn,
-            mid2,
-            up,
-            upsample,
-            norm_out: GroupNorm::new(groups, base, 1e-5, vb.pp("norm_out"))?,
-            conv_out: conv(base, in_channels, 3, 1, vb.pp("conv_out"))?,
+            conv_in: conv(s.in_channels, base, 3, 1, vb.pp("conv_in"))?,
+            push_input: !compact,
+            stages,
+            norm_out: GroupNorm::new(groups, prev, 1e-5, vb.pp("norm_out"))?,
+            conv_out: conv(prev, s.in_channels, 3, 1, vb.pp("conv_out"))?,
+            dropout,
         })
+    }
+
+    /// The number of residual blocks (each draws its own dropout mask).
+    pub(crate) fn res_blocks(&self) -> usize {
+        self.stages
+            .iter()
+            .filter(|s| matches!(s, Stage::Res { .. }))
+            .count()
     }
 }
 
@@ -465,8 +612,29 @@ impl UNet {
         self.conv_in.parts().0.is_variable()
     }
 
-    /// The forward pass through candle's ops (what autodiff records).
+    /// The forward pass through candle's ops (what autodiff records), without dropout.
     pub fn forward_candle(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_masked(xt, t, None)
+    }
+
+    /// The training forward pass: dropout in every residual block with the masks of
+    /// [`crate::nn::dropout::fill_mask`] from `seed` (stream = example x blocks + block), the
+    /// masks the fused engine draws.
+    pub fn forward_dropout(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        seed: u64,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_masked(xt, t, Some(seed))
+    }
+
+    fn forward_masked(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
         let emb = timestep_embedding(t, self.base)?;
         let temb = self
             .time2
@@ -474,30 +642,54 @@ impl UNet {
         let temb_act = candle_nn::ops::silu(&temb)?;
         let mut h = self.conv_in.forward(xt)?;
         let mut skips = Vec::new();
-        for (i, block) in self.down.iter().enumerate() {
-            h = block.forward(&h, &temb_act)?;
+        if self.push_input {
             skips.push(h.clone());
-            if let Some(ds) = self.downsample.get(i) {
-                h = ds.forward(&h)?;
-            }
         }
-        h = self.mid1.forward(&h, &temb_act)?;
-        if let Some(a) = &self.attn {
-            h = a.forward(&h)?;
-        }
-        h = self.mid2.forward(&h, &temb_act)?;
-        for (j, block) in self.up.iter().enumerate() {
-            let skip = skips.pop().expect("one skip per level");
-            h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb_act)?;
-            if let Some(us) = self.upsample.get(j) {
-                let (_, _, hh, ww) = h.dims4()?;
-                let target = skips
-                    .last()
-                    .map(|s| s.dims4())
-                    .transpose()?
-                    .map(|d| (d.2, d.3))
-                    .unwrap_or((2 * hh, 2 * ww));
-                h = us.forward(&h.upsample_nearest2d(target.0, target.1)?)?;
+        let blocks = self.res_blocks() as u64;
+        let mut block_index = 0u64;
+        for stage in &self.stages {
+            match stage {
+                Stage::Res {
+                    block,
+                    attn,
+                    concat,
+                    push,
+                } => {
+                    if *concat {
+                        let skip = skips.pop().expect("one skip per up block");
+                        h = Tensor::cat(&[&h, &skip], 1)?;
+                    }
+                    let dropout = match seed {
+                        Some(seed) if self.dropout > 0.0 => {
+                            Some((seed, blocks, block_index, self.dropout))
+                        }
+                        _ => None,
+                    };
+                    h = block.forward(&h, &temb_act, dropout)?;
+                    block_index += 1;
+                    if let Some(a) = attn {
+                        h = a.forward(&h)?;
+                    }
+                    if *push {
+                        skips.push(h.clone());
+                    }
+                }
+                Stage::Downsample { conv, push } => {
+                    h = conv.forward(&h)?;
+                    if *push {
+                        skips.push(h.clone());
+                    }
+                }
+                Stage::Upsample { conv } => {
+                    let (_, _, hh, ww) = h.dims4()?;
+                    let target = skips
+                        .last()
+                        .map(|s| s.dims4())
+                        .transpose()?
+                        .map(|d| (d.2, d.3))
+                        .unwrap_or((2 * hh, 2 * ww));
+                    h = conv.forward(&h.upsample_nearest2d(target.0, target.1)?)?;
+                }
             }
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
@@ -525,6 +717,19 @@ impl Denoiser for Net {
             Net::Unet(u) => u.forward(xt, t),
         }
     }
+
+    /// The U-Net with dropout draws one seed from `rng` for the step's masks.
+    fn forward_train(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        rng: &mut rand::rngs::StdRng,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Unet(u) if u.dropout > 0.0 => u.forward_dropout(xt, t, rng.random()),
+            _ => self.forward(xt, t),
+        }
+    }
 }
 
 impl Net {
@@ -542,14 +747,21 @@ impl Net {
                 groups,
                 attention,
                 in_channels,
-            } => Net::Unet(Box::new(UNet::new(
-                *base,
-                channel_mult,
-                *groups,
-                *attention,
-                *in_channels,
-                vb,
-            )?)),
+                res_blocks,
+                attention_levels,
+                dropout,
+            } => {
+                let shape = UnetShape {
+                    base: *base,
+                    mult: channel_mult,
+                    groups: *groups,
+                    attention: *attention,
+                    in_channels: *in_channels,
+                    res_blocks: *res_blocks,
+                    attention_levels,
+                };
+                Net::Unet(Box::new(UNet::new(shape, *dropout, vb)?))
+            }
         })
     }
 

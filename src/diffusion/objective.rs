@@ -41,6 +41,6 @@ pub fn simple_loss(
     noise: &mut Noise,
 ) -> Result<Tensor> {
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let out = net.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
+    let out = net.forward_train(&xt, &timestep_tensor(&t, x0.device())?, rng)?;
     Ok((out - target)?.sqr()?.mean_all()?)
 }

@@ -274,6 +274,17 @@ impl BoundTerms {
 /// A network that maps (x_t, t) to the chosen prediction; `t` is `[B]` f32 timesteps.
 pub trait Denoiser {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The training forward pass: `forward` with dropout where the network has it, its masks
+    /// drawn from `rng` (which a network without dropout leaves untouched).
+    fn forward_train(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        _rng: &mut rand::rngs::StdRng,
+    ) -> candle_core::Result<Tensor> {
+        self.forward(xt, t)
+    }
 }
 
 /// `[B]` f32 tensor of timesteps.

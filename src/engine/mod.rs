@@ -61,8 +61,8 @@ pub fn vae_training(engine: Engine, vae: &Vae) -> Result<(bool, String)> {
 }
 
 /// The engine of a diffusion training step: the fused U-Net engine, or `None` for candle's
-/// autodiff, and a description. The fused engine takes a U-Net of one-channel images on the
-/// CPU; colour images and the MLP train on candle until the layer engine carries them.
+/// autodiff, and a description. The fused engine takes any U-Net on the CPU (either layout,
+/// any channels, attention levels and dropout); the toys' MLP trains on candle.
 pub fn unet_training(engine: Engine, net: &Net) -> Result<(Option<FusedUnet>, String)> {
     let on_cpu = |u: &crate::diffusion::nets::UNet| u.conv_in.parts().0.device().is_cpu();
     let fused = match (net, engine) {
@@ -92,8 +92,8 @@ fn describe(fused: bool, engine: Engine) -> String {
 }
 
 /// A network of plain tensors for sampling and evaluation, with its engine chosen once, here:
-/// the fused CPU engine for a U-Net it takes (one-channel images, on the CPU), else the
-/// network's candle path (any device, colour images, the MLP).
+/// the fused CPU engine for a U-Net on the CPU, else the network's candle path (any device,
+/// the MLP).
 pub struct FrozenNet {
     pub net: Net,
     fused: Option<FusedUnet>,
@@ -138,7 +138,7 @@ pub fn estimate_log_likelihood(
     crate::vae::objective::estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
 }
 
-/// `diffusion::model::simple_loss` and its gradients on the fused CPU engine, for images `x0` `[B, 1, H, W]`
+/// `diffusion::model::simple_loss` and its gradients on the fused CPU engine, for images `x0` `[B, C, H, W]`
 /// (the same draws of t and eps): the loss value and the gradients `loss.backward()` would
 /// give. `engine` must hold the network's current parameters (`FusedUnet::refresh`).
 pub fn fused_simple_loss(
@@ -152,6 +152,9 @@ pub fn fused_simple_loss(
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
     let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    let (loss, grads) = engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w))?;
+    // As `Net::forward_train`: a seed for the dropout masks only where there is dropout.
+    let seed = (engine.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
+    let (loss, grads) =
+        engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w), seed)?;
     Ok((loss as f32, engine.grad_store(&grads)?))
 }

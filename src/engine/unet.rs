@@ -41,7 +41,7 @@ use rayon::prelude::*;
 
 use crate::diffusion::conv::Conv2d;
 use crate::diffusion::group_norm::GroupNorm;
-use crate::diffusion::nets::{Attention, ResBlock, UNet};
+use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet};
 use crate::diffusion::process::Denoiser;
 use crate::nn::conv::{Geometry, gemm_rm};
 use crate::nn::group_norm::{group_backward, group_forward, silu, silu_grad};
@@ -584,8 +584,11 @@ struct ResTape {
     norm1: NormTape,
     tproj: Vec<f32>,
     h1: Vec<f32>,
+    /// silu(gn2(..)) times the dropout mask: the second convolution's input.
     n2: Vec<f32>,
     norm2: NormTape,
+    /// The dropout mask ([`crate::nn::dropout`]); empty when nothing was dropped.
+    mask: Vec<f32>,
 }
 
 /// Buffers the blocks' backward passes use.
@@ -600,7 +603,8 @@ struct BlockScratch {
 }
 
 impl ResP {
-    /// `out = conv2(silu(gn2(conv1(silu(gn1(x))) + time(ta)))) + skip(x)`.
+    /// `out = conv2(dropout(silu(gn2(conv1(silu(gn1(x))) + time(ta))))) + skip(x)`;
+    /// `dropout` = (seed, stream, p) in training.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -611,6 +615,7 @@ impl ResP {
         t: &mut ResTape,
         out: &mut Vec<f32>,
         cols: &mut Cols,
+        dropout: Option<(u64, u64, f32)>,
     ) {
         let hw = size.0 * size.1;
         self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.norm1);
@@ -619,6 +624,14 @@ impl ResP {
             .forward(p, &t.n1, size, &mut t.h1, Init::BiasPlus(&t.tproj), cols);
         self.norm2
             .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.norm2);
+        match dropout {
+            Some((seed, stream, rate)) => {
+                sized(&mut t.mask, t.n2.len());
+                crate::nn::dropout::fill_mask(seed, stream, rate, &mut t.mask);
+                crate::nn::dropout::apply(&mut t.n2, &t.mask);
+            }
+            None => t.mask.clear(),
+        }
         match &self.skip {
             Some(s) => {
                 s.forward(p, x, size, out, Init::Bias, cols);
@@ -651,6 +664,9 @@ impl ResP {
         sized(&mut s.d1, o * hw);
         self.conv2
             .backward(p, grads, &t.n2, size, dout, Dx::Set(&mut s.d1), &mut s.cols);
+        if !t.mask.is_empty() {
+            crate::nn::dropout::apply(&mut s.d1, &t.mask);
+        }
         match &self.skip {
             Some(sk) => sk.backward(p, grads, x, size, dout, Dx::Add(&mut *dx), &mut s.cols),
             None => add_assign(dx, dout),
@@ -824,6 +840,24 @@ fn upsample_backward(
     }
 }
 
+/// One stage of the body (see [`crate::diffusion::nets::Stage`]), with its parameters' places.
+#[derive(Debug, Clone)]
+enum StageP {
+    Res {
+        block: Box<ResP>,
+        attn: Option<AttnP>,
+        concat: bool,
+        push: bool,
+    },
+    Downsample {
+        conv: ConvP,
+        push: bool,
+    },
+    Upsample {
+        conv: ConvP,
+    },
+}
+
 /// The whole network's parameters.
 #[derive(Debug, Clone)]
 struct Plan {
@@ -831,19 +865,43 @@ struct Plan {
     time1: LinP,
     time2: LinP,
     conv_in: ConvP,
-    down: Vec<ResP>,
-    downsample: Vec<ConvP>,
-    mid1: ResP,
-    attn: Option<AttnP>,
-    mid2: ResP,
-    up: Vec<ResP>,
-    upsample: Vec<ConvP>,
+    push_input: bool,
+    stages: Vec<StageP>,
     norm_out: NormP,
     conv_out: ConvP,
+    dropout: f32,
+    /// The number of residual blocks (dropout streams per example).
+    blocks: u64,
+}
+
+/// Where the stages read and write for one input size. Activation `a` is `conv_in`'s output
+/// for a = 0 and stage a - 1's output after.
+struct Route {
+    /// (H, W) of each activation.
+    sizes: Vec<(usize, usize)>,
+    /// The activation each stage concatenates (a residual block on the way up).
+    skip: Vec<Option<usize>>,
+    /// Whether each activation is pushed as a skip.
+    pushed: Vec<bool>,
+    /// The index of each stage's residual block among all of them (its dropout stream).
+    block: Vec<u64>,
+}
+
+/// One stage's record of its forward pass.
+#[derive(Default)]
+struct StageTape {
+    /// A residual block that concatenates: its input, the running activation then the skip.
+    input: Vec<f32>,
+    res: ResTape,
+    /// A residual block with attention: the block's output, attention's input.
+    res_out: Vec<f32>,
+    attn: AttnTape,
+    /// Upsampling: the nearest-neighbour copy, the convolution's input.
+    nearest: Vec<f32>,
 }
 
 /// One example's activations, named after the layer that wrote them (C = base channels,
-/// T = 4C the time embedding's width; `[c, h, w]` planar at the level's resolution).
+/// T = 4C the time embedding's width; `[c, h, w]` planar at the stage's resolution).
 #[derive(Default)]
 struct Tape {
     /// The sinusoidal embedding of t, `[C]`.
@@ -856,31 +914,11 @@ struct Tape {
     time2_pre: Vec<f32>,
     /// SiLU of `time2_pre`, `[T]`: what every residual block's time projection reads.
     time_act: Vec<f32>,
-    /// `conv_in`'s output, `[C, H, W]`.
-    conv_in_out: Vec<f32>,
-    /// Each down level's residual block.
-    down: Vec<ResTape>,
-    /// Each down level's output (also the up path's skip input).
-    down_out: Vec<Vec<f32>>,
-    /// Each stride-2 downsampling convolution's output.
-    downsample_out: Vec<Vec<f32>>,
-    mid1: ResTape,
-    mid1_out: Vec<f32>,
-    attn: AttnTape,
-    attn_out: Vec<f32>,
-    mid2: ResTape,
-    mid2_out: Vec<f32>,
-    /// Each up level's input: the previous output concatenated with the skip.
-    up_in: Vec<Vec<f32>>,
-    /// Each up level's residual block.
-    up: Vec<ResTape>,
-    /// Each up level's output.
-    up_out: Vec<Vec<f32>>,
-    /// Each up level's output repeated 2 x 2 (nearest neighbour), before its convolution.
-    up_nearest: Vec<Vec<f32>>,
-    /// Each upsampling convolution's output.
-    upsample_out: Vec<Vec<f32>>,
-    /// `norm_out` (GroupNorm + SiLU) of the last up level, `[C, H, W]`: `conv_out`'s input.
+    /// The activations of [`Route`]: `conv_in`'s output, then each stage's.
+    acts: Vec<Vec<f32>>,
+    /// Each stage's record.
+    stages: Vec<StageTape>,
+    /// `norm_out` (GroupNorm + SiLU) of the last activation: `conv_out`'s input.
     norm_out_silu: Vec<f32>,
     /// `norm_out`'s statistics for the backward pass.
     norm_out: NormTape,
@@ -888,8 +926,7 @@ struct Tape {
     output: Vec<f32>,
 }
 
-/// A thread's buffers: the tape, the blocks' scratch and the backward walk's gradients
-/// (`d_x` is dL/dx for the tape's `x`).
+/// A thread's buffers: the tape, the blocks' scratch and the backward walk's gradients.
 #[derive(Default)]
 struct Workspace {
     tape: Tape,
@@ -898,7 +935,7 @@ struct Workspace {
     d_hidden: Vec<f32>,
     /// dL/d(the next activation down the walk).
     d_next: Vec<f32>,
-    /// dL/d(each skip connection), added where the up path read it.
+    /// dL/d(each activation pushed as a skip), from the blocks that concatenated it.
     dskip: Vec<Vec<f32>>,
     d_time_act: Vec<f32>,
     d_time2_pre: Vec<f32>,
@@ -912,28 +949,19 @@ impl Workspace {
     /// inference keeps neither.
     fn set_training(&mut self, training: bool) {
         self.block.cols.keep = training;
-        let t = &mut self.tape;
-        let blocks = t.down.iter_mut().chain(t.up.iter_mut());
-        for r in blocks.chain([&mut t.mid1, &mut t.mid2]) {
-            r.norm1.inference = !training;
-            r.norm2.inference = !training;
+        for st in &mut self.tape.stages {
+            st.res.norm1.inference = !training;
+            st.res.norm2.inference = !training;
+            st.attn.norm.inference = !training;
         }
-        t.attn.norm.inference = !training;
-        t.norm_out.inference = !training;
+        self.tape.norm_out.inference = !training;
     }
 
-    fn new(levels: usize) -> Self {
+    fn new(stages: usize) -> Self {
         let mut w = Workspace::default();
-        let many = || (0..levels).map(|_| Vec::new()).collect::<Vec<Vec<f32>>>();
-        w.tape.down = (0..levels).map(|_| ResTape::default()).collect();
-        w.tape.up = (0..levels).map(|_| ResTape::default()).collect();
-        w.tape.down_out = many();
-        w.tape.downsample_out = many();
-        w.tape.up_in = many();
-        w.tape.up_out = many();
-        w.tape.up_nearest = many();
-        w.tape.upsample_out = many();
-        w.dskip = many();
+        w.tape.acts = vec![Vec::new(); stages + 1];
+        w.tape.stages = (0..stages).map(|_| StageTape::default()).collect();
+        w.dskip = vec![Vec::new(); stages + 1];
         w
     }
 }
@@ -942,19 +970,21 @@ impl Plan {
     /// Every convolution of the network.
     fn convs_mut(&mut self) -> Vec<&mut ConvP> {
         let mut v = vec![&mut self.conv_in, &mut self.conv_out];
-        let blocks = self.down.iter_mut().chain(self.up.iter_mut());
-        for r in blocks.chain([&mut self.mid1, &mut self.mid2]) {
-            v.push(&mut r.conv1);
-            v.push(&mut r.conv2);
-            if let Some(s) = r.skip.as_mut() {
-                v.push(s);
+        for stage in &mut self.stages {
+            match stage {
+                StageP::Res { block, attn, .. } => {
+                    v.push(&mut block.conv1);
+                    v.push(&mut block.conv2);
+                    if let Some(s) = block.skip.as_mut() {
+                        v.push(s);
+                    }
+                    if let Some(a) = attn.as_mut() {
+                        v.push(&mut a.qkv);
+                        v.push(&mut a.proj);
+                    }
+                }
+                StageP::Downsample { conv, .. } | StageP::Upsample { conv } => v.push(conv),
             }
-        }
-        v.extend(self.downsample.iter_mut());
-        v.extend(self.upsample.iter_mut());
-        if let Some(a) = self.attn.as_mut() {
-            v.push(&mut a.qkv);
-            v.push(&mut a.proj);
         }
         v
     }
@@ -1003,22 +1033,53 @@ impl Plan {
         }
     }
 
-    fn levels(&self) -> usize {
-        self.down.len()
-    }
-
-    /// The (H, W) of each level for an input of `size`.
-    fn sizes(&self, size: (usize, usize)) -> Vec<(usize, usize)> {
-        let mut out = vec![size];
-        for ds in &self.downsample {
-            let last = *out.last().expect("one size");
-            out.push(ds.geometry(last).output());
+    /// The route of an input of `size` through the stages.
+    fn route(&self, size: (usize, usize)) -> Route {
+        let n = self.stages.len();
+        let mut r = Route {
+            sizes: vec![size],
+            skip: Vec::with_capacity(n),
+            pushed: vec![self.push_input],
+            block: Vec::with_capacity(n),
+        };
+        let mut stack: Vec<usize> = if self.push_input { vec![0] } else { Vec::new() };
+        let mut blocks = 0usize;
+        for (k, stage) in self.stages.iter().enumerate() {
+            let cur = r.sizes[k];
+            let (out, skip, push) = match stage {
+                StageP::Res { concat, push, .. } => {
+                    blocks += 1;
+                    (cur, concat.then(|| stack.pop()).flatten(), *push)
+                }
+                StageP::Downsample { conv, push } => (conv.geometry(cur).output(), None, *push),
+                StageP::Upsample { .. } => {
+                    let up = stack.last().map_or((2 * cur.0, 2 * cur.1), |&a| r.sizes[a]);
+                    (up, None, false)
+                }
+            };
+            // Only residual blocks read it: the index of the last block so far.
+            r.block.push((blocks as u64).saturating_sub(1));
+            r.sizes.push(out);
+            r.skip.push(skip);
+            r.pushed.push(push);
+            if push {
+                stack.push(k + 1);
+            }
         }
-        out
+        r
     }
 
-    /// One example `x` `[1, H, W]` at time `t`; the output lands in `tape.output`.
-    fn forward(&self, p: &[f32], x: &[f32], sizes: &[(usize, usize)], t: f32, ws: &mut Workspace) {
+    /// One example `x` `[C_in, H, W]` at time `t`; the output lands in `tape.output`.
+    /// `dropout`: the step's seed and the example's index in the batch (training only).
+    fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        route: &Route,
+        t: f32,
+        dropout: Option<(u64, u64)>,
+        ws: &mut Workspace,
+    ) {
         let tape = &mut ws.tape;
         let cols = &mut ws.block.cols;
         let half = self.freqs.len();
@@ -1033,110 +1094,68 @@ impl Plan {
         tape.time_act.clear();
         tape.time_act
             .extend(tape.time2_pre.iter().map(|&a| silu(a)));
+        let sizes = &route.sizes;
         self.conv_in
-            .forward(p, x, sizes[0], &mut tape.conv_in_out, Init::Bias, cols);
-        let levels = self.levels();
-        #[allow(clippy::needless_range_loop)] // i indexes five parallel lists
-        for i in 0..levels {
-            let input: &[f32] = if i == 0 {
-                &tape.conv_in_out
-            } else {
-                &tape.downsample_out[i - 1]
-            };
-            self.down[i].forward(
-                p,
-                input,
-                sizes[i],
-                &tape.time_act,
-                &mut tape.down[i],
-                &mut tape.down_out[i],
-                cols,
-            );
-            if let Some(ds) = self.downsample.get(i) {
-                ds.forward(
-                    p,
-                    &tape.down_out[i],
-                    sizes[i],
-                    &mut tape.downsample_out[i],
-                    Init::Bias,
-                    cols,
-                );
+            .forward(p, x, sizes[0], &mut tape.acts[0], Init::Bias, cols);
+        for (k, stage) in self.stages.iter().enumerate() {
+            let (before, after) = tape.acts.split_at_mut(k + 1);
+            let (x, out) = (&before[k], &mut after[0]);
+            let st = &mut tape.stages[k];
+            match stage {
+                StageP::Res {
+                    block,
+                    attn,
+                    concat,
+                    ..
+                } => {
+                    let input: &[f32] = if *concat {
+                        let skip = &before[route.skip[k].expect("a skip to concatenate")];
+                        st.input.clear();
+                        st.input.extend_from_slice(x);
+                        st.input.extend_from_slice(skip);
+                        &st.input
+                    } else {
+                        x
+                    };
+                    let drop = dropout
+                        .filter(|_| self.dropout > 0.0)
+                        .map(|(seed, e)| (seed, e * self.blocks + route.block[k], self.dropout));
+                    let size = sizes[k];
+                    match attn {
+                        Some(a) => {
+                            let ta = &tape.time_act;
+                            block.forward(
+                                p,
+                                input,
+                                size,
+                                ta,
+                                &mut st.res,
+                                &mut st.res_out,
+                                cols,
+                                drop,
+                            );
+                            a.forward(p, &st.res_out, size, &mut st.attn, out, cols);
+                        }
+                        None => {
+                            let ta = &tape.time_act;
+                            block.forward(p, input, size, ta, &mut st.res, out, cols, drop);
+                        }
+                    }
+                }
+                StageP::Downsample { conv, .. } => {
+                    conv.forward(p, x, sizes[k], out, Init::Bias, cols);
+                }
+                StageP::Upsample { conv } => {
+                    upsample(x, sizes[k], sizes[k + 1], &mut st.nearest);
+                    conv.forward(p, &st.nearest, sizes[k + 1], out, Init::Bias, cols);
+                }
             }
         }
-        let deepest = sizes[levels - 1];
-        self.mid1.forward(
-            p,
-            &tape.down_out[levels - 1],
-            deepest,
-            &tape.time_act,
-            &mut tape.mid1,
-            &mut tape.mid1_out,
-            cols,
-        );
-        let mid2_in: &[f32] = match &self.attn {
-            Some(a) => {
-                a.forward(
-                    p,
-                    &tape.mid1_out,
-                    deepest,
-                    &mut tape.attn,
-                    &mut tape.attn_out,
-                    cols,
-                );
-                &tape.attn_out
-            }
-            None => &tape.mid1_out,
-        };
-        self.mid2.forward(
-            p,
-            mid2_in,
-            deepest,
-            &tape.time_act,
-            &mut tape.mid2,
-            &mut tape.mid2_out,
-            cols,
-        );
-        for j in 0..levels {
-            let i = levels - 1 - j;
-            let prev: &[f32] = if j == 0 {
-                &tape.mid2_out
-            } else {
-                &tape.upsample_out[j - 1]
-            };
-            let cat = &mut tape.up_in[j];
-            cat.clear();
-            cat.extend_from_slice(prev);
-            cat.extend_from_slice(&tape.down_out[i]);
-            self.up[j].forward(
-                p,
-                &tape.up_in[j],
-                sizes[i],
-                &tape.time_act,
-                &mut tape.up[j],
-                &mut tape.up_out[j],
-                cols,
-            );
-            if let Some(us) = self.upsample.get(j) {
-                upsample(
-                    &tape.up_out[j],
-                    sizes[i],
-                    sizes[i - 1],
-                    &mut tape.up_nearest[j],
-                );
-                us.forward(
-                    p,
-                    &tape.up_nearest[j],
-                    sizes[i - 1],
-                    &mut tape.upsample_out[j],
-                    Init::Bias,
-                    cols,
-                );
-            }
-        }
+        let last = tape.acts.last().expect("conv_in's output at least");
         let hw = sizes[0].0 * sizes[0].1;
         self.norm_out.forward(
             p,
-            &tape.up_out[levels - 1],
+            last,
             hw,
             &mut tape.norm_out_silu,
             true,
@@ -1153,16 +1172,9 @@ impl Plan {
     }
 
     /// Adds the gradients of one example into `grads`, `ws.d_output` holding dL/dy.
-    fn backward(
-        &self,
-        p: &[f32],
-        grads: &mut [f32],
-        x: &[f32],
-        sizes: &[(usize, usize)],
-        ws: &mut Workspace,
-    ) {
+    fn backward(&self, p: &[f32], grads: &mut [f32], x: &[f32], route: &Route, ws: &mut Workspace) {
         let tape = &ws.tape;
-        let levels = self.levels();
+        let sizes = &route.sizes;
         let hw = sizes[0].0 * sizes[0].1;
         sized(&mut ws.d_hidden, tape.norm_out_silu.len());
         self.conv_out.backward(
@@ -1174,11 +1186,12 @@ impl Plan {
             Dx::Set(&mut ws.d_hidden),
             &mut ws.block.cols,
         );
-        zeroed(&mut ws.d_next, tape.up_out[levels - 1].len());
+        let last = tape.acts.last().expect("conv_in's output at least");
+        zeroed(&mut ws.d_next, last.len());
         self.norm_out.backward(
             p,
             grads,
-            &tape.up_out[levels - 1],
+            last,
             hw,
             &tape.norm_out,
             true,
@@ -1187,133 +1200,101 @@ impl Plan {
             &mut ws.block.gn,
         );
         std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
-        for (d, out) in ws.dskip.iter_mut().zip(&tape.down_out) {
-            zeroed(d, out.len());
+        for (a, act) in tape.acts.iter().enumerate() {
+            if route.pushed[a] {
+                zeroed(&mut ws.dskip[a], act.len());
+            }
         }
         zeroed(&mut ws.d_time_act, tape.time_act.len());
-        for j in (0..levels).rev() {
-            let i = levels - 1 - j;
-            if let Some(us) = self.upsample.get(j) {
-                // ws.d_hidden: the gradient of us_out[j]; through the conv, then the upsampling.
-                sized(&mut ws.d_next, tape.up_nearest[j].len());
-                us.backward(
-                    p,
-                    grads,
-                    &tape.up_nearest[j],
-                    sizes[i - 1],
-                    &ws.d_hidden,
-                    Dx::Set(&mut ws.d_next),
-                    &mut ws.block.cols,
-                );
-                zeroed(&mut ws.d_hidden, tape.up_out[j].len());
-                upsample_backward(&ws.d_next, sizes[i], sizes[i - 1], &mut ws.d_hidden);
+        for (k, stage) in self.stages.iter().enumerate().rev() {
+            // Activation k + 1's gradient is complete: the running path's plus its skip's.
+            if route.pushed[k + 1] {
+                add_assign(&mut ws.d_hidden, &ws.dskip[k + 1]);
             }
-            zeroed(&mut ws.d_next, tape.up_in[j].len());
-            self.up[j].backward(
-                p,
-                grads,
-                &tape.up_in[j],
-                sizes[i],
-                &tape.time_act,
-                &tape.up[j],
-                &ws.d_hidden,
-                &mut ws.d_next,
-                &mut ws.d_time_act,
-                &mut ws.block,
-            );
-            let prev = tape.up_in[j].len() - tape.down_out[i].len();
-            add_assign(&mut ws.dskip[i], &ws.d_next[prev..]);
-            ws.d_hidden.clear();
-            ws.d_hidden.extend_from_slice(&ws.d_next[..prev]);
-        }
-        let deepest = sizes[levels - 1];
-        let mid2_in: &[f32] = if self.attn.is_some() {
-            &tape.attn_out
-        } else {
-            &tape.mid1_out
-        };
-        zeroed(&mut ws.d_next, mid2_in.len());
-        self.mid2.backward(
-            p,
-            grads,
-            mid2_in,
-            deepest,
-            &tape.time_act,
-            &tape.mid2,
-            &ws.d_hidden,
-            &mut ws.d_next,
-            &mut ws.d_time_act,
-            &mut ws.block,
-        );
-        std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
-        if let Some(a) = &self.attn {
-            zeroed(&mut ws.d_next, tape.mid1_out.len());
-            a.backward(
-                p,
-                grads,
-                &tape.mid1_out,
-                deepest,
-                &tape.attn,
-                &ws.d_hidden,
-                &mut ws.d_next,
-                &mut ws.block,
-            );
+            let (x, st) = (&tape.acts[k], &tape.stages[k]);
+            match stage {
+                StageP::Res {
+                    block,
+                    attn,
+                    concat,
+                    ..
+                } => {
+                    let size = sizes[k];
+                    if let Some(a) = attn {
+                        zeroed(&mut ws.d_next, st.res_out.len());
+                        a.backward(
+                            p,
+                            grads,
+                            &st.res_out,
+                            size,
+                            &st.attn,
+                            &ws.d_hidden,
+                            &mut ws.d_next,
+                            &mut ws.block,
+                        );
+                        std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
+                    }
+                    let input: &[f32] = if *concat { &st.input } else { x };
+                    zeroed(&mut ws.d_next, input.len());
+                    block.backward(
+                        p,
+                        grads,
+                        input,
+                        size,
+                        &tape.time_act,
+                        &st.res,
+                        &ws.d_hidden,
+                        &mut ws.d_next,
+                        &mut ws.d_time_act,
+                        &mut ws.block,
+                    );
+                    if let Some(s) = route.skip[k].filter(|_| *concat) {
+                        add_assign(&mut ws.dskip[s], &ws.d_next[x.len()..]);
+                        ws.d_next.truncate(x.len());
+                    }
+                }
+                StageP::Downsample { conv, .. } => {
+                    sized(&mut ws.d_next, x.len());
+                    conv.backward(
+                        p,
+                        grads,
+                        x,
+                        sizes[k],
+                        &ws.d_hidden,
+                        Dx::Set(&mut ws.d_next),
+                        &mut ws.block.cols,
+                    );
+                }
+                StageP::Upsample { conv } => {
+                    sized(&mut ws.d_next, st.nearest.len());
+                    conv.backward(
+                        p,
+                        grads,
+                        &st.nearest,
+                        sizes[k + 1],
+                        &ws.d_hidden,
+                        Dx::Set(&mut ws.d_next),
+                        &mut ws.block.cols,
+                    );
+                    zeroed(&mut ws.d_hidden, x.len());
+                    upsample_backward(&ws.d_next, sizes[k], sizes[k + 1], &mut ws.d_hidden);
+                    continue;
+                }
+            }
             std::mem::swap(&mut ws.d_hidden, &mut ws.d_next);
         }
-        self.mid1.backward(
+        if route.pushed[0] {
+            add_assign(&mut ws.d_hidden, &ws.dskip[0]);
+        }
+        self.conv_in.backward(
             p,
             grads,
-            &tape.down_out[levels - 1],
-            deepest,
-            &tape.time_act,
-            &tape.mid1,
+            x,
+            sizes[0],
             &ws.d_hidden,
-            &mut ws.dskip[levels - 1],
-            &mut ws.d_time_act,
-            &mut ws.block,
+            Dx::None,
+            &mut ws.block.cols,
         );
-        for i in (0..levels).rev() {
-            let input: &[f32] = if i == 0 {
-                &tape.conv_in_out
-            } else {
-                &tape.downsample_out[i - 1]
-            };
-            zeroed(&mut ws.d_next, input.len());
-            let (lower, this) = ws.dskip.split_at_mut(i);
-            self.down[i].backward(
-                p,
-                grads,
-                input,
-                sizes[i],
-                &tape.time_act,
-                &tape.down[i],
-                &this[0],
-                &mut ws.d_next,
-                &mut ws.d_time_act,
-                &mut ws.block,
-            );
-            if i > 0 {
-                self.downsample[i - 1].backward(
-                    p,
-                    grads,
-                    &tape.down_out[i - 1],
-                    sizes[i - 1],
-                    &ws.d_next,
-                    Dx::Add(&mut lower[i - 1]),
-                    &mut ws.block.cols,
-                );
-            } else {
-                self.conv_in.backward(
-                    p,
-                    grads,
-                    x,
-                    sizes[0],
-                    &ws.d_next,
-                    Dx::None,
-                    &mut ws.block.cols,
-                );
-            }
-        }
         ws.d_time2_pre.clear();
         ws.d_time2_pre.extend(
             ws.d_time_act
@@ -1437,31 +1418,43 @@ impl FusedUnet {
             bail!("fused U-Net: the time embedding width must be even, got {base}");
         }
         let freqs = crate::nn::embedding::sinusoid_frequencies(base);
+        let mut stages = Vec::with_capacity(net.stages.len());
+        for stage in &net.stages {
+            stages.push(match stage {
+                Stage::Res {
+                    block,
+                    attn,
+                    concat,
+                    push,
+                } => StageP::Res {
+                    block: Box::new(b.res(block)?),
+                    attn: attn.as_ref().map(|a| b.attn(a)).transpose()?,
+                    concat: *concat,
+                    push: *push,
+                },
+                Stage::Downsample { conv, push } => StageP::Downsample {
+                    conv: b.conv(conv)?,
+                    push: *push,
+                },
+                Stage::Upsample { conv } => StageP::Upsample {
+                    conv: b.conv(conv)?,
+                },
+            });
+        }
         let plan = Plan {
             freqs,
             time1: b.linear(&net.time1)?,
             time2: b.linear(&net.time2)?,
             conv_in: b.conv(&net.conv_in)?,
-            down: net.down.iter().map(|r| b.res(r)).collect::<Result<_>>()?,
-            downsample: net
-                .downsample
-                .iter()
-                .map(|c| b.conv(c))
-                .collect::<Result<_>>()?,
-            mid1: b.res(&net.mid1)?,
-            attn: net.attn.as_ref().map(|a| b.attn(a)).transpose()?,
-            mid2: b.res(&net.mid2)?,
-            up: net.up.iter().map(|r| b.res(r)).collect::<Result<_>>()?,
-            upsample: net
-                .upsample
-                .iter()
-                .map(|c| b.conv(c))
-                .collect::<Result<_>>()?,
+            push_input: net.push_input,
+            stages,
             norm_out: b.norm(&net.norm_out)?,
             conv_out: b.conv(&net.conv_out)?,
+            dropout: net.dropout,
+            blocks: net.res_blocks() as u64,
         };
-        if plan.conv_in.c != 1 || plan.conv_out.o != 1 {
-            bail!("fused U-Net: one input and one output channel expected");
+        if plan.conv_in.c != plan.conv_out.o {
+            bail!("fused U-Net: as many output channels as input channels expected");
         }
         let mut plan = plan;
         let mut params = b.params;
@@ -1497,13 +1490,15 @@ impl FusedUnet {
         self.tensors.iter().map(|(t, _)| t.elem_count()).sum()
     }
 
+    /// The values of one example (C x H x W), after checking the batch's sizes.
     fn check(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<usize> {
-        let n = size.0 * size.1;
+        let n = self.plan.conv_in.c * size.0 * size.1;
         if n == 0 || x.len() != t.len() * n {
             bail!(
-                "fused U-Net: {} input values for {} timesteps of {}x{} images",
+                "fused U-Net: {} input values for {} timesteps of {}x{}x{} images",
                 x.len(),
                 t.len(),
+                self.plan.conv_in.c,
                 size.0,
                 size.1
             );
@@ -1511,9 +1506,20 @@ impl FusedUnet {
         Ok(n)
     }
 
+    /// The number of image channels the network takes and gives.
+    pub fn channels(&self) -> usize {
+        self.plan.conv_in.c
+    }
+
+    /// The dropout probability of its residual blocks (applied by [`FusedUnet::loss_and_grads`]
+    /// when given a seed).
+    pub fn dropout(&self) -> f32 {
+        self.plan.dropout
+    }
+
     fn workspace(&self) -> Workspace {
         let kept = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
-        kept.unwrap_or_else(|| Workspace::new(self.plan.levels()))
+        kept.unwrap_or_else(|| Workspace::new(self.plan.stages.len()))
     }
 
     fn give_back(&self, ws: Workspace) {
@@ -1527,10 +1533,10 @@ impl FusedUnet {
         batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
     }
 
-    /// eps_theta(x_t, t) of a batch: `x` `[B, 1, H, W]` values, `t` `[B]` -> `[B, 1, H, W]`.
+    /// eps_theta(x_t, t) of a batch: `x` `[B, C, H, W]` values, `t` `[B]` -> `[B, C, H, W]`.
     pub fn forward_values(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
         let n = self.check(x, t, size)?;
-        let sizes = self.plan.sizes(size);
+        let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(chunk * n)
@@ -1539,8 +1545,9 @@ impl FusedUnet {
                 let mut ws = self.workspace();
                 ws.set_training(false);
                 for (e, &te) in t.iter().enumerate() {
+                    let xe = &x[e * n..(e + 1) * n];
                     self.plan
-                        .forward(&self.params, &x[e * n..(e + 1) * n], &sizes, te, &mut ws);
+                        .forward(&self.params, xe, &route, te, None, &mut ws);
                     out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.output);
                 }
                 self.give_back(ws);
@@ -1548,11 +1555,14 @@ impl FusedUnet {
         Ok(out)
     }
 
-    /// The [`crate::diffusion::process::Denoiser`] forward on tensors (`xt` `[B, 1, H, W]`, `t` `[B]`).
+    /// The [`crate::diffusion::process::Denoiser`] forward on tensors (`xt` `[B, C, H, W]`, `t` `[B]`).
     pub fn forward(&self, xt: &Tensor, t: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xt.dims4()?;
-        if c != 1 {
-            bail!("fused U-Net: one input channel expected, got {c}");
+        if c != self.channels() {
+            bail!(
+                "fused U-Net: {} input channels expected, got {c}",
+                self.channels()
+            );
         }
         let x = xt.flatten_all()?.to_vec1::<f32>()?;
         let t = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -1561,13 +1571,16 @@ impl FusedUnet {
     }
 
     /// The simple loss `mean (eps_theta(x_t, t) - target)^2` of a batch and its gradient with
-    /// respect to the flat parameters (the layout of [`FusedUnet::grad_store`]).
+    /// respect to the flat parameters (the layout of [`FusedUnet::grad_store`]). With
+    /// `dropout_seed`, the residual blocks drop what `UNet::forward_dropout` drops from the
+    /// same seed.
     pub fn loss_and_grads(
         &self,
         x: &[f32],
         t: &[f32],
         target: &[f32],
         size: (usize, usize),
+        dropout_seed: Option<u64>,
     ) -> Result<(f64, Vec<f32>)> {
         let n = self.check(x, t, size)?;
         if target.len() != x.len() {
@@ -1577,20 +1590,23 @@ impl FusedUnet {
                 x.len()
             );
         }
-        let sizes = self.plan.sizes(size);
+        let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
         let scale = 2.0 / x.len() as f32;
         let parts: Vec<(Vec<f32>, f64)> = x
             .par_chunks(chunk * n)
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
-            .map(|(x, (t, target))| {
+            .enumerate()
+            .map(|(part, (x, (t, target)))| {
                 let mut ws = self.workspace();
                 ws.set_training(true);
                 let mut grads = vec![0f32; self.params.len()];
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
-                    self.plan.forward(&self.params, xe, &sizes, te, &mut ws);
+                    let dropout = dropout_seed.map(|s| (s, (part * chunk + e) as u64));
+                    self.plan
+                        .forward(&self.params, xe, &route, te, dropout, &mut ws);
                     ws.d_output.clear();
                     for (&y, &tg) in ws.tape.output.iter().zip(&target[e * n..(e + 1) * n]) {
                         let d = y - tg;
@@ -1598,8 +1614,9 @@ impl FusedUnet {
                         ws.d_output.push(scale * d);
                     }
                     self.plan
-                        .backward(&self.params, &mut grads, xe, &sizes, &mut ws);
+                        .backward(&self.params, &mut grads, xe, &route, &mut ws);
                 }
+                self.give_back(ws);
                 (grads, sum)
             })
             .collect();

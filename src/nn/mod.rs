@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod dropout;
 pub mod embedding;
 pub mod group_norm;
 pub mod kernels;
