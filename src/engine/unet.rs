@@ -942,6 +942,8 @@ struct Workspace {
     d_time1_silu: Vec<f32>,
     /// dL/d(output), set by the caller.
     d_output: Vec<f32>,
+    /// The parameter gradients of the examples this thread ran.
+    grads: Vec<f32>,
 }
 
 impl Workspace {
@@ -1593,14 +1595,18 @@ impl FusedUnet {
         let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
         let scale = 2.0 / x.len() as f32;
-        let parts: Vec<(Vec<f32>, f64)> = x
+        let parts: Vec<(Workspace, f64)> = x
             .par_chunks(chunk * n)
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
             .enumerate()
             .map(|(part, (x, (t, target)))| {
                 let mut ws = self.workspace();
                 ws.set_training(true);
-                let mut grads = vec![0f32; self.params.len()];
+                // The thread's gradient buffer lives in its workspace: zeroing it is cheaper
+                // than fresh pages, which the kernel clears.
+                let mut grads = std::mem::take(&mut ws.grads);
+                grads.clear();
+                grads.resize(self.params.len(), 0.0);
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
@@ -1616,15 +1622,21 @@ impl FusedUnet {
                     self.plan
                         .backward(&self.params, &mut grads, xe, &route, &mut ws);
                 }
-                self.give_back(ws);
-                (grads, sum)
+                ws.grads = grads;
+                (ws, sum)
             })
             .collect();
-        let mut grads = vec![0f32; self.params.len()];
+        let mut grads = Vec::with_capacity(self.params.len());
         let mut sum = 0f64;
-        for (g, s) in parts {
-            add_assign(&mut grads, &g);
+        // Summed in batch order, so the result does not depend on scheduling.
+        for (ws, s) in parts {
+            if grads.is_empty() {
+                grads.extend_from_slice(&ws.grads);
+            } else {
+                add_assign(&mut grads, &ws.grads);
+            }
             sum += s;
+            self.give_back(ws);
         }
         self.plan.fold_shifted_grads(&mut grads);
         Ok((sum / x.len() as f64, grads))
