@@ -24,8 +24,11 @@
 //!   and loading;
 //! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model, and
 //!   the fused engines ([`engine::vae`] for the VAE family, [`engine::unet`] for the U-Net);
-//! - [`nn`]: the layer engine's parts: SIMD kernels, the linear layer, activations, MLPs
-//!   (forward and hand-derived backward);
+//! - [`nn`]: the layer engine: SIMD kernels, the linear layer, activations, MLPs,
+//!   convolutions, GroupNorm, dropout, the sinusoidal embedding, the U-Net's layers on one
+//!   example ([`nn::planar`]: conv, GroupNorm, linear, self-attention, the residual block,
+//!   upsampling), each forward and hand-derived backward; and [`nn::modules`], the candle
+//!   modules (Conv2d, GroupNorm) the models' networks are built from;
 //! - [`optim`]: Adam with a state that can be checkpointed;
 //! - [`checkpoint`]: PyTorch-compatible safetensors, written atomically, read defensively;
 //! - [`run_dir`]: the run folder, one atomic commit per epoch, checked resume;

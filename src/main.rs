@@ -628,7 +628,12 @@ fn run(cli: Cli) -> Result<()> {
                                 Some(m) => parse_sizes("--channel-mult", m)?,
                                 None => channel_mult,
                             },
-                            groups: elbo::diffusion::nets::gcd(base, 8),
+                            // GroupNorm groups: 8 in the compact layout, DDPM's 32 in its
+                            // own (fewer where the width has no such divisor).
+                            groups: elbo::diffusion::nets::gcd(
+                                base,
+                                if a.res_blocks.is_some() { 32 } else { 8 },
+                            ),
                             attention,
                             in_channels: 1, // taken from the data
                             res_blocks: a.res_blocks,

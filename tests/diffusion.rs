@@ -599,7 +599,7 @@ fn ddim_agrees_with_diffusers_ddim_scheduler() {
 fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
     use candle_core::{DType, Device, Module, Var};
     use candle_nn::{VarBuilder, VarMap};
-    use elbo::diffusion::conv::Conv2d;
+    use elbo::nn::modules::conv::Conv2d;
     let dev = Device::Cpu;
     for (c, o, k, stride, size) in [
         (3, 5, 3, 1, 9),
@@ -657,7 +657,7 @@ fn im2col_convolution_matches_candle_conv2d_and_its_gradients() {
 fn fused_group_norm_matches_candle_nn_and_its_gradients() {
     use candle_core::{Device, Module, Var};
     use candle_nn::{VarBuilder, VarMap};
-    use elbo::diffusion::group_norm::GroupNorm;
+    use elbo::nn::modules::group_norm::GroupNorm;
     let dev = Device::Cpu;
     for (b, c, groups, size) in [(3, 8, 4, 5), (2, 6, 2, 7)] {
         let varmap = VarMap::new();

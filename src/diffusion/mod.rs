@@ -1,8 +1,6 @@
 //! Diffusion models as hierarchical VAEs: schedules, the forward and reverse processes, the
 //! variational bound, samplers, denoisers and 2-D toy data.
 
-pub mod conv;
-pub mod group_norm;
 pub mod model;
 pub mod nets;
 pub mod objective;

@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
+use crate::nn::modules::conv::Conv2d;
+use crate::nn::modules::group_norm::GroupNorm;
 use rand::Rng;
 
 use super::process::Denoiser;
@@ -333,7 +333,7 @@ impl Denoiser for Mlp {
     }
 }
 
-/// A k x k convolution with padding k / 2 (see [`super::conv`]).
+/// A k x k convolution with padding k / 2 (see [`crate::nn::modules::conv`]).
 fn conv(
     i: usize,
     o: usize,
@@ -468,7 +468,7 @@ pub(crate) enum Stage {
 /// self-attention), in two layouts (see [`NetConfig::Unet`]): residual blocks with a timestep
 /// embedding, stride-2 convolutions down, nearest-neighbour up + conv, skip connections by
 /// concatenation, self-attention in the middle block and at chosen levels, dropout. The body
-/// is a list of [`Stage`]s, which the candle path here and the fused engine
+/// is a list of `Stage`s, which the candle path here and the fused engine
 /// (`engine::unet`) both walk.
 pub struct UNet {
     pub(crate) base: usize,

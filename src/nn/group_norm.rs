@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A group is `[cg, hw]`: cg channels of hw values. Used by the U-Net's fused engine and by the
-//! candle op of `diffusion::group_norm`; tested against candle's autodiff and finite
+//! candle op of `nn::modules::group_norm`; tested against candle's autodiff and finite
 //! differences in `tests/nn.rs`.
 
 /// silu(a) = a sigmoid(a).

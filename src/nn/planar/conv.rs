@@ -1,0 +1,371 @@
+//! A 2-D convolution over one example `[C, H, W]` (planar), its parameters at offsets of a
+//! flat vector: stride-1 "same" k x k convolutions as k gemms over k row-shifted copies of
+//! the input (im2col would make k^2), their dx the convolution of dy with the flipped weights;
+//! other geometries im2col + one gemm (see [`crate::nn::conv`]).
+//!
+//! ```text
+//! y = W im2col(x) + b        dW += dy im2col(x)^T, db += sum dy, dx += col2im(W^T dy)
+//! (stride 1: col2im(W^T dy) = the convolution of dy with W'[c,o,u,v] = W[o,c,-u,-v])
+//! ```
+
+use crate::nn::conv::{Geometry, gemm_rm};
+
+/// A convolution's place in the flat parameter vector.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvP {
+    /// Index among the network's convolutions (the slot of its kept im2col matrix).
+    pub(crate) id: usize,
+    pub(crate) w: usize,
+    /// Stride-1 k x k convolutions (k > 1): where the flipped, transposed weight
+    /// `W'[c, o, u, v] = W[o, c, k-1-u, k-1-v]` is kept (as k matrices `W'_u [C, O k]`, for
+    /// [`shifted_conv`]), so that dx is itself a convolution of dy instead of a gemm and a
+    /// col2im.
+    pub(crate) wf: Option<usize>,
+    /// The same convolutions: where `W_u[o, c k + v] = W[o, c, u, v]` (u = 0..k, each
+    /// `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`]).
+    pub(crate) wu: Option<usize>,
+    pub(crate) b: usize,
+    pub(crate) o: usize,
+    pub(crate) c: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+}
+
+/// The unfolded inputs of the convolutions (im2col matrices, or the shifted rows of
+/// [`shifted_rows`]): one scratch buffer, and when training (`keep`) one kept buffer per
+/// convolution, written by the forward pass and read again by the backward pass for dW (in
+/// place of unfolding the same input a second time).
+#[derive(Default)]
+pub(crate) struct Cols {
+    pub(crate) scratch: Vec<f32>,
+    pub(crate) kept: Vec<Vec<f32>>,
+    pub(crate) keep: bool,
+}
+
+impl Cols {
+    pub(crate) fn for_forward(&mut self, id: usize) -> &mut Vec<f32> {
+        if !self.keep {
+            return &mut self.scratch;
+        }
+        if self.kept.len() <= id {
+            self.kept.resize_with(id + 1, Vec::new);
+        }
+        &mut self.kept[id]
+    }
+}
+
+/// Where a convolution's backward pass puts dx.
+pub(crate) enum Dx<'a> {
+    None,
+    Add(&'a mut [f32]),
+    Set(&'a mut [f32]),
+}
+
+/// How a convolution's output starts before the gemm adds `W im2col(x)`.
+pub(crate) enum Init<'a> {
+    /// The bias.
+    Bias,
+    /// The bias plus a per-channel term (the time projection).
+    BiasPlus(&'a [f32]),
+    /// What the buffer holds (the residual branch) plus the bias.
+    Accumulate,
+}
+
+/// For a stride-1 "same" k x k convolution (p = k / 2): `e [C k, (H + 2p) W]`, row (c, v)
+/// = channel c shifted by v - p columns (zero where the kernel overhangs a side), with p zero
+/// rows above and below. The im2col row of kernel offset (u, v) is then the contiguous run
+/// of row (c, v) starting at u W, so `y = sum_u W_u e[:, u W ..]` with `W_u[o, c k + v] =
+/// W[o, c, u, v]`: k gemms over k shifted copies of x, where im2col makes k^2.
+pub(crate) fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &mut [f32]) {
+    let p = k / 2;
+    let plane = (h + 2 * p) * w;
+    for ci in 0..c {
+        let src = &x[ci * h * w..(ci + 1) * h * w];
+        for v in 0..k {
+            let row = &mut e[(ci * k + v) * plane..(ci * k + v + 1) * plane];
+            row[..p * w].fill(0.0);
+            row[(p + h) * w..].fill(0.0);
+            let mid = &mut row[p * w..(p + h) * w];
+            let dv = v as isize - p as isize;
+            // mid[f] = src[f + dv], then the |dv| wrapped columns of each line zeroed.
+            if dv >= 0 {
+                let d = dv as usize;
+                mid[..h * w - d].copy_from_slice(&src[d..]);
+                mid[h * w - d..].fill(0.0);
+                for y in 0..h {
+                    for z in w - d..w {
+                        mid[y * w + z] = 0.0;
+                    }
+                }
+            } else {
+                let d = (-dv) as usize;
+                mid[d..].copy_from_slice(&src[..h * w - d]);
+                mid[..d].fill(0.0);
+                for y in 0..h {
+                    for z in 0..d {
+                        mid[y * w + z] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y [M, H W] (+)= sum_u W_u e_u` for `e` from [`shifted_rows`] (e_u: its rows from
+/// offset u W), `wts` = the k matrices `W_u [M, CK]` one after the other; `add` false
+/// overwrites `y`.
+pub(crate) fn shifted_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let (hw, plane) = (h * w, (h + k - 1) * w);
+    assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    for u in 0..k {
+        // SAFETY: the asserts above bound every index: row r of e_u spans
+        // r plane + u w .. r plane + u w + hw <= (r + 1) plane.
+        unsafe {
+            gemm::gemm(
+                m,
+                hw,
+                ck,
+                y.as_mut_ptr(),
+                1,
+                hw as isize,
+                add || u > 0,
+                wts.as_ptr().add(u * m * ck),
+                1,
+                ck as isize,
+                e.as_ptr().add(u * w),
+                1,
+                plane as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+/// `dW_u[o, (c, v)] += sum_j dy[o, j] e_u[(c, v), j]` for u = 0..k: the weight gradient of a
+/// stride-1 same convolution from the shifted rows `e` of its input, in the layout of
+/// [`ConvP::wu`] (`dwu` = k matrices `[O, C k]`); the engine (`Plan::fold_shifted_grads`) moves it into
+/// the `[O, C, k, k]` gradient once per step.
+pub(crate) fn shifted_weight_grad(
+    dwu: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+) {
+    let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
+    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
+    for u in 0..k {
+        // SAFETY: as in shifted_conv; e_u^T is read as the [HW, C k] matrix with row stride
+        // 1 and column stride `plane`; dW_u is the u-th [O, C k] block of `dwu`.
+        unsafe {
+            gemm::gemm(
+                o,
+                ck,
+                hw,
+                dwu.as_mut_ptr().add(u * o * ck),
+                1,
+                ck as isize,
+                true,
+                dy.as_ptr(),
+                1,
+                hw as isize,
+                e.as_ptr().add(u * w),
+                plane as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+impl ConvP {
+    pub(crate) fn geometry(&self, (h, w): (usize, usize)) -> Geometry {
+        Geometry {
+            k: self.k,
+            stride: self.stride,
+            padding: self.k / 2,
+            h,
+            w,
+        }
+    }
+
+    pub(crate) fn weight<'a>(&self, p: &'a [f32]) -> &'a [f32] {
+        &p[self.w..self.w + self.o * self.c * self.k * self.k]
+    }
+
+    /// A 1x1 stride-1 convolution reads its input as the im2col matrix.
+    pub(crate) fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1
+    }
+
+    /// `y [O, OH OW] = init + W im2col(x)`, `x` `[C, H W]`; returns (OH, OW).
+    pub(crate) fn forward(
+        &self,
+        p: &[f32],
+        x: &[f32],
+        size: (usize, usize),
+        y: &mut Vec<f32>,
+        init: Init,
+        cols: &mut Cols,
+    ) -> (usize, usize) {
+        let g = self.geometry(size);
+        let (oh, ow) = g.output();
+        let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
+        let bias = &p[self.b..self.b + self.o];
+        match init {
+            Init::Accumulate => {
+                debug_assert_eq!(y.len(), self.o * ohw);
+                for (row, b) in y.chunks_mut(ohw).zip(bias) {
+                    row.iter_mut().for_each(|v| *v += b);
+                }
+            }
+            Init::Bias => {
+                y.clear();
+                for &b in bias {
+                    y.extend(std::iter::repeat_n(b, ohw));
+                }
+            }
+            Init::BiasPlus(extra) => {
+                y.clear();
+                for (&b, &e) in bias.iter().zip(extra) {
+                    y.extend(std::iter::repeat_n(b + e, ohw));
+                }
+            }
+        }
+        let w = self.weight(p);
+        if self.pointwise() {
+            gemm_rm(y, w, false, x, false, (self.o, ohw, self.c), true);
+        } else if let (Some(wu), true) = (self.wu, (oh, ow) == size) {
+            // k shifted copies of the input instead of im2col's k^2 (see shifted_rows); kept
+            // for dW when training.
+            let (c, k) = (self.c, self.k);
+            let buf = cols.for_forward(self.id);
+            let len = c * k * (size.0 + k - 1) * size.1;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            shifted_rows(x, c, size, k, buf);
+            shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
+        } else {
+            let buf = cols.for_forward(self.id);
+            if buf.len() < ckk * ohw {
+                buf.resize(ckk * ohw, 0.0);
+            }
+            g.im2col(x, self.c, buf);
+            gemm_rm(y, w, false, buf, false, (self.o, ohw, ckk), true);
+        }
+        (oh, ow)
+    }
+
+    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx (+)= col2im(W^T dy)`:
+    /// `Dx::Add` accumulates into the buffer, `Dx::Set` overwrites it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        size: (usize, usize),
+        dy: &[f32],
+        dx: Dx,
+        cols: &mut Cols,
+    ) {
+        let g = self.geometry(size);
+        let (oh, ow) = g.output();
+        let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
+        if self.pointwise() {
+            let dw = &mut grads[self.w..self.w + self.o * ckk];
+            gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
+        } else {
+            let shifted = self.wu.is_some() && (oh, ow) == size;
+            let len = if shifted {
+                self.c * self.k * (size.0 + self.k - 1) * size.1
+            } else {
+                ckk * ohw
+            };
+            let buf = match cols
+                .kept
+                .get(self.id)
+                .filter(|b| cols.keep && b.len() >= len)
+            {
+                Some(buf) => buf,
+                None => {
+                    let buf = &mut cols.scratch;
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
+                    }
+                    if shifted {
+                        shifted_rows(x, self.c, size, self.k, buf);
+                    } else {
+                        g.im2col(x, self.c, buf);
+                    }
+                    buf
+                }
+            };
+            match self.wu.filter(|_| shifted) {
+                Some(wu) => {
+                    let dwu = &mut grads[wu..wu + self.o * ckk];
+                    shifted_weight_grad(dwu, dy, buf, (self.o, self.c, self.k), size);
+                }
+                None => {
+                    let dw = &mut grads[self.w..self.w + self.o * ckk];
+                    gemm_rm(dw, dy, false, buf, true, (self.o, ckk, ohw), true);
+                }
+            }
+        }
+        for (db, row) in grads[self.b..self.b + self.o]
+            .iter_mut()
+            .zip(dy.chunks(ohw))
+        {
+            *db += row.iter().sum::<f32>();
+        }
+        let (dx, add) = match dx {
+            Dx::None => return,
+            Dx::Add(dx) => (dx, true),
+            Dx::Set(dx) => (dx, false),
+        };
+        {
+            let w = self.weight(p);
+            if self.pointwise() {
+                gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
+            } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
+                // dx = the convolution of dy with the flipped weights, by shifted rows.
+                let (o, k) = (self.o, self.k);
+                let e = &mut cols.scratch;
+                let len = o * k * (size.0 + k - 1) * size.1;
+                if e.len() < len {
+                    e.resize(len, 0.0);
+                }
+                shifted_rows(dy, o, size, k, e);
+                shifted_conv(dx, &p[wf..], e, (self.c, o * k, k), size, add);
+            } else {
+                if !add {
+                    dx.fill(0.0);
+                }
+                let cols = &mut cols.scratch;
+                if cols.len() < ckk * ohw {
+                    cols.resize(ckk * ohw, 0.0);
+                }
+                gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
+                g.col2im(cols, self.c, dx);
+            }
+        }
+    }
+}
