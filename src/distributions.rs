@@ -193,6 +193,16 @@ impl DiagGaussian {
     }
 }
 
+/// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
+pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
+    let mut z = seed
+        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ epoch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

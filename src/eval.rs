@@ -61,6 +61,180 @@ impl Activity {
     pub fn active(&self, threshold: f64) -> usize {
         self.variances().iter().filter(|&&v| v > threshold).count()
     }
+
+    /// Sums the counts and sums of every rank (data parallelism, [`crate::dist`]): each then
+    /// holds what one process adding every rank's rows holds. `dims`: the dimensions (a rank
+    /// may have added no rows).
+    pub fn all_reduce(&mut self, dims: usize) -> anyhow::Result<()> {
+        self.sum.resize(dims, 0.0);
+        self.sum_sq.resize(dims, 0.0);
+        let mut v = vec![self.n as f64];
+        v.extend(&self.sum);
+        v.extend(&self.sum_sq);
+        crate::dist::world().all_reduce_sum_f64(&mut v)?;
+        self.n = v[0] as usize;
+        self.sum.copy_from_slice(&v[1..1 + dims]);
+        self.sum_sq.copy_from_slice(&v[1 + dims..]);
+        Ok(())
+    }
+}
+
+/// What [`evaluate_vae`] gives: per test example, the importance-sampled log p(x), the
+/// K-sample reconstruction term and the KL of each stochastic layer; per layer, the activity
+/// of the posterior means.
+#[derive(Debug, Clone)]
+pub struct VaeEvaluation {
+    pub log_px: Vec<f64>,
+    pub reconstruction: Vec<f64>,
+    /// `[layer][example]`.
+    pub kl_layers: Vec<Vec<f64>>,
+    pub activity: Vec<Activity>,
+}
+
+/// Evaluates a frozen VAE on `data` in batches of `batch_size` with K = `k` importance
+/// samples (in pieces of about 250,000 decoded rows, combined exactly:
+/// `log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K`). The pixels are drawn
+/// (for binarized data) from one generator seeded 0 over the whole set in order; batch j's
+/// noise from `derive_seed(seed, 0, j)` and its posterior means' from `derive_seed(seed, 1, j)`.
+/// With several ranks ([`crate::dist`]) each runs its share of the batches (all of them draw
+/// every batch's pixels) and the per-example values are summed into every rank's vectors, so
+/// every rank returns what one process returns. `progress` is told each importance sample.
+pub fn evaluate_vae(
+    vae: &crate::vae::Vae,
+    data: &crate::data::Dataset,
+    pixels: crate::data::PixelMode,
+    k: usize,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Fn(u64),
+) -> anyhow::Result<VaeEvaluation> {
+    use crate::distributions::{Noise, derive_seed};
+    use crate::vae::objective::{log_add_exp, posterior_means};
+    use rand::SeedableRng;
+    anyhow::ensure!(
+        k > 0 && batch_size > 0,
+        "K and the batch size must be at least 1"
+    );
+    let n = data.len();
+    let layers = vae.config.layers();
+    let dims = vae.config.latent_dims.clone();
+    let mut out = VaeEvaluation {
+        log_px: vec![0.0; n],
+        reconstruction: vec![0.0; n],
+        kl_layers: vec![vec![0.0; n]; layers],
+        activity: vec![Activity::default(); layers],
+    };
+    let mut pixel_rng = rand::rngs::StdRng::seed_from_u64(0);
+    let idx: Vec<usize> = (0..n).collect();
+    let batches: Vec<&[usize]> = idx.chunks(batch_size).collect();
+    let mine = crate::dist::my_shard(batches.len());
+    for (j, chunk) in batches.iter().enumerate() {
+        let values = data.batch_values(chunk, pixels, &mut pixel_rng);
+        if !mine.contains(&j) {
+            continue;
+        }
+        let b = chunk.len();
+        let x = candle_core::Tensor::from_vec(values, (b, data.shape.dim()), vae.device())?;
+        let mut noise = Noise::new(derive_seed(seed, 0, j as u64));
+        let piece = (250_000 / b).max(1);
+        let (mut lse, mut rec_sum) = (vec![f64::NEG_INFINITY; b], vec![0.0; b]);
+        let mut kl_sum = vec![vec![0.0; b]; layers];
+        let mut done = 0;
+        while done < k {
+            let kc = piece.min(k - done);
+            let est = crate::engine::estimate_log_likelihood(vae, &x, kc, 25_000, &mut noise)?;
+            let ln_kc = (kc as f64).ln();
+            for i in 0..b {
+                lse[i] = log_add_exp(lse[i], est.log_px[i] + ln_kc);
+                rec_sum[i] += est.reconstruction[i] * kc as f64;
+                for (sum, layer) in kl_sum.iter_mut().zip(&est.kl_layers) {
+                    sum[i] += layer[i] * kc as f64;
+                }
+            }
+            done += kc;
+            progress((kc * b) as u64);
+        }
+        let ln_k = (k as f64).ln();
+        for (i, &e) in chunk.iter().enumerate() {
+            out.log_px[e] = lse[i] - ln_k;
+            out.reconstruction[e] = rec_sum[i] / k as f64;
+            for (dst, sum) in out.kl_layers.iter_mut().zip(&kl_sum) {
+                dst[e] = sum[i] / k as f64;
+            }
+        }
+        let mut means_noise = Noise::new(derive_seed(seed, 1, j as u64));
+        let means = posterior_means(vae, &x, 100, &mut means_noise)?;
+        for (acc, m) in out.activity.iter_mut().zip(&means) {
+            acc.add(&m.flatten_all()?.to_vec1::<f32>()?, m.dim(1)?);
+        }
+    }
+    let world = crate::dist::world();
+    if world.world_size() > 1 {
+        world.all_reduce_sum_f64(&mut out.log_px)?;
+        world.all_reduce_sum_f64(&mut out.reconstruction)?;
+        for l in &mut out.kl_layers {
+            world.all_reduce_sum_f64(l)?;
+        }
+        for (a, &d) in out.activity.iter_mut().zip(&dims) {
+            a.all_reduce(d)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The diffusion bound's terms averaged over the examples (nats per example): L_0, each
+/// L_t for t = 2..T (index t - 2), L_T; see [`bound_terms`].
+#[derive(Debug, Clone)]
+pub struct BoundMeans {
+    pub l0: f64,
+    pub lt: Vec<f64>,
+    pub l_prior: f64,
+    pub n: usize,
+}
+
+/// The full variational bound of a diffusion model (every timestep) over `x` `[N, ...]` in
+/// batches of `batch_size`, batch j's x_t drawn with `derive_seed(seed, 2, j)`. With several
+/// ranks ([`crate::dist`]) each runs its share of the batches and the sums are added over the
+/// ranks, so every rank returns what one process returns (up to the order of the sums).
+/// `progress` is told each network call.
+#[allow(clippy::too_many_arguments)]
+pub fn bound_terms(
+    process: &crate::diffusion::GaussianDiffusion,
+    net: &dyn crate::diffusion::Denoiser,
+    x: &candle_core::Tensor,
+    variance: crate::diffusion::VarianceType,
+    decoder: crate::diffusion::Decoder,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Fn(),
+) -> anyhow::Result<BoundMeans> {
+    use crate::distributions::{Noise, derive_seed};
+    anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
+    let n = x.dim(0)?;
+    let t_max = process.num_timesteps();
+    // [L_0, L_T, L_2 .. L_T-1... as t = 2..T]: summed over examples, then over ranks.
+    let mut sums = vec![0.0; 2 + t_max - 1];
+    let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
+    for j in crate::dist::my_shard(starts.len()) {
+        let start = starts[j];
+        let len = batch_size.min(n - start);
+        let x0 = x.narrow(0, start, len)?;
+        let mut noise = Noise::new(derive_seed(seed, 2, j as u64));
+        let terms = process.variational_bound(net, &x0, variance, decoder, &mut noise, progress)?;
+        sums[0] += terms.l0.iter().sum::<f64>();
+        sums[1] += terms.l_prior.iter().sum::<f64>();
+        for (acc, v) in sums[2..].iter_mut().zip(&terms.lt) {
+            *acc += v.iter().sum::<f64>();
+        }
+    }
+    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    let nf = n.max(1) as f64;
+    Ok(BoundMeans {
+        l0: sums[0] / nf,
+        l_prior: sums[1] / nf,
+        lt: sums[2..].iter().map(|v| v / nf).collect(),
+        n,
+    })
 }
 
 #[cfg(test)]

@@ -46,3 +46,24 @@ pub fn step(what: &str) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// `ELBO_FAULT_RANK=R@N`: the process of rank R dies (aborts, as a crash would: no MPI
+/// clean-up) at its N-th training step, counted from 1; for the data-parallel tests, where
+/// the other ranks must then end with a message instead of waiting forever.
+pub fn training_step(rank: usize) {
+    static PLAN: OnceLock<Option<(usize, u64)>> = OnceLock::new();
+    static TRAINING_STEPS: AtomicU64 = AtomicU64::new(0);
+    let plan = PLAN.get_or_init(|| {
+        let v = std::env::var("ELBO_FAULT_RANK").ok()?;
+        let (r, at) = v.split_once('@')?;
+        Some((r.parse().ok()?, at.parse().ok()?))
+    });
+    let n = TRAINING_STEPS.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Some((r, at)) = *plan
+        && r == rank
+        && at == n
+    {
+        eprintln!("ELBO_FAULT_RANK: rank {rank} dies at training step {n}");
+        std::process::abort();
+    }
+}

@@ -22,6 +22,8 @@
 //! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound, the
 //!   simplified loss, samplers (DDPM, DDIM), the denoisers (MLP, U-Net), the model's config
 //!   and loading;
+//! - [`dist`]: data parallelism over processes (one process, or MPI with the `mpi`
+//!   feature): rank, world size, all-reduce, broadcast, shards;
 //! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model, and
 //!   the fused engines ([`engine::vae`] for the VAE family, [`engine::unet`] for the U-Net);
 //! - [`nn`]: the layer engine: SIMD kernels, the linear layer, activations, MLPs,
@@ -42,6 +44,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod distributions;
 pub mod engine;
 pub mod eval;

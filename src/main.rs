@@ -475,10 +475,30 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // MPI (with the `mpi` feature, under mpirun) or one process; finalised when this drops.
+    let _process_group = match elbo::dist::init() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            let world = elbo::dist::world();
+            let message = format!("{e:#}").replace('\n', " ");
+            if world.world_size() > 1 {
+                // The other ranks would wait for this one in their next collective: end the
+                // whole job, saying which rank failed.
+                eprintln!(
+                    "error: rank {} of {}: {message}; ending every rank",
+                    world.rank(),
+                    world.world_size()
+                );
+                world.abort(1);
+            }
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -497,6 +517,10 @@ fn device() -> Result<Device> {
 fn run(cli: Cli) -> Result<()> {
     elbo::data::datasets::set_offline(cli.offline);
     let device = device()?;
+    let parallel = matches!(cli.command, Command::Train { .. } | Command::Eval { .. });
+    if !parallel && !elbo::dist::is_main() {
+        return Ok(()); // under mpirun, rank 0 alone samples, reconstructs and reports
+    }
     match cli.command {
         Command::Train {
             model: TrainModel::Vae(a),
@@ -583,6 +607,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let started = std::time::Instant::now();
             train_vae(model, &config, &a.out, a.resume, true, &device)?;
+            if !elbo::dist::is_main() {
+                return Ok(());
+            }
             eprintln!(
                 "done in {:.1}s: {}/model.safetensors, metrics.jsonl, samples.png, reconstructions.png, pictures/, report.html",
                 started.elapsed().as_secs_f64(),
@@ -681,6 +708,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let started = std::time::Instant::now();
             train_diffusion(model, &config, &a.out, a.resume, true, &device)?;
+            if !elbo::dist::is_main() {
+                return Ok(());
+            }
             eprintln!(
                 "done in {:.1}s: {}/model.safetensors (EMA), metrics.jsonl, samples.png, report.html",
                 started.elapsed().as_secs_f64(),
@@ -850,53 +880,25 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
     if data.is_empty() {
         bail!("--limit 0: nothing to evaluate");
     }
-    let mut noise = Noise::new(a.seed);
-    let mut means_noise = Noise::new(a.seed.wrapping_add(1));
-    let mut pixel_rng = StdRng::seed_from_u64(0);
-    let layers = vae.config.layers();
-    let (mut log_px, mut rec) = (Vec::new(), Vec::new());
-    let mut kl_layers = vec![Vec::new(); layers];
-    let mut activity = vec![elbo::eval::Activity::default(); layers];
-    let idx: Vec<usize> = (0..data.len()).collect();
     let bar = progress(
         (data.len() as u64).saturating_mul(a.iw_samples as u64),
         "importance samples",
     );
-    let k = a.iw_samples;
-    for chunk in idx.chunks(a.batch_size) {
-        let b = chunk.len();
-        let x = data.batch(chunk, a.data.pixels(), &mut pixel_rng, device)?;
-        // K in pieces of about 250,000 decoded rows, combined exactly:
-        // log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K.
-        let piece = (250_000 / b).max(1);
-        let (mut lse, mut rec_sum) = (vec![f64::NEG_INFINITY; b], vec![0.0; b]);
-        let mut kl_sum = vec![vec![0.0; b]; layers];
-        let mut done = 0;
-        while done < k {
-            let kc = piece.min(k - done);
-            let est = elbo::engine::estimate_log_likelihood(&vae, &x, kc, 25_000, &mut noise)?;
-            let ln_kc = (kc as f64).ln();
-            for i in 0..b {
-                lse[i] = vae::objective::log_add_exp(lse[i], est.log_px[i] + ln_kc);
-                rec_sum[i] += est.reconstruction[i] * kc as f64;
-                for (sum, layer) in kl_sum.iter_mut().zip(&est.kl_layers) {
-                    sum[i] += layer[i] * kc as f64;
-                }
-            }
-            done += kc;
-            bar.inc((kc * b) as u64);
-        }
-        let ln_k = (k as f64).ln();
-        log_px.extend(lse.iter().map(|l| l - ln_k));
-        rec.extend(rec_sum.iter().map(|r| r / k as f64));
-        for l in 0..layers {
-            kl_layers[l].extend(kl_sum[l].iter().map(|s| s / k as f64));
-        }
-        let means = vae::objective::posterior_means(&vae, &x, 100, &mut means_noise)?;
-        for (acc, m) in activity.iter_mut().zip(&means) {
-            acc.add(&m.flatten_all()?.to_vec1::<f32>()?, m.dim(1)?);
-        }
+    if !elbo::dist::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let ev = elbo::eval::evaluate_vae(
+        &vae,
+        &data,
+        a.data.pixels(),
+        a.iw_samples,
+        a.batch_size,
+        a.seed,
+        &|n| bar.inc(n),
+    )?;
+    let (log_px, rec, kl_layers, activity) =
+        (ev.log_px, ev.reconstruction, ev.kl_layers, ev.activity);
+    let layers = vae.config.layers();
     bar.finish_and_clear();
     use elbo::eval::{mean, standard_error as stderr};
     let kl_means: Vec<f64> = kl_layers.iter().map(|l| mean(l)).collect();
@@ -905,6 +907,9 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
     let neg_elbo = reconstruction + kl_mean;
     check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
+    if !elbo::dist::is_main() {
+        return Ok(()); // rank 0 reports what every rank computed
+    }
     let results = serde_json::json!({
             "neg_elbo": neg_elbo,
             "reconstruction": reconstruction,
@@ -1100,30 +1105,30 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     };
     let n = x_all.dim(0)?;
     let t_max = m.process.num_timesteps();
-    let mut noise = Noise::new(a.seed);
-    let (mut l0, mut lt, mut lp) = (0.0, vec![0.0; t_max - 1], 0.0);
     let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * t_max) as u64);
-    let started = std::time::Instant::now();
-    for start in (0..n).step_by(a.batch_size) {
-        let len = a.batch_size.min(n - start);
-        let x0 = x_all.narrow(0, start, len)?;
-        let terms =
-            m.process
-                .variational_bound(&m.net, &x0, a.variance, decoder, &mut noise, || bar.inc(1))?;
-        l0 += terms.l0.iter().sum::<f64>();
-        lp += terms.l_prior.iter().sum::<f64>();
-        for (acc, v) in lt.iter_mut().zip(&terms.lt) {
-            *acc += v.iter().sum::<f64>();
-        }
+    if !elbo::dist::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let started = std::time::Instant::now();
+    let means = elbo::eval::bound_terms(
+        &m.process,
+        &m.net,
+        &x_all,
+        a.variance,
+        decoder,
+        a.batch_size,
+        a.seed,
+        &|| bar.inc(1),
+    )?;
     bar.finish_and_clear();
-    let nf = n as f64;
-    let (l0, lp) = (l0 / nf, lp / nf);
-    let lt: Vec<f64> = lt.iter().map(|v| v / nf).collect();
+    let (l0, lt, lp) = (means.l0, means.lt, means.l_prior);
     let lt_sum: f64 = lt.iter().sum();
     let total = l0 + lt_sum + lp;
     let bpd = elbo::eval::bits_per_dim(total, dims);
     check_finite_result(&a.checkpoint, &[("the bound", total)])?;
+    if !elbo::dist::is_main() {
+        return Ok(()); // rank 0 reports what every rank computed
+    }
     if let Some(path) = &a.plot {
         let svg = elbo::report::lt_plot_svg(&lt)?;
         elbo::checkpoint::write_atomic(path, svg.as_bytes())?;

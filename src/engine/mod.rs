@@ -148,13 +148,32 @@ pub fn fused_simple_loss(
     rng: &mut StdRng,
     noise: &mut Noise,
 ) -> Result<(f32, GradStore)> {
-    let (_, _, h, w) = x0.dims4()?;
+    let (b, _, h, w) = x0.dims4()?;
+    // Every rank draws the whole batch's t, eps and dropout seed (crate::dist) and runs its
+    // rows; the gradients and squared errors are summed over the ranks.
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
     let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
     // As `Net::forward_train`: a seed for the dropout masks only where there is dropout.
     let seed = (engine.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
-    let (loss, grads) =
-        engine.loss_and_grads(&values(&xt)?, &tf, &values(&target)?, (h, w), seed)?;
+    let (xt, target) = (values(&xt)?, values(&target)?);
+    let n = xt.len() / b.max(1);
+    let rows = crate::dist::my_shard(b);
+    let (from, to) = (rows.start * n, rows.end * n);
+    let (sum, mut grads) = engine.loss_and_grads_rows(
+        &xt[from..to],
+        &tf[rows.clone()],
+        &target[from..to],
+        (h, w),
+        seed,
+        rows.start,
+        xt.len(),
+    )?;
+    let mut sum = [sum];
+    if crate::dist::world().world_size() > 1 {
+        crate::dist::all_reduce_buckets(&mut grads)?;
+        crate::dist::world().all_reduce_sum_f64(&mut sum)?;
+    }
+    let loss = sum[0] / xt.len() as f64;
     Ok((loss as f32, engine.grad_store(&grads)?))
 }

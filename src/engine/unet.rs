@@ -780,6 +780,30 @@ impl FusedUnet {
         size: (usize, usize),
         dropout_seed: Option<u64>,
     ) -> Result<(f64, Vec<f32>)> {
+        let (sum, grads) =
+            self.loss_and_grads_rows(x, t, target, size, dropout_seed, 0, x.len())?;
+        Ok((sum / x.len() as f64, grads))
+    }
+
+    /// A shard of a batch (data parallelism, [`crate::dist`]): `x`, `t`, `target` are the
+    /// rows of this rank, `first` the index of its first example in the global batch (for the
+    /// dropout masks) and `total` the global batch's number of values (the mean's
+    /// denominator). Returns the shard's sum of squared errors and its share of the gradient
+    /// of the global mean; the shards' gradients add up to the whole batch's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads_rows(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        target: &[f32],
+        size: (usize, usize),
+        dropout_seed: Option<u64>,
+        first: usize,
+        total: usize,
+    ) -> Result<(f64, Vec<f32>)> {
+        if t.is_empty() {
+            return Ok((0.0, vec![0f32; self.params.len()]));
+        }
         let n = self.check(x, t, size)?;
         if target.len() != x.len() {
             bail!(
@@ -790,7 +814,7 @@ impl FusedUnet {
         }
         let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
-        let scale = 2.0 / x.len() as f32;
+        let scale = 2.0 / total.max(1) as f32;
         let parts: Vec<(Workspace, f64)> = x
             .par_chunks(chunk * n)
             .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
@@ -806,7 +830,7 @@ impl FusedUnet {
                 let mut sum = 0f64;
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
-                    let dropout = dropout_seed.map(|s| (s, (part * chunk + e) as u64));
+                    let dropout = dropout_seed.map(|s| (s, (first + part * chunk + e) as u64));
                     self.plan
                         .forward(&self.params, xe, &route, te, dropout, &mut ws);
                     ws.d_output.clear();
@@ -835,7 +859,7 @@ impl FusedUnet {
             self.give_back(ws);
         }
         self.plan.fold_shifted_grads(&mut grads);
-        Ok((sum / x.len() as f64, grads))
+        Ok((sum, grads))
     }
 
     /// Flat gradients as a `GradStore` keyed by the network's own parameter tensors, what

@@ -624,7 +624,51 @@ impl FusedVae {
         noise: &mut Noise,
     ) -> Result<StepSums> {
         let b = self.batch_size(x, k)?;
+        self.forward_backward_rows(x, 0..b, k, beta, noise, false)
+    }
+
+    /// One data-parallel training step (see [`crate::dist`]): `x` is the global batch
+    /// `[B, D]`, this process runs its rows `rows` with the noise one process draws for the
+    /// whole batch, and the gradients (of the global batch's mean loss) and the step's sums
+    /// are summed over the ranks before Adam, which every rank applies alike. With one process
+    /// it is [`FusedVae::train_step`].
+    pub fn train_step_shard(
+        &mut self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        k: usize,
+        beta: f64,
+        noise: &mut Noise,
+    ) -> Result<StepSums> {
+        let sums = self.forward_backward_rows(x, rows, k, beta, noise, true)?;
+        if sums.loss.is_finite() {
+            self.adam_update();
+        }
+        Ok(sums)
+    }
+
+    /// Forward and backward of rows `rows` of the batch `x` (the noise drawn for all of it, the
+    /// loss the mean over all of it); `reduce`: sum gradients and sums over the ranks.
+    fn forward_backward_rows(
+        &mut self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        k: usize,
+        beta: f64,
+        noise: &mut Noise,
+        reduce: bool,
+    ) -> Result<StepSums> {
+        let b = self.batch_size(x, k)?;
+        if rows.end > b || rows.start > rows.end {
+            bail!("fused VAE: rows {rows:?} of a batch of {b}");
+        }
         self.draw_noise(k, b, noise);
+        if rows.len() != b {
+            let mut mine = Vec::new();
+            let latents = &self.model.latents;
+            gather_noise(&self.eps, latents, k, b, rows.start, rows.end, &mut mine);
+            self.eps = mine;
+        }
         let objective = self.objective;
         let mode = Mode::Train {
             objective,
@@ -635,14 +679,35 @@ impl FusedVae {
             },
             b_total: b,
         };
-        let out = self.run(x, k, mode);
+        let d = self.model.d;
+        let out = if rows.is_empty() {
+            // More ranks than examples: this one contributes nothing.
+            self.grads.fill(0.0);
+            SliceOut {
+                lse: Vec::new(),
+                rec: Vec::new(),
+                kl: vec![Vec::new(); self.model.layers()],
+            }
+        } else {
+            self.run(&x[rows.start * d..rows.end * d], k, mode)
+        };
         let kf = k as f64;
-        let reconstruction = out.rec.iter().sum::<f64>() / kf;
-        let kl_layers: Vec<f64> = out.kl.iter().map(|l| l.iter().sum::<f64>() / kf).collect();
+        // [reconstruction, log-sum-exp, KL of each layer]: summed over the ranks in one call.
+        let mut sums = vec![
+            out.rec.iter().sum::<f64>() / kf,
+            out.lse.iter().map(|l| l - kf.ln()).sum::<f64>(),
+        ];
+        sums.extend(out.kl.iter().map(|l| l.iter().sum::<f64>() / kf));
+        if reduce {
+            crate::dist::all_reduce_buckets(&mut self.grads)?;
+            crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+        }
+        let (reconstruction, iwae) = (sums[0], sums[1]);
+        let kl_layers = sums[2..].to_vec();
         let kl = kl_layers.iter().sum::<f64>();
         let loss = match objective {
             Objective::Elbo => -(reconstruction - beta * kl) / b as f64,
-            Objective::Iwae => -out.lse.iter().map(|l| l - kf.ln()).sum::<f64>() / b as f64,
+            Objective::Iwae => -iwae / b as f64,
         };
         Ok(StepSums {
             reconstruction,

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
+use candle_nn::VarMap;
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -182,61 +183,73 @@ pub fn train_diffusion(
     };
 
     model.validate()?;
-    let (mut run, model, varmap, mut adam, mut ema, start_epoch) = if resume {
-        let (run, committed) = RunDir::resume(dir)?;
-        let model_path = committed.file(run_dir::MODEL);
-        let ema_loaded = checkpoint::load(&model_path, device)?;
-        let model = model_config(&ema_loaded, &model_path)?;
-        let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
-        let state_path = committed.file(run_dir::STATE);
-        let state = checkpoint::load(&state_path, device)?;
-        let (epoch, step) = crate::train::state_counters(&state, &state_path, &committed)?;
-        let vars = sorted_vars(&varmap);
-        let mut ema = Vec::new();
-        for (name, var) in &vars {
-            let raw = state
-                .tensors
-                .get(&format!("raw.{name}"))
-                .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
-            var.set(raw)
-                .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
-            let e = ema_loaded
-                .tensors
-                .get(name)
-                .with_context(|| format!("{}: no {name}", model_path.display()))?;
-            if e.dims() != var.dims() {
+    // Data parallelism (crate::dist): rank 0 sets the run up and alone writes to it; the
+    // others receive its EMA weights, raw weights and Adam state.
+    let world = crate::dist::world();
+    let main = world.rank() == 0;
+    let show_progress = show_progress && main;
+    let set_up = || -> Result<(RunDir, DiffusionConfig, VarMap, Adam, Vec<Tensor>, usize)> {
+        Ok(if resume {
+            let (run, committed) = RunDir::resume(dir)?;
+            let model_path = committed.file(run_dir::MODEL);
+            let ema_loaded = checkpoint::load(&model_path, device)?;
+            let state_path = committed.file(run_dir::STATE);
+            let state = checkpoint::load(&state_path, device)?;
+            let (epoch, step) = crate::train::state_counters(&state, &state_path, &committed)?;
+            let (model, varmap, adam, ema) = restore(
+                ema_loaded,
+                &model_path,
+                state,
+                &state_path,
+                step,
+                config,
+                device,
+            )?;
+            if let TrainingData::Images { train, .. } = &source
+                && model.image_shape() != Some(train.shape)
+            {
                 bail!(
-                    "{}: tensor {name} has shape {:?}, expected {:?}",
-                    model_path.display(),
-                    e.dims(),
-                    var.dims()
+                    "--resume: the run's model takes {:?} images but the data holds {}",
+                    model.image_shape(),
+                    train.shape
                 );
             }
-            ema.push(e.to_dtype(DType::F32)?);
-        }
-        let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-        adam.load_state(&state.tensors, step)
-            .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
-        if let TrainingData::Images { train, .. } = &source
-            && model.image_shape() != Some(train.shape)
-        {
-            bail!(
-                "--resume: the run's model takes {:?} images but the data holds {}",
-                model.image_shape(),
-                train.shape
-            );
-        }
-        (run, model, varmap, adam, ema, epoch)
+            (run, model, varmap, adam, ema, epoch)
+        } else {
+            let run = RunDir::create(dir)?;
+            let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
+            let vars = sorted_vars(&varmap);
+            let ema = vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach().copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
+            (run, model.clone(), varmap, adam, ema, 0)
+        })
+    };
+    let (mut run, model, varmap, mut adam, mut ema, start_epoch) = if world.world_size() == 1 {
+        let (run, model, varmap, adam, ema, epoch) = set_up()?;
+        (Some(run), model, varmap, adam, ema, epoch)
     } else {
-        let run = RunDir::create(dir)?;
-        let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
-        let vars = sorted_vars(&varmap);
-        let ema = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().detach().copy())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-        (run, model, varmap, adam, ema, 0)
+        let mine = match main {
+            true => Some(set_up()?),
+            false => None,
+        };
+        let given = match &mine {
+            Some((_, model, varmap, adam, ema, epoch)) => {
+                let vars = sorted_vars(varmap);
+                let (m, st) = state_bytes(model, &vars, ema, adam, *epoch)?;
+                Some((m, st, *epoch as u64, adam.step_count()))
+            }
+            None => None,
+        };
+        let (model_bytes, state, epoch, step) = super::share_state(given)?;
+        let here = Path::new("(rank 0's state)");
+        let ema_loaded = checkpoint::decode(&model_bytes, here, device)?;
+        let state = checkpoint::decode(&state, here, device)?;
+        let (model, varmap, adam, ema) =
+            restore(ema_loaded, here, state, here, step, config, device)?;
+        (mine.map(|m| m.0), model, varmap, adam, ema, epoch as usize)
     };
     if config.epochs <= start_epoch {
         bail!(
@@ -253,6 +266,12 @@ pub fn train_diffusion(
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
     // autodiff (checked in tests/diffusion.rs), without the graph.
     let (mut fused, engine_name) = crate::engine::unet_training(config.engine, &net)?;
+    if world.world_size() > 1 && fused.is_none() {
+        bail!(
+            "data-parallel training ({} ranks) runs on the fused U-Net engine (images, the CPU); run toys and --engine candle in one process",
+            world.world_size()
+        );
+    }
     let vars: Vec<(String, Var)> = sorted_vars(&varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     if show_progress {
@@ -317,6 +336,7 @@ pub fn train_diffusion(
             let (value, grads) = match fused.as_mut() {
                 Some(engine) => {
                     engine.refresh()?;
+                    crate::fault::training_step(world.rank());
                     fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?
                 }
                 None => {
@@ -329,11 +349,12 @@ pub fn train_diffusion(
                 bail!(
                     "training stopped: the loss became {value} at epoch {epoch}, step {}; {} (try a smaller --lr)",
                     step + 1,
-                    if run.last_epoch() > 0 {
+                    if epoch > 1 {
+                        // Every epoch commits: the last one is epoch - 1 on every rank.
                         format!(
                             "the last good checkpoint {} (epoch {}) is kept",
                             dir.join(run_dir::MODEL).display(),
-                            run.last_epoch()
+                            epoch - 1
                         )
                     } else {
                         "no checkpoint had been written yet".into()
@@ -366,17 +387,19 @@ pub fn train_diffusion(
             test_loss,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let (model_bytes, state_bytes) = state_bytes(&model, &vars, &ema, &adam, epoch)?;
-        run.commit(
-            epoch,
-            adam.step_count(),
-            &[
-                (run_dir::MODEL, &model_bytes),
-                (run_dir::STATE, &state_bytes),
-                (run_dir::CONFIG, run_config.as_bytes()),
-            ],
-            &serde_json::to_string(&m)?,
-        )?;
+        if let Some(run) = run.as_mut() {
+            let (model_bytes, state_bytes) = state_bytes(&model, &vars, &ema, &adam, epoch)?;
+            run.commit(
+                epoch,
+                adam.step_count(),
+                &[
+                    (run_dir::MODEL, &model_bytes),
+                    (run_dir::STATE, &state_bytes),
+                    (run_dir::CONFIG, run_config.as_bytes()),
+                ],
+                &serde_json::to_string(&m)?,
+            )?;
+        }
         if show_progress {
             let valid = m
                 .valid_loss
@@ -386,11 +409,14 @@ pub fn train_diffusion(
                 m.train_loss, m.test_loss, m.seconds
             );
         }
-        if let TrainingData::Images { .. } = &source {
+        if let (TrainingData::Images { .. }, true) = (&source, main) {
             let s = model.image_shape().unwrap_or(ImageShape::MNIST);
             save_epoch_samples(&process, &ema_net, s, dir, epoch, config, device)?;
         }
         all.push(m);
+    }
+    if !main {
+        return Ok(all);
     }
     let ema_net = ema_net(&model, &vars, &ema, device)?;
     let mut noise = Noise::new(derive_seed(config.seed, 3, 0));
@@ -436,6 +462,49 @@ pub fn train_diffusion(
     bar.finish_and_clear();
     super::write_report(dir, show_progress);
     Ok(all)
+}
+
+/// The model, raw weights (in a fresh `VarMap`), Adam and EMA weights of a run from its
+/// decoded checkpoint (`ema_loaded`, the EMA weights and config) and training state (`raw.*`
+/// weights and Adam's moments at `step`); the paths name them in errors.
+fn restore(
+    ema_loaded: checkpoint::Loaded,
+    model_path: &Path,
+    state: checkpoint::Loaded,
+    state_path: &Path,
+    step: u64,
+    config: &DiffusionTrainConfig,
+    device: &Device,
+) -> Result<(DiffusionConfig, VarMap, Adam, Vec<Tensor>)> {
+    let model = model_config(&ema_loaded, model_path)?;
+    let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
+    let vars = sorted_vars(&varmap);
+    let mut ema = Vec::new();
+    for (name, var) in &vars {
+        let raw = state
+            .tensors
+            .get(&format!("raw.{name}"))
+            .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
+        var.set(raw)
+            .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
+        let e = ema_loaded
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: no {name}", model_path.display()))?;
+        if e.dims() != var.dims() {
+            bail!(
+                "{}: tensor {name} has shape {:?}, expected {:?}",
+                model_path.display(),
+                e.dims(),
+                var.dims()
+            );
+        }
+        ema.push(e.to_dtype(DType::F32)?);
+    }
+    let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
+    adam.load_state(&state.tensors, step)
+        .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
+    Ok((model, varmap, adam, ema))
 }
 
 /// `pictures/samples-NNNNNN.png`: 16 DDIM samples of the EMA weights from the same x_T every

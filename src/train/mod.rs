@@ -22,15 +22,7 @@ pub use vae::{
     save_pictures, save_reconstructions, train_vae,
 };
 
-/// A distinct, reproducible seed for each purpose and epoch (SplitMix64 finaliser).
-pub fn derive_seed(seed: u64, stream: u64, epoch: u64) -> u64 {
-    let mut z = seed
-        ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ epoch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use crate::distributions::derive_seed;
 
 /// The training state's metadata: the epochs done and Adam's step count.
 pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
@@ -38,6 +30,40 @@ pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
         ("epoch".to_string(), epoch.to_string()),
         ("adam_step".to_string(), step.to_string()),
     ])
+}
+
+/// Rank 0's model and training state on every rank (data parallelism, see [`crate::dist`]):
+/// rank 0 passes `Some((model bytes, state bytes, epoch, Adam step))`, the others `None`, and
+/// every rank gets rank 0's. With one process it returns what it was given.
+pub fn share_state(
+    mine: Option<(Vec<u8>, Vec<u8>, u64, u64)>,
+) -> Result<(Vec<u8>, Vec<u8>, u64, u64)> {
+    let world = crate::dist::world();
+    if world.world_size() == 1 {
+        return mine.context("share_state: rank 0 gives the state");
+    }
+    let mut buf = Vec::new();
+    if let Some((model, state, epoch, step)) = &mine {
+        for n in [model.len() as u64, *epoch, *step] {
+            buf.extend_from_slice(&n.to_le_bytes());
+        }
+        buf.extend_from_slice(model);
+        buf.extend_from_slice(state);
+    }
+    world.broadcast_bytes(&mut buf, 0)?;
+    let number = |i: usize| -> Result<u64> {
+        let bytes = buf
+            .get(8 * i..8 * i + 8)
+            .context("share_state: a short message from rank 0")?;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+    };
+    let (len, epoch, step) = (number(0)? as usize, number(1)?, number(2)?);
+    if buf.len() < 24 + len {
+        bail!("share_state: a short message from rank 0");
+    }
+    let model = buf[24..24 + len].to_vec();
+    let state = buf[24 + len..].to_vec();
+    Ok((model, state, epoch, step))
 }
 
 /// The (epoch, Adam step) a training state records, checked against its commit.

@@ -281,44 +281,78 @@ pub fn train_vae(
     model_config.validate()?;
     check_step_memory(&model_config, config, train.len())?;
 
-    let (mut run, vae, mut adam, start_epoch) = if resume {
-        let (run, committed) = RunDir::resume(dir)?;
-        let model_path = committed.file(run_dir::MODEL);
-        let vae = Vae::load(&model_path, device)?;
-        if vae.config.input_dim != train.shape.dim() {
-            bail!(
-                "--resume: the run's model takes {} values per example but the data's images are {} ({} values)",
-                vae.config.input_dim,
-                train.shape,
-                train.shape.dim()
-            );
-        }
-        if vae.config != model_config {
-            eprintln!(
-                "note: --resume uses the model config stored in {}",
-                model_path.display()
-            );
-        }
-        let state_path = committed.file(run_dir::STATE);
-        let state = checkpoint::load(&state_path, device)?;
-        let (epoch, step) = state_counters(&state, &state_path, &committed)?;
-        let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
-        adam.load_state(&state.tensors, step)
-            .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
-        (run, vae, adam, epoch)
+    // Data parallelism (crate::dist): rank 0 sets the run up and alone writes to it; the
+    // others receive its model and state.
+    let world = crate::dist::world();
+    let main = world.rank() == 0;
+    let show_progress = show_progress && main;
+    let set_up = || -> Result<(RunDir, Vae, Adam, usize)> {
+        Ok(if resume {
+            let (run, committed) = RunDir::resume(dir)?;
+            let model_path = committed.file(run_dir::MODEL);
+            let vae = Vae::load(&model_path, device)?;
+            if vae.config.input_dim != train.shape.dim() {
+                bail!(
+                    "--resume: the run's model takes {} values per example but the data's images are {} ({} values)",
+                    vae.config.input_dim,
+                    train.shape,
+                    train.shape.dim()
+                );
+            }
+            if vae.config != model_config {
+                eprintln!(
+                    "note: --resume uses the model config stored in {}",
+                    model_path.display()
+                );
+            }
+            let state_path = committed.file(run_dir::STATE);
+            let state = checkpoint::load(&state_path, device)?;
+            let (epoch, step) = state_counters(&state, &state_path, &committed)?;
+            let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
+            adam.load_state(&state.tensors, step).with_context(|| {
+                format!("{}: cannot restore the optimizer", state_path.display())
+            })?;
+            (run, vae, adam, epoch)
+        } else {
+            let run = RunDir::create(dir)?;
+            let bias = (config.init == Init::Glorot).then(|| train_mean_logits(&train));
+            let mut noise = Noise::new(config.seed);
+            let vae = Vae::initialised(
+                model_config,
+                config.init,
+                bias.as_deref(),
+                &mut noise,
+                device,
+            )?;
+            let adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
+            (run, vae, adam, 0)
+        })
+    };
+    let (mut run, vae, mut adam, start_epoch) = if world.world_size() == 1 {
+        let (run, vae, adam, epoch) = set_up()?;
+        (Some(run), vae, adam, epoch)
     } else {
-        let run = RunDir::create(dir)?;
-        let bias = (config.init == Init::Glorot).then(|| train_mean_logits(&train));
-        let mut noise = Noise::new(config.seed);
-        let vae = Vae::initialised(
-            model_config,
-            config.init,
-            bias.as_deref(),
-            &mut noise,
-            device,
-        )?;
-        let adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
-        (run, vae, adam, 0)
+        // Rank 0's (model, state) bytes to every rank; every rank decodes them, so all hold
+        // the same parameters and optimiser state.
+        let mine = match main {
+            true => Some(set_up()?),
+            false => None,
+        };
+        let given = match &mine {
+            Some((_, vae, adam, epoch)) => {
+                let (tensors, step) = adam.state();
+                let state = checkpoint::serialize(&tensors, state_metadata(*epoch, step))?;
+                Some((vae.to_safetensors()?, state, *epoch as u64, step))
+            }
+            None => None,
+        };
+        let (model, state, epoch, step) = super::share_state(given)?;
+        let here = Path::new("(rank 0's state)");
+        let vae = Vae::from_loaded(checkpoint::decode(&model, here, device)?, here)?;
+        let loaded = checkpoint::decode(&state, here, device)?;
+        let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
+        adam.load_state(&loaded.tensors, step)?;
+        (mine.map(|m| m.0), vae, adam, epoch as usize)
     };
     if config.epochs <= start_epoch {
         bail!(
@@ -350,8 +384,22 @@ pub fn train_vae(
     )?;
 
     let (use_fused, engine_name) = crate::engine::vae_training(config.engine, &vae)?;
+    if world.world_size() > 1 && !use_fused {
+        bail!(
+            "data-parallel training ({} ranks) runs on the fused CPU engine: the CPU and --likelihood bernoulli; run the candle engine in one process",
+            world.world_size()
+        );
+    }
     if show_progress {
         eprintln!("engine: {engine_name}");
+        if world.world_size() > 1 {
+            eprintln!(
+                "data parallel: {} ranks ({}), global batch {}",
+                world.world_size(),
+                world.name(),
+                config.batch_size
+            );
+        }
     }
     let n = train.len();
     let steps_per_epoch = n.div_ceil(config.batch_size);
@@ -378,11 +426,12 @@ pub fn train_vae(
         for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
             let stopped = |bar: &ProgressBar, loss_value: f64| -> anyhow::Error {
                 bar.abandon();
-                let kept = if run.last_epoch() > 0 {
+                // Every epoch commits, so the last one is epoch - 1 on every rank.
+                let last = run.as_ref().map_or(epoch - 1, RunDir::last_epoch);
+                let kept = if last > 0 {
                     format!(
-                        "the last good checkpoint {} (epoch {}) is kept",
+                        "the last good checkpoint {} (epoch {last}) is kept",
                         dir.join(run_dir::MODEL).display(),
-                        run.last_epoch()
                     )
                 } else {
                     "no checkpoint had been written yet".to_string()
@@ -394,8 +443,12 @@ pub fn train_vae(
                 )
             };
             if let Some(fused) = fused.as_mut() {
+                // Every rank draws the global batch's pixels and noise; it runs its rows.
                 let x = train.batch_values(batch_idx, config.pixels, &mut rng);
-                let sums = fused.train_step(&x, config.mc_samples, config.beta, &mut noise)?;
+                let rows = crate::dist::my_shard(batch_idx.len());
+                crate::fault::training_step(world.rank());
+                let sums =
+                    fused.train_step_shard(&x, rows, config.mc_samples, config.beta, &mut noise)?;
                 if !sums.loss.is_finite() {
                     return Err(stopped(&bar, sums.loss));
                 }
@@ -465,18 +518,20 @@ pub fn train_vae(
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let (state_tensors, step) = adam.state();
-        let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;
-        run.commit(
-            epoch,
-            step,
-            &[
-                (run_dir::MODEL, &vae.to_safetensors()?),
-                (run_dir::STATE, &state),
-                (run_dir::CONFIG, run_config.as_bytes()),
-            ],
-            &serde_json::to_string(&metrics)?,
-        )?;
+        if let Some(run) = run.as_mut() {
+            let (state_tensors, step) = adam.state();
+            let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;
+            run.commit(
+                epoch,
+                step,
+                &[
+                    (run_dir::MODEL, &vae.to_safetensors()?),
+                    (run_dir::STATE, &state),
+                    (run_dir::CONFIG, run_config.as_bytes()),
+                ],
+                &serde_json::to_string(&metrics)?,
+            )?;
+        }
         if show_progress {
             let valid = valid_terms.as_ref().map_or(String::new(), |v| {
                 format!("valid -ELBO {:.2} | ", v.neg_elbo)
@@ -492,13 +547,15 @@ pub fn train_vae(
                 train_terms.neg_elbo, train_terms.reconstruction, train_terms.kl, metrics.seconds
             );
         }
-        if evaluate {
+        if evaluate && main {
             save_epoch_samples(&vae, dir, epoch, config.seed)?;
         }
         all.push(metrics);
     }
-    save_pictures(&vae, &test, config.pixels, dir, config.seed)?;
-    super::write_report(dir, show_progress);
+    if main {
+        save_pictures(&vae, &test, config.pixels, dir, config.seed)?;
+        super::write_report(dir, show_progress);
+    }
     Ok(all)
 }
 
