@@ -182,6 +182,28 @@ fn vae_on_two_ranks_trains_as_one_process() {
     assert!(d < 1e-5, "{name}: resumed on two ranks, off by {d:e}");
 }
 
+/// The same on candle's engine (tensors and autodiff; the path of the Gaussian and logistic
+/// likelihoods and of other devices): every rank's gradients, flattened, all-reduced.
+#[test]
+fn vae_on_candles_engine_on_two_ranks_trains_as_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let (one, two) = (root.path().join("one"), root.path().join("two"));
+    let args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = VAE.iter().map(|s| s.to_string()).collect();
+        v.extend(["--epochs", "1", "--engine", "candle", "--out"].map(String::from));
+        v.push(out.to_str().unwrap().to_string());
+        v
+    };
+    alone(&refs(&args(&one)));
+    two_ranks(&refs(&args(&two)));
+    let model = "model.safetensors";
+    let (d, name) = max_diff(&one.join(model), &two.join(model), |_| true);
+    assert!(
+        d < 1e-5,
+        "{name}: two ranks differ from one process by {d:e}"
+    );
+}
+
 /// 5 steps of a DDPM-layout U-Net with attention and dropout (100 digits, global batch 20)
 /// on two ranks: the same train loss and convolution weights as one process (the masks are
 /// drawn per example of the global batch, so both drop the same values).

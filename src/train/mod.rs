@@ -66,6 +66,45 @@ pub fn share_state(
     Ok((model, state, epoch, step))
 }
 
+/// The gradients of `vars` from `loss.backward()` (`None`: this rank ran no rows, zeros)
+/// summed over the ranks ([`crate::dist`]) with one all-reduce over their flat concatenation,
+/// as a `GradStore` for [`crate::optim::Adam::step`]. With one process it returns them as
+/// they are.
+pub fn all_reduce_grads(
+    vars: &[(String, candle_core::Var)],
+    grads: Option<candle_core::backprop::GradStore>,
+) -> Result<candle_core::backprop::GradStore> {
+    use candle_core::Tensor;
+    let world = crate::dist::world();
+    if world.world_size() == 1
+        && let Some(g) = grads
+    {
+        return Ok(g);
+    }
+    let mut flat = Vec::new();
+    for (_, var) in vars {
+        match grads.as_ref().and_then(|g| g.get(var.as_tensor())) {
+            Some(g) => flat.extend(
+                g.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            ),
+            None => flat.resize(flat.len() + var.elem_count(), 0.0),
+        }
+    }
+    crate::dist::all_reduce_buckets(&mut flat)?;
+    let mut store = candle_core::backprop::GradStore::default();
+    let mut at = 0;
+    for (_, var) in vars {
+        let n = var.elem_count();
+        let t = Tensor::from_slice(&flat[at..at + n], var.shape(), var.device())?
+            .to_dtype(var.dtype())?;
+        store.insert(var.as_tensor(), t);
+        at += n;
+    }
+    Ok(store)
+}
+
 /// The (epoch, Adam step) a training state records, checked against its commit.
 pub fn state_counters(
     state: &checkpoint::Loaded,

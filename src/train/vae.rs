@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -28,7 +28,7 @@ use crate::optim::{Adam, AdamConfig};
 use crate::plot;
 use crate::run_dir::{self, RunDir};
 pub use crate::vae::Objective;
-use crate::vae::{self, Init, Vae, VaeConfig, elbo_terms};
+use crate::vae::{self, Init, Vae, VaeConfig};
 
 /// Everything `elbo train vae` needs besides the model config.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -384,12 +384,6 @@ pub fn train_vae(
     )?;
 
     let (use_fused, engine_name) = crate::engine::vae_training(config.engine, &vae)?;
-    if world.world_size() > 1 && !use_fused {
-        bail!(
-            "data-parallel training ({} ranks) runs on the fused CPU engine: the CPU and --likelihood bernoulli; run the candle engine in one process",
-            world.world_size()
-        );
-    }
     if show_progress {
         eprintln!("engine: {engine_name}");
         if world.world_size() > 1 {
@@ -458,29 +452,49 @@ pub fn train_vae(
                 bar.inc(1);
                 continue;
             }
+            // As the fused step: every rank draws the global batch's pixels and noise, runs
+            // its rows, and the gradients (of the global mean) are summed over the ranks.
             let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
-            let (terms, loss) = match config.objective {
-                Objective::Elbo => {
-                    let terms = elbo_terms(&vae, &x, config.mc_samples, &mut noise)?;
-                    let loss = terms.loss(config.beta)?;
-                    (terms, loss)
+            let b = batch_idx.len();
+            let eps = vae::objective::draw_noise(&vae, config.mc_samples, b, &mut noise)?;
+            let rows = crate::dist::my_shard(b);
+            crate::fault::training_step(world.rank());
+            let mut sums = vec![0.0; 2 + kl_sums.len()];
+            let grads = if rows.is_empty() {
+                None
+            } else {
+                let x = x.narrow(0, rows.start, rows.len())?;
+                let eps = eps
+                    .iter()
+                    .map(|e| e.narrow(1, rows.start, rows.len()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let pass = vae::objective::pass_with(&vae, &x, &eps)?;
+                let terms = pass.elbo_terms()?;
+                let per_example = match config.objective {
+                    Objective::Elbo => terms.elbo(config.beta)?,
+                    Objective::Iwae => pass
+                        .log_weights()?
+                        .log_sum_exp(0)?
+                        .affine(1.0, -(config.mc_samples as f64).ln())?,
+                };
+                // -(1/B) sum over this rank's rows: the shards add up to the batch's mean.
+                let loss = (per_example.sum_all()? * (-1.0 / b as f64))?;
+                sums[0] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                sums[1] = vae::objective::sum_f64(&terms.reconstruction.detach())?;
+                for (sum, layer) in sums[2..].iter_mut().zip(&terms.kl_layers) {
+                    *sum = vae::objective::sum_f64(&layer.detach())?;
                 }
-                Objective::Iwae => {
-                    let (terms, iwae) =
-                        vae::objective::iwae_terms(&vae, &x, config.mc_samples, &mut noise)?;
-                    (terms, iwae.mean_all()?.neg()?)
-                }
+                Some(loss.backward()?)
             };
-            let loss_value = loss.to_scalar::<f32>()?;
+            let grads = super::all_reduce_grads(vae.params(), grads)?;
+            world.all_reduce_sum_f64(&mut sums)?;
+            let loss_value = sums[0];
             if !loss_value.is_finite() {
-                return Err(stopped(&bar, loss_value as f64));
+                return Err(stopped(&bar, loss_value));
             }
-            let grads = loss.backward()?;
             adam.step(&grads)?;
-            rec_sum -= vae::objective::sum_f64(&terms.reconstruction.detach())?;
-            for (sum, layer) in kl_sums.iter_mut().zip(&terms.kl_layers) {
-                *sum += vae::objective::sum_f64(&layer.detach())?;
-            }
+            rec_sum -= sums[1];
+            add_sums(&mut kl_sums, &sums[2..]);
             bar.set_message(format!("loss {loss_value:.2}"));
             bar.inc(1);
         }
