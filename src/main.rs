@@ -36,6 +36,17 @@ struct Cli {
     /// Never fetch a named data set: a file missing from the cache is an error.
     #[arg(long, global = true)]
     offline: bool,
+    /// Where tensors live: auto (the first CUDA GPU when built with --features cuda and one
+    /// answers, else the CPU), cpu, or cuda (an error without one).
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Subcommand)]
@@ -504,19 +515,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn device() -> Result<Device> {
+fn device(choice: DeviceChoice) -> Result<Device> {
+    if choice == DeviceChoice::Cpu {
+        return Ok(Device::Cpu);
+    }
     #[cfg(feature = "cuda")]
     {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(0)?);
+        match Device::new_cuda(0) {
+            Ok(d) => return Ok(d),
+            Err(e) if choice == DeviceChoice::Cuda => {
+                bail!("--device cuda: no CUDA device answers ({e})")
+            }
+            Err(e) => {
+                let e = format!("{e}").replace('\n', " ");
+                eprintln!("note: no CUDA device answers ({e}); running on the CPU");
+            }
         }
+    }
+    if choice == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
+        bail!(
+            "--device cuda: this elbo was built without CUDA (cargo build --features cuda, see scripts/cuda-toolchain)"
+        );
     }
     Ok(Device::Cpu)
 }
 
 fn run(cli: Cli) -> Result<()> {
     elbo::data::datasets::set_offline(cli.offline);
-    let device = device()?;
+    let device = device(cli.device)?;
     let parallel = matches!(cli.command, Command::Train { .. } | Command::Eval { .. });
     if !parallel && !elbo::dist::is_main() {
         return Ok(()); // under mpirun, rank 0 alone samples, reconstructs and reports
