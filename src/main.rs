@@ -521,7 +521,16 @@ fn device(choice: DeviceChoice) -> Result<Device> {
     }
     #[cfg(feature = "cuda")]
     {
-        match Device::new_cuda(0) {
+        // Under mpirun, one GPU per process on each machine: the process's local rank.
+        let ordinal = [
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+        match Device::new_cuda(ordinal) {
             Ok(d) => return Ok(d),
             Err(e) if choice == DeviceChoice::Cuda => {
                 bail!("--device cuda: no CUDA device answers ({e})")
