@@ -39,7 +39,13 @@ struct Cli {
     /// Where tensors live: auto (the first CUDA GPU when built with --features cuda and one
     /// answers, else the CPU), cpu, or cuda (an error without one). ELBO_DEVICE sets it for
     /// every command (so the CLI tests can run on a GPU: ELBO_DEVICE=cuda cargo test).
-    #[arg(long, global = true, value_enum, default_value = "auto", env = "ELBO_DEVICE")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "ELBO_DEVICE"
+    )]
     device: DeviceChoice,
 }
 

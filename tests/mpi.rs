@@ -164,6 +164,15 @@ fn vae_on_two_ranks_trains_as_one_process() {
         elbo(&m1[0]),
         elbo(&m2[0])
     );
+    // The test -ELBO, sharded over the ranks (evaluate_elbo), agrees to the parameters'
+    // rounding.
+    let test = |m: &serde_json::Value| m["test"]["neg_elbo"].as_f64().unwrap();
+    assert!(
+        (test(&m1[0]) - test(&m2[0])).abs() < 1e-5 * test(&m1[0]),
+        "test -ELBO {} vs {}",
+        test(&m1[0]),
+        test(&m2[0])
+    );
     // Only rank 0 wrote: one line per epoch.
     assert_eq!(m2.len(), 1);
 

@@ -229,7 +229,10 @@ const STREAM_PICTURES: u64 = 3;
 
 /// ELBO terms of a whole data set (per-example means), with a frozen model. Binarized pixel
 /// modes draw one fixed binarization (seed 0) of the set, the same every epoch (the protocol of
-/// Burda et al. 2015 for test and validation sets).
+/// Burda et al. 2015 for test and validation sets). Chunk j of 500 examples draws its noise
+/// from `derive_seed(seed, 5, j)`; with several ranks ([`crate::dist`]) each evaluates its
+/// share of the chunks and the sums are added over the ranks, so N ranks report what one
+/// process reports.
 pub fn evaluate_elbo(
     vae: &Vae,
     data: &Dataset,
@@ -239,22 +242,31 @@ pub fn evaluate_elbo(
 ) -> Result<Terms> {
     let frozen = vae.frozen()?;
     let mut pixel_rng = StdRng::seed_from_u64(0); // a fixed binarization of the test set
-    let mut noise = Noise::new(seed);
-    let mut rec = 0.0;
-    let mut kl = vec![0.0; vae.config.layers()];
+    let layers = vae.config.layers();
+    // [reconstruction, KL of each layer], summed over examples and then over ranks.
+    let mut sums = vec![0.0; 1 + layers];
     let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(500) {
-        let x = data.batch(chunk, pixels, &mut pixel_rng, vae.device())?;
+    let chunks: Vec<&[usize]> = idx.chunks(500).collect();
+    let mine = crate::dist::my_shard(chunks.len());
+    for (j, chunk) in chunks.iter().enumerate() {
+        // Every rank draws every chunk's pixels, so the binarization is one process's.
+        let values = data.batch_values(chunk, pixels, &mut pixel_rng);
+        if !mine.contains(&j) {
+            continue;
+        }
+        let x = Tensor::from_vec(values, (chunk.len(), data.shape.dim()), vae.device())?;
+        let mut noise = Noise::new(derive_seed(seed, 5, j as u64));
         // The K-sample ELBO's parts are those of the log p(x) estimate's pass (the same noise
         // as `elbo_terms`), on the fused engine where it applies.
         let est =
             crate::engine::estimate_log_likelihood(&frozen, &x, mc_samples, 1 << 20, &mut noise)?;
-        rec -= est.reconstruction.iter().sum::<f64>();
-        for (sum, layer) in kl.iter_mut().zip(&est.kl_layers) {
+        sums[0] -= est.reconstruction.iter().sum::<f64>();
+        for (sum, layer) in sums[1..].iter_mut().zip(&est.kl_layers) {
             *sum += layer.iter().sum::<f64>();
         }
     }
-    Ok(Terms::from_sums(rec, &kl, data.len()))
+    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    Ok(Terms::from_sums(sums[0], &sums[1..], data.len()))
 }
 
 /// Trains (or, with `resume`, continues) a VAE in `dir`; returns the metrics of the epochs run.
