@@ -219,6 +219,101 @@ mod mpi_impl {
     }
 }
 
+/// NCCL (cargo feature `nccl`, with `cuda` and `mpi`): the sum over the ranks of a CUDA tensor,
+/// on the GPUs, one process per GPU. The NCCL unique id is made by rank 0 and broadcast over
+/// MPI (the usual bootstrap); the communicator lives for the process.
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use std::sync::Mutex;
+
+    use anyhow::{Result, bail};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+
+    /// The process's communicator (NCCL's calls are made from the main thread only).
+    struct Shared(&'static Comm);
+    // SAFETY: one thread (the main one) makes every NCCL call, as every MPI call.
+    unsafe impl Send for Shared {}
+    // SAFETY: as above.
+    unsafe impl Sync for Shared {}
+
+    static COMM: Mutex<Option<Shared>> = Mutex::new(None);
+
+    /// The communicator of this process's GPU, made on first use.
+    fn comm(device: &candle_core::CudaDevice) -> Result<&'static Comm> {
+        let mut guard = COMM.lock().map_err(|_| anyhow::anyhow!("nccl: a poisoned lock"))?;
+        if let Some(Shared(c)) = guard.as_ref() {
+            return Ok(c);
+        }
+        let world = super::world();
+        let mut bytes = Vec::new();
+        if world.rank() == 0 {
+            let id = Id::new().map_err(|e| anyhow::anyhow!("nccl: unique id: {e:?}"))?;
+            bytes = id.internal().iter().map(|&c| c as u8).collect();
+        }
+        world.broadcast_bytes(&mut bytes, 0)?;
+        if bytes.len() != 128 {
+            bail!("nccl: rank 0 sent a {}-byte id, expected 128", bytes.len());
+        }
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (dst, &b) in internal.iter_mut().zip(&bytes) {
+            *dst = b as std::ffi::c_char;
+        }
+        let c = Comm::from_rank(
+            device.cuda_stream(),
+            world.rank(),
+            world.world_size(),
+            Id::uninit(internal),
+        )
+        .map_err(|e| anyhow::anyhow!("nccl: communicator of rank {}: {e:?}", world.rank()))?;
+        let c: &'static Comm = Box::leak(Box::new(c));
+        *guard = Some(Shared(c));
+        Ok(c)
+    }
+
+    /// `ncclAllReduce(sum)` as a candle op: a fresh tensor holding the sum over the ranks.
+    struct AllReduce(&'static Comm);
+
+    impl CustomOp1 for AllReduce {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("nccl: all-reduce takes CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            use candle_core::backend::BackendStorage;
+            let Some((from, to)) = l.contiguous_offsets() else {
+                candle_core::bail!("nccl: all-reduce takes a contiguous tensor")
+            };
+            let device = s.device().clone();
+            let src = s.as_cuda_slice::<f32>()?.slice(from..to);
+            let mut dst = device.alloc_zeros::<f32>(to - from)?;
+            self.0
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("nccl: all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, device), l.shape().clone()))
+        }
+    }
+
+    /// The element-wise sum over the ranks of `t`, an f32 CUDA tensor (every rank passes one
+    /// of the same shape).
+    pub fn all_reduce(t: &Tensor) -> Result<Tensor> {
+        let Device::Cuda(device) = t.device() else {
+            bail!("nccl: all-reduce takes CUDA tensors");
+        };
+        let comm = comm(device)?;
+        Ok(t.contiguous()?.apply_op1_no_bwd(&AllReduce(comm))?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::shard;

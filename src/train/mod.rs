@@ -81,6 +81,27 @@ pub fn all_reduce_grads(
     {
         return Ok(g);
     }
+    #[cfg(feature = "nccl")]
+    if vars.first().is_some_and(|(_, v)| v.device().is_cuda()) {
+        // On the GPUs: one flat device tensor, summed by NCCL, split back.
+        let mut parts = Vec::with_capacity(vars.len());
+        for (_, var) in vars {
+            parts.push(match grads.as_ref().and_then(|g| g.get(var.as_tensor())) {
+                Some(g) => g.flatten_all()?.to_dtype(candle_core::DType::F32)?,
+                None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, var.device())?,
+            });
+        }
+        let summed = crate::dist::nccl::all_reduce(&Tensor::cat(&parts, 0)?)?;
+        let mut store = candle_core::backprop::GradStore::default();
+        let mut at = 0;
+        for (_, var) in vars {
+            let n = var.elem_count();
+            let g = summed.narrow(0, at, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
+            store.insert(var.as_tensor(), g);
+            at += n;
+        }
+        return Ok(store);
+    }
     let mut flat = Vec::new();
     for (_, var) in vars {
         match grads.as_ref().and_then(|g| g.get(var.as_tensor())) {
