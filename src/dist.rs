@@ -242,7 +242,9 @@ pub mod nccl {
 
     /// The communicator of this process's GPU, made on first use.
     fn comm(device: &candle_core::CudaDevice) -> Result<&'static Comm> {
-        let mut guard = COMM.lock().map_err(|_| anyhow::anyhow!("nccl: a poisoned lock"))?;
+        let mut guard = COMM
+            .lock()
+            .map_err(|_| anyhow::anyhow!("nccl: a poisoned lock"))?;
         if let Some(Shared(c)) = guard.as_ref() {
             return Ok(c);
         }

@@ -96,7 +96,10 @@ pub fn all_reduce_grads(
         let mut at = 0;
         for (_, var) in vars {
             let n = var.elem_count();
-            let g = summed.narrow(0, at, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
+            let g = summed
+                .narrow(0, at, n)?
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?;
             store.insert(var.as_tensor(), g);
             at += n;
         }
