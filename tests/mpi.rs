@@ -229,7 +229,7 @@ fn unet_on_two_ranks_trains_as_one_process() {
             "--train-limit",
             "100",
             "--test-limit",
-            "8",
+            "300",
             "--batch-size",
             "20",
             "--channels",
@@ -267,6 +267,10 @@ fn unet_on_two_ranks_trains_as_one_process() {
     let loss = |dir: &Path| metrics(dir)[0]["train_loss"].as_f64().unwrap();
     let (l1, l2) = (loss(&one), loss(&two));
     assert!((l1 - l2).abs() < 1e-6 * l1, "train loss {l1} vs {l2}");
+    // The test loss (of the EMA weights), sharded over the ranks.
+    let test = |dir: &Path| metrics(dir)[0]["test_loss"].as_f64().unwrap();
+    let (t1, t2) = (test(&one), test(&two));
+    assert!((t1 - t2).abs() < 1e-5 * t1, "test loss {t1} vs {t2}");
 }
 
 /// `eval vae` (importance-sampled NLL) and `eval diffusion` (the bound) shard the test set

@@ -574,7 +574,10 @@ fn test_loss(
     }
 }
 
-/// The mean simple loss over a set of images, with the same t and eps draws every epoch.
+/// The mean simple loss over a set of images, with the same t and eps draws every epoch:
+/// chunk j of 250 images draws them from `derive_seed(seed, 2, 2j)` and `(.., 2j + 1)`. With
+/// several ranks ([`crate::dist`]) each runs its share of the chunks and the sums are added
+/// over the ranks, so N ranks report what one process reports.
 fn images_loss(
     process: &GaussianDiffusion,
     net: &dyn Denoiser,
@@ -582,17 +585,21 @@ fn images_loss(
     seed: u64,
     device: &Device,
 ) -> Result<f64> {
-    let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 0));
-    let mut noise = Noise::new(derive_seed(seed, 2, 1));
-    let (mut total, mut count) = (0.0, 0usize);
     let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(250) {
+    let chunks: Vec<&[usize]> = idx.chunks(250).collect();
+    // [sum of the chunks' mean losses x their sizes, examples]
+    let mut sums = [0.0, 0.0];
+    for j in crate::dist::my_shard(chunks.len()) {
+        let chunk = chunks[j];
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 2 * j as u64));
+        let mut noise = Noise::new(derive_seed(seed, 2, 2 * j as u64 + 1));
         let x0 = image_batch(data, chunk, device)?;
-        total += simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()? as f64
-            * chunk.len() as f64;
-        count += chunk.len();
+        let loss = simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?;
+        sums[0] += loss as f64 * chunk.len() as f64;
+        sums[1] += chunk.len() as f64;
     }
-    Ok(total / count.max(1) as f64)
+    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// The bytes of `model.safetensors` (EMA weights and the config) and of
