@@ -2,7 +2,7 @@
 (jax.jit of the whole step, optax.adam). One workload per process, as elbo's
 `examples/workloads.rs`, printing one JSON object: {"workload", "framework", "unit", "ms": [...]}.
 
-    bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N]
+    bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N] [--device cpu|cuda]
 
 Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1 and
 iwae-step-k5 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
@@ -12,7 +12,10 @@ names, same parameter count: 171,937), and unet-cifar-step-64, ddim-50-cifar (16
 DDPM's CIFAR-10 U-Net at base width 32 (3 x 32 x 32; elbo's NetConfig::ddpm_cifar10(32, 3)).
 JAX runs the U-Net rows with the same network as a pure function (jax_unet_workload). `torch` runs the training steps in their fastest eager
 form (BCE from logits, not the text's sigmoid + BCE); `torch-compile` wraps the model and loss
-in `torch.compile` and warms it up until compilation is over (not timed).
+in `torch.compile` and warms it up until compilation is over (not timed). `--device cuda` puts
+PyTorch's tensors on the first GPU (its default device) and JAX on its CUDA platform; each
+repetition then ends when the GPU has finished (`torch.cuda.synchronize`, JAX's
+`block_until_ready`).
 """
 import argparse
 import gzip
@@ -38,13 +41,18 @@ def load_images():
     return x[:9000], x[9000:]  # elbo's built-in split
 
 
+SYNC = lambda: None  # waits for the GPU: torch.cuda.synchronize under torch --device cuda
+
+
 def timed(warmup, reps, f):
     for _ in range(warmup):
         f()
+    SYNC()
     out = []
     for _ in range(reps):
         s = time.perf_counter()
         f()
+        SYNC()
         out.append((time.perf_counter() - s) * 1e3)
     return out
 
@@ -55,9 +63,13 @@ def torch_workload(name, a, compiled=False):
     import torch.nn as nn
     import torch.nn.functional as F
 
+    global SYNC
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    train, test = (torch.from_numpy(v) for v in load_images())
+    if a.device == "cuda":
+        torch.set_default_device("cuda")  # modules and factory functions: on the GPU
+        SYNC = torch.cuda.synchronize
+    train, test = (torch.from_numpy(v).to(a.device) for v in load_images())
 
     sys.path.insert(0, str(ROOT / "bench"))
     from torch_vae import SimpleVAE  # the text's model, verbatim
@@ -326,10 +338,10 @@ def torch_workload(name, a, compiled=False):
         assert n_params == 171_937, f"U-Net has {n_params} parameters, elbo's default has 171937"
     if compiled:
         net = torch.compile(net)
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, device="cpu")
     alphas = 1 - betas
     abar = torch.cumprod(alphas, 0)
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), abar[:-1]])
     post_var = betas * (1 - abar_prev) / (1 - abar)
     post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
     coef1 = betas * abar_prev.sqrt() / (1 - abar)
@@ -342,7 +354,7 @@ def torch_workload(name, a, compiled=False):
             x0 = torch.randn(64, *shape).clamp(-1, 1)
         else:
             x0 = train[:64].reshape(64, 1, 28, 28) * 2 - 1
-        abar32 = abar.float()
+        abar32 = abar.float().to(x0.device)
 
         def step():
             t = torch.randint(0, 1000, (64,))
@@ -388,6 +400,7 @@ def torch_workload(name, a, compiled=False):
 
 # ----------------------------------------------------------------------------- JAX
 def jax_workload(name, a):
+    os.environ.setdefault("JAX_PLATFORMS", a.device)
     os.environ.setdefault(
         "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
     import jax
@@ -780,6 +793,7 @@ def main():
     ap.add_argument("--reps", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
     if a.framework == "jax":
         ms, unit = jax_workload(a.workload, a)

@@ -1,6 +1,11 @@
 """Runs each (framework, workload) of the benchmark in its own process and prints the table:
 median milliseconds, elbo's speed-up over each peer (peer time / elbo time, > 1 means elbo is
-faster) and peak resident memory (ru_maxrss of that process). Called by bench/run."""
+faster) and peak resident memory (ru_maxrss of that process). Called by bench/run.
+
+With `--device cuda` (on a machine with an NVIDIA GPU, PyTorch and JAX with CUDA, and a
+`--features cuda` build of the workloads in $ELBO_WORKLOADS) each workload runs as elbo on the
+GPU (candle's CUDA kernels), PyTorch eager and JAX (jit) on the GPU, and elbo's fused CPU
+engine on BENCH_THREADS threads beside them."""
 import argparse
 import json
 import os
@@ -9,7 +14,7 @@ import subprocess
 import sys
 
 THREADS = os.environ.get("BENCH_THREADS", "2")
-ELBO = ["target/release/examples/workloads"]
+ELBO = [os.environ.get("ELBO_WORKLOADS", "target/release/examples/workloads")]
 PEERS = [sys.executable, "bench/peers.py"]
 # workload -> frameworks that run it
 WORKLOADS = {
@@ -33,8 +38,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, 200 NLL images")
     ap.add_argument("--only", default="", help="comma-separated workloads")
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: elbo, PyTorch and JAX on the GPU beside elbo's fused CPU engine")
     a = ap.parse_args()
     names = [w for w in WORKLOADS if not a.only or w in a.only.split(",")]
+    cuda = a.device == "cuda"
     rows = []
     for w in names:
         extra = []
@@ -49,19 +57,19 @@ def main():
         elif w == "nll":
             extra = ["--reps", "3"]
         results = {}
-        for fw in WORKLOADS[w]:
+        for fw in (CUDA_FRAMEWORKS if cuda else WORKLOADS[w]):
             print(f"  {w} / {fw} ...", file=sys.stderr, flush=True)
             try:
                 results[fw] = measure(fw, w, extra)
             except RuntimeError as e:
                 print(f"  {w} / {fw} FAILED: {e}", file=sys.stderr, flush=True)
         rows.append((w, results))
+        if a.json:  # after every workload, so that a run cut short keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump({w: r for w, r in rows}, f, indent=1)
         print(f"  {w}: " + ", ".join(f"{fw} {r['median_ms']:.2f} ms, {r['peak_mb']:.0f} MB"
                                      for fw, r in results.items()), file=sys.stderr, flush=True)
-    print_table(rows)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({w: r for w, r in rows}, f, indent=1)
+    print_cuda_table(rows) if cuda else print_table(rows)
 
 
 def measure(framework, workload, extra):
@@ -69,6 +77,10 @@ def measure(framework, workload, extra):
         cmd = ELBO + [workload] + extra
     elif framework == "elbo-candle":
         cmd = ELBO + [workload, "--engine", "candle"] + extra
+    elif framework == "elbo-cuda":
+        cmd = ELBO + [workload, "--engine", "candle", "--device", "cuda"] + extra
+    elif framework.endswith("-cuda"):
+        cmd = PEERS + [framework.removesuffix("-cuda"), workload, "--device", "cuda"] + extra
     else:
         cmd = PEERS + [framework, workload] + extra
     env = dict(os.environ, RAYON_NUM_THREADS=THREADS, OMP_NUM_THREADS=THREADS,
@@ -84,6 +96,31 @@ def measure(framework, workload, extra):
     result["reps"] = len(result["ms"])
     result["peak_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
     return result
+
+
+CUDA_FRAMEWORKS = ["elbo-cuda", "torch-cuda", "jax-cuda", "elbo"]
+
+
+def print_cuda_table(rows):
+    """Median ms on the GPU (elbo through candle's CUDA kernels, PyTorch eager, JAX jit) beside
+    elbo's fused engine on the CPU's threads; ratios are peer / elbo-cuda (> 1: elbo faster)."""
+    head = ("workload", "elbo CUDA ms", "PyTorch CUDA ms", "JAX CUDA ms", "PyTorch / elbo",
+            "JAX / elbo", f"elbo fused CPU ({THREADS} threads) ms", "CPU / elbo CUDA")
+    lines = [head]
+    for w, r in rows:
+        ms = lambda fw: f"{r[fw]['median_ms']:.3f}" if fw in r else "-"
+        ratio = lambda fw: (f"{r[fw]['median_ms'] / r['elbo-cuda']['median_ms']:.2f}x"
+                            if fw in r and "elbo-cuda" in r else "-")
+        reps = r["elbo-cuda"]["reps"] if "elbo-cuda" in r else 0
+        lines.append((f"{w} ({reps} reps)", ms("elbo-cuda"), ms("torch-cuda"), ms("jax-cuda"),
+                      ratio("torch-cuda"), ratio("jax-cuda"), ms("elbo"), ratio("elbo")))
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    for i, l in enumerate(lines):
+        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(l)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\nmedian wall time per repetition, each ended by a device synchronisation; ratios: "
+          "other / elbo CUDA (> 1: elbo on the GPU is faster)")
 
 
 def print_table(rows):

@@ -3,8 +3,12 @@
 //! each repetition in milliseconds (warm-up excluded) and what one repetition is.
 //!
 //! ```text
-//! cargo run --release --example workloads -- WORKLOAD [--reps N] [--warmup N] [--engine fused|candle]
+//! cargo run --release --example workloads -- WORKLOAD [--reps N] [--warmup N] [--engine fused|candle] [--device cpu|cuda]
 //! ```
+//!
+//! `--device cuda` (a `--features cuda` build, `--engine candle`: the fused engines are the
+//! CPU's) puts the tensors on the first CUDA GPU, and each repetition ends when the GPU has
+//! finished its work (`Device::synchronize`), so that the times are the GPU's, not the launches'.
 //!
 //! Workloads (data: the built-in digits, grey levels):
 //! - `vae-step-128`, `vae-step-1024`: one SimpleVAE training step (forward, backward, Adam);
@@ -62,6 +66,7 @@ struct Args {
     warmup: usize,
     engine: String,
     images: usize,
+    device: String,
 }
 
 fn parse() -> Result<Args> {
@@ -72,6 +77,7 @@ fn parse() -> Result<Args> {
         warmup: 0,
         engine: "fused".into(),
         images: 1000,
+        device: "cpu".into(),
     };
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_default();
@@ -80,21 +86,30 @@ fn parse() -> Result<Args> {
             "--warmup" => a.warmup = value.parse()?,
             "--engine" => a.engine = value,
             "--images" => a.images = value.parse()?,
+            "--device" => a.device = value,
             other => bail!("unknown flag {other}"),
         }
     }
     Ok(a)
 }
 
-/// Runs `f` `warmup` times untimed, then `reps` times timed; milliseconds per repetition.
+/// The device the tensors live on, set once in `main`: `time` waits for it after each
+/// repetition (a no-op on the CPU).
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Runs `f` `warmup` times untimed, then `reps` times timed; milliseconds per repetition, each
+/// ended when the device has finished the work `f` queued.
 fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let sync = || DEVICE.get().map_or(Ok(()), Device::synchronize);
     for _ in 0..warmup {
         f()?;
     }
+    sync()?;
     let mut out = Vec::with_capacity(reps);
     for _ in 0..reps {
         let s = Instant::now();
         f()?;
+        sync()?;
         out.push(s.elapsed().as_secs_f64() * 1e3);
     }
     Ok(out)
@@ -102,7 +117,13 @@ fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
 
 fn main() -> Result<()> {
     let a = parse()?;
-    let dev = Device::Cpu;
+    let dev = match a.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" if a.engine == "candle" => Device::new_cuda(0)?,
+        "cuda" => bail!("--device cuda: the fused engines run on the CPU; add --engine candle"),
+        other => bail!("--device {other}: expected cpu or cuda"),
+    };
+    let dev = DEVICE.get_or_init(|| dev).clone();
     let train = Source::Named(Named::Mnist10k).load(Split::Train)?;
     let test = Source::Named(Named::Mnist10k).load(Split::Test)?;
     let mut rng = StdRng::seed_from_u64(0);
@@ -288,11 +309,14 @@ fn main() -> Result<()> {
                 unreachable!("the default network is a U-Net")
             };
             let candle_path = CandleUnet(frozen_unet);
-            let fused_frozen = FusedUnet::new(frozen_unet)?;
-            let sampler_net: &dyn Denoiser = if fused_engine {
-                &fused_frozen
-            } else {
-                &candle_path
+            // The fused engine reads the weights into host memory: built only when it runs.
+            let fused_frozen = match fused_engine {
+                true => Some(FusedUnet::new(frozen_unet)?),
+                false => None,
+            };
+            let sampler_net: &dyn Denoiser = match &fused_frozen {
+                Some(fused) => fused,
+                None => &candle_path,
             };
             match w {
                 "unet-step-64" | "unet-cifar-step-64" => {
@@ -306,11 +330,14 @@ fn main() -> Result<()> {
                     let Net::Unet(unet) = &net else {
                         unreachable!("the default network is a U-Net")
                     };
-                    let mut engine = FusedUnet::new(unet)?;
+                    let mut engine = match fused_engine {
+                        true => Some(FusedUnet::new(unet)?),
+                        false => None,
+                    };
                     let t = time(or(a.warmup, 2), or(a.reps, 10), || {
-                        let grads = if fused_engine {
+                        let grads = if let Some(engine) = engine.as_mut() {
                             engine.refresh()?;
-                            fused_simple_loss(&process, &engine, &x0, &mut rng, &mut noise)?.1
+                            fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?.1
                         } else {
                             simple_loss(&process, &net, &x0, &mut rng, &mut noise)?.backward()?
                         };
@@ -347,7 +374,9 @@ fn main() -> Result<()> {
     };
     println!(
         "{}",
-        serde_json::json!({ "workload": a.workload, "engine": a.engine, "unit": unit, "ms": times })
+        serde_json::json!({
+            "workload": a.workload, "engine": a.engine, "device": a.device, "unit": unit, "ms": times
+        })
     );
     Ok(())
 }
