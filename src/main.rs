@@ -528,8 +528,10 @@ fn device(choice: DeviceChoice) -> Result<Device> {
     }
     #[cfg(feature = "cuda")]
     {
-        // Under mpirun, one GPU per process on each machine: the process's local rank.
-        let ordinal = [
+        // Under mpirun, one GPU per process on each machine: the process's local rank, round
+        // robin when the ranks outnumber the GPUs (the host all-reduce lets ranks share a GPU;
+        // NCCL refuses it).
+        let local_rank = [
             "OMPI_COMM_WORLD_LOCAL_RANK",
             "MPI_LOCALRANKID",
             "SLURM_LOCALID",
@@ -537,6 +539,9 @@ fn device(choice: DeviceChoice) -> Result<Device> {
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
         .unwrap_or(0);
+        let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map_or(1, |n| n.max(1) as usize);
+        let ordinal = local_rank % gpus;
         match Device::new_cuda(ordinal) {
             Ok(d) => return Ok(d),
             Err(e) if choice == DeviceChoice::Cuda => {

@@ -376,23 +376,25 @@ impl ResBlock {
         })
     }
 
-    /// `dropout`: (seed, blocks, this block's index, p) of the training masks.
+    /// `dropout`: (seed, blocks, this block's index, p, the batch's first row) of the training
+    /// masks: row `e` of `x` is example `first + e` of the global batch.
     fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
-        dropout: Option<(u64, u64, u64, f32)>,
+        dropout: Option<(u64, u64, u64, f32, usize)>,
     ) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
         let mut h = self.norm2.forward_silu(&h)?;
-        if let Some((seed, blocks, index, p)) = dropout {
+        if let Some((seed, blocks, index, p, first)) = dropout {
             let (b, c, hh, ww) = h.dims4()?;
             let n = c * hh * ww;
             let mut mask = vec![0f32; b * n];
             for (e, m) in mask.chunks_mut(n).enumerate() {
-                crate::nn::dropout::fill_mask(seed, e as u64 * blocks + index, p, m);
+                let stream = (first + e) as u64 * blocks + index;
+                crate::nn::dropout::fill_mask(seed, stream, p, m);
             }
             let mask = Tensor::from_vec(mask, (b, c, hh, ww), h.device())?;
             h = (h * mask)?;
@@ -626,14 +628,26 @@ impl UNet {
         t: &Tensor,
         seed: u64,
     ) -> candle_core::Result<Tensor> {
-        self.forward_masked(xt, t, Some(seed))
+        self.forward_masked(xt, t, Some((seed, 0)))
+    }
+
+    /// [`UNet::forward_dropout`] of rows `first..first + B` of a larger batch: each row gets the
+    /// masks of its example in that batch (one rank's share in data-parallel training).
+    pub fn forward_dropout_rows(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        seed: u64,
+        first: usize,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_masked(xt, t, Some((seed, first)))
     }
 
     fn forward_masked(
         &self,
         xt: &Tensor,
         t: &Tensor,
-        seed: Option<u64>,
+        seed: Option<(u64, usize)>,
     ) -> candle_core::Result<Tensor> {
         let emb = timestep_embedding(t, self.base)?;
         let temb = self
@@ -660,8 +674,8 @@ impl UNet {
                         h = Tensor::cat(&[&h, &skip], 1)?;
                     }
                     let dropout = match seed {
-                        Some(seed) if self.dropout > 0.0 => {
-                            Some((seed, blocks, block_index, self.dropout))
+                        Some((seed, first)) if self.dropout > 0.0 => {
+                            Some((seed, blocks, block_index, self.dropout, first))
                         }
                         _ => None,
                     };

@@ -120,6 +120,50 @@ enum TrainingData {
 }
 
 /// Trains (or continues, with `resume`) a diffusion model in `dir`.
+/// The simple loss of a global batch `x0` (`[B, ...]`) taken by the ranks together through
+/// candle's autodiff ([`crate::dist`]): every rank draws the whole batch's t, eps and dropout
+/// seed as one process does ([`crate::diffusion::objective::simple_loss`]), runs its rows
+/// (each with the dropout masks of its example in the batch), and differentiates its share
+/// `sum_rows ||target - f(x_t, t)||^2 / (B D)`; the shares' gradients and sums are summed over
+/// the ranks, so every rank returns the batch's mean loss and its gradients.
+fn simple_loss_on_my_rows(
+    process: &GaussianDiffusion,
+    net: &Net,
+    vars: &[(String, Var)],
+    x0: &Tensor,
+    rng: &mut StdRng,
+    noise: &mut Noise,
+) -> Result<(f32, candle_core::backprop::GradStore)> {
+    use crate::diffusion::objective::simple_loss_inputs;
+    use crate::diffusion::process::timestep_tensor;
+    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
+    let seed = match net {
+        Net::Unet(u) if u.dropout > 0.0 => Some(rand::Rng::random::<u64>(rng)),
+        _ => None,
+    };
+    let b = x0.dim(0)?;
+    let total = x0.elem_count() as f64;
+    let rows = crate::dist::my_shard(b);
+    let (sum, grads) = if rows.is_empty() {
+        (0.0, None)
+    } else {
+        let (first, n) = (rows.start, rows.len());
+        let xs = xt.narrow(0, first, n)?;
+        let ts = timestep_tensor(&t[rows], x0.device())?;
+        let out = match (net, seed) {
+            (Net::Unet(u), Some(seed)) => u.forward_dropout_rows(&xs, &ts, seed, first)?,
+            _ => net.forward(&xs, &ts)?,
+        };
+        let sse = (out - target.narrow(0, first, n)?)?.sqr()?.sum_all()?;
+        let grads = (&sse / total)?.backward()?;
+        (sse.to_scalar::<f32>()? as f64, Some(grads))
+    };
+    let grads = super::all_reduce_grads(vars, grads)?;
+    let mut sum = [sum];
+    crate::dist::world().all_reduce_sum_f64(&mut sum)?;
+    Ok(((sum[0] / total) as f32, grads))
+}
+
 pub fn train_diffusion(
     mut model: DiffusionConfig,
     config: &DiffusionTrainConfig,
@@ -264,14 +308,9 @@ pub fn train_diffusion(
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
-    // autodiff (checked in tests/diffusion.rs), without the graph.
+    // autodiff (checked in tests/diffusion.rs), without the graph. Elsewhere (other devices,
+    // the toys' MLP, --engine candle) candle's autodiff, each rank on its rows of the batch.
     let (mut fused, engine_name) = crate::engine::unet_training(config.engine, &net)?;
-    if world.world_size() > 1 && fused.is_none() {
-        bail!(
-            "data-parallel training ({} ranks) runs on the fused U-Net engine (images, the CPU); run toys and --engine candle in one process",
-            world.world_size()
-        );
-    }
     let vars: Vec<(String, Var)> = sorted_vars(&varmap);
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     if show_progress {
@@ -339,9 +378,13 @@ pub fn train_diffusion(
                     crate::fault::training_step(world.rank());
                     fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?
                 }
-                None => {
+                None if world.world_size() == 1 => {
                     let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
                     (loss.to_scalar::<f32>()?, loss.backward()?)
+                }
+                None => {
+                    crate::fault::training_step(world.rank());
+                    simple_loss_on_my_rows(&process, &net, &vars, &x0, &mut rng, &mut noise)?
                 }
             };
             if !value.is_finite() {
