@@ -101,6 +101,15 @@ def measure(framework, workload, extra):
 CUDA_FRAMEWORKS = ["elbo-cuda", "torch-cuda", "jax-cuda", "elbo"]
 
 
+def print_markdown(lines):
+    """Prints rows of cells (the first is the head) as a markdown table, columns padded."""
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+    for i, l in enumerate(lines):
+        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(l)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
 def print_cuda_table(rows):
     """Median ms on the GPU (elbo through candle's CUDA kernels, PyTorch eager, JAX jit) beside
     elbo's fused engine on the CPU's threads; ratios are peer / elbo-cuda (> 1: elbo faster)."""
@@ -114,11 +123,7 @@ def print_cuda_table(rows):
         reps = r["elbo-cuda"]["reps"] if "elbo-cuda" in r else 0
         lines.append((f"{w} ({reps} reps)", ms("elbo-cuda"), ms("torch-cuda"), ms("jax-cuda"),
                       ratio("torch-cuda"), ratio("jax-cuda"), ms("elbo"), ratio("elbo")))
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-    for i, l in enumerate(lines):
-        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(l)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_markdown(lines)
     print("\nmedian wall time per repetition, each ended by a device synchronisation; ratios: "
           "other / elbo CUDA (> 1: elbo on the GPU is faster)")
 
@@ -143,11 +148,7 @@ def print_table(rows):
             f"{e['peak_mb']:.0f}", cell("torch", "peak_mb", "{:.0f}"),
             cell("torch-compile", "peak_mb", "{:.0f}"), cell("jax", "peak_mb", "{:.0f}"),
             cell("elbo-candle", "median_ms", "{:.2f}")))
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-    for i, l in enumerate(lines):
-        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(l)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_markdown(lines)
     print("\nmedian wall time per repetition; 'compiled' = torch.compile; 'vs' = peer median / elbo"
           " median (> 1: elbo faster);"
           " MB = peak resident memory of the process. Threads: " + THREADS)

@@ -739,14 +739,27 @@ impl Denoiser for Net {
         t: &Tensor,
         rng: &mut rand::rngs::StdRng,
     ) -> candle_core::Result<Tensor> {
-        match self {
-            Net::Unet(u) if u.dropout > 0.0 => u.forward_dropout(xt, t, rng.random()),
-            _ => self.forward(xt, t),
-        }
+        self.forward_train_rows(xt, t, rng, 0)
     }
 }
 
 impl Net {
+    /// [`Denoiser::forward_train`] of rows `first..first + B` of a larger batch: the same draw
+    /// from `rng`, and each row gets the dropout masks of its example in that batch (one
+    /// rank's share in data-parallel training).
+    pub fn forward_train_rows(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        rng: &mut rand::rngs::StdRng,
+        first: usize,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Unet(u) if u.dropout > 0.0 => u.forward_dropout_rows(xt, t, rng.random(), first),
+            _ => self.forward(xt, t),
+        }
+    }
+
     pub fn build(config: &NetConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match config {
             NetConfig::Mlp {

@@ -119,7 +119,6 @@ enum TrainingData {
     },
 }
 
-/// Trains (or continues, with `resume`) a diffusion model in `dir`.
 /// The simple loss of a global batch `x0` (`[B, ...]`) taken by the ranks together through
 /// candle's autodiff ([`crate::dist`]): every rank draws the whole batch's t, eps and dropout
 /// seed as one process does ([`crate::diffusion::objective::simple_loss`]), runs its rows
@@ -137,10 +136,6 @@ fn simple_loss_on_my_rows(
     use crate::diffusion::objective::simple_loss_inputs;
     use crate::diffusion::process::timestep_tensor;
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let seed = match net {
-        Net::Unet(u) if u.dropout > 0.0 => Some(rand::Rng::random::<u64>(rng)),
-        _ => None,
-    };
     let b = x0.dim(0)?;
     let total = x0.elem_count() as f64;
     let rows = crate::dist::my_shard(b);
@@ -150,10 +145,7 @@ fn simple_loss_on_my_rows(
         let (first, n) = (rows.start, rows.len());
         let xs = xt.narrow(0, first, n)?;
         let ts = timestep_tensor(&t[rows], x0.device())?;
-        let out = match (net, seed) {
-            (Net::Unet(u), Some(seed)) => u.forward_dropout_rows(&xs, &ts, seed, first)?,
-            _ => net.forward(&xs, &ts)?,
-        };
+        let out = net.forward_train_rows(&xs, &ts, rng, first)?;
         let sse = (out - target.narrow(0, first, n)?)?.sqr()?.sum_all()?;
         let grads = (&sse / total)?.backward()?;
         (sse.to_scalar::<f32>()? as f64, Some(grads))
@@ -164,6 +156,7 @@ fn simple_loss_on_my_rows(
     Ok(((sum[0] / total) as f32, grads))
 }
 
+/// Trains (or continues, with `resume`) a diffusion model in `dir`.
 pub fn train_diffusion(
     mut model: DiffusionConfig,
     config: &DiffusionTrainConfig,
