@@ -365,6 +365,10 @@ struct TrainVaeArgs {
     /// Maximise the ELBO, or the IWAE bound with K = --mc-samples.
     #[arg(long, value_enum, default_value = "elbo")]
     objective: elbo::train::Objective,
+    /// The ELBO's top-layer KL: in closed form, or by Monte Carlo at the samples (Burda et
+    /// al.'s code; Pyro's Trace_ELBO).
+    #[arg(long, value_enum, default_value = "analytic")]
+    kl: elbo::train::KlEstimator,
     /// Implementation of the training step: the fused CPU engine where it applies, or candle.
     #[arg(long, value_enum, default_value = "auto")]
     engine: elbo::train::Engine,
@@ -640,6 +644,7 @@ fn run(cli: Cli) -> Result<()> {
                 beta: a.beta,
                 mc_samples: a.mc_samples,
                 objective: a.objective,
+                kl: a.kl,
                 engine: a.engine,
                 pixels: a.data.binarize.unwrap_or(if paper {
                     PixelMode::Dynamic

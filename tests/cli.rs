@@ -641,6 +641,19 @@ fn vae_family_and_report_flags_refuse_bad_values() {
         ),
         (vec!["train", "vae", "--conv", "0", "--out", o], "--conv"),
         (
+            vec![
+                "train",
+                "vae",
+                "--objective",
+                "iwae",
+                "--kl",
+                "mc",
+                "--out",
+                o,
+            ],
+            "--kl mc",
+        ),
+        (
             vec!["train", "vae", "--conv", "8,8,8", "--out", o],
             "divisible by 8",
         ),

@@ -11,8 +11,10 @@ use elbo::distributions::Noise;
 use elbo::engine::vae::FusedVae;
 use elbo::nn::activation::Activation;
 use elbo::optim::AdamConfig;
-use elbo::vae::objective::{Objective, draw_noise, pass_with};
-use elbo::vae::{Init, Vae, VaeConfig, elbo_terms, estimate_log_likelihood_candle, iwae_bound};
+use elbo::vae::objective::{KlEstimator, Objective, draw_noise, pass_with};
+use elbo::vae::{
+    Init, Vae, VaeConfig, elbo_terms, elbo_terms_with, estimate_log_likelihood_candle, iwae_bound,
+};
 use rand::{Rng, SeedableRng};
 
 fn config(input: usize, hidden: &[&[usize]], latents: &[usize], act: Activation) -> VaeConfig {
@@ -106,18 +108,19 @@ fn conv_config(act: Activation) -> VaeConfig {
     }
 }
 
-/// The candle loss of a case: `-(1/B) sum_b [rec - beta KL]` or `-(1/B) sum_b IWAE_K`.
+/// The candle loss of a case: `-(1/B) sum_b [rec - beta KL]` (the top KL estimated as `kl`
+/// says) or `-(1/B) sum_b IWAE_K`.
 fn candle_loss(
     vae: &Vae,
     x: &Tensor,
     k: usize,
-    objective: Objective,
+    (objective, kl): (Objective, KlEstimator),
     beta: f64,
     seed: u64,
 ) -> Tensor {
     let mut noise = Noise::new(seed);
     match objective {
-        Objective::Elbo => elbo_terms(vae, x, k, &mut noise)
+        Objective::Elbo => elbo_terms_with(vae, x, k, kl, &mut noise)
             .unwrap()
             .loss(beta)
             .unwrap(),
@@ -132,14 +135,25 @@ fn candle_loss(
 
 /// For every architecture and objective, on one thread and split across two, the fused
 /// engine's loss and every parameter's gradient equal candle's autodiff of the same loss with
-/// the same noise (relative 2e-4: float32 rounding through a few layers). For the IWAE that is
+/// the same noise (relative 2e-4: float32 rounding through a few layers). The ELBO is checked
+/// with its top-layer KL in closed form and by Monte Carlo (`--kl mc`), whose losses differ,
+/// so an engine that ignored the estimator would fail here. For the IWAE that is
 /// the paper's gradient, the normalised weights as constants (Eq. 14), since autodiff of the
 /// log-mean-exp gives exactly that. (The convolutional cases start from PyTorch's
 /// initialisation: with Glorot's zero biases a ReLU meets inputs of exactly 0, where candle
 /// takes the derivative as 1 and elbo, like PyTorch, as 0.)
 #[test]
 fn fused_gradients_match_candle_autodiff_for_every_architecture() {
-    for (case, (cfg, k, objective, beta)) in cases().into_iter().enumerate() {
+    let estimators = |objective| match objective {
+        Objective::Elbo => vec![KlEstimator::Analytic, KlEstimator::MonteCarlo],
+        Objective::Iwae => vec![KlEstimator::Analytic],
+    };
+    let runs = cases().into_iter().enumerate().flat_map(|(case, c)| {
+        estimators(c.2)
+            .into_iter()
+            .map(move |kl| (case, c.clone(), kl))
+    });
+    for (case, (cfg, k, objective, beta), kl) in runs {
         let init = if cfg.conv.is_some() {
             Init::Pytorch
         } else {
@@ -156,18 +170,19 @@ fn fused_gradients_match_candle_autodiff_for_every_architecture() {
         let b = 40; // at least 32: two threads cut it into two slices
         let xv = data(b, cfg.input_dim, 100 + case as u64);
         let x = Tensor::from_vec(xv.clone(), (b, cfg.input_dim), &Device::Cpu).unwrap();
-        let loss = candle_loss(&vae, &x, k, objective, beta, 7);
+        let loss = candle_loss(&vae, &x, k, (objective, kl), beta, 7);
         let grads = loss.backward().unwrap();
         let want = loss.to_scalar::<f32>().unwrap() as f64;
         for threads in [1, 2] {
             let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
             fused.set_threads(threads);
             fused.set_objective(objective);
+            fused.set_kl_estimator(kl);
             let sums = fused
                 .forward_backward(&xv, k, beta, &mut Noise::new(7))
                 .unwrap();
             let what = format!(
-                "case {case} ({} K={k} {objective:?}, {threads} threads)",
+                "case {case} ({} K={k} {objective:?} {kl:?}, {threads} threads)",
                 cfg.describe()
             );
             assert!(
@@ -210,7 +225,14 @@ fn equal_weights_are_not_the_iwae_gradient() {
     .unwrap();
     let x = Tensor::from_vec(data(16, 30, 5), (16, 30), &Device::Cpu).unwrap();
     let k = 5;
-    let iwae = candle_loss(&vae, &x, k, Objective::Iwae, 1.0, 9);
+    let iwae = candle_loss(
+        &vae,
+        &x,
+        k,
+        (Objective::Iwae, KlEstimator::Analytic),
+        1.0,
+        9,
+    );
     let eps = draw_noise(&vae, k, 16, &mut Noise::new(9)).unwrap();
     let equal = pass_with(&vae, &x, &eps)
         .unwrap()
@@ -341,7 +363,8 @@ fn bounds_are_ordered_for_two_stochastic_layers() {
 
 /// Each layer's KL as the ELBO reports it (closed form at the top, given z_{L-1}; Monte Carlo
 /// below) against a plain Monte Carlo estimate E_q[log q(z_l|.) - log p(z_l|.)] from 4,000
-/// fresh samples: equal within 4 standard errors.
+/// fresh samples: equal within 4 standard errors. So is the top layer's Monte Carlo estimator
+/// (`--kl mc`) from another 4,000.
 #[test]
 fn kl_of_each_layer_matches_monte_carlo() {
     let cfg = config(20, &[&[16], &[12]], &[6, 3], Activation::Tanh);
@@ -371,6 +394,29 @@ fn kl_of_each_layer_matches_monte_carlo() {
             l + 1
         );
     }
+    let top = pass.log_ratio.len() - 1;
+    let mc = elbo_terms_with(&vae, &x, k, KlEstimator::MonteCarlo, &mut Noise::new(3)).unwrap();
+    let (closed, by_mc) = (
+        reported.kl_layers[top].to_vec1::<f32>().unwrap()[0] as f64,
+        mc.kl_layers[top].to_vec1::<f32>().unwrap()[0] as f64,
+    );
+    let ratio: Vec<f64> = pass.log_ratio[top]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let se = elbo::eval::standard_error(&ratio);
+    assert!(
+        (closed - by_mc).abs() < 4.0 * se + 1e-3,
+        "top layer: closed form {closed:.4}, Monte Carlo estimator {by_mc:.4} +- {se:.4}"
+    );
+    assert!(
+        closed != by_mc,
+        "the Monte Carlo estimator is the closed form"
+    );
 }
 
 /// Every architecture survives a checkpoint round trip: same config, same parameters, and the

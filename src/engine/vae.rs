@@ -14,6 +14,7 @@
 //!
 //! ```text
 //! ELBO  f = log p(x|z_1) + beta sum_{l<L} [log p(z_l|z_{l+1}) - log q(z_l|.)] - beta KL_L
+//!       (KL_L in closed form; with `KlEstimator::MonteCarlo` beta [log p(z_L) - log q(z_L|.)])
 //!       loss = -(1/(K B)) sum_r f_r                      c_r = dloss/df_r = -1/(K B)
 //! IWAE  f = log w = log p(x|z_1) + sum_l [log p(z_l|.) - log q(z_l|.)]
 //!       loss = -(1/B) sum_b log (1/K) sum_k e^{f_kb}     c_r = -(1/B) w~_kb  (normalised weights)
@@ -25,7 +26,8 @@
 //! d logits         = c (x - sigmoid(logits))                                   [R, D]
 //! p(z_{l-1}|z_l):  d m = a (z - m) e^-lv,  d lv = a ((z - m)^2 e^-lv - 1)/2,  d z_{l-1} -= a (z - m) e^-lv
 //! - log q(z_l|.) = 1/2 sum (lv + eps^2) + const, eps fixed:                    d lv += a / 2
-//! log p(z_L) (IWAE):  d z_L -= c z_L;   - beta KL_L (ELBO):  d m -= C beta m,  d lv -= C beta (e^lv - 1)/2
+//! log p(z_L) (IWAE, and the ELBO with `KlEstimator::MonteCarlo`):  d z_L -= a z_L
+//! - beta KL_L (the ELBO's closed form):  d m -= C beta m,  d lv -= C beta (e^lv - 1)/2
 //! z = m + e^{lv/2} eps:   d m += d z,   d lv += d z eps e^{lv/2} / 2        (summed over the rows of a source)
 //! ```
 //!
@@ -49,7 +51,7 @@ use crate::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
 use crate::optim::{Adam, AdamConfig};
 use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
-use crate::vae::objective::Objective;
+use crate::vae::objective::{KlEstimator, Objective};
 
 /// Whether the fused engine computes this model: the CPU, the Bernoulli likelihood, MLPs, and
 /// convolutional VAEs without residual blocks (those train on candle for now).
@@ -353,6 +355,8 @@ enum Mode {
     /// Forward and backward of the training loss.
     Train {
         objective: Objective,
+        /// The ELBO's top-layer KL (the IWAE's is always Monte Carlo).
+        kl: KlEstimator,
         beta: f32,
         /// The whole batch (the loss is a mean over it).
         b_total: usize,
@@ -372,6 +376,7 @@ pub struct FusedVae {
     adam_step: u64,
     adam: AdamConfig,
     objective: Objective,
+    kl: KlEstimator,
     /// The whole batch's noise, per layer `[K, B, L_l]`.
     eps: Vec<Vec<f32>>,
     slices: Vec<Slice>,
@@ -431,6 +436,7 @@ impl FusedVae {
             adam_step,
             adam: adam_config,
             objective: Objective::Elbo,
+            kl: KlEstimator::Analytic,
             eps: Vec::new(),
             slices: Vec::new(),
             slice_grads: Vec::new(),
@@ -468,6 +474,11 @@ impl FusedVae {
     /// What the training step maximises (default: the ELBO).
     pub fn set_objective(&mut self, objective: Objective) {
         self.objective = objective;
+    }
+
+    /// How the ELBO's top-layer KL is estimated (default: in closed form).
+    pub fn set_kl_estimator(&mut self, kl: KlEstimator) {
+        self.kl = kl;
     }
 
     /// Adam's learning rate from the next step on (learning-rate schedules).
@@ -672,6 +683,7 @@ impl FusedVae {
         let objective = self.objective;
         let mode = Mode::Train {
             objective,
+            kl: self.kl,
             beta: if objective == Objective::Iwae {
                 1.0
             } else {
@@ -980,6 +992,17 @@ fn run_slice(
                 .sum::<f32>()
         }));
 
+    // The ELBO trained with a Monte Carlo top-layer KL reports that estimate (what it
+    // differentiates); everything else reports the closed form.
+    let mc_top = matches!(
+        mode,
+        Mode::Train {
+            objective: Objective::Elbo,
+            kl: KlEstimator::MonteCarlo,
+            ..
+        }
+    );
+
     // Per-example results.
     let mut out = SliceOut {
         lse: vec![f64::NEG_INFINITY; b],
@@ -994,12 +1017,16 @@ fn run_slice(
         for l in 0..top {
             out.kl[l][bi] -= s.ratio[l][r] as f64;
         }
-        out.kl[top][bi] += s.top_kl[r % top_src] as f64;
+        out.kl[top][bi] += match mc_top {
+            true => -s.ratio[top][r] as f64,
+            false => s.top_kl[r % top_src] as f64,
+        };
     }
 
     let (
         Mode::Train {
             objective,
+            kl,
             beta,
             b_total,
         },
@@ -1122,13 +1149,16 @@ fn run_slice(
         );
         add_assign(&mut s.dz[l], &s.dx);
     }
-    // The top prior: log p(z_L) for the IWAE (d z_L -= c z_L); the ELBO's is in closed form.
-    if objective == Objective::Iwae {
+    // The top prior, by Monte Carlo: log p(z_L), weighted a = c beta (beta = 1 for the IWAE):
+    // d z_L -= a z_L. The ELBO's closed-form KL is differentiated below instead.
+    let closed_form_top = objective == Objective::Elbo && kl == KlEstimator::Analytic;
+    if !closed_form_top {
         let lat = model.latents[top];
         for r in 0..rows {
+            let a = s.c[r] * beta;
             for i in 0..lat {
                 let j = r * lat + i;
-                s.dz[top][j] -= s.c[r] * s.z[top][j];
+                s.dz[top][j] -= a * s.z[top][j];
             }
         }
     }
@@ -1140,7 +1170,7 @@ fn run_slice(
         let dout = &mut s.dout;
         dout.clear();
         dout.resize(src_rows * 2 * lat, 0.0);
-        let closed_form = l == top && objective == Objective::Elbo;
+        let closed_form = l == top && closed_form_top;
         for r in 0..rows {
             let src = r % src_rows;
             let (_, lv) = ml[src * 2 * lat..(src + 1) * 2 * lat].split_at(lat);

@@ -16,8 +16,8 @@ use crate::data::{Dataset, PixelMode};
 use crate::distributions::Noise;
 use crate::eval::{Activity, mean, standard_error};
 use crate::vae::objective::{
-    LatentVariableModel, Objective, elbo_terms, estimate_log_likelihood_candle, iwae_bound,
-    posterior_means, sum_f64,
+    KlEstimator, LatentVariableModel, Objective, elbo_terms_with, estimate_log_likelihood_candle,
+    iwae_bound, posterior_means, sum_f64,
 };
 
 /// How [`fit`] trains.
@@ -27,6 +27,8 @@ pub struct FitConfig {
     pub batch_size: usize,
     pub lr: f64,
     pub objective: Objective,
+    /// How the ELBO's top-layer KL is estimated (the IWAE's is always Monte Carlo).
+    pub kl: KlEstimator,
     /// Samples K per example (the IWAE's K; Monte Carlo samples of the ELBO).
     pub k: usize,
     pub pixels: PixelMode,
@@ -40,6 +42,7 @@ impl Default for FitConfig {
             batch_size: 64,
             lr: 1e-3,
             objective: Objective::Elbo,
+            kl: KlEstimator::Analytic,
             k: 1,
             pixels: PixelMode::Dynamic,
             seed: 0,
@@ -73,7 +76,9 @@ pub fn fit<M: LatentVariableModel + ?Sized>(
         for idx in order.chunks(config.batch_size) {
             let x = train.batch(idx, config.pixels, &mut rng, model.device())?;
             let per_example = match config.objective {
-                Objective::Elbo => elbo_terms(model, &x, config.k, &mut noise)?.elbo(1.0)?,
+                Objective::Elbo => {
+                    elbo_terms_with(model, &x, config.k, config.kl, &mut noise)?.elbo(1.0)?
+                }
                 Objective::Iwae => iwae_bound(model, &x, config.k, &mut noise)?,
             };
             let loss = per_example.mean_all()?.neg()?;

@@ -18,7 +18,7 @@ use crate::data::{Dataset, Source, Split};
 pub use crate::engine::Engine;
 use crate::run_dir::Committed;
 pub use vae::{
-    EpochMetrics, Objective, Terms, TrainConfig, evaluate_elbo, image_shape, manifold,
+    EpochMetrics, KlEstimator, Objective, Terms, TrainConfig, evaluate_elbo, image_shape, manifold,
     save_pictures, save_reconstructions, train_vae,
 };
 

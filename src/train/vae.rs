@@ -27,8 +27,8 @@ use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
 use crate::run_dir::{self, RunDir};
-pub use crate::vae::Objective;
 use crate::vae::{self, Init, Vae, VaeConfig};
+pub use crate::vae::{KlEstimator, Objective};
 
 /// Everything `elbo train vae` needs besides the model config.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -51,6 +51,9 @@ pub struct TrainConfig {
     /// What is maximised: the (beta-)ELBO, or the importance-weighted bound with K = mc_samples.
     #[serde(default)]
     pub objective: Objective,
+    /// How the ELBO's top-layer KL is estimated (`--kl`; the IWAE's is always Monte Carlo).
+    #[serde(default)]
+    pub kl: KlEstimator,
     pub pixels: PixelMode,
     pub seed: u64,
     /// Which implementation computes the training steps.
@@ -143,6 +146,7 @@ impl TrainConfig {
             beta: 1.0,
             mc_samples: 1,
             objective: Objective::Elbo,
+            kl: KlEstimator::Analytic,
             pixels: PixelMode::Grey,
             seed: 0,
             engine: Engine::Auto,
@@ -171,6 +175,9 @@ impl TrainConfig {
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             bail!("--beta must be a non-negative number, got {}", self.beta);
+        }
+        if self.kl == KlEstimator::MonteCarlo && self.objective != Objective::Elbo {
+            bail!("--kl mc applies to --objective elbo (the IWAE bound is all Monte Carlo)");
         }
         Ok(())
     }
@@ -425,6 +432,7 @@ pub fn train_vae(
         let mut fused = if use_fused {
             let mut f = FusedVae::from_vae(&vae, Some(&adam), adam.config)?;
             f.set_objective(config.objective);
+            f.set_kl_estimator(config.kl);
             Some(f)
         } else {
             None
@@ -481,7 +489,10 @@ pub fn train_vae(
                     .map(|e| e.narrow(1, rows.start, rows.len()))
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 let pass = vae::objective::pass_with(&vae, &x, &eps)?;
-                let terms = pass.elbo_terms()?;
+                let terms = match config.objective {
+                    Objective::Elbo => pass.elbo_terms_with(config.kl)?,
+                    Objective::Iwae => pass.elbo_terms()?,
+                };
                 let per_example = match config.objective {
                     Objective::Elbo => terms.elbo(config.beta)?,
                     Objective::Iwae => pass

@@ -8,6 +8,6 @@ pub mod objective;
 
 pub use model::{Init, Likelihood, Vae, VaeConfig, reconstruct, sample_prior};
 pub use objective::{
-    ElboTerms, LatentVariableModel, LikelihoodEstimate, Objective, elbo_terms,
-    estimate_log_likelihood_candle, iwae_bound,
+    ElboTerms, KlEstimator, LatentVariableModel, LikelihoodEstimate, Objective, elbo_terms,
+    elbo_terms_with, estimate_log_likelihood_candle, iwae_bound,
 };

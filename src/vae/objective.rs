@@ -10,8 +10,10 @@
 //! ELBO  = E_q[log p(x|z_1)] - sum_l KL_l,   KL_l = E_q[log q(z_l|z_{l-1}) - log p(z_l|z_{l+1})]
 //! ```
 //!
-//! The top layer's KL against N(0, I) is in closed form given z_{L-1}; the lower layers' are
-//! Monte Carlo (their prior depends on a sample). All values are per example in nats; shapes:
+//! The top layer's KL against N(0, I) is in closed form given z_{L-1} (or, with
+//! [`KlEstimator::MonteCarlo`], the Monte Carlo mean of `log q - log p` as in Burda et al.'s
+//! code and Pyro's `Trace_ELBO`); the lower layers' are Monte Carlo (their prior depends on a
+//! sample). All values are per example in nats; shapes:
 //! `x` `[B, D]`, results `[B]`.
 
 pub use super::estimate::{LikelihoodEstimate, log_add_exp};
@@ -68,6 +70,33 @@ pub enum Objective {
     Iwae,
 }
 
+/// How the ELBO's top-layer KL(q(z_L|z_{L-1}) || N(0, I)) is estimated. Both are unbiased
+/// for the same KL; the gradients differ in variance, not in expectation.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// `-1/2 sum (1 + lv - mu^2 - e^lv)` (Kingma & Welling 2014, Appendix B; Pyro's
+    /// `TraceMeanField_ELBO`).
+    #[default]
+    Analytic,
+    /// `(1/K) sum_k [log q(z_k|.) - log N(z_k; 0, I)]` at the reparameterized samples, the
+    /// estimator of Burda et al.'s code (every term of the ELBO by Monte Carlo; Pyro's
+    /// `Trace_ELBO`).
+    #[value(name = "mc")]
+    #[serde(rename = "mc")]
+    MonteCarlo,
+}
+
 /// The parts of the ELBO, per example, `[B]` each: `reconstruction = E_q[log p(x|z_1)]` (a
 /// K-sample Monte Carlo mean), `kl` the sum of the layers' KLs, `kl_layers[l]` layer l+1's.
 pub struct ElboTerms {
@@ -113,22 +142,32 @@ impl Pass {
 
     /// The KL of each layer, `[B]`: Monte Carlo below the top, closed form at the top.
     pub fn kl_layers(&self) -> Result<Vec<Tensor>> {
+        self.kl_layers_with(KlEstimator::Analytic)
+    }
+
+    /// The KL of each layer, `[B]`: Monte Carlo below the top, `kl` at the top.
+    pub fn kl_layers_with(&self, kl: KlEstimator) -> Result<Vec<Tensor>> {
         let top = self.log_ratio.len() - 1;
         let mut out = Vec::new();
         for r in &self.log_ratio[..top] {
             out.push(r.mean(0)?.neg()?);
         }
-        out.push(if self.top_kl.rank() == 2 {
-            self.top_kl.mean(0)?
-        } else {
-            self.top_kl.clone()
+        out.push(match kl {
+            KlEstimator::MonteCarlo => self.log_ratio[top].mean(0)?.neg()?,
+            KlEstimator::Analytic if self.top_kl.rank() == 2 => self.top_kl.mean(0)?,
+            KlEstimator::Analytic => self.top_kl.clone(),
         });
         Ok(out)
     }
 
-    /// The ELBO's parts from this pass.
+    /// The ELBO's parts from this pass (the top layer's KL in closed form).
     pub fn elbo_terms(&self) -> Result<ElboTerms> {
-        let kl_layers = self.kl_layers()?;
+        self.elbo_terms_with(KlEstimator::Analytic)
+    }
+
+    /// The ELBO's parts from this pass, the top layer's KL estimated as `kl` says.
+    pub fn elbo_terms_with(&self, kl: KlEstimator) -> Result<ElboTerms> {
+        let kl_layers = self.kl_layers_with(kl)?;
         let mut kl = kl_layers[0].clone();
         for k in &kl_layers[1..] {
             kl = (kl + k)?;
@@ -203,8 +242,19 @@ pub fn elbo_terms<M: LatentVariableModel + ?Sized>(
     k: usize,
     noise: &mut Noise,
 ) -> Result<ElboTerms> {
+    elbo_terms_with(vae, x, k, KlEstimator::Analytic, noise)
+}
+
+/// [`elbo_terms`] with the top layer's KL estimated as `kl` says.
+pub fn elbo_terms_with<M: LatentVariableModel + ?Sized>(
+    vae: &M,
+    x: &Tensor,
+    k: usize,
+    kl: KlEstimator,
+    noise: &mut Noise,
+) -> Result<ElboTerms> {
     let eps = draw_noise(vae, k, x.dim(0)?, noise)?;
-    pass_with(vae, x, &eps)?.elbo_terms()
+    pass_with(vae, x, &eps)?.elbo_terms_with(kl)
 }
 
 /// The importance-weighted bound `IWAE_K = log (1/K) sum_k w_k` (one draw of it), `[B]`.
