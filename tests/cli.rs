@@ -564,9 +564,10 @@ fn the_iwae_paper_preset_sets_the_protocol_and_learns() {
 #[test]
 fn committed_reproduction_checkpoints_evaluate_as_measured() {
     // (run, NLL, KL per layer, active units per layer) as measured at commit time.
-    let runs: [(&str, f64, &[f64], &[u64]); 2] = [
+    let runs: [(&str, f64, &[f64], &[u64]); 3] = [
         ("vae-1l-k1", 85.91, &[26.17], &[22]),
         ("vae-2l-k1", 83.70, &[13.91, 10.62], &[20, 8]),
+        ("iwae-1l-k5", 84.90, &[23.75], &[23]),
     ];
     for (run, nll, kl, active) in runs {
         let ckpt = format!(
