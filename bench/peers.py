@@ -4,8 +4,8 @@
 
     bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N] [--device cpu|cuda]
 
-Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1 and
-iwae-step-k5 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
+Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1,
+iwae-step-k5 and iwae-step-k50 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
 VAE on 1 x 28 x 28), and for torch only unet-step-64,
 ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same state_dict
 names, same parameter count: 171,937), and unet-cifar-step-64, ddim-50-cifar (16 images) with

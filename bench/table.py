@@ -22,6 +22,7 @@ WORKLOADS = {
     "vae-step-1024": ["elbo", "elbo-candle", "torch", "torch-compile", "jax"],
     "iwae-step-k1": ["elbo", "torch", "torch-compile", "jax"],
     "iwae-step-k5": ["elbo", "torch", "torch-compile", "jax"],
+    "iwae-step-k50": ["elbo", "torch", "torch-compile", "jax"],
     "conv-vae-step-128": ["elbo", "elbo-candle", "torch", "torch-compile", "jax"],
     "vae-epoch": ["elbo", "torch", "jax"],
     "nll": ["elbo", "torch", "jax"],
@@ -49,6 +50,7 @@ def main():
         if a.quick:
             extra = {"vae-step-128": ["--reps", "50"], "vae-step-1024": ["--reps", "20"],
                      "iwae-step-k1": ["--reps", "300"], "iwae-step-k5": ["--reps", "300"],
+                     "iwae-step-k50": ["--reps", "100"],
                      "conv-vae-step-128": ["--reps", "20"],
                      "vae-epoch": ["--reps", "2"], "nll": ["--reps", "1", "--images", "200"],
                      "unet-step-64": ["--reps", "3"], "ddim-50": ["--reps", "1"],

@@ -159,9 +159,9 @@ fn main() -> Result<()> {
             };
             (t, format!("one training step, batch {b}"))
         }
-        w @ ("iwae-step-k1" | "iwae-step-k5") => {
+        w @ ("iwae-step-k1" | "iwae-step-k5" | "iwae-step-k50") => {
             // Burda et al.'s one-layer model (784-200-200-50 tanh, Glorot), batch 20: the VAE
-            // (k = 1, ELBO) or the IWAE (k = 5), Adam with epsilon 1e-4.
+            // (k = 1, ELBO) or the IWAE (k = 5 or 50), Adam with epsilon 1e-4.
             let k: usize = w.trim_start_matches("iwae-step-k").parse()?;
             let config = VaeConfig {
                 hidden: vec![vec![200, 200]],
@@ -368,7 +368,7 @@ fn main() -> Result<()> {
         }
         other => bail!(
             "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
-             iwae-step-k5, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
+             iwae-step-k5, iwae-step-k50, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
              unet-cifar-step-64, ddim-50-cifar"
         ),
     };
