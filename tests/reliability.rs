@@ -753,28 +753,57 @@ fn errors_stay_one_line_with_rust_backtrace_set() {
 
 #[test]
 fn a_long_importance_sampled_evaluation_stops_on_ctrl_c() {
-    let child = Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args([
-            "eval",
-            "vae",
-            "--checkpoint",
-            "tests/fixtures/simplevae_torch.safetensors",
-            "--iw-samples",
-            "1000000000",
-            "--limit",
-            "1",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_elbo"));
+    cmd.args([
+        "eval",
+        "vae",
+        "--checkpoint",
+        "tests/fixtures/simplevae_torch.safetensors",
+        "--iw-samples",
+        "1000000000",
+        "--limit",
+        "1",
+    ])
+    .stderr(std::process::Stdio::piped());
+    // A shell without job control starts its background jobs with SIGINT ignored, and an
+    // ignored signal stays ignored across exec: give the child the action a terminal's Ctrl-C
+    // meets, whatever this test process inherited.
+    // SAFETY: between fork and exec only the async-signal-safe signal(2) runs.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).map(|_| text)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
         .unwrap();
-    let started = std::time::Instant::now();
-    let o = child.wait_with_output().unwrap();
-    assert!(started.elapsed().as_secs() < 10, "did not stop on SIGINT");
-    assert!(!o.status.success());
-    assert!(!stderr(&o).contains("panicked"));
+    // Poll rather than wait, so that an evaluation that ignores the signal fails the test
+    // instead of hanging it for the billion samples.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("did not stop within 10 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = reader.join().unwrap().unwrap();
+    assert!(!status.success());
+    assert!(!err.contains("panicked"), "{err}");
 }
