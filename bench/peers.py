@@ -5,7 +5,8 @@
     bench/.venv/bin/python bench/peers.py torch|torch-compile|jax WORKLOAD [--reps N] [--warmup N] [--device cpu|cuda]
 
 Workloads: vae-step-128, vae-step-1024, vae-epoch, nll (K = 5000), iwae-step-k1,
-iwae-step-k5 and iwae-step-k50 (Burda et al.'s one-layer model, batch 20), conv-vae-step-128 (a convolutional
+iwae-step-k5 and iwae-step-k50 (Burda et al.'s one-layer model, batch 20), iwae-step-2l-k1,
+iwae-step-2l-k5 and iwae-step-2l-k50 (its two-layer model), conv-vae-step-128 (a convolutional
 VAE on 1 x 28 x 28), and for torch only unet-step-64,
 ddim-50, ddpm-1000 with a U-Net identical to elbo's default (same layers, same state_dict
 names, same parameter count: 171,937), and unet-cifar-step-64, ddim-50-cifar (16 images) with
@@ -83,6 +84,59 @@ def torch_workload(name, a, compiled=False):
         logits = model.decoder(z)  # the logits the text passes through torch.sigmoid
         bce = F.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
         return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+    if name.startswith("iwae-step-2l-"):
+        k = int(name.rsplit("k", 1)[1])
+
+        def mlp(*sizes):  # tanh between the linear layers, Glorot weights, zero biases
+            layers = []
+            for i, o in zip(sizes, sizes[1:]):
+                lin = nn.Linear(i, o)
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+                layers += [lin, nn.Tanh()]
+            return nn.Sequential(*layers[:-1])
+
+        class Iwae2(nn.Module):  # Burda et al. 2015, two stochastic layers
+            def __init__(self):
+                super().__init__()
+                self.q1 = mlp(784, 200, 200, 2 * 100)  # mean | log-variance of q(z1|x)
+                self.q2 = mlp(100, 100, 100, 2 * 50)  # of q(z2|z1)
+                self.p1 = mlp(50, 100, 100, 2 * 100)  # of p(z1|z2)
+                self.px = mlp(100, 200, 200, 784)  # the logits of p(x|z1)
+
+            def forward(self, x):
+                mu1, lv1 = self.q1(x).chunk(2, -1)
+                e1 = torch.randn((k,) + mu1.shape)
+                z1 = mu1 + torch.exp(0.5 * lv1) * e1
+                mu2, lv2 = self.q2(z1).chunk(2, -1)
+                e2 = torch.randn(mu2.shape)
+                z2 = mu2 + torch.exp(0.5 * lv2) * e2
+                pm, plv = self.p1(z2).chunk(2, -1)
+                logits = self.px(z1)
+                log_px = -F.binary_cross_entropy_with_logits(
+                    logits, x.expand_as(logits), reduction="none").sum(-1)
+                # log p(z1|z2) - log q(z1|x), their constants cancelling
+                ratio1 = (-0.5 * (plv + (z1 - pm).pow(2) * torch.exp(-plv))
+                          + 0.5 * (lv1 + e1.pow(2))).sum(-1)
+                if k == 1:  # the VAE: the top layer's KL in closed form, as elbo's
+                    kl2 = -0.5 * (1 + lv2 - mu2.pow(2) - lv2.exp()).sum(-1)
+                    return -(log_px + ratio1 - kl2)[0].mean()
+                log_w = log_px + ratio1 - 0.5 * (z2.pow(2) - lv2 - e2.pow(2)).sum(-1)
+                return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
+
+        model = Iwae2()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+        loss_fn = torch.compile(model) if compiled else model
+        xb = (torch.rand(20, 784) < train[:20]).float()
+
+        def step():
+            loss = loss_fn(xb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        warm = a.warmup or (300 if compiled else 100)
+        return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's 2-layer model, batch 20, k = {k}"
 
     if name.startswith("iwae-step-"):
         k = int(name.rsplit("k", 1)[1])
@@ -445,6 +499,62 @@ def jax_workload(name, a):
         g = jax.grad(loss_fn)(p, x, sub)
         updates, s = opt.update(g, s)
         return optax.apply_updates(p, updates), s, key
+
+    if name.startswith("iwae-step-2l-"):
+        k = int(name.rsplit("k", 1)[1])
+
+        def glorot_mlp(key, *sizes):
+            out = []
+            for kk, i, o in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:]):
+                bound = math.sqrt(6 / (i + o))
+                out.append((jax.random.uniform(kk, (o, i), minval=-bound, maxval=bound), jnp.zeros(o)))
+            return out
+
+        def run(layers, h):
+            for j, layer in enumerate(layers):
+                h = lin(layer, h)
+                if j + 1 < len(layers):
+                    h = jnp.tanh(h)
+            return h
+
+        ks = jax.random.split(key, 4)
+        ip = {"q1": glorot_mlp(ks[0], 784, 200, 200, 200), "q2": glorot_mlp(ks[1], 100, 100, 100, 100),
+              "p1": glorot_mlp(ks[2], 50, 100, 100, 200), "px": glorot_mlp(ks[3], 100, 200, 200, 784)}
+
+        def iwae_loss(p, x, key):
+            k1, k2 = jax.random.split(key)
+            mu1, lv1 = jnp.split(run(p["q1"], x), 2, -1)
+            e1 = jax.random.normal(k1, (k,) + mu1.shape)
+            z1 = mu1 + jnp.exp(0.5 * lv1) * e1
+            mu2, lv2 = jnp.split(run(p["q2"], z1), 2, -1)
+            e2 = jax.random.normal(k2, mu2.shape)
+            z2 = mu2 + jnp.exp(0.5 * lv2) * e2
+            pm, plv = jnp.split(run(p["p1"], z2), 2, -1)
+            logits = run(p["px"], z1)
+            log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
+            ratio1 = jnp.sum(-0.5 * (plv + (z1 - pm) ** 2 * jnp.exp(-plv)) + 0.5 * (lv1 + e1 ** 2), -1)
+            if k == 1:
+                kl2 = -0.5 * jnp.sum(1 + lv2 - mu2 ** 2 - jnp.exp(lv2), -1)
+                return -jnp.mean((log_px + ratio1 - kl2)[0])
+            log_w = log_px + ratio1 - 0.5 * jnp.sum(z2 ** 2 - lv2 - e2 ** 2, -1)
+            return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
+
+        iopt = optax.adam(1e-3, eps=1e-4)
+
+        @jax.jit
+        def istep(p, s, x, key):
+            key, sub = jax.random.split(key)
+            g = jax.grad(iwae_loss)(p, x, sub)
+            updates, s = iopt.update(g, s)
+            return optax.apply_updates(p, updates), s, key
+
+        xb = jnp.asarray((np.random.default_rng(0).random((20, 784)) < train[:20]).astype(np.float32))
+        st = {"p": ip, "s": iopt.init(ip), "k": key}
+
+        def one():
+            st["p"], st["s"], st["k"] = istep(st["p"], st["s"], xb, st["k"])
+            jax.block_until_ready(st["p"])
+        return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's 2-layer model, batch 20, k = {k}"
 
     if name.startswith("iwae-step-"):
         k = int(name.rsplit("k", 1)[1])

@@ -159,13 +159,22 @@ fn main() -> Result<()> {
             };
             (t, format!("one training step, batch {b}"))
         }
-        w @ ("iwae-step-k1" | "iwae-step-k5" | "iwae-step-k50") => {
-            // Burda et al.'s one-layer model (784-200-200-50 tanh, Glorot), batch 20: the VAE
-            // (k = 1, ELBO) or the IWAE (k = 5 or 50), Adam with epsilon 1e-4.
-            let k: usize = w.trim_start_matches("iwae-step-k").parse()?;
+        w @ ("iwae-step-k1" | "iwae-step-k5" | "iwae-step-k50" | "iwae-step-2l-k1"
+        | "iwae-step-2l-k5" | "iwae-step-2l-k50") => {
+            // Burda et al.'s one-layer model (784-200-200-50 tanh, Glorot) or its two-layer one
+            // (784-[200-200]-100-[100-100]-50), batch 20: the VAE (k = 1, ELBO) or the IWAE
+            // (k = 5 or 50), Adam with epsilon 1e-4.
+            let (layers, k) = match w.trim_start_matches("iwae-step-").split_once("l-k") {
+                Some((layers, k)) => (layers.parse::<usize>()?, k.parse::<usize>()?),
+                None => (1, w.trim_start_matches("iwae-step-k").parse()?),
+            };
+            let (hidden, latent_dims) = match layers {
+                1 => (vec![vec![200, 200]], vec![50]),
+                _ => (vec![vec![200, 200], vec![100, 100]], vec![100, 50]),
+            };
             let config = VaeConfig {
-                hidden: vec![vec![200, 200]],
-                latent_dims: vec![50],
+                hidden,
+                latent_dims,
                 activation: elbo::nn::activation::Activation::Tanh,
                 ..VaeConfig::default()
             };
@@ -205,7 +214,9 @@ fn main() -> Result<()> {
             };
             (
                 t,
-                format!("one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"),
+                format!(
+                    "one training step of the IWAE paper's {layers}-layer model, batch 20, k = {k}"
+                ),
             )
         }
         "conv-vae-step-128" => {
@@ -368,7 +379,8 @@ fn main() -> Result<()> {
         }
         other => bail!(
             "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
-             iwae-step-k5, iwae-step-k50, conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
+             iwae-step-k5, iwae-step-k50, iwae-step-2l-k1, iwae-step-2l-k5, iwae-step-2l-k50, \
+             conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
              unet-cifar-step-64, ddim-50-cifar"
         ),
     };
