@@ -85,17 +85,44 @@ def torch_workload(name, a, compiled=False):
         bce = F.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
         return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
-    if name.startswith("iwae-step-2l-"):
+    if name.startswith("iwae-step-"):
         k = int(name.rsplit("k", 1)[1])
+        layers = 2 if name.startswith("iwae-step-2l-") else 1
+
+        class IwaeMLP(nn.Module):  # Burda et al. 2015, one stochastic layer
+            def __init__(self):
+                super().__init__()
+                self.enc = nn.Sequential(nn.Linear(784, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh())
+                self.mu, self.lv = nn.Linear(200, 50), nn.Linear(200, 50)
+                self.dec = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
+                                         nn.Linear(200, 784))
+                for m in self.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_uniform_(m.weight)
+                        nn.init.zeros_(m.bias)
+
+            def forward(self, x):
+                h = self.enc(x)
+                mu, lv = self.mu(h), self.lv(h)
+                eps = torch.randn((k,) + mu.shape)
+                z = mu + torch.exp(0.5 * lv) * eps
+                logits = self.dec(z)
+                log_px = -F.binary_cross_entropy_with_logits(
+                    logits, x.expand_as(logits), reduction="none").sum(-1)
+                if k == 1:  # the VAE: the ELBO with its closed-form KL
+                    kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1)
+                    return -(log_px[0] - kl).mean()
+                log_w = log_px - 0.5 * z.pow(2).sum(-1) + 0.5 * (lv + eps.pow(2)).sum(-1)
+                return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
 
         def mlp(*sizes):  # tanh between the linear layers, Glorot weights, zero biases
-            layers = []
+            mods = []
             for i, o in zip(sizes, sizes[1:]):
                 lin = nn.Linear(i, o)
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
-                layers += [lin, nn.Tanh()]
-            return nn.Sequential(*layers[:-1])
+                mods += [lin, nn.Tanh()]
+            return nn.Sequential(*mods[:-1])
 
         class Iwae2(nn.Module):  # Burda et al. 2015, two stochastic layers
             def __init__(self):
@@ -125,7 +152,7 @@ def torch_workload(name, a, compiled=False):
                 log_w = log_px + ratio1 - 0.5 * (z2.pow(2) - lv2 - e2.pow(2)).sum(-1)
                 return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
 
-        model = Iwae2()
+        model = Iwae2() if layers == 2 else IwaeMLP()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
         loss_fn = torch.compile(model) if compiled else model
         xb = (torch.rand(20, 784) < train[:20]).float()
@@ -136,49 +163,7 @@ def torch_workload(name, a, compiled=False):
             loss.backward()
             opt.step()
         warm = a.warmup or (300 if compiled else 100)
-        return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's 2-layer model, batch 20, k = {k}"
-
-    if name.startswith("iwae-step-"):
-        k = int(name.rsplit("k", 1)[1])
-
-        class IwaeMLP(nn.Module):  # Burda et al. 2015, one stochastic layer
-            def __init__(self):
-                super().__init__()
-                self.enc = nn.Sequential(nn.Linear(784, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh())
-                self.mu, self.lv = nn.Linear(200, 50), nn.Linear(200, 50)
-                self.dec = nn.Sequential(nn.Linear(50, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(),
-                                         nn.Linear(200, 784))
-                for m in self.modules():
-                    if isinstance(m, nn.Linear):
-                        nn.init.xavier_uniform_(m.weight)
-                        nn.init.zeros_(m.bias)
-
-            def forward(self, x):
-                h = self.enc(x)
-                mu, lv = self.mu(h), self.lv(h)
-                eps = torch.randn((k,) + mu.shape)
-                z = mu + torch.exp(0.5 * lv) * eps
-                logits = self.dec(z)
-                log_px = -F.binary_cross_entropy_with_logits(
-                    logits, x.expand_as(logits), reduction="none").sum(-1)
-                if k == 1:  # the VAE: the ELBO with its closed-form KL
-                    kl = -0.5 * (1 + lv - mu.pow(2) - lv.exp()).sum(-1)
-                    return -(log_px[0] - kl).mean()
-                log_w = log_px - 0.5 * z.pow(2).sum(-1) + 0.5 * (lv + eps.pow(2)).sum(-1)
-                return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
-
-        model = IwaeMLP()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
-        loss_fn = torch.compile(model) if compiled else model
-        xb = (torch.rand(20, 784) < train[:20]).float()
-
-        def step():
-            loss = loss_fn(xb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        warm = a.warmup or (300 if compiled else 100)
-        return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
+        return timed(warm, a.reps or 1000, step), f"one training step of the IWAE paper's {layers}-layer model, batch 20, k = {k}"
 
     if name == "conv-vae-step-128":
         class ConvVAE(nn.Module):  # elbo's --conv 32,64 --hidden 256 --latent-dim 32
@@ -500,86 +485,68 @@ def jax_workload(name, a):
         updates, s = opt.update(g, s)
         return optax.apply_updates(p, updates), s, key
 
-    if name.startswith("iwae-step-2l-"):
-        k = int(name.rsplit("k", 1)[1])
-
-        def glorot_mlp(key, *sizes):
-            out = []
-            for kk, i, o in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:]):
-                bound = math.sqrt(6 / (i + o))
-                out.append((jax.random.uniform(kk, (o, i), minval=-bound, maxval=bound), jnp.zeros(o)))
-            return out
-
-        def run(layers, h):
-            for j, layer in enumerate(layers):
-                h = lin(layer, h)
-                if j + 1 < len(layers):
-                    h = jnp.tanh(h)
-            return h
-
-        ks = jax.random.split(key, 4)
-        ip = {"q1": glorot_mlp(ks[0], 784, 200, 200, 200), "q2": glorot_mlp(ks[1], 100, 100, 100, 100),
-              "p1": glorot_mlp(ks[2], 50, 100, 100, 200), "px": glorot_mlp(ks[3], 100, 200, 200, 784)}
-
-        def iwae_loss(p, x, key):
-            k1, k2 = jax.random.split(key)
-            mu1, lv1 = jnp.split(run(p["q1"], x), 2, -1)
-            e1 = jax.random.normal(k1, (k,) + mu1.shape)
-            z1 = mu1 + jnp.exp(0.5 * lv1) * e1
-            mu2, lv2 = jnp.split(run(p["q2"], z1), 2, -1)
-            e2 = jax.random.normal(k2, mu2.shape)
-            z2 = mu2 + jnp.exp(0.5 * lv2) * e2
-            pm, plv = jnp.split(run(p["p1"], z2), 2, -1)
-            logits = run(p["px"], z1)
-            log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
-            ratio1 = jnp.sum(-0.5 * (plv + (z1 - pm) ** 2 * jnp.exp(-plv)) + 0.5 * (lv1 + e1 ** 2), -1)
-            if k == 1:
-                kl2 = -0.5 * jnp.sum(1 + lv2 - mu2 ** 2 - jnp.exp(lv2), -1)
-                return -jnp.mean((log_px + ratio1 - kl2)[0])
-            log_w = log_px + ratio1 - 0.5 * jnp.sum(z2 ** 2 - lv2 - e2 ** 2, -1)
-            return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
-
-        iopt = optax.adam(1e-3, eps=1e-4)
-
-        @jax.jit
-        def istep(p, s, x, key):
-            key, sub = jax.random.split(key)
-            g = jax.grad(iwae_loss)(p, x, sub)
-            updates, s = iopt.update(g, s)
-            return optax.apply_updates(p, updates), s, key
-
-        xb = jnp.asarray((np.random.default_rng(0).random((20, 784)) < train[:20]).astype(np.float32))
-        st = {"p": ip, "s": iopt.init(ip), "k": key}
-
-        def one():
-            st["p"], st["s"], st["k"] = istep(st["p"], st["s"], xb, st["k"])
-            jax.block_until_ready(st["p"])
-        return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's 2-layer model, batch 20, k = {k}"
-
     if name.startswith("iwae-step-"):
         k = int(name.rsplit("k", 1)[1])
+        layers = 2 if name.startswith("iwae-step-2l-") else 1
 
-        def glorot(key, i, o):
-            bound = math.sqrt(6 / (i + o))
-            return (jax.random.uniform(key, (o, i), minval=-bound, maxval=bound), jnp.zeros(o))
+        if layers == 1:
+            def glorot(key, i, o):
+                bound = math.sqrt(6 / (i + o))
+                return (jax.random.uniform(key, (o, i), minval=-bound, maxval=bound), jnp.zeros(o))
 
-        ks = jax.random.split(key, 8)
-        sizes = {"e0": (784, 200), "e1": (200, 200), "mu": (200, 50), "lv": (200, 50),
-                 "d0": (50, 200), "d1": (200, 200), "d2": (200, 784)}
-        ip = {n: glorot(kk, *io) for kk, (n, io) in zip(ks, sizes.items())}
+            ks = jax.random.split(key, 8)
+            sizes = {"e0": (784, 200), "e1": (200, 200), "mu": (200, 50), "lv": (200, 50),
+                     "d0": (50, 200), "d1": (200, 200), "d2": (200, 784)}
+            ip = {n: glorot(kk, *io) for kk, (n, io) in zip(ks, sizes.items())}
 
-        def iwae_loss(p, x, key):
-            h = jnp.tanh(lin(p["e1"], jnp.tanh(lin(p["e0"], x))))
-            mu, lv = lin(p["mu"], h), lin(p["lv"], h)
-            eps = jax.random.normal(key, (k,) + mu.shape)
-            z = mu + jnp.exp(0.5 * lv) * eps
-            logits = lin(p["d2"], jnp.tanh(lin(p["d1"], jnp.tanh(lin(p["d0"], z)))))
-            log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
-            if k == 1:
-                kl = -0.5 * jnp.sum(1 + lv - mu ** 2 - jnp.exp(lv), -1)
-                return -jnp.mean(log_px[0] - kl)
-            log_w = log_px - 0.5 * jnp.sum(z ** 2, -1) + 0.5 * jnp.sum(lv + eps ** 2, -1)
-            return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
+            def iwae_loss(p, x, key):
+                h = jnp.tanh(lin(p["e1"], jnp.tanh(lin(p["e0"], x))))
+                mu, lv = lin(p["mu"], h), lin(p["lv"], h)
+                eps = jax.random.normal(key, (k,) + mu.shape)
+                z = mu + jnp.exp(0.5 * lv) * eps
+                logits = lin(p["d2"], jnp.tanh(lin(p["d1"], jnp.tanh(lin(p["d0"], z)))))
+                log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
+                if k == 1:
+                    kl = -0.5 * jnp.sum(1 + lv - mu ** 2 - jnp.exp(lv), -1)
+                    return -jnp.mean(log_px[0] - kl)
+                log_w = log_px - 0.5 * jnp.sum(z ** 2, -1) + 0.5 * jnp.sum(lv + eps ** 2, -1)
+                return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
+        else:
+            def glorot_mlp(key, *sizes):
+                out = []
+                for kk, i, o in zip(jax.random.split(key, len(sizes) - 1), sizes, sizes[1:]):
+                    bound = math.sqrt(6 / (i + o))
+                    out.append((jax.random.uniform(kk, (o, i), minval=-bound, maxval=bound), jnp.zeros(o)))
+                return out
+
+            def run(net, h):
+                for j, layer in enumerate(net):
+                    h = lin(layer, h)
+                    if j + 1 < len(net):
+                        h = jnp.tanh(h)
+                return h
+
+            ks = jax.random.split(key, 4)
+            ip = {"q1": glorot_mlp(ks[0], 784, 200, 200, 200), "q2": glorot_mlp(ks[1], 100, 100, 100, 100),
+                  "p1": glorot_mlp(ks[2], 50, 100, 100, 200), "px": glorot_mlp(ks[3], 100, 200, 200, 784)}
+
+            def iwae_loss(p, x, key):
+                k1, k2 = jax.random.split(key)
+                mu1, lv1 = jnp.split(run(p["q1"], x), 2, -1)
+                e1 = jax.random.normal(k1, (k,) + mu1.shape)
+                z1 = mu1 + jnp.exp(0.5 * lv1) * e1
+                mu2, lv2 = jnp.split(run(p["q2"], z1), 2, -1)
+                e2 = jax.random.normal(k2, mu2.shape)
+                z2 = mu2 + jnp.exp(0.5 * lv2) * e2
+                pm, plv = jnp.split(run(p["p1"], z2), 2, -1)
+                logits = run(p["px"], z1)
+                log_px = -jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x[None]), -1)
+                ratio1 = jnp.sum(-0.5 * (plv + (z1 - pm) ** 2 * jnp.exp(-plv)) + 0.5 * (lv1 + e1 ** 2), -1)
+                if k == 1:
+                    kl2 = -0.5 * jnp.sum(1 + lv2 - mu2 ** 2 - jnp.exp(lv2), -1)
+                    return -jnp.mean((log_px + ratio1 - kl2)[0])
+                log_w = log_px + ratio1 - 0.5 * jnp.sum(z2 ** 2 - lv2 - e2 ** 2, -1)
+                return -jnp.mean(jax.nn.logsumexp(log_w, 0) - math.log(k))
 
         iopt = optax.adam(1e-3, eps=1e-4)
 
@@ -596,7 +563,7 @@ def jax_workload(name, a):
         def one():
             st["p"], st["s"], st["k"] = istep(st["p"], st["s"], xb, st["k"])
             jax.block_until_ready(st["p"])
-        return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's 1-layer model, batch 20, k = {k}"
+        return timed(a.warmup or 100, a.reps or 1000, one), f"one training step of the IWAE paper's {layers}-layer model, batch 20, k = {k}"
 
     if name == "conv-vae-step-128":
         from jax import lax
