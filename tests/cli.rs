@@ -564,10 +564,11 @@ fn the_iwae_paper_preset_sets_the_protocol_and_learns() {
 #[test]
 fn committed_reproduction_checkpoints_evaluate_as_measured() {
     // (run, NLL, KL per layer, active units per layer) as measured at commit time.
-    let runs: [(&str, f64, &[f64], &[u64]); 3] = [
+    let runs: [(&str, f64, &[f64], &[u64]); 4] = [
         ("vae-1l-k1", 85.91, &[26.17], &[22]),
         ("vae-2l-k1", 83.70, &[13.91, 10.62], &[20, 8]),
         ("iwae-1l-k5", 84.90, &[23.75], &[23]),
+        ("iwae-2l-k5", 82.81, &[14.77, 9.60], &[23, 8]),
     ];
     for (run, nll, kl, active) in runs {
         let ckpt = format!(
