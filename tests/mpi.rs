@@ -1,5 +1,5 @@
-//! Data parallelism over MPI processes (`--features mpi`; `.ci/run` installs OpenMPI and runs
-//! these): N ranks compute what one process computes. Each test runs the `elbo` binary once
+//! Data parallelism over MPI processes (`--features mpi`; `scripts/test` installs OpenMPI and
+//! runs these): N ranks compute what one process computes. Each test runs the `elbo` binary once
 //! alone and once under `mpirun -np 2 --oversubscribe` (two ranks on this 2-core machine,
 //! one rayon thread each).
 //!

@@ -2,8 +2,9 @@
 //! self-contained (no request to any address), and rendered by headless Chromium: its DOM
 //! holds every section and no error, and a screenshot is not blank.
 //!
-//! Chromium is Debian's `chromium` (`.ci/run` installs it and sets ELBO_REQUIRE_BROWSER=1, so
-//! in CI a missing browser fails the test); `CHROMIUM=/path` picks another binary.
+//! Chromium is Debian's `chromium` (`scripts/test` installs it, and `.ci/run` sets
+//! ELBO_REQUIRE_BROWSER=1, so in CI a missing browser fails the test); `CHROMIUM=/path` picks
+//! another binary.
 
 mod common;
 
@@ -186,9 +187,9 @@ fn reports_of_real_runs_render_in_a_browser() {
     let Some(browser) = chromium() else {
         assert!(
             std::env::var_os("ELBO_REQUIRE_BROWSER").is_none(),
-            "no Chromium found (install Debian's chromium, as .ci/run does, or set CHROMIUM)"
+            "no Chromium found (install Debian's chromium, as scripts/test does, or set CHROMIUM)"
         );
-        eprintln!("skipping the browser half: no chromium (install it, as .ci/run does)");
+        eprintln!("skipping the browser half: no chromium (install it, as scripts/test does)");
         return;
     };
     for (page, sections, min_svgs) in &pages {
