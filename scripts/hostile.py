@@ -3,14 +3,19 @@
 
 Usage: scripts/hostile.py PATH/TO/elbo [--quick]
 
-Categories (issue 9): IDX files, checkpoints, flags, faults. Each run is classified:
+Categories (issue 9): IDX files, checkpoints, flags, faults; (issue 33) writes, run links,
+bounds, non-finite, kinds, messages. Each run is classified:
 - panic: exit 101 or "panicked" on stderr;
 - abort: killed by SIGABRT/SIGSEGV or "memory allocation" on stderr (not our injected faults);
 - hang: still running after the timeout;
 - unclear: failed, but not with one line naming the flag or file it should name;
 - wrong-exit-0: bad input that ended with exit 0 (a NaN or inf printed, nothing written);
 - data loss: after a fault, continuing the run (--resume, or a new start when --resume says
-  there is nothing to continue) does not reach the uninterrupted run's metrics and weights.
+  there is nothing to continue) does not reach the uninterrupted run's metrics and weights;
+- clobber: a file that was not the command's output (a link's target, a user's file beside
+  it, a user's file in --out) was changed or removed, or the output was left a link;
+- escape: --resume opened something behind a run-folder link that leads outside the folder;
+- unbounded: a read of a bounded input took more than 1 GB of memory.
 Faults are injected with strace (SIGKILL at the N-th rename, ENOSPC at the N-th fsync), so
 the same faults hit any version of the binary. Needs python3, strace, mkfifo; no packages.
 """
@@ -28,6 +33,9 @@ import tempfile
 
 ELBO = os.path.abspath(sys.argv[1])
 QUICK = "--quick" in sys.argv
+# --only=writes,bounds,...: run only these categories (idx, checkpoints, flags, faults, writes,
+# run-links, bounds, non-finite, kinds, messages).
+ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
 ROOT = tempfile.mkdtemp(prefix="hostile-")
 ENV = dict(os.environ, RUST_BACKTRACE="1")  # as in many developers' shells
 COUNTS = {}
@@ -37,6 +45,8 @@ T_FLAG = ("--num-train-timesteps"
                                                        text=True).stdout
           else "--steps")
 EXAMPLES = {}
+OUTCOMES = ["panic", "abort", "hang", "unclear", "wrong-exit-0", "data loss", "clobber", "escape",
+            "unbounded"]
 
 
 def limit_memory():
@@ -58,8 +68,7 @@ def run(args, timeout=30, env=None, cwd=ROOT):
 
 
 def note(category, outcome, what):
-    c = COUNTS.setdefault(category, {"runs": 0, "panic": 0, "abort": 0, "hang": 0,
-                                      "unclear": 0, "wrong-exit-0": 0, "data loss": 0})
+    c = COUNTS.setdefault(category, {k: 0 for k in ["runs"] + OUTCOMES})
     c["runs"] += 1
     if outcome:
         c[outcome] += 1
@@ -378,6 +387,270 @@ def category_faults():
                 note("faults", None, what)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Issue 33: writes, run-folder links, bounds, non-finite runs, kinds, messages.
+
+def outcome_of(rc, err, needle=None, bad=True):
+    """The outcome of one run of bad input (None when it was refused as it should be)."""
+    if rc is None:
+        return "hang"
+    if rc == 101 or "panicked" in err:
+        return "panic"
+    if rc < 0 or rc == 134 or "memory allocation" in err:
+        return "abort"
+    if rc == 0:
+        return "wrong-exit-0" if bad else None
+    lines = err.strip().splitlines()
+    if not lines or (needle and needle not in lines[-1]):
+        return "unclear"
+    return None
+
+
+def category_writes(vae_run, diff_run):
+    """Links and files planted at every output path a command writes."""
+    vck, dck = os.path.join(vae_run, "model.safetensors"), os.path.join(diff_run, "model.safetensors")
+    out = os.path.join(ROOT, "w-out")
+    os.makedirs(out, exist_ok=True)
+    victim = os.path.join(ROOT, "victim.txt")
+    o = lambda n: os.path.join(out, n)
+    commands = [
+        (["sample", "vae", "--checkpoint", vck, "--n", "4", "--out", o("grid.png")], o("grid.png")),
+        (["reconstruct", "vae", "--checkpoint", vck, "--n", "4", "--out", o("rec.png")], o("rec.png")),
+        (["sample", "diffusion", "--checkpoint", dck, "--n", "2", "--steps", "2", "--out", o("d.png")],
+         o("d.png")),
+        (["report", vae_run, "--out", o("r.html")], o("r.html")),
+        (["eval", "vae", "--checkpoint", vck, "--iw-samples", "2", "--limit", "4", "--report", vae_run],
+         os.path.join(vae_run, "eval.json")),
+        (["eval", "diffusion", "--checkpoint", dck, "--limit", "2", "--plot", o("lt.svg")], o("lt.svg")),
+    ]
+    for args, target in commands:
+        what = " ".join(args)[:140]
+        for plant in ["tmp-link", "tmp-file", "target-link"]:
+            for p in [target, target + ".tmp"]:
+                if os.path.lexists(p):
+                    os.remove(p)
+            with open(victim, "w") as f:
+                f.write("precious")
+            mine = target + ".tmp"
+            if plant == "tmp-link":
+                os.symlink(victim, target + ".tmp")
+            elif plant == "tmp-file":
+                with open(mine, "w") as f:
+                    f.write("mine")
+            else:
+                os.symlink(victim, target)
+            rc, err, _ = run(args, timeout=120)
+            with open(victim) as f:
+                kept = f.read() == "precious"
+            if plant == "tmp-file":
+                kept = kept and os.path.isfile(mine) and open(mine).read() == "mine"
+            if not kept or (plant != "target-link" and os.path.islink(target)):
+                note("writes", "clobber", f"{plant}: {what}")
+            elif plant == "target-link":
+                note("writes", outcome_of(rc, err, "link"), f"{plant}: {what} :: {err.strip()[-120:]}")
+            else:
+                note("writes", None if rc == 0 else "unclear", f"{plant}: {what} :: {err.strip()[-120:]}")
+    # A new run's --out holding a file of the user's that a run writes.
+    for name in ["samples.png", "reconstructions.png", "report.html", "pictures/samples-000001.png"]:
+        d = os.path.join(ROOT, "w-user-" + name.replace("/", "-"))
+        os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+        with open(os.path.join(d, name), "w") as f:
+            f.write("mine")
+        rc, err, _ = run(["train", "vae", "--epochs", "1", "--train-limit", "256", "--test-limit", "32",
+                          "--out", d], timeout=120)
+        kept = open(os.path.join(d, name)).read() == "mine"
+        note("writes", None if kept and rc != 0 else "clobber", f"--out holding the user's {name}")
+
+
+def category_run_links(vae_args):
+    """--resume with links in the run folder that lead outside it: nothing behind them opened."""
+    runs = []
+    for name in ["l-run", "l-other"]:
+        d = os.path.join(ROOT, name)
+        rc, err, _ = run(vae_args + ["--out", d], timeout=120)
+        assert rc == 0, err
+        runs.append(d)
+    d, other = runs
+    latest = os.path.join(d, "latest")
+    original = os.readlink(latest)
+    for target in ["/", "/etc", os.path.join(other, "commits/000001"), "../l-other/commits/000001",
+                   "commits/../../l-other/commits/000001"]:
+        os.remove(latest)
+        os.symlink(target, latest)
+        trace = os.path.join(ROOT, "strace.txt")
+        p = subprocess.run(["strace", "-f", "-o", trace, "-e", "trace=open,openat", ELBO] + vae_args +
+                           ["--out", d, "--resume", "--epochs", "2"], capture_output=True, env=ENV, timeout=120)
+        opened = open(trace).read()
+        outside = [l for l in opened.splitlines() if "commit.json" in l
+                   and os.path.join(d, "commits") not in l]
+        what = f"latest -> {target}"
+        if outside:
+            note("run links", "escape", what + " :: " + outside[0][:120])
+        else:
+            note("run links", outcome_of(p.returncode, p.stderr.decode(), "refusing"), what)
+    os.remove(latest)
+    os.symlink(original, latest)
+    shutil.move(os.path.join(d, "commits"), os.path.join(ROOT, "l-moved"))
+    os.symlink(os.path.join(other, "commits"), os.path.join(d, "commits"))
+    rc, err, _ = run(vae_args + ["--out", d, "--resume", "--epochs", "2"], timeout=120)
+    note("run links", outcome_of(rc, err, "refusing"), "commits -> another run's commits")
+
+
+def run_peak(args, timeout=120):
+    """(rc, stderr, peak resident MB) of one run, measured by GNU time."""
+    try:
+        p = subprocess.run(["/usr/bin/time", "-f", "PEAK %M"] + [ELBO] + args, capture_output=True,
+                           timeout=timeout, env=ENV, cwd=ROOT, preexec_fn=limit_memory)
+    except subprocess.TimeoutExpired:
+        return None, "", 0
+    err = p.stderr.decode("utf-8", "replace")
+    peak = 0
+    lines = err.strip().splitlines()
+    if lines and lines[-1].startswith("PEAK "):
+        peak = int(lines[-1].split()[1]) // 1024
+        err = "\n".join(lines[:-1])
+    rc = p.returncode
+    if "Command terminated by signal" in err:
+        rc = -6
+        err = "\n".join(l for l in err.splitlines() if "Command terminated" not in l)
+    elif "Command exited with non-zero status" in err:
+        err = "\n".join(l for l in err.splitlines() if "Command exited" not in l)
+    return rc, err, peak
+
+
+def category_bounds(vae_run, vae_args):
+    """Reads that must be bounded by a stated ceiling or by what a header declares."""
+    import zipfile
+    copy = os.path.join(ROOT, "b-report")
+    os.makedirs(copy, exist_ok=True)
+    shutil.copy(os.path.join(vae_run, "config.json"), os.path.join(copy, "config.json"))
+    line = open(os.path.join(vae_run, "metrics.jsonl")).read()
+    cases = []
+    # 1 GB of zeros (sparse) and 300 MB of real lines as metrics.
+    with open(os.path.join(copy, "metrics.jsonl"), "wb") as f:
+        f.truncate(1 << 30)
+    cases.append((["report", copy, "--out", os.path.join(ROOT, "b.html")], "metrics.jsonl", "report on 1 GB of zeros"))
+    copy2 = os.path.join(ROOT, "b-report2")
+    os.makedirs(copy2, exist_ok=True)
+    shutil.copy(os.path.join(vae_run, "config.json"), os.path.join(copy2, "config.json"))
+    with open(os.path.join(copy2, "metrics.jsonl"), "w") as f:
+        chunk = line * 1000
+        for _ in range(max(1, (300 << 20) // len(chunk))):
+            f.write(chunk)
+    cases.append((["report", copy2, "--out", os.path.join(ROOT, "b2.html")], "metrics.jsonl",
+                  "report on 300 MB of metrics lines"))
+    # --resume with a committed metrics file grown to 1 GB.
+    d = os.path.join(ROOT, "b-resume")
+    rc, err, _ = run(vae_args + ["--out", d], timeout=120)
+    assert rc == 0, err
+    with open(os.path.join(d, "commits/000001/metrics.jsonl"), "r+b") as f:
+        f.truncate(1 << 30)
+    cases.append((vae_args + ["--out", d, "--resume", "--epochs", "2"], "metrics.jsonl", "--resume, 1 GB metrics"))
+    # An .npz member whose header declares 100 x 28 x 28 but inflates to 1 GB.
+    npz = os.path.join(ROOT, "bomb.npz")
+    hdr = "{'descr': '|u1', 'fortran_order': False, 'shape': (100, 28, 28), }"
+    hdr += " " * (63 - (10 + len(hdr)) % 64) + "\n"
+    with zipfile.ZipFile(npz, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("images.npy", "w", force_zip64=True) as f:
+            f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode())
+            zeros = bytes(1 << 20)
+            for _ in range(1024):
+                f.write(zeros)
+    cases.append((["train", "vae", "--data", npz, "--out", os.path.join(ROOT, "b-npz")], "images.npy",
+                  ".npz member inflating to 1 GB"))
+    for args, needle, what in cases:
+        rc, err, peak = run_peak(args)
+        out = outcome_of(rc, err, needle)
+        if out is None and peak > 1024:
+            out = "unbounded"
+        note("bounds", out, f"{what} :: {peak} MB :: {err.strip()[-120:]}")
+    # Work far too large for the flags' values: refused up front, naming the flag.
+    for args, flag in [
+        (["eval", "vae", "--checkpoint", FIX, "--iw-samples", "18446744073709551615"], "--iw-samples"),
+        (["eval", "vae", "--checkpoint", FIX, "--iw-samples", "100000000"], "--iw-samples"),
+        (["sample", "vae", "--checkpoint", FIX, "--n", "18446744073709551615"], "--n"),
+        (["sample", "diffusion", "--checkpoint", DFIX, "--steps", "18446744073709551615"], "--steps"),
+        (["train", "vae", "--epochs", "18446744073709551615", "--out", os.path.join(ROOT, "b-e")], "--epochs"),
+        (["train", "vae", "--eval-every", "18446744073709551615", "--out", os.path.join(ROOT, "b-e2")],
+         "--eval-every"),
+    ]:
+        classify("bounds", args, flag, timeout=30)
+
+
+def category_non_finite():
+    for kind, extra in [("diffusion", ["--train-limit", "32", "--test-limit", "8", T_FLAG, "10", "--channels", "8",
+                                        "--sample-steps", "2"]),
+                        ("vae", ["--train-limit", "256", "--test-limit", "32"])]:
+        for lr in ["1e30", "1e6"]:
+            d = os.path.join(ROOT, f"nan-{kind}-{lr}")
+            rc, err, _ = run(["train", kind, "--lr", lr, "--epochs", "2", "--out", d] + extra, timeout=120)
+            committed = os.path.lexists(os.path.join(d, "latest"))
+            what = f"train {kind} --lr {lr}"
+            if rc == 0 or committed:
+                note("non-finite", "wrong-exit-0", what + (" (committed)" if committed else ""))
+            else:
+                note("non-finite", outcome_of(rc, err, "training stopped"), what)
+
+
+def category_kinds(vae_run, diff_run):
+    vck, dck = os.path.join(vae_run, "model.safetensors"), os.path.join(diff_run, "model.safetensors")
+    classify("kinds", ["eval", "diffusion", "--checkpoint", dck, "--limit", "2", "--report", vae_run], "--report")
+    classify("kinds", ["eval", "vae", "--checkpoint", vck, "--iw-samples", "2", "--limit", "4", "--report",
+                       diff_run], "--report")
+    import io
+    import tarfile
+    path = os.path.join(ROOT, "cifar-label.tar.gz")
+    data = bytearray(10000 * 3073)
+    data[4 * 3073] = 200
+    with tarfile.open(path, "w:gz") as t:
+        info = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(bytes(data)))
+    classify("kinds", ["eval", "vae", "--checkpoint", FIX, "--data", path, "--iw-samples", "2"], "label 200")
+
+
+def category_messages(vae_run):
+    out = os.path.join(ROOT, "m-never")
+    idx = struct.pack(">IIII", 2051, 10, 28, 28) + bytes(10 * 784)
+    raw = gzip.compress(idx)
+    for name, flip, needle in [("crc", len(raw) - 6, "CRC"), ("deflate", len(raw) // 2, "deflate")]:
+        b = bytearray(raw)
+        b[flip] ^= 0xFF
+        b[flip + 1] ^= 0x55
+        d, _ = folder("m-" + name, bytes(b), gz=True)
+        classify("messages", ["eval", "vae", "--checkpoint", FIX, "--data", d, "--limit", "1"], needle)
+    classify("messages", ["train", "vae", "--likelihood", "gaussian", "--obs-log-var", "-1000", "--out", out],
+             "--obs-log-var")
+    classify("messages", ["train", "diffusion", "--channels", "7", "--out", out], "--channels")
+    rc, err, _ = run(["train", "diffusion", "--res-blocks", "0", "--out", out])
+    note("messages", "unclear" if "Some(" in err or "--res-blocks" not in err else outcome_of(rc, err),
+         "--res-blocks 0 :: " + err.strip()[-100:])
+    copy = os.path.join(ROOT, "m-report")
+    os.makedirs(copy, exist_ok=True)
+    shutil.copy(os.path.join(vae_run, "config.json"), os.path.join(copy, "config.json"))
+    line = open(os.path.join(vae_run, "metrics.jsonl")).read()
+    with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+        f.write(line + line + "{bad\n")
+    classify("messages", ["report", copy, "--out", os.path.join(ROOT, "m.html")], "line 3")
+    t, meta = read_safetensors(os.path.join(vae_run, "model.safetensors"))
+    meta = dict(meta or {})
+    meta["elbo.config"] = '{"kind": "' + "x" * (10 << 20) + '"}'
+    p = os.path.join(ROOT, "m-meta.safetensors")
+    with open(p, "wb") as f:
+        f.write(safetensors(t, meta))
+    rc, err, _ = run(["sample", "vae", "--checkpoint", p, "--out", os.path.join(ROOT, "m.png")])
+    note("messages", "unclear" if len(err) > 1000 else outcome_of(rc, err, "elbo.config"),
+         f"10 MB metadata string :: {len(err)} bytes of error")
+    for name, data in [("plain", b"\x07\x1b[31mnot an archive" * 40),
+                       ("gzip", gzip.compress(b"\x07\x1b[31mnot an archive" * 40))]:
+        p = os.path.join(ROOT, f"m-{name}.tar.gz")
+        with open(p, "wb") as f:
+            f.write(data)
+        rc, err, _ = run(["eval", "vae", "--checkpoint", FIX, "--data", p])
+        note("messages", "unclear" if "\x1b" in err or "not an archive" in err else outcome_of(rc, err),
+             f"{name} bytes named .tar.gz :: " + repr(err.strip()[-100:]))
+
 if __name__ == "__main__":
     # Fixtures: a small VAE and a small diffusion checkpoint, trained by the binary under test.
     fix_dir = os.path.join(ROOT, "fix")
@@ -393,11 +666,23 @@ if __name__ == "__main__":
     assert rc == 0, err
     DFIX = os.path.join(ROOT, "dfix.safetensors")
     shutil.copy(os.path.join(dfix_dir, "model.safetensors"), DFIX)
-    category_idx(FIX)
-    category_checkpoints(FIX, DFIX)
-    category_flags()
-    category_faults()
-    cols = ["runs", "panic", "abort", "hang", "unclear", "wrong-exit-0", "data loss"]
+    small_vae = ["train", "vae", "--epochs", "1", "--train-limit", "256", "--test-limit", "32",
+                 "--hidden-dim", "16", "--latent-dim", "2"]
+    for name, go in [
+        ("idx", lambda: category_idx(FIX)),
+        ("checkpoints", lambda: category_checkpoints(FIX, DFIX)),
+        ("flags", category_flags),
+        ("faults", category_faults),
+        ("writes", lambda: category_writes(fix_dir, dfix_dir)),
+        ("run-links", lambda: category_run_links(small_vae)),
+        ("bounds", lambda: category_bounds(fix_dir, small_vae)),
+        ("non-finite", category_non_finite),
+        ("kinds", lambda: category_kinds(fix_dir, dfix_dir)),
+        ("messages", lambda: category_messages(fix_dir)),
+    ]:
+        if ONLY is None or name in ONLY:
+            go()
+    cols = ["runs"] + OUTCOMES
     print("| category | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for cat, c in COUNTS.items():

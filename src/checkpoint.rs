@@ -1,10 +1,10 @@
-//! safetensors checkpoints: serialised in memory, written atomically (temporary file, fsync,
-//! rename, fsync of the folder), and read defensively: only regular files, reads bounded by
+//! safetensors checkpoints: serialised in memory, written atomically (`files::write_atomic`),
+//! and read defensively: only regular files, reads bounded by
 //! the file's size and the memory budget, float tensors only, every value finite.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -30,51 +30,13 @@ pub fn serialize(
     )?)
 }
 
-/// Writes `tensors` (+ `metadata`) to `path` through `path.tmp` and a rename.
+/// Writes `tensors` (+ `metadata`) to `path` through [`crate::files::write_atomic`].
 pub fn save_atomic(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    write_atomic(path, &serialize(tensors, metadata)?)
-}
-
-/// `model.safetensors` -> `model.safetensors.tmp`.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Writes `bytes` to `path` atomically: a crash leaves the old file or the new one, whole.
-/// On failure the temporary file is removed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        crate::fault::step("write temporary file")?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        crate::fault::step("fsync temporary file")?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", tmp.display()));
-    }
-    crate::fault::step("rename temporary file into place")
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::files::write_atomic(path, &serialize(tensors, metadata)?)
 }
 
 /// Reads up to this size are not checked against the memory budget.
@@ -161,7 +123,7 @@ pub fn decode(bytes: &[u8], path: &Path, device: &Device) -> Result<Loaded> {
 }
 
 /// Fails naming the first non-finite value of a float tensor (as it will be used, in f32).
-fn check_finite(t: &Tensor) -> Result<()> {
+pub fn check_finite(t: &Tensor) -> Result<()> {
     let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         bail!("holds a non-finite value ({v}) at flat index {i}; refusing to load it");

@@ -49,6 +49,7 @@ pub mod distributions;
 pub mod engine;
 pub mod eval;
 pub mod fault;
+pub mod files;
 pub mod limits;
 pub mod nn;
 pub mod optim;

@@ -8,7 +8,10 @@
 use anyhow::{Result, bail};
 
 /// Bytes of memory a single allocation plan may use: `ELBO_MEMORY_LIMIT` (bytes) when set,
-/// else `MemAvailable` from `/proc/meminfo`, else 16 GiB.
+/// else the smallest of what the machine has (`MemAvailable` in `/proc/meminfo`), what the
+/// process's address-space limit leaves (`RLIMIT_AS`, as `ulimit -v` sets it, less the
+/// current `VmSize`) and what its cgroup leaves (`memory.max - memory.current`, or cgroup v1's
+/// `limit_in_bytes - usage_in_bytes`); 16 GiB when none of them can be read.
 pub fn memory_budget() -> u64 {
     if let Some(v) = std::env::var("ELBO_MEMORY_LIMIT")
         .ok()
@@ -16,21 +19,74 @@ pub fn memory_budget() -> u64 {
     {
         return v;
     }
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map(|kib| kib.saturating_mul(1024))
+    [mem_available(), address_space_left(), cgroup_left()]
+        .into_iter()
+        .flatten()
+        .min()
         .unwrap_or(16 << 30)
+}
+
+/// A `Key:   123 kB` line of a `/proc` file, in bytes.
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib.saturating_mul(1024))
+    })
+}
+
+fn mem_available() -> Option<u64> {
+    proc_kib("/proc/meminfo", "MemAvailable:")
+}
+
+/// `RLIMIT_AS` less the address space already mapped; `None` when unlimited.
+fn address_space_left() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let used = proc_kib("/proc/self/status", "VmSize:").unwrap_or(0);
+    Some(limit.rlim_cur.saturating_sub(used))
+}
+
+/// What the process's cgroup may still use; `None` when it has no limit.
+fn cgroup_left() -> Option<u64> {
+    let number =
+        |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    // The process's own cgroup (v2: one line "0::/path").
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|p| p.trim().to_string())
+        });
+    if let Some(own) = own {
+        let dir = format!("/sys/fs/cgroup{}", own.trim_end_matches('/'));
+        if let Some(max) = number(&format!("{dir}/memory.max")) {
+            let current = number(&format!("{dir}/memory.current")).unwrap_or(0);
+            return Some(max.saturating_sub(current));
+        }
+    }
+    if let Some(max) = number("/sys/fs/cgroup/memory.max") {
+        return Some(max.saturating_sub(number("/sys/fs/cgroup/memory.current").unwrap_or(0)));
+    }
+    // cgroup v1 reports "no limit" as a huge number; anything above 2^60 is that.
+    let max = number("/sys/fs/cgroup/memory/memory.limit_in_bytes").filter(|&m| m < 1 << 60)?;
+    Some(max.saturating_sub(number("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0)))
 }
 
 /// `a * b * ...` in u64, `None` on overflow.
@@ -78,6 +134,39 @@ pub fn at_least_one(flag: &str, value: usize) -> Result<()> {
     Ok(())
 }
 
+/// The ceiling of every count flag: far above any published protocol (the IWAE paper's 3,280
+/// passes and k = 5000, DDPM's T = 1000, improved-diffusion's T = 4000), far below what would
+/// run for ever or overflow a size. Each flag's own ceiling, where it has one, is below this.
+pub const COUNT_CEILING: usize = 100_000_000;
+
+/// Fails with one line unless `1 <= value <= max`, naming the flag and its ceiling:
+/// `"--iw-samples 18446744073709551615: at most 10000000"`.
+pub fn count(flag: &str, value: usize, max: usize) -> Result<()> {
+    at_least_one(flag, value)?;
+    if value > max {
+        bail!("{flag} {value}: at most {max} (this flag's ceiling)");
+    }
+    Ok(())
+}
+
+/// The most work one command may be asked for, in multiply-adds: 10^15, about three days of
+/// a 2-core machine at 4 GFLOP/s (the IWAE paper's whole test evaluation, 10,000 digits x
+/// k = 5000 x 0.5 M weights, is 2.6 x 10^13).
+pub const WORK_CEILING: f64 = 1e15;
+
+/// Fails with one line when `units` (network evaluations; `None` = overflowed) times
+/// `cost` (multiply-adds of one) exceeds [`WORK_CEILING`]. `what` names the flags that set it,
+/// with their values.
+pub fn check_work(what: &str, units: Option<u64>, cost: u64) -> Result<()> {
+    let work = units.map_or(f64::INFINITY, |u| u as f64 * cost.max(1) as f64);
+    if work > WORK_CEILING {
+        bail!(
+            "{what}: about {work:.1e} multiply-adds, more than the {WORK_CEILING:.0e} one command may do; lower them"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +185,36 @@ mod tests {
         assert!(e.contains("more than"), "{e}");
         assert!(check_bytes("--n 9", "x", Some(1)).is_ok());
         assert!(memory_budget() > 1 << 20);
+    }
+
+    #[test]
+    fn counts_and_work_have_ceilings_that_name_the_flag() {
+        let e = count("--iw-samples", usize::MAX, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--iw-samples 18446744073709551615: at most 10"),
+            "{e}"
+        );
+        assert!(
+            count("--n", 0, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
+        assert!(count("--n", 10, 10).is_ok());
+        let e = check_work(
+            "--iw-samples 1000000000 x 10000 examples",
+            Some(10_000_000_000_000),
+            500_000,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--iw-samples 1000000000 x 10000 examples: about 5.0e18"),
+            "{e}"
+        );
+        assert!(check_work("x", None, 1).is_err());
+        assert!(check_work("x", Some(10_000 * 5000), 521_084).is_ok());
     }
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use rand::SeedableRng;
@@ -579,6 +579,15 @@ fn run(cli: Cli) -> Result<()> {
             if a.likelihood != Likelihood::Gaussian && a.obs_log_var.is_some() {
                 bail!("--obs-log-var applies only to --likelihood gaussian");
             }
+            // log sigma^2 of the decoder's Gaussian: exp() must stay a normal f32 and the
+            // log-density -x^2 / (2 sigma^2) finite for pixels in [0, 1].
+            if let Some(v) = a.obs_log_var
+                && !(-30.0..=30.0).contains(&v)
+            {
+                bail!(
+                    "--obs-log-var {v}: must be between -30 and 30 (the log-variance of the Gaussian decoder; exp(-30) is already 1e-13)"
+                );
+            }
             let paper = a.preset == Some(Preset::IwaePaper);
             let latent_dims = parse_sizes(
                 "--latent-dim",
@@ -802,9 +811,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sample {
             model: SampleModel::Vae(a),
         } => {
-            if a.n == 0 {
-                bail!("--n must be at least 1");
-            }
+            elbo::limits::count("--n", a.n, 1_000_000)?;
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
             let shape = elbo::train::image_shape(&vae)?;
             check_grid_memory(a.n, shape.dim())?;
@@ -826,9 +833,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Reconstruct {
             model: ReconstructModel::Vae(a),
         } => {
-            if a.n == 0 {
-                bail!("--n must be at least 1");
-            }
+            elbo::limits::count("--n", a.n, 1_000_000)?;
             let vae = Vae::load(&a.checkpoint, &device)?.frozen()?;
             let data = a.data.source().load(a.split)?;
             check_model_takes(&vae, &data, &a.data.source().describe())?;
@@ -841,6 +846,16 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Multiply-adds of one network evaluation, from above: each weight used once per pixel (a
+/// convolution's weights are, at the first level; lower levels use them less).
+fn diffusion_net_cost(config: &DiffusionConfig) -> u64 {
+    let params = config.net.parameter_count().unwrap_or(u64::MAX / 4);
+    let pixels = config
+        .image_shape()
+        .map_or(1, |s| (s.height * s.width) as u64);
+    params.saturating_mul(pixels)
 }
 
 /// A progress bar over `len` units of `unit` (hidden when stderr is not a terminal).
@@ -890,16 +905,42 @@ fn check_model_takes(vae: &Vae, data: &elbo::data::Dataset, what: &str) -> Resul
     Ok(())
 }
 
-/// Writes `results` as `dir/eval.json` and refreshes `dir/report.html`.
-fn save_eval_report(dir: &std::path::Path, results: &serde_json::Value) -> Result<()> {
-    if !dir.join("config.json").exists() {
+/// Fails unless `dir` (from `--report`) is a run folder holding a run of `kind` ("vae" or
+/// "diffusion"); checked before an evaluation starts and again before its results are written.
+fn check_report_run(dir: &std::path::Path, kind: &str) -> Result<()> {
+    let config = dir.join("config.json");
+    if !config.exists() {
         bail!(
             "--report {}: not a run folder (no config.json); give the folder train --out wrote",
             dir.display()
         );
     }
+    let text = String::from_utf8(elbo::checkpoint::read_regular_file(&config, 1 << 20)?)
+        .with_context(|| format!("{}: not UTF-8 text", config.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", config.display()))?;
+    let model = &value["model"];
+    let run_kind = if model.get("latent_dims").is_some() {
+        "vae"
+    } else if model.get("net").is_some() {
+        "diffusion"
+    } else {
+        "unknown"
+    };
+    if run_kind != kind {
+        bail!(
+            "--report {}: holds a {run_kind} run, but this is eval {kind}; give the folder of a {kind} run",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `results` as `dir/eval.json` and refreshes `dir/report.html`.
+fn save_eval_report(dir: &std::path::Path, kind: &str, results: &serde_json::Value) -> Result<()> {
+    check_report_run(dir, kind)?;
     let path = dir.join(elbo::report::EVAL_FILE);
-    elbo::checkpoint::write_atomic(&path, serde_json::to_string_pretty(results)?.as_bytes())?;
+    elbo::files::write_atomic(&path, serde_json::to_string_pretty(results)?.as_bytes())?;
     let out = dir.join("report.html");
     elbo::report::write_report(dir, &out)?;
     eprintln!("report: {}", out.display());
@@ -917,11 +958,12 @@ fn parse_sizes(flag: &str, text: &str) -> Result<Vec<usize>> {
 }
 
 fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
-    if a.iw_samples == 0 {
-        bail!("--iw-samples must be at least 1");
-    }
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
+    use elbo::limits::{COUNT_CEILING, count};
+    count("--iw-samples", a.iw_samples, 10_000_000)?;
+    count("--batch-size", a.batch_size, 1_000_000)?;
+    count("--limit", a.limit.unwrap_or(1), COUNT_CEILING)?;
+    if let Some(dir) = &a.report {
+        check_report_run(dir, "vae")?;
     }
     let vae = Vae::load(&a.checkpoint, device)?.frozen()?;
     let mut data = a.data.source().load(a.split)?;
@@ -932,6 +974,16 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
     if data.is_empty() {
         bail!("--limit 0: nothing to evaluate");
     }
+    // One importance sample costs about a pass through the networks: 2 multiply-adds a weight.
+    elbo::limits::check_work(
+        &format!(
+            "--iw-samples {} x {} examples (--limit)",
+            a.iw_samples,
+            data.len()
+        ),
+        (data.len() as u64).checked_mul(a.iw_samples as u64),
+        2 * vae.config.parameter_count_checked().unwrap_or(u64::MAX / 4),
+    )?;
     let bar = progress(
         (data.len() as u64).saturating_mul(a.iw_samples as u64),
         "importance samples",
@@ -978,7 +1030,7 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
             "checkpoint": a.checkpoint,
     });
     if let Some(dir) = &a.report {
-        save_eval_report(dir, &results)?;
+        save_eval_report(dir, "vae", &results)?;
     }
     if a.json {
         println!("{results}");
@@ -1036,12 +1088,8 @@ fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
 }
 
 fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
-    if a.n == 0 {
-        bail!("--n must be at least 1");
-    }
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
+    elbo::limits::count("--n", a.n, 1_000_000)?;
+    elbo::limits::count("--steps", a.steps, 100_000)?;
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
@@ -1053,6 +1101,11 @@ fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         SamplerKind::Ddpm => m.process.num_timesteps(),
         SamplerKind::Ddim => a.steps.min(m.process.num_timesteps()),
     };
+    elbo::limits::check_work(
+        &format!("--n {} x {total} steps (--sampler, --steps)", a.n),
+        (a.n as u64).checked_mul(total as u64),
+        diffusion_net_cost(&m.config),
+    )?;
     // In chunks of 256 samples, so the network's activations stay bounded whatever --n is.
     const CHUNK: usize = 256;
     let bar = progress(
@@ -1095,8 +1148,11 @@ fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
 }
 
 fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
-    if a.batch_size == 0 || a.limit == 0 {
-        bail!("--batch-size and --limit must be at least 1");
+    use elbo::limits::{COUNT_CEILING, count};
+    count("--batch-size", a.batch_size, 1_000_000)?;
+    count("--limit", a.limit, COUNT_CEILING)?;
+    if let Some(dir) = &a.report {
+        check_report_run(dir, "diffusion")?;
     }
     if let Some(p) = &a.plot
         && !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
@@ -1157,6 +1213,11 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     };
     let n = x_all.dim(0)?;
     let t_max = m.process.num_timesteps();
+    elbo::limits::check_work(
+        &format!("--limit {n} x {t_max} timesteps"),
+        (n as u64).checked_mul(t_max as u64),
+        diffusion_net_cost(&m.config),
+    )?;
     let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * t_max) as u64);
     if !elbo::dist::is_main() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -1183,7 +1244,7 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     }
     if let Some(path) = &a.plot {
         let svg = elbo::report::lt_plot_svg(&lt)?;
-        elbo::checkpoint::write_atomic(path, svg.as_bytes())?;
+        elbo::files::write_atomic(path, svg.as_bytes())?;
     }
     let results = serde_json::json!({
         "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
@@ -1191,7 +1252,7 @@ fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
     });
     if let Some(dir) = &a.report {
-        save_eval_report(dir, &results)?;
+        save_eval_report(dir, "diffusion", &results)?;
     }
     if a.json {
         println!("{results}");

@@ -8,8 +8,9 @@ use candle_core::Tensor;
 use crate::data::ImageShape;
 
 /// Writes `images` (`[N, C*H*W]`, each C x H x W planar, values in [0, 1]) as a grid `cols`
-/// wide with a 2-pixel border: a grey PNG for C = 1, RGB for C = 3. Through a temporary file
-/// and a rename.
+/// wide with a 2-pixel border: a grey PNG for C = 1, RGB for C = 3, written with
+/// [`crate::files::write_atomic`]. Refuses images holding a NaN or an infinity (a picture of
+/// them would be a blank grid that looks like a result).
 pub fn save_grid(images: &Tensor, shape: ImageShape, cols: usize, path: &Path) -> Result<()> {
     let (n, d) = images.dims2()?;
     if d != shape.dim() || !matches!(shape.channels, 1 | 3) {
@@ -19,6 +20,14 @@ pub fn save_grid(images: &Tensor, shape: ImageShape, cols: usize, path: &Path) -
         );
     }
     let px = images.flatten_all()?.to_vec1::<f32>()?;
+    let bad = px.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        bail!(
+            "{}: not written: {bad} of the {} pixel values are not finite (NaN or infinite); the model's weights do not give finite images",
+            path.display(),
+            px.len()
+        );
+    }
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);
     let pad = 2;
@@ -55,24 +64,29 @@ pub fn save_grid(images: &Tensor, shape: ImageShape, cols: usize, path: &Path) -
     }
 }
 
-/// Writes a PNG through a temporary file and a rename, creating the folder if needed.
+/// Encodes a PNG in memory and writes it with [`crate::files::write_atomic`] (the folder is
+/// created if needed; a link at `path` is refused).
 pub fn save_png(img: impl Into<image::DynamicImage>, path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    }
-    let tmp = crate::checkpoint::tmp_path(path);
+    let mut png = std::io::Cursor::new(Vec::new());
     img.into()
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("{}: cannot write PNG", path.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+        .write_to(&mut png, image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot encode PNG", path.display()))?;
+    crate::files::write_atomic(path, png.get_ref())
 }
 
 /// Side-by-side scatter plots of 2-D point sets (`[N, 2]` row-major each), one 320x320 panel
 /// per set over [-4, 4]^2, blue points on white.
 pub fn save_scatter(panels: &[&[f32]], path: &Path) -> Result<()> {
+    let bad: usize = panels
+        .iter()
+        .map(|p| p.iter().filter(|v| !v.is_finite()).count())
+        .sum();
+    if bad > 0 {
+        bail!(
+            "{}: not written: {bad} coordinates are not finite (NaN or infinite); the model's weights do not give finite samples",
+            path.display()
+        );
+    }
     let side = 320u32;
     let mut img = image::RgbImage::from_pixel(
         side * panels.len() as u32,

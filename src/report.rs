@@ -31,36 +31,82 @@ pub const EVAL_FILE: &str = "eval.json";
 /// The per-epoch sample grids the trainers write.
 pub const PICTURES_DIR: &str = "pictures";
 
-/// Writes the report of the run in `dir` to `out`: a temporary file renamed into place, so a
-/// reader never sees half a page. (Not through `checkpoint::write_atomic`: the report is not
-/// part of a run's committed state, and its file-system steps are not the commit's.)
+/// Writes the report of the run in `dir` to `out` with [`crate::files::write_atomic`], so a
+/// reader never sees half a page and a link at `out` is refused.
 pub fn write_report(dir: &Path, out: &Path) -> Result<()> {
     let html = build(dir)?;
-    let tmp = crate::checkpoint::tmp_path(out);
-    std::fs::write(&tmp, html.as_bytes())
-        .with_context(|| format!("{}: cannot write the report", tmp.display()))?;
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("{}: cannot rename the report into place", out.display()))
+    crate::files::write_atomic(out, html.as_bytes())
 }
 
+/// The most a run's JSON file (`config.json`, `eval.json`) may hold here.
+const JSON_MAX: u64 = 16 << 20;
+
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
+    let bytes = crate::checkpoint::read_regular_file(path, JSON_MAX)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", path.display()))
+}
+
+/// The run's `metrics.jsonl`, streamed line by line: at most [`crate::run_dir::METRICS_MAX`]
+/// bytes, each line pruned to the numbers and short strings the report draws.
+fn read_metrics(dir: &Path) -> Result<Vec<Value>> {
+    use std::io::{BufRead, Read};
+    let path = dir.join("metrics.jsonl");
+    let cannot = || format!("{}: no metrics.jsonl", dir.display());
+    let meta = std::fs::metadata(&path).with_context(cannot)?;
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a regular file", path.display());
+    }
+    let max = crate::run_dir::METRICS_MAX;
+    if meta.len() > max {
+        anyhow::bail!(
+            "{}: {} is more than the {} a run's metrics may hold (about 160,000 epochs); not a run elbo wrote",
+            path.display(),
+            crate::limits::human(meta.len()),
+            crate::limits::human(max)
+        );
+    }
+    let file = std::fs::File::open(&path).with_context(cannot)?;
+    let reader = std::io::BufReader::new(file.take(max));
+    let mut metrics = Vec::new();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("{}: cannot read", path.display()))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let value: Value = serde_json::from_slice(&line)
+            .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        metrics.push(prune(value, 0));
+    }
+    Ok(metrics)
+}
+
+/// Keeps what a metrics line's curves need: numbers, booleans, short strings, and objects and
+/// arrays of them, three levels deep, 64 entries each.
+fn prune(value: Value, depth: usize) -> Value {
+    match value {
+        Value::String(s) if s.len() > 64 => Value::Null,
+        Value::Array(a) if depth < 3 => Value::Array(
+            a.into_iter()
+                .take(64)
+                .map(|v| prune(v, depth + 1))
+                .collect(),
+        ),
+        Value::Object(o) if depth < 3 => Value::Object(
+            o.into_iter()
+                .take(64)
+                .map(|(k, v)| (k, prune(v, depth + 1)))
+                .collect(),
+        ),
+        Value::Array(_) | Value::Object(_) => Value::Null,
+        other => other,
+    }
 }
 
 /// The page of the run in `dir`.
 pub fn build(dir: &Path) -> Result<String> {
     let config = read_json(&dir.join("config.json"))
         .with_context(|| format!("{}: not a run folder (no config.json)", dir.display()))?;
-    let metrics_text = std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .with_context(|| format!("{}: no metrics.jsonl", dir.display()))?;
-    let metrics: Vec<Value> = metrics_text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()
-        .with_context(|| format!("{}: metrics.jsonl is not JSON lines", dir.display()))?;
+    let metrics = read_metrics(dir)?;
     let is_vae = metrics
         .first()
         .is_some_and(|m| m.get("train").is_some_and(Value::is_object));

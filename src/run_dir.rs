@@ -22,7 +22,6 @@
 //! anything, and refuses with one line naming what is out of step.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -39,6 +38,21 @@ const LATEST: &str = "latest";
 const COMMITS: &str = "commits";
 /// The files every commit holds, linked from the run folder under the same names.
 const LINKED: [&str; 4] = [MODEL, STATE, METRICS, CONFIG];
+/// What else a run writes into its folder (pictures at the end and every epoch, the report,
+/// `eval --report`'s results, the commits): a new run refuses a folder holding any of them.
+pub const OUTPUTS: [&str; 7] = [
+    "samples.png",
+    "reconstructions.png",
+    "manifold.png",
+    "report.html",
+    "eval.json",
+    "pictures",
+    COMMITS,
+];
+/// The most a commit's manifest may hold (it lists five files).
+const MANIFEST_MAX: u64 = 1 << 20;
+/// The most a run's `metrics.jsonl` may hold: about 400 bytes an epoch, so 160,000 epochs.
+pub const METRICS_MAX: u64 = 64 << 20;
 
 /// One file of a commit: its length and SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -131,6 +145,12 @@ impl RunDir {
                 dir.display()
             );
         }
+        if let Some(name) = OUTPUTS.iter().find(|n| present(&dir.join(n))) {
+            bail!(
+                "--out {}: already holds {name}, which a run writes; elbo does not overwrite it: choose another --out (or --resume the run it belongs to)",
+                dir.display()
+            );
+        }
         if present(dir) && !dir.is_dir() {
             bail!("--out {}: exists and is not a folder", dir.display());
         }
@@ -165,12 +185,30 @@ impl RunDir {
         }
         let target = std::fs::read_link(&latest)
             .with_context(|| format!("{}: not a link to a commit", latest.display()))?;
+        // Nothing behind a link is opened before the link is known to stay inside the folder:
+        // `latest` must read `commits/NNNNNN`, and both folders must be real folders.
+        let epoch_named = commit_epoch(&target).with_context(|| {
+            format!(
+                "{}: points to {}, not to one of the run's commits (commits/NNNNNN); refusing to follow it",
+                latest.display(),
+                target.display()
+            )
+        })?;
+        for d in [dir.join(COMMITS), dir.join(&target)] {
+            let real = d.symlink_metadata().map(|m| m.is_dir()).unwrap_or(false);
+            if !real {
+                bail!(
+                    "{}: is not a folder of the run (missing, or a link); refusing to follow it",
+                    d.display()
+                );
+            }
+        }
         let commit_dir = dir.join(&target);
         let manifest_path = commit_dir.join(MANIFEST);
-        let text = read_small(&manifest_path)?;
+        let text = read_small(&manifest_path, MANIFEST_MAX)?;
         let manifest: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a commit manifest", manifest_path.display()))?;
-        if target != Path::new(COMMITS).join(commit_name(manifest.epoch)) {
+        if epoch_named != manifest.epoch {
             bail!(
                 "{}: points to {} but the commit there is epoch {}: the run is out of step",
                 latest.display(),
@@ -184,13 +222,30 @@ impl RunDir {
                 .get(name)
                 .with_context(|| format!("{}: does not list {name}", manifest_path.display()))?;
             let path = commit_dir.join(name);
-            let bytes = std::fs::read(&path).with_context(|| {
+            // The size is compared before anything is read: a file grown (or replaced by a
+            // link or a device) since the commit is refused without reading it.
+            let meta = path.symlink_metadata().with_context(|| {
                 format!(
                     "{}: missing from the commit of epoch {}",
                     path.display(),
                     manifest.epoch
                 )
             })?;
+            if !meta.is_file() || meta.len() != entry.bytes {
+                bail!(
+                    "{}: is not the file committed at epoch {} ({}, {} bytes expected by {}): the run is out of step",
+                    path.display(),
+                    manifest.epoch,
+                    if meta.is_file() {
+                        format!("{} bytes", meta.len())
+                    } else {
+                        "not a regular file".to_string()
+                    },
+                    entry.bytes,
+                    manifest_path.display()
+                );
+            }
+            let bytes = crate::checkpoint::read_regular_file(&path, entry.bytes)?;
             if bytes.len() as u64 != entry.bytes || sha256_hex(&bytes) != entry.sha256 {
                 bail!(
                     "{}: is not the file committed at epoch {} ({} bytes, digest differs from {}): the run is out of step",
@@ -201,7 +256,7 @@ impl RunDir {
                 );
             }
         }
-        let metrics = read_small(&commit_dir.join(METRICS))?;
+        let metrics = read_small(&commit_dir.join(METRICS), METRICS_MAX)?;
         check_metrics(&metrics, manifest.epoch, &commit_dir.join(METRICS))?;
         let run = Self {
             dir: dir.to_path_buf(),
@@ -305,7 +360,7 @@ impl RunDir {
             }
         }
         for (file, bytes) in &all {
-            write_synced(&partial.join(file), bytes)?;
+            crate::files::write_new(&partial.join(file), bytes)?;
             manifest.files.insert(
                 file.to_string(),
                 FileDigest {
@@ -314,7 +369,7 @@ impl RunDir {
                 },
             );
         }
-        write_synced(
+        crate::files::write_new(
             &partial.join(MANIFEST),
             serde_json::to_string_pretty(&manifest)?.as_bytes(),
         )?;
@@ -399,16 +454,6 @@ impl RunDir {
     }
 }
 
-/// Writes `bytes` to a new file and fsyncs it (two fault steps).
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    fault::step(&format!("write {}", path.display()))?;
-    let mut f = std::fs::File::create(path).with_context(io_context(path, "write"))?;
-    f.write_all(bytes).with_context(io_context(path, "write"))?;
-    fault::step(&format!("fsync {}", path.display()))?;
-    f.sync_all().with_context(io_context(path, "sync"))?;
-    Ok(())
-}
-
 #[cfg(unix)]
 fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
     std::os::unix::fs::symlink(target, link)
@@ -421,9 +466,36 @@ fn symlink(_target: &Path, _link: &Path) -> std::io::Result<()> {
     ))
 }
 
-/// Reads a small text file of a run (at most 256 MB), refusing anything but a regular file.
-fn read_small(path: &Path) -> Result<String> {
-    let bytes = crate::checkpoint::read_regular_file(path, 256 << 20)?;
+/// `commits/000007` -> 7; `None` for anything else (absolute paths, `..`, other folders).
+fn commit_epoch(target: &Path) -> Option<usize> {
+    let mut parts = target.components();
+    let (Some(std::path::Component::Normal(first)), Some(std::path::Component::Normal(name))) =
+        (parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let name = name.to_str()?;
+    if first != COMMITS || parts.next().is_some() || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let epoch: usize = name.parse().ok()?;
+    (commit_name(epoch) == name).then_some(epoch)
+}
+
+/// Reads a small text file of a run (at most `max` bytes), refusing anything but a regular
+/// file, a link included.
+fn read_small(path: &Path, max: u64) -> Result<String> {
+    if path
+        .symlink_metadata()
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false)
+    {
+        bail!(
+            "{}: is a link, not a file of the run; refusing to follow it",
+            path.display()
+        );
+    }
+    let bytes = crate::checkpoint::read_regular_file(path, max)?;
     String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))
 }
 

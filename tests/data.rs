@@ -441,3 +441,34 @@ fn shared_full_mnist_and_cifar10_jpeg() {
         eprintln!("skipped: {} is absent", tarball.display());
     }
 }
+
+/// A CIFAR-10 label is 0..9 (CIFAR-100's fine label 0..99): a record labelled 200 is refused,
+/// naming the member and the record.
+#[test]
+fn cifar_labels_out_of_range_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cifar-10-binary.tar.gz");
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    let mut bytes = vec![0u8; 10_000 * 3073];
+    bytes[4 * 3073] = 200; // the label of record 5
+    let mut header = tar::Header::new_gnu();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(
+        &mut header,
+        "cifar-10-batches-bin/test_batch.bin",
+        bytes.as_slice(),
+    )
+    .unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    let e = load_path(&path, Split::Test).unwrap_err().to_string();
+    assert!(
+        e.contains("test_batch.bin, record 5: label 200") && e.contains("labels 0 to 9"),
+        "{e}"
+    );
+}

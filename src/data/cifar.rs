@@ -28,6 +28,21 @@ const SHAPE: ImageShape = ImageShape {
 };
 
 impl Variant {
+    /// Classes of the label this reader keeps: CIFAR-10's 10, CIFAR-100's 100 fine labels.
+    fn classes(self) -> usize {
+        match self {
+            Variant::Cifar10 => 10,
+            Variant::Cifar100 => 100,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Cifar10 => "CIFAR-10",
+            Variant::Cifar100 => "CIFAR-100",
+        }
+    }
+
     fn label_bytes(self) -> usize {
         match self {
             Variant::Cifar10 => 1,
@@ -52,6 +67,19 @@ impl Variant {
     }
 }
 
+/// One line for a read error inside the archive: the gzip layer's problem in words, else tar's
+/// message up to its first colon (after which it quotes bytes of the file), escaped and cut.
+fn corrupt_archive(path: &Path, e: &std::io::Error) -> anyhow::Error {
+    let text = e.to_string();
+    let what =
+        if text.contains("checksum") || text.contains("deflate") || text.contains("incomplete") {
+            crate::data::idx::gzip_problem(e)
+        } else {
+            crate::files::excerpt(text.split(':').next().unwrap_or(""), 80)
+        };
+    anyhow::anyhow!("{}: corrupt tar.gz archive ({what})", path.display())
+}
+
 /// `true` when the file name says tar.gz.
 pub fn is_tar_gz(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -65,8 +93,16 @@ pub fn load(path: &Path, split: Split) -> Result<Dataset> {
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }
-    let file =
+    let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut magic = [0u8; 2];
+    if file.read_exact(&mut magic).is_err() || magic != [0x1f, 0x8b] {
+        bail!(
+            "{}: not a gzip file (a .tar.gz starts with the bytes 1f 8b); give the CIFAR binary archive as published",
+            path.display()
+        );
+    }
+    std::io::Seek::rewind(&mut file).with_context(|| format!("{}: cannot read", path.display()))?;
     let gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
     let mut archive = tar::Archive::new(gz);
     let mut variant: Option<Variant> = None;
@@ -76,8 +112,7 @@ pub fn load(path: &Path, split: Split) -> Result<Dataset> {
         .entries()
         .with_context(|| format!("{}: not a tar.gz archive", path.display()))?;
     for entry in entries {
-        let mut entry =
-            entry.with_context(|| format!("{}: corrupt tar.gz archive", path.display()))?;
+        let mut entry = entry.map_err(|e| corrupt_archive(path, &e))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -117,7 +152,7 @@ pub fn load(path: &Path, split: Split) -> Result<Dataset> {
         (&mut entry)
             .take(expected)
             .read_to_end(&mut bytes)
-            .with_context(|| format!("{}: member {name}: cannot read", path.display()))?;
+            .map_err(|e| corrupt_archive(path, &e))?;
         if bytes.len() as u64 != expected {
             bail!("{}: member {name} is truncated", path.display());
         }
@@ -137,8 +172,18 @@ pub fn load(path: &Path, split: Split) -> Result<Dataset> {
     for ((name, _), part) in wanted.iter().zip(parts) {
         let bytes = part.with_context(|| format!("{}: has no member {name}", path.display()))?;
         let record = v.label_bytes() + PIXELS;
-        for r in bytes.chunks_exact(record) {
-            labels.push(r[v.label_bytes() - 1]);
+        for (i, r) in bytes.chunks_exact(record).enumerate() {
+            let label = r[v.label_bytes() - 1];
+            if label as usize >= v.classes() {
+                bail!(
+                    "{}: member {name}, record {}: label {label}, but {} has labels 0 to {}",
+                    path.display(),
+                    i + 1,
+                    v.name(),
+                    v.classes() - 1
+                );
+            }
+            labels.push(label);
             images.extend_from_slice(&r[v.label_bytes()..]);
         }
     }

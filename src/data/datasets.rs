@@ -212,7 +212,7 @@ pub fn ensure(spec: &Spec) -> Result<PathBuf> {
             fetch(spec, file, &dir)?;
         }
         let len = std::fs::metadata(&path)?.len();
-        crate::checkpoint::write_atomic(
+        crate::files::write_atomic(
             &marker(&path),
             format!("{} {len}\n", file.sha256).as_bytes(),
         )?;
@@ -237,7 +237,8 @@ pub fn urls(spec: &Spec, file: &RemoteFile) -> Vec<String> {
     }
 }
 
-/// Downloads `file` into `dir` through a `.partial` file; verifies it; renames it into place.
+/// Downloads `file` into `dir` through an exclusive temporary file; verifies it; renames it into
+/// place.
 fn fetch(spec: &Spec, file: &RemoteFile, dir: &Path) -> Result<()> {
     let path = dir.join(file.name);
     let addresses = urls(spec, file);
@@ -252,21 +253,29 @@ fn fetch(spec: &Spec, file: &RemoteFile, dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let partial = dir.join(format!("{}.partial", file.name));
     let mut errors = Vec::new();
     for url in &addresses {
-        match download(url, &partial) {
+        // An exclusive, unpredictably named file beside the target (removed when dropped).
+        let mut partial = tempfile::Builder::new()
+            .prefix(&format!(".{}.", file.name))
+            .suffix(".partial")
+            .tempfile_in(dir)
+            .with_context(|| format!("{}: cannot write", dir.display()))?;
+        match download(url, partial.as_file_mut(), &path) {
             Ok(()) => {
-                let got = digest_of(&partial, file.digested);
+                let got = digest_of(partial.path(), file.digested);
                 match got {
                     Ok(got) if got == file.sha256 => {
-                        std::fs::rename(&partial, &path).with_context(|| {
-                            format!("{}: cannot rename into place", path.display())
-                        })?;
+                        crate::files::check_target(&path)?;
+                        partial
+                            .persist(&path)
+                            .map_err(|e| e.error)
+                            .with_context(|| {
+                                format!("{}: cannot rename into place", path.display())
+                            })?;
                         return Ok(());
                     }
                     Ok(got) => {
-                        let _ = std::fs::remove_file(&partial);
                         bail!(
                             "--dataset {}: {url} gave a file with sha256 {got}, expected {}; nothing was kept, the next run fetches it again",
                             spec.name,
@@ -274,8 +283,7 @@ fn fetch(spec: &Spec, file: &RemoteFile, dir: &Path) -> Result<()> {
                         );
                     }
                     Err(e) => {
-                        let raw = digest_of(&partial, Digested::Raw).unwrap_or_default();
-                        let _ = std::fs::remove_file(&partial);
+                        let raw = digest_of(partial.path(), Digested::Raw).unwrap_or_default();
                         bail!(
                             "--dataset {}: {url} gave a corrupt or truncated file (sha256 {raw}, {e:#}); expected its decompressed bytes to have sha256 {}; nothing was kept, the next run fetches it again",
                             spec.name,
@@ -285,7 +293,6 @@ fn fetch(spec: &Spec, file: &RemoteFile, dir: &Path) -> Result<()> {
                 }
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&partial);
                 errors.push(format!("{url}: {e:#}"));
             }
         }
@@ -299,9 +306,9 @@ fn fetch(spec: &Spec, file: &RemoteFile, dir: &Path) -> Result<()> {
     )
 }
 
-/// One HTTP(S) GET into `to`, with a progress bar; fails on a status other than 200 and on a
-/// body shorter than the Content-Length the server announced.
-fn download(url: &str, to: &Path) -> Result<()> {
+/// One HTTP(S) GET into `out` (the temporary file of `to`), with a progress bar; fails on a
+/// status other than 200 and on a body shorter than the Content-Length the server announced.
+fn download(url: &str, out: &mut std::fs::File, to: &Path) -> Result<()> {
     let response = ureq::get(url).call().context("request failed")?;
     let expected: Option<u64> = response
         .headers()
@@ -318,8 +325,6 @@ fn download(url: &str, to: &Path) -> Result<()> {
     );
     let mut body = response.into_body();
     let mut reader = body.with_config().limit(u64::MAX).reader();
-    let mut out =
-        std::fs::File::create(to).with_context(|| format!("{}: cannot write", to.display()))?;
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {

@@ -17,10 +17,13 @@ pub enum IdxError {
     },
     #[error("{path}: not a regular file (a folder, pipe or device)")]
     NotAFile { path: PathBuf },
-    #[error("{path}: not a valid gzip file: {source}")]
+    #[error(
+        "{path}: corrupt gzip file ({}); fetch or copy it again",
+        gzip_problem(error)
+    )]
     Gzip {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: bytes after the end of the gzip stream that are not a gzip member")]
     AfterGzip { path: PathBuf },
@@ -104,7 +107,7 @@ fn parse_stream(
         if gz {
             IdxError::Gzip {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             }
         } else {
             IdxError::Io {
@@ -183,18 +186,49 @@ fn parse_stream(
     match read_up_to(&mut r, &mut probe) {
         Ok(0) => {}
         Ok(_) => {
-            // Count what follows, up to 16 MiB (a bomb may go on for ever).
-            let rest =
-                std::io::copy(&mut (&mut r).take(16 << 20), &mut std::io::sink()).unwrap_or(0);
+            // Count what follows, up to 16 MiB (a bomb may go on for ever); a gzip stream
+            // that fails on the way (a bad checksum, invalid deflate data) is corrupt.
+            let rest = match std::io::copy(&mut (&mut r).take(16 << 20), &mut std::io::sink()) {
+                Ok(rest) => rest,
+                Err(e) if gz && !is_after_gzip(&e) => return Err(io(e)),
+                Err(_) if gz => return Err(IdxError::AfterGzip { path: path_buf() }),
+                Err(e) => return Err(io(e)),
+            };
             return Err(IdxError::TrailingBytes {
                 path: path_buf(),
                 found: 1 + rest as usize,
             });
         }
+        Err(e) if gz && !is_after_gzip(&e) => return Err(io(e)),
         Err(_) if gz => return Err(IdxError::AfterGzip { path: path_buf() }),
         Err(e) => return Err(io(e)),
     }
     Ok((dims, data))
+}
+
+/// What a gzip read error means, in words: flate2 reports a bad CRC-32 or length trailer as
+/// "corrupt gzip stream does not have a matching checksum" and bad deflate data as
+/// "corrupt deflate stream".
+pub fn gzip_problem(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("checksum") {
+        "CRC mismatch: the data does not match the checksum stored in the file".into()
+    } else if text.contains("incomplete") {
+        "invalid or truncated deflate data: the stream ends before its end marker".into()
+    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "truncated: the compressed stream ends early".into()
+    } else if text.contains("deflate") {
+        "invalid deflate data".into()
+    } else {
+        text
+    }
+}
+
+/// `true` for an error after all the declared data was read that is not a checksum or deflate
+/// error: bytes after the last member that do not start another member.
+fn is_after_gzip(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    !(text.contains("checksum") || text.contains("deflate"))
 }
 
 /// Parses IDX bytes (raw, or gzip with one or more members) whose magic must be `magic`.

@@ -56,9 +56,12 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(rest[..end].trim())
 }
 
-/// Parses `.npy` bytes; `what` names the file (and member) in errors. The data length is
-/// checked against the header's shape before it is copied.
-pub fn parse(bytes: &[u8], what: &str) -> Result<Array> {
+/// The most an `.npy` header may hold here (NumPy writes under 1 KiB).
+const HEADER_MAX: usize = 1 << 20;
+
+/// The header of `.npy` bytes (which need only reach the header's end): the dtype, the shape,
+/// where the data starts and how many bytes of data the shape declares.
+fn header(bytes: &[u8], what: &str) -> Result<(String, Vec<usize>, usize, u64)> {
     if !bytes.starts_with(MAGIC) || bytes.len() < 10 {
         bail!("{what}: not a NumPy .npy file (no \\x93NUMPY magic)");
     }
@@ -70,6 +73,9 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<Array> {
         ),
         v => bail!("{what}: .npy format version {v} is not read (1, 2 or 3)"),
     };
+    if header_len > HEADER_MAX {
+        bail!("{what}: .npy header of {header_len} bytes, more than the {HEADER_MAX} read");
+    }
     let end = start
         .checked_add(header_len)
         .filter(|&e| e <= bytes.len())
@@ -97,6 +103,53 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<Array> {
         .iter()
         .try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64))
         .with_context(|| format!("{what}: shape {shape:?} overflows"))?;
+    Ok((descr, shape, end, len))
+}
+
+/// Reads one `.npy` from a stream (an `.npz` member as it inflates): the header first, then
+/// exactly the data it declares, checked against the memory budget before it is read, and
+/// one byte more to tell a longer stream. A member that inflates beyond its header is refused
+/// after that one byte, whatever its size.
+pub fn read_bounded(mut r: impl Read, what: &str) -> Result<Array> {
+    let cannot = || format!("{what}: cannot inflate");
+    let mut bytes = Vec::new();
+    (&mut r)
+        .take(12)
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    let header_len = match bytes.get(6) {
+        Some(1) if bytes.len() >= 10 => 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize,
+        Some(2 | 3) if bytes.len() >= 12 => {
+            12 + u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize
+        }
+        _ => bytes.len(),
+    };
+    let header_len = header_len.min(HEADER_MAX + 12);
+    (&mut r)
+        .take(header_len.saturating_sub(bytes.len()) as u64)
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    let (_, _, end, len) = header(&bytes, what)?;
+    crate::limits::check_bytes(
+        what,
+        "its data",
+        end.checked_add(len as usize).map(|b| b as u64),
+    )?;
+    (&mut r)
+        .take(len.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    let body = (bytes.len() - end) as u64;
+    if body > len {
+        bail!("{what}: inflates to more than the {len} bytes of data its .npy header declares");
+    }
+    parse(&bytes, what)
+}
+
+/// Parses `.npy` bytes; `what` names the file (and member) in errors. The data length is
+/// checked against the header's shape before it is copied.
+pub fn parse(bytes: &[u8], what: &str) -> Result<Array> {
+    let (descr, shape, end, len) = header(bytes, what)?;
     let body = (bytes.len() - end) as u64;
     if body != len {
         bail!(
@@ -219,14 +272,8 @@ pub fn load_npz(path: &Path, split: Split) -> Result<Dataset> {
         let mut entry = zip
             .by_name(&member)
             .with_context(|| format!("{what}: cannot read"))?;
-        let size = entry.size();
-        crate::limits::check_bytes(&what, "its data", Some(size))?;
-        let mut bytes = Vec::new();
-        (&mut entry)
-            .take(size)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("{what}: cannot inflate"))?;
-        Ok(Some(parse(&bytes, &what)?))
+        // Bounded by what the member's own .npy header declares, not by the zip's sizes.
+        Ok(Some(read_bounded(&mut entry, &what)?))
     };
     let xs = member(x)?.context("member listed but unreadable")?;
     let what = format!("{}: {x}.npy", path.display());

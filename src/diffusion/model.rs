@@ -122,10 +122,12 @@ pub fn model_config(loaded: &checkpoint::Loaded, path: &Path) -> Result<Diffusio
             .get("elbo.config")
             .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
     )
-    .with_context(|| {
-        format!(
-            "{}: metadata elbo.config is not a diffusion config",
-            path.display()
+    // serde quotes what it could not parse: cut short, a 10 MB string stays out.
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{}: metadata elbo.config is not a diffusion config: {}",
+            path.display(),
+            crate::files::excerpt(&e.to_string(), 160)
         )
     })?;
     config

@@ -126,8 +126,10 @@ impl NetConfig {
                 dropout,
                 ..
             } => {
-                if matches!(res_blocks, Some(n) if !(1..=8).contains(n)) {
-                    bail!("U-Net res_blocks (--res-blocks) must be 1 to 8, got {res_blocks:?}");
+                if let Some(n) = res_blocks
+                    && !(1..=8).contains(n)
+                {
+                    bail!("--res-blocks {n}: the U-Net's residual blocks per level must be 1 to 8");
                 }
                 if let Some(l) = attention_levels.iter().find(|&&l| l >= channel_mult.len()) {
                     bail!(
@@ -140,6 +142,12 @@ impl NetConfig {
                 }
                 if *base == 0 {
                     bail!("U-Net base channels (--channels) must be at least 1");
+                }
+                // The sinusoidal time embedding is `base` wide: half cosines, half sines.
+                if base % 2 != 0 {
+                    bail!(
+                        "--channels {base}: the U-Net's base width must be divisible by 2 (its sinusoidal time embedding is half cosines, half sines)"
+                    );
                 }
                 if !matches!(in_channels, 1 | 3) {
                     bail!("U-Net in_channels {in_channels}: images have 1 or 3 channels");

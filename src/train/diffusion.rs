@@ -165,13 +165,26 @@ pub fn train_diffusion(
     show_progress: bool,
     device: &Device,
 ) -> Result<Vec<DiffusionEpochMetrics>> {
-    crate::limits::at_least_one("--epochs", config.epochs)?;
-    crate::limits::at_least_one("--batch-size", config.batch_size)?;
-    crate::limits::at_least_one("--train-limit", config.train_limit.unwrap_or(1))?;
-    crate::limits::at_least_one("--test-limit", config.test_limit.unwrap_or(1))?;
-    crate::limits::at_least_one("--sample-steps", config.sample_steps)?;
+    use crate::limits::{COUNT_CEILING, count};
+    count("--epochs", config.epochs, 1_000_000)?;
+    count("--batch-size", config.batch_size, 1_000_000)?;
+    count(
+        "--train-limit",
+        config.train_limit.unwrap_or(1),
+        COUNT_CEILING,
+    )?;
+    count(
+        "--test-limit",
+        config.test_limit.unwrap_or(1),
+        COUNT_CEILING,
+    )?;
+    count("--sample-steps", config.sample_steps, 100_000)?;
     if matches!(config.data, DiffusionData::Toy(_)) {
-        crate::limits::at_least_one("--toy-steps-per-epoch", config.toy_steps_per_epoch)?;
+        count(
+            "--toy-steps-per-epoch",
+            config.toy_steps_per_epoch,
+            COUNT_CEILING,
+        )?;
     }
     model.net.validate()?;
     if let DiffusionData::Toy(_) = config.data {
@@ -423,6 +436,26 @@ pub fn train_diffusion(
             test_loss,
             seconds: started.elapsed().as_secs_f64(),
         };
+        let named = |tensors: Vec<Tensor>| -> Vec<(String, Tensor)> {
+            vars.iter().map(|(n, _)| n.clone()).zip(tensors).collect()
+        };
+        super::check_epoch_finite(
+            epoch,
+            run.as_ref().map_or(epoch - 1, run_dir::RunDir::last_epoch),
+            dir,
+            &[
+                ("train loss", Some(m.train_loss)),
+                ("test loss (EMA)", Some(m.test_loss)),
+                ("validation loss (EMA)", m.valid_loss),
+            ],
+            &[
+                (
+                    "raw",
+                    &named(vars.iter().map(|(_, v)| v.as_tensor().clone()).collect()),
+                ),
+                ("EMA", &named(ema.clone())),
+            ],
+        )?;
         if let Some(run) = run.as_mut() {
             let (model_bytes, state_bytes) = state_bytes(&model, &vars, &ema, &adam, epoch)?;
             run.commit(

@@ -188,6 +188,49 @@ pub fn load_splits(
     Ok((train, held, test))
 }
 
+/// Refuses to commit `epoch` when one of its losses (name, value) or weights (name, tensor) is
+/// not finite: training stops with one line naming it, and the run keeps its last commit
+/// (`last_commit`, 0 for none). Diffusion and VAE trainers alike call it before each commit.
+pub fn check_epoch_finite(
+    epoch: usize,
+    last_commit: usize,
+    dir: &Path,
+    losses: &[(&str, Option<f64>)],
+    weights: &[(&str, &[(String, candle_core::Tensor)])],
+) -> Result<()> {
+    let kept = || {
+        if last_commit > 0 {
+            format!(
+                "the last good checkpoint {} (epoch {last_commit}) is kept",
+                dir.join(crate::run_dir::MODEL).display()
+            )
+        } else {
+            "no checkpoint had been written yet".to_string()
+        }
+    };
+    for (name, value) in losses {
+        if let Some(v) = value
+            && !v.is_finite()
+        {
+            bail!(
+                "training stopped: the {name} became {v} at epoch {epoch}; {} (try a smaller --lr)",
+                kept()
+            );
+        }
+    }
+    for (kind, tensors) in weights {
+        for (name, t) in tensors.iter() {
+            if let Err(e) = checkpoint::check_finite(t) {
+                bail!(
+                    "training stopped: the {kind} weight {name} became non-finite at epoch {epoch} ({e}); {} (try a smaller --lr)",
+                    kept()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `dir/report.html` at the end of a run. A report that cannot be drawn does not undo
 /// the training: it is a warning (with `show`), the run's files are all in place.
 pub fn write_report(dir: &Path, show: bool) {

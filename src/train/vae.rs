@@ -158,12 +158,13 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        limits::at_least_one("--epochs", self.epochs)?;
-        limits::at_least_one("--batch-size", self.batch_size)?;
-        limits::at_least_one("--mc-samples", self.mc_samples)?;
-        limits::at_least_one("--eval-every", self.eval_every)?;
-        limits::at_least_one("--train-limit", self.train_limit.unwrap_or(1))?;
-        limits::at_least_one("--test-limit", self.test_limit.unwrap_or(1))?;
+        limits::count("--epochs", self.epochs, 1_000_000)?;
+        limits::count("--batch-size", self.batch_size, 1_000_000)?;
+        limits::count("--mc-samples", self.mc_samples, 100_000)?;
+        limits::count("--eval-every", self.eval_every, limits::COUNT_CEILING)?;
+        let ceiling = limits::COUNT_CEILING;
+        limits::count("--train-limit", self.train_limit.unwrap_or(1), ceiling)?;
+        limits::count("--test-limit", self.test_limit.unwrap_or(1), ceiling)?;
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
         }
@@ -555,6 +556,22 @@ pub fn train_vae(
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };
+        let weights: Vec<(String, Tensor)> = vae
+            .params()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        super::check_epoch_finite(
+            epoch,
+            run.as_ref().map_or(epoch - 1, RunDir::last_epoch),
+            dir,
+            &[
+                ("train -ELBO", Some(train_terms.neg_elbo)),
+                ("test -ELBO", test_terms.as_ref().map(|t| t.neg_elbo)),
+                ("validation -ELBO", valid_terms.as_ref().map(|t| t.neg_elbo)),
+            ],
+            &[("model", &weights)],
+        )?;
         if let Some(run) = run.as_mut() {
             let (state_tensors, step) = adam.state();
             let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;

@@ -1007,7 +1007,7 @@ impl Vae {
 
     /// Saves [`Vae::to_safetensors`] to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        checkpoint::write_atomic(path, &self.to_safetensors()?)
+        crate::files::write_atomic(path, &self.to_safetensors()?)
     }
 
     /// Loads a checkpoint written by [`Vae::save`] or by PyTorch
@@ -1022,10 +1022,12 @@ impl Vae {
     /// validated before anything of its sizes is built.
     pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path) -> Result<Self> {
         let config: VaeConfig = match loaded.metadata.get("elbo.config") {
-            Some(json) => serde_json::from_str(json).with_context(|| {
-                format!(
-                    "{}: metadata elbo.config is not a VAE config",
-                    path.display()
+            // serde quotes what it could not parse: cut short, a 10 MB string stays out.
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: metadata elbo.config is not a VAE config: {}",
+                    path.display(),
+                    crate::files::excerpt(&e.to_string(), 160)
                 )
             })?,
             None => infer_config(&loaded.tensors)
