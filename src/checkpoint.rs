@@ -3,7 +3,6 @@
 //! the file's size and the memory budget, float tensors only, every value finite.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -39,52 +38,9 @@ pub fn save_atomic(
     crate::files::write_atomic(path, &serialize(tensors, metadata)?)
 }
 
-/// Reads up to this size are not checked against the memory budget.
-const SMALL_READ: u64 = 64 << 20;
-
-/// Reads a whole file, refusing anything that is not a regular file (a pipe, a device such as
-/// `/dev/zero`, a folder) and files larger than `max` bytes or (above 64 MiB) the memory
-/// budget; the read is bounded by the size the file had when opened.
-pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
-    // Checked before opening too: opening a named pipe blocks until someone writes to it.
-    let regular = |meta: &std::fs::Metadata| -> Result<()> {
-        if !meta.is_file() {
-            bail!(
-                "{}: not a regular file (a folder, pipe or device); give a file",
-                path.display()
-            );
-        }
-        Ok(())
-    };
-    let cannot_read = || format!("{}: cannot read", path.display());
-    regular(&std::fs::metadata(path).with_context(cannot_read)?)?;
-    let file = std::fs::File::open(path).with_context(cannot_read)?;
-    let meta = file.metadata().with_context(cannot_read)?;
-    regular(&meta)?;
-    let len = meta.len();
-    if len > max {
-        bail!(
-            "{}: {} is larger than the {} allowed here",
-            path.display(),
-            crate::limits::human(len),
-            crate::limits::human(max)
-        );
-    }
-    // Small reads are never refused for memory, which keeps /proc/meminfo out of per-file
-    // loops (an image folder reads 60,000 files).
-    if len > SMALL_READ {
-        crate::limits::check_bytes(&path.display().to_string(), "reading it", Some(len))?;
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(len)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(bytes)
-}
-
 /// Reads every tensor and the metadata of a checkpoint file (see [`decode`]).
 pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
-    let bytes = read_regular_file(path, u64::MAX)
+    let bytes = crate::files::read_regular_file(path, u64::MAX)
         .with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
     decode(&bytes, path, device)
 }

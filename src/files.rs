@@ -1,4 +1,5 @@
-//! The one way elbo writes a file, and the checks on paths it is given.
+//! The one way elbo writes a file, the one way it reads a whole file, and the checks on paths
+//! it is given.
 //!
 //! Every writer (checkpoints, epoch commits, pictures, reports, `eval.json`, exports, fetched
 //! data) goes through [`write_atomic`]: the bytes go to a new temporary file beside the target,
@@ -8,7 +9,7 @@
 //! `.NAME.XXXXXX.tmp`. A target that exists as a symbolic link, a folder, a pipe or a device is
 //! refused with one line: elbo never writes through a link.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -32,8 +33,8 @@ pub fn check_target(path: &Path) -> Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically (see the module doc). The file gets mode 0644.
-/// Fault steps, in order: "write temporary file", "fsync temporary file", "rename temporary
-/// file into place".
+/// Fault steps, in order: "write temporary file of PATH", "fsync temporary file of PATH",
+/// "rename temporary file into place: PATH".
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     check_target(path)?;
     let dir = path
@@ -46,7 +47,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .with_context(|| format!("{}: not a file name", path.display()))?;
     let cannot_write = || format!("{}: cannot write", path.display());
-    fault::step("write temporary file").with_context(cannot_write)?;
+    let shown = path.display();
+    fault::step(&format!("write temporary file of {shown}")).with_context(cannot_write)?;
     // The temporary file is removed when `tmp` is dropped on any error below.
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
@@ -54,7 +56,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(dir)
         .with_context(cannot_write)?;
     tmp.write_all(bytes).with_context(cannot_write)?;
-    fault::step("fsync temporary file").with_context(cannot_write)?;
+    fault::step(&format!("fsync temporary file of {shown}")).with_context(cannot_write)?;
     tmp.as_file().sync_all().with_context(cannot_write)?;
     #[cfg(unix)]
     {
@@ -66,7 +68,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     // Checked again right before the rename (a rename replaces a link, never writes through
     // it, so a link planted in between is replaced, not followed).
     check_target(path)?;
-    fault::step("rename temporary file into place")
+    fault::step(&format!("rename temporary file into place: {shown}"))
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     tmp.persist(path)
         .map_err(|e| e.error)
@@ -95,6 +97,49 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all()
         .with_context(|| format!("{}: cannot sync", path.display()))?;
     Ok(())
+}
+
+/// Reads up to this size are not checked against the memory budget.
+const SMALL_READ: u64 = 64 << 20;
+
+/// Reads a whole file, refusing anything that is not a regular file (a pipe, a device such as
+/// `/dev/zero`, a folder) and files larger than `max` bytes or (above 64 MiB) the memory
+/// budget; the read is bounded by the size the file had when opened.
+pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>> {
+    // Checked before opening too: opening a named pipe blocks until someone writes to it.
+    let regular = |meta: &std::fs::Metadata| -> Result<()> {
+        if !meta.is_file() {
+            bail!(
+                "{}: not a regular file (a folder, pipe or device); give a file",
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    let cannot_read = || format!("{}: cannot read", path.display());
+    regular(&std::fs::metadata(path).with_context(cannot_read)?)?;
+    let file = std::fs::File::open(path).with_context(cannot_read)?;
+    let meta = file.metadata().with_context(cannot_read)?;
+    regular(&meta)?;
+    let len = meta.len();
+    if len > max {
+        bail!(
+            "{}: {} is larger than the {} allowed here",
+            path.display(),
+            crate::limits::human(len),
+            crate::limits::human(max)
+        );
+    }
+    // Small reads are never refused for memory, which keeps /proc/meminfo out of per-file
+    // loops (an image folder reads 60,000 files).
+    if len > SMALL_READ {
+        crate::limits::check_bytes(&path.display().to_string(), "reading it", Some(len))?;
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(bytes)
 }
 
 /// Shortens text from a file for an error message: at most `max` characters, with the count

@@ -915,7 +915,7 @@ fn check_report_run(dir: &std::path::Path, kind: &str) -> Result<()> {
             dir.display()
         );
     }
-    let text = String::from_utf8(elbo::checkpoint::read_regular_file(&config, 1 << 20)?)
+    let text = String::from_utf8(elbo::files::read_regular_file(&config, 1 << 20)?)
         .with_context(|| format!("{}: not UTF-8 text", config.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not JSON", config.display()))?;

@@ -42,7 +42,7 @@ pub fn write_report(dir: &Path, out: &Path) -> Result<()> {
 const JSON_MAX: u64 = 16 << 20;
 
 fn read_json(path: &Path) -> Result<Value> {
-    let bytes = crate::checkpoint::read_regular_file(path, JSON_MAX)?;
+    let bytes = crate::files::read_regular_file(path, JSON_MAX)?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", path.display()))
 }
 

@@ -145,7 +145,10 @@ impl RunDir {
                 dir.display()
             );
         }
-        if let Some(name) = OUTPUTS.iter().find(|n| present(&dir.join(n))) {
+        // `commits/` holding only elbo's own names is what a first commit that did not finish
+        // leaves (removed below); anything else there is not elbo's to remove.
+        let ours = |name: &&str| *name == COMMITS && only_commit_names(&dir.join(COMMITS));
+        if let Some(name) = OUTPUTS.iter().find(|n| present(&dir.join(n)) && !ours(n)) {
             bail!(
                 "--out {}: already holds {name}, which a run writes; elbo does not overwrite it: choose another --out (or --resume the run it belongs to)",
                 dir.display()
@@ -245,7 +248,7 @@ impl RunDir {
                     manifest_path.display()
                 );
             }
-            let bytes = crate::checkpoint::read_regular_file(&path, entry.bytes)?;
+            let bytes = crate::files::read_regular_file(&path, entry.bytes)?;
             if bytes.len() as u64 != entry.bytes || sha256_hex(&bytes) != entry.sha256 {
                 bail!(
                     "{}: is not the file committed at epoch {} ({} bytes, digest differs from {}): the run is out of step",
@@ -466,6 +469,23 @@ fn symlink(_target: &Path, _link: &Path) -> std::io::Result<()> {
     ))
 }
 
+/// `true` when `dir` is a real folder whose entries all have the names of commits
+/// (`000007`, `000007.partial`).
+fn only_commit_names(dir: &Path) -> bool {
+    if !dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).all(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let base = name.strip_suffix(".partial").unwrap_or(&name);
+        commit_epoch(&Path::new(COMMITS).join(base)).is_some()
+    })
+}
+
 /// `commits/000007` -> 7; `None` for anything else (absolute paths, `..`, other folders).
 fn commit_epoch(target: &Path) -> Option<usize> {
     let mut parts = target.components();
@@ -495,7 +515,7 @@ fn read_small(path: &Path, max: u64) -> Result<String> {
             path.display()
         );
     }
-    let bytes = crate::checkpoint::read_regular_file(path, max)?;
+    let bytes = crate::files::read_regular_file(path, max)?;
     String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))
 }
 

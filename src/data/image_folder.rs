@@ -69,7 +69,7 @@ fn list(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
 /// One decoded image: its shape and planar pixels. The decoder is limited to 32768 pixels a
 /// side and 512 MB, so a crafted header cannot make it allocate more.
 fn decode(path: &Path) -> Result<(ImageShape, Vec<u8>)> {
-    let bytes = crate::checkpoint::read_regular_file(path, 256 << 20)?;
+    let bytes = crate::files::read_regular_file(path, 256 << 20)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(1 << 15);
     limits.max_image_height = Some(1 << 15);

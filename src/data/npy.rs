@@ -232,7 +232,7 @@ pub fn labels(a: &Array, n: usize, what: &str) -> Result<Vec<u8>> {
 /// Loads a split from a `.npy` file of images (served for both splits, no labels).
 pub fn load_npy(path: &Path) -> Result<Dataset> {
     let what = path.display().to_string();
-    let bytes = crate::checkpoint::read_regular_file(path, u64::MAX)?;
+    let bytes = crate::files::read_regular_file(path, u64::MAX)?;
     let (shape, images) = images(&parse(&bytes, &what)?, &what)?;
     Ok(Dataset {
         images,
