@@ -73,8 +73,17 @@ fn read_metrics(dir: &Path) -> Result<Vec<Value>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let value: Value = serde_json::from_slice(&line)
-            .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        // serde counts lines within this one line: give the file's line and the column.
+        let value: Value = serde_json::from_slice(&line).map_err(|e| {
+            let what = e.to_string();
+            anyhow!(
+                "{}: line {} is not JSON: {} (column {})",
+                path.display(),
+                i + 1,
+                crate::files::excerpt(what.split(" at line ").next().unwrap_or(""), 120),
+                e.column()
+            )
+        })?;
         metrics.push(prune(value, 0));
     }
     Ok(metrics)
