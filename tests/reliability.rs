@@ -1473,3 +1473,24 @@ fn messages_name_the_flag_or_file_and_what_is_wrong() {
         stderr(&o).len()
     );
 }
+
+/// The memory budget is the least of what the machine, the address-space limit (`ulimit -v`)
+/// and the cgroup leave: 10^6 samples' grid (about 8.6 GB) fits this machine's memory but not
+/// a 4 GB address space, and is refused up front naming --n.
+#[test]
+fn the_memory_budget_honours_the_address_space_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000 && exec {} sample vae --checkpoint tests/fixtures/simplevae_torch.safetensors --n 1000000 --out {}",
+            env!("CARGO_BIN_EXE_elbo"),
+            out.display()
+        ))
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, "--n 1000000");
+    assert!(stderr(&o).contains("of memory available"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
