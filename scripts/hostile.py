@@ -285,8 +285,9 @@ def category_flags():
         (["train", "diffusion", T_FLAG, "18446744073709551615", "--out", out], T_FLAG),
         (["train", "diffusion", T_FLAG, "1000000000", "--out", out], T_FLAG),
         (["train", "diffusion", "--channels", "1000000", "--out", out], "--channels"),
-        (["train", "vae", "--hidden-dim", "9223372036854775808", "--out", out], "--hidden-dim"),
-        (["train", "vae", "--hidden-dim", "1000000000", "--out", out], "--hidden-dim"),
+        # --hidden-dim is an alias of --hidden, which the message names.
+        (["train", "vae", "--hidden-dim", "9223372036854775808", "--out", out], "--hidden"),
+        (["train", "vae", "--hidden-dim", "1000000000", "--out", out], "--hidden"),
         (["train", "vae", "--latent-dim", "1000000000", "--out", out], "--latent-dim"),
         (["train", "vae", "--mc-samples", "1000000000", "--out", out], "--mc-samples"),
         (["train", "vae", "--mc-samples", "1000000000", "--engine", "candle", "--out", out], "--mc-samples"),
