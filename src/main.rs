@@ -341,7 +341,7 @@ struct TrainVaeArgs {
     /// [default: 256; iwae-paper: 200,200 or 200,200/100,100].
     #[arg(
         long,
-        alias = "hidden-dim",
+        visible_alias = "hidden-dim",
         value_name = "H,H/H,H",
         allow_negative_numbers = true
     )]

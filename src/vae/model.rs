@@ -9,7 +9,7 @@
 //!
 //! The text's `SimpleVAE` is the case L = 1, hidden = `[[256]]`, ReLU, latent 32: its parameter
 //! names and shapes are exactly `SimpleVAE.state_dict()`'s. In general the names are those the
-//! equivalent PyTorch module's `state_dict()` gives (README, "Checkpoint names"):
+//! equivalent PyTorch module's `state_dict()` gives (docs/library.md, "Checkpoint names"):
 //!
 //! ```text
 //! L = 1   encoder.{2j}.weight  [out, in]    an nn.Sequential of Linear and activation
