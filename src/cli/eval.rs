@@ -1,0 +1,321 @@
+//! `elbo eval vae|diffusion`: the evaluations, printed as a table or JSON and saved into a run's report.
+
+use super::*;
+
+#[derive(Args)]
+pub struct EvalVaeArgs {
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Importance samples K per example for the log p(x) estimate.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 5000)]
+    pub iw_samples: usize,
+    /// Evaluate only the first N examples.
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Examples per batch.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
+    pub batch_size: usize,
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalDiffusionArgs {
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: PathBuf,
+    /// A named image set (mnist-10k, mnist, fashion-mnist, cifar10, cifar100) or toy:NAME
+    /// (default: mnist-10k for image models).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Evaluate the first N examples (every one costs T network calls).
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub limit: usize,
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value = "fixed-small")]
+    pub variance: VarianceType,
+    /// Also draw L_t against t on log axes, with labels and units, as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub report: Option<PathBuf>,
+}
+
+pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
+    use elbo::limits::{COUNT_CEILING, count};
+    count("--iw-samples", a.iw_samples, 10_000_000)?;
+    count("--batch-size", a.batch_size, 1_000_000)?;
+    count("--limit", a.limit.unwrap_or(1), COUNT_CEILING)?;
+    if let Some(dir) = &a.report {
+        check_report_run(dir, "vae")?;
+    }
+    let vae = Vae::load(&a.checkpoint, device)?.frozen()?;
+    let mut data = a.data.source().load(a.split)?;
+    check_model_takes(&vae, &data, &a.data.source().describe())?;
+    if let Some(n) = a.limit {
+        data = data.take(n);
+    }
+    if data.is_empty() {
+        bail!("--limit 0: nothing to evaluate");
+    }
+    // One importance sample costs about a pass through the networks: 2 multiply-adds a weight.
+    elbo::limits::check_work(
+        &format!(
+            "--iw-samples {} x {} examples (--limit)",
+            a.iw_samples,
+            data.len()
+        ),
+        (data.len() as u64).checked_mul(a.iw_samples as u64),
+        2 * vae.config.parameter_count_checked().unwrap_or(u64::MAX / 4),
+    )?;
+    let bar = progress(
+        (data.len() as u64).saturating_mul(a.iw_samples as u64),
+        "importance samples",
+    );
+    if !elbo::dist::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let ev = elbo::eval::evaluate_vae(
+        &vae,
+        &data,
+        a.data.pixels(),
+        a.iw_samples,
+        a.batch_size,
+        a.seed,
+        &|n| bar.inc(n),
+    )?;
+    let (log_px, rec, kl_layers, activity) =
+        (ev.log_px, ev.reconstruction, ev.kl_layers, ev.activity);
+    let layers = vae.config.layers();
+    bar.finish_and_clear();
+    use elbo::eval::{mean, standard_error as stderr};
+    let kl_means: Vec<f64> = kl_layers.iter().map(|l| mean(l)).collect();
+    let active: Vec<usize> = activity.iter().map(|a| a.active(1e-2)).collect();
+    let (nll, reconstruction, kl_mean) =
+        (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
+    let neg_elbo = reconstruction + kl_mean;
+    check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
+    if !elbo::dist::is_main() {
+        return Ok(()); // rank 0 reports what every rank computed
+    }
+    let results = serde_json::json!({
+            "neg_elbo": neg_elbo,
+            "reconstruction": reconstruction,
+            "kl": kl_mean,
+            "kl_layers": kl_means,
+            "nll": nll,
+            "gap": neg_elbo - nll,
+            "nll_stderr": stderr(&log_px),
+            "nll_bits_per_dim": elbo::eval::bits_per_dim(nll, vae.config.input_dim),
+            "active_units": active,
+            "iw_samples": a.iw_samples,
+            "n": log_px.len(),
+            "split": a.split,
+            "checkpoint": a.checkpoint,
+    });
+    if let Some(dir) = &a.report {
+        save_eval_report(dir, "vae", &results)?;
+    }
+    if a.json {
+        println!("{results}");
+    } else {
+        println!("checkpoint      {}", a.checkpoint.display());
+        println!("model           VAE {}", vae.config.describe());
+        println!(
+            "data            {} ({:?}), n = {}",
+            a.data.source().describe(),
+            a.split,
+            log_px.len()
+        );
+        println!("-ELBO           {neg_elbo:10.3} nats per example");
+        println!(
+            "  reconstruction{reconstruction:10.3}   -E_q[log p(x|z)], K = {} samples",
+            a.iw_samples
+        );
+        if layers == 1 {
+            println!("  KL            {kl_mean:10.3}   KL(q(z|x) || p(z)), closed form");
+        } else {
+            for (l, kl) in kl_means.iter().enumerate() {
+                let how = if l + 1 == layers {
+                    format!("closed form given the sampled z_{l}")
+                } else {
+                    "Monte Carlo, E_q[log q(z|.) - log p(z|.)]".to_string()
+                };
+                println!("  KL layer {}    {kl:10.3}   {how}", l + 1);
+            }
+        }
+        println!(
+            "NLL (IS)        {nll:10.3}   -log p(x), importance sampling, K = {} (+- {:.3})",
+            a.iw_samples,
+            stderr(&log_px)
+        );
+        println!(
+            "                {:10.4}   bits/dim (NLL / ({} ln 2))",
+            elbo::eval::bits_per_dim(nll, vae.config.input_dim),
+            vae.config.input_dim
+        );
+        println!(
+            "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",
+            neg_elbo - nll
+        );
+        let units: Vec<String> = active
+            .iter()
+            .zip(&vae.config.latent_dims)
+            .map(|(a, l)| format!("{a} of {l}"))
+            .collect();
+        println!(
+            "active units    {}   Cov_x(E_q[u|x]) > 0.01 per layer",
+            units.join(", ")
+        );
+    }
+    Ok(())
+}
+
+pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
+    use elbo::limits::{COUNT_CEILING, count};
+    count("--batch-size", a.batch_size, 1_000_000)?;
+    count("--limit", a.limit, COUNT_CEILING)?;
+    if let Some(dir) = &a.report {
+        check_report_run(dir, "diffusion")?;
+    }
+    if let Some(p) = &a.plot
+        && !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        bail!(
+            "--plot {}: the L_t plot is an SVG (axes, labels, units); name it FILE.svg",
+            p.display()
+        );
+    }
+    let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    m.config.net.check_training_memory(
+        a.batch_size.min(a.limit),
+        m.config.image_shape().map_or(0, |s| s.height * s.width),
+    )?;
+    let (x_all, decoder, dims) = if m.config.is_image() {
+        let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
+        let DiffusionData::Images(source) = data else {
+            bail!("--dataset: the checkpoint is an image model; give an image data set");
+        };
+        let d = source.load(a.split)?.take(a.limit);
+        if m.config.image_shape() != Some(d.shape) {
+            bail!(
+                "{}: images are {}, but the checkpoint's model takes {}",
+                source.describe(),
+                d.shape,
+                m.config
+                    .image_shape()
+                    .map_or("points".into(), |s| s.to_string())
+            );
+        }
+        let idx: Vec<usize> = (0..d.len()).collect();
+        (
+            image_batch(&d, &idx, device)?,
+            Decoder::Discretized,
+            d.shape.dim(),
+        )
+    } else {
+        let Some(toy) = a
+            .dataset
+            .as_deref()
+            .and_then(|s| s.strip_prefix("toy:"))
+            .and_then(elbo::data::toy::Toy::parse)
+        else {
+            bail!("--dataset: the checkpoint is a 2-D model; give toy:NAME");
+        };
+        elbo::limits::check_bytes(
+            &format!("--limit {}", a.limit),
+            "the toy points",
+            elbo::limits::product(&[a.limit as u64, 2 * 4 * 4]),
+        )?;
+        let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
+        let pts = toy.sample(a.limit, &mut rng);
+        (
+            candle_core::Tensor::from_vec(pts, (a.limit, 2), device)?,
+            Decoder::Continuous,
+            2,
+        )
+    };
+    let n = x_all.dim(0)?;
+    let t_max = m.process.num_timesteps();
+    elbo::limits::check_work(
+        &format!("--limit {n} x {t_max} timesteps"),
+        (n as u64).checked_mul(t_max as u64),
+        diffusion_net_cost(&m.config),
+    )?;
+    let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * t_max) as u64);
+    if !elbo::dist::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let means = elbo::eval::bound_terms(
+        &m.process,
+        &m.net,
+        &x_all,
+        a.variance,
+        decoder,
+        a.batch_size,
+        a.seed,
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let (l0, lt, lp) = (means.l0, means.lt, means.l_prior);
+    let lt_sum: f64 = lt.iter().sum();
+    let total = l0 + lt_sum + lp;
+    let bpd = elbo::eval::bits_per_dim(total, dims);
+    check_finite_result(&a.checkpoint, &[("the bound", total)])?;
+    if !elbo::dist::is_main() {
+        return Ok(()); // rank 0 reports what every rank computed
+    }
+    if let Some(path) = &a.plot {
+        let svg = elbo::report::lt_plot_svg(&lt)?;
+        elbo::files::write_atomic(path, svg.as_bytes())?;
+    }
+    let results = serde_json::json!({
+        "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
+        "lt": lt, "decoder": format!("{decoder:?}").to_lowercase(), "split": a.split,
+        "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
+    });
+    if let Some(dir) = &a.report {
+        save_eval_report(dir, "diffusion", &results)?;
+    }
+    if a.json {
+        println!("{results}");
+    } else {
+        println!("checkpoint      {}", a.checkpoint.display());
+        println!(
+            "examples        {n} ({:?}), T = {t_max}, {:?} decoder",
+            a.split, decoder
+        );
+        println!("bound           {total:10.3} nats per example = {bpd:.4} bits/dim");
+        println!("  L_0           {l0:10.3}   -log p(x_0 | x_1)");
+        println!(
+            "  sum L_t       {lt_sum:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T"
+        );
+        println!("  L_T           {lp:10.5}   KL(q(x_T | x_0) || N(0, I))");
+    }
+    Ok(())
+}
