@@ -234,42 +234,30 @@ pub fn train_vae_command(a: TrainVaeArgs, device: &Device) -> Result<()> {
             (None, false) => None,
         },
     };
-    use elbo::train::vae::LrSchedule;
+    // The defaults live on the config (the plain one or the preset's); given flags win.
+    let base = match paper {
+        true => TrainConfig::iwae_paper(a.data.source()),
+        false => TrainConfig::new(a.data.source()),
+    };
     let config = TrainConfig {
-        source: a.data.source(),
-        epochs: a.epochs.unwrap_or(if paper {
-            LrSchedule::IwaePaper.epochs().unwrap_or(1)
-        } else {
-            10
-        }),
-        batch_size: a.batch_size.unwrap_or(if paper { 20 } else { 128 }),
+        epochs: a.epochs.unwrap_or(base.epochs),
+        batch_size: a.batch_size.unwrap_or(base.batch_size),
         lr: a.lr,
-        lr_schedule: a.lr_schedule.unwrap_or(if paper {
-            LrSchedule::IwaePaper
-        } else {
-            LrSchedule::Constant
-        }),
-        adam_eps: a.adam_eps.unwrap_or(if paper { 1e-4 } else { 1e-8 }),
-        init: a.init.unwrap_or(if paper {
-            vae::Init::Glorot
-        } else {
-            vae::Init::Pytorch
-        }),
+        lr_schedule: a.lr_schedule.unwrap_or(base.lr_schedule),
+        adam_eps: a.adam_eps.unwrap_or(base.adam_eps),
+        init: a.init.unwrap_or(base.init),
         beta: a.beta,
         mc_samples: a.mc_samples,
         objective: a.objective,
         kl: a.kl,
         engine: a.engine,
-        pixels: a.data.binarize.unwrap_or(if paper {
-            PixelMode::Dynamic
-        } else {
-            PixelMode::Grey
-        }),
+        pixels: a.data.binarize.unwrap_or(base.pixels),
         seed: a.seed,
         valid: a.valid,
-        eval_every: a.eval_every.unwrap_or(if paper { 10 } else { 1 }),
+        eval_every: a.eval_every.unwrap_or(base.eval_every),
         train_limit: a.train_limit,
         test_limit: a.test_limit,
+        ..base
     };
     let started = std::time::Instant::now();
     train_vae(model, &config, &a.out, a.resume, true, device)?;

@@ -157,6 +157,23 @@ impl TrainConfig {
         }
     }
 
+    /// The protocol of Burda, Grosse & Salakhutdinov (2015), Section 5, on `source`: batch 20,
+    /// Adam with eps 1e-4 at 1e-3 x 10^(-i/7) for 3^i epochs, i = 0..7 (3,280 epochs), Glorot
+    /// initialisation, pixels binarized by a fresh Bernoulli draw, the test set evaluated every
+    /// 10 epochs. `elbo train vae --preset iwae-paper` starts from this.
+    pub fn iwae_paper(source: Source) -> Self {
+        Self {
+            epochs: LrSchedule::IwaePaper.epochs().unwrap_or(1),
+            batch_size: 20,
+            lr_schedule: LrSchedule::IwaePaper,
+            adam_eps: 1e-4,
+            init: Init::Glorot,
+            pixels: PixelMode::Dynamic,
+            eval_every: 10,
+            ..Self::new(source)
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         limits::count("--epochs", self.epochs, 1_000_000)?;
         limits::count("--batch-size", self.batch_size, 1_000_000)?;
