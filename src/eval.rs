@@ -62,7 +62,7 @@ impl Activity {
         self.variances().iter().filter(|&&v| v > threshold).count()
     }
 
-    /// Sums the counts and sums of every rank (data parallelism, [`crate::dist`]): each then
+    /// Sums the counts and sums of every rank (data parallelism, [`crate::collective`]): each then
     /// holds what one process adding every rank's rows holds. `dims`: the dimensions (a rank
     /// may have added no rows).
     pub fn all_reduce(&mut self, dims: usize) -> anyhow::Result<()> {
@@ -71,7 +71,7 @@ impl Activity {
         let mut v = vec![self.n as f64];
         v.extend(&self.sum);
         v.extend(&self.sum_sq);
-        crate::dist::world().all_reduce_sum_f64(&mut v)?;
+        crate::collective::world().all_reduce_sum_f64(&mut v)?;
         self.n = v[0] as usize;
         self.sum.copy_from_slice(&v[1..1 + dims]);
         self.sum_sq.copy_from_slice(&v[1 + dims..]);
@@ -96,7 +96,7 @@ pub struct VaeEvaluation {
 /// `log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K`). The pixels are drawn
 /// (for binarized data) from one generator seeded 0 over the whole set in order; batch j's
 /// noise from `derive_seed(seed, 0, j)` and its posterior means' from `derive_seed(seed, 1, j)`.
-/// With several ranks ([`crate::dist`]) each runs its share of the batches (all of them draw
+/// With several ranks ([`crate::collective`]) each runs its share of the batches (all of them draw
 /// every batch's pixels) and the per-example values are summed into every rank's vectors, so
 /// every rank returns what one process returns. `progress` is told each importance sample.
 pub fn evaluate_vae(
@@ -127,7 +127,7 @@ pub fn evaluate_vae(
     let mut pixel_rng = rand::rngs::StdRng::seed_from_u64(0);
     let idx: Vec<usize> = (0..n).collect();
     let batches: Vec<&[usize]> = idx.chunks(batch_size).collect();
-    let mine = crate::dist::my_shard(batches.len());
+    let mine = crate::collective::my_shard(batches.len());
     for (j, chunk) in batches.iter().enumerate() {
         let values = data.batch_values(chunk, pixels, &mut pixel_rng);
         if !mine.contains(&j) {
@@ -168,7 +168,7 @@ pub fn evaluate_vae(
             acc.add(&m.flatten_all()?.to_vec1::<f32>()?, m.dim(1)?);
         }
     }
-    let world = crate::dist::world();
+    let world = crate::collective::world();
     if world.world_size() > 1 {
         world.all_reduce_sum_f64(&mut out.log_px)?;
         world.all_reduce_sum_f64(&mut out.reconstruction)?;
@@ -194,7 +194,7 @@ pub struct BoundMeans {
 
 /// The full variational bound of a diffusion model (every timestep) over `x` `[N, ...]` in
 /// batches of `batch_size`, batch j's x_t drawn with `derive_seed(seed, 2, j)`. With several
-/// ranks ([`crate::dist`]) each runs its share of the batches and the sums are added over the
+/// ranks ([`crate::collective`]) each runs its share of the batches and the sums are added over the
 /// ranks, so every rank returns what one process returns (up to the order of the sums).
 /// `progress` is told each network call.
 #[allow(clippy::too_many_arguments)]
@@ -215,7 +215,7 @@ pub fn bound_terms(
     // [L_0, L_T, L_2 .. L_T-1... as t = 2..T]: summed over examples, then over ranks.
     let mut sums = vec![0.0; 2 + t_max - 1];
     let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
-    for j in crate::dist::my_shard(starts.len()) {
+    for j in crate::collective::my_shard(starts.len()) {
         let start = starts[j];
         let len = batch_size.min(n - start);
         let x0 = x.narrow(0, start, len)?;
@@ -227,7 +227,7 @@ pub fn bound_terms(
             *acc += v.iter().sum::<f64>();
         }
     }
-    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
     let nf = n.max(1) as f64;
     Ok(BoundMeans {
         l0: sums[0] / nf,

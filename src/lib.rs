@@ -22,7 +22,7 @@
 //! - [`diffusion`]: DDPM schedules, the forward process and the full variational bound, the
 //!   simplified loss, samplers (DDPM, DDIM), the denoisers (MLP, U-Net), the model's config
 //!   and loading;
-//! - [`dist`]: data parallelism over processes (one process, or MPI with the `mpi`
+//! - [`collective`]: data parallelism over processes (one process, or MPI with the `mpi`
 //!   feature): rank, world size, all-reduce, broadcast, shards;
 //! - [`engine`]: the one place that chooses the fused CPU engine or candle for a model, and
 //!   the fused engines ([`engine::vae`] for the VAE family, [`engine::unet`] for the U-Net);
@@ -42,9 +42,9 @@
 //! - [`report`]: the run report, one self-contained HTML page (SVG plots, inline pictures).
 
 pub mod checkpoint;
+pub mod collective;
 pub mod data;
 pub mod diffusion;
-pub mod dist;
 pub mod distributions;
 pub mod engine;
 pub mod eval;

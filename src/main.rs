@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         }
     };
     // MPI (with the `mpi` feature, under mpirun) or one process; finalised when this drops.
-    let _process_group = match elbo::dist::init() {
+    let _process_group = match elbo::collective::init() {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let world = elbo::dist::world();
+            let world = elbo::collective::world();
             let message = format!("{e:#}").replace('\n', " ");
             if world.world_size() > 1 {
                 // The other ranks would wait for this one in their next collective: end the

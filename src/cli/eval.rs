@@ -96,7 +96,7 @@ pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         (data.len() as u64).saturating_mul(a.iw_samples as u64),
         "importance samples",
     );
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let ev = elbo::eval::evaluate_vae(
@@ -119,7 +119,7 @@ pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
     let neg_elbo = reconstruction + kl_mean;
     check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
     }
     let results = serde_json::json!({
@@ -267,7 +267,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         diffusion_net_cost(&m.config),
     )?;
     let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * t_max) as u64);
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
@@ -287,7 +287,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let total = l0 + lt_sum + lp;
     let bpd = elbo::eval::bits_per_dim(total, dims);
     check_finite_result(&a.checkpoint, &[("the bound", total)])?;
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
     }
     if let Some(path) = &a.plot {

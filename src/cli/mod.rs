@@ -189,7 +189,7 @@ pub fn run(cli: Cli) -> Result<()> {
     elbo::data::datasets::set_offline(cli.offline);
     let device = device(cli.device)?;
     let parallel = matches!(cli.command, Command::Train { .. } | Command::Eval { .. });
-    if !parallel && !elbo::dist::is_main() {
+    if !parallel && !elbo::collective::is_main() {
         return Ok(()); // under mpirun, rank 0 alone samples, reconstructs and reports
     }
     match cli.command {

@@ -261,7 +261,7 @@ pub fn train_vae_command(a: TrainVaeArgs, device: &Device) -> Result<()> {
     };
     let started = std::time::Instant::now();
     train_vae(model, &config, &a.out, a.resume, true, device)?;
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         return Ok(());
     }
     eprintln!(
@@ -356,7 +356,7 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
     };
     let started = std::time::Instant::now();
     train_diffusion(model, &config, &a.out, a.resume, true, device)?;
-    if !elbo::dist::is_main() {
+    if !elbo::collective::is_main() {
         return Ok(());
     }
     eprintln!(

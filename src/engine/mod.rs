@@ -149,7 +149,7 @@ pub fn fused_simple_loss(
     noise: &mut Noise,
 ) -> Result<(f32, GradStore)> {
     let (b, _, h, w) = x0.dims4()?;
-    // Every rank draws the whole batch's t, eps and dropout seed (crate::dist) and runs its
+    // Every rank draws the whole batch's t, eps and dropout seed (crate::collective) and runs its
     // rows; the gradients and squared errors are summed over the ranks.
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
@@ -158,7 +158,7 @@ pub fn fused_simple_loss(
     let seed = (engine.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
     let (xt, target) = (values(&xt)?, values(&target)?);
     let n = xt.len() / b.max(1);
-    let rows = crate::dist::my_shard(b);
+    let rows = crate::collective::my_shard(b);
     let (from, to) = (rows.start * n, rows.end * n);
     let (sum, mut grads) = engine.loss_and_grads_rows(
         &xt[from..to],
@@ -170,9 +170,9 @@ pub fn fused_simple_loss(
         xt.len(),
     )?;
     let mut sum = [sum];
-    if crate::dist::world().world_size() > 1 {
-        crate::dist::all_reduce_buckets(&mut grads)?;
-        crate::dist::world().all_reduce_sum_f64(&mut sum)?;
+    if crate::collective::world().world_size() > 1 {
+        crate::collective::all_reduce_buckets(&mut grads)?;
+        crate::collective::world().all_reduce_sum_f64(&mut sum)?;
     }
     let loss = sum[0] / xt.len() as f64;
     Ok((loss as f32, engine.grad_store(&grads)?))

@@ -785,7 +785,7 @@ impl FusedUnet {
         Ok((sum / x.len() as f64, grads))
     }
 
-    /// A shard of a batch (data parallelism, [`crate::dist`]): `x`, `t`, `target` are the
+    /// A shard of a batch (data parallelism, [`crate::collective`]): `x`, `t`, `target` are the
     /// rows of this rank, `first` the index of its first example in the global batch (for the
     /// dropout masks) and `total` the global batch's number of values (the mean's
     /// denominator). Returns the shard's sum of squared errors and its share of the gradient

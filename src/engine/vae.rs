@@ -638,7 +638,7 @@ impl FusedVae {
         self.forward_backward_rows(x, 0..b, k, beta, noise, false)
     }
 
-    /// One data-parallel training step (see [`crate::dist`]): `x` is the global batch
+    /// One data-parallel training step (see [`crate::collective`]): `x` is the global batch
     /// `[B, D]`, this process runs its rows `rows` with the noise one process draws for the
     /// whole batch, and the gradients (of the global batch's mean loss) and the step's sums
     /// are summed over the ranks before Adam, which every rank applies alike. With one process
@@ -711,8 +711,8 @@ impl FusedVae {
         ];
         sums.extend(out.kl.iter().map(|l| l.iter().sum::<f64>() / kf));
         if reduce {
-            crate::dist::all_reduce_buckets(&mut self.grads)?;
-            crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+            crate::collective::all_reduce_buckets(&mut self.grads)?;
+            crate::collective::world().all_reduce_sum_f64(&mut sums)?;
         }
         let (reconstruction, iwae) = (sums[0], sums[1]);
         let kl_layers = sums[2..].to_vec();

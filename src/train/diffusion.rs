@@ -120,7 +120,7 @@ enum TrainingData {
 }
 
 /// The simple loss of a global batch `x0` (`[B, ...]`) taken by the ranks together through
-/// candle's autodiff ([`crate::dist`]): every rank draws the whole batch's t, eps and dropout
+/// candle's autodiff ([`crate::collective`]): every rank draws the whole batch's t, eps and dropout
 /// seed as one process does ([`crate::diffusion::objective::simple_loss`]), runs its rows
 /// (each with the dropout masks of its example in the batch), and differentiates its share
 /// `sum_rows ||target - f(x_t, t)||^2 / (B D)`; the shares' gradients and sums are summed over
@@ -138,7 +138,7 @@ fn simple_loss_on_my_rows(
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let b = x0.dim(0)?;
     let total = x0.elem_count() as f64;
-    let rows = crate::dist::my_shard(b);
+    let rows = crate::collective::my_shard(b);
     let (sum, grads) = if rows.is_empty() {
         (0.0, None)
     } else {
@@ -152,7 +152,7 @@ fn simple_loss_on_my_rows(
     };
     let grads = super::all_reduce_grads(vars, grads)?;
     let mut sum = [sum];
-    crate::dist::world().all_reduce_sum_f64(&mut sum)?;
+    crate::collective::world().all_reduce_sum_f64(&mut sum)?;
     Ok(((sum[0] / total) as f32, grads))
 }
 
@@ -233,9 +233,9 @@ pub fn train_diffusion(
     };
 
     model.validate()?;
-    // Data parallelism (crate::dist): rank 0 sets the run up and alone writes to it; the
+    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it; the
     // others receive its EMA weights, raw weights and Adam state.
-    let world = crate::dist::world();
+    let world = crate::collective::world();
     let main = world.rank() == 0;
     let show_progress = show_progress && main;
     let set_up = || -> Result<(RunDir, DiffusionConfig, VarMap, Adam, Vec<Tensor>, usize)> {
@@ -645,7 +645,7 @@ fn test_loss(
 
 /// The mean simple loss over a set of images, with the same t and eps draws every epoch:
 /// chunk j of 250 images draws them from `derive_seed(seed, 2, 2j)` and `(.., 2j + 1)`. With
-/// several ranks ([`crate::dist`]) each runs its share of the chunks and the sums are added
+/// several ranks ([`crate::collective`]) each runs its share of the chunks and the sums are added
 /// over the ranks, so N ranks report what one process reports.
 fn images_loss(
     process: &GaussianDiffusion,
@@ -658,7 +658,7 @@ fn images_loss(
     let chunks: Vec<&[usize]> = idx.chunks(250).collect();
     // [sum of the chunks' mean losses x their sizes, examples]
     let mut sums = [0.0, 0.0];
-    for j in crate::dist::my_shard(chunks.len()) {
+    for j in crate::collective::my_shard(chunks.len()) {
         let chunk = chunks[j];
         let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 2 * j as u64));
         let mut noise = Noise::new(derive_seed(seed, 2, 2 * j as u64 + 1));
@@ -667,7 +667,7 @@ fn images_loss(
         sums[0] += loss as f64 * chunk.len() as f64;
         sums[1] += chunk.len() as f64;
     }
-    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
     Ok(sums[0] / sums[1].max(1.0))
 }
 

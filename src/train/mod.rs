@@ -32,13 +32,13 @@ pub fn state_metadata(epoch: usize, step: u64) -> HashMap<String, String> {
     ])
 }
 
-/// Rank 0's model and training state on every rank (data parallelism, see [`crate::dist`]):
+/// Rank 0's model and training state on every rank (data parallelism, see [`crate::collective`]):
 /// rank 0 passes `Some((model bytes, state bytes, epoch, Adam step))`, the others `None`, and
 /// every rank gets rank 0's. With one process it returns what it was given.
 pub fn share_state(
     mine: Option<(Vec<u8>, Vec<u8>, u64, u64)>,
 ) -> Result<(Vec<u8>, Vec<u8>, u64, u64)> {
-    let world = crate::dist::world();
+    let world = crate::collective::world();
     if world.world_size() == 1 {
         return mine.context("share_state: rank 0 gives the state");
     }
@@ -67,7 +67,7 @@ pub fn share_state(
 }
 
 /// The gradients of `vars` from `loss.backward()` (`None`: this rank ran no rows, zeros)
-/// summed over the ranks ([`crate::dist`]) with one all-reduce over their flat concatenation,
+/// summed over the ranks ([`crate::collective`]) with one all-reduce over their flat concatenation,
 /// as a `GradStore` for [`crate::optim::Adam::step`]. With one process it returns them as
 /// they are.
 pub fn all_reduce_grads(
@@ -75,7 +75,7 @@ pub fn all_reduce_grads(
     grads: Option<candle_core::backprop::GradStore>,
 ) -> Result<candle_core::backprop::GradStore> {
     use candle_core::Tensor;
-    let world = crate::dist::world();
+    let world = crate::collective::world();
     if world.world_size() == 1
         && let Some(g) = grads
     {
@@ -91,7 +91,7 @@ pub fn all_reduce_grads(
                 None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, var.device())?,
             });
         }
-        let summed = crate::dist::nccl::all_reduce(&Tensor::cat(&parts, 0)?)?;
+        let summed = crate::collective::nccl::all_reduce(&Tensor::cat(&parts, 0)?)?;
         let mut store = candle_core::backprop::GradStore::default();
         let mut at = 0;
         for (_, var) in vars {
@@ -116,7 +116,7 @@ pub fn all_reduce_grads(
             None => flat.resize(flat.len() + var.elem_count(), 0.0),
         }
     }
-    crate::dist::all_reduce_buckets(&mut flat)?;
+    crate::collective::all_reduce_buckets(&mut flat)?;
     let mut store = candle_core::backprop::GradStore::default();
     let mut at = 0;
     for (_, var) in vars {

@@ -255,7 +255,7 @@ const STREAM_PICTURES: u64 = 3;
 /// ELBO terms of a whole data set (per-example means), with a frozen model. Binarized pixel
 /// modes draw one fixed binarization (seed 0) of the set, the same every epoch (the protocol of
 /// Burda et al. 2015 for test and validation sets). Chunk j of 500 examples draws its noise
-/// from `derive_seed(seed, 5, j)`; with several ranks ([`crate::dist`]) each evaluates its
+/// from `derive_seed(seed, 5, j)`; with several ranks ([`crate::collective`]) each evaluates its
 /// share of the chunks and the sums are added over the ranks, so N ranks report what one
 /// process reports.
 pub fn evaluate_elbo(
@@ -272,7 +272,7 @@ pub fn evaluate_elbo(
     let mut sums = vec![0.0; 1 + layers];
     let idx: Vec<usize> = (0..data.len()).collect();
     let chunks: Vec<&[usize]> = idx.chunks(500).collect();
-    let mine = crate::dist::my_shard(chunks.len());
+    let mine = crate::collective::my_shard(chunks.len());
     for (j, chunk) in chunks.iter().enumerate() {
         // Every rank draws every chunk's pixels, so the binarization is one process's.
         let values = data.batch_values(chunk, pixels, &mut pixel_rng);
@@ -290,7 +290,7 @@ pub fn evaluate_elbo(
             *sum += layer.iter().sum::<f64>();
         }
     }
-    crate::dist::world().all_reduce_sum_f64(&mut sums)?;
+    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
     Ok(Terms::from_sums(sums[0], &sums[1..], data.len()))
 }
 
@@ -318,9 +318,9 @@ pub fn train_vae(
     model_config.validate()?;
     check_step_memory(&model_config, config, train.len())?;
 
-    // Data parallelism (crate::dist): rank 0 sets the run up and alone writes to it; the
+    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it; the
     // others receive its model and state.
-    let world = crate::dist::world();
+    let world = crate::collective::world();
     let main = world.rank() == 0;
     let show_progress = show_progress && main;
     let set_up = || -> Result<(RunDir, Vae, Adam, usize)> {
@@ -477,7 +477,7 @@ pub fn train_vae(
             if let Some(fused) = fused.as_mut() {
                 // Every rank draws the global batch's pixels and noise; it runs its rows.
                 let x = train.batch_values(batch_idx, config.pixels, &mut rng);
-                let rows = crate::dist::my_shard(batch_idx.len());
+                let rows = crate::collective::my_shard(batch_idx.len());
                 crate::fault::training_step(world.rank());
                 let sums =
                     fused.train_step_shard(&x, rows, config.mc_samples, config.beta, &mut noise)?;
@@ -495,7 +495,7 @@ pub fn train_vae(
             let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
             let b = batch_idx.len();
             let eps = vae::objective::draw_noise(&vae, config.mc_samples, b, &mut noise)?;
-            let rows = crate::dist::my_shard(b);
+            let rows = crate::collective::my_shard(b);
             crate::fault::training_step(world.rank());
             let mut sums = vec![0.0; 2 + kl_sums.len()];
             let grads = if rows.is_empty() {
