@@ -151,17 +151,28 @@ pub fn count(flag: &str, value: usize, max: usize) -> Result<()> {
 
 /// The most work one command may be asked for, in multiply-adds: 10^15, about three days of
 /// a 2-core machine at 4 GFLOP/s (the IWAE paper's whole test evaluation, 10,000 digits x
-/// k = 5000 x 0.5 M weights, is 2.6 x 10^13).
+/// k = 5000 x 0.5 M weights, is 2.6 x 10^13). `ELBO_WORK_CEILING` (a number) sets another,
+/// for a faster machine.
 pub const WORK_CEILING: f64 = 1e15;
 
+/// [`WORK_CEILING`], or `ELBO_WORK_CEILING` when it is set to a positive number.
+pub fn work_ceiling() -> f64 {
+    std::env::var("ELBO_WORK_CEILING")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .unwrap_or(WORK_CEILING)
+}
+
 /// Fails with one line when `units` (network evaluations; `None` = overflowed) times
-/// `cost` (multiply-adds of one) exceeds [`WORK_CEILING`]. `what` names the flags that set it,
+/// `cost` (multiply-adds of one) exceeds [`work_ceiling`]. `what` names the flags that set it,
 /// with their values.
 pub fn check_work(what: &str, units: Option<u64>, cost: u64) -> Result<()> {
     let work = units.map_or(f64::INFINITY, |u| u as f64 * cost.max(1) as f64);
-    if work > WORK_CEILING {
+    let ceiling = work_ceiling();
+    if work > ceiling {
         bail!(
-            "{what}: about {work:.1e} multiply-adds, more than the {WORK_CEILING:.0e} one command may do; lower them"
+            "{what}: about {work:.1e} multiply-adds, more than the {ceiling:.0e} one command may do (ELBO_WORK_CEILING raises it); lower them"
         );
     }
     Ok(())

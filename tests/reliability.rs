@@ -1317,6 +1317,20 @@ fn count_flags_have_ceilings_and_too_much_work_is_refused_up_front() {
             "{args:?} was not refused up front"
         );
     }
+    // The ceiling is the one stated: a tiny one refuses a tiny evaluation.
+    let args = [
+        "eval",
+        "vae",
+        "--checkpoint",
+        ckpt,
+        "--iw-samples",
+        "2",
+        "--limit",
+        "2",
+    ];
+    assert!(elbo(&args).status.success());
+    let o = elbo_env(&args, &[("ELBO_WORK_CEILING", "1000".into())]);
+    assert_one_line_error(&o, "more than the 1e3 one command may do");
 }
 
 #[test]
