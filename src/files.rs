@@ -1,8 +1,8 @@
 //! The one way elbo writes a file, the one way it reads a whole file, and the checks on paths
 //! it is given.
 //!
-//! Every writer (checkpoints, epoch commits, pictures, reports, `eval.json`, exports, fetched
-//! data) goes through [`write_atomic`]: the bytes go to a new temporary file beside the target,
+//! Every writer (checkpoints, pictures, reports, `eval.json`, the L_t plot, fetched data's
+//! markers) goes through [`write_atomic`]: the bytes go to a new temporary file beside the target,
 //! created exclusively (`O_CREAT | O_EXCL`, so a planted link or file of that name is never
 //! opened) under an unpredictable name, fsynced, then renamed over the target, and the folder is
 //! fsynced. A reader sees the old file or the new one, whole; a crash leaves at most a stray
@@ -16,8 +16,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::fault;
 
-/// Fails with one line when `path` exists as anything but a regular file (a symbolic link,
-/// dangling or not, included). `what` names where the path came from (`--out`, a run folder).
+/// Fails with one line, naming `path`, when it exists as anything but a regular file (a
+/// symbolic link, dangling or not, included).
 pub fn check_target(path: &Path) -> Result<()> {
     match path.symlink_metadata() {
         Ok(meta) if meta.file_type().is_symlink() => bail!(

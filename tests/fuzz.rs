@@ -510,6 +510,44 @@ fn npy_and_npz() {
         std::fs::write(&path, b).unwrap();
         let _ = elbo::data::load_path(&path, elbo::data::Split::Train);
     });
+    // The streaming reader of an .npz member (issue 33): bounded by the header it reads.
+    fuzz("npy-stream", &images, 1000, mutate_bytes, &|b| {
+        let _ = elbo::data::npy::read_bounded(std::io::Cursor::new(b), "fuzz.npy");
+    });
+}
+
+/// The report's readers of a run folder (issue 33): `metrics.jsonl` streamed line by line and
+/// `config.json`, mutated; a page or one error, never a panic, memory bounded.
+#[test]
+fn report_metrics_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let config = br#"{"model":{"input_dim":784,"latent_dims":[2]},"train":{"epochs":2},"data":{}}"#;
+    let metrics = concat!(
+        r#"{"epoch":1,"train":{"neg_elbo":200.5,"reconstruction":190.1,"kl":10.4,"kl_layers":[10.4]},"test":null,"lr":0.001,"seconds":0.5}"#,
+        "\n",
+        r#"{"epoch":2,"train":{"neg_elbo":150.5,"reconstruction":140.1,"kl":10.4,"kl_layers":[10.4]},"test":{"neg_elbo":151.0,"reconstruction":141.0,"kl":10.0,"kl_layers":[10.0]},"lr":0.001,"seconds":0.5}"#,
+        "\n"
+    );
+    std::fs::write(run.join("config.json"), config).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
+    let page = elbo::report::build(run).unwrap();
+    assert!(page.contains("<svg"), "the unmutated run draws its curves");
+    fuzz(
+        "report-metrics",
+        metrics.as_bytes(),
+        300,
+        mutate_bytes,
+        &|b| {
+            std::fs::write(run.join("metrics.jsonl"), b).unwrap();
+            let _ = elbo::report::build(run);
+        },
+    );
+    std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
+    fuzz("report-config", config, 300, mutate_bytes, &|b| {
+        std::fs::write(run.join("config.json"), b).unwrap();
+        let _ = elbo::report::build(run);
+    });
 }
 
 /// A CIFAR-10 archive whose member sizes are wrong (so no 30 MB members are needed): the
