@@ -74,6 +74,19 @@ pub fn save_png(img: impl Into<image::DynamicImage>, path: &Path) -> Result<()> 
     crate::files::write_atomic(path, png.get_ref())
 }
 
+/// Images in [-1, 1] (a diffusion model's), `[N, C, H, W]`, as a PNG grid 8 wide (colour for
+/// C = 3), through [`save_grid`].
+pub fn save_signed_image_grid(x: &Tensor, path: &Path) -> Result<()> {
+    let (n, channels, height, width) = x.dims4()?;
+    let shape = ImageShape {
+        channels,
+        height,
+        width,
+    };
+    let img = x.reshape((n, shape.dim()))?.affine(0.5, 0.5)?;
+    save_grid(&img, shape, 8, path)
+}
+
 /// Side-by-side scatter plots of 2-D point sets (`[N, 2]` row-major each), one 320x320 panel
 /// per set over [-4, 4]^2, blue points on white.
 pub fn save_scatter(panels: &[&[f32]], path: &Path) -> Result<()> {

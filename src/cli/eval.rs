@@ -211,6 +211,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         );
     }
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let net = elbo::engine::FrozenNet::new(m.net);
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
         m.config.image_shape().map_or(0, |s| s.height * s.width),
@@ -273,7 +274,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let started = std::time::Instant::now();
     let means = elbo::eval::bound_terms(
         &m.process,
-        &m.net,
+        &net,
         &x_all,
         a.variance,
         decoder,

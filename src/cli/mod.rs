@@ -23,11 +23,12 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use elbo::data::{Named, PixelMode, Source, Split};
-use elbo::diffusion::model::{DiffusionConfig, LoadedDiffusion, image_batch, save_image_grid};
+use elbo::diffusion::model::{DiffusionConfig, LoadedDiffusion, image_batch};
 use elbo::diffusion::nets::NetConfig;
 use elbo::diffusion::sampler::{SamplerKind, ddim_sample, ddpm_sample};
 use elbo::diffusion::{BetaSchedule, Decoder, Prediction, Schedule, VarianceType};
 use elbo::distributions::Noise;
+use elbo::plot::save_signed_image_grid as save_image_grid;
 use elbo::train::diffusion::{DiffusionData, DiffusionTrainConfig, train_diffusion};
 use elbo::train::{TrainConfig, train_vae};
 use elbo::vae::{self, Likelihood, Vae, VaeConfig};

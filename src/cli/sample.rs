@@ -61,6 +61,7 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
     let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let net = elbo::engine::FrozenNet::new(m.net);
     check_grid_memory(a.n, m.config.image_shape().map_or(1, |s| s.dim()))?;
     let mut noise = Noise::new(a.seed);
     let clip = m.config.is_image() && !a.no_clip;
@@ -90,10 +91,10 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         let x_t = noise.randn(shape, device)?;
         parts.push(match a.sampler {
             SamplerKind::Ddpm => {
-                ddpm_sample(&m.process, &m.net, x_t, a.variance, clip, &mut noise, &bar)?
+                ddpm_sample(&m.process, &net, x_t, a.variance, clip, &mut noise, &bar)?
             }
             SamplerKind::Ddim => ddim_sample(
-                &m.process, &m.net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
+                &m.process, &net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
             )?,
         });
     }

@@ -14,7 +14,6 @@ use super::process::{GaussianDiffusion, Prediction};
 use super::schedule::{BetaSchedule, Schedule};
 use crate::checkpoint;
 use crate::data::{Dataset, ImageShape, PixelMode};
-use crate::engine::FrozenNet;
 
 /// Everything that defines a trained diffusion model (stored in its checkpoint).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -81,11 +80,12 @@ impl DiffusionConfig {
     }
 }
 
-/// A trained model loaded for sampling or evaluation (EMA weights, no autodiff).
+/// A trained model loaded for sampling or evaluation (EMA weights, no autodiff): a plain
+/// network, which the command hands to an engine (`engine::FrozenNet`).
 pub struct LoadedDiffusion {
     pub config: DiffusionConfig,
     pub process: GaussianDiffusion,
-    pub net: FrozenNet,
+    pub net: Net,
 }
 
 impl LoadedDiffusion {
@@ -102,7 +102,7 @@ impl LoadedDiffusion {
         Ok(Self {
             process: config.process()?,
             config,
-            net: FrozenNet::new(net),
+            net,
         })
     }
 }
@@ -142,16 +142,4 @@ pub fn image_batch(data: &Dataset, idx: &[usize], device: &Device) -> Result<Ten
     let s = data.shape;
     Ok(x.affine(2.0, -1.0)?
         .reshape((idx.len(), s.channels, s.height, s.width))?)
-}
-
-/// Images in [-1, 1], `[N, C, H, W]`, as a PNG grid 8 wide (colour for C = 3).
-pub fn save_image_grid(x: &Tensor, path: &Path) -> Result<()> {
-    let (n, channels, height, width) = x.dims4()?;
-    let shape = ImageShape {
-        channels,
-        height,
-        width,
-    };
-    let img = x.reshape((n, shape.dim()))?.affine(0.5, 0.5)?;
-    crate::plot::save_grid(&img, shape, 8, path)
 }

@@ -720,7 +720,7 @@ impl UNet {
 
 impl Denoiser for UNet {
     /// candle's ops (any device, autodiff); the fused CPU engine is chosen by the caller
-    /// (`engine::FrozenNet`, `engine::unet_training`).
+    /// (`engine::FrozenNet`, `engine::unet_training`, which the commands and trainers wrap it in).
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_candle(xt, t)
     }

@@ -23,7 +23,7 @@ use super::derive_seed;
 use crate::checkpoint;
 use crate::data::toy::Toy;
 use crate::data::{Dataset, ImageShape, Named, Source};
-use crate::diffusion::model::{DiffusionConfig, image_batch, model_config, save_image_grid};
+use crate::diffusion::model::{DiffusionConfig, image_batch, model_config};
 use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
 use crate::diffusion::objective::simple_loss;
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
@@ -31,6 +31,7 @@ use crate::diffusion::sampler::ddim_sample;
 use crate::distributions::Noise;
 use crate::engine::{Engine, FrozenNet, fused_simple_loss};
 use crate::optim::{Adam, AdamConfig};
+use crate::plot::save_signed_image_grid as save_image_grid;
 use crate::run_dir::{self, RunDir};
 
 /// What a diffusion model is trained on.
