@@ -46,6 +46,20 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not JSON", path.display()))
 }
 
+/// The kind of run `dir` holds, from its `config.json`'s model: "vae", "diffusion" or
+/// "unknown".
+pub fn run_kind(dir: &Path) -> Result<&'static str> {
+    let config = read_json(&dir.join("config.json"))?;
+    let model = &config["model"];
+    Ok(if model.get("latent_dims").is_some() {
+        "vae"
+    } else if model.get("net").is_some() {
+        "diffusion"
+    } else {
+        "unknown"
+    })
+}
+
 /// The run's `metrics.jsonl`, streamed line by line: at most [`crate::run_dir::METRICS_MAX`]
 /// bytes, each line pruned to the numbers and short strings the report draws.
 fn read_metrics(dir: &Path) -> Result<Vec<Value>> {

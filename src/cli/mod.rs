@@ -16,7 +16,7 @@ use sample::{ReconstructVaeArgs, SampleDiffusionArgs, SampleVaeArgs};
 use schedule::ScheduleArgs;
 use train::{TrainDiffusionArgs, TrainVaeArgs};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use rand::SeedableRng;
@@ -287,18 +287,7 @@ fn check_report_run(dir: &std::path::Path, kind: &str) -> Result<()> {
             dir.display()
         );
     }
-    let text = String::from_utf8(elbo::files::read_regular_file(&config, 1 << 20)?)
-        .with_context(|| format!("{}: not UTF-8 text", config.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", config.display()))?;
-    let model = &value["model"];
-    let run_kind = if model.get("latent_dims").is_some() {
-        "vae"
-    } else if model.get("net").is_some() {
-        "diffusion"
-    } else {
-        "unknown"
-    };
+    let run_kind = elbo::report::run_kind(dir)?;
     if run_kind != kind {
         bail!(
             "--report {}: holds a {run_kind} run, but this is eval {kind}; give the folder of a {kind} run",
