@@ -23,21 +23,27 @@ fn vae_step(c: &mut Criterion) {
     for b in [128usize, 1024] {
         let idx: Vec<usize> = (0..b).collect();
         let xv = train.batch_values(&idx, PixelMode::Grey, &mut rng);
-        let mut fused = FusedVae::from_vae(&vae, None, config).unwrap();
+        let mut fused = FusedVae::from_vae(&vae).unwrap();
+        let mut adam = Adam::new(fused.table().clone(), config);
         c.bench_function(&format!("vae step fused b{b}"), |bench| {
-            bench.iter(|| fused.train_step(&xv, 1, 1.0, &mut noise).unwrap())
+            bench.iter(|| {
+                fused
+                    .train_step(&xv, 1, 1.0, &mut noise, &mut adam)
+                    .unwrap()
+            })
         });
         let x = train
             .batch(&idx, PixelMode::Grey, &mut rng, &Device::Cpu)
             .unwrap();
-        let mut adam = Adam::new(vae.params().to_vec(), config).unwrap();
+        let mut adam = Adam::for_vars(vae.params(), config);
         c.bench_function(&format!("vae step candle b{b}"), |bench| {
             bench.iter(|| {
                 let loss = elbo_terms(&vae, &x, 1, &mut noise)
                     .unwrap()
                     .loss(1.0)
                     .unwrap();
-                adam.step(&loss.backward().unwrap()).unwrap();
+                adam.step_vars(vae.params(), &loss.backward().unwrap())
+                    .unwrap();
             })
         });
     }
@@ -77,10 +83,15 @@ fn iwae_step(c: &mut Criterion) {
         };
         let vae = Vae::new(config, &mut noise, &Device::Cpu).unwrap();
         for (k, objective) in [(1, Objective::Elbo), (5, Objective::Iwae)] {
-            let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
+            let mut fused = FusedVae::from_vae(&vae).unwrap();
             fused.set_objective(objective);
+            let mut adam = Adam::new(fused.table().clone(), AdamConfig::with_lr(1e-3));
             c.bench_function(&format!("iwae paper {name} k{k} b20 fused"), |bench| {
-                bench.iter(|| fused.train_step(&xv, k, 1.0, &mut noise).unwrap())
+                bench.iter(|| {
+                    fused
+                        .train_step(&xv, k, 1.0, &mut noise, &mut adam)
+                        .unwrap()
+                })
             });
         }
     }

@@ -34,17 +34,18 @@ use elbo::data::{Named, PixelMode, Source, Split};
 use elbo::diffusion::Denoiser;
 use elbo::diffusion::model::image_batch;
 use elbo::diffusion::nets::{Net, NetConfig, UNet};
-use elbo::diffusion::objective::simple_loss;
+use elbo::diffusion::objective::simple_loss_inputs;
 use elbo::diffusion::process::{GaussianDiffusion, Prediction, VarianceType};
 use elbo::diffusion::sampler::{ddim_sample, ddpm_sample};
 use elbo::diffusion::schedule::{BetaSchedule, Schedule};
 use elbo::distributions::Noise;
-use elbo::engine::estimate_log_likelihood;
-use elbo::engine::fused_simple_loss;
 use elbo::engine::unet::FusedUnet;
-use elbo::engine::vae::FusedVae;
+use elbo::engine::vae::VaeBatch;
+use elbo::engine::{
+    DenoiseBatch, Engine, TrainStep, VaeObjective, denoiser_step, estimate_log_likelihood, vae_step,
+};
 use elbo::optim::{Adam, AdamConfig};
-use elbo::vae::{Init, Objective, Vae, VaeConfig, elbo_terms, iwae_bound};
+use elbo::vae::{Init, KlEstimator, Objective, Vae, VaeConfig};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -58,6 +59,66 @@ impl Denoiser for CandleUnet<'_> {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.0.forward_candle(xt, t)
     }
+}
+
+/// One training step as `elbo train` takes it: the engine's step on a batch whose draws are
+/// made, then the one Adam over the flat parameters.
+struct Trainer<'a, B> {
+    step: Box<dyn TrainStep<Batch = B> + 'a>,
+    adam: Adam,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+}
+
+impl<'a, B> Trainer<'a, B> {
+    fn new(step: Box<dyn TrainStep<Batch = B> + 'a>, config: AdamConfig) -> Result<Self> {
+        let params = step.read_params()?;
+        let adam = Adam::new(step.table().clone(), config);
+        let grads = vec![0f32; params.len()];
+        Ok(Self {
+            step,
+            adam,
+            params,
+            grads,
+        })
+    }
+
+    fn step(&mut self, batch: &B, rows: usize) -> Result<()> {
+        let s = &mut self.step;
+        s.loss_and_grads(&self.params, batch, 0..rows, &mut self.grads)?;
+        self.adam
+            .step(&mut self.params, &self.grads, s.update_threads())?;
+        s.updated(&self.params)
+    }
+}
+
+/// The VAE's training step on the fused engine or candle's.
+fn vae_trainer<'a>(
+    vae: &'a Vae,
+    fused: bool,
+    objective: Objective,
+    adam: AdamConfig,
+) -> Result<Trainer<'a, VaeBatch>> {
+    let engine = if fused { Engine::Fused } else { Engine::Candle };
+    let objective = VaeObjective {
+        objective,
+        kl: KlEstimator::Analytic,
+        beta: 1.0,
+    };
+    Trainer::new(vae_step(engine, vae, objective)?.0, adam)
+}
+
+/// One VAE step on `x` (`[B, 784]`) with `k` samples, the noise drawn as training draws it.
+fn vae_train_step(
+    t: &mut Trainer<'_, VaeBatch>,
+    vae: &Vae,
+    x: &[f32],
+    k: usize,
+    noise: &mut Noise,
+) -> Result<()> {
+    let d = vae.config.input_dim;
+    let batch = VaeBatch::draw(x.to_vec(), d, &vae.config.latent_dims, k, noise);
+    t.step(&batch, x.len() / d)
 }
 
 struct Args {
@@ -141,22 +202,11 @@ fn main() -> Result<()> {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
             let config = AdamConfig::with_lr(1e-3);
             let (reps, warmup) = (or(a.reps, 200), or(a.warmup, 20));
-            let t = if fused_engine {
-                let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
-                let mut fused = FusedVae::from_vae(&vae, None, config)?;
-                time(warmup, reps, || {
-                    fused.train_step(&x, 1, 1.0, &mut noise)?;
-                    Ok(())
-                })?
-            } else {
-                let x = train.batch(&idx, PixelMode::Grey, &mut rng, &dev)?;
-                let mut adam = Adam::new(vae.params().to_vec(), config)?;
-                time(warmup, reps, || {
-                    let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
-                    adam.step(&loss.backward()?)?;
-                    Ok(())
-                })?
-            };
+            let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
+            let t = time(warmup, reps, || {
+                vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)
+            })?;
             (t, format!("one training step, batch {b}"))
         }
         w @ ("iwae-step-k1" | "iwae-step-k5" | "iwae-step-k50" | "iwae-step-2l-k1"
@@ -191,27 +241,10 @@ fn main() -> Result<()> {
                 Objective::Iwae
             };
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
-            let t = if fused_engine {
-                let mut fused = FusedVae::from_vae(&vae, None, adam)?;
-                fused.set_objective(objective);
-                time(warmup, reps, || {
-                    fused.train_step(&x, k, 1.0, &mut noise)?;
-                    Ok(())
-                })?
-            } else {
-                let xt = candle_core::Tensor::from_vec(x.clone(), (20, 784), &dev)?;
-                let mut opt = Adam::new(vae.params().to_vec(), adam)?;
-                time(warmup, reps, || {
-                    let loss = match objective {
-                        Objective::Elbo => elbo_terms(&vae, &xt, 1, &mut noise)?.loss(1.0)?,
-                        Objective::Iwae => {
-                            iwae_bound(&vae, &xt, k, &mut noise)?.mean_all()?.neg()?
-                        }
-                    };
-                    opt.step(&loss.backward()?)?;
-                    Ok(())
-                })?
-            };
+            let mut trainer = vae_trainer(&vae, fused_engine, objective, adam)?;
+            let t = time(warmup, reps, || {
+                vae_train_step(&mut trainer, &vae, &x, k, &mut noise)
+            })?;
             (
                 t,
                 format!(
@@ -233,41 +266,23 @@ fn main() -> Result<()> {
             let adam = AdamConfig::with_lr(1e-3);
             let idx: Vec<usize> = (0..128).collect();
             let (reps, warmup) = (or(a.reps, 50), or(a.warmup, 5));
-            let t = if fused_engine {
-                let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
-                let mut fused = FusedVae::from_vae(&vae, None, adam)?;
-                time(warmup, reps, || {
-                    fused.train_step(&x, 1, 1.0, &mut noise)?;
-                    Ok(())
-                })?
-            } else {
-                let x = train.batch(&idx, PixelMode::Grey, &mut rng, &dev)?;
-                let mut opt = Adam::new(vae.params().to_vec(), adam)?;
-                time(warmup, reps, || {
-                    let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
-                    opt.step(&loss.backward()?)?;
-                    Ok(())
-                })?
-            };
+            let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, adam)?;
+            let t = time(warmup, reps, || {
+                vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)
+            })?;
             (t, "one conv VAE training step, batch 128".to_string())
         }
         "vae-epoch" => {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
             let config = AdamConfig::with_lr(1e-3);
             let mut order: Vec<usize> = (0..train.len()).collect();
-            let mut fused = FusedVae::from_vae(&vae, None, config)?;
-            let mut adam = Adam::new(vae.params().to_vec(), config)?;
+            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
             let t = time(or(a.warmup, 1), or(a.reps, 5), || {
                 order.shuffle(&mut rng);
                 for idx in order.chunks(128) {
-                    if fused_engine {
-                        let x = train.batch_values(idx, PixelMode::Grey, &mut rng);
-                        fused.train_step(&x, 1, 1.0, &mut noise)?;
-                    } else {
-                        let x = train.batch(idx, PixelMode::Grey, &mut rng, &dev)?;
-                        let loss = elbo_terms(&vae, &x, 1, &mut noise)?.loss(1.0)?;
-                        adam.step(&loss.backward()?)?;
-                    }
+                    let x = train.batch_values(idx, PixelMode::Grey, &mut rng);
+                    vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)?;
                 }
                 Ok(())
             })?;
@@ -332,28 +347,30 @@ fn main() -> Result<()> {
             match w {
                 "unet-step-64" | "unet-cifar-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);
-                    let mut adam = Adam::new(vars, AdamConfig::with_lr(1e-3))?;
+                    let engine = if fused_engine {
+                        Engine::Fused
+                    } else {
+                        Engine::Candle
+                    };
+                    let step = denoiser_step(engine, &net, vars)?.0;
+                    let mut trainer = Trainer::new(step, AdamConfig::with_lr(1e-3))?;
                     let idx: Vec<usize> = (0..64).collect();
                     let x0 = match cifar {
                         true => noise.randn((64, 3, 32, 32), &dev)?.clamp(-1f32, 1f32)?,
                         false => image_batch(&train, &idx, &dev)?,
                     };
-                    let Net::Unet(unet) = &net else {
-                        unreachable!("the default network is a U-Net")
-                    };
-                    let mut engine = match fused_engine {
-                        true => Some(FusedUnet::new(unet)?),
-                        false => None,
-                    };
                     let t = time(or(a.warmup, 2), or(a.reps, 10), || {
-                        let grads = if let Some(engine) = engine.as_mut() {
-                            engine.refresh()?;
-                            fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?.1
-                        } else {
-                            simple_loss(&process, &net, &x0, &mut rng, &mut noise)?.backward()?
+                        let (xt, t, target) =
+                            simple_loss_inputs(&process, &x0, &mut rng, &mut noise)?;
+                        let dropout_seed =
+                            (net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(&mut rng));
+                        let batch = DenoiseBatch {
+                            xt,
+                            t,
+                            target,
+                            dropout_seed,
                         };
-                        adam.step(&grads)?;
-                        Ok(())
+                        trainer.step(&batch, 64)
                     })?;
                     (t, "one U-Net training step, batch 64".to_string())
                 }

@@ -1,18 +1,24 @@
-//! Adam (Kingma & Ba 2015), as `torch.optim.Adam` computes it:
+//! Parameters in one flat buffer, and the one Adam (Kingma & Ba 2015) that updates them, as
+//! `torch.optim.Adam` computes it:
 //!
 //! ```text
 //! m_t = b1 m_{t-1} + (1 - b1) g,   v_t = b2 v_{t-1} + (1 - b2) g^2
 //! theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
 //! ```
 //!
-//! Written here rather than taken from `candle_nn::AdamW` because a resumable run needs the
-//! moments m, v and the step count in the checkpoint, and candle keeps them private.
+//! Every training step of elbo (candle's autodiff and the fused engines alike, see
+//! [`crate::engine::TrainStep`]) reads its parameters from one flat `[f32]` buffer, laid out by
+//! a [`ParamTable`] (name, shape, offset), and writes the gradient into another of the same
+//! layout; Adam updates the buffer with one fused kernel. Written here rather than taken from
+//! `candle_nn::AdamW` because a resumable run needs the moments m, v and the step count in the
+//! checkpoint (`adam.m.NAME`, `adam.v.NAME`, the step), and candle keeps them private.
 
 use std::collections::HashMap;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct AdamConfig {
@@ -23,6 +29,7 @@ pub struct AdamConfig {
 }
 
 impl AdamConfig {
+    /// PyTorch's defaults (betas 0.9, 0.999, eps 1e-8) at `lr`.
     pub fn with_lr(lr: f64) -> Self {
         Self {
             lr,
@@ -33,90 +40,309 @@ impl AdamConfig {
     }
 }
 
+/// One named parameter tensor in a flat buffer: `values[offset..offset + shape.product()]`,
+/// row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+}
+
+impl ParamEntry {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// The layout of a flat parameter buffer: which named tensor sits where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamTable {
+    entries: Vec<ParamEntry>,
+    len: usize,
+}
+
+impl ParamTable {
+    /// Tensors `(name, shape)` one after another, in the order given.
+    pub fn packed<S: Into<String>>(items: impl IntoIterator<Item = (S, Vec<usize>)>) -> Self {
+        let mut table = Self::default();
+        for (name, shape) in items {
+            table.push(name.into(), shape);
+        }
+        table
+    }
+
+    /// The table of named candle variables, packed in their order.
+    pub fn of_vars(vars: &[(String, Var)]) -> Self {
+        Self::packed(vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())))
+    }
+
+    /// Entries at the given offsets (which may leave gaps, as an engine's scratch regions do);
+    /// `len` is the buffer's length.
+    pub fn with_offsets(entries: Vec<ParamEntry>, len: usize) -> Result<Self> {
+        for e in &entries {
+            if e.offset + e.len() > len {
+                bail!("parameter {} ends past the buffer's {len} values", e.name);
+            }
+        }
+        Ok(Self { entries, len })
+    }
+
+    fn push(&mut self, name: String, shape: Vec<usize>) {
+        let entry = ParamEntry {
+            name,
+            shape,
+            offset: self.len,
+        };
+        self.len += entry.len();
+        self.entries.push(entry);
+    }
+
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+
+    /// The buffer's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of parameters (values that belong to an entry).
+    pub fn count(&self) -> usize {
+        self.entries.iter().map(ParamEntry::len).sum()
+    }
+
+    /// The named tensors of a buffer with this layout (`prefix` before each name), on `device`.
+    pub fn tensors(
+        &self,
+        values: &[f32],
+        prefix: &str,
+        device: &Device,
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let t = Tensor::from_slice(&values[e.range()], e.shape.as_slice(), device)?;
+                Ok((format!("{prefix}{}", e.name), t))
+            })
+            .collect()
+    }
+
+    /// Fills a buffer of this layout from named tensors (`prefix` before each name); `what`
+    /// names their source in errors. Every entry must be present with its shape.
+    pub fn read(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        what: &str,
+        values: &mut [f32],
+    ) -> Result<()> {
+        for e in &self.entries {
+            let key = format!("{prefix}{}", e.name);
+            let t = tensors
+                .get(&key)
+                .with_context(|| format!("{what} has no tensor {key}"))?;
+            if t.dims() != e.shape.as_slice() {
+                bail!(
+                    "{what}: {key} has shape {:?}, expected {:?}",
+                    t.dims(),
+                    e.shape
+                );
+            }
+            let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            values[e.range()].copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// The current values of the candle variables `vars` (the variables of this table, in its
+    /// order) as a flat buffer.
+    pub fn gather(&self, vars: &[(String, Var)]) -> Result<Vec<f32>> {
+        let mut values = vec![0f32; self.len];
+        for (e, (_, var)) in self.entries.iter().zip(vars) {
+            let v = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            values[e.range()].copy_from_slice(&v);
+        }
+        Ok(values)
+    }
+
+    /// Writes a flat buffer into the candle variables `vars` (this table's, in its order).
+    pub fn scatter(&self, values: &[f32], vars: &[(String, Var)]) -> Result<()> {
+        for (e, (_, var)) in self.entries.iter().zip(vars) {
+            let t = Tensor::from_slice(&values[e.range()], e.shape.as_slice(), var.device())?
+                .to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a flat buffer into the candle variables of the same names (`vars` in any order;
+    /// each entry must be among them).
+    pub fn write_named(&self, values: &[f32], vars: &[(String, Var)]) -> Result<()> {
+        let by_name: HashMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        for e in &self.entries {
+            let var = by_name
+                .get(e.name.as_str())
+                .with_context(|| format!("the model has no parameter {}", e.name))?;
+            let t = Tensor::from_slice(&values[e.range()], e.shape.as_slice(), var.device())?
+                .to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The gradients of `vars` in a `GradStore` (a variable it lacks: zeros) as a flat buffer.
+    pub fn gather_grads(
+        &self,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        out: &mut [f32],
+    ) -> Result<()> {
+        for (e, (_, var)) in self.entries.iter().zip(vars) {
+            match grads.get(var.as_tensor()) {
+                Some(g) => {
+                    let v = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    out[e.range()].copy_from_slice(&v);
+                }
+                None => out[e.range()].fill(0.0),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adam's moments and step over a flat buffer of the layout `table`.
 pub struct Adam {
     pub config: AdamConfig,
-    vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    table: ParamTable,
+    m: Vec<f32>,
+    v: Vec<f32>,
     step: u64,
 }
 
 impl Adam {
-    /// `vars`: named parameters; the names key the state in checkpoints.
-    pub fn new(vars: Vec<(String, Var)>, config: AdamConfig) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
-        let m = vars
-            .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        let v = vars
-            .iter()
-            .map(|(_, v)| zeros(v))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
+    /// Fresh moments for a buffer laid out by `table`; its names key the state in checkpoints.
+    pub fn new(table: ParamTable, config: AdamConfig) -> Self {
+        let n = table.len();
+        Self {
             config,
-            vars,
-            m,
-            v,
+            table,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
             step: 0,
-        })
+        }
+    }
+
+    /// Adam for named candle variables (see [`Adam::step_vars`]).
+    pub fn for_vars(vars: &[(String, Var)], config: AdamConfig) -> Self {
+        Self::new(ParamTable::of_vars(vars), config)
     }
 
     pub fn step_count(&self) -> u64 {
         self.step
     }
 
-    /// One update from the gradients of a `loss.backward()`.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    /// One update of `params` from `grads` (both laid out by the table), the buffer cut into
+    /// `threads` pieces (the kernel is memory-bound: four streams of the parameters).
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], threads: usize) -> Result<()> {
+        let n = self.table.len();
+        if params.len() != n || grads.len() != n {
+            bail!(
+                "Adam: {} parameters and {} gradients for a table of {n}",
+                params.len(),
+                grads.len()
+            );
+        }
         self.step += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            // Gradients carry the autodiff graph of the step that made them; the moments must
-            // not, or every step's graph would stay alive through them.
-            let g = &g.detach();
-            self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = (&self.v[i] / bc2)?.sqrt()?.affine(1.0, c.eps)?;
-            let update = ((&self.m[i] * (c.lr / bc1))? / denom)?;
-            var.set(&(var.as_tensor() - update)?)?;
+        let scalars = AdamScalars {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            lr_bc1: (c.lr / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+        };
+        if threads <= 1 {
+            adam_kernel(params, grads, &mut self.m, &mut self.v, scalars);
+            return Ok(());
         }
+        let piece = n.div_ceil(threads).max(1);
+        params
+            .par_chunks_mut(piece)
+            .zip(grads.par_chunks(piece))
+            .zip(self.m.par_chunks_mut(piece))
+            .zip(self.v.par_chunks_mut(piece))
+            .for_each(|(((p, g), m), v)| adam_kernel(p, g, m, v, scalars));
         Ok(())
     }
 
-    /// The state as named tensors (`adam.m.NAME`, `adam.v.NAME`) and the step count.
-    pub fn state(&self) -> (Vec<(String, Tensor)>, u64) {
+    /// One update of candle variables from a `loss.backward()`: gathers them and their
+    /// gradients into flat buffers, steps, writes the variables back. (`vars` are those the
+    /// Adam was made for, in order.)
+    pub fn step_vars(&mut self, vars: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        let mut params = self.table.gather(vars)?;
+        let mut flat = vec![0f32; self.table.len()];
+        self.table.gather_grads(vars, grads, &mut flat)?;
+        self.step(&mut params, &flat, 1)?;
+        self.table.scatter(&params, vars)
+    }
+
+    /// The state as named CPU tensors (`adam.m.NAME`, `adam.v.NAME`) and the step count.
+    pub fn state(&self) -> Result<(Vec<(String, Tensor)>, u64)> {
         let mut out = Vec::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.push((format!("adam.m.{name}"), self.m[i].clone()));
-            out.push((format!("adam.v.{name}"), self.v[i].clone()));
+        for (kind, buf) in [("m", &self.m), ("v", &self.v)] {
+            out.extend(
+                self.table
+                    .tensors(buf, &format!("adam.{kind}."), &Device::Cpu)?,
+            );
         }
-        (out, self.step)
+        Ok((out, self.step))
     }
 
     /// Restores what [`Adam::state`] gave.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
-        for (i, (name, var)) in self.vars.iter().enumerate() {
-            for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("adam.{kind}.{name}");
-                let Some(t) = tensors.get(&key) else {
-                    bail!("optimizer state has no tensor {key}");
-                };
-                if t.dims() != var.dims() {
-                    bail!(
-                        "optimizer state {key} has shape {:?}, parameter has {:?}",
-                        t.dims(),
-                        var.dims()
-                    );
-                }
-                *slot = t.clone();
-            }
-        }
+        let what = "optimizer state";
+        self.table.read(tensors, "adam.m.", what, &mut self.m)?;
+        self.table.read(tensors, "adam.v.", what, &mut self.v)?;
         self.step = step;
         Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AdamScalars {
+    beta1: f32,
+    beta2: f32,
+    lr_bc1: f32,
+    inv_bc2: f32,
+    eps: f32,
+}
+
+/// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`.
+#[multiversion::multiversion(targets = "simd")]
+fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamScalars) {
+    for i in 0..p.len() {
+        let gi = g[i];
+        m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+        v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+        p[i] -= c.lr_bc1 * m[i] / ((v[i] * c.inv_bc2).sqrt() + c.eps);
     }
 }

@@ -825,10 +825,16 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
             (fused_loss - reference).abs() < 1e-5 * reference,
             "{fused_loss} vs {reference}"
         );
-        let store = fused.grad_store(&flat).unwrap();
+        // The flat gradient by name, through the engine's parameter table.
+        let table = fused.table(&sorted_vars(&varmap)).unwrap();
+        let store: std::collections::HashMap<String, Tensor> = table
+            .tensors(&flat[..table.len()], "", &dev)
+            .unwrap()
+            .into_iter()
+            .collect();
         for (name, var) in sorted_vars(&varmap) {
             let want = grads.get(var.as_tensor()).expect(&name);
-            let got = store.get(var.as_tensor()).expect(&name);
+            let got = store.get(&name).expect(&name);
             let scale = want
                 .abs()
                 .unwrap()

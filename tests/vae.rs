@@ -401,7 +401,7 @@ fn fused_engine_split_batches_match_candle_autodiff() {
     let candle_loss = loss.to_scalar::<f32>().unwrap() as f64;
     let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for threads in [1, 2, 3] {
-        let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
+        let mut fused = FusedVae::from_vae(&vae).unwrap();
         fused.set_threads(threads);
         let sums = fused
             .forward_backward(&xv, 1, beta, &mut Noise::new(seed))
@@ -441,7 +441,7 @@ fn fused_engine_gradients_and_adam_match_candle_autodiff() {
     let grads = loss.backward().unwrap();
 
     let adam_config = AdamConfig::with_lr(1e-3);
-    let mut fused = FusedVae::from_vae(&vae, None, adam_config).unwrap();
+    let mut fused = FusedVae::from_vae(&vae).unwrap();
     let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let sums = fused
         .forward_backward(&xv, k, beta, &mut Noise::new(seed))
@@ -469,14 +469,15 @@ fn fused_engine_gradients_and_adam_match_candle_autodiff() {
     }
 
     // One Adam step each, from the same start and the same noise.
-    let mut adam = Adam::new(vae.params().to_vec(), adam_config).unwrap();
-    adam.step(&grads).unwrap();
+    let mut adam = Adam::for_vars(vae.params(), adam_config);
+    adam.step_vars(vae.params(), &grads).unwrap();
     let stepped = Vae::load(&path, &Device::Cpu).unwrap();
-    let mut fused = FusedVae::from_vae(&stepped, None, adam_config).unwrap();
+    let mut fused = FusedVae::from_vae(&stepped).unwrap();
+    let mut fused_adam = Adam::new(fused.table().clone(), adam_config);
     fused
-        .train_step(&xv, k, beta, &mut Noise::new(seed))
+        .train_step(&xv, k, beta, &mut Noise::new(seed), &mut fused_adam)
         .unwrap();
-    fused.write_to(&stepped, None).unwrap();
+    fused.write_to(fused.params(), &stepped).unwrap();
     for ((name, a), (_, b)) in vae.params().iter().zip(stepped.params()) {
         let (a, b) = (
             a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -10,7 +10,7 @@ use common::relative_distance;
 use elbo::distributions::Noise;
 use elbo::engine::vae::FusedVae;
 use elbo::nn::activation::Activation;
-use elbo::optim::AdamConfig;
+use elbo::optim::{Adam, AdamConfig};
 use elbo::vae::objective::{KlEstimator, Objective, draw_noise, pass_with};
 use elbo::vae::{
     Init, Vae, VaeConfig, elbo_terms, elbo_terms_with, estimate_log_likelihood_candle, iwae_bound,
@@ -174,7 +174,7 @@ fn fused_gradients_match_candle_autodiff_for_every_architecture() {
         let grads = loss.backward().unwrap();
         let want = loss.to_scalar::<f32>().unwrap() as f64;
         for threads in [1, 2] {
-            let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(1e-3)).unwrap();
+            let mut fused = FusedVae::from_vae(&vae).unwrap();
             fused.set_threads(threads);
             fused.set_objective(objective);
             fused.set_kl_estimator(kl);
@@ -321,12 +321,15 @@ fn bounds_are_ordered_for_two_stochastic_layers() {
     let (b, draws) = (32, 200);
     // Train on a fixed batch for 100 steps so q is informative but imperfect.
     let xv = data(b, 30, 8);
-    let mut fused = FusedVae::from_vae(&vae, None, AdamConfig::with_lr(3e-3)).unwrap();
+    let mut fused = FusedVae::from_vae(&vae).unwrap();
+    let mut adam = Adam::new(fused.table().clone(), AdamConfig::with_lr(3e-3));
     let mut noise = Noise::new(1);
     for _ in 0..100 {
-        fused.train_step(&xv, 1, 1.0, &mut noise).unwrap();
+        fused
+            .train_step(&xv, 1, 1.0, &mut noise, &mut adam)
+            .unwrap();
     }
-    fused.write_to(&vae, None).unwrap();
+    fused.write_to(fused.params(), &vae).unwrap();
     let vae = vae.frozen().unwrap();
     let x = Tensor::from_vec(xv, (b, 30), &Device::Cpu).unwrap();
     let repeated = x.repeat((draws, 1)).unwrap();
@@ -479,7 +482,6 @@ fn checkpoints_round_trip_for_every_architecture() {
 /// with the initial values while Adam moved the parameters.)
 #[test]
 fn the_live_model_sees_every_update() {
-    use elbo::optim::Adam;
     use elbo::vae::Likelihood;
     for likelihood in [
         Likelihood::Bernoulli,
@@ -490,13 +492,14 @@ fn the_live_model_sees_every_update() {
         cfg.likelihood = likelihood;
         let vae = Vae::new(cfg.clone(), &mut Noise::new(1), &Device::Cpu).unwrap();
         let x = Tensor::from_vec(data(8, 20, 3), (8, 20), &Device::Cpu).unwrap();
-        let mut adam = Adam::new(vae.params().to_vec(), AdamConfig::with_lr(1e-2)).unwrap();
+        let mut adam = Adam::for_vars(vae.params(), AdamConfig::with_lr(1e-2));
         for step in 0..10 {
             let loss = elbo_terms(&vae, &x, 2, &mut Noise::new(step))
                 .unwrap()
                 .loss(1.0)
                 .unwrap();
-            adam.step(&loss.backward().unwrap()).unwrap();
+            adam.step_vars(vae.params(), &loss.backward().unwrap())
+                .unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");

@@ -768,6 +768,31 @@ impl Net {
         }
     }
 
+    /// The dropout probability of the network's residual blocks (0 for the MLP).
+    pub fn dropout(&self) -> f32 {
+        match self {
+            Net::Unet(u) => u.dropout,
+            _ => 0.0,
+        }
+    }
+
+    /// [`Net::forward_train_rows`] with the dropout seed drawn already (`None` where there is
+    /// no dropout).
+    pub fn forward_train_seeded(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        seed: Option<u64>,
+        first: usize,
+    ) -> candle_core::Result<Tensor> {
+        match (self, seed) {
+            (Net::Unet(u), Some(seed)) if u.dropout > 0.0 => {
+                u.forward_dropout_rows(xt, t, seed, first)
+            }
+            _ => self.forward(xt, t),
+        }
+    }
+
     pub fn build(config: &NetConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match config {
             NetConfig::Mlp {

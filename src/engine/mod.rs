@@ -1,24 +1,257 @@
-//! Which implementation runs a model: the one place the choice is made, and the fused CPU
-//! engines themselves ([`vae`]: the VAE family; [`unet`]: the U-Net). Models do not know
-//! their engine. On the CPU, the fused engines (hand-derived backward passes in reused
-//! buffers) run what they support; candle's tensors and autodiff run everything else, on any
-//! device. `--engine` forces either; the choice is printed once at the start of a run.
+//! Which implementation runs a model: the one step contract ([`TrainStep`]), the one place
+//! the choice is made ([`vae_step`], [`denoiser_step`], [`FrozenNet`]), and the engines
+//! themselves: candle's tensors and autodiff ([`CandleStep`], any device) and the fused CPU
+//! engines ([`vae`]: the VAE family; [`unet`]: the U-Net; hand-derived backward passes in
+//! reused buffers). Models do not know their engine. `--engine` forces either; the choice is
+//! printed once at the start of a run. A GPU or XLA engine is one more [`TrainStep`].
+
+use std::ops::Range;
 
 use anyhow::{Context, Result, bail};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
-use rand::rngs::StdRng;
+use candle_core::{DType, Tensor, Var};
 
 pub mod unet;
 pub mod vae;
 
 use self::unet::FusedUnet;
+use self::vae::{FusedVae, VaeBatch};
 use crate::diffusion::nets::Net;
-use crate::diffusion::objective::simple_loss_inputs;
-use crate::diffusion::process::{Denoiser, GaussianDiffusion};
+use crate::diffusion::process::{Denoiser, timestep_tensor};
 use crate::distributions::Noise;
+use crate::optim::ParamTable;
 use crate::vae::estimate::LikelihoodEstimate;
 use crate::vae::model::Vae;
+use crate::vae::objective::{KlEstimator, LatentVariableModel, Objective};
+
+/// One training step's arithmetic, whatever computes it: the loss of a batch and its gradient
+/// with respect to parameters held in one flat buffer (laid out by [`TrainStep::table`]).
+/// The training loop (`crate::train::run_epochs`) owns the buffer and the one Adam
+/// ([`crate::optim::Adam`]); a step owns no optimiser.
+///
+/// Data parallelism ([`crate::collective`]): every rank draws the whole global batch and runs
+/// its rows `rows`; the loss is the global batch's mean, so the ranks' gradients and sums add
+/// up to one process's.
+pub trait TrainStep {
+    /// A global batch, with every random draw of the step made already.
+    type Batch;
+
+    /// The layout of the parameter buffer.
+    fn table(&self) -> &ParamTable;
+
+    /// The model's current parameters as a buffer of the table's layout.
+    fn read_params(&self) -> Result<Vec<f32>>;
+
+    /// Forward and backward of rows `rows` of `batch` with `params`: writes this rank's share
+    /// of the gradient of the batch's mean loss into `grads` (every value) and returns this
+    /// rank's share of the step's sums, the loss first.
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &Self::Batch,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>>;
+
+    /// Called after each update, for a model that keeps its own copy of the parameters
+    /// (candle writes its variables).
+    fn updated(&mut self, _params: &[f32]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Threads for the update of the parameters.
+    fn update_threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
+}
+
+/// What a candle training step computes from this rank's rows of a batch: the loss to
+/// differentiate (`None`: no rows) and the sums the step returns (the loss first).
+pub type CandleLoss<'a, B> = dyn FnMut(&B, Range<usize>) -> Result<(Option<Tensor>, Vec<f64>)> + 'a;
+
+/// candle's tensors and autodiff as a [`TrainStep`]: any model made of candle variables, on
+/// any device. The parameter buffer is the variables' concatenation in the order given;
+/// `loss_and_grads` writes it into the variables, builds the loss, and reads back
+/// `loss.backward()`'s gradients.
+pub struct CandleStep<'a, B> {
+    vars: Vec<(String, Var)>,
+    table: ParamTable,
+    loss: Box<CandleLoss<'a, B>>,
+}
+
+impl<'a, B> CandleStep<'a, B> {
+    pub fn new(vars: Vec<(String, Var)>, loss: Box<CandleLoss<'a, B>>) -> Self {
+        let table = ParamTable::of_vars(&vars);
+        Self { vars, table, loss }
+    }
+}
+
+impl<B> TrainStep for CandleStep<'_, B> {
+    type Batch = B;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        self.table.gather(&self.vars)
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        _params: &[f32],
+        batch: &B,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        // The variables hold `params` already: every update writes them (`updated`).
+        let (loss, sums) = (self.loss)(batch, rows)?;
+        match loss {
+            Some(loss) => {
+                let store = loss.backward()?;
+                self.table.gather_grads(&self.vars, &store, grads)?;
+            }
+            None => grads.fill(0.0),
+        }
+        Ok(sums)
+    }
+
+    fn updated(&mut self, params: &[f32]) -> Result<()> {
+        self.table.scatter(params, &self.vars)
+    }
+
+    fn update_threads(&self) -> usize {
+        1
+    }
+}
+
+/// What a VAE training step maximises: the (beta-)ELBO with K samples and its top-layer KL
+/// estimator, or the IWAE bound with K samples.
+#[derive(Debug, Clone, Copy)]
+pub struct VaeObjective {
+    pub objective: Objective,
+    pub kl: KlEstimator,
+    pub beta: f64,
+}
+
+/// The training step of a VAE on `engine` (`Engine::Auto`: the fused CPU engine where it
+/// applies) and its description. Both compute the same loss and gradients from the same
+/// [`VaeBatch`].
+pub fn vae_step<'a>(
+    engine: Engine,
+    vae: &'a Vae,
+    objective: VaeObjective,
+) -> Result<(Box<dyn TrainStep<Batch = VaeBatch> + 'a>, String)> {
+    let (fused, name) = vae_training(engine, vae)?;
+    if fused {
+        let mut f = FusedVae::from_vae(vae)?;
+        f.set_objective(objective.objective);
+        f.set_kl_estimator(objective.kl);
+        f.set_beta(objective.beta);
+        return Ok((Box::new(f), name));
+    }
+    let step = candle_vae_step(vae, vae.params().to_vec(), objective, vae.config.input_dim);
+    Ok((Box::new(step), name))
+}
+
+/// candle's training step for any latent variable model of `d` values per example whose
+/// parameters are `vars` (sums: [`vae::VAE_SUMS`]).
+pub fn candle_vae_step<'a, M: LatentVariableModel + ?Sized>(
+    model: &'a M,
+    vars: Vec<(String, Var)>,
+    objective: VaeObjective,
+    d: usize,
+) -> CandleStep<'a, VaeBatch> {
+    let loss = move |batch: &VaeBatch, rows: Range<usize>| -> Result<(Option<Tensor>, Vec<f64>)> {
+        candle_vae_loss(model, objective, batch, d, rows)
+    };
+    CandleStep::new(vars, Box::new(loss))
+}
+
+/// The candle VAE loss of rows `rows` of a batch: `-(1/B) sum_rows f(x_b)` with f the
+/// (beta-)ELBO or IWAE_K, and the sums [`vae::VAE_SUMS`].
+fn candle_vae_loss<M: LatentVariableModel + ?Sized>(
+    model: &M,
+    objective: VaeObjective,
+    batch: &VaeBatch,
+    d: usize,
+    rows: Range<usize>,
+) -> Result<(Option<Tensor>, Vec<f64>)> {
+    use crate::vae::objective::{pass_with, sum_f64};
+    let latents = model.latent_dims();
+    let mut sums = vec![0.0; 3 + latents.len()];
+    if rows.is_empty() {
+        return Ok((None, sums));
+    }
+    let (b, k, n) = (batch.len(d), batch.k, rows.len());
+    let device = model.device();
+    let x = Tensor::from_slice(&batch.x[rows.start * d..rows.end * d], (n, d), device)?;
+    let mut eps = Vec::with_capacity(batch.eps.len());
+    for (e, &l) in batch.eps.iter().zip(&latents) {
+        let all = Tensor::from_slice(e, (k, b, l), device)?;
+        eps.push(all.narrow(1, rows.start, n)?);
+    }
+    let pass = pass_with(model, &x, &eps)?;
+    let terms = match objective.objective {
+        Objective::Elbo => pass.elbo_terms_with(objective.kl)?,
+        Objective::Iwae => pass.elbo_terms()?,
+    };
+    let per_example = match objective.objective {
+        Objective::Elbo => terms.elbo(objective.beta)?,
+        Objective::Iwae => pass
+            .log_weights()?
+            .log_sum_exp(0)?
+            .affine(1.0, -(k as f64).ln())?,
+    };
+    // -(1/B) sum over this rank's rows: the shards add up to the batch's mean.
+    let loss = (per_example.sum_all()? * (-1.0 / b as f64))?;
+    sums[0] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    sums[1] = sum_f64(&per_example.detach())?;
+    sums[2] = sum_f64(&terms.reconstruction.detach())?;
+    for (sum, layer) in sums[3..].iter_mut().zip(&terms.kl_layers) {
+        *sum = sum_f64(&layer.detach())?;
+    }
+    Ok((Some(loss), sums))
+}
+
+/// A denoiser's training batch, every draw made: `x_t` `[B, ...]`, the timesteps, the target
+/// (eps, x_0 or v) and the dropout seed (`None` without dropout).
+pub struct DenoiseBatch {
+    pub xt: Tensor,
+    pub t: Vec<usize>,
+    pub target: Tensor,
+    pub dropout_seed: Option<u64>,
+}
+
+/// The training step of the simple loss `mean ||target - f(x_t, t)||^2` for `net` (whose
+/// variables are `vars`) on `engine` (`Engine::Auto`: the fused CPU engine for a U-Net on the
+/// CPU) and its description. Sums: `[loss]`.
+pub fn denoiser_step<'a>(
+    engine: Engine,
+    net: &'a Net,
+    vars: Vec<(String, Var)>,
+) -> Result<(Box<dyn TrainStep<Batch = DenoiseBatch> + 'a>, String)> {
+    let (fused, name) = unet_training(engine, net)?;
+    if let Some(fused) = fused {
+        return Ok((Box::new(unet::FusedUnetStep::new(fused, &vars)?), name));
+    }
+    let loss =
+        move |batch: &DenoiseBatch, rows: Range<usize>| -> Result<(Option<Tensor>, Vec<f64>)> {
+            let total = batch.xt.elem_count() as f64;
+            if rows.is_empty() {
+                return Ok((None, vec![0.0]));
+            }
+            let (first, n) = (rows.start, rows.len());
+            let xs = batch.xt.narrow(0, first, n)?;
+            let ts = timestep_tensor(&batch.t[rows], batch.xt.device())?;
+            let out = net.forward_train_seeded(&xs, &ts, batch.dropout_seed, first)?;
+            let sse = (out - batch.target.narrow(0, first, n)?)?
+                .sqr()?
+                .sum_all()?;
+            let sum = sse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok((Some((sse / total)?), vec![sum / total]))
+        };
+    Ok((Box::new(CandleStep::new(vars, Box::new(loss))), name))
+}
 
 /// Which implementation computes a VAE training step. Both compute the same numbers from the
 /// same noise; they differ in speed and reach.
@@ -130,50 +363,9 @@ pub fn estimate_log_likelihood(
     noise: &mut Noise,
 ) -> Result<LikelihoodEstimate> {
     if self::vae::supports(vae) {
-        let adam = crate::optim::AdamConfig::with_lr(0.0);
-        let mut fused = self::vae::FusedVae::from_vae(vae, None, adam)?;
+        let mut fused = FusedVae::from_vae(vae)?;
         let x = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         return fused.estimate_log_likelihood(&x, k, max_rows, noise);
     }
     crate::vae::objective::estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
-}
-
-/// `diffusion::model::simple_loss` and its gradients on the fused CPU engine, for images `x0` `[B, C, H, W]`
-/// (the same draws of t and eps): the loss value and the gradients `loss.backward()` would
-/// give. `engine` must hold the network's current parameters (`FusedUnet::refresh`).
-pub fn fused_simple_loss(
-    process: &GaussianDiffusion,
-    engine: &FusedUnet,
-    x0: &Tensor,
-    rng: &mut StdRng,
-    noise: &mut Noise,
-) -> Result<(f32, GradStore)> {
-    let (b, _, h, w) = x0.dims4()?;
-    // Every rank draws the whole batch's t, eps and dropout seed (crate::collective) and runs its
-    // rows; the gradients and squared errors are summed over the ranks.
-    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-    let tf: Vec<f32> = t.iter().map(|&t| t as f32).collect();
-    // As `Net::forward_train`: a seed for the dropout masks only where there is dropout.
-    let seed = (engine.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
-    let (xt, target) = (values(&xt)?, values(&target)?);
-    let n = xt.len() / b.max(1);
-    let rows = crate::collective::my_shard(b);
-    let (from, to) = (rows.start * n, rows.end * n);
-    let (sum, mut grads) = engine.loss_and_grads_rows(
-        &xt[from..to],
-        &tf[rows.clone()],
-        &target[from..to],
-        (h, w),
-        seed,
-        rows.start,
-        xt.len(),
-    )?;
-    let mut sum = [sum];
-    if crate::collective::world().world_size() > 1 {
-        crate::collective::all_reduce_buckets(&mut grads)?;
-        crate::collective::world().all_reduce_sum_f64(&mut sum)?;
-    }
-    let loss = sum[0] / xt.len() as f64;
-    Ok((loss as f32, engine.grad_store(&grads)?))
 }

@@ -15,15 +15,16 @@
 //!
 //! The engine is checked against candle's autodiff of the same network in `tests/diffusion.rs`.
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, bail};
+use candle_core::{DType, Result, Tensor, TensorId, Var, bail};
 use candle_nn::Linear;
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet};
 use crate::diffusion::process::Denoiser;
+use crate::engine::{DenoiseBatch, TrainStep};
 use crate::nn::group_norm::{silu, silu_grad};
 use crate::nn::kernels::add_assign;
 use crate::nn::modules::conv::Conv2d;
@@ -35,6 +36,7 @@ use crate::nn::planar::norm::{NormP, NormTape};
 use crate::nn::planar::residual::{ResP, ResTape};
 use crate::nn::planar::upsample::{upsample, upsample_backward};
 use crate::nn::planar::{BlockScratch, sized, zeroed};
+use crate::optim::{ParamEntry, ParamTable};
 
 /// One stage of the body (see [`crate::diffusion::nets::Stage`]), with its parameters' places.
 #[derive(Debug, Clone)]
@@ -862,22 +864,93 @@ impl FusedUnet {
         Ok((sum, grads))
     }
 
-    /// Flat gradients as a `GradStore` keyed by the network's own parameter tensors, what
-    /// `loss.backward()` returns and [`crate::optim::Adam::step`] reads.
-    pub fn grad_store(&self, grads: &[f32]) -> Result<GradStore> {
-        if grads.len() != self.params.len() {
-            bail!(
-                "fused U-Net: {} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            );
-        }
-        let mut store = GradStore::default();
+    /// The layout of the network's parameters at the start of the engine's buffer (the order
+    /// the engine visits them), named after `vars`, the network's variables.
+    pub fn table(&self, vars: &[(String, Var)]) -> anyhow::Result<ParamTable> {
+        let names: HashMap<TensorId, &str> = vars
+            .iter()
+            .map(|(n, v)| (v.as_tensor().id(), n.as_str()))
+            .collect();
+        let mut entries = Vec::with_capacity(self.tensors.len());
         for (t, at) in &self.tensors {
-            let g = Tensor::from_slice(&grads[*at..*at + t.elem_count()], t.shape(), t.device())?;
-            store.insert(t, g);
+            let Some(name) = names.get(&t.id()) else {
+                anyhow::bail!("fused U-Net: a parameter of the network is not among its variables");
+            };
+            entries.push(ParamEntry {
+                name: name.to_string(),
+                shape: t.dims().to_vec(),
+                offset: *at,
+            });
         }
-        Ok(store)
+        ParamTable::with_offsets(entries, self.num_params())
+    }
+
+    /// Takes the parameters from a buffer of [`FusedUnet::table`]'s layout.
+    pub fn load_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
+        let n = self.num_params();
+        if params.len() != n {
+            anyhow::bail!("fused U-Net: {} parameters, expected {n}", params.len());
+        }
+        self.params[..n].copy_from_slice(params);
+        self.plan.derive_weights(&mut self.params);
+        Ok(())
+    }
+}
+
+/// The fused U-Net as a [`TrainStep`] of the simple loss (sums: `[loss]`).
+pub struct FusedUnetStep {
+    engine: FusedUnet,
+    table: ParamTable,
+}
+
+impl FusedUnetStep {
+    /// `vars`: the network's variables (for the parameters' names).
+    pub fn new(engine: FusedUnet, vars: &[(String, Var)]) -> anyhow::Result<Self> {
+        let table = engine.table(vars)?;
+        Ok(Self { engine, table })
+    }
+}
+
+impl TrainStep for FusedUnetStep {
+    type Batch = DenoiseBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> anyhow::Result<Vec<f32>> {
+        Ok(self.engine.params[..self.table.len()].to_vec())
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &DenoiseBatch,
+        rows: std::ops::Range<usize>,
+        grads: &mut [f32],
+    ) -> anyhow::Result<Vec<f64>> {
+        self.engine.load_params(params)?;
+        let dims = batch.xt.dims();
+        let (b, size) = match *dims {
+            [b, _, h, w] => (b, (h, w)),
+            _ => anyhow::bail!("fused U-Net: images [B, C, H, W] expected, got {dims:?}"),
+        };
+        let values = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
+        let (xt, target) = (values(&batch.xt)?, values(&batch.target)?);
+        let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
+        let n = xt.len() / b.max(1);
+        let (from, to) = (rows.start * n, rows.end * n);
+        let (sum, g) = self.engine.loss_and_grads_rows(
+            &xt[from..to],
+            &tf[rows.clone()],
+            &target[from..to],
+            size,
+            batch.dropout_seed,
+            rows.start,
+            xt.len(),
+        )?;
+        grads.copy_from_slice(&g[..grads.len()]);
+        Ok(vec![sum / xt.len().max(1) as f64])
     }
 }
 

@@ -1,12 +1,12 @@
 //! The fused CPU engine of the VAE family ([`crate::vae::model`]): any number of stochastic
 //! layers, MLPs of any depth, width and activation, convolutional encoders and decoders (stride-2
 //! convolutions and transposed convolutions of [`crate::nn::conv`]), the Bernoulli likelihood,
-//! the ELBO and the IWAE objectives with K samples, and Adam, in one flat parameter buffer and scratch buffers
-//! reused from step to step. Each network runs on [`crate::nn::mlp`] (one `gemm` call per
+//! the ELBO and the IWAE objectives with K samples, in one flat parameter buffer and scratch
+//! buffers reused from step to step (a [`crate::engine::TrainStep`]; the loop's Adam updates it). Each network runs on [`crate::nn::mlp`] (one `gemm` call per
 //! product); the densities, the reparameterization and their backward passes are fused loops.
 //!
 //! It computes what the candle autodiff path computes ([`crate::vae::objective`] +
-//! `loss.backward()` + [`crate::optim::Adam`], and `estimate_log_likelihood_candle`), draws
+//! `loss.backward()`, and `estimate_log_likelihood_candle`), draws
 //! the same noise in the same order, and is checked against it in `tests/vae.rs`.
 //!
 //! Rows of a batch of B examples with K samples are `r = k B + b`. With z_0 = x and, per row,
@@ -37,10 +37,11 @@
 //! gradients are added at the end (the loss is a sum over examples).
 
 use anyhow::{Result, bail};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use crate::distributions::Noise;
+use crate::engine::TrainStep;
 use crate::nn::activation::Activation;
 use crate::nn::conv::{
     ConvScratch, Geometry, conv_transpose2d_backward, conv_transpose2d_forward, conv2d_backward,
@@ -48,7 +49,7 @@ use crate::nn::conv::{
 };
 use crate::nn::kernels::{add_assign, bce_logits_grad, bernoulli_log_prob};
 use crate::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
-use crate::optim::{Adam, AdamConfig};
+use crate::optim::{Adam, ParamEntry, ParamTable};
 use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::{KlEstimator, Objective};
@@ -365,31 +366,72 @@ enum Mode {
     Estimate,
 }
 
-/// The model's parameters in one flat buffer, with Adam's moments and the scratch of a step.
+/// The model's parameters in one flat buffer (laid out by its [`ParamTable`]) and the scratch
+/// of a step. It owns no optimiser: training runs it as a [`TrainStep`] of the one training
+/// loop, whose Adam updates the buffer it passes in.
 pub struct FusedVae {
     model: Model,
-    entries: Vec<(String, usize, Vec<usize>)>,
+    table: ParamTable,
+    /// The model's parameters, for the standalone passes ([`FusedVae::forward_backward`],
+    /// [`FusedVae::estimate_log_likelihood`]); a [`TrainStep`] reads the loop's buffer instead.
     params: Vec<f32>,
+    /// The gradient of the last [`FusedVae::forward_backward`].
     grads: Vec<f32>,
-    adam_m: Vec<f32>,
-    adam_v: Vec<f32>,
-    adam_step: u64,
-    adam: AdamConfig,
     objective: Objective,
     kl: KlEstimator,
-    /// The whole batch's noise, per layer `[K, B, L_l]`.
-    eps: Vec<Vec<f32>>,
+    beta: f64,
     slices: Vec<Slice>,
-    /// Gradients of slices 1.. (slice 0 writes into `grads`).
+    /// Gradients of slices 1.. (slice 0 writes into the caller's buffer).
     slice_grads: Vec<Vec<f32>>,
     threads: usize,
-    /// Threads of the next Adam update (one after a single-threaded step).
-    adam_threads: usize,
+    /// Threads of the next update (one after a single-threaded step).
+    update_threads: usize,
+}
+
+/// The sums a VAE training step returns, over this rank's rows: `[loss, sum_b f(x_b),
+/// sum_b E_q log p(x_b|z_1), sum_b KL_1(x_b), ..., sum_b KL_L(x_b)]`, f the objective per
+/// example (the beta-ELBO or IWAE_K) and the loss `-(1/B) sum_b f(x_b)` over the global batch.
+pub const VAE_SUMS: &str = "[loss, objective, reconstruction, KL per layer]";
+
+/// A VAE training batch: `x` `[B, D]` row-major in [0, 1] and its noise, per stochastic layer
+/// `[K, B, L_l]` (drawn as [`crate::vae::objective::draw_noise`] draws it).
+pub struct VaeBatch {
+    pub x: Vec<f32>,
+    pub eps: Vec<Vec<f32>>,
+    pub k: usize,
+}
+
+impl VaeBatch {
+    /// The examples in the batch.
+    pub fn len(&self, d: usize) -> usize {
+        self.x.len() / d.max(1)
+    }
+
+    /// Draws the noise of `k` samples of every example of `x` (`d` values each) for a model
+    /// with stochastic layers of widths `latents`, in the order of `draw_noise`.
+    pub fn draw(x: Vec<f32>, d: usize, latents: &[usize], k: usize, noise: &mut Noise) -> Self {
+        let b = x.len() / d.max(1);
+        let eps = draw_eps(latents, k, b, noise);
+        Self { x, eps, k }
+    }
+}
+
+/// The noise of `k` samples of `b` examples, per stochastic layer `[K, B, L_l]`, in the order
+/// of [`crate::vae::objective::draw_noise`].
+fn draw_eps(latents: &[usize], k: usize, b: usize, noise: &mut Noise) -> Vec<Vec<f32>> {
+    latents
+        .iter()
+        .map(|&l| {
+            let mut e = vec![0f32; k * b * l];
+            noise.fill_randn(&mut e);
+            e
+        })
+        .collect()
 }
 
 impl FusedVae {
-    /// Copies `vae`'s parameters and, if given, `adam`'s moments and step.
-    pub fn from_vae(vae: &Vae, adam: Option<&Adam>, adam_config: AdamConfig) -> Result<Self> {
+    /// The engine for `vae`, with a copy of its parameters.
+    pub fn from_vae(vae: &Vae) -> Result<Self> {
         if !supports(vae) {
             bail!("the fused engine needs a CPU model with the Bernoulli likelihood");
         }
@@ -399,74 +441,76 @@ impl FusedVae {
         if let Some((_, conv_entries)) = ConvStack::new(&vae.config, mlp_len) {
             entries.extend(conv_entries);
         }
+        let entries = entries
+            .into_iter()
+            .map(|(name, offset, shape)| ParamEntry {
+                name,
+                shape,
+                offset,
+            })
+            .collect();
+        let table = ParamTable::with_offsets(entries, model.len)?;
+        let named: std::collections::HashMap<String, Tensor> = vae
+            .params()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
         let mut params = vec![0f32; model.len];
-        let mut adam_m = vec![0f32; model.len];
-        let mut adam_v = vec![0f32; model.len];
-        let named: std::collections::HashMap<&str, &candle_core::Var> =
-            vae.params().iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let (state, adam_step) = match adam {
-            Some(a) => {
-                let (tensors, step) = a.state();
-                (tensors.into_iter().collect(), step)
-            }
-            None => (std::collections::HashMap::new(), 0),
-        };
-        for (name, offset, shape) in &entries {
-            let len: usize = shape.iter().product();
-            let copy = |t: &Tensor, dst: &mut [f32]| -> Result<()> {
-                let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                dst.copy_from_slice(&v);
-                Ok(())
-            };
-            copy(named[name.as_str()], &mut params[*offset..offset + len])?;
-            if let Some(m) = state.get(&format!("adam.m.{name}")) {
-                copy(m, &mut adam_m[*offset..offset + len])?;
-            }
-            if let Some(v) = state.get(&format!("adam.v.{name}")) {
-                copy(v, &mut adam_v[*offset..offset + len])?;
-            }
-        }
+        table.read(&named, "", "the VAE", &mut params)?;
         Ok(Self {
             grads: vec![0f32; model.len],
             model,
-            entries,
+            table,
             params,
-            adam_m,
-            adam_v,
-            adam_step,
-            adam: adam_config,
             objective: Objective::Elbo,
             kl: KlEstimator::Analytic,
-            eps: Vec::new(),
+            beta: 1.0,
             slices: Vec::new(),
             slice_grads: Vec::new(),
             threads: rayon::current_num_threads(),
-            adam_threads: rayon::current_num_threads(),
+            update_threads: rayon::current_num_threads(),
         })
     }
 
-    /// Writes the parameters back into `vae` and, if given, the moments and step into `adam`.
-    pub fn write_to(&self, vae: &Vae, adam: Option<&mut Adam>) -> Result<()> {
+    /// The layout of the flat buffer (`state_dict` names).
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    /// The engine's copy of the parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Replaces the engine's copy of the parameters (a buffer of its layout).
+    pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.params.len() {
+            bail!(
+                "fused VAE: {} parameters for a buffer of {}",
+                params.len(),
+                self.params.len()
+            );
+        }
+        self.params.copy_from_slice(params);
+        Ok(())
+    }
+
+    /// Writes a buffer of the engine's layout into `vae`'s variables.
+    pub fn write_to(&self, params: &[f32], vae: &Vae) -> Result<()> {
         let by_name: std::collections::HashMap<&str, &candle_core::Var> =
             vae.params().iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let mut moments = std::collections::HashMap::new();
-        for (name, offset, shape) in &self.entries {
-            let len: usize = shape.iter().product();
-            let var = by_name[name.as_str()];
-            let slice = |buf: &[f32]| {
-                Tensor::from_slice(&buf[*offset..offset + len], shape.as_slice(), var.device())
-            };
-            var.set(&slice(&self.params)?)?;
-            moments.insert(format!("adam.m.{name}"), slice(&self.adam_m)?);
-            moments.insert(format!("adam.v.{name}"), slice(&self.adam_v)?);
-        }
-        if let Some(adam) = adam {
-            adam.load_state(&moments, self.adam_step)?;
+        for e in self.table.entries() {
+            let var = by_name[e.name.as_str()];
+            var.set(&Tensor::from_slice(
+                &params[e.range()],
+                e.shape.as_slice(),
+                var.device(),
+            )?)?;
         }
         Ok(())
     }
 
-    /// Threads for the slices, the matrix products and Adam (default: rayon's pool size).
+    /// Threads for the slices, the matrix products and the update (default: rayon's pool size).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
     }
@@ -481,38 +525,23 @@ impl FusedVae {
         self.kl = kl;
     }
 
-    /// Adam's learning rate from the next step on (learning-rate schedules).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.adam.lr = lr;
+    /// The ELBO's KL weight beta of a [`TrainStep`] (default 1).
+    pub fn set_beta(&mut self, beta: f64) {
+        self.beta = beta;
     }
 
     /// The gradient of the last [`FusedVae::forward_backward`], by `state_dict` name.
     pub fn gradients(&self) -> Vec<(String, Vec<f32>)> {
-        self.entries
+        self.table
+            .entries()
             .iter()
-            .map(|(n, o, s)| {
-                (
-                    n.clone(),
-                    self.grads[*o..o + s.iter().product::<usize>()].to_vec(),
-                )
-            })
+            .map(|e| (e.name.clone(), self.grads[e.range()].to_vec()))
             .collect()
     }
 
-    /// One training step: forward, backward, Adam. `x` `[B, D]` row-major in [0, 1]; the noise
-    /// of every layer is drawn from `noise` as [`crate::vae::objective::draw_noise`] draws it.
-    pub fn train_step(
-        &mut self,
-        x: &[f32],
-        k: usize,
-        beta: f64,
-        noise: &mut Noise,
-    ) -> Result<StepSums> {
-        let sums = self.forward_backward(x, k, beta, noise)?;
-        if sums.loss.is_finite() {
-            self.adam_update();
-        }
-        Ok(sums)
+    /// The flat gradient of the last [`FusedVae::forward_backward`] (the table's layout).
+    pub fn flat_gradient(&self) -> &[f32] {
+        &self.grads
     }
 
     fn batch_size(&self, x: &[f32], k: usize) -> Result<usize> {
@@ -526,17 +555,18 @@ impl FusedVae {
         Ok(x.len() / d)
     }
 
-    fn draw_noise(&mut self, k: usize, b: usize, noise: &mut Noise) {
-        self.eps.resize_with(self.model.layers(), Vec::new);
-        for (eps, &l) in self.eps.iter_mut().zip(&self.model.latents) {
-            eps.resize(k * b * l, 0.0);
-            noise.fill_randn(eps);
-        }
-    }
-
-    /// Runs `mode` over the batch `x` `[B, D]` (noise already in `self.eps`), one slice of
-    /// examples per thread; returns the per-example results in batch order.
-    fn run(&mut self, x: &[f32], k: usize, mode: Mode) -> SliceOut {
+    /// Runs `mode` over the batch `x` `[b, D]` with its noise `eps` (per layer `[K, b, L]`),
+    /// one slice of examples per thread; returns the per-example results in batch order. In
+    /// training the gradient is written into `grads`.
+    fn run(
+        &mut self,
+        params: &[f32],
+        x: &[f32],
+        eps: &[Vec<f32>],
+        k: usize,
+        mode: Mode,
+        grads: Option<&mut [f32]>,
+    ) -> SliceOut {
         let (d, b) = (self.model.d, x.len() / self.model.d);
         let slices = if self.threads > 1 && b >= MIN_SLICE_EXAMPLES * 2 {
             self.threads.min(b / MIN_SLICE_EXAMPLES)
@@ -548,9 +578,9 @@ impl FusedVae {
         self.slices.resize_with(slices, Slice::default);
         for (i, s) in self.slices.iter_mut().enumerate() {
             let (from, to) = (i * per, ((i + 1) * per).min(b));
-            gather_noise(&self.eps, &self.model.latents, k, b, from, to, &mut s.eps);
+            gather_noise(eps, &self.model.latents, k, b, from, to, &mut s.eps);
         }
-        let train = matches!(mode, Mode::Train { .. });
+        let train = grads.is_some();
         if train {
             self.slice_grads.resize_with(slices - 1, Vec::new);
             for g in &mut self.slice_grads {
@@ -565,44 +595,50 @@ impl FusedVae {
         } else {
             1
         };
-        // Adam follows suit: a step this small is done on one thread from start to end.
-        self.adam_threads = if slices == 1 && threads == 1 {
+        // The update follows suit: a step this small is done on one thread from start to end.
+        self.update_threads = if slices == 1 && threads == 1 {
             1
         } else {
             self.threads
         };
-        let (model, params) = (&self.model, &self.params);
-        let outs: Vec<SliceOut> = if slices == 1 {
-            let g = train.then_some(&mut self.grads[..]);
-            vec![run_slice(
+        let model = &self.model;
+        let (outs, grads): (Vec<SliceOut>, Option<&mut [f32]>) = if slices == 1 {
+            let mut grads = grads;
+            let out = run_slice(
                 model,
                 params,
                 x,
                 k,
                 mode,
                 &mut self.slices[0],
-                g,
+                grads.as_deref_mut(),
                 threads,
-            )]
+            );
+            (vec![out], grads)
         } else {
-            let mut grads: Vec<Option<&mut [f32]>> = Vec::new();
-            if train {
-                grads.push(Some(&mut self.grads[..]));
-                grads.extend(self.slice_grads.iter_mut().map(|g| Some(&mut g[..])));
-            } else {
-                grads.resize_with(slices, || None);
+            let mut grads = grads;
+            let mut all: Vec<Option<&mut [f32]>> = Vec::new();
+            match grads.as_deref_mut() {
+                Some(g) => {
+                    all.push(Some(g));
+                    all.extend(self.slice_grads.iter_mut().map(|g| Some(&mut g[..])));
+                }
+                None => all.resize_with(slices, || None),
             }
-            grads
+            let outs = all
                 .into_par_iter()
                 .zip(self.slices.par_iter_mut())
                 .zip(x.par_chunks(per * d))
                 .map(|((g, s), xs)| run_slice(model, params, xs, k, mode, s, g, 1))
-                .collect()
+                .collect();
+            (outs, grads)
         };
-        if train && slices > 1 {
+        if let Some(grads) = grads
+            && slices > 1
+        {
             let piece = self.model.len.div_ceil(self.threads);
             let others = &self.slice_grads;
-            self.grads
+            grads
                 .par_chunks_mut(piece)
                 .enumerate()
                 .for_each(|(c, dst)| {
@@ -626,7 +662,9 @@ impl FusedVae {
         all
     }
 
-    /// Forward and backward of the loss; leaves the gradient in `self.grads`.
+    /// Forward and backward of the loss with the engine's parameters, the noise drawn from
+    /// `noise` as [`crate::vae::objective::draw_noise`] draws it; leaves the gradient in the
+    /// engine ([`FusedVae::gradients`]). `x` `[B, D]` row-major in [0, 1].
     pub fn forward_backward(
         &mut self,
         x: &[f32],
@@ -635,50 +673,61 @@ impl FusedVae {
         noise: &mut Noise,
     ) -> Result<StepSums> {
         let b = self.batch_size(x, k)?;
-        self.forward_backward_rows(x, 0..b, k, beta, noise, false)
+        let batch = VaeBatch::draw(x.to_vec(), self.model.d, &self.model.latents, k, noise);
+        let params = std::mem::take(&mut self.params);
+        let mut grads = std::mem::take(&mut self.grads);
+        let sums = self.forward_backward_rows(&params, &batch, 0..b, beta, &mut grads);
+        (self.params, self.grads) = (params, grads);
+        let sums = sums?;
+        let kl = sums[3..].iter().sum::<f64>();
+        Ok(StepSums {
+            reconstruction: sums[2],
+            kl,
+            kl_layers: sums[3..].to_vec(),
+            loss: sums[0],
+        })
     }
 
-    /// One data-parallel training step (see [`crate::collective`]): `x` is the global batch
-    /// `[B, D]`, this process runs its rows `rows` with the noise one process draws for the
-    /// whole batch, and the gradients (of the global batch's mean loss) and the step's sums
-    /// are summed over the ranks before Adam, which every rank applies alike. With one process
-    /// it is [`FusedVae::train_step`].
-    pub fn train_step_shard(
+    /// One standalone training step on the engine's parameters: [`FusedVae::forward_backward`]
+    /// and, when the loss is finite, `adam`'s update (an Adam over [`FusedVae::table`]).
+    pub fn train_step(
         &mut self,
         x: &[f32],
-        rows: std::ops::Range<usize>,
         k: usize,
         beta: f64,
         noise: &mut Noise,
+        adam: &mut Adam,
     ) -> Result<StepSums> {
-        let sums = self.forward_backward_rows(x, rows, k, beta, noise, true)?;
+        let sums = self.forward_backward(x, k, beta, noise)?;
         if sums.loss.is_finite() {
-            self.adam_update();
+            adam.step(&mut self.params, &self.grads, self.update_threads)?;
         }
         Ok(sums)
     }
 
-    /// Forward and backward of rows `rows` of the batch `x` (the noise drawn for all of it, the
-    /// loss the mean over all of it); `reduce`: sum gradients and sums over the ranks.
+    /// Forward and backward of rows `rows` of `batch` (the loss the mean over the whole
+    /// batch) with parameters `params`; writes this rank's share of the gradient into `grads`
+    /// and returns its sums [`VAE_SUMS`].
     fn forward_backward_rows(
         &mut self,
-        x: &[f32],
+        params: &[f32],
+        batch: &VaeBatch,
         rows: std::ops::Range<usize>,
-        k: usize,
         beta: f64,
-        noise: &mut Noise,
-        reduce: bool,
-    ) -> Result<StepSums> {
-        let b = self.batch_size(x, k)?;
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        let k = batch.k;
+        let b = self.batch_size(&batch.x, k)?;
         if rows.end > b || rows.start > rows.end {
             bail!("fused VAE: rows {rows:?} of a batch of {b}");
         }
-        self.draw_noise(k, b, noise);
-        if rows.len() != b {
-            let mut mine = Vec::new();
-            let latents = &self.model.latents;
-            gather_noise(&self.eps, latents, k, b, rows.start, rows.end, &mut mine);
-            self.eps = mine;
+        if params.len() != self.model.len || grads.len() != self.model.len {
+            bail!(
+                "fused VAE: {} parameters, {} gradients for a buffer of {}",
+                params.len(),
+                grads.len(),
+                self.model.len
+            );
         }
         let objective = self.objective;
         let mode = Mode::Train {
@@ -694,72 +743,30 @@ impl FusedVae {
         let d = self.model.d;
         let out = if rows.is_empty() {
             // More ranks than examples: this one contributes nothing.
-            self.grads.fill(0.0);
+            grads.fill(0.0);
             SliceOut {
                 lse: Vec::new(),
                 rec: Vec::new(),
                 kl: vec![Vec::new(); self.model.layers()],
             }
         } else {
-            self.run(&x[rows.start * d..rows.end * d], k, mode)
+            let mut mine = Vec::new();
+            let latents = &self.model.latents;
+            gather_noise(&batch.eps, latents, k, b, rows.start, rows.end, &mut mine);
+            let x = &batch.x[rows.start * d..rows.end * d];
+            self.run(params, x, &mine, k, mode, Some(grads))
         };
         let kf = k as f64;
-        // [reconstruction, log-sum-exp, KL of each layer]: summed over the ranks in one call.
-        let mut sums = vec![
-            out.rec.iter().sum::<f64>() / kf,
-            out.lse.iter().map(|l| l - kf.ln()).sum::<f64>(),
-        ];
-        sums.extend(out.kl.iter().map(|l| l.iter().sum::<f64>() / kf));
-        if reduce {
-            crate::collective::all_reduce_buckets(&mut self.grads)?;
-            crate::collective::world().all_reduce_sum_f64(&mut sums)?;
-        }
-        let (reconstruction, iwae) = (sums[0], sums[1]);
-        let kl_layers = sums[2..].to_vec();
+        let reconstruction = out.rec.iter().sum::<f64>() / kf;
+        let kl_layers: Vec<f64> = out.kl.iter().map(|l| l.iter().sum::<f64>() / kf).collect();
         let kl = kl_layers.iter().sum::<f64>();
-        let loss = match objective {
-            Objective::Elbo => -(reconstruction - beta * kl) / b as f64,
-            Objective::Iwae => -iwae / b as f64,
+        let objective_sum = match objective {
+            Objective::Elbo => reconstruction - beta * kl,
+            Objective::Iwae => out.lse.iter().map(|l| l - kf.ln()).sum::<f64>(),
         };
-        Ok(StepSums {
-            reconstruction,
-            kl,
-            kl_layers,
-            loss,
-        })
-    }
-
-    /// Adam, as [`crate::optim::Adam::step`] computes it, over the whole flat buffer.
-    fn adam_update(&mut self) {
-        self.adam_step += 1;
-        let c = self.adam;
-        let bc1 = 1.0 - c.beta1.powi(self.adam_step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.adam_step as i32);
-        let scalars = AdamScalars {
-            beta1: c.beta1 as f32,
-            beta2: c.beta2 as f32,
-            lr_bc1: (c.lr / bc1) as f32,
-            inv_bc2: (1.0 / bc2) as f32,
-            eps: c.eps as f32,
-        };
-        // Memory-bound (four streams of the parameters): one piece per thread.
-        let piece = self.params.len().div_ceil(self.adam_threads.max(1));
-        if self.adam_threads <= 1 {
-            adam_kernel(
-                &mut self.params,
-                &self.grads,
-                &mut self.adam_m,
-                &mut self.adam_v,
-                scalars,
-            );
-            return;
-        }
-        self.params
-            .par_chunks_mut(piece)
-            .zip(self.grads.par_chunks(piece))
-            .zip(self.adam_m.par_chunks_mut(piece))
-            .zip(self.adam_v.par_chunks_mut(piece))
-            .for_each(|(((p, g), m), v)| adam_kernel(p, g, m, v, scalars));
+        let mut sums = vec![-objective_sum / b as f64, objective_sum, reconstruction];
+        sums.extend(kl_layers);
+        Ok(sums)
     }
 
     /// The importance-sampled log p(x) of `engine::estimate_log_likelihood`: same noise,
@@ -778,10 +785,11 @@ impl FusedVae {
         let mut rec = vec![0f64; b];
         let mut kl = vec![vec![0f64; b]; self.model.layers()];
         let mut done = 0;
+        let params = std::mem::take(&mut self.params);
         while done < k {
             let kc = chunk.min(k - done);
-            self.draw_noise(kc, b, noise);
-            let out = self.run(x, kc, Mode::Estimate);
+            let eps = draw_eps(&self.model.latents, kc, b, noise);
+            let out = self.run(&params, x, &eps, kc, Mode::Estimate, None);
             for i in 0..b {
                 lse[i] = log_add_exp(lse[i], out.lse[i]);
                 rec[i] += out.rec[i];
@@ -791,7 +799,34 @@ impl FusedVae {
             }
             done += kc;
         }
+        self.params = params;
         Ok(LikelihoodEstimate::from_sums(lse, rec, kl, k))
+    }
+}
+
+impl TrainStep for FusedVae {
+    type Batch = VaeBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        Ok(self.params.clone())
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &VaeBatch,
+        rows: std::ops::Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        self.forward_backward_rows(params, batch, rows, self.beta, grads)
+    }
+
+    fn update_threads(&self) -> usize {
+        self.update_threads
     }
 }
 
@@ -839,8 +874,14 @@ fn reparameterize(ml: &[f32], eps: &[f32], sources: usize, l: usize, z: &mut Vec
     }
 }
 
-/// Forward (and in training, backward) of one slice: `x` `[b, D]`, `s.eps` its noise.
-/// Writes the slice's share of the gradient into `grads` (overwriting every value).
+/// Forward (and in training, backward) of one slice: `x` `[b, D]`, `s.eps` its noise, `s`
+/// the activation record. Stage by stage, each a forward/backward pair: the conv encoder
+/// ([`conv_encode`]), the inference MLPs and the reparameterization ([`infer_forward`]), the
+/// generative MLPs and the conv decoder ([`generate_forward`]), the likelihood
+/// ([`likelihood_forward`]), the densities ([`density_ratios`]); backward through the loss's
+/// weights ([`loss_weights`]), [`likelihood_backward`], [`prior_backward`] and
+/// [`inference_backward`]. Writes the slice's share of the gradient into `grads`
+/// (overwriting every value).
 #[allow(clippy::too_many_arguments)]
 fn run_slice(
     model: &Model,
@@ -852,31 +893,95 @@ fn run_slice(
     grads: Option<&mut [f32]>,
     threads: usize,
 ) -> SliceOut {
-    let (d, layers) = (model.d, model.layers());
-    let b = x.len() / d;
+    let layers = model.layers();
+    let b = x.len() / model.d;
     let rows = k * b;
-    let top = layers - 1;
     s.q_tapes.resize_with(layers, MlpTape::default);
     s.p_tapes.resize_with(layers, MlpTape::default);
     s.z.resize_with(layers, Vec::new);
     s.dz.resize_with(layers, Vec::new);
     s.ratio.resize_with(layers, Vec::new);
 
-    // A convolutional VAE's encoder: x -> features, the first MLP's input.
     if let Some(conv) = &model.conv {
-        let t = &mut s.conv;
-        t.enc_pre.resize_with(conv.down.len(), Vec::new);
-        t.enc_post.resize_with(conv.down.len(), Vec::new);
-        for (j, c) in conv.down.iter().enumerate() {
-            let (done, rest) = t.enc_post.split_at_mut(j);
-            let input: &[f32] = if j == 0 { x } else { &done[j - 1] };
-            conv_rows(p, c, input, &mut t.enc_pre[j], false, &mut t.scratch);
-            rest[0].resize(t.enc_pre[j].len(), 0.0);
-            conv.activation.forward(&t.enc_pre[j], &mut rest[0]);
-        }
+        conv_encode(conv, p, x, &mut s.conv);
     }
-    // Inference, bottom-up: [m; lv] of q(z_l|z_{l-1}) on b rows (l = 0) or K b rows.
-    for l in 0..layers {
+    infer_forward(model, p, x, b, s, threads);
+    generate_forward(model, p, rows, s, threads);
+    // The logits leave their tape for the per-row pass and its gradient, and go back after.
+    let last = s.p_tapes[0].post.len() - 1;
+    let mut logits = match &model.conv {
+        Some(_) => std::mem::take(s.conv.dec_pre.last_mut().expect("a decoder layer")),
+        None => std::mem::take(&mut s.p_tapes[0].post[last]),
+    };
+    likelihood_forward(model.d, x, k, mode, &mut logits, &mut s.rec);
+    density_ratios(model, b, s);
+    let out = slice_results(model, b, mode, s);
+
+    if let (
+        Mode::Train {
+            objective,
+            kl,
+            beta,
+            b_total,
+        },
+        Some(grads),
+    ) = (mode, grads)
+    {
+        loss_weights(model.d, x, objective, k, b_total, &out, &mut logits, s);
+        for (l, dz) in s.dz.iter_mut().enumerate() {
+            dz.clear();
+            dz.resize(rows * model.latents[l], 0.0);
+        }
+        if let Some(conv) = &model.conv {
+            // The conv layers' gradients are sums over rows: start them at zero.
+            let start = conv.down.iter().chain(&conv.up).map(|c| c.w).min();
+            grads[start.unwrap_or(0)..model.len].fill(0.0);
+        }
+        likelihood_backward(model, p, grads, &logits, rows, s, threads);
+        restore_logits(model, s, last, logits);
+        prior_backward(model, p, grads, rows, beta, s, threads);
+        // The ELBO's closed-form top KL is differentiated with the inference network; else the
+        // top prior by Monte Carlo: log p(z_L), weighted a = c beta: d z_L -= a z_L.
+        let closed_form_top = objective == Objective::Elbo && kl == KlEstimator::Analytic;
+        if !closed_form_top {
+            let top = layers - 1;
+            let lat = model.latents[top];
+            for r in 0..rows {
+                let a = s.c[r] * beta;
+                for i in 0..lat {
+                    let j = r * lat + i;
+                    s.dz[top][j] -= a * s.z[top][j];
+                }
+            }
+        }
+        for l in (0..layers).rev() {
+            inference_backward(model, p, grads, x, l, beta, closed_form_top, s, threads);
+        }
+    } else {
+        restore_logits(model, s, last, logits);
+    }
+    out
+}
+
+/// A convolutional VAE's encoder: `x` -> features (the first MLP's input), `h_{j+1} =
+/// f(conv_j(h_j))`, each layer's pre-activation and output kept in `t`.
+fn conv_encode(conv: &ConvStack, p: &[f32], x: &[f32], t: &mut ConvTape) {
+    t.enc_pre.resize_with(conv.down.len(), Vec::new);
+    t.enc_post.resize_with(conv.down.len(), Vec::new);
+    for (j, c) in conv.down.iter().enumerate() {
+        let (done, rest) = t.enc_post.split_at_mut(j);
+        let input: &[f32] = if j == 0 { x } else { &done[j - 1] };
+        conv_rows(p, c, input, &mut t.enc_pre[j], false, &mut t.scratch);
+        rest[0].resize(t.enc_pre[j].len(), 0.0);
+        conv.activation.forward(&t.enc_pre[j], &mut rest[0]);
+    }
+}
+
+/// Inference, bottom-up: `[m; lv]` of q(z_l|z_{l-1}) on the b examples (l = 0) or the K b
+/// rows above, and `z_l = m + e^{lv/2} eps` into `s.z[l]` `[K b, L_l]`.
+fn infer_forward(model: &Model, p: &[f32], x: &[f32], b: usize, s: &mut Slice, threads: usize) {
+    let rows = s.eps[0].len() / model.latents[0];
+    for l in 0..model.layers() {
         let (shape, _) = model.q(l);
         let (below, here) = s.z.split_at_mut(l);
         let first_input: &[f32] = match &model.conv {
@@ -892,45 +997,49 @@ fn run_slice(
         let ml = mlp_forward(shape, region(p, model.q(l)), input, src_rows, tape, threads);
         reparameterize(ml, &s.eps[l], src_rows, model.latents[l], &mut here[0]);
     }
-    // Generation: logits of p(x|z_1), [m; lv] of p(z_{l-1}|z_l).
-    for l in 0..layers {
-        let (shape, _) = model.p(l);
-        mlp_forward(
-            shape,
-            region(p, model.p(l)),
-            &s.z[l],
-            rows,
-            &mut s.p_tapes[l],
-            threads,
-        );
-    }
+}
 
-    // A convolutional VAE's decoder: the first MLP's output -> logits.
-    if let Some(conv) = &model.conv {
-        let t = &mut s.conv;
-        let features = q_output(&s.p_tapes[0]);
-        t.dec_in.resize(features.len(), 0.0);
-        conv.activation.forward(features, &mut t.dec_in);
-        t.dec_pre.resize_with(conv.up.len(), Vec::new);
-        t.dec_post.resize_with(conv.up.len(), Vec::new);
-        for (j, c) in conv.up.iter().enumerate() {
-            let (done, rest) = t.dec_post.split_at_mut(j);
-            let input: &[f32] = if j == 0 { &t.dec_in } else { &done[j - 1] };
-            conv_rows(p, c, input, &mut t.dec_pre[j], true, &mut t.scratch);
-            if j + 1 < conv.up.len() {
-                rest[0].resize(t.dec_pre[j].len(), 0.0);
-                conv.activation.forward(&t.dec_pre[j], &mut rest[0]);
-            }
+/// Generation: the logits of p(x|z_1) (through a convolutional VAE's decoder, `u_0 = f(MLP
+/// output)`, `u_{j+1} = f(deconv_j(u_j))`, the last pre-activation the logits) and `[m; lv]`
+/// of p(z_{l-1}|z_l), on `rows` rows.
+fn generate_forward(model: &Model, p: &[f32], rows: usize, s: &mut Slice, threads: usize) {
+    for l in 0..model.layers() {
+        let (shape, _) = model.p(l);
+        let tape = &mut s.p_tapes[l];
+        mlp_forward(shape, region(p, model.p(l)), &s.z[l], rows, tape, threads);
+    }
+    let Some(conv) = &model.conv else {
+        return;
+    };
+    let t = &mut s.conv;
+    let features = q_output(&s.p_tapes[0]);
+    t.dec_in.resize(features.len(), 0.0);
+    conv.activation.forward(features, &mut t.dec_in);
+    t.dec_pre.resize_with(conv.up.len(), Vec::new);
+    t.dec_post.resize_with(conv.up.len(), Vec::new);
+    for (j, c) in conv.up.iter().enumerate() {
+        let (done, rest) = t.dec_post.split_at_mut(j);
+        let input: &[f32] = if j == 0 { &t.dec_in } else { &done[j - 1] };
+        conv_rows(p, c, input, &mut t.dec_pre[j], true, &mut t.scratch);
+        if j + 1 < conv.up.len() {
+            rest[0].resize(t.dec_pre[j].len(), 0.0);
+            conv.activation.forward(&t.dec_pre[j], &mut rest[0]);
         }
     }
-    // Per-row terms. log p(x|z_1), and for ELBO training its gradient in the same pass.
-    let logits_at = |t: &MlpTape| t.post.len() - 1;
-    let last = logits_at(&s.p_tapes[0]);
-    let mut logits = match &model.conv {
-        Some(_) => std::mem::take(s.conv.dec_pre.last_mut().expect("a decoder layer")),
-        None => std::mem::take(&mut s.p_tapes[0].post[last]),
-    };
-    s.rec.resize(rows, 0.0);
+}
+
+/// `rec[r] = log p(x|z_1)` (Bernoulli) per row; in ELBO training, the logits become their
+/// gradient `c (x - sigmoid(l))` with `c = -1/(K B)` in the same pass.
+fn likelihood_forward(
+    d: usize,
+    x: &[f32],
+    k: usize,
+    mode: Mode,
+    logits: &mut [f32],
+    rec: &mut Vec<f32>,
+) {
+    let b = x.len() / d;
+    rec.resize(k * b, 0.0);
     let fused_grad = match mode {
         Mode::Train {
             objective: Objective::Elbo,
@@ -939,15 +1048,21 @@ fn run_slice(
         } => Some(1.0 / (k * b_total) as f32),
         _ => None,
     };
-    for (r, (row, rec)) in logits.chunks_mut(d).zip(s.rec.iter_mut()).enumerate() {
+    for (r, (row, rec)) in logits.chunks_mut(d).zip(rec.iter_mut()).enumerate() {
         let xb = &x[(r % b) * d..(r % b + 1) * d];
         *rec = match fused_grad {
             Some(scale) => bce_logits_grad(row, xb, scale),
             None => bernoulli_log_prob(xb, row),
         };
     }
-    // log p(z_l|.) - log q(z_l|.) per row and layer; constants cancel, and with z = m + sigma
-    // eps, log q = -1/2 sum (lv + eps^2).
+}
+
+/// Per row and layer, `log p(z_l|.) - log q(z_l|.)` (constants cancel; with z = m + sigma eps,
+/// log q = -1/2 sum (lv + eps^2)), and the top layer's closed-form KL per source row.
+fn density_ratios(model: &Model, b: usize, s: &mut Slice) {
+    let layers = model.layers();
+    let top = layers - 1;
+    let rows = s.rec.len();
     for l in 0..layers {
         let lat = model.latents[l];
         let ml = q_output(&s.q_tapes[l]);
@@ -978,7 +1093,6 @@ fn run_slice(
             ratio[r] = log_p - log_q;
         }
     }
-    // The top layer's closed-form KL per source row.
     let (top_lat, top_src) = (model.latents[top], if top == 0 { b } else { rows });
     let top_ml = q_output(&s.q_tapes[top]);
     s.top_kl.clear();
@@ -991,9 +1105,16 @@ fn run_slice(
                 .map(|(&m, &v)| 1.0 + v - m * m - v.exp())
                 .sum::<f32>()
         }));
+}
 
-    // The ELBO trained with a Monte Carlo top-layer KL reports that estimate (what it
-    // differentiates); everything else reports the closed form.
+/// Per example: `log sum_k e^{log w}`, `sum_k log p(x|z_1)` and per layer `sum_k KL_l` (the
+/// top's in closed form, except for the ELBO trained with a Monte Carlo top KL, which reports
+/// the estimate it differentiates).
+fn slice_results(model: &Model, b: usize, mode: Mode, s: &Slice) -> SliceOut {
+    let layers = model.layers();
+    let top = layers - 1;
+    let rows = s.rec.len();
+    let top_src = if top == 0 { b } else { rows };
     let mc_top = matches!(
         mode,
         Mode::Train {
@@ -1002,8 +1123,6 @@ fn run_slice(
             ..
         }
     );
-
-    // Per-example results.
     let mut out = SliceOut {
         lse: vec![f64::NEG_INFINITY; b],
         rec: vec![0.0; b],
@@ -1022,22 +1141,25 @@ fn run_slice(
             false => s.top_kl[r % top_src] as f64,
         };
     }
+    out
+}
 
-    let (
-        Mode::Train {
-            objective,
-            kl,
-            beta,
-            b_total,
-        },
-        Some(grads),
-    ) = (mode, grads)
-    else {
-        restore_logits(model, s, last, logits);
-        return out;
-    };
-
-    // c_r = dloss/df_r.
+/// `c_r = dloss/df_r` per row into `s.c`: `-1/(K B)` for the ELBO, `-(1/B) w~_kb` (the
+/// normalised weights) for the IWAE, whose logits' gradient `c (x - sigmoid(l))` is taken
+/// here (the ELBO's was taken with the likelihood).
+#[allow(clippy::too_many_arguments)]
+fn loss_weights(
+    d: usize,
+    x: &[f32],
+    objective: Objective,
+    k: usize,
+    b_total: usize,
+    out: &SliceOut,
+    logits: &mut [f32],
+    s: &mut Slice,
+) {
+    let b = x.len() / d;
+    let rows = k * b;
     s.c.resize(rows, 0.0);
     match objective {
         Objective::Elbo => s.c.fill(-1.0 / (k * b_total) as f32),
@@ -1054,68 +1176,76 @@ fn run_slice(
             }
         }
     }
-    for (l, dz) in s.dz.iter_mut().enumerate() {
-        dz.clear();
-        dz.resize(rows * model.latents[l], 0.0);
-    }
-    // The conv layers' gradients are sums over rows: start them at zero.
+}
+
+/// p(x|z_1): backward from d logits (through the decoder's transposed convolutions first) to
+/// the parameters of the first generative MLP and `d z_1`.
+fn likelihood_backward(
+    model: &Model,
+    p: &[f32],
+    grads: &mut [f32],
+    logits: &[f32],
+    rows: usize,
+    s: &mut Slice,
+    threads: usize,
+) {
     if let Some(conv) = &model.conv {
-        let start = conv
-            .down
-            .iter()
-            .chain(&conv.up)
-            .map(|c| c.w)
-            .min()
-            .unwrap_or(0);
-        grads[start..model.len].fill(0.0);
-    }
-    // p(x|z_1): backward from d logits (through the decoder's transposed convolutions first).
-    {
-        if let Some(conv) = &model.conv {
-            let t = &mut s.conv;
-            t.g.clear();
-            t.g.extend_from_slice(&logits);
-            for (j, c) in conv.up.iter().enumerate().rev() {
-                if j + 1 < conv.up.len() {
-                    conv.activation
-                        .backward(&mut t.g, &t.dec_pre[j], &t.dec_post[j]);
-                }
-                let input: &[f32] = if j == 0 {
-                    &t.dec_in
-                } else {
-                    &t.dec_post[j - 1]
-                };
-                let dx = Some(&mut t.g_next);
-                conv_rows_backward(p, grads, c, input, &t.g, dx, true, &mut t.scratch);
-                std::mem::swap(&mut t.g, &mut t.g_next);
+        let t = &mut s.conv;
+        t.g.clear();
+        t.g.extend_from_slice(logits);
+        for (j, c) in conv.up.iter().enumerate().rev() {
+            if j + 1 < conv.up.len() {
+                conv.activation
+                    .backward(&mut t.g, &t.dec_pre[j], &t.dec_post[j]);
             }
-            // Through u_0 = f(MLP output): d(MLP output) = g f'.
-            conv.activation
-                .backward(&mut t.g, q_output(&s.p_tapes[0]), &t.dec_in);
+            let input: &[f32] = if j == 0 {
+                &t.dec_in
+            } else {
+                &t.dec_post[j - 1]
+            };
+            let dx = Some(&mut t.g_next);
+            conv_rows_backward(p, grads, c, input, &t.g, dx, true, &mut t.scratch);
+            std::mem::swap(&mut t.g, &mut t.g_next);
         }
-        let net = model.p(0);
-        let g = region_mut(grads, net);
-        let dy: &[f32] = if model.conv.is_some() {
-            &s.conv.g
-        } else {
-            &logits
-        };
-        mlp_backward(
-            &net.0,
-            region(p, net),
-            g,
-            &s.z[0],
-            rows,
-            &mut s.p_tapes[0],
-            dy,
-            Some(&mut s.dx),
-            threads,
-        );
-        add_assign(&mut s.dz[0], &s.dx);
+        // Through u_0 = f(MLP output): d(MLP output) = g f'.
+        conv.activation
+            .backward(&mut t.g, q_output(&s.p_tapes[0]), &t.dec_in);
     }
-    restore_logits(model, s, last, logits);
-    // p(z_{l-1}|z_l) for l >= 1: the density of z_{l-1}, weighted a = c beta.
-    for l in 1..layers {
+    let net = model.p(0);
+    let dy: &[f32] = if model.conv.is_some() {
+        &s.conv.g
+    } else {
+        logits
+    };
+    let g = region_mut(grads, net);
+    let tape = &mut s.p_tapes[0];
+    let dx = Some(&mut s.dx);
+    mlp_backward(
+        &net.0,
+        region(p, net),
+        g,
+        &s.z[0],
+        rows,
+        tape,
+        dy,
+        dx,
+        threads,
+    );
+    add_assign(&mut s.dz[0], &s.dx);
+}
+
+/// p(z_{l-1}|z_l) for l >= 1: the density of z_{l-1}, weighted a = c beta, back to the MLP's
+/// parameters, `d z_{l-1}` and `d z_l`.
+fn prior_backward(
+    model: &Model,
+    p: &[f32],
+    grads: &mut [f32],
+    rows: usize,
+    beta: f32,
+    s: &mut Slice,
+    threads: usize,
+) {
+    for l in 1..model.layers() {
         let lat = model.latents[l - 1];
         let pm = q_output(&s.p_tapes[l]);
         let dout = &mut s.dout;
@@ -1136,129 +1266,133 @@ fn run_slice(
         }
         let net = model.p(l);
         let g = region_mut(grads, net);
+        let (tape, dx) = (&mut s.p_tapes[l], Some(&mut s.dx));
         mlp_backward(
             &net.0,
             region(p, net),
             g,
             &s.z[l],
             rows,
-            &mut s.p_tapes[l],
+            tape,
             &s.dout,
-            Some(&mut s.dx),
+            dx,
             threads,
         );
         add_assign(&mut s.dz[l], &s.dx);
     }
-    // The top prior, by Monte Carlo: log p(z_L), weighted a = c beta (beta = 1 for the IWAE):
-    // d z_L -= a z_L. The ELBO's closed-form KL is differentiated below instead.
-    let closed_form_top = objective == Objective::Elbo && kl == KlEstimator::Analytic;
-    if !closed_form_top {
-        let lat = model.latents[top];
-        for r in 0..rows {
-            let a = s.c[r] * beta;
-            for i in 0..lat {
-                let j = r * lat + i;
-                s.dz[top][j] -= a * s.z[top][j];
-            }
-        }
-    }
-    // Inference networks, top-down: d [m; lv] from the reparameterization and the densities.
-    for l in (0..layers).rev() {
-        let lat = model.latents[l];
-        let src_rows = if l == 0 { b } else { rows };
-        let ml = q_output(&s.q_tapes[l]);
-        let dout = &mut s.dout;
-        dout.clear();
-        dout.resize(src_rows * 2 * lat, 0.0);
-        let closed_form = l == top && closed_form_top;
-        for r in 0..rows {
-            let src = r % src_rows;
-            let (_, lv) = ml[src * 2 * lat..(src + 1) * 2 * lat].split_at(lat);
-            let (dm, dlv) = dout[src * 2 * lat..(src + 1) * 2 * lat].split_at_mut(lat);
-            // - log q = 1/2 sum (lv + eps^2): d lv += a / 2 (the ELBO's top layer is closed form).
-            let a_q = if closed_form {
-                0.0
-            } else {
-                0.5 * s.c[r] * beta
-            };
-            for i in 0..lat {
-                let j = r * lat + i;
-                let g = s.dz[l][j];
-                dm[i] += g;
-                dlv[i] += 0.5 * g * s.eps[l][j] * (0.5 * lv[i]).exp() + a_q;
-            }
-        }
-        if closed_form {
-            // - beta KL(N(m, e^lv) || N(0, I)), weighted by C = the sum of c over the rows of
-            // each source: d m -= C beta m, d lv -= C beta (e^lv - 1) / 2.
-            for src in 0..src_rows {
-                let c_sum: f32 = (0..rows / src_rows).map(|j| s.c[j * src_rows + src]).sum();
-                let (m, lv) = ml[src * 2 * lat..(src + 1) * 2 * lat].split_at(lat);
-                let (dm, dlv) = dout[src * 2 * lat..(src + 1) * 2 * lat].split_at_mut(lat);
-                for i in 0..lat {
-                    dm[i] -= c_sum * beta * m[i];
-                    dlv[i] -= c_sum * beta * 0.5 * (lv[i].exp() - 1.0);
-                }
-            }
-        }
-        let net = model.q(l);
-        let g = region_mut(grads, net);
-        if l == 0 {
-            let Some(conv) = &model.conv else {
-                let tape = &mut s.q_tapes[0];
-                mlp_backward(
-                    &net.0,
-                    region(p, net),
-                    g,
-                    x,
-                    b,
-                    tape,
-                    &s.dout,
-                    None,
-                    threads,
-                );
-                continue;
-            };
-            // The encoder: d features from the first MLP, then back through the convolutions.
-            let t = &mut s.conv;
-            let features = t.enc_post.last().expect("an encoder layer");
-            let tape = &mut s.q_tapes[0];
-            let dfeat = Some(&mut t.g);
-            mlp_backward(
-                &net.0,
-                region(p, net),
-                g,
-                features,
-                b,
-                tape,
-                &s.dout,
-                dfeat,
-                threads,
-            );
-            for (j, c) in conv.down.iter().enumerate().rev() {
-                conv.activation
-                    .backward(&mut t.g, &t.enc_pre[j], &t.enc_post[j]);
-                let input: &[f32] = if j == 0 { x } else { &t.enc_post[j - 1] };
-                let dx = (j > 0).then_some(&mut t.g_next);
-                conv_rows_backward(p, grads, c, input, &t.g, dx, false, &mut t.scratch);
-                std::mem::swap(&mut t.g, &mut t.g_next);
-            }
+}
+
+/// Inference network `l`: `d [m; lv]` from the reparameterization, `- log q` (and at the top,
+/// the ELBO's closed-form KL), back through the MLP (and for l = 0 a convolutional VAE's
+/// encoder) to its parameters and `d z_{l-1}`.
+#[allow(clippy::too_many_arguments)]
+fn inference_backward(
+    model: &Model,
+    p: &[f32],
+    grads: &mut [f32],
+    x: &[f32],
+    l: usize,
+    beta: f32,
+    closed_form_top: bool,
+    s: &mut Slice,
+    threads: usize,
+) {
+    let b = x.len() / model.d;
+    let rows = s.rec.len();
+    let lat = model.latents[l];
+    let src_rows = if l == 0 { b } else { rows };
+    let ml = q_output(&s.q_tapes[l]);
+    let dout = &mut s.dout;
+    dout.clear();
+    dout.resize(src_rows * 2 * lat, 0.0);
+    let closed_form = l == model.layers() - 1 && closed_form_top;
+    for r in 0..rows {
+        let src = r % src_rows;
+        let (_, lv) = ml[src * 2 * lat..(src + 1) * 2 * lat].split_at(lat);
+        let (dm, dlv) = dout[src * 2 * lat..(src + 1) * 2 * lat].split_at_mut(lat);
+        // - log q = 1/2 sum (lv + eps^2): d lv += a / 2 (the ELBO's top layer is closed form).
+        let a_q = if closed_form {
+            0.0
         } else {
-            mlp_backward(
-                &net.0,
-                region(p, net),
-                g,
-                &s.z[l - 1],
-                rows,
-                &mut s.q_tapes[l],
-                &s.dout,
-                Some(&mut s.dx),
-                threads,
-            );
-            add_assign(&mut s.dz[l - 1], &s.dx);
+            0.5 * s.c[r] * beta
+        };
+        for i in 0..lat {
+            let j = r * lat + i;
+            let g = s.dz[l][j];
+            dm[i] += g;
+            dlv[i] += 0.5 * g * s.eps[l][j] * (0.5 * lv[i]).exp() + a_q;
         }
     }
-    out
+    if closed_form {
+        // - beta KL(N(m, e^lv) || N(0, I)), weighted by C = the sum of c over the rows of
+        // each source: d m -= C beta m, d lv -= C beta (e^lv - 1) / 2.
+        for src in 0..src_rows {
+            let c_sum: f32 = (0..rows / src_rows).map(|j| s.c[j * src_rows + src]).sum();
+            let (m, lv) = ml[src * 2 * lat..(src + 1) * 2 * lat].split_at(lat);
+            let (dm, dlv) = dout[src * 2 * lat..(src + 1) * 2 * lat].split_at_mut(lat);
+            for i in 0..lat {
+                dm[i] -= c_sum * beta * m[i];
+                dlv[i] -= c_sum * beta * 0.5 * (lv[i].exp() - 1.0);
+            }
+        }
+    }
+    let net = model.q(l);
+    let g = region_mut(grads, net);
+    if l > 0 {
+        let (tape, dx) = (&mut s.q_tapes[l], Some(&mut s.dx));
+        let input = &s.z[l - 1];
+        mlp_backward(
+            &net.0,
+            region(p, net),
+            g,
+            input,
+            rows,
+            tape,
+            &s.dout,
+            dx,
+            threads,
+        );
+        add_assign(&mut s.dz[l - 1], &s.dx);
+        return;
+    }
+    let Some(conv) = &model.conv else {
+        let tape = &mut s.q_tapes[0];
+        mlp_backward(
+            &net.0,
+            region(p, net),
+            g,
+            x,
+            b,
+            tape,
+            &s.dout,
+            None,
+            threads,
+        );
+        return;
+    };
+    // The encoder: d features from the first MLP, then back through the convolutions.
+    let t = &mut s.conv;
+    let features = t.enc_post.last().expect("an encoder layer");
+    let (tape, dfeat) = (&mut s.q_tapes[0], Some(&mut t.g));
+    mlp_backward(
+        &net.0,
+        region(p, net),
+        g,
+        features,
+        b,
+        tape,
+        &s.dout,
+        dfeat,
+        threads,
+    );
+    for (j, c) in conv.down.iter().enumerate().rev() {
+        conv.activation
+            .backward(&mut t.g, &t.enc_pre[j], &t.enc_post[j]);
+        let input: &[f32] = if j == 0 { x } else { &t.enc_post[j - 1] };
+        let dx = (j > 0).then_some(&mut t.g_next);
+        conv_rows_backward(p, grads, c, input, &t.g, dx, false, &mut t.scratch);
+        std::mem::swap(&mut t.g, &mut t.g_next);
+    }
 }
 
 /// Puts the logits back where the forward pass left them (the tape they were taken from).
@@ -1272,24 +1406,4 @@ fn restore_logits(model: &Model, s: &mut Slice, last: usize, logits: Vec<f32>) {
 /// The output of the network a tape holds (its last layer's).
 fn q_output(tape: &MlpTape) -> &[f32] {
     &tape.post[tape.post.len() - 1]
-}
-
-#[derive(Clone, Copy)]
-struct AdamScalars {
-    beta1: f32,
-    beta2: f32,
-    lr_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
-}
-
-/// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`.
-#[multiversion::multiversion(targets = "simd")]
-fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamScalars) {
-    for i in 0..p.len() {
-        let gi = g[i];
-        m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
-        v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
-        p[i] -= c.lr_bc1 * m[i] / ((v[i] * c.inv_bc2).sqrt() + c.eps);
-    }
 }

@@ -8,10 +8,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::VarMap;
 use indicatif::ProgressBar;
@@ -25,12 +24,12 @@ use crate::data::toy::Toy;
 use crate::data::{Dataset, ImageShape, Named, Source};
 use crate::diffusion::model::{DiffusionConfig, image_batch, model_config};
 use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
-use crate::diffusion::objective::simple_loss;
+use crate::diffusion::objective::{simple_loss, simple_loss_inputs};
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
 use crate::diffusion::sampler::ddim_sample;
 use crate::distributions::Noise;
-use crate::engine::{Engine, FrozenNet, fused_simple_loss};
-use crate::optim::{Adam, AdamConfig};
+use crate::engine::{DenoiseBatch, Engine, FrozenNet};
+use crate::optim::{Adam, AdamConfig, ParamTable};
 use crate::plot::save_signed_image_grid as save_image_grid;
 use crate::run_dir::{self, RunDir};
 
@@ -120,72 +119,17 @@ enum TrainingData {
     },
 }
 
-/// The simple loss of a global batch `x0` (`[B, ...]`) taken by the ranks together through
-/// candle's autodiff ([`crate::collective`]): every rank draws the whole batch's t, eps and dropout
-/// seed as one process does ([`crate::diffusion::objective::simple_loss`]), runs its rows
-/// (each with the dropout masks of its example in the batch), and differentiates its share
-/// `sum_rows ||target - f(x_t, t)||^2 / (B D)`; the shares' gradients and sums are summed over
-/// the ranks, so every rank returns the batch's mean loss and its gradients.
-fn simple_loss_on_my_rows(
-    process: &GaussianDiffusion,
-    net: &Net,
-    vars: &[(String, Var)],
-    x0: &Tensor,
-    rng: &mut StdRng,
-    noise: &mut Noise,
-) -> Result<(f32, candle_core::backprop::GradStore)> {
-    use crate::diffusion::objective::simple_loss_inputs;
-    use crate::diffusion::process::timestep_tensor;
-    let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
-    let b = x0.dim(0)?;
-    let total = x0.elem_count() as f64;
-    let rows = crate::collective::my_shard(b);
-    let (sum, grads) = if rows.is_empty() {
-        (0.0, None)
-    } else {
-        let (first, n) = (rows.start, rows.len());
-        let xs = xt.narrow(0, first, n)?;
-        let ts = timestep_tensor(&t[rows], x0.device())?;
-        let out = net.forward_train_rows(&xs, &ts, rng, first)?;
-        let sse = (out - target.narrow(0, first, n)?)?.sqr()?.sum_all()?;
-        let grads = (&sse / total)?.backward()?;
-        (sse.to_scalar::<f32>()? as f64, Some(grads))
-    };
-    let grads = super::all_reduce_grads(vars, grads)?;
-    let mut sum = [sum];
-    crate::collective::world().all_reduce_sum_f64(&mut sum)?;
-    Ok(((sum[0] / total) as f32, grads))
-}
-
-/// Trains (or continues, with `resume`) a diffusion model in `dir`.
-pub fn train_diffusion(
-    mut model: DiffusionConfig,
-    config: &DiffusionTrainConfig,
-    dir: &Path,
-    resume: bool,
-    show_progress: bool,
-    device: &Device,
-) -> Result<Vec<DiffusionEpochMetrics>> {
+/// Checks the options and the model's sizes before anything is allocated.
+fn validate(model: &DiffusionConfig, config: &DiffusionTrainConfig) -> Result<()> {
     use crate::limits::{COUNT_CEILING, count};
     count("--epochs", config.epochs, 1_000_000)?;
     count("--batch-size", config.batch_size, 1_000_000)?;
-    count(
-        "--train-limit",
-        config.train_limit.unwrap_or(1),
-        COUNT_CEILING,
-    )?;
-    count(
-        "--test-limit",
-        config.test_limit.unwrap_or(1),
-        COUNT_CEILING,
-    )?;
+    let ceiling = COUNT_CEILING;
+    count("--train-limit", config.train_limit.unwrap_or(1), ceiling)?;
+    count("--test-limit", config.test_limit.unwrap_or(1), ceiling)?;
     count("--sample-steps", config.sample_steps, 100_000)?;
     if matches!(config.data, DiffusionData::Toy(_)) {
-        count(
-            "--toy-steps-per-epoch",
-            config.toy_steps_per_epoch,
-            COUNT_CEILING,
-        )?;
+        count("--toy-steps-per-epoch", config.toy_steps_per_epoch, ceiling)?;
     }
     model.net.validate()?;
     if let DiffusionData::Toy(_) = config.data {
@@ -202,7 +146,12 @@ pub fn train_diffusion(
     if !(0.0..1.0).contains(&config.ema_decay) {
         bail!("--ema-decay must be in [0, 1), got {}", config.ema_decay);
     }
-    let source = match &config.data {
+    Ok(())
+}
+
+/// The training data of `config`, fitting the model's input to it.
+fn load_data(model: &mut DiffusionConfig, config: &DiffusionTrainConfig) -> Result<TrainingData> {
+    Ok(match &config.data {
         DiffusionData::Images(s) => {
             let (train, valid, test) = super::load_splits(
                 s,
@@ -223,85 +172,138 @@ pub fn train_diffusion(
         }
         DiffusionData::Toy(t) => {
             let n = config.test_limit.unwrap_or(2000);
+            let mut rng = StdRng::seed_from_u64(derive_seed(config.seed, 9, 0));
             TrainingData::Toy {
                 toy: *t,
-                test: t.sample(
-                    n,
-                    &mut StdRng::seed_from_u64(derive_seed(config.seed, 9, 0)),
-                ),
+                test: t.sample(n, &mut rng),
             }
         }
-    };
+    })
+}
 
-    model.validate()?;
-    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it; the
-    // others receive its EMA weights, raw weights and Adam state.
+/// A run's start on every rank: rank 0's run folder, the model, its raw weights (in a
+/// `VarMap`), its EMA weights by name, the Adam state when it continues, the epochs done.
+struct Start {
+    run: Option<RunDir>,
+    model: DiffusionConfig,
+    varmap: VarMap,
+    ema: HashMap<String, Tensor>,
+    adam: Option<HashMap<String, Tensor>>,
+    epoch: usize,
+    step: u64,
+}
+
+/// Rank 0 opens the run (`resume`: from its last commit; else a fresh folder and fresh
+/// weights); every rank decodes rank 0's checkpoint bytes ([`crate::collective`]), so all hold
+/// the same weights and optimiser state.
+fn start_diffusion(
+    model: &DiffusionConfig,
+    config: &DiffusionTrainConfig,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<Start> {
     let world = crate::collective::world();
-    let main = world.rank() == 0;
-    let show_progress = show_progress && main;
-    let set_up = || -> Result<(RunDir, DiffusionConfig, VarMap, Adam, Vec<Tensor>, usize)> {
-        Ok(if resume {
+    // (run, model bytes, state bytes, epoch, step)
+    type Opened = (RunDir, Vec<u8>, Vec<u8>, u64, u64);
+    let set_up = || -> Result<Opened> {
+        if resume {
             let (run, committed) = RunDir::resume(dir)?;
-            let model_path = committed.file(run_dir::MODEL);
-            let ema_loaded = checkpoint::load(&model_path, device)?;
-            let state_path = committed.file(run_dir::STATE);
+            let (model_path, state_path) = (
+                committed.file(run_dir::MODEL),
+                committed.file(run_dir::STATE),
+            );
             let state = checkpoint::load(&state_path, device)?;
             let (epoch, step) = crate::train::state_counters(&state, &state_path, &committed)?;
-            let (model, varmap, adam, ema) = restore(
-                ema_loaded,
-                &model_path,
-                state,
-                &state_path,
+            let read = |p: &Path| crate::files::read_regular_file(p, u64::MAX);
+            return Ok((
+                run,
+                read(&model_path)?,
+                read(&state_path)?,
+                epoch as u64,
                 step,
-                config,
-                device,
-            )?;
-            if let TrainingData::Images { train, .. } = &source
-                && model.image_shape() != Some(train.shape)
-            {
-                bail!(
-                    "--resume: the run's model takes {:?} images but the data holds {}",
-                    model.image_shape(),
-                    train.shape
-                );
-            }
-            (run, model, varmap, adam, ema, epoch)
-        } else {
-            let run = RunDir::create(dir)?;
-            let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
-            let vars = sorted_vars(&varmap);
-            let ema = vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().detach().copy())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-            (run, model.clone(), varmap, adam, ema, 0)
-        })
+            ));
+        }
+        let run = RunDir::create(dir)?;
+        let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
+        let vars = sorted_vars(&varmap);
+        let table = ParamTable::of_vars(&vars);
+        let params = table.gather(&vars)?;
+        let (m, s) = state_bytes(model, &table, &params, &params, None, 0)?;
+        Ok((run, m, s, 0, 0))
     };
-    let (mut run, model, varmap, mut adam, mut ema, start_epoch) = if world.world_size() == 1 {
-        let (run, model, varmap, adam, ema, epoch) = set_up()?;
-        (Some(run), model, varmap, adam, ema, epoch)
+    let (run, model_bytes, state, epoch, step) = if world.world_size() == 1 {
+        let (run, m, s, e, st) = set_up()?;
+        (Some(run), m, s, e, st)
     } else {
-        let mine = match main {
-            true => Some(set_up()?),
-            false => None,
+        let mine = if world.rank() == 0 {
+            Some(set_up()?)
+        } else {
+            None
         };
-        let given = match &mine {
-            Some((_, model, varmap, adam, ema, epoch)) => {
-                let vars = sorted_vars(varmap);
-                let (m, st) = state_bytes(model, &vars, ema, adam, *epoch)?;
-                Some((m, st, *epoch as u64, adam.step_count()))
-            }
-            None => None,
-        };
-        let (model_bytes, state, epoch, step) = super::share_state(given)?;
-        let here = Path::new("(rank 0's state)");
-        let ema_loaded = checkpoint::decode(&model_bytes, here, device)?;
-        let state = checkpoint::decode(&state, here, device)?;
-        let (model, varmap, adam, ema) =
-            restore(ema_loaded, here, state, here, step, config, device)?;
-        (mine.map(|m| m.0), model, varmap, adam, ema, epoch as usize)
+        let given = mine
+            .as_ref()
+            .map(|(_, m, s, e, st)| (m.clone(), s.clone(), *e, *st));
+        let (m, s, e, st) = super::share_state(given)?;
+        (mine.map(|m| m.0), m, s, e, st)
     };
+    let (model_path, state_path) = if world.world_size() == 1 {
+        (dir.join(run_dir::MODEL), dir.join(run_dir::STATE))
+    } else {
+        let here = Path::new("(rank 0's state)");
+        (here.to_path_buf(), here.to_path_buf())
+    };
+    let loaded = checkpoint::decode(&model_bytes, &model_path, device)?;
+    let model = model_config(&loaded, &model_path)?;
+    let state = checkpoint::decode(&state, &state_path, device)?;
+    let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
+    for (name, var) in sorted_vars(&varmap) {
+        let raw = state
+            .tensors
+            .get(&format!("raw.{name}"))
+            .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
+        var.set(raw)
+            .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
+    }
+    let has_adam = state.tensors.keys().any(|k| k.starts_with("adam."));
+    Ok(Start {
+        run,
+        model,
+        varmap,
+        ema: loaded.tensors,
+        adam: has_adam.then_some(state.tensors),
+        epoch: epoch as usize,
+        step,
+    })
+}
+
+/// Trains (or continues, with `resume`) a diffusion model in `dir`.
+pub fn train_diffusion(
+    mut model: DiffusionConfig,
+    config: &DiffusionTrainConfig,
+    dir: &Path,
+    resume: bool,
+    show_progress: bool,
+    device: &Device,
+) -> Result<Vec<DiffusionEpochMetrics>> {
+    validate(&model, config)?;
+    let source = load_data(&mut model, config)?;
+    model.validate()?;
+    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it.
+    let main = crate::collective::world().rank() == 0;
+    let show_progress = show_progress && main;
+    let start = start_diffusion(&model, config, dir, resume, device)?;
+    let model = start.model;
+    if let TrainingData::Images { train, .. } = &source
+        && model.image_shape() != Some(train.shape)
+    {
+        bail!(
+            "--resume: the run's model takes {:?} images but the data holds {}",
+            model.image_shape(),
+            train.shape
+        );
+    }
+    let start_epoch = start.epoch;
     if config.epochs <= start_epoch {
         bail!(
             "--epochs {}: the run in {} has done {start_epoch} epochs already; give a larger --epochs to continue it",
@@ -310,20 +312,32 @@ pub fn train_diffusion(
         );
     }
     let process = model.process()?;
+    let varmap = start.varmap;
     let net = Net::build(
         &model.net,
         VarBuilder::from_varmap(&varmap, DType::F32, device),
     )?;
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
     // autodiff (checked in tests/diffusion.rs), without the graph. Elsewhere (other devices,
-    // the toys' MLP, --engine candle) candle's autodiff, each rank on its rows of the batch.
-    let (mut fused, engine_name) = crate::engine::unet_training(config.engine, &net)?;
-    let vars: Vec<(String, Var)> = sorted_vars(&varmap);
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    // the toys' MLP, --engine candle) candle's autodiff.
+    let (mut step, engine_name) =
+        crate::engine::denoiser_step(config.engine, &net, sorted_vars(&varmap))?;
+    let table = step.table().clone();
+    let mut adam = Adam::new(table.clone(), AdamConfig::with_lr(config.lr));
+    if let Some(state) = &start.adam {
+        adam.load_state(state, start.step).with_context(|| {
+            format!(
+                "{}: cannot restore the optimizer",
+                dir.join(run_dir::STATE).display()
+            )
+        })?;
+    }
+    let mut ema = vec![0f32; table.len()];
+    table.read(&start.ema, "", "the EMA weights", &mut ema)?;
     if show_progress {
         eprintln!(
             "training diffusion ({} params, {:?} schedule, T = {}, {:?}-prediction) on {} for {} epochs -> {}",
-            n_params,
+            table.count(),
             model.beta_schedule,
             model.num_train_timesteps,
             model.prediction,
@@ -333,7 +347,50 @@ pub fn train_diffusion(
         );
         eprintln!("engine: {engine_name}");
     }
-    let data = match &source {
+    let run_config = run_config(&model, config, &source)?;
+    let mut family = DiffusionTraining {
+        model: &model,
+        config,
+        process: &process,
+        net: &net,
+        source: &source,
+        table: &table,
+        ema,
+        ema_net: None,
+        run_config,
+        dir,
+        device,
+    };
+    let mut params = step.read_params()?;
+    let mut run = start.run;
+    let all = super::run_epochs(
+        &mut family,
+        step.as_mut(),
+        &mut params,
+        &mut adam,
+        super::LoopOptions {
+            dir: Some(dir),
+            run: run.as_mut(),
+            seed: config.seed,
+            start_epoch,
+            epochs: config.epochs,
+            show_progress,
+        },
+    )?;
+    if main {
+        family.save_final_samples(show_progress)?;
+        super::write_report(dir, show_progress);
+    }
+    Ok(all)
+}
+
+/// `config.json`: the model, the training options and the data.
+fn run_config(
+    model: &DiffusionConfig,
+    config: &DiffusionTrainConfig,
+    source: &TrainingData,
+) -> Result<String> {
+    let data = match source {
         TrainingData::Images { train, valid, test } => serde_json::json!({
             "source": config.data.describe(),
             "shape": train.shape.to_string(),
@@ -347,234 +404,191 @@ pub fn train_diffusion(
             "test": test.len() / 2,
         }),
     };
-    let run_config = serde_json::to_string_pretty(
+    Ok(serde_json::to_string_pretty(
         &serde_json::json!({ "model": model, "train": config, "data": data }),
-    )?;
+    )?)
+}
 
-    let mut all = Vec::new();
-    for epoch in start_epoch + 1..=config.epochs {
-        let started = Instant::now();
-        let seed = derive_seed(config.seed, 1, epoch as u64);
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut noise = Noise::new(seed.wrapping_add(1));
-        let batches: Vec<Vec<usize>> = match &source {
-            TrainingData::Images { train, .. } => {
-                let mut order: Vec<usize> = (0..train.len()).collect();
-                order.shuffle(&mut rng);
-                order
-                    .chunks(config.batch_size)
-                    .map(|c| c.to_vec())
-                    .collect()
-            }
-            TrainingData::Toy { .. } => vec![Vec::new(); config.toy_steps_per_epoch],
+/// A denoiser in the one training loop: batches of (x_t, t, target) draws, an exponential
+/// moving average of the weights, the simple loss of the EMA weights on the test and
+/// validation sets, and the EMA weights, raw weights and Adam's state committed every epoch.
+struct DiffusionTraining<'a> {
+    model: &'a DiffusionConfig,
+    config: &'a DiffusionTrainConfig,
+    process: &'a GaussianDiffusion,
+    net: &'a Net,
+    source: &'a TrainingData,
+    table: &'a ParamTable,
+    /// The EMA weights (the table's layout).
+    ema: Vec<f32>,
+    /// The EMA network of the last epoch's end (for its pictures).
+    ema_net: Option<FrozenNet>,
+    run_config: String,
+    dir: &'a Path,
+    device: &'a Device,
+}
+
+impl DiffusionTraining<'_> {
+    /// `samples.png` at the end of a run: 64 DDIM samples of the EMA weights (images) or a
+    /// scatter of the toy's test points and as many samples.
+    fn save_final_samples(&self, show_progress: bool) -> Result<()> {
+        let (config, device, process) = (self.config, self.device, self.process);
+        let ema_net = ema_net(self.model, self.table, &self.ema, device)?;
+        let mut noise = Noise::new(derive_seed(config.seed, 3, 0));
+        let bar = if show_progress {
+            ProgressBar::new(config.sample_steps as u64)
+        } else {
+            ProgressBar::hidden()
         };
-        let bar = super::epoch_bar(batches.len(), epoch, config.epochs, show_progress);
-        let mut loss_sum = 0.0;
-        for (step, idx) in batches.iter().enumerate() {
-            let x0 = match &source {
-                TrainingData::Images { train, .. } => image_batch(train, idx, device)?,
-                TrainingData::Toy { toy, .. } => Tensor::from_vec(
-                    toy.sample(config.batch_size, &mut rng),
-                    (config.batch_size, 2),
-                    device,
-                )?,
-            };
-            let (value, grads) = match fused.as_mut() {
-                Some(engine) => {
-                    engine.refresh()?;
-                    crate::fault::training_step(world.rank());
-                    fused_simple_loss(&process, engine, &x0, &mut rng, &mut noise)?
-                }
-                None if world.world_size() == 1 => {
-                    let loss = simple_loss(&process, &net, &x0, &mut rng, &mut noise)?;
-                    (loss.to_scalar::<f32>()?, loss.backward()?)
-                }
-                None => {
-                    crate::fault::training_step(world.rank());
-                    simple_loss_on_my_rows(&process, &net, &vars, &x0, &mut rng, &mut noise)?
-                }
-            };
-            if !value.is_finite() {
-                bar.abandon();
-                bail!(
-                    "training stopped: the loss became {value} at epoch {epoch}, step {}; {} (try a smaller --lr)",
-                    step + 1,
-                    if epoch > 1 {
-                        // Every epoch commits: the last one is epoch - 1 on every rank.
-                        format!(
-                            "the last good checkpoint {} (epoch {}) is kept",
-                            dir.join(run_dir::MODEL).display(),
-                            epoch - 1
-                        )
-                    } else {
-                        "no checkpoint had been written yet".into()
-                    }
-                );
+        let steps = config.sample_steps;
+        let path = self.dir.join("samples.png");
+        match self.source {
+            TrainingData::Images { .. } => {
+                let s = self.model.image_shape().unwrap_or(ImageShape::MNIST);
+                let x_t = noise.randn((64, s.channels, s.height, s.width), device)?;
+                let x = ddim_sample(process, &ema_net, x_t, steps, 0.0, true, &mut noise, &bar)?;
+                save_image_grid(&x, &path)?;
             }
-            adam.step(&grads)?;
-            let decay = ema_decay_at(config.ema_decay, adam.step_count());
-            for ((_, var), e) in vars.iter().zip(ema.iter_mut()) {
-                *e = ((&*e * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
+            TrainingData::Toy { test, .. } => {
+                let x_t = noise.randn((test.len() / 2, 2), device)?;
+                let x = ddim_sample(process, &ema_net, x_t, steps, 0.0, false, &mut noise, &bar)?;
+                crate::plot::save_scatter(&[test, &x.flatten_all()?.to_vec1::<f32>()?], &path)?;
             }
-            loss_sum += value as f64;
-            bar.set_message(format!("loss {value:.4}"));
-            bar.inc(1);
         }
         bar.finish_and_clear();
-        let ema_net = ema_net(&model, &vars, &ema, device)?;
-        let test_loss = test_loss(&process, &ema_net, &source, config.seed, device)?;
-        let valid_loss = match &source {
+        Ok(())
+    }
+}
+
+impl super::Family for DiffusionTraining<'_> {
+    type Batch = DenoiseBatch;
+    type Metrics = DiffusionEpochMetrics;
+
+    fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
+        match self.source {
+            TrainingData::Images { train, .. } => {
+                let mut order: Vec<usize> = (0..train.len()).collect();
+                order.shuffle(rng);
+                order
+                    .chunks(self.config.batch_size)
+                    .map(<[usize]>::to_vec)
+                    .collect()
+            }
+            TrainingData::Toy { .. } => vec![Vec::new(); self.config.toy_steps_per_epoch],
+        }
+    }
+
+    fn batch(
+        &self,
+        idx: &[usize],
+        rng: &mut StdRng,
+        noise: &mut Noise,
+    ) -> Result<(DenoiseBatch, usize)> {
+        let x0 = match self.source {
+            TrainingData::Images { train, .. } => image_batch(train, idx, self.device)?,
+            TrainingData::Toy { toy, .. } => {
+                let b = self.config.batch_size;
+                Tensor::from_vec(toy.sample(b, rng), (b, 2), self.device)?
+            }
+        };
+        // Every rank draws the whole batch's t, eps and dropout seed (crate::collective).
+        let (xt, t, target) = simple_loss_inputs(self.process, &x0, rng, noise)?;
+        let dropout_seed = (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
+        let rows = t.len();
+        let batch = DenoiseBatch {
+            xt,
+            t,
+            target,
+            dropout_seed,
+        };
+        Ok((batch, rows))
+    }
+
+    fn lr(&self, _epoch: usize) -> f64 {
+        self.config.lr
+    }
+
+    fn updated(&mut self, params: &[f32], adam_step: u64) {
+        let decay = ema_decay_at(self.config.ema_decay, adam_step) as f32;
+        for (e, &p) in self.ema.iter_mut().zip(params) {
+            *e = *e * decay + p * (1.0 - decay);
+        }
+    }
+
+    fn end_epoch(
+        &mut self,
+        end: &super::EpochEnd<'_>,
+    ) -> Result<super::EpochReport<DiffusionEpochMetrics>> {
+        let (seed, device) = (self.config.seed, self.device);
+        let ema_net = ema_net(self.model, self.table, &self.ema, device)?;
+        let test_loss = test_loss(self.process, &ema_net, self.source, seed, device)?;
+        let valid_loss = match self.source {
             TrainingData::Images {
                 valid: Some(valid), ..
-            } => Some(images_loss(&process, &ema_net, valid, config.seed, device)?),
+            } => Some(images_loss(self.process, &ema_net, valid, seed, device)?),
             _ => None,
         };
         let m = DiffusionEpochMetrics {
-            epoch,
-            step: adam.step_count(),
-            train_loss: loss_sum / batches.len().max(1) as f64,
+            epoch: end.epoch,
+            step: end.adam.step_count(),
+            train_loss: end.sums.first().copied().unwrap_or(0.0) / end.steps.max(1) as f64,
             valid_loss,
             test_loss,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: end.started.elapsed().as_secs_f64(),
         };
-        let named = |tensors: Vec<Tensor>| -> Vec<(String, Tensor)> {
-            vars.iter().map(|(n, _)| n.clone()).zip(tensors).collect()
+        self.ema_net = Some(ema_net);
+        let files = if end.commit {
+            let (model_bytes, state) = state_bytes(
+                self.model,
+                self.table,
+                end.params,
+                &self.ema,
+                Some(end.adam),
+                end.epoch,
+            )?;
+            vec![
+                (run_dir::MODEL, model_bytes),
+                (run_dir::STATE, state),
+                (run_dir::CONFIG, self.run_config.clone().into_bytes()),
+            ]
+        } else {
+            Vec::new()
         };
-        super::check_epoch_finite(
-            epoch,
-            run.as_ref().map_or(epoch - 1, run_dir::RunDir::last_epoch),
-            dir,
-            &[
+        let valid = m
+            .valid_loss
+            .map_or(String::new(), |v| format!("valid loss (EMA) {v:.5} | "));
+        let line = format!(
+            "epoch {}: train loss {:.5} | {valid}test loss (EMA) {:.5} | {:.1}s",
+            m.epoch, m.train_loss, m.test_loss, m.seconds
+        );
+        Ok(super::EpochReport {
+            losses: vec![
                 ("train loss", Some(m.train_loss)),
                 ("test loss (EMA)", Some(m.test_loss)),
                 ("validation loss (EMA)", m.valid_loss),
             ],
-            &[
-                (
-                    "raw",
-                    &named(vars.iter().map(|(_, v)| v.as_tensor().clone()).collect()),
-                ),
-                ("EMA", &named(ema.clone())),
-            ],
-        )?;
-        if let Some(run) = run.as_mut() {
-            let (model_bytes, state_bytes) = state_bytes(&model, &vars, &ema, &adam, epoch)?;
-            run.commit(
-                epoch,
-                adam.step_count(),
-                &[
-                    (run_dir::MODEL, &model_bytes),
-                    (run_dir::STATE, &state_bytes),
-                    (run_dir::CONFIG, run_config.as_bytes()),
-                ],
-                &serde_json::to_string(&m)?,
-            )?;
-        }
-        if show_progress {
-            let valid = m
-                .valid_loss
-                .map_or(String::new(), |v| format!("valid loss (EMA) {v:.5} | "));
-            eprintln!(
-                "epoch {epoch}: train loss {:.5} | {valid}test loss (EMA) {:.5} | {:.1}s",
-                m.train_loss, m.test_loss, m.seconds
-            );
-        }
-        if let (TrainingData::Images { .. }, true) = (&source, main) {
-            let s = model.image_shape().unwrap_or(ImageShape::MNIST);
-            save_epoch_samples(&process, &ema_net, s, dir, epoch, config, device)?;
-        }
-        all.push(m);
+            weights: vec![("EMA", self.ema.clone())],
+            files,
+            line,
+            metrics: m,
+        })
     }
-    if !main {
-        return Ok(all);
-    }
-    let ema_net = ema_net(&model, &vars, &ema, device)?;
-    let mut noise = Noise::new(derive_seed(config.seed, 3, 0));
-    let bar = if show_progress {
-        ProgressBar::new(config.sample_steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    match &source {
-        TrainingData::Images { .. } => {
-            let s = model.image_shape().unwrap_or(ImageShape::MNIST);
-            let x_t = noise.randn((64, s.channels, s.height, s.width), device)?;
-            let x = ddim_sample(
-                &process,
-                &ema_net,
-                x_t,
-                config.sample_steps,
-                0.0,
-                true,
-                &mut noise,
-                &bar,
-            )?;
-            save_image_grid(&x, &dir.join("samples.png"))?;
-        }
-        TrainingData::Toy { test, .. } => {
-            let x_t = noise.randn((test.len() / 2, 2), device)?;
-            let x = ddim_sample(
-                &process,
-                &ema_net,
-                x_t,
-                config.sample_steps,
-                0.0,
-                false,
-                &mut noise,
-                &bar,
-            )?;
-            crate::plot::save_scatter(
-                &[test, &x.flatten_all()?.to_vec1::<f32>()?],
-                &dir.join("samples.png"),
-            )?;
-        }
-    }
-    bar.finish_and_clear();
-    super::write_report(dir, show_progress);
-    Ok(all)
-}
 
-/// The model, raw weights (in a fresh `VarMap`), Adam and EMA weights of a run from its
-/// decoded checkpoint (`ema_loaded`, the EMA weights and config) and training state (`raw.*`
-/// weights and Adam's moments at `step`); the paths name them in errors.
-fn restore(
-    ema_loaded: checkpoint::Loaded,
-    model_path: &Path,
-    state: checkpoint::Loaded,
-    state_path: &Path,
-    step: u64,
-    config: &DiffusionTrainConfig,
-    device: &Device,
-) -> Result<(DiffusionConfig, VarMap, Adam, Vec<Tensor>)> {
-    let model = model_config(&ema_loaded, model_path)?;
-    let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(0), device)?;
-    let vars = sorted_vars(&varmap);
-    let mut ema = Vec::new();
-    for (name, var) in &vars {
-        let raw = state
-            .tensors
-            .get(&format!("raw.{name}"))
-            .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
-        var.set(raw)
-            .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
-        let e = ema_loaded
-            .tensors
-            .get(name)
-            .with_context(|| format!("{}: no {name}", model_path.display()))?;
-        if e.dims() != var.dims() {
-            bail!(
-                "{}: tensor {name} has shape {:?}, expected {:?}",
-                model_path.display(),
-                e.dims(),
-                var.dims()
-            );
+    fn after_commit(&mut self, epoch: usize, _params: &[f32]) -> Result<()> {
+        if let (TrainingData::Images { .. }, Some(net)) = (self.source, &self.ema_net) {
+            let s = self.model.image_shape().unwrap_or(ImageShape::MNIST);
+            save_epoch_samples(
+                self.process,
+                net,
+                s,
+                self.dir,
+                epoch,
+                self.config,
+                self.device,
+            )?;
         }
-        ema.push(e.to_dtype(DType::F32)?);
+        Ok(())
     }
-    let mut adam = Adam::new(vars, AdamConfig::with_lr(config.lr))?;
-    adam.load_state(&state.tensors, step)
-        .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
-    Ok((model, varmap, adam, ema))
 }
 
 /// `pictures/samples-NNNNNN.png`: 16 DDIM samples of the EMA weights from the same x_T every
@@ -608,17 +622,14 @@ pub fn ema_decay_at(decay: f64, step: u64) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
 }
 
+/// The network of the EMA weights `ema` (laid out by `table`), for sampling and evaluation.
 fn ema_net(
     model: &DiffusionConfig,
-    vars: &[(String, Var)],
-    ema: &[Tensor],
+    table: &ParamTable,
+    ema: &[f32],
     device: &Device,
 ) -> Result<FrozenNet> {
-    let map: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, _)| n.clone())
-        .zip(ema.iter().cloned())
-        .collect();
+    let map: HashMap<String, Tensor> = table.tensors(ema, "", device)?.into_iter().collect();
     Ok(FrozenNet::new(Net::build(
         &model.net,
         VarBuilder::from_tensors(map, DType::F32, device),
@@ -672,31 +683,29 @@ fn images_loss(
     Ok(sums[0] / sums[1].max(1.0))
 }
 
-/// The bytes of `model.safetensors` (EMA weights and the config) and of
-/// `train_state.safetensors` (Adam's state, the raw weights `raw.*`, epoch and step).
+/// The bytes of `model.safetensors` (the EMA weights and the config) and of
+/// `train_state.safetensors` (the raw weights `raw.*`, Adam's state, epoch and step), both
+/// buffers laid out by `table`.
 fn state_bytes(
     model: &DiffusionConfig,
-    vars: &[(String, Var)],
-    ema: &[Tensor],
-    adam: &Adam,
+    table: &ParamTable,
+    raw: &[f32],
+    ema: &[f32],
+    adam: Option<&Adam>,
     epoch: usize,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
-    let ema_tensors: Vec<(String, Tensor)> = vars
-        .iter()
-        .map(|(n, _)| n.clone())
-        .zip(ema.iter().cloned())
-        .collect();
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("elbo.model".to_string(), "diffusion".to_string()),
         ("elbo.config".to_string(), serde_json::to_string(model)?),
     ]);
-    let model_bytes = checkpoint::serialize(&ema_tensors, metadata)?;
-    let (mut tensors, step) = adam.state();
-    tensors.extend(
-        vars.iter()
-            .map(|(n, v)| (format!("raw.{n}"), v.as_tensor().clone())),
-    );
+    let cpu = &Device::Cpu;
+    let model_bytes = checkpoint::serialize(&table.tensors(ema, "", cpu)?, metadata)?;
+    let (mut tensors, step) = match adam {
+        Some(adam) => adam.state()?,
+        None => (Vec::new(), 0),
+    };
+    tensors.extend(table.tensors(raw, "raw.", cpu)?);
     let state = checkpoint::serialize(&tensors, crate::train::state_metadata(epoch, step))?;
     Ok((model_bytes, state))
 }

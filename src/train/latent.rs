@@ -1,23 +1,24 @@
 //! Training and evaluation for any [`LatentVariableModel`] made of candle modules: the loop and
 //! the summary `train vae` and `eval vae` give the shipped VAE family, for a model of your own
-//! (`examples/custom_vae.rs`). Adam (candle_nn's AdamW without weight decay) on the negative
-//! ELBO or IWAE_K, minibatches of a shuffled [`Dataset`] in a pixel mode, seeded noise; the
+//! (`examples/custom_vae.rs`). The one training loop and its Adam on the negative ELBO or
+//! IWAE_K, minibatches of a shuffled [`Dataset`] in a pixel mode, seeded noise; the
 //! evaluation estimates log p(x) by importance sampling and reports the ELBO's parts, the KL
 //! of each layer and the active units.
 
 use anyhow::Result;
 use candle_core::Var;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, PixelMode};
 use crate::distributions::Noise;
+use crate::engine::vae::VaeBatch;
+use crate::engine::{TrainStep, VaeObjective, candle_vae_step};
 use crate::eval::{Activity, mean, standard_error};
+use crate::optim::{Adam, AdamConfig};
 use crate::vae::objective::{
-    KlEstimator, LatentVariableModel, Objective, elbo_terms_with, estimate_log_likelihood_candle,
-    iwae_bound, posterior_means, sum_f64,
+    KlEstimator, LatentVariableModel, Objective, estimate_log_likelihood_candle, posterior_means,
 };
 
 /// How [`fit`] trains.
@@ -50,8 +51,9 @@ impl Default for FitConfig {
     }
 }
 
-/// Trains `model` (whose parameters are `vars`) on `train`; returns the mean training loss
-/// (-ELBO or -IWAE_K, nats per example) of each epoch.
+/// Trains `model` (whose parameters are `vars`) on `train` with the one training loop
+/// ([`super::run_epochs`], in memory: nothing is written) and candle's step; returns the mean
+/// training loss (-ELBO or -IWAE_K, nats per example) of each epoch.
 pub fn fit<M: LatentVariableModel + ?Sized>(
     model: &M,
     vars: Vec<Var>,
@@ -60,39 +62,89 @@ pub fn fit<M: LatentVariableModel + ?Sized>(
 ) -> Result<Vec<f64>> {
     crate::limits::at_least_one("batch size", config.batch_size)?;
     crate::limits::at_least_one("K", config.k)?;
-    let params = ParamsAdamW {
-        lr: config.lr,
-        weight_decay: 0.0,
-        ..Default::default()
+    let vars: Vec<(String, Var)> = vars
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("param.{i}"), v))
+        .collect();
+    let objective = VaeObjective {
+        objective: config.objective,
+        kl: config.kl,
+        beta: 1.0,
     };
-    let mut adam = AdamW::new(vars, params)?;
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut noise = Noise::new(config.seed.wrapping_add(1));
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut history = Vec::new();
-    for _ in 0..config.epochs {
-        order.shuffle(&mut rng);
-        let mut total = 0.0;
-        for idx in order.chunks(config.batch_size) {
-            let x = train.batch(idx, config.pixels, &mut rng, model.device())?;
-            let per_example = match config.objective {
-                Objective::Elbo => {
-                    elbo_terms_with(model, &x, config.k, config.kl, &mut noise)?.elbo(1.0)?
-                }
-                Objective::Iwae => iwae_bound(model, &x, config.k, &mut noise)?,
-            };
-            let loss = per_example.mean_all()?.neg()?;
-            if !loss.to_scalar::<f32>()?.is_finite() {
-                anyhow::bail!(
-                    "training stopped: the loss is not finite (try a smaller learning rate)"
-                );
-            }
-            total -= sum_f64(&per_example.detach())?;
-            adam.backward_step(&loss)?;
-        }
-        history.push(total / train.len().max(1) as f64);
+    let d = train.shape.dim();
+    let mut step = candle_vae_step(model, vars, objective, d);
+    let mut adam = Adam::new(step.table().clone(), AdamConfig::with_lr(config.lr));
+    let mut params = step.read_params()?;
+    let mut family = Fit {
+        config,
+        train,
+        latents: model.latent_dims(),
+    };
+    super::run_epochs(
+        &mut family,
+        &mut step,
+        &mut params,
+        &mut adam,
+        super::LoopOptions {
+            dir: None,
+            run: None,
+            seed: config.seed,
+            start_epoch: 0,
+            epochs: config.epochs,
+            show_progress: false,
+        },
+    )
+}
+
+/// [`fit`]'s family: shuffled minibatches in a pixel mode and their noise; the epoch's mean
+/// loss per example.
+struct Fit<'a> {
+    config: &'a FitConfig,
+    train: &'a Dataset,
+    latents: Vec<usize>,
+}
+
+impl super::Family for Fit<'_> {
+    type Batch = VaeBatch;
+    type Metrics = f64;
+
+    fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        order.shuffle(rng);
+        order
+            .chunks(self.config.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect()
     }
-    Ok(history)
+
+    fn batch(
+        &self,
+        idx: &[usize],
+        rng: &mut StdRng,
+        noise: &mut Noise,
+    ) -> Result<(VaeBatch, usize)> {
+        let x = self.train.batch_values(idx, self.config.pixels, rng);
+        let d = self.train.shape.dim();
+        let batch = VaeBatch::draw(x, d, &self.latents, self.config.k, noise);
+        Ok((batch, idx.len()))
+    }
+
+    fn lr(&self, _epoch: usize) -> f64 {
+        self.config.lr
+    }
+
+    fn end_epoch(&mut self, end: &super::EpochEnd<'_>) -> Result<super::EpochReport<f64>> {
+        // The step's sums (engine::vae::VAE_SUMS): the objective summed over the examples.
+        let loss = -end.sums.get(1).copied().unwrap_or(0.0) / self.train.len().max(1) as f64;
+        Ok(super::EpochReport {
+            metrics: loss,
+            losses: vec![("training loss", Some(loss))],
+            weights: Vec::new(),
+            files: Vec::new(),
+            line: format!("epoch {}: loss {loss:.4}", end.epoch),
+        })
+    }
 }
 
 /// What [`evaluate`] measured, per example in nats.

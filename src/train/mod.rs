@@ -1,7 +1,8 @@
-//! Training: the scaffolding both loops share (seeds, the training state's counters checked
-//! against their commit, the epoch progress bar; the run folder itself is [`crate::run_dir`])
-//! and one file per model family: [`vae`] (the VAE loop), [`diffusion`] (the diffusion
-//! loop) and [`latent`] (training and evaluation for any `LatentVariableModel` of your own).
+//! Training: the one loop ([`run_epochs`]: epochs, batches, sharding over the ranks, Adam, the
+//! NaN stop, the epoch commit, progress) and one file per model family, each a [`Family`] that
+//! gives the loop its batches, its evaluation and its files: [`vae`] (the VAE family),
+//! [`diffusion`] (denoisers) and [`latent`] (any `LatentVariableModel` of your own). The step
+//! itself is an engine's [`crate::engine::TrainStep`]; the run folder is [`crate::run_dir`].
 
 pub mod diffusion;
 pub mod latent;
@@ -9,14 +10,20 @@ pub mod vae;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use crate::checkpoint;
 use crate::data::{Dataset, Source, Split};
+use crate::distributions::Noise;
 pub use crate::engine::Engine;
-use crate::run_dir::Committed;
+use crate::engine::TrainStep;
+use crate::optim::{Adam, ParamTable};
+use crate::run_dir::{Committed, RunDir};
 pub use vae::{
     EpochMetrics, KlEstimator, Objective, Terms, TrainConfig, evaluate_elbo, image_shape, manifold,
     save_pictures, save_reconstructions, train_vae,
@@ -64,69 +71,6 @@ pub fn share_state(
     let model = buf[24..24 + len].to_vec();
     let state = buf[24 + len..].to_vec();
     Ok((model, state, epoch, step))
-}
-
-/// The gradients of `vars` from `loss.backward()` (`None`: this rank ran no rows, zeros)
-/// summed over the ranks ([`crate::collective`]) with one all-reduce over their flat concatenation,
-/// as a `GradStore` for [`crate::optim::Adam::step`]. With one process it returns them as
-/// they are.
-pub fn all_reduce_grads(
-    vars: &[(String, candle_core::Var)],
-    grads: Option<candle_core::backprop::GradStore>,
-) -> Result<candle_core::backprop::GradStore> {
-    use candle_core::Tensor;
-    let world = crate::collective::world();
-    if world.world_size() == 1
-        && let Some(g) = grads
-    {
-        return Ok(g);
-    }
-    #[cfg(feature = "nccl")]
-    if vars.first().is_some_and(|(_, v)| v.device().is_cuda()) {
-        // On the GPUs: one flat device tensor, summed by NCCL, split back.
-        let mut parts = Vec::with_capacity(vars.len());
-        for (_, var) in vars {
-            parts.push(match grads.as_ref().and_then(|g| g.get(var.as_tensor())) {
-                Some(g) => g.flatten_all()?.to_dtype(candle_core::DType::F32)?,
-                None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, var.device())?,
-            });
-        }
-        let summed = crate::collective::nccl::all_reduce(&Tensor::cat(&parts, 0)?)?;
-        let mut store = candle_core::backprop::GradStore::default();
-        let mut at = 0;
-        for (_, var) in vars {
-            let n = var.elem_count();
-            let g = summed
-                .narrow(0, at, n)?
-                .reshape(var.shape())?
-                .to_dtype(var.dtype())?;
-            store.insert(var.as_tensor(), g);
-            at += n;
-        }
-        return Ok(store);
-    }
-    let mut flat = Vec::new();
-    for (_, var) in vars {
-        match grads.as_ref().and_then(|g| g.get(var.as_tensor())) {
-            Some(g) => flat.extend(
-                g.flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            ),
-            None => flat.resize(flat.len() + var.elem_count(), 0.0),
-        }
-    }
-    crate::collective::all_reduce_buckets(&mut flat)?;
-    let mut store = candle_core::backprop::GradStore::default();
-    let mut at = 0;
-    for (_, var) in vars {
-        let n = var.elem_count();
-        let t = Tensor::from_slice(&flat[at..at + n], var.shape(), var.device())?
-            .to_dtype(var.dtype())?;
-        store.insert(var.as_tensor(), t);
-        at += n;
-    }
-    Ok(store)
 }
 
 /// The (epoch, Adam step) a training state records, checked against its commit.
@@ -188,47 +132,231 @@ pub fn load_splits(
     Ok((train, held, test))
 }
 
-/// Refuses to commit `epoch` when one of its losses (name, value) or weights (name, tensor) is
-/// not finite: training stops with one line naming it, and the run keeps its last commit
-/// (`last_commit`, 0 for none). Diffusion and VAE trainers alike call it before each commit.
+/// What the last good checkpoint is, for the message of a stopped run: `last_commit` (0: none)
+/// in `dir` (`None`: a run in memory, which has none).
+fn kept(dir: Option<&Path>, last_commit: usize) -> String {
+    match dir {
+        Some(dir) if last_commit > 0 => format!(
+            "the last good checkpoint {} (epoch {last_commit}) is kept",
+            dir.join(crate::run_dir::MODEL).display()
+        ),
+        Some(_) => "no checkpoint had been written yet".to_string(),
+        None => "nothing was written".to_string(),
+    }
+}
+
+/// Refuses to commit `epoch` when one of its losses (name, value) or weights (kind, layout,
+/// values) is not finite: training stops with one line naming it, and the run keeps its last
+/// commit (`last_commit`, 0 for none). [`run_epochs`] calls it before each commit.
 pub fn check_epoch_finite(
     epoch: usize,
     last_commit: usize,
-    dir: &Path,
+    dir: Option<&Path>,
     losses: &[(&str, Option<f64>)],
-    weights: &[(&str, &[(String, candle_core::Tensor)])],
+    weights: &[(&str, &ParamTable, &[f32])],
 ) -> Result<()> {
-    let kept = || {
-        if last_commit > 0 {
-            format!(
-                "the last good checkpoint {} (epoch {last_commit}) is kept",
-                dir.join(crate::run_dir::MODEL).display()
-            )
-        } else {
-            "no checkpoint had been written yet".to_string()
-        }
-    };
     for (name, value) in losses {
         if let Some(v) = value
             && !v.is_finite()
         {
             bail!(
                 "training stopped: the {name} became {v} at epoch {epoch}; {} (try a smaller --lr)",
-                kept()
+                kept(dir, last_commit)
             );
         }
     }
-    for (kind, tensors) in weights {
-        for (name, t) in tensors.iter() {
-            if let Err(e) = checkpoint::check_finite(t) {
+    for (kind, table, values) in weights {
+        for e in table.entries() {
+            let part = &values[e.range()];
+            if let Some((i, v)) = part.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                 bail!(
-                    "training stopped: the {kind} weight {name} became non-finite at epoch {epoch} ({e}); {} (try a smaller --lr)",
-                    kept()
+                    "training stopped: the {kind} weight {} became non-finite at epoch {epoch} ({v} at flat index {i}); {} (try a smaller --lr)",
+                    e.name,
+                    kept(dir, last_commit)
                 );
             }
         }
     }
     Ok(())
+}
+
+/// What a model family gives the one training loop ([`run_epochs`]): its batches, its
+/// evaluation, its files. The loop does the rest, alike for every family.
+pub trait Family {
+    /// The batch its [`TrainStep`] takes.
+    type Batch;
+    /// One line of `metrics.jsonl`.
+    type Metrics: serde::Serialize;
+
+    /// The batches of one epoch (index lists into the training set), drawn from `rng`.
+    fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>>;
+
+    /// The global batch of examples `idx` with every draw made (pixels, noise, timesteps, in
+    /// that order from `rng` and `noise`), and its number of examples.
+    fn batch(
+        &self,
+        idx: &[usize],
+        rng: &mut StdRng,
+        noise: &mut Noise,
+    ) -> Result<(Self::Batch, usize)>;
+
+    /// The learning rate of (1-based) `epoch`.
+    fn lr(&self, epoch: usize) -> f64;
+
+    /// After each update of the parameters (an average of the weights).
+    fn updated(&mut self, _params: &[f32], _adam_step: u64) {}
+
+    /// The end of an epoch: the evaluation, the metrics and, when `end.commit`, the files.
+    fn end_epoch(&mut self, end: &EpochEnd<'_>) -> Result<EpochReport<Self::Metrics>>;
+
+    /// After the epoch's commit, on rank 0 (the report's pictures).
+    fn after_commit(&mut self, _epoch: usize, _params: &[f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What the loop knows at the end of an epoch.
+pub struct EpochEnd<'a> {
+    pub epoch: usize,
+    /// The parameters (the step's table's layout) and the optimiser.
+    pub params: &'a [f32],
+    pub table: &'a ParamTable,
+    pub adam: &'a Adam,
+    /// The epoch's step sums (the loss first), added over the steps and ranks.
+    pub sums: &'a [f64],
+    pub steps: usize,
+    pub lr: f64,
+    pub started: Instant,
+    /// Whether this process commits (rank 0 of a run with a folder): the files are wanted.
+    pub commit: bool,
+}
+
+/// What a family reports at the end of an epoch.
+pub struct EpochReport<M> {
+    pub metrics: M,
+    /// The losses that must be finite for the epoch to commit (name, value).
+    pub losses: Vec<(&'static str, Option<f64>)>,
+    /// Weights besides the parameters that must be finite (an average of the weights).
+    pub weights: Vec<(&'static str, Vec<f32>)>,
+    /// The files of the commit (empty unless `EpochEnd::commit`).
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    /// The line printed for the epoch.
+    pub line: String,
+}
+
+/// Where the loop runs: its folder and commit (rank 0), its epochs and seed.
+pub struct LoopOptions<'a> {
+    /// The run folder (`None`: in memory).
+    pub dir: Option<&'a Path>,
+    /// Rank 0's run, which commits every epoch (`None` on the other ranks and in memory).
+    pub run: Option<&'a mut RunDir>,
+    pub seed: u64,
+    pub start_epoch: usize,
+    pub epochs: usize,
+    pub show_progress: bool,
+}
+
+/// The one training loop: epochs `start_epoch + 1..=epochs` of `family` on `step`, Adam on
+/// the flat buffer `params`. Each epoch draws its order, pixels and noise from
+/// `derive_seed(seed, 1, epoch)` (and `+ 1` for the noise); each step runs this rank's rows
+/// of the global batch ([`crate::collective::my_shard`]), sums the gradients and sums over the
+/// ranks, stops on a non-finite loss with the last commit kept, and updates the parameters.
+/// Each epoch ends with the family's evaluation, a check that everything is finite, and one
+/// atomic commit. Returns the epochs' metrics.
+pub fn run_epochs<F: Family>(
+    family: &mut F,
+    step: &mut dyn TrainStep<Batch = F::Batch>,
+    params: &mut [f32],
+    adam: &mut Adam,
+    options: LoopOptions<'_>,
+) -> Result<Vec<F::Metrics>> {
+    let world = crate::collective::world();
+    let LoopOptions {
+        dir,
+        mut run,
+        seed,
+        start_epoch,
+        epochs,
+        show_progress,
+    } = options;
+    let table = step.table().clone();
+    let mut grads = vec![0f32; table.len()];
+    let mut all = Vec::new();
+    for epoch in start_epoch + 1..=epochs {
+        let started = Instant::now();
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 1, epoch as u64));
+        let mut noise = Noise::new(derive_seed(seed, 1, epoch as u64).wrapping_add(1));
+        let batches = family.batches(&mut rng);
+        let bar = epoch_bar(batches.len(), epoch, epochs, show_progress);
+        let lr = family.lr(epoch);
+        adam.config.lr = lr;
+        let mut totals: Vec<f64> = Vec::new();
+        for (i, idx) in batches.iter().enumerate() {
+            let (batch, rows) = family.batch(idx, &mut rng, &mut noise)?;
+            crate::fault::training_step(world.rank());
+            let mine = crate::collective::my_shard(rows);
+            let mut sums = step.loss_and_grads(params, &batch, mine, &mut grads)?;
+            if world.world_size() > 1 {
+                crate::collective::all_reduce_buckets(&mut grads)?;
+                world.all_reduce_sum_f64(&mut sums)?;
+            }
+            let loss = sums.first().copied().unwrap_or(f64::NAN);
+            if !loss.is_finite() {
+                bar.abandon();
+                // Every epoch commits, so the last one is epoch - 1 on every rank.
+                let last = run.as_deref().map_or(epoch - 1, RunDir::last_epoch);
+                bail!(
+                    "training stopped: the loss became {loss} at epoch {epoch}, step {}; {} (try a smaller --lr)",
+                    i + 1,
+                    kept(dir, last)
+                );
+            }
+            adam.step(params, &grads, step.update_threads())?;
+            step.updated(params)?;
+            family.updated(params, adam.step_count());
+            totals.resize(sums.len(), 0.0);
+            for (t, s) in totals.iter_mut().zip(&sums) {
+                *t += s;
+            }
+            bar.set_message(format!("loss {loss:.4}"));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let report = family.end_epoch(&EpochEnd {
+            epoch,
+            params,
+            table: &table,
+            adam,
+            sums: &totals,
+            steps: batches.len(),
+            lr,
+            started,
+            commit: run.is_some(),
+        })?;
+        let last = run.as_deref().map_or(epoch - 1, RunDir::last_epoch);
+        let mut weights: Vec<(&str, &ParamTable, &[f32])> = vec![("model", &table, params)];
+        for (kind, values) in &report.weights {
+            weights.push((kind, &table, values));
+        }
+        check_epoch_finite(epoch, last, dir, &report.losses, &weights)?;
+        if let Some(run) = run.as_deref_mut() {
+            let files: Vec<(&str, &[u8])> = report
+                .files
+                .iter()
+                .map(|(name, bytes)| (*name, bytes.as_slice()))
+                .collect();
+            let line = serde_json::to_string(&report.metrics)?;
+            run.commit(epoch, adam.step_count(), &files, &line)?;
+        }
+        if show_progress {
+            eprintln!("{}", report.line);
+        }
+        if world.rank() == 0 {
+            family.after_commit(epoch, params)?;
+        }
+        all.push(report.metrics);
+    }
+    Ok(all)
 }
 
 /// Writes `dir/report.html` at the end of a run. A report that cannot be drawn does not undo

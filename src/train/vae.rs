@@ -8,11 +8,9 @@
 //! - `samples.png`, `reconstructions.png`, and `manifold.png` when the latent is 2-D.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
-use indicatif::ProgressBar;
+use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -22,7 +20,8 @@ use crate::checkpoint;
 use crate::data::{Dataset, ImageShape, PixelMode, Source};
 use crate::distributions::Noise;
 pub use crate::engine::Engine;
-use crate::engine::vae::FusedVae;
+use crate::engine::VaeObjective;
+use crate::engine::vae::VaeBatch;
 use crate::limits;
 use crate::optim::{Adam, AdamConfig};
 use crate::plot;
@@ -248,7 +247,6 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
-const STREAM_EPOCH: u64 = 1;
 const STREAM_TEST: u64 = 2;
 const STREAM_PICTURES: u64 = 3;
 
@@ -294,6 +292,109 @@ pub fn evaluate_elbo(
     Ok(Terms::from_sums(sums[0], &sums[1..], data.len()))
 }
 
+/// How a run starts: rank 0's run folder (when it writes one), the model, the training state
+/// it continues from (`None`: a fresh run) and the epochs done.
+struct Start {
+    run: Option<RunDir>,
+    vae: Vae,
+    state: Option<checkpoint::Loaded>,
+    epoch: usize,
+    step: u64,
+}
+
+/// Rank 0 opens the run (`resume`: from its last commit; else a fresh folder and a fresh
+/// model); with several ranks ([`crate::collective`]) the others receive its model and state.
+fn start_vae(
+    model_config: &VaeConfig,
+    config: &TrainConfig,
+    train: &Dataset,
+    dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<Start> {
+    let set_up = || -> Result<Start> {
+        if !resume {
+            let run = RunDir::create(dir)?;
+            let bias = (config.init == Init::Glorot).then(|| train_mean_logits(train));
+            let mut noise = Noise::new(config.seed);
+            let vae = Vae::initialised(
+                model_config.clone(),
+                config.init,
+                bias.as_deref(),
+                &mut noise,
+                device,
+            )?;
+            return Ok(Start {
+                run: Some(run),
+                vae,
+                state: None,
+                epoch: 0,
+                step: 0,
+            });
+        }
+        let (run, committed) = RunDir::resume(dir)?;
+        let model_path = committed.file(run_dir::MODEL);
+        let vae = Vae::load(&model_path, device)?;
+        if vae.config.input_dim != train.shape.dim() {
+            bail!(
+                "--resume: the run's model takes {} values per example but the data's images are {} ({} values)",
+                vae.config.input_dim,
+                train.shape,
+                train.shape.dim()
+            );
+        }
+        if vae.config != *model_config {
+            eprintln!(
+                "note: --resume uses the model config stored in {}",
+                model_path.display()
+            );
+        }
+        let state_path = committed.file(run_dir::STATE);
+        let state = checkpoint::load(&state_path, device)?;
+        let (epoch, step) = state_counters(&state, &state_path, &committed)?;
+        Ok(Start {
+            run: Some(run),
+            vae,
+            state: Some(state),
+            epoch,
+            step,
+        })
+    };
+    let world = crate::collective::world();
+    if world.world_size() == 1 {
+        return set_up();
+    }
+    // Rank 0's (model, state) bytes to every rank; every rank decodes them, so all hold the
+    // same parameters and optimiser state.
+    let mine = if world.rank() == 0 {
+        Some(set_up()?)
+    } else {
+        None
+    };
+    let given = match &mine {
+        Some(s) => {
+            let tensors: Vec<(String, Tensor)> = match &s.state {
+                Some(state) => state.tensors.clone().into_iter().collect(),
+                None => Vec::new(),
+            };
+            let state = checkpoint::serialize(&tensors, state_metadata(s.epoch, s.step))?;
+            Some((s.vae.to_safetensors()?, state, s.epoch as u64, s.step))
+        }
+        None => None,
+    };
+    let (model, state, epoch, step) = super::share_state(given)?;
+    let here = Path::new("(rank 0's state)");
+    let vae = Vae::from_loaded(checkpoint::decode(&model, here, device)?, here)?;
+    let state = checkpoint::decode(&state, here, device)?;
+    Ok(Start {
+        run: mine.and_then(|m| m.run),
+        vae,
+        state: (!state.tensors.is_empty()).then_some(state),
+        epoch: epoch as usize,
+        step,
+    })
+}
+
 /// Trains (or, with `resume`, continues) a VAE in `dir`; returns the metrics of the epochs run.
 /// The model's `input_dim` and `image_shape` are taken from the data (C x H x W).
 pub fn train_vae(
@@ -318,85 +419,35 @@ pub fn train_vae(
     model_config.validate()?;
     check_step_memory(&model_config, config, train.len())?;
 
-    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it; the
-    // others receive its model and state.
+    // Data parallelism (crate::collective): rank 0 sets the run up and alone writes to it.
     let world = crate::collective::world();
     let main = world.rank() == 0;
     let show_progress = show_progress && main;
-    let set_up = || -> Result<(RunDir, Vae, Adam, usize)> {
-        Ok(if resume {
-            let (run, committed) = RunDir::resume(dir)?;
-            let model_path = committed.file(run_dir::MODEL);
-            let vae = Vae::load(&model_path, device)?;
-            if vae.config.input_dim != train.shape.dim() {
-                bail!(
-                    "--resume: the run's model takes {} values per example but the data's images are {} ({} values)",
-                    vae.config.input_dim,
-                    train.shape,
-                    train.shape.dim()
-                );
-            }
-            if vae.config != model_config {
-                eprintln!(
-                    "note: --resume uses the model config stored in {}",
-                    model_path.display()
-                );
-            }
-            let state_path = committed.file(run_dir::STATE);
-            let state = checkpoint::load(&state_path, device)?;
-            let (epoch, step) = state_counters(&state, &state_path, &committed)?;
-            let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
-            adam.load_state(&state.tensors, step).with_context(|| {
-                format!("{}: cannot restore the optimizer", state_path.display())
-            })?;
-            (run, vae, adam, epoch)
-        } else {
-            let run = RunDir::create(dir)?;
-            let bias = (config.init == Init::Glorot).then(|| train_mean_logits(&train));
-            let mut noise = Noise::new(config.seed);
-            let vae = Vae::initialised(
-                model_config,
-                config.init,
-                bias.as_deref(),
-                &mut noise,
-                device,
-            )?;
-            let adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
-            (run, vae, adam, 0)
-        })
-    };
-    let (mut run, vae, mut adam, start_epoch) = if world.world_size() == 1 {
-        let (run, vae, adam, epoch) = set_up()?;
-        (Some(run), vae, adam, epoch)
-    } else {
-        // Rank 0's (model, state) bytes to every rank; every rank decodes them, so all hold
-        // the same parameters and optimiser state.
-        let mine = match main {
-            true => Some(set_up()?),
-            false => None,
-        };
-        let given = match &mine {
-            Some((_, vae, adam, epoch)) => {
-                let (tensors, step) = adam.state();
-                let state = checkpoint::serialize(&tensors, state_metadata(*epoch, step))?;
-                Some((vae.to_safetensors()?, state, *epoch as u64, step))
-            }
-            None => None,
-        };
-        let (model, state, epoch, step) = super::share_state(given)?;
-        let here = Path::new("(rank 0's state)");
-        let vae = Vae::from_loaded(checkpoint::decode(&model, here, device)?, here)?;
-        let loaded = checkpoint::decode(&state, here, device)?;
-        let mut adam = Adam::new(vae.params().to_vec(), adam_config(config))?;
-        adam.load_state(&loaded.tensors, step)?;
-        (mine.map(|m| m.0), vae, adam, epoch as usize)
-    };
+    let Start {
+        mut run,
+        vae,
+        state,
+        epoch: start_epoch,
+        step,
+    } = start_vae(&model_config, config, &train, dir, resume, device)?;
     if config.epochs <= start_epoch {
         bail!(
             "--epochs {}: the run in {} has done {start_epoch} epochs already; give a larger --epochs to continue it",
             config.epochs,
             dir.display()
         );
+    }
+    let objective = VaeObjective {
+        objective: config.objective,
+        kl: config.kl,
+        beta: config.beta,
+    };
+    let (mut step_engine, engine_name) = crate::engine::vae_step(config.engine, &vae, objective)?;
+    let mut adam = Adam::new(step_engine.table().clone(), adam_config(config));
+    if let Some(state) = &state {
+        let state_path = dir.join(run_dir::STATE);
+        adam.load_state(&state.tensors, step)
+            .with_context(|| format!("{}: cannot restore the optimizer", state_path.display()))?;
     }
     if show_progress {
         eprintln!(
@@ -408,6 +459,15 @@ pub fn train_vae(
             config.epochs,
             dir.display()
         );
+        eprintln!("engine: {engine_name}");
+        if world.world_size() > 1 {
+            eprintln!(
+                "data parallel: {} ranks ({}), global batch {}",
+                world.world_size(),
+                world.name(),
+                config.batch_size
+            );
+        }
     }
     let data = serde_json::json!({
         "source": config.source.describe(),
@@ -419,215 +479,161 @@ pub fn train_vae(
     let run_config = serde_json::to_string_pretty(
         &serde_json::json!({ "model": vae.config, "train": config, "data": data }),
     )?;
-
-    let (use_fused, engine_name) = crate::engine::vae_training(config.engine, &vae)?;
-    if show_progress {
-        eprintln!("engine: {engine_name}");
-        if world.world_size() > 1 {
-            eprintln!(
-                "data parallel: {} ranks ({}), global batch {}",
-                world.world_size(),
-                world.name(),
-                config.batch_size
-            );
-        }
-    }
-    let n = train.len();
-    let steps_per_epoch = n.div_ceil(config.batch_size);
-    let mut all = Vec::new();
-    for epoch in start_epoch + 1..=config.epochs {
-        let started = Instant::now();
-        let mut rng = StdRng::seed_from_u64(derive_seed(config.seed, STREAM_EPOCH, epoch as u64));
-        let mut noise =
-            Noise::new(derive_seed(config.seed, STREAM_EPOCH, epoch as u64).wrapping_add(1));
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rng);
-        let bar = super::epoch_bar(steps_per_epoch, epoch, config.epochs, show_progress);
-        let lr = config.lr_schedule.lr(config.lr, epoch);
-        adam.config.lr = lr;
-        let mut rec_sum = 0.0;
-        let mut kl_sums = vec![0.0; vae.config.layers()];
-        let mut fused = if use_fused {
-            let mut f = FusedVae::from_vae(&vae, Some(&adam), adam.config)?;
-            f.set_objective(config.objective);
-            f.set_kl_estimator(config.kl);
-            Some(f)
-        } else {
-            None
-        };
-        for (step, batch_idx) in order.chunks(config.batch_size).enumerate() {
-            let stopped = |bar: &ProgressBar, loss_value: f64| -> anyhow::Error {
-                bar.abandon();
-                // Every epoch commits, so the last one is epoch - 1 on every rank.
-                let last = run.as_ref().map_or(epoch - 1, RunDir::last_epoch);
-                let kept = if last > 0 {
-                    format!(
-                        "the last good checkpoint {} (epoch {last}) is kept",
-                        dir.join(run_dir::MODEL).display(),
-                    )
-                } else {
-                    "no checkpoint had been written yet".to_string()
-                };
-                anyhow::anyhow!(
-                    "training stopped: the loss became {loss_value} at epoch {epoch}, step {}; {kept} \
-                     (try a smaller --lr)",
-                    step + 1
-                )
-            };
-            if let Some(fused) = fused.as_mut() {
-                // Every rank draws the global batch's pixels and noise; it runs its rows.
-                let x = train.batch_values(batch_idx, config.pixels, &mut rng);
-                let rows = crate::collective::my_shard(batch_idx.len());
-                crate::fault::training_step(world.rank());
-                let sums =
-                    fused.train_step_shard(&x, rows, config.mc_samples, config.beta, &mut noise)?;
-                if !sums.loss.is_finite() {
-                    return Err(stopped(&bar, sums.loss));
-                }
-                rec_sum -= sums.reconstruction;
-                add_sums(&mut kl_sums, &sums.kl_layers);
-                bar.set_message(format!("loss {:.2}", sums.loss));
-                bar.inc(1);
-                continue;
-            }
-            // As the fused step: every rank draws the global batch's pixels and noise, runs
-            // its rows, and the gradients (of the global mean) are summed over the ranks.
-            let x = train.batch(batch_idx, config.pixels, &mut rng, device)?;
-            let b = batch_idx.len();
-            let eps = vae::objective::draw_noise(&vae, config.mc_samples, b, &mut noise)?;
-            let rows = crate::collective::my_shard(b);
-            crate::fault::training_step(world.rank());
-            let mut sums = vec![0.0; 2 + kl_sums.len()];
-            let grads = if rows.is_empty() {
-                None
-            } else {
-                let x = x.narrow(0, rows.start, rows.len())?;
-                let eps = eps
-                    .iter()
-                    .map(|e| e.narrow(1, rows.start, rows.len()))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let pass = vae::objective::pass_with(&vae, &x, &eps)?;
-                let terms = match config.objective {
-                    Objective::Elbo => pass.elbo_terms_with(config.kl)?,
-                    Objective::Iwae => pass.elbo_terms()?,
-                };
-                let per_example = match config.objective {
-                    Objective::Elbo => terms.elbo(config.beta)?,
-                    Objective::Iwae => pass
-                        .log_weights()?
-                        .log_sum_exp(0)?
-                        .affine(1.0, -(config.mc_samples as f64).ln())?,
-                };
-                // -(1/B) sum over this rank's rows: the shards add up to the batch's mean.
-                let loss = (per_example.sum_all()? * (-1.0 / b as f64))?;
-                sums[0] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                sums[1] = vae::objective::sum_f64(&terms.reconstruction.detach())?;
-                for (sum, layer) in sums[2..].iter_mut().zip(&terms.kl_layers) {
-                    *sum = vae::objective::sum_f64(&layer.detach())?;
-                }
-                Some(loss.backward()?)
-            };
-            let grads = super::all_reduce_grads(vae.params(), grads)?;
-            world.all_reduce_sum_f64(&mut sums)?;
-            let loss_value = sums[0];
-            if !loss_value.is_finite() {
-                return Err(stopped(&bar, loss_value));
-            }
-            adam.step(&grads)?;
-            rec_sum -= sums[1];
-            add_sums(&mut kl_sums, &sums[2..]);
-            bar.set_message(format!("loss {loss_value:.2}"));
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        if let Some(fused) = &fused {
-            fused.write_to(&vae, Some(&mut adam))?;
-        }
-        let train_terms = Terms::from_sums(rec_sum, &kl_sums, n);
-        let evaluate = epoch % config.eval_every.max(1) == 0 || epoch == config.epochs;
-        let test_terms = match evaluate {
-            true => Some(evaluate_elbo(
-                &vae,
-                &test,
-                config.pixels,
-                config.mc_samples,
-                derive_seed(config.seed, STREAM_TEST, 0),
-            )?),
-            false => None,
-        };
-        let valid_terms = match &valid {
-            Some(v) if evaluate => Some(evaluate_elbo(
-                &vae,
-                v,
-                config.pixels,
-                config.mc_samples,
-                derive_seed(config.seed, STREAM_TEST, 0),
-            )?),
-            _ => None,
-        };
-        let metrics = EpochMetrics {
-            epoch,
-            train: train_terms.clone(),
-            valid: valid_terms.clone(),
-            test: test_terms.clone(),
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        let weights: Vec<(String, Tensor)> = vae
-            .params()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        super::check_epoch_finite(
-            epoch,
-            run.as_ref().map_or(epoch - 1, RunDir::last_epoch),
-            dir,
-            &[
-                ("train -ELBO", Some(train_terms.neg_elbo)),
-                ("test -ELBO", test_terms.as_ref().map(|t| t.neg_elbo)),
-                ("validation -ELBO", valid_terms.as_ref().map(|t| t.neg_elbo)),
-            ],
-            &[("model", &weights)],
-        )?;
-        if let Some(run) = run.as_mut() {
-            let (state_tensors, step) = adam.state();
-            let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;
-            run.commit(
-                epoch,
-                step,
-                &[
-                    (run_dir::MODEL, &vae.to_safetensors()?),
-                    (run_dir::STATE, &state),
-                    (run_dir::CONFIG, run_config.as_bytes()),
-                ],
-                &serde_json::to_string(&metrics)?,
-            )?;
-        }
-        if show_progress {
-            let valid = valid_terms.as_ref().map_or(String::new(), |v| {
-                format!("valid -ELBO {:.2} | ", v.neg_elbo)
-            });
-            let test = test_terms.as_ref().map_or(String::new(), |t| {
-                format!(
-                    "test -ELBO {:.2} (rec {:.2}, KL {:.2}) | ",
-                    t.neg_elbo, t.reconstruction, t.kl
-                )
-            });
-            eprintln!(
-                "epoch {epoch}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | {valid}{test}lr {lr:.2e} | {:.1}s",
-                train_terms.neg_elbo, train_terms.reconstruction, train_terms.kl, metrics.seconds
-            );
-        }
-        if evaluate && main {
-            save_epoch_samples(&vae, dir, epoch, config.seed)?;
-        }
-        all.push(metrics);
-    }
+    let mut family = VaeTraining {
+        config,
+        vae: &vae,
+        train: &train,
+        valid: valid.as_ref(),
+        test: &test,
+        run_config,
+        dir,
+        evaluated: false,
+    };
+    let mut params = step_engine.read_params()?;
+    let all = super::run_epochs(
+        &mut family,
+        step_engine.as_mut(),
+        &mut params,
+        &mut adam,
+        super::LoopOptions {
+            dir: Some(dir),
+            run: run.as_mut(),
+            seed: config.seed,
+            start_epoch,
+            epochs: config.epochs,
+            show_progress,
+        },
+    )?;
     if main {
         save_pictures(&vae, &test, config.pixels, dir, config.seed)?;
         super::write_report(dir, show_progress);
     }
     Ok(all)
+}
+
+/// The VAE family in the one training loop: batches of pixels and noise, the ELBO's terms on
+/// the test and validation sets, the model and Adam's state committed every epoch.
+struct VaeTraining<'a> {
+    config: &'a TrainConfig,
+    /// The model the step trains (the fused engine's parameters are written into it at the end
+    /// of each epoch).
+    vae: &'a Vae,
+    train: &'a Dataset,
+    valid: Option<&'a Dataset>,
+    test: &'a Dataset,
+    run_config: String,
+    dir: &'a Path,
+    /// Whether the last epoch evaluated the test set (and draws its samples).
+    evaluated: bool,
+}
+
+impl super::Family for VaeTraining<'_> {
+    type Batch = VaeBatch;
+    type Metrics = EpochMetrics;
+
+    fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        order.shuffle(rng);
+        order
+            .chunks(self.config.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    fn batch(
+        &self,
+        idx: &[usize],
+        rng: &mut StdRng,
+        noise: &mut Noise,
+    ) -> Result<(VaeBatch, usize)> {
+        // Every rank draws the global batch's pixels and noise; it runs its rows.
+        let x = self.train.batch_values(idx, self.config.pixels, rng);
+        let (d, latents) = (self.vae.config.input_dim, &self.vae.config.latent_dims);
+        let batch = VaeBatch::draw(x, d, latents, self.config.mc_samples, noise);
+        Ok((batch, idx.len()))
+    }
+
+    fn lr(&self, epoch: usize) -> f64 {
+        self.config.lr_schedule.lr(self.config.lr, epoch)
+    }
+
+    fn end_epoch(&mut self, end: &super::EpochEnd<'_>) -> Result<super::EpochReport<EpochMetrics>> {
+        let config = self.config;
+        end.table.write_named(end.params, self.vae.params())?;
+        // The step's sums: engine::vae::VAE_SUMS.
+        let rec = -end.sums.get(2).copied().unwrap_or(0.0);
+        let kl_layers = end.sums.get(3..).unwrap_or(&[]);
+        let train = Terms::from_sums(rec, kl_layers, self.train.len());
+        let epoch = end.epoch;
+        self.evaluated = epoch.is_multiple_of(config.eval_every.max(1)) || epoch == config.epochs;
+        let evaluate = |data: &Dataset| -> Result<Terms> {
+            let seed = derive_seed(config.seed, STREAM_TEST, 0);
+            evaluate_elbo(self.vae, data, config.pixels, config.mc_samples, seed)
+        };
+        let test = self.evaluated.then(|| evaluate(self.test)).transpose()?;
+        let valid = match self.valid {
+            Some(v) if self.evaluated => Some(evaluate(v)?),
+            _ => None,
+        };
+        let metrics = EpochMetrics {
+            epoch,
+            train,
+            valid,
+            test,
+            lr: end.lr,
+            seconds: end.started.elapsed().as_secs_f64(),
+        };
+        let files = if end.commit {
+            let (state_tensors, step) = end.adam.state()?;
+            let state = checkpoint::serialize(&state_tensors, state_metadata(epoch, step))?;
+            vec![
+                (run_dir::MODEL, self.vae.to_safetensors()?),
+                (run_dir::STATE, state),
+                (run_dir::CONFIG, self.run_config.clone().into_bytes()),
+            ]
+        } else {
+            Vec::new()
+        };
+        Ok(super::EpochReport {
+            losses: vec![
+                ("train -ELBO", Some(metrics.train.neg_elbo)),
+                ("test -ELBO", metrics.test.as_ref().map(|t| t.neg_elbo)),
+                (
+                    "validation -ELBO",
+                    metrics.valid.as_ref().map(|t| t.neg_elbo),
+                ),
+            ],
+            weights: Vec::new(),
+            files,
+            line: epoch_line(&metrics),
+            metrics,
+        })
+    }
+
+    fn after_commit(&mut self, epoch: usize, _params: &[f32]) -> Result<()> {
+        if self.evaluated {
+            save_epoch_samples(self.vae, self.dir, epoch, self.config.seed)?;
+        }
+        Ok(())
+    }
+}
+
+/// The progress line of an epoch.
+fn epoch_line(m: &EpochMetrics) -> String {
+    let valid = m.valid.as_ref().map_or(String::new(), |v| {
+        format!("valid -ELBO {:.2} | ", v.neg_elbo)
+    });
+    let test = m.test.as_ref().map_or(String::new(), |t| {
+        format!(
+            "test -ELBO {:.2} (rec {:.2}, KL {:.2}) | ",
+            t.neg_elbo, t.reconstruction, t.kl
+        )
+    });
+    let t = &m.train;
+    format!(
+        "epoch {}: train -ELBO {:.2} (rec {:.2}, KL {:.2}) | {valid}{test}lr {:.2e} | {:.1}s",
+        m.epoch, t.neg_elbo, t.reconstruction, t.kl, m.lr, m.seconds
+    )
 }
 
 /// `pictures/samples-NNNNNN.png`: 16 samples decoded from the same z every epoch (kept small,
@@ -655,12 +661,6 @@ fn adam_config(config: &TrainConfig) -> AdamConfig {
     AdamConfig {
         eps: config.adam_eps,
         ..AdamConfig::with_lr(config.lr)
-    }
-}
-
-fn add_sums(dst: &mut [f64], src: &[f64]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d += s;
     }
 }
 
