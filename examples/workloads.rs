@@ -108,17 +108,18 @@ fn vae_trainer<'a>(
     Trainer::new(vae_step(engine, vae, objective)?.0, adam)
 }
 
-/// One VAE step on `x` (`[B, 784]`) with `k` samples, the noise drawn as training draws it.
+/// One VAE step on the examples of `batch` with fresh noise, drawn as training draws it into
+/// the batch's buffers (the examples stay: the data's cost is not part of the step).
 fn vae_train_step(
     t: &mut Trainer<'_, VaeBatch>,
-    vae: &Vae,
-    x: &[f32],
-    k: usize,
+    batch: &mut VaeBatch,
+    d: usize,
     noise: &mut Noise,
 ) -> Result<()> {
-    let d = vae.config.input_dim;
-    let batch = VaeBatch::draw(x.to_vec(), d, &vae.config.latent_dims, k, noise);
-    t.step(&batch, x.len() / d)
+    for e in &mut batch.eps {
+        noise.fill_randn(e);
+    }
+    t.step(batch, batch.len(d))
 }
 
 struct Args {
@@ -203,9 +204,10 @@ fn main() -> Result<()> {
             let config = AdamConfig::with_lr(1e-3);
             let (reps, warmup) = (or(a.reps, 200), or(a.warmup, 20));
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+            let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
             let t = time(warmup, reps, || {
-                vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)
+                vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
             (t, format!("one training step, batch {b}"))
         }
@@ -241,9 +243,10 @@ fn main() -> Result<()> {
                 Objective::Iwae
             };
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
+            let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, k, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, objective, adam)?;
             let t = time(warmup, reps, || {
-                vae_train_step(&mut trainer, &vae, &x, k, &mut noise)
+                vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
             (
                 t,
@@ -267,9 +270,10 @@ fn main() -> Result<()> {
             let idx: Vec<usize> = (0..128).collect();
             let (reps, warmup) = (or(a.reps, 50), or(a.warmup, 5));
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
+            let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, adam)?;
             let t = time(warmup, reps, || {
-                vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)
+                vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
             (t, "one conv VAE training step, batch 128".to_string())
         }
@@ -281,8 +285,11 @@ fn main() -> Result<()> {
             let t = time(or(a.warmup, 1), or(a.reps, 5), || {
                 order.shuffle(&mut rng);
                 for idx in order.chunks(128) {
+                    // As the training loop: the batch's pixels, then its noise.
                     let x = train.batch_values(idx, PixelMode::Grey, &mut rng);
-                    vae_train_step(&mut trainer, &vae, &x, 1, &mut noise)?;
+                    let latents = &vae.config.latent_dims;
+                    let batch = VaeBatch::draw(x, 784, latents, 1, &mut noise);
+                    trainer.step(&batch, idx.len())?;
                 }
                 Ok(())
             })?;

@@ -91,6 +91,48 @@ pub struct VaeEvaluation {
     pub activity: Vec<Activity>,
 }
 
+/// What `elbo eval vae` reports, per example in nats: the -ELBO and its parts (from the K
+/// samples of the log p(x) estimate), the importance-sampled NLL with its standard error and
+/// in bits/dim, the gap -ELBO - NLL (= KL(q(z|x) || p(z|x)) on average), and the active units
+/// of each stochastic layer (Cov_x(E_q[u|x]) > 0.01, Burda et al. 2015).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VaeSummary {
+    pub neg_elbo: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+    pub kl_layers: Vec<f64>,
+    pub nll: f64,
+    pub gap: f64,
+    pub nll_stderr: f64,
+    pub nll_bits_per_dim: f64,
+    pub active_units: Vec<usize>,
+    pub iw_samples: usize,
+    pub n: usize,
+}
+
+impl VaeEvaluation {
+    /// The means of the evaluation, `k` its importance samples, `dims` the values per example.
+    pub fn summary(&self, k: usize, dims: usize) -> VaeSummary {
+        let kl_layers: Vec<f64> = self.kl_layers.iter().map(|l| mean(l)).collect();
+        let (nll, reconstruction) = (-mean(&self.log_px), -mean(&self.reconstruction));
+        let kl = kl_layers.iter().sum::<f64>();
+        let neg_elbo = reconstruction + kl;
+        VaeSummary {
+            neg_elbo,
+            reconstruction,
+            kl,
+            kl_layers,
+            nll,
+            gap: neg_elbo - nll,
+            nll_stderr: standard_error(&self.log_px),
+            nll_bits_per_dim: bits_per_dim(nll, dims),
+            active_units: self.activity.iter().map(|a| a.active(1e-2)).collect(),
+            iw_samples: k,
+            n: self.log_px.len(),
+        }
+    }
+}
+
 /// Evaluates a frozen VAE on `data` in batches of `batch_size` with K = `k` importance
 /// samples (in pieces of about 250,000 decoded rows, combined exactly:
 /// `log p(x) = logsumexp_pieces(log p_piece(x) + ln K_piece) - ln K`). The pixels are drawn
@@ -190,6 +232,40 @@ pub struct BoundMeans {
     pub lt: Vec<f64>,
     pub l_prior: f64,
     pub n: usize,
+}
+
+/// What `elbo eval diffusion` reports, per example: the bound `L_0 + sum_t L_t + L_T` in nats
+/// and bits/dim, its parts, each L_t (t = 2..T), and the decoder of L_0.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BoundSummary {
+    pub bpd: f64,
+    pub nll_bound_nats: f64,
+    pub l0: f64,
+    pub lt_sum: f64,
+    #[serde(rename = "lT")]
+    pub l_prior: f64,
+    pub n: usize,
+    pub lt: Vec<f64>,
+    /// `discretized` (8-bit images) or `continuous` (points).
+    pub decoder: String,
+}
+
+impl BoundMeans {
+    /// The bound's summary for examples of `dims` values, its L_0 from `decoder` (a name).
+    pub fn summary(&self, dims: usize, decoder: &str) -> BoundSummary {
+        let lt_sum: f64 = self.lt.iter().sum();
+        let total = self.l0 + lt_sum + self.l_prior;
+        BoundSummary {
+            bpd: bits_per_dim(total, dims),
+            nll_bound_nats: total,
+            l0: self.l0,
+            lt_sum,
+            l_prior: self.l_prior,
+            n: self.n,
+            lt: self.lt.clone(),
+            decoder: decoder.to_lowercase(),
+        }
+    }
 }
 
 /// The full variational bound of a diffusion model (every timestep) over `x` `[N, ...]` in

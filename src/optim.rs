@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Every training step of elbo (candle's autodiff and the fused engines alike, see
-//! [`crate::engine::TrainStep`]) reads its parameters from one flat `[f32]` buffer, laid out by
+//! `engine::TrainStep`) reads its parameters from one flat `[f32]` buffer, laid out by
 //! a [`ParamTable`] (name, shape, offset), and writes the gradient into another of the same
 //! layout; Adam updates the buffer with one fused kernel. Written here rather than taken from
 //! `candle_nn::AdamW` because a resumable run needs the moments m, v and the step count in the

@@ -108,91 +108,82 @@ pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         a.seed,
         &|n| bar.inc(n),
     )?;
-    let (log_px, rec, kl_layers, activity) =
-        (ev.log_px, ev.reconstruction, ev.kl_layers, ev.activity);
-    let layers = vae.config.layers();
     bar.finish_and_clear();
-    use elbo::eval::{mean, standard_error as stderr};
-    let kl_means: Vec<f64> = kl_layers.iter().map(|l| mean(l)).collect();
-    let active: Vec<usize> = activity.iter().map(|a| a.active(1e-2)).collect();
-    let (nll, reconstruction, kl_mean) =
-        (-mean(&log_px), -mean(&rec), kl_means.iter().sum::<f64>());
-    let neg_elbo = reconstruction + kl_mean;
-    check_finite_result(&a.checkpoint, &[("-ELBO", neg_elbo), ("NLL", nll)])?;
+    let summary = ev.summary(a.iw_samples, vae.config.input_dim);
+    let checks = [("-ELBO", summary.neg_elbo), ("NLL", summary.nll)];
+    check_finite_result(&a.checkpoint, &checks)?;
     if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
     }
-    let results = serde_json::json!({
-            "neg_elbo": neg_elbo,
-            "reconstruction": reconstruction,
-            "kl": kl_mean,
-            "kl_layers": kl_means,
-            "nll": nll,
-            "gap": neg_elbo - nll,
-            "nll_stderr": stderr(&log_px),
-            "nll_bits_per_dim": elbo::eval::bits_per_dim(nll, vae.config.input_dim),
-            "active_units": active,
-            "iw_samples": a.iw_samples,
-            "n": log_px.len(),
-            "split": a.split,
-            "checkpoint": a.checkpoint,
-    });
+    let mut results = serde_json::to_value(&summary)?;
+    results["split"] = serde_json::to_value(a.split)?;
+    results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
     if let Some(dir) = &a.report {
         save_eval_report(dir, "vae", &results)?;
     }
     if a.json {
         println!("{results}");
     } else {
-        println!("checkpoint      {}", a.checkpoint.display());
-        println!("model           VAE {}", vae.config.describe());
-        println!(
-            "data            {} ({:?}), n = {}",
-            a.data.source().describe(),
-            a.split,
-            log_px.len()
-        );
-        println!("-ELBO           {neg_elbo:10.3} nats per example");
-        println!(
-            "  reconstruction{reconstruction:10.3}   -E_q[log p(x|z)], K = {} samples",
-            a.iw_samples
-        );
-        if layers == 1 {
-            println!("  KL            {kl_mean:10.3}   KL(q(z|x) || p(z)), closed form");
-        } else {
-            for (l, kl) in kl_means.iter().enumerate() {
-                let how = if l + 1 == layers {
-                    format!("closed form given the sampled z_{l}")
-                } else {
-                    "Monte Carlo, E_q[log q(z|.) - log p(z|.)]".to_string()
-                };
-                println!("  KL layer {}    {kl:10.3}   {how}", l + 1);
-            }
-        }
-        println!(
-            "NLL (IS)        {nll:10.3}   -log p(x), importance sampling, K = {} (+- {:.3})",
-            a.iw_samples,
-            stderr(&log_px)
-        );
-        println!(
-            "                {:10.4}   bits/dim (NLL / ({} ln 2))",
-            elbo::eval::bits_per_dim(nll, vae.config.input_dim),
-            vae.config.input_dim
-        );
-        println!(
-            "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",
-            neg_elbo - nll
-        );
-        let units: Vec<String> = active
-            .iter()
-            .zip(&vae.config.latent_dims)
-            .map(|(a, l)| format!("{a} of {l}"))
-            .collect();
-        println!(
-            "active units    {}   Cov_x(E_q[u|x]) > 0.01 per layer",
-            units.join(", ")
-        );
+        let data = format!("{} ({:?})", a.data.source().describe(), a.split);
+        print_vae_table(&summary, &vae.config, &a.checkpoint, &data);
     }
     Ok(())
+}
+
+/// `elbo eval vae`'s table.
+fn print_vae_table(
+    s: &elbo::eval::VaeSummary,
+    config: &VaeConfig,
+    checkpoint: &std::path::Path,
+    data: &str,
+) {
+    let layers = config.layers();
+    let k = s.iw_samples;
+    println!("checkpoint      {}", checkpoint.display());
+    println!("model           VAE {}", config.describe());
+    println!("data            {data}, n = {}", s.n);
+    println!("-ELBO           {:10.3} nats per example", s.neg_elbo);
+    println!(
+        "  reconstruction{:10.3}   -E_q[log p(x|z)], K = {k} samples",
+        s.reconstruction
+    );
+    if layers == 1 {
+        println!(
+            "  KL            {:10.3}   KL(q(z|x) || p(z)), closed form",
+            s.kl
+        );
+    } else {
+        for (l, kl) in s.kl_layers.iter().enumerate() {
+            let how = if l + 1 == layers {
+                format!("closed form given the sampled z_{l}")
+            } else {
+                "Monte Carlo, E_q[log q(z|.) - log p(z|.)]".to_string()
+            };
+            println!("  KL layer {}    {kl:10.3}   {how}", l + 1);
+        }
+    }
+    println!(
+        "NLL (IS)        {:10.3}   -log p(x), importance sampling, K = {k} (+- {:.3})",
+        s.nll, s.nll_stderr
+    );
+    println!(
+        "                {:10.4}   bits/dim (NLL / ({} ln 2))",
+        s.nll_bits_per_dim, config.input_dim
+    );
+    println!(
+        "gap             {:10.3}   -ELBO - NLL = KL(q(z|x) || p(z|x))",
+        s.gap
+    );
+    let units: Vec<String> = s
+        .active_units
+        .iter()
+        .zip(&config.latent_dims)
+        .map(|(a, l)| format!("{a} of {l}"))
+        .collect();
+    println!(
+        "active units    {}   Cov_x(E_q[u|x]) > 0.01 per layer",
+        units.join(", ")
+    );
 }
 
 pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
@@ -283,40 +274,44 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         &|| bar.inc(1),
     )?;
     bar.finish_and_clear();
-    let (l0, lt, lp) = (means.l0, means.lt, means.l_prior);
-    let lt_sum: f64 = lt.iter().sum();
-    let total = l0 + lt_sum + lp;
-    let bpd = elbo::eval::bits_per_dim(total, dims);
-    check_finite_result(&a.checkpoint, &[("the bound", total)])?;
+    let summary = means.summary(dims, &format!("{decoder:?}"));
+    check_finite_result(&a.checkpoint, &[("the bound", summary.nll_bound_nats)])?;
     if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
     }
     if let Some(path) = &a.plot {
-        let svg = elbo::report::lt_plot_svg(&lt)?;
+        let svg = elbo::report::lt_plot_svg(&summary.lt)?;
         elbo::files::write_atomic(path, svg.as_bytes())?;
     }
-    let results = serde_json::json!({
-        "bpd": bpd, "nll_bound_nats": total, "l0": l0, "lt_sum": lt_sum, "lT": lp, "n": n,
-        "lt": lt, "decoder": format!("{decoder:?}").to_lowercase(), "split": a.split,
-        "checkpoint": a.checkpoint, "seconds": started.elapsed().as_secs_f64(),
-    });
+    let mut results = serde_json::to_value(&summary)?;
+    results["split"] = serde_json::to_value(a.split)?;
+    results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
+    results["seconds"] = started.elapsed().as_secs_f64().into();
     if let Some(dir) = &a.report {
         save_eval_report(dir, "diffusion", &results)?;
     }
     if a.json {
         println!("{results}");
     } else {
+        let s = &summary;
         println!("checkpoint      {}", a.checkpoint.display());
         println!(
             "examples        {n} ({:?}), T = {t_max}, {:?} decoder",
             a.split, decoder
         );
-        println!("bound           {total:10.3} nats per example = {bpd:.4} bits/dim");
-        println!("  L_0           {l0:10.3}   -log p(x_0 | x_1)");
         println!(
-            "  sum L_t       {lt_sum:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T"
+            "bound           {:10.3} nats per example = {:.4} bits/dim",
+            s.nll_bound_nats, s.bpd
         );
-        println!("  L_T           {lp:10.5}   KL(q(x_T | x_0) || N(0, I))");
+        println!("  L_0           {:10.3}   -log p(x_0 | x_1)", s.l0);
+        println!(
+            "  sum L_t       {:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T",
+            s.lt_sum
+        );
+        println!(
+            "  L_T           {:10.5}   KL(q(x_T | x_0) || N(0, I))",
+            s.l_prior
+        );
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Diffusion models as hierarchical VAEs: schedules, the forward and reverse processes, the
 //! variational bound, samplers, denoisers and 2-D toy data.
 
+pub mod config;
 pub mod model;
 pub mod nets;
 pub mod objective;

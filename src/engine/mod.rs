@@ -25,7 +25,7 @@ use crate::vae::objective::{KlEstimator, LatentVariableModel, Objective};
 
 /// One training step's arithmetic, whatever computes it: the loss of a batch and its gradient
 /// with respect to parameters held in one flat buffer (laid out by [`TrainStep::table`]).
-/// The training loop (`crate::train::run_epochs`) owns the buffer and the one Adam
+/// The training loop (`train::run_epochs`) owns the buffer and the one Adam
 /// ([`crate::optim::Adam`]); a step owns no optimiser.
 ///
 /// Data parallelism ([`crate::collective`]): every rank draws the whole global batch and runs

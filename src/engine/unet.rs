@@ -674,17 +674,6 @@ impl FusedUnet {
         })
     }
 
-    /// Re-reads the parameter values from the network's tensors (after an optimiser step
-    /// changed its variables).
-    pub fn refresh(&mut self) -> Result<()> {
-        for (t, at) in &self.tensors {
-            let v = t.flatten_all()?.to_vec1::<f32>()?;
-            self.params[*at..*at + v.len()].copy_from_slice(&v);
-        }
-        self.plan.derive_weights(&mut self.params);
-        Ok(())
-    }
-
     /// The number of parameters.
     pub fn num_params(&self) -> usize {
         self.tensors.iter().map(|(t, _)| t.elem_count()).sum()
@@ -771,7 +760,7 @@ impl FusedUnet {
     }
 
     /// The simple loss `mean (eps_theta(x_t, t) - target)^2` of a batch and its gradient with
-    /// respect to the flat parameters (the layout of [`FusedUnet::grad_store`]). With
+    /// respect to the flat parameters (the layout of [`FusedUnet::table`], then scratch). With
     /// `dropout_seed`, the residual blocks drop what `UNet::forward_dropout` drops from the
     /// same seed.
     pub fn loss_and_grads(

@@ -1,6 +1,7 @@
-//! Training a diffusion model with the simplified loss ([`crate::diffusion::objective`]):
-//! Adam, an exponential moving average (EMA) of the weights used for sampling and evaluation,
-//! per-epoch metrics, one atomic commit per epoch, resume, pictures.
+//! Training a diffusion model with the simplified loss ([`crate::diffusion::objective`]) on
+//! the one loop ([`super::run_epochs`]): its batches (x_t, t, target), an exponential moving
+//! average (EMA) of the weights used for sampling and evaluation, per-epoch metrics, one
+//! atomic commit per epoch, resume, pictures.
 //!
 //! Files: `model.safetensors` (EMA weights + the model config as metadata),
 //! `train_state.safetensors` (raw weights `raw.*`, Adam state, epoch), `metrics.jsonl`,

@@ -1,5 +1,6 @@
-//! The VAE training loop: Adam on the negative (beta-)ELBO, per-epoch train and test metrics
-//! as JSON lines, an atomic checkpoint every epoch, resume, and pictures at the end.
+//! Training the VAE family on the one loop ([`super::run_epochs`]): its batches (pixels and
+//! noise), the negative (beta-)ELBO or IWAE_K on the engine's step, per-epoch train and test
+//! metrics as JSON lines, an atomic checkpoint every epoch, resume, and pictures at the end.
 //!
 //! Files in the output folder (the first four are one commit per epoch, see [`crate::run_dir`]):
 //! - `model.safetensors`: the weights under PyTorch `SimpleVAE.state_dict()` names;

@@ -2,6 +2,7 @@
 //! (ELBO with per-layer KL, IWAE, importance-sampled log p(x)), written once for all of them.
 //! Their fused CPU engine is `engine::vae`.
 
+pub mod config;
 pub mod estimate;
 pub mod model;
 pub mod objective;

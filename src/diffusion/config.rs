@@ -1,0 +1,108 @@
+//! A diffusion model's parameter table and process: [`DiffusionConfig`] (the network's
+//! [`NetConfig`], whose `Net::trainable` names, shapes and initialises every parameter, the
+//! schedule, T and the prediction target) with its validation, and the config a checkpoint
+//! stores ([`model_config`]). Candle's network, the fused U-Net and checkpoints all read it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use super::nets::NetConfig;
+use super::process::{GaussianDiffusion, Prediction};
+use super::schedule::{BetaSchedule, Schedule};
+use crate::checkpoint;
+use crate::data::ImageShape;
+
+/// Everything that defines a trained diffusion model (stored in its checkpoint).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DiffusionConfig {
+    pub net: NetConfig,
+    pub beta_schedule: BetaSchedule,
+    pub num_train_timesteps: usize,
+    pub prediction: Prediction,
+    /// The images' C x H x W (image models; `None` in checkpoints from before it was stored,
+    /// which are 1 x 28 x 28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_shape: Option<ImageShape>,
+}
+
+impl DiffusionConfig {
+    /// Checks the network's sizes and the number of timesteps against the memory they imply,
+    /// and that a U-Net takes the images: C in and out, H and W halved without remainder at each
+    /// level below the first.
+    pub fn validate(&self) -> Result<()> {
+        self.net.validate()?;
+        if let (
+            NetConfig::Unet {
+                channel_mult,
+                in_channels,
+                ..
+            },
+            Some(shape),
+        ) = (&self.net, self.image_shape())
+        {
+            shape.validate("image_shape")?;
+            if *in_channels != shape.channels {
+                bail!("the U-Net takes {in_channels} channels but the images are {shape}");
+            }
+            let factor = 1usize << (channel_mult.len() - 1);
+            if shape.height % factor != 0 || shape.width % factor != 0 {
+                bail!(
+                    "a U-Net of {} levels needs H and W divisible by {factor}, but the images are {shape}",
+                    channel_mult.len()
+                );
+            }
+        }
+        Schedule::check_size(self.num_train_timesteps)
+    }
+
+    /// The images' shape: stored, or 1 x 28 x 28 for an image model from before it was stored;
+    /// `None` for 2-D toy models.
+    pub fn image_shape(&self) -> Option<ImageShape> {
+        match self.net {
+            NetConfig::Unet { .. } => Some(self.image_shape.unwrap_or(ImageShape::MNIST)),
+            NetConfig::Mlp { .. } => None,
+        }
+    }
+
+    pub fn process(&self) -> Result<GaussianDiffusion> {
+        Ok(GaussianDiffusion::new(
+            Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
+            self.prediction,
+        ))
+    }
+
+    /// `true` for image models (`[B, C, H, W]`), `false` for 2-D points.
+    pub fn is_image(&self) -> bool {
+        matches!(self.net, NetConfig::Unet { .. })
+    }
+}
+
+/// The model config a diffusion checkpoint stores, validated (sizes checked against memory)
+/// before anything of its sizes is built; errors name `path`.
+pub fn model_config(loaded: &checkpoint::Loaded, path: &Path) -> Result<DiffusionConfig> {
+    if loaded.metadata.get("elbo.model").map(String::as_str) != Some("diffusion") {
+        bail!(
+            "{}: not a diffusion checkpoint (no elbo.model = diffusion metadata)",
+            path.display()
+        );
+    }
+    let config: DiffusionConfig = serde_json::from_str(
+        loaded
+            .metadata
+            .get("elbo.config")
+            .with_context(|| format!("{}: no elbo.config metadata", path.display()))?,
+    )
+    // serde quotes what it could not parse: cut short, a 10 MB string stays out.
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{}: metadata elbo.config is not a diffusion config: {}",
+            path.display(),
+            crate::files::excerpt(&e.to_string(), 160)
+        )
+    })?;
+    config
+        .validate()
+        .with_context(|| format!("{}: metadata elbo.config", path.display()))?;
+    Ok(config)
+}
