@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         res_blocks: None,
         attention_levels: Vec::new(),
         dropout: 0.0,
+        options: elbo::diffusion::nets::UnetOptions::default(),
     };
     let (net, _vm) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu)?;
     let x = Noise::new(1).randn((64, 1, 28, 28), &Device::Cpu)?;

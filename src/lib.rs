@@ -50,6 +50,7 @@ pub mod engine;
 pub mod eval;
 pub mod fault;
 pub mod files;
+pub mod interop;
 pub mod limits;
 pub mod nn;
 pub mod optim;

@@ -508,6 +508,7 @@ fn unet_maps_images_to_images() {
         res_blocks: None,
         attention_levels: Vec::new(),
         dropout: 0.0,
+        options: elbo::diffusion::nets::UnetOptions::default(),
     };
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &Device::Cpu).unwrap();
     let x = Noise::new(1).randn((3, 1, 28, 28), &Device::Cpu).unwrap();
@@ -762,6 +763,7 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
                 res_blocks: None,
                 attention_levels: Vec::new(),
                 dropout: 0.0,
+                options: elbo::diffusion::nets::UnetOptions::default(),
             },
             (1, 28, 28),
             None,
@@ -777,6 +779,7 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
                 res_blocks: Some(1),
                 attention_levels: vec![2],
                 dropout: 0.0,
+                options: elbo::diffusion::nets::UnetOptions::default(),
             },
             (1, 28, 28),
             None,

@@ -1,7 +1,8 @@
 //! The readers of untrusted bytes, fuzzed for a bounded number of cases on every `cargo test`:
 //! IDX (raw and gzip, images and labels), safetensors checkpoints with their metadata configs
-//! (VAE and diffusion), a run folder's commit (`commit.json`, `metrics.jsonl`), NumPy `.npy`
-//! and `.npz`, CIFAR binary `.tar.gz` archives, and PNG files in an image folder.
+//! (VAE and diffusion), diffusers folders' JSON configs, a run folder's commit (`commit.json`,
+//! `metrics.jsonl`), NumPy `.npy` and `.npz`, CIFAR binary `.tar.gz` archives, and PNG files in
+//! an image folder.
 //!
 //! Each case is a deterministic mutation of a valid input (bit flips, byte overwrites with
 //! boundary values, truncation, insertion, extension, and for configs numbers replaced by
@@ -367,6 +368,7 @@ fn diffusion_checkpoints_and_their_configs() {
         res_blocks: Some(1),
         attention_levels: vec![1],
         dropout: 0.1,
+        options: elbo::diffusion::nets::UnetOptions::default(),
     };
     fuzz(
         "diffusion-unet",
@@ -599,4 +601,81 @@ fn image_folder_pngs() {
         std::fs::write(&path, b).unwrap();
         let _ = elbo::data::load_path(dir.path(), elbo::data::Split::Train);
     });
+}
+
+/// JSON-level mutations of a JSON file (1 to 3 values replaced by boundary values, lists and
+/// strings), or byte-level ones a third of the time.
+fn mutate_json(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    if rng.random_bool(0.3) {
+        return mutate_bytes(rng, seed);
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(seed).unwrap();
+    let values = [
+        serde_json::json!(0),
+        serde_json::json!(1),
+        serde_json::json!(3),
+        serde_json::json!(16777216),
+        serde_json::json!(18446744073709551615u64),
+        serde_json::json!(-1),
+        serde_json::json!(1e300),
+        serde_json::json!(0.5),
+        serde_json::json!([]),
+        serde_json::json!([0]),
+        serde_json::json!([1, 2, 2, 2, 2, 2, 2]),
+        serde_json::json!("AttnUpBlock2D"),
+        serde_json::json!(true),
+        serde_json::json!(null),
+    ];
+    fn leaves(v: &mut serde_json::Value, out: &mut Vec<*mut serde_json::Value>) {
+        out.push(v as *mut _);
+        match v {
+            serde_json::Value::Object(m) => m.values_mut().for_each(|c| leaves(c, out)),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|c| leaves(c, out)),
+            _ => {}
+        }
+    }
+    for _ in 0..rng.random_range(1..=3) {
+        let mut all = Vec::new();
+        leaves(&mut v, &mut all);
+        let pick = all[rng.random_range(1..all.len())];
+        // SAFETY: `pick` points into `v`, which is not otherwise borrowed here.
+        unsafe { *pick = values[rng.random_range(0..values.len())].clone() };
+    }
+    v.to_string().into_bytes()
+}
+
+/// A diffusers pipeline folder (`tests/fixtures/diffusers_ddpm_tiny`) whose `model_index.json`,
+/// `unet/config.json` or `scheduler/scheduler_config.json` is mutated: the loader accepts it
+/// or refuses it, never panics.
+#[test]
+fn diffusers_folder_configs() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers_ddpm_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pipe");
+    for sub in ["unet", "scheduler"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let files = [
+        ("model_index.json", 100),
+        ("unet/config.json", 400),
+        ("scheduler/scheduler_config.json", 200),
+    ];
+    for f in files
+        .iter()
+        .map(|(f, _)| *f)
+        .chain(["unet/diffusion_pytorch_model.safetensors"])
+    {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    for (file, cases) in files {
+        let seed = std::fs::read(fixture.join(file)).unwrap();
+        let path = dir.join(file);
+        let read = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            let _ = elbo::interop::diffusers::load(&dir, &Device::Cpu);
+        };
+        let name = format!("diffusers-{}", file.replace('/', "-"));
+        fuzz(&name, &seed, cases, mutate_json, &read);
+        std::fs::write(&path, &seed).unwrap();
+    }
 }

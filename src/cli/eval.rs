@@ -31,7 +31,9 @@ pub struct EvalVaeArgs {
 
 #[derive(Args)]
 pub struct EvalDiffusionArgs {
-    #[arg(long, value_name = "FILE")]
+    /// elbo's model.safetensors, or a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// pipeline, or a UNet2DModel).
+    #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
     /// A named image set (mnist-10k, mnist, fashion-mnist, cifar10, cifar100) or toy:NAME
     /// (default: mnist-10k for image models).
@@ -201,7 +203,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             p.display()
         );
     }
-    let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let m = load_diffusion(&a.checkpoint, device)?;
     let net = elbo::engine::FrozenNet::new(m.net);
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),

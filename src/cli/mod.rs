@@ -297,6 +297,15 @@ fn check_report_run(dir: &std::path::Path, kind: &str) -> Result<()> {
     Ok(())
 }
 
+/// A diffusion model for sampling or evaluation: elbo's checkpoint, or a folder diffusers wrote
+/// (`elbo::interop::diffusers`).
+fn load_diffusion(path: &std::path::Path, device: &Device) -> Result<LoadedDiffusion> {
+    if elbo::interop::diffusers::is_diffusers_folder(path) {
+        return elbo::interop::diffusers::load(path, device);
+    }
+    LoadedDiffusion::load(path, device)
+}
+
 /// Writes `results` as `dir/eval.json` and refreshes `dir/report.html`.
 fn save_eval_report(dir: &std::path::Path, kind: &str, results: &serde_json::Value) -> Result<()> {
     check_report_run(dir, kind)?;

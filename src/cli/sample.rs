@@ -16,7 +16,9 @@ pub struct SampleVaeArgs {
 
 #[derive(Args)]
 pub struct SampleDiffusionArgs {
-    #[arg(long, value_name = "FILE")]
+    /// elbo's model.safetensors, or a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// pipeline, or a UNet2DModel).
+    #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
     #[arg(long, value_enum, default_value = "ddim")]
     pub sampler: SamplerKind,
@@ -60,7 +62,7 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
-    let m = LoadedDiffusion::load(&a.checkpoint, device)?;
+    let m = load_diffusion(&a.checkpoint, device)?;
     let net = elbo::engine::FrozenNet::new(m.net);
     check_grid_memory(a.n, m.config.image_shape().map_or(1, |s| s.dim()))?;
     let mut noise = Noise::new(a.seed);

@@ -317,6 +317,7 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
                         None => Vec::new(),
                     },
                     dropout: a.dropout,
+                    options: elbo::diffusion::nets::UnetOptions::default(),
                 }
             }
             other => other,

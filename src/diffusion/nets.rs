@@ -18,11 +18,55 @@ use crate::distributions::Noise;
 /// Sinusoidal timestep embedding (Vaswani et al. 2017, as in DDPM / improved-diffusion):
 /// `[cos(t f_i), sin(t f_i)]`, f_i = 10000^{-i/half}. `t` `[B]` -> `[B, dim]` (dim even).
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    timestep_embedding_with(t, dim, &UnetOptions::default())
+}
+
+/// The embedding with a U-Net's options: frequencies `10000^{-i/(half - freq_shift)}`, cosines
+/// first when `flip_sin_to_cos` (diffusers' `get_timestep_embedding`).
+pub fn timestep_embedding_with(
+    t: &Tensor,
+    dim: usize,
+    o: &UnetOptions,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
-    let freqs = crate::nn::embedding::sinusoid_frequencies(dim);
+    let freqs = crate::nn::embedding::sinusoid_frequencies_shifted(dim, o.freq_shift);
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
-    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+    match o.flip_sin_to_cos {
+        true => Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1),
+        false => Tensor::cat(&[args.sin()?, args.cos()?], D::Minus1),
+    }
+}
+
+/// Details of a U-Net that elbo's own nets leave at their defaults and checkpoints of other
+/// projects set (diffusers' `UNet2DModel` config names): the timestep embedding's order and
+/// frequency shift, the GroupNorm epsilon, and the downsampling convolutions' padding (1:
+/// symmetric; 0: diffusers' and DDPM's "SAME" padding, one row and column of zeros after the
+/// image, then no padding).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct UnetOptions {
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: usize,
+    pub norm_eps: f64,
+    pub downsample_padding: usize,
+}
+
+impl Default for UnetOptions {
+    fn default() -> Self {
+        Self {
+            flip_sin_to_cos: true,
+            freq_shift: 0,
+            norm_eps: 1e-5,
+            downsample_padding: 1,
+        }
+    }
+}
+
+impl UnetOptions {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Which network, with its sizes.
@@ -59,6 +103,9 @@ pub enum NetConfig {
         /// Dropout probability before each residual block's second convolution, in training.
         #[serde(default, skip_serializing_if = "is_zero")]
         dropout: f32,
+        /// What checkpoints of other projects set differently ([`UnetOptions`]).
+        #[serde(default, skip_serializing_if = "UnetOptions::is_default")]
+        options: UnetOptions,
     },
 }
 
@@ -229,6 +276,7 @@ impl NetConfig {
             res_blocks: None,
             attention_levels: Vec::new(),
             dropout: 0.0,
+            options: UnetOptions::default(),
         }
     }
 
@@ -246,6 +294,7 @@ impl NetConfig {
             res_blocks: Some(2),
             attention_levels: vec![1],
             dropout: 0.1,
+            options: UnetOptions::default(),
         }
     }
 }
@@ -364,17 +413,16 @@ pub(crate) struct ResBlock {
 
 impl ResBlock {
     fn new(
-        i: usize,
-        o: usize,
-        temb: usize,
+        (i, o, temb): (usize, usize, usize),
         groups: usize,
+        eps: f64,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(groups, i, 1e-5, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, i, eps, vb.pp("norm1"))?,
             conv1: conv(i, o, 3, 1, vb.pp("conv1"))?,
             time: candle_nn::linear(temb, o, vb.pp("time_emb_proj"))?,
-            norm2: GroupNorm::new(groups, o, 1e-5, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, o, eps, vb.pp("norm2"))?,
             conv2: conv(o, o, 3, 1, vb.pp("conv2"))?,
             skip: if i != o {
                 Some(conv(i, o, 1, 1, vb.pp("conv_shortcut"))?)
@@ -424,9 +472,9 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    fn new(c: usize, groups: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(c: usize, groups: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self {
-            norm: GroupNorm::new(groups, c, 1e-5, vb.pp("norm"))?,
+            norm: GroupNorm::new(groups, c, eps, vb.pp("norm"))?,
             qkv: conv(c, 3 * c, 1, 1, vb.pp("qkv"))?,
             proj: conv(c, c, 1, 1, vb.pp("proj_out"))?,
         })
@@ -468,8 +516,14 @@ pub(crate) enum Stage {
         concat: bool,
         push: bool,
     },
-    /// A stride-2 3 x 3 convolution.
-    Downsample { conv: Conv2d, push: bool },
+    /// A stride-2 3 x 3 convolution; `pad_end`: one row and column of zeros after the image
+    /// and no padding in the convolution (TensorFlow's "SAME", DDPM's and diffusers'
+    /// `downsample_padding = 0`), else padding 1 on every side.
+    Downsample {
+        conv: Conv2d,
+        push: bool,
+        pad_end: bool,
+    },
     /// Nearest-neighbour upsampling to the size of the next skip, then a 3 x 3 convolution.
     Upsample { conv: Conv2d },
 }
@@ -482,6 +536,9 @@ pub(crate) enum Stage {
 /// (`engine::unet`) both walk.
 pub struct UNet {
     pub(crate) base: usize,
+    /// The timestep embedding's order and shift, the norms' epsilon (checkpoints of other
+    /// projects).
+    pub(crate) options: UnetOptions,
     pub(crate) time1: Linear,
     pub(crate) time2: Linear,
     pub(crate) conv_in: Conv2d,
@@ -503,6 +560,7 @@ struct UnetShape<'a> {
     in_channels: usize,
     res_blocks: Option<usize>,
     attention_levels: &'a [usize],
+    options: &'a UnetOptions,
 }
 
 impl UNet {
@@ -511,10 +569,11 @@ impl UNet {
         let temb = 4 * base;
         let chans: Vec<usize> = s.mult.iter().map(|m| m * base).collect();
         let levels = chans.len();
-        let res = |i, o, name: String| ResBlock::new(i, o, temb, groups, vb.pp(name));
+        let eps = s.options.norm_eps;
+        let res = |i, o, name: String| ResBlock::new((i, o, temb), groups, eps, vb.pp(name));
         let attn = |level: usize, c, name: String| -> candle_core::Result<Option<Attention>> {
             if s.attention_levels.contains(&level) {
-                Ok(Some(Attention::new(c, groups, vb.pp(name))?))
+                Ok(Some(Attention::new(c, groups, eps, vb.pp(name))?))
             } else {
                 Ok(None)
             }
@@ -544,9 +603,15 @@ impl UNet {
                 prev = c;
             }
             if i + 1 < levels {
+                let pad_end = s.options.downsample_padding == 0;
+                let name = vb.pp(format!("down.{i}.downsample"));
                 stages.push(Stage::Downsample {
-                    conv: conv(c, c, 3, 2, vb.pp(format!("down.{i}.downsample")))?,
+                    conv: match pad_end {
+                        true => Conv2d::new_padded(c, c, 3, 2, 0, name)?,
+                        false => conv(c, c, 3, 2, name)?,
+                    },
                     push: !compact,
+                    pad_end,
                 });
                 if !compact {
                     skips.push(c);
@@ -554,7 +619,7 @@ impl UNet {
             }
         }
         let mid_attn = if s.attention {
-            Some(Attention::new(prev, groups, vb.pp("mid.attn"))?)
+            Some(Attention::new(prev, groups, eps, vb.pp("mid.attn"))?)
         } else {
             None
         };
@@ -596,12 +661,13 @@ impl UNet {
         }
         Ok(Self {
             base,
+            options: s.options.clone(),
             time1: candle_nn::linear(base, temb, vb.pp("time_embedding.linear_1"))?,
             time2: candle_nn::linear(temb, temb, vb.pp("time_embedding.linear_2"))?,
             conv_in: conv(s.in_channels, base, 3, 1, vb.pp("conv_in"))?,
             push_input: !compact,
             stages,
-            norm_out: GroupNorm::new(groups, prev, 1e-5, vb.pp("norm_out"))?,
+            norm_out: GroupNorm::new(groups, prev, eps, vb.pp("norm_out"))?,
             conv_out: conv(prev, s.in_channels, 3, 1, vb.pp("conv_out"))?,
             dropout,
         })
@@ -657,7 +723,7 @@ impl UNet {
         t: &Tensor,
         seed: Option<(u64, usize)>,
     ) -> candle_core::Result<Tensor> {
-        let emb = timestep_embedding(t, self.base)?;
+        let emb = timestep_embedding_with(t, self.base, &self.options)?;
         let temb = self
             .time2
             .forward(&candle_nn::ops::silu(&self.time1.forward(&emb)?)?)?;
@@ -696,7 +762,14 @@ impl UNet {
                         skips.push(h.clone());
                     }
                 }
-                Stage::Downsample { conv, push } => {
+                Stage::Downsample {
+                    conv,
+                    push,
+                    pad_end,
+                } => {
+                    if *pad_end {
+                        h = h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+                    }
                     h = conv.forward(&h)?;
                     if *push {
                         skips.push(h.clone());
@@ -810,6 +883,7 @@ impl Net {
                 res_blocks,
                 attention_levels,
                 dropout,
+                options,
             } => {
                 let shape = UnetShape {
                     base: *base,
@@ -819,6 +893,7 @@ impl Net {
                     in_channels: *in_channels,
                     res_blocks: *res_blocks,
                     attention_levels,
+                    options,
                 };
                 Net::Unet(Box::new(UNet::new(shape, *dropout, vb)?))
             }

@@ -60,6 +60,8 @@ enum StageP {
 #[derive(Debug, Clone)]
 struct Plan {
     freqs: Vec<f32>,
+    /// The embedding's order: cosines first (elbo's) or sines first (DDPM's).
+    cos_first: bool,
     time1: LinP,
     time2: LinP,
     conv_in: ConvP,
@@ -284,7 +286,8 @@ impl Plan {
         let cols = &mut ws.block.cols;
         let half = self.freqs.len();
         sized(&mut tape.time_sinusoid, 2 * half);
-        crate::nn::embedding::sinusoidal_embedding(t, &self.freqs, &mut tape.time_sinusoid);
+        let e = &mut tape.time_sinusoid;
+        crate::nn::embedding::sinusoidal_embedding_ordered(t, &self.freqs, self.cos_first, e);
         self.time1
             .forward(p, &tape.time_sinusoid, &mut tape.time1_pre);
         tape.time1_silu.clear();
@@ -617,7 +620,8 @@ impl FusedUnet {
         if base % 2 != 0 {
             bail!("fused U-Net: the time embedding width must be even, got {base}");
         }
-        let freqs = crate::nn::embedding::sinusoid_frequencies(base);
+        let shift = net.options.freq_shift;
+        let freqs = crate::nn::embedding::sinusoid_frequencies_shifted(base, shift);
         let mut stages = Vec::with_capacity(net.stages.len());
         for stage in &net.stages {
             stages.push(match stage {
@@ -632,7 +636,10 @@ impl FusedUnet {
                     concat: *concat,
                     push: *push,
                 },
-                Stage::Downsample { conv, push } => StageP::Downsample {
+                Stage::Downsample { pad_end: true, .. } => {
+                    bail!("fused U-Net: downsampling padded after the image (diffusers' downsample_padding = 0) runs on candle")
+                }
+                Stage::Downsample { conv, push, .. } => StageP::Downsample {
                     conv: b.conv(conv)?,
                     push: *push,
                 },
@@ -643,6 +650,7 @@ impl FusedUnet {
         }
         let plan = Plan {
             freqs,
+            cos_first: net.options.flip_sin_to_cos,
             time1: b.linear(&net.time1)?,
             time2: b.linear(&net.time2)?,
             conv_in: b.conv(&net.conv_in)?,

@@ -49,6 +49,21 @@ impl Conv2d {
 }
 
 impl Conv2d {
+    /// As [`Conv2d::new`] with zero padding `padding` on every side.
+    pub fn new_padded(
+        i: usize,
+        o: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            padding,
+            ..Self::new(i, o, k, stride, vb)?
+        })
+    }
+
     /// `weight` `[O, C, k, k]`, `bias` `[O]` and the stride.
     pub(crate) fn parts(&self) -> (&Tensor, &Tensor, usize) {
         (&self.weight, &self.bias, self.stride)

@@ -1,0 +1,525 @@
+//! diffusers' `save_pretrained` folders as elbo diffusion models: a `UNet2DModel` folder
+//! (`config.json` with `_class_name: UNet2DModel`, `diffusion_pytorch_model.safetensors`) or a
+//! pipeline folder (`model_index.json`, `unet/`, `scheduler/scheduler_config.json`), as
+//! `google/ddpm-cifar10-32` and the other DDPM pipelines are published.
+//!
+//! The `UNet2DModel` becomes elbo's U-Net in the DDPM layout ([`NetConfig::Unet`] with
+//! `res_blocks`), its parameters renamed (no copy of the architecture):
+//!
+//! ```text
+//! down_blocks.{i}.resnets.{j}.*            down.{i}.res.{j}.*     (norm1, conv1, time_emb_proj, ...)
+//! down_blocks.{i}.attentions.{j}.*         down.{i}.attn.{j}.*    group_norm -> norm,
+//!                                                                  [to_q; to_k; to_v] -> qkv (1x1 conv),
+//!                                                                  to_out.0 -> proj_out
+//! down_blocks.{i}.downsamplers.0.conv.*    down.{i}.downsample.*
+//! mid_block.resnets.{0,1}, attentions.0    mid.res1, mid.res2, mid.attn
+//! up_blocks.{L-1-i}.resnets.{j}, ...       up.{i}.res.{j}, up.{i}.attn.{j}, up.{i}.upsample
+//! conv_norm_out                            norm_out
+//! ```
+//!
+//! Every config field is checked: a field or value elbo's network cannot reproduce is an error
+//! naming it, never a silently different network. The scheduler's `beta_schedule`,
+//! `num_train_timesteps` and `prediction_type` give the process; a bare `UNet2DModel` folder
+//! takes DDPM's (linear, T = 1000, epsilon).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use crate::data::ImageShape;
+use crate::diffusion::model::{DiffusionConfig, LoadedDiffusion};
+use crate::diffusion::nets::{Net, NetConfig, UnetOptions};
+use crate::diffusion::{BetaSchedule, Prediction};
+
+/// The most bytes a diffusers JSON config may have.
+const CONFIG_MAX: u64 = 1 << 20;
+
+/// Whether `path` is a folder diffusers wrote (a pipeline's `model_index.json` or a model's
+/// `config.json`).
+pub fn is_diffusers_folder(path: &Path) -> bool {
+    path.is_dir() && (path.join("model_index.json").is_file() || path.join("config.json").is_file())
+}
+
+/// The model of a diffusers folder: a DDPM-style pipeline or a bare `UNet2DModel`.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
+    let (unet_dir, scheduler) = if path.join("model_index.json").is_file() {
+        let index = read_json(&path.join("model_index.json"))?;
+        let class = index
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !matches!(class, "DDPMPipeline" | "DDIMPipeline") {
+            bail!(
+                "{}: a {class} pipeline; elbo reads the unconditional DDPM and DDIM pipelines (DDPMPipeline, DDIMPipeline)",
+                path.join("model_index.json").display()
+            );
+        }
+        let sched = path.join("scheduler").join("scheduler_config.json");
+        (
+            path.join("unet"),
+            Some(read_json(&sched)?).map(|v| (sched, v)),
+        )
+    } else {
+        (path.to_path_buf(), None)
+    };
+    let config_path = unet_dir.join("config.json");
+    let unet = read_json(&config_path)?;
+    let (net, shape) = unet_config(&unet, &config_path)?;
+    let (beta_schedule, num_train_timesteps, prediction) = match &scheduler {
+        Some((p, v)) => scheduler_config(v, p)?,
+        None => (BetaSchedule::Linear, 1000, Prediction::Eps),
+    };
+    let config = DiffusionConfig {
+        net,
+        beta_schedule,
+        num_train_timesteps,
+        prediction,
+        image_shape: Some(shape),
+    };
+    config
+        .validate()
+        .with_context(|| format!("{}", config_path.display()))?;
+    let weights = weights_path(&unet_dir)?;
+    let loaded = crate::checkpoint::load(&weights, device)?;
+    let tensors = rename(loaded.tensors, &config.net, &weights)?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let net = Net::build(&config.net, vb).map_err(|e| {
+        // candle's message, without the backtrace it may carry.
+        let e = e.to_string();
+        anyhow::anyhow!(
+            "{}: the tensors do not fit the network {}'s config describes: {}",
+            weights.display(),
+            config_path.display(),
+            e.lines().next().unwrap_or("")
+        )
+    })?;
+    Ok(LoadedDiffusion {
+        process: config.process()?,
+        config,
+        net,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let bytes = crate::files::read_regular_file(path, CONFIG_MAX)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a JSON config", path.display()))
+}
+
+fn weights_path(dir: &Path) -> Result<PathBuf> {
+    let p = dir.join("diffusion_pytorch_model.safetensors");
+    if p.is_file() {
+        return Ok(p);
+    }
+    if dir.join("diffusion_pytorch_model.bin").is_file() {
+        bail!(
+            "{}: the weights are a pickle (diffusion_pytorch_model.bin); elbo reads diffusion_pytorch_model.safetensors (save_pretrained(..., safe_serialization=True))",
+            dir.display()
+        );
+    }
+    bail!(
+        "{}: no diffusion_pytorch_model.safetensors in the folder",
+        dir.display()
+    )
+}
+
+/// The fields of a `UNet2DModel` config and what elbo's network does with each: `Some(v)`
+/// the values it reproduces (`null` counts as the default), `None` any value (sizes and the
+/// fields read below).
+fn unet_fields() -> Vec<(&'static str, Option<Vec<Value>>)> {
+    use serde_json::json;
+    vec![
+        ("_class_name", Some(vec![json!("UNet2DModel")])),
+        ("_diffusers_version", None),
+        ("_name_or_path", None),
+        ("sample_size", None),
+        ("in_channels", None),
+        ("out_channels", None),
+        ("center_input_sample", Some(vec![json!(false)])),
+        ("time_embedding_type", Some(vec![json!("positional")])),
+        ("time_embedding_dim", Some(vec![Value::Null])),
+        ("freq_shift", None),
+        ("flip_sin_to_cos", None),
+        ("down_block_types", None),
+        ("mid_block_type", Some(vec![json!("UNetMidBlock2D")])),
+        ("up_block_types", None),
+        ("block_out_channels", None),
+        ("layers_per_block", None),
+        ("mid_block_scale_factor", Some(vec![json!(1), json!(1.0)])),
+        ("downsample_padding", None),
+        ("downsample_type", Some(vec![json!("conv")])),
+        ("upsample_type", Some(vec![json!("conv")])),
+        ("dropout", None),
+        ("act_fn", Some(vec![json!("silu"), json!("swish")])),
+        ("attention_head_dim", None),
+        ("norm_num_groups", None),
+        ("attn_norm_num_groups", Some(vec![Value::Null])),
+        ("norm_eps", None),
+        ("resnet_time_scale_shift", Some(vec![json!("default")])),
+        ("add_attention", None),
+        ("class_embed_type", Some(vec![Value::Null])),
+        ("num_class_embeds", Some(vec![Value::Null])),
+        ("num_train_timesteps", Some(vec![Value::Null])),
+    ]
+}
+
+/// elbo's U-Net config and the image shape of a `UNet2DModel` config (`path` names it in
+/// errors).
+pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
+    let at = path.display();
+    let Some(obj) = v.as_object() else {
+        bail!("{at}: not a JSON object");
+    };
+    let fields = unet_fields();
+    for (key, value) in obj {
+        match fields.iter().find(|(k, _)| k == key) {
+            None if value.is_null() => {}
+            None => bail!("{at}: field {key} = {value} is not supported by elbo's U-Net"),
+            Some((_, Some(allowed))) if !value.is_null() && !allowed.contains(value) => {
+                bail!("{at}: {key} = {value} is not supported (elbo's U-Net takes {allowed:?})")
+            }
+            _ => {}
+        }
+    }
+    let uint = |key: &str, default: Option<u64>| -> Result<usize> {
+        match obj.get(key).filter(|v| !v.is_null()) {
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n <= 1 << 24)
+                .map(|n| n as usize)
+                .with_context(|| format!("{at}: {key} = {v}: a whole number expected")),
+            None => default
+                .map(|n| n as usize)
+                .with_context(|| format!("{at}: no {key}")),
+        }
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let list = obj
+            .get(key)
+            .and_then(Value::as_array)
+            .with_context(|| format!("{at}: {key}: a list of block names expected"))?;
+        list.iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("{at}: {key}: {s} is not a block name"))
+            })
+            .collect()
+    };
+    let channels: Vec<usize> = obj
+        .get("block_out_channels")
+        .and_then(Value::as_array)
+        .with_context(|| format!("{at}: block_out_channels: a list of channel counts expected"))?
+        .iter()
+        .map(|c| {
+            c.as_u64()
+                .filter(|&n| (1..=1 << 24).contains(&n))
+                .map(|n| n as usize)
+                .with_context(|| format!("{at}: block_out_channels: {c} is not a channel count"))
+        })
+        .collect::<Result<_>>()?;
+    let levels = channels.len();
+    if levels == 0 || levels > 6 {
+        bail!("{at}: block_out_channels {channels:?}: 1 to 6 levels expected");
+    }
+    let base = channels[0];
+    let mut mult = Vec::with_capacity(levels);
+    for &c in &channels {
+        if c % base != 0 {
+            bail!(
+                "{at}: block_out_channels {channels:?}: elbo's U-Net needs every level's channels a multiple of the first's"
+            );
+        }
+        mult.push(c / base);
+    }
+    let down = strings("down_block_types")?;
+    let up = strings("up_block_types")?;
+    if down.len() != levels || up.len() != levels {
+        bail!(
+            "{at}: {} down and {} up blocks for {levels} levels (block_out_channels)",
+            down.len(),
+            up.len()
+        );
+    }
+    let mut attention_levels = Vec::new();
+    for (i, d) in down.iter().enumerate() {
+        let u = &up[levels - 1 - i];
+        let attn = match (d.as_str(), u.as_str()) {
+            ("DownBlock2D", "UpBlock2D") => false,
+            ("AttnDownBlock2D", "AttnUpBlock2D") => true,
+            ("DownBlock2D" | "AttnDownBlock2D", "UpBlock2D" | "AttnUpBlock2D") => bail!(
+                "{at}: level {i} has {d} down but {u} up; elbo's U-Net puts attention on both ways of a level"
+            ),
+            _ => bail!(
+                "{at}: block types {d} / {u} are not supported (DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D)"
+            ),
+        };
+        if attn {
+            attention_levels.push(i);
+        }
+    }
+    if let Some(h) = obj.get("attention_head_dim").filter(|v| !v.is_null()) {
+        for &i in &attention_levels {
+            if h.as_u64() != Some(channels[i] as u64) {
+                bail!(
+                    "{at}: attention_head_dim = {h} gives several heads at {} channels; elbo's attention has one head",
+                    channels[i]
+                );
+            }
+        }
+    }
+    let add_attention = obj
+        .get("add_attention")
+        .map_or(Some(true), Value::as_bool)
+        .with_context(|| format!("{at}: add_attention: true or false expected"))?;
+    let float = |key: &str, default: f64| -> Result<f64> {
+        match obj.get(key).filter(|v| !v.is_null()) {
+            Some(v) => v
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .with_context(|| format!("{at}: {key} = {v}: a number expected")),
+            None => Ok(default),
+        }
+    };
+    let norm_eps = float("norm_eps", 1e-5)?;
+    if !(norm_eps > 0.0 && norm_eps < 1.0) {
+        bail!("{at}: norm_eps = {norm_eps}: a small positive number expected");
+    }
+    let dropout = float("dropout", 0.0)?;
+    let flip = match obj.get("flip_sin_to_cos").filter(|v| !v.is_null()) {
+        Some(v) => v
+            .as_bool()
+            .with_context(|| format!("{at}: flip_sin_to_cos: true or false expected"))?,
+        None => true,
+    };
+    let freq_shift = uint("freq_shift", Some(0))?;
+    let downsample_padding = uint("downsample_padding", Some(1))?;
+    if downsample_padding > 1 {
+        bail!("{at}: downsample_padding = {downsample_padding}: elbo's U-Net takes 0 or 1");
+    }
+    let in_channels = uint("in_channels", Some(3))?;
+    let out_channels = uint("out_channels", Some(in_channels as u64))?;
+    if out_channels != in_channels {
+        bail!(
+            "{at}: {in_channels} channels in, {out_channels} out; elbo's U-Net gives as many channels as it takes (learned variances are not read yet)"
+        );
+    }
+    let size = uint("sample_size", None)?;
+    let net = NetConfig::Unet {
+        base,
+        channel_mult: mult,
+        groups: uint("norm_num_groups", Some(32))?,
+        attention: add_attention,
+        in_channels,
+        res_blocks: Some(uint("layers_per_block", Some(2))?),
+        attention_levels,
+        dropout: dropout as f32,
+        options: UnetOptions {
+            flip_sin_to_cos: flip,
+            freq_shift,
+            norm_eps,
+            downsample_padding,
+        },
+    };
+    let shape = ImageShape {
+        channels: in_channels,
+        height: size,
+        width: size,
+    };
+    Ok((net, shape))
+}
+
+/// The schedule, T and prediction target of a `DDPMScheduler` / `DDIMScheduler` config.
+pub fn scheduler_config(v: &Value, path: &Path) -> Result<(BetaSchedule, usize, Prediction)> {
+    let at = path.display();
+    let Some(obj) = v.as_object() else {
+        bail!("{at}: not a JSON object");
+    };
+    let s = |key: &str, default: &str| -> String {
+        obj.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let schedule = match s("beta_schedule", "linear").as_str() {
+        "linear" => BetaSchedule::Linear,
+        "scaled_linear" => BetaSchedule::ScaledLinear,
+        "squaredcos_cap_v2" => BetaSchedule::Cosine,
+        other => bail!(
+            "{at}: beta_schedule = {other} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
+        ),
+    };
+    if schedule != BetaSchedule::Cosine {
+        for (key, want) in [
+            ("beta_start", crate::diffusion::schedule::BETA_START),
+            ("beta_end", crate::diffusion::schedule::BETA_END),
+        ] {
+            if let Some(v) = obj.get(key).and_then(Value::as_f64)
+                && (v - want).abs() > 1e-12
+            {
+                bail!("{at}: {key} = {v} is not supported (elbo's schedules use {want})");
+            }
+        }
+    }
+    if obj.get("trained_betas").is_some_and(|v| !v.is_null()) {
+        bail!("{at}: trained_betas is not supported (a named beta_schedule is)");
+    }
+    if obj.get("rescale_betas_zero_snr").and_then(Value::as_bool) == Some(true) {
+        bail!("{at}: rescale_betas_zero_snr = true is not supported");
+    }
+    let variance = s("variance_type", "fixed_small");
+    if !matches!(
+        variance.as_str(),
+        "fixed_small" | "fixed_large" | "fixed_small_log"
+    ) {
+        bail!("{at}: variance_type = {variance} is not supported yet (fixed_small, fixed_large)");
+    }
+    let prediction = match s("prediction_type", "epsilon").as_str() {
+        "epsilon" => Prediction::Eps,
+        "sample" => Prediction::X0,
+        "v_prediction" => Prediction::V,
+        other => bail!(
+            "{at}: prediction_type = {other} is not supported (epsilon, sample, v_prediction)"
+        ),
+    };
+    let t = match obj.get("num_train_timesteps") {
+        None => 1000,
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n >= 1 && n <= crate::diffusion::schedule::MAX_TIMESTEPS as u64)
+            .with_context(|| format!("{at}: num_train_timesteps = {v}: 1 to 1,000,000 expected"))?
+            as usize,
+    };
+    Ok((schedule, t, prediction))
+}
+
+/// diffusers' parameter names to elbo's (see the module's table); attention's three linear
+/// maps become one 1 x 1 convolution. Every tensor must find its place.
+fn rename(
+    tensors: HashMap<String, Tensor>,
+    net: &NetConfig,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let NetConfig::Unet {
+        channel_mult,
+        res_blocks,
+        ..
+    } = net
+    else {
+        bail!("{}: a U-Net expected", path.display());
+    };
+    if res_blocks.is_none() {
+        bail!("{}: the DDPM layout expected", path.display());
+    }
+    let levels = channel_mult.len();
+    let mut out = HashMap::new();
+    let mut attn: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (name, t) in tensors {
+        let parts: Vec<&str> = name.split('.').collect();
+        let mapped = match parts.as_slice() {
+            ["down_blocks", i, "resnets", j, rest @ ..] => {
+                Some(format!("down.{i}.res.{j}.{}", rest.join(".")))
+            }
+            ["down_blocks", i, "attentions", j, rest @ ..] => {
+                attention(&mut attn, &format!("down.{i}.attn.{j}"), rest, &t)?
+            }
+            ["down_blocks", i, "downsamplers", "0", "conv", p] => {
+                Some(format!("down.{i}.downsample.{p}"))
+            }
+            ["up_blocks", k, kind, j, rest @ ..] => {
+                let k: usize = k.parse().unwrap_or(usize::MAX);
+                if k >= levels {
+                    bail!("{}: {name}: no such up block", path.display());
+                }
+                let i = levels - 1 - k;
+                match (*kind, rest) {
+                    ("resnets", rest) => Some(format!("up.{i}.res.{j}.{}", rest.join("."))),
+                    ("attentions", rest) => {
+                        attention(&mut attn, &format!("up.{i}.attn.{j}"), rest, &t)?
+                    }
+                    ("upsamplers", ["conv", p]) if *j == "0" => {
+                        Some(format!("up.{i}.upsample.{p}"))
+                    }
+                    _ => None,
+                }
+            }
+            ["mid_block", "resnets", j, rest @ ..] => {
+                let which = match *j {
+                    "0" => "res1",
+                    "1" => "res2",
+                    _ => bail!(
+                        "{}: {name}: the middle block has two resnets",
+                        path.display()
+                    ),
+                };
+                Some(format!("mid.{which}.{}", rest.join(".")))
+            }
+            ["mid_block", "attentions", "0", rest @ ..] => {
+                attention(&mut attn, "mid.attn", rest, &t)?
+            }
+            ["conv_norm_out", p] => Some(format!("norm_out.{p}")),
+            ["conv_in" | "conv_out" | "time_embedding", ..] => Some(name.clone()),
+            _ => bail!(
+                "{}: tensor {name} has no place in elbo's U-Net",
+                path.display()
+            ),
+        };
+        if let Some(m) = mapped {
+            // The attention's output map: a linear layer in diffusers, a 1 x 1 conv in elbo.
+            let t = if m.ends_with(".proj_out.weight") {
+                as_conv(&t)?
+            } else {
+                t
+            };
+            out.insert(m, t);
+        }
+    }
+    for (key, [q, k, v]) in attn {
+        let (Some(q), Some(k), Some(v)) = (q, k, v) else {
+            bail!(
+                "{}: attention {key} lacks one of its query, key and value maps",
+                path.display()
+            );
+        };
+        let cat = Tensor::cat(&[&q, &k, &v], 0)?;
+        // key = "{prefix}.{weight|bias}"
+        let (prefix, p) = key.rsplit_once('.').unwrap_or((&key, ""));
+        out.insert(format!("{prefix}.qkv.{p}"), as_conv(&cat)?);
+    }
+    Ok(out)
+}
+
+/// A linear map's weight `[O, I]` as a 1 x 1 convolution's `[O, I, 1, 1]` (biases stay).
+fn as_conv(t: &Tensor) -> Result<Tensor> {
+    Ok(match t.dims() {
+        [o, i] => t.reshape((*o, *i, 1, 1))?,
+        _ => t.clone(),
+    })
+}
+
+/// One attention tensor (`rest`: its name after the block's prefix): the norm and the output
+/// map are renamed; the query, key and value maps are held until all three are read.
+fn attention(
+    held: &mut HashMap<String, [Option<Tensor>; 3]>,
+    prefix: &str,
+    rest: &[&str],
+    t: &Tensor,
+) -> Result<Option<String>> {
+    let (which, p) = match rest {
+        ["group_norm", p] => return Ok(Some(format!("{prefix}.norm.{p}"))),
+        ["to_out", "0", p] | ["proj_attn", p] => return Ok(Some(format!("{prefix}.proj_out.{p}"))),
+        ["to_q", p] | ["query", p] => (0, p),
+        ["to_k", p] | ["key", p] => (1, p),
+        ["to_v", p] | ["value", p] => (2, p),
+        _ => bail!(
+            "attention tensor {prefix}.{} is not supported",
+            rest.join(".")
+        ),
+    };
+    let key = format!("{prefix}.{p}");
+    held.entry(key).or_insert([None, None, None])[which] = Some(t.clone());
+    Ok(None)
+}
