@@ -228,24 +228,38 @@ pub fn evaluate_vae(
 /// L_t for t = 2..T (index t - 2), L_T; see [`bound_terms`].
 #[derive(Debug, Clone)]
 pub struct BoundMeans {
-    pub l0: f64,
+    /// L_0 and each L_t (empty when the sum over t was estimated, `t_samples`).
+    pub l0: Option<f64>,
     pub lt: Vec<f64>,
     pub l_prior: f64,
     pub n: usize,
+    /// Each example's whole bound (nats), for the standard error over the examples.
+    pub totals: Vec<f64>,
+    /// K: the sum over t estimated from K stratified timesteps per example.
+    pub t_samples: Option<usize>,
 }
 
 /// What `elbo eval diffusion` reports, per example: the bound `L_0 + sum_t L_t + L_T` in nats
-/// and bits/dim, its parts, each L_t (t = 2..T), and the decoder of L_0.
+/// and bits/dim with its standard error over the examples, its parts, each L_t (t = 2..T),
+/// and the decoder of L_0. With `--t-samples K` the sum over t is an unbiased estimate from K
+/// timesteps per example, and L_0 and the L_t are not reported one by one.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BoundSummary {
     pub bpd: f64,
+    pub bpd_stderr: f64,
     pub nll_bound_nats: f64,
-    pub l0: f64,
-    pub lt_sum: f64,
+    pub nll_bound_stderr: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l0: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lt_sum: Option<f64>,
     #[serde(rename = "lT")]
     pub l_prior: f64,
     pub n: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lt: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub t_samples: Option<usize>,
     /// `discretized` (8-bit images) or `continuous` (points).
     pub decoder: String,
 }
@@ -253,16 +267,23 @@ pub struct BoundSummary {
 impl BoundMeans {
     /// The bound's summary for examples of `dims` values, its L_0 from `decoder` (a name).
     pub fn summary(&self, dims: usize, decoder: &str) -> BoundSummary {
-        let lt_sum: f64 = self.lt.iter().sum();
-        let total = self.l0 + lt_sum + self.l_prior;
+        let exact = self.l0.map(|l0| (l0, self.lt.iter().sum::<f64>()));
+        let total = match exact {
+            Some((l0, lt_sum)) => l0 + lt_sum + self.l_prior,
+            None => mean(&self.totals),
+        };
+        let se = standard_error(&self.totals);
         BoundSummary {
             bpd: bits_per_dim(total, dims),
+            bpd_stderr: bits_per_dim(se, dims),
             nll_bound_nats: total,
-            l0: self.l0,
-            lt_sum,
+            nll_bound_stderr: se,
+            l0: exact.map(|e| e.0),
+            lt_sum: exact.map(|e| e.1),
             l_prior: self.l_prior,
             n: self.n,
             lt: self.lt.clone(),
+            t_samples: self.t_samples,
             decoder: decoder.to_lowercase(),
         }
     }
@@ -288,8 +309,10 @@ pub fn bound_terms(
     anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
     let n = x.dim(0)?;
     let t_max = process.num_timesteps();
-    // [L_0, L_T, L_2 .. L_T-1... as t = 2..T]: summed over examples, then over ranks.
+    // [L_0, L_T, L_2 .. L_T-1... as t = 2..T]: summed over examples, then over ranks; and each
+    // example's total at its place (zero elsewhere), summed over ranks.
     let mut sums = vec![0.0; 2 + t_max - 1];
+    let mut totals = vec![0.0; n];
     let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
     for j in crate::collective::my_shard(starts.len()) {
         let start = starts[j];
@@ -302,14 +325,72 @@ pub fn bound_terms(
         for (acc, v) in sums[2..].iter_mut().zip(&terms.lt) {
             *acc += v.iter().sum::<f64>();
         }
+        for (i, total) in totals[start..start + len].iter_mut().enumerate() {
+            *total = terms.l0[i] + terms.l_prior[i] + terms.lt.iter().map(|l| l[i]).sum::<f64>();
+        }
     }
-    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
+    let world = crate::collective::world();
+    world.all_reduce_sum_f64(&mut sums)?;
+    world.all_reduce_sum_f64(&mut totals)?;
     let nf = n.max(1) as f64;
     Ok(BoundMeans {
-        l0: sums[0] / nf,
+        l0: Some(sums[0] / nf),
         l_prior: sums[1] / nf,
         lt: sums[2..].iter().map(|v| v / nf).collect(),
         n,
+        totals,
+        t_samples: None,
+    })
+}
+
+/// The bound of [`bound_terms`] with its sum over t estimated from `k` stratified timesteps
+/// per example ([`crate::diffusion::GaussianDiffusion::sampled_bound_sum`]): k network calls
+/// per batch instead of T, unbiased; batch j draws its timesteps from `derive_seed(seed, 4, j)`
+/// and its x_t from `derive_seed(seed, 2, j)`. Sharded over ranks as [`bound_terms`].
+#[allow(clippy::too_many_arguments)]
+pub fn bound_sampled(
+    process: &crate::diffusion::GaussianDiffusion,
+    net: &dyn crate::diffusion::Denoiser,
+    x: &candle_core::Tensor,
+    k: usize,
+    variance: crate::diffusion::VarianceType,
+    decoder: crate::diffusion::Decoder,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Fn(),
+) -> anyhow::Result<BoundMeans> {
+    use crate::distributions::{Noise, derive_seed};
+    use rand::SeedableRng;
+    anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
+    let n = x.dim(0)?;
+    let mut totals = vec![0.0; n];
+    let mut prior_sum = [0.0];
+    let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
+    for j in crate::collective::my_shard(starts.len()) {
+        let start = starts[j];
+        let len = batch_size.min(n - start);
+        let x0 = x.narrow(0, start, len)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, 4, j as u64));
+        let mut noise = Noise::new(derive_seed(seed, 2, j as u64));
+        let sums = process.sampled_bound_sum(
+            net, &x0, k, variance, decoder, &mut rng, &mut noise, progress,
+        )?;
+        let prior = process.prior_term(&x0)?;
+        prior_sum[0] += prior.iter().sum::<f64>();
+        for (i, total) in totals[start..start + len].iter_mut().enumerate() {
+            *total = sums[i] + prior[i];
+        }
+    }
+    let world = crate::collective::world();
+    world.all_reduce_sum_f64(&mut prior_sum)?;
+    world.all_reduce_sum_f64(&mut totals)?;
+    Ok(BoundMeans {
+        l0: None,
+        lt: Vec::new(),
+        l_prior: prior_sum[0] / n.max(1) as f64,
+        n,
+        totals,
+        t_samples: Some(k),
     })
 }
 

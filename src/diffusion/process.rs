@@ -322,47 +322,111 @@ impl GaussianDiffusion {
         let mut lt = vec![Vec::new(); t_max - 1];
         let mut l0 = Vec::new();
         for ti in 0..t_max {
-            let t = vec![ti; b];
-            let eps = noise.randn(x0.shape(), x0.device())?;
-            let xt = self.q_sample(x0, &t, &eps)?;
-            let out = model.forward(&xt, &timestep_tensor(&t, x0.device())?)?;
-            let (mean, lv, _) = self.p_mean_log_variance(&out, &xt, &t, variance, false)?;
-            if ti == 0 {
-                l0 = match decoder {
-                    Decoder::Discretized => {
-                        let ll = discretized_gaussian_log_likelihood(
-                            &x0.flatten_all()?.to_vec1::<f32>()?,
-                            &mean.flatten_all()?.to_vec1::<f32>()?,
-                            &lv.flatten_all()?.to_vec1::<f32>()?,
-                        );
-                        let d = ll.len() / b;
-                        (0..b)
-                            .map(|i| -ll[i * d..(i + 1) * d].iter().sum::<f64>())
-                            .collect()
-                    }
-                    Decoder::Continuous => {
-                        let ll = sum_per_example(&gaussian_log_density(x0, &mean, &lv)?)?;
-                        ll.to_dtype(DType::F64)?
-                            .to_vec1::<f64>()?
-                            .iter()
-                            .map(|v| -v)
-                            .collect()
-                    }
-                };
-            } else {
-                let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, &t)?;
-                let kl = sum_per_example(&normal_kl(&qm, &qlv, &mean, &lv)?)?;
-                lt[ti - 1] = kl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let terms = self.bound_term(model, x0, &vec![ti; b], variance, decoder, noise)?;
+            match ti {
+                0 => l0 = terms,
+                _ => lt[ti - 1] = terms,
             }
             on_step();
         }
-        let (m, lv) = self.q_mean_log_variance(x0, &vec![t_max - 1; b])?;
-        let zeros = m.zeros_like()?;
-        let prior = sum_per_example(&normal_kl(&m, &lv, &zeros, &zeros)?)?;
         Ok(BoundTerms {
             l0,
             lt,
-            l_prior: prior.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            l_prior: self.prior_term(x0)?,
         })
+    }
+
+    /// The bound's term at timestep `t[b]` (0-based) of each example of x_0 `[B, ...]`, with
+    /// one draw of x_{t+1} ~ q(x_{t+1} | x_0) from `noise` (one network call): at t = 0,
+    /// L_0 = -log p(x_0 | x_1) with `decoder`; above, L_t = KL(q(x_t | x_{t+1}, x_0) ||
+    /// p(x_t | x_{t+1})). `[B]` in nats.
+    pub fn bound_term(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        t: &[usize],
+        variance: VarianceType,
+        decoder: Decoder,
+        noise: &mut crate::distributions::Noise,
+    ) -> Result<Vec<f64>> {
+        let b = x0.dim(0)?;
+        let eps = noise.randn(x0.shape(), x0.device())?;
+        let xt = self.q_sample(x0, t, &eps)?;
+        let out = model.forward(&xt, &timestep_tensor(t, x0.device())?)?;
+        let (mean, lv, _) = self.p_mean_log_variance(&out, &xt, t, variance, false)?;
+        let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, t)?;
+        let kl = sum_per_example(&normal_kl(&qm, &qlv, &mean, &lv)?)?;
+        let mut terms = kl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if t.contains(&0) {
+            let l0: Vec<f64> = match decoder {
+                Decoder::Discretized => {
+                    let ll = discretized_gaussian_log_likelihood(
+                        &x0.flatten_all()?.to_vec1::<f32>()?,
+                        &mean.flatten_all()?.to_vec1::<f32>()?,
+                        &lv.flatten_all()?.to_vec1::<f32>()?,
+                    );
+                    let d = ll.len() / b.max(1);
+                    (0..b)
+                        .map(|i| -ll[i * d..(i + 1) * d].iter().sum::<f64>())
+                        .collect()
+                }
+                Decoder::Continuous => {
+                    let ll = sum_per_example(&gaussian_log_density(x0, &mean, &lv)?)?;
+                    let ll = ll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    ll.iter().map(|v| -v).collect()
+                }
+            };
+            for ((term, &ti), l0) in terms.iter_mut().zip(t).zip(l0) {
+                if ti == 0 {
+                    *term = l0;
+                }
+            }
+        }
+        Ok(terms)
+    }
+
+    /// L_T = KL(q(x_T | x_0) || N(0, I)) per example of x_0 `[B, ...]` (no draw).
+    pub fn prior_term(&self, x0: &Tensor) -> Result<Vec<f64>> {
+        let b = x0.dim(0)?;
+        let (m, lv) = self.q_mean_log_variance(x0, &vec![self.num_timesteps() - 1; b])?;
+        let zeros = m.zeros_like()?;
+        let prior = sum_per_example(&normal_kl(&m, &lv, &zeros, &zeros)?)?;
+        Ok(prior.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    }
+
+    /// An unbiased estimate of each example's `sum_{t=0}^{T-1} L_t` from `k` timesteps
+    /// instead of T (`k + 1` network calls): L_0, which dwarfs its neighbours, exactly; then
+    /// {1..T-1} cut into k strata of (nearly) equal width `w_j`, one t_j drawn uniformly in
+    /// each per example (from `rng`), and `L_0 + sum_j w_j L_{t_j}` estimates the sum
+    /// (stratified sampling: unbiased, and its variance falls as 1/k where L_t varies smoothly
+    /// in t). `[B]` in nats, without L_T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sampled_bound_sum(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        k: usize,
+        variance: VarianceType,
+        decoder: Decoder,
+        rng: &mut rand::rngs::StdRng,
+        noise: &mut crate::distributions::Noise,
+        mut on_step: impl FnMut(),
+    ) -> Result<Vec<f64>> {
+        use rand::Rng;
+        let (b, t_max) = (x0.dim(0)?, self.num_timesteps());
+        let mut sums = self.bound_term(model, x0, &vec![0; b], variance, decoder, noise)?;
+        on_step();
+        let rest = t_max - 1;
+        let k = k.clamp(1, rest.max(1)).min(rest);
+        for j in 0..k {
+            let (lo, hi) = (1 + j * rest / k, 1 + (j + 1) * rest / k);
+            let t: Vec<usize> = (0..b).map(|_| rng.random_range(lo..hi)).collect();
+            let terms = self.bound_term(model, x0, &t, variance, decoder, noise)?;
+            for (s, v) in sums.iter_mut().zip(terms) {
+                *s += (hi - lo) as f64 * v;
+            }
+            on_step();
+        }
+        Ok(sums)
     }
 }

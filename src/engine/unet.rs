@@ -553,6 +553,7 @@ impl Builder {
             c: ci,
             k,
             stride,
+            pad_end: false,
         })
     }
 
@@ -636,11 +637,15 @@ impl FusedUnet {
                     concat: *concat,
                     push: *push,
                 },
-                Stage::Downsample { pad_end: true, .. } => {
-                    bail!("fused U-Net: downsampling padded after the image (diffusers' downsample_padding = 0) runs on candle")
-                }
-                Stage::Downsample { conv, push, .. } => StageP::Downsample {
-                    conv: b.conv(conv)?,
+                Stage::Downsample {
+                    conv,
+                    push,
+                    pad_end,
+                } => StageP::Downsample {
+                    conv: ConvP {
+                        pad_end: *pad_end,
+                        ..b.conv(conv)?
+                    },
                     push: *push,
                 },
                 Stage::Upsample { conv } => StageP::Upsample {

@@ -29,6 +29,11 @@ pub(crate) struct ConvP {
     pub(crate) c: usize,
     pub(crate) k: usize,
     pub(crate) stride: usize,
+    /// TensorFlow's "SAME" for a stride-2 convolution (DDPM's and diffusers'
+    /// `downsample_padding = 0`): one row and one column of zeros after the input and no
+    /// padding, in place of padding k / 2 on every side. The input is copied into a padded
+    /// plane `[C, H + 1, W + 1]`.
+    pub(crate) pad_end: bool,
 }
 
 /// The unfolded inputs of the convolutions (im2col matrices, or the shifted rows of
@@ -196,13 +201,30 @@ pub(crate) fn shifted_weight_grad(
 }
 
 impl ConvP {
+    /// The geometry over an input of `(h, w)` (for `pad_end`, over the padded plane).
     pub(crate) fn geometry(&self, (h, w): (usize, usize)) -> Geometry {
+        let (padding, h, w) = match self.pad_end {
+            true => (0, h + 1, w + 1),
+            false => (self.k / 2, h, w),
+        };
         Geometry {
             k: self.k,
             stride: self.stride,
-            padding: self.k / 2,
+            padding,
             h,
             w,
+        }
+    }
+
+    /// `x` `[C, H, W]` into `out` `[C, H + 1, W + 1]`, zeros in the last row and column.
+    fn pad_end_into(&self, x: &[f32], (h, w): (usize, usize), out: &mut Vec<f32>) {
+        out.clear();
+        for plane in x.chunks(h * w).take(self.c) {
+            for row in plane.chunks(w) {
+                out.extend_from_slice(row);
+                out.push(0.0);
+            }
+            out.extend(std::iter::repeat_n(0.0, w + 1));
         }
     }
 
@@ -225,6 +247,15 @@ impl ConvP {
         init: Init,
         cols: &mut Cols,
     ) -> (usize, usize) {
+        let padded;
+        let x = if self.pad_end {
+            let mut buf = Vec::new();
+            self.pad_end_into(x, size, &mut buf);
+            padded = buf;
+            &padded[..]
+        } else {
+            x
+        };
         let g = self.geometry(size);
         let (oh, ow) = g.output();
         let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
@@ -287,6 +318,15 @@ impl ConvP {
         dx: Dx,
         cols: &mut Cols,
     ) {
+        let padded;
+        let x = if self.pad_end {
+            let mut buf = Vec::new();
+            self.pad_end_into(x, size, &mut buf);
+            padded = buf;
+            &padded[..]
+        } else {
+            x
+        };
         let g = self.geometry(size);
         let (oh, ow) = g.output();
         let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
@@ -356,15 +396,31 @@ impl ConvP {
                 shifted_rows(dy, o, size, k, e);
                 shifted_conv(dx, &p[wf..], e, (self.c, o * k, k), size, add);
             } else {
-                if !add {
-                    dx.fill(0.0);
-                }
                 let cols = &mut cols.scratch;
                 if cols.len() < ckk * ohw {
                     cols.resize(ckk * ohw, 0.0);
                 }
                 gemm_rm(cols, w, true, dy, false, (ckk, ohw, self.o), false);
-                g.col2im(cols, self.c, dx);
+                if self.pad_end {
+                    // col2im into the padded plane, then its [C, H, W] corner into dx.
+                    let (h, w) = size;
+                    let mut full = vec![0f32; self.c * (h + 1) * (w + 1)];
+                    g.col2im(cols, self.c, &mut full);
+                    let rows = full
+                        .chunks(w + 1)
+                        .enumerate()
+                        .filter(|(r, _)| r % (h + 1) < h);
+                    for (d, (_, row)) in dx.chunks_mut(w).zip(rows) {
+                        for (d, &v) in d.iter_mut().zip(&row[..w]) {
+                            *d = if add { *d + v } else { v };
+                        }
+                    }
+                } else {
+                    if !add {
+                        dx.fill(0.0);
+                    }
+                    g.col2im(cols, self.c, dx);
+                }
             }
         }
     }
