@@ -8,8 +8,9 @@ formulas (Ho et al. 2020, eq. 5; improved-diffusion's `_vb_terms_bpd` / `calc_bp
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),  t = 2..T, x_t ~ q(x_t | x_0)
     L_T     = KL(q(x_T | x_0) || N(0, I))
 
-with p's variance the posterior's (fixed_small; log-variance clipped at t = 1 as theirs), no
-clipping of the predicted x_0. Each term is averaged over R draws of x_t; the file keeps, per
+with p's variance the posterior's (fixed_small; log-variance clipped at t = 1 as theirs), the
+predicted x_0 as the network gives it, and again clipped to [-1, 1] (improved-diffusion's
+`clip_denoised`, elbo's `--clip-denoised`; `*_clipped` in the file). Each term is averaged over R draws of x_t; the file keeps, per
 image, the total (nats) and the variance of a one-draw estimate of it (the sum over t of the
 terms' variances), so that a one-draw estimate (elbo's) can be compared within its error.
 
@@ -61,48 +62,50 @@ def main():
     def ndtr(z):
         return 0.5 * torch.erfc(-z / math.sqrt(2))
 
+    def term_of(t, x0_pred, xt):
+        mean = c0[t] * x0_pred + ct[t] * xt
+        lv = post_lv[t]
+        if t == 0:
+            # Discretized Gaussian over the 256 levels, edges at +-1 open.
+            inv = torch.exp(-0.5 * lv)
+            hi = torch.where(x0 > 0.999, torch.full_like(x0, math.inf), inv * (x0 - mean + 1 / 255))
+            lo = torch.where(x0 < -0.999, torch.full_like(x0, -math.inf), inv * (x0 - mean - 1 / 255))
+            p = torch.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+            return -torch.log(p.clamp(min=1e-300)).flatten(1).sum(1)
+        qm = c0[t] * x0 + ct[t] * xt
+        return kl(qm, post_lv[t], mean, lv).flatten(1).sum(1)
+
     gen = torch.Generator().manual_seed(1)
-    mean_terms = torch.zeros(n, T, dtype=torch.float64)
-    var_terms = torch.zeros(n, T, dtype=torch.float64)
+    mean_terms = {c: torch.zeros(n, T, dtype=torch.float64) for c in (False, True)}
+    var_terms = {c: torch.zeros(n, T, dtype=torch.float64) for c in (False, True)}
     with torch.no_grad():
         for t in range(T):
-            vals = []
+            vals = {False: [], True: []}
             for _ in range(R):
                 eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
                 xt = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
                 tt = torch.full((n,), t)
                 out = unet(xt.float(), tt).sample.double()
-                x0_pred = (xt - (1 - abar[t]).sqrt() * out) / abar[t].sqrt()
-                mean = c0[t] * x0_pred + ct[t] * xt
-                lv = post_lv[t]
-                if t == 0:
-                    # Discretized Gaussian over the 256 levels, edges at +-1 open.
-                    inv = torch.exp(-0.5 * lv)
-                    hi = torch.where(x0 > 0.999, torch.full_like(x0, math.inf), inv * (x0 - mean + 1 / 255))
-                    lo = torch.where(x0 < -0.999, torch.full_like(x0, -math.inf), inv * (x0 - mean - 1 / 255))
-                    p = torch.where(lo > 0, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
-                    term = -torch.log(p.clamp(min=1e-300)).flatten(1).sum(1)
-                else:
-                    qm = c0[t] * x0 + ct[t] * xt
-                    term = kl(qm, post_lv[t], mean, lv).flatten(1).sum(1)
-                vals.append(term)
-            v = torch.stack(vals)
-            mean_terms[:, t] = v.mean(0)
-            var_terms[:, t] = v.var(0, unbiased=True)
+                x0_raw = (xt - (1 - abar[t]).sqrt() * out) / abar[t].sqrt()
+                for clip in (False, True):
+                    x0_pred = x0_raw.clamp(-1, 1) if clip else x0_raw
+                    vals[clip].append(term_of(t, x0_pred, xt))
+            for clip in (False, True):
+                v = torch.stack(vals[clip])
+                mean_terms[clip][:, t] = v.mean(0)
+                var_terms[clip][:, t] = v.var(0, unbiased=True)
     prior_m = abar[-1].sqrt() * x0
     prior = kl(prior_m, torch.log(1 - abar[-1]), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
-    total = mean_terms.sum(1) + prior
-    out = {
-        "images": n,
-        "draws_per_term": R,
-        "total_nats": total.tolist(),
-        "one_draw_variance": var_terms.sum(1).tolist(),
-        "l0": mean_terms[:, 0].tolist(),
-        "l_prior": prior.tolist(),
-        "bpd": (total.mean() / (3 * 32 * 32 * math.log(2))).item(),
-    }
+    out = {"images": n, "draws_per_term": R}
+    for clip, suffix in ((False, ""), (True, "_clipped")):
+        total = mean_terms[clip].sum(1) + prior
+        out["total_nats" + suffix] = total.tolist()
+        out["one_draw_variance" + suffix] = var_terms[clip].sum(1).tolist()
+        out["l0" + suffix] = mean_terms[clip][:, 0].tolist()
+        out["bpd" + suffix] = (total.mean() / (3 * 32 * 32 * math.log(2))).item()
+    out["l_prior"] = prior.tolist()
     (root / "diffusers_ddpm_tiny_bound.json").write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ["total_nats", "bpd"]}))
+    print(json.dumps({k: out[k] for k in ["total_nats", "bpd", "total_nats_clipped", "bpd_clipped"]}))
 
 
 if __name__ == "__main__":

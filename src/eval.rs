@@ -299,8 +299,7 @@ pub fn bound_terms(
     process: &crate::diffusion::GaussianDiffusion,
     net: &dyn crate::diffusion::Denoiser,
     x: &candle_core::Tensor,
-    variance: crate::diffusion::VarianceType,
-    decoder: crate::diffusion::Decoder,
+    opts: crate::diffusion::process::BoundOptions,
     batch_size: usize,
     seed: u64,
     progress: &dyn Fn(),
@@ -319,7 +318,7 @@ pub fn bound_terms(
         let len = batch_size.min(n - start);
         let x0 = x.narrow(0, start, len)?;
         let mut noise = Noise::new(derive_seed(seed, 2, j as u64));
-        let terms = process.variational_bound(net, &x0, variance, decoder, &mut noise, progress)?;
+        let terms = process.variational_bound_with(net, &x0, opts, &mut noise, progress)?;
         sums[0] += terms.l0.iter().sum::<f64>();
         sums[1] += terms.l_prior.iter().sum::<f64>();
         for (acc, v) in sums[2..].iter_mut().zip(&terms.lt) {
@@ -353,8 +352,7 @@ pub fn bound_sampled(
     net: &dyn crate::diffusion::Denoiser,
     x: &candle_core::Tensor,
     k: usize,
-    variance: crate::diffusion::VarianceType,
-    decoder: crate::diffusion::Decoder,
+    opts: crate::diffusion::process::BoundOptions,
     batch_size: usize,
     seed: u64,
     progress: &dyn Fn(),
@@ -372,9 +370,7 @@ pub fn bound_sampled(
         let x0 = x.narrow(0, start, len)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, 4, j as u64));
         let mut noise = Noise::new(derive_seed(seed, 2, j as u64));
-        let sums = process.sampled_bound_sum(
-            net, &x0, k, variance, decoder, &mut rng, &mut noise, progress,
-        )?;
+        let sums = process.sampled_bound_sum(net, &x0, k, opts, &mut rng, &mut noise, progress)?;
         let prior = process.prior_term(&x0)?;
         prior_sum[0] += prior.iter().sum::<f64>();
         for (i, total) in totals[start..start + len].iter_mut().enumerate() {

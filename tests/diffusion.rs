@@ -936,30 +936,14 @@ fn sampled_timesteps_estimate_the_bound_without_bias() {
     );
     let (net, _) = Net::trainable(&NetConfig::default_mlp(2), &mut Noise::new(3), &dev).unwrap();
     let x = (Noise::new(4).randn((400, 2), &dev).unwrap() * 0.5).unwrap();
-    let exact = bound_terms(
-        &process,
-        &net,
-        &x,
-        VarianceType::FixedSmall,
-        Decoder::Continuous,
-        400,
-        0,
-        &|| {},
-    )
-    .unwrap();
+    let opts = elbo::diffusion::process::BoundOptions {
+        variance: VarianceType::FixedSmall,
+        decoder: Decoder::Continuous,
+        clip_denoised: false,
+    };
+    let exact = bound_terms(&process, &net, &x, opts, 400, 0, &|| {}).unwrap();
     let spread = |k: usize, seed: u64| -> f64 {
-        let est = bound_sampled(
-            &process,
-            &net,
-            &x,
-            k,
-            VarianceType::FixedSmall,
-            Decoder::Continuous,
-            400,
-            seed,
-            &|| {},
-        )
-        .unwrap();
+        let est = bound_sampled(&process, &net, &x, k, opts, 400, seed, &|| {}).unwrap();
         let d: Vec<f64> = est
             .totals
             .iter()

@@ -173,10 +173,11 @@ fn elbo(args: &[&str]) -> std::process::Output {
 /// `eval diffusion` takes the folder as `--checkpoint`: its bound on four 32 x 32 colour images
 /// (`tests/fixtures/diffusers_ddpm_tiny_images`) against the bound written in PyTorch from the
 /// formulas with diffusers' own forward and schedule (`bench/make_diffusers_bound_fixture.py`,
-/// 8 draws of x_t per term). elbo draws one x_t per term, so the two means differ by Monte
-/// Carlo error alone: the reference stores each image's one-draw variance (the sum over t of
-/// its terms' variances), and the difference must be within 4 standard errors (about 60 nats of
-/// 46,300 here). L_T has no draw and agrees to f32 rounding.
+/// 8 draws of x_t per term), as the network predicts x_0 and with `--clip-denoised`
+/// (improved-diffusion's default). elbo draws one x_t per term, so the two means differ by
+/// Monte Carlo error alone: the reference stores each image's one-draw variance (the sum over
+/// t of its terms' variances), and the difference must be within 4 standard errors (about 60
+/// nats of 46,300 here). L_T has no draw and agrees to f32 rounding.
 #[test]
 fn diffusers_bound_matches_a_pytorch_recomputation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -192,44 +193,51 @@ fn diffusers_bound_matches_a_pytorch_recomputation() {
             .map(|v| v.as_f64().unwrap())
             .collect()
     };
-    let (totals, variances, priors) = (
-        floats("total_nats"),
-        floats("one_draw_variance"),
-        floats("l_prior"),
-    );
-    let n = totals.len() as f64;
     let draws = reference["draws_per_term"].as_f64().unwrap();
-    let o = elbo(&[
-        "eval",
-        "diffusion",
-        "--checkpoint",
-        fixture().to_str().unwrap(),
-        "--data",
-        root.join("diffusers_ddpm_tiny_images").to_str().unwrap(),
-        "--limit",
-        "4",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["n"], 4);
-    assert!(v["bpd_stderr"].as_f64().unwrap() > 0.0, "{v}");
-    assert_eq!(v["lt"].as_array().unwrap().len(), 999);
-    let ours = v["nll_bound_nats"].as_f64().unwrap();
-    let theirs = totals.iter().sum::<f64>() / n;
-    let one_draw = variances.iter().sum::<f64>() / (n * n);
-    let se = (one_draw + one_draw / draws).sqrt();
-    let z = (ours - theirs) / se;
-    eprintln!(
-        "bound: elbo {ours:.2}, PyTorch {theirs:.2} nats (standard error {se:.2}, z = {z:.2})"
-    );
-    assert!(z.abs() < 4.0, "elbo {ours} vs PyTorch {theirs}: z = {z}");
-    let prior = priors.iter().sum::<f64>() / n;
-    let l_t = v["lT"].as_f64().unwrap();
-    // elbo sums L_T's 3,072 KLs of near-equal Gaussians in f32: 0.0218 nats to within 1e-5.
-    assert!((l_t - prior).abs() < 1e-5, "L_T: {l_t} vs {prior}");
-    let parts = v["l0"].as_f64().unwrap() + v["lt_sum"].as_f64().unwrap() + l_t;
-    assert!((parts - ours).abs() < 1e-9 * ours);
+    for (suffix, flag) in [("", None), ("_clipped", Some("--clip-denoised"))] {
+        let (totals, variances) = (
+            floats(&format!("total_nats{suffix}")),
+            floats(&format!("one_draw_variance{suffix}")),
+        );
+        let n = totals.len() as f64;
+        let (ckpt, images) = (fixture(), root.join("diffusers_ddpm_tiny_images"));
+        let mut args = vec![
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--data",
+            images.to_str().unwrap(),
+            "--limit",
+            "4",
+            "--json",
+        ];
+        args.extend(flag);
+        let o = elbo(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["n"], 4);
+        assert!(v["bpd_stderr"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["lt"].as_array().unwrap().len(), 999);
+        let ours = v["nll_bound_nats"].as_f64().unwrap();
+        let theirs = totals.iter().sum::<f64>() / n;
+        let one_draw = variances.iter().sum::<f64>() / (n * n);
+        let se = (one_draw + one_draw / draws).sqrt();
+        let z = (ours - theirs) / se;
+        eprintln!(
+            "bound{suffix}: elbo {ours:.2}, PyTorch {theirs:.2} nats (standard error {se:.2}, z = {z:.2})"
+        );
+        assert!(
+            z.abs() < 4.0,
+            "{suffix}: elbo {ours} vs PyTorch {theirs}: z = {z}"
+        );
+        let prior = floats("l_prior").iter().sum::<f64>() / n;
+        let l_t = v["lT"].as_f64().unwrap();
+        // elbo sums L_T's 3,072 KLs of near-equal Gaussians in f32: 0.0218 nats to within 1e-5.
+        assert!((l_t - prior).abs() < 1e-5, "L_T: {l_t} vs {prior}");
+        let parts = v["l0"].as_f64().unwrap() + v["lt_sum"].as_f64().unwrap() + l_t;
+        assert!((parts - ours).abs() < 1e-9 * ours);
+    }
 }
 
 /// `sample diffusion` takes the folder as `--checkpoint`: a grid of samples.

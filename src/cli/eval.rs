@@ -58,6 +58,10 @@ pub struct EvalDiffusionArgs {
     /// Also draw L_t against t on log axes, with labels and units, as an SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Clip the predicted x_0 to [-1, 1] before the posterior mean (improved-diffusion's
+    /// `calc_bpd_loop` / `image_nll.py` default); without it, the network's own prediction.
+    #[arg(long)]
+    pub clip_denoised: bool,
     /// Estimate the sum over t from K timesteps per example (L_0 exactly, the rest stratified;
     /// unbiased; K + 1 network calls instead of T), with a standard error that includes the
     /// t-sampling.
@@ -278,14 +282,18 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
+    let opts = elbo::diffusion::process::BoundOptions {
+        variance: a.variance,
+        decoder,
+        clip_denoised: a.clip_denoised,
+    };
     let means = match a.t_samples {
         Some(k) => elbo::eval::bound_sampled(
             &m.process,
             &net,
             &x_all,
             k,
-            a.variance,
-            decoder,
+            opts,
             a.batch_size,
             a.seed,
             &|| bar.inc(1),
@@ -294,8 +302,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             &m.process,
             &net,
             &x_all,
-            a.variance,
-            decoder,
+            opts,
             a.batch_size,
             a.seed,
             &|| bar.inc(1),

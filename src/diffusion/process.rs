@@ -296,6 +296,16 @@ pub fn timestep_tensor(t: &[usize], device: &Device) -> Result<Tensor> {
     )?)
 }
 
+/// How the bound is evaluated: p's variance, L_0's decoder, and whether the predicted x_0 is
+/// clipped to [-1, 1] before the posterior mean (`clip_denoised`: improved-diffusion's
+/// `calc_bpd_loop` default; elbo's default evaluates the network's own prediction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundOptions {
+    pub variance: VarianceType,
+    pub decoder: Decoder,
+    pub clip_denoised: bool,
+}
+
 /// How L_0 is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoder {
@@ -315,6 +325,23 @@ impl GaussianDiffusion {
         variance: VarianceType,
         decoder: Decoder,
         noise: &mut crate::distributions::Noise,
+        on_step: impl FnMut(),
+    ) -> Result<BoundTerms> {
+        let opts = BoundOptions {
+            variance,
+            decoder,
+            clip_denoised: false,
+        };
+        self.variational_bound_with(model, x0, opts, noise, on_step)
+    }
+
+    /// [`GaussianDiffusion::variational_bound`] with every option of [`BoundOptions`].
+    pub fn variational_bound_with(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        opts: BoundOptions,
+        noise: &mut crate::distributions::Noise,
         mut on_step: impl FnMut(),
     ) -> Result<BoundTerms> {
         let b = x0.dim(0)?;
@@ -322,7 +349,7 @@ impl GaussianDiffusion {
         let mut lt = vec![Vec::new(); t_max - 1];
         let mut l0 = Vec::new();
         for ti in 0..t_max {
-            let terms = self.bound_term(model, x0, &vec![ti; b], variance, decoder, noise)?;
+            let terms = self.bound_term(model, x0, &vec![ti; b], opts, noise)?;
             match ti {
                 0 => l0 = terms,
                 _ => lt[ti - 1] = terms,
@@ -336,7 +363,8 @@ impl GaussianDiffusion {
         })
     }
 
-    /// The bound's term at timestep `t[b]` (0-based) of each example of x_0 `[B, ...]`, with
+    /// The bound's term at timestep `t[b]` (0-based) of each example of x_0 `[B, ...]` under
+    /// `opts`, with
     /// one draw of x_{t+1} ~ q(x_{t+1} | x_0) from `noise` (one network call): at t = 0,
     /// L_0 = -log p(x_0 | x_1) with `decoder`; above, L_t = KL(q(x_t | x_{t+1}, x_0) ||
     /// p(x_t | x_{t+1})). `[B]` in nats.
@@ -345,20 +373,20 @@ impl GaussianDiffusion {
         model: &dyn Denoiser,
         x0: &Tensor,
         t: &[usize],
-        variance: VarianceType,
-        decoder: Decoder,
+        opts: BoundOptions,
         noise: &mut crate::distributions::Noise,
     ) -> Result<Vec<f64>> {
         let b = x0.dim(0)?;
         let eps = noise.randn(x0.shape(), x0.device())?;
         let xt = self.q_sample(x0, t, &eps)?;
         let out = model.forward(&xt, &timestep_tensor(t, x0.device())?)?;
-        let (mean, lv, _) = self.p_mean_log_variance(&out, &xt, t, variance, false)?;
+        let (mean, lv, _) =
+            self.p_mean_log_variance(&out, &xt, t, opts.variance, opts.clip_denoised)?;
         let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, t)?;
         let kl = sum_per_example(&normal_kl(&qm, &qlv, &mean, &lv)?)?;
         let mut terms = kl.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         if t.contains(&0) {
-            let l0: Vec<f64> = match decoder {
+            let l0: Vec<f64> = match opts.decoder {
                 Decoder::Discretized => {
                     let ll = discretized_gaussian_log_likelihood(
                         &x0.flatten_all()?.to_vec1::<f32>()?,
@@ -406,22 +434,21 @@ impl GaussianDiffusion {
         model: &dyn Denoiser,
         x0: &Tensor,
         k: usize,
-        variance: VarianceType,
-        decoder: Decoder,
+        opts: BoundOptions,
         rng: &mut rand::rngs::StdRng,
         noise: &mut crate::distributions::Noise,
         mut on_step: impl FnMut(),
     ) -> Result<Vec<f64>> {
         use rand::Rng;
         let (b, t_max) = (x0.dim(0)?, self.num_timesteps());
-        let mut sums = self.bound_term(model, x0, &vec![0; b], variance, decoder, noise)?;
+        let mut sums = self.bound_term(model, x0, &vec![0; b], opts, noise)?;
         on_step();
         let rest = t_max - 1;
         let k = k.clamp(1, rest.max(1)).min(rest);
         for j in 0..k {
             let (lo, hi) = (1 + j * rest / k, 1 + (j + 1) * rest / k);
             let t: Vec<usize> = (0..b).map(|_| rng.random_range(lo..hi)).collect();
-            let terms = self.bound_term(model, x0, &t, variance, decoder, noise)?;
+            let terms = self.bound_term(model, x0, &t, opts, noise)?;
             for (s, v) in sums.iter_mut().zip(terms) {
                 *s += (hi - lo) as f64 * v;
             }
