@@ -17,7 +17,6 @@ use candle_nn::VarMap;
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
 use super::derive_seed;
 use crate::checkpoint;
@@ -468,12 +467,7 @@ impl super::Family for DiffusionTraining<'_> {
     fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
         match self.source {
             TrainingData::Images { train, .. } => {
-                let mut order: Vec<usize> = (0..train.len()).collect();
-                order.shuffle(rng);
-                order
-                    .chunks(self.config.batch_size)
-                    .map(<[usize]>::to_vec)
-                    .collect()
+                super::shuffled_batches(train.len(), self.config.batch_size, rng)
             }
             TrainingData::Toy { .. } => vec![Vec::new(); self.config.toy_steps_per_epoch],
         }

@@ -9,7 +9,6 @@ use anyhow::Result;
 use candle_core::Var;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
 use crate::data::{Dataset, PixelMode};
 use crate::distributions::Noise;
@@ -110,12 +109,7 @@ impl super::Family for Fit<'_> {
     type Metrics = f64;
 
     fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.train.len()).collect();
-        order.shuffle(rng);
-        order
-            .chunks(self.config.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect()
+        super::shuffled_batches(self.train.len(), self.config.batch_size, rng)
     }
 
     fn batch(

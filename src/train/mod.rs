@@ -215,6 +215,18 @@ pub trait Family {
     }
 }
 
+/// The minibatches of one epoch over `n` examples: a shuffle (from `rng`) cut into batches of
+/// `batch_size` (the last one shorter).
+pub fn shuffled_batches(n: usize, batch_size: usize, rng: &mut StdRng) -> Vec<Vec<usize>> {
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
 /// What the loop knows at the end of an epoch.
 pub struct EpochEnd<'a> {
     pub epoch: usize,

@@ -14,7 +14,6 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
 use super::{derive_seed, state_counters, state_metadata};
 use crate::checkpoint;
@@ -533,12 +532,7 @@ impl super::Family for VaeTraining<'_> {
     type Metrics = EpochMetrics;
 
     fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.train.len()).collect();
-        order.shuffle(rng);
-        order
-            .chunks(self.config.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect()
+        super::shuffled_batches(self.train.len(), self.config.batch_size, rng)
     }
 
     fn batch(
