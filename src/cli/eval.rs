@@ -224,50 +224,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         a.batch_size.min(a.limit),
         m.config.image_shape().map_or(0, |s| s.height * s.width),
     )?;
-    let (x_all, decoder, dims) = if m.config.is_image() {
-        let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
-        let DiffusionData::Images(source) = data else {
-            bail!("--dataset: the checkpoint is an image model; give an image data set");
-        };
-        let d = source.load(a.split)?.take(a.limit);
-        if m.config.image_shape() != Some(d.shape) {
-            bail!(
-                "{}: images are {}, but the checkpoint's model takes {}",
-                source.describe(),
-                d.shape,
-                m.config
-                    .image_shape()
-                    .map_or("points".into(), |s| s.to_string())
-            );
-        }
-        let idx: Vec<usize> = (0..d.len()).collect();
-        (
-            image_batch(&d, &idx, device)?,
-            Decoder::Discretized,
-            d.shape.dim(),
-        )
-    } else {
-        let Some(toy) = a
-            .dataset
-            .as_deref()
-            .and_then(|s| s.strip_prefix("toy:"))
-            .and_then(elbo::data::toy::Toy::parse)
-        else {
-            bail!("--dataset: the checkpoint is a 2-D model; give toy:NAME");
-        };
-        elbo::limits::check_bytes(
-            &format!("--limit {}", a.limit),
-            "the toy points",
-            elbo::limits::product(&[a.limit as u64, 2 * 4 * 4]),
-        )?;
-        let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
-        let pts = toy.sample(a.limit, &mut rng);
-        (
-            candle_core::Tensor::from_vec(pts, (a.limit, 2), device)?,
-            Decoder::Continuous,
-            2,
-        )
-    };
+    let (x_all, decoder, dims) = bound_data(&a, &m.config, device)?;
     let n = x_all.dim(0)?;
     let t_max = m.process.num_timesteps();
     // Network calls per batch: T, or K + 1 (at most T) with --t-samples.
@@ -355,4 +312,57 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The examples `eval diffusion` bounds: `--limit` images of the model's shape in [-1, 1] with
+/// the discretized decoder, or toy points with the continuous one; and the values per example.
+fn bound_data(
+    a: &EvalDiffusionArgs,
+    config: &DiffusionConfig,
+    device: &Device,
+) -> Result<(candle_core::Tensor, Decoder, usize)> {
+    Ok(if config.is_image() {
+        let data = DiffusionData::from_flags(a.dataset.as_deref(), a.data.as_deref())?;
+        let DiffusionData::Images(source) = data else {
+            bail!("--dataset: the checkpoint is an image model; give an image data set");
+        };
+        let d = source.load(a.split)?.take(a.limit);
+        if config.image_shape() != Some(d.shape) {
+            bail!(
+                "{}: images are {}, but the checkpoint's model takes {}",
+                source.describe(),
+                d.shape,
+                config
+                    .image_shape()
+                    .map_or("points".into(), |s| s.to_string())
+            );
+        }
+        let idx: Vec<usize> = (0..d.len()).collect();
+        (
+            image_batch(&d, &idx, device)?,
+            Decoder::Discretized,
+            d.shape.dim(),
+        )
+    } else {
+        let Some(toy) = a
+            .dataset
+            .as_deref()
+            .and_then(|s| s.strip_prefix("toy:"))
+            .and_then(elbo::data::toy::Toy::parse)
+        else {
+            bail!("--dataset: the checkpoint is a 2-D model; give toy:NAME");
+        };
+        elbo::limits::check_bytes(
+            &format!("--limit {}", a.limit),
+            "the toy points",
+            elbo::limits::product(&[a.limit as u64, 2 * 4 * 4]),
+        )?;
+        let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
+        let pts = toy.sample(a.limit, &mut rng);
+        (
+            candle_core::Tensor::from_vec(pts, (a.limit, 2), device)?,
+            Decoder::Continuous,
+            2,
+        )
+    })
 }

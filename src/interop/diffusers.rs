@@ -235,42 +235,13 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
         }
         mult.push(c / base);
     }
-    let down = strings("down_block_types")?;
-    let up = strings("up_block_types")?;
-    if down.len() != levels || up.len() != levels {
-        bail!(
-            "{at}: {} down and {} up blocks for {levels} levels (block_out_channels)",
-            down.len(),
-            up.len()
-        );
-    }
-    let mut attention_levels = Vec::new();
-    for (i, d) in down.iter().enumerate() {
-        let u = &up[levels - 1 - i];
-        let attn = match (d.as_str(), u.as_str()) {
-            ("DownBlock2D", "UpBlock2D") => false,
-            ("AttnDownBlock2D", "AttnUpBlock2D") => true,
-            ("DownBlock2D" | "AttnDownBlock2D", "UpBlock2D" | "AttnUpBlock2D") => bail!(
-                "{at}: level {i} has {d} down but {u} up; elbo's U-Net puts attention on both ways of a level"
-            ),
-            _ => bail!(
-                "{at}: block types {d} / {u} are not supported (DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D)"
-            ),
-        };
-        if attn {
-            attention_levels.push(i);
-        }
-    }
-    if let Some(h) = obj.get("attention_head_dim").filter(|v| !v.is_null()) {
-        for &i in &attention_levels {
-            if h.as_u64() != Some(channels[i] as u64) {
-                bail!(
-                    "{at}: attention_head_dim = {h} gives several heads at {} channels; elbo's attention has one head",
-                    channels[i]
-                );
-            }
-        }
-    }
+    let attention_levels = attention_levels(
+        &strings("down_block_types")?,
+        &strings("up_block_types")?,
+        obj.get("attention_head_dim").filter(|v| !v.is_null()),
+        &channels,
+        &at.to_string(),
+    )?;
     let add_attention = obj
         .get("add_attention")
         .map_or(Some(true), Value::as_bool)
@@ -330,6 +301,53 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
         width: size,
     };
     Ok((net, shape))
+}
+
+/// The levels with attention, from the down and up block types (each level's attention the
+/// same both ways) and `attention_head_dim` (one head: null or the level's channel count).
+fn attention_levels(
+    down: &[String],
+    up: &[String],
+    head_dim: Option<&Value>,
+    channels: &[usize],
+    at: &str,
+) -> Result<Vec<usize>> {
+    let levels = channels.len();
+    if down.len() != levels || up.len() != levels {
+        bail!(
+            "{at}: {} down and {} up blocks for {levels} levels (block_out_channels)",
+            down.len(),
+            up.len()
+        );
+    }
+    let mut attention_levels = Vec::new();
+    for (i, d) in down.iter().enumerate() {
+        let u = &up[levels - 1 - i];
+        let attn = match (d.as_str(), u.as_str()) {
+            ("DownBlock2D", "UpBlock2D") => false,
+            ("AttnDownBlock2D", "AttnUpBlock2D") => true,
+            ("DownBlock2D" | "AttnDownBlock2D", "UpBlock2D" | "AttnUpBlock2D") => bail!(
+                "{at}: level {i} has {d} down but {u} up; elbo's U-Net puts attention on both ways of a level"
+            ),
+            _ => bail!(
+                "{at}: block types {d} / {u} are not supported (DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D)"
+            ),
+        };
+        if attn {
+            attention_levels.push(i);
+        }
+    }
+    if let Some(h) = head_dim {
+        for &i in &attention_levels {
+            if h.as_u64() != Some(channels[i] as u64) {
+                bail!(
+                    "{at}: attention_head_dim = {h} gives several heads at {} channels; elbo's attention has one head",
+                    channels[i]
+                );
+            }
+        }
+    }
+    Ok(attention_levels)
 }
 
 /// The schedule, T and prediction target of a `DDPMScheduler` / `DDIMScheduler` config.
