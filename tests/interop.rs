@@ -153,6 +153,21 @@ fn unsupported_diffusers_folders_are_one_line_errors() {
         assert!(err.contains(want), "case {i}: {err}");
         assert!(!err.contains('\n'), "case {i}: {err}");
     }
+    // A tensor the network does not read (an extra key in the weights file).
+    let folder = edited(&tmp.path().join("x"), "model_index.json", |_| {});
+    let weights = folder.join("unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let extra = tensors["conv_in.bias"].clone();
+    tensors.insert("mid_block.resnets.0.extra_scale".into(), extra);
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let err = format!(
+        "{:#}",
+        diffusers::load(&folder, &Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains("mid.res1.extra_scale") && !err.contains('\n'),
+        "{err}"
+    );
     // A missing weights file.
     let folder = edited(&tmp.path().join("w"), "model_index.json", |_| {});
     std::fs::remove_file(folder.join("unet/diffusion_pytorch_model.safetensors")).unwrap();

@@ -22,7 +22,7 @@
 //! `num_train_timesteps` and `prediction_type` give the process; a bare `UNet2DModel` folder
 //! takes DDPM's (linear, T = 1000, epsilon).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -86,7 +86,13 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
     let weights = weights_path(&unet_dir)?;
     let loaded = crate::checkpoint::load(&weights, device)?;
     let tensors = rename(loaded.tensors, &config.net, &weights)?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let used = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let backend = Recording {
+        tensors,
+        used: used.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
     let net = Net::build(&config.net, vb).map_err(|e| {
         // candle's message, without the backtrace it may carry.
         let e = e.to_string();
@@ -97,11 +103,63 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
             e.lines().next().unwrap_or("")
         )
     })?;
+    // Every tensor of the file must be one the network reads: none is silently left out.
+    let used = used
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a poisoned lock"))?;
+    if let Some(unused) = names.iter().find(|n| !used.contains(*n)) {
+        bail!(
+            "{}: tensor {unused} (elbo's name) is not read by the network {}'s config describes",
+            weights.display(),
+            config_path.display()
+        );
+    }
     Ok(LoadedDiffusion {
         process: config.process()?,
         config,
         net,
     })
+}
+
+/// The renamed tensors as a `VarBuilder` backend that records which ones the network reads.
+struct Recording {
+    tensors: HashMap<String, Tensor>,
+    used: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Recording {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}, expected: {:?}, got: {:?}",
+                s.dims(),
+                t.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(t) = self.tensors.get(name) else {
+            candle_core::bail!("no tensor {name} in the file");
+        };
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(name.to_string());
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -461,7 +519,10 @@ fn rename(
                     ("upsamplers", ["conv", p]) if *j == "0" => {
                         Some(format!("up.{i}.upsample.{p}"))
                     }
-                    _ => None,
+                    _ => bail!(
+                        "{}: tensor {name} has no place in elbo's U-Net",
+                        path.display()
+                    ),
                 }
             }
             ["mid_block", "resnets", j, rest @ ..] => {
