@@ -4,12 +4,15 @@
 //! U-Net: its output equals diffusers' forward; the commands evaluate and sample it; a folder
 //! elbo cannot reproduce is refused with one line naming what.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use elbo::diffusion::Denoiser;
 use elbo::interop::diffusers;
+
+use common::elbo;
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers_ddpm_tiny")
@@ -176,13 +179,6 @@ fn unsupported_diffusers_folders_are_one_line_errors() {
         diffusers::load(&folder, &Device::Cpu).err().unwrap()
     );
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
-}
-
-fn elbo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_elbo"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// `eval diffusion` takes the folder as `--checkpoint`: its bound on four 32 x 32 colour images

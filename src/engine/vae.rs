@@ -497,17 +497,7 @@ impl FusedVae {
 
     /// Writes a buffer of the engine's layout into `vae`'s variables.
     pub fn write_to(&self, params: &[f32], vae: &Vae) -> Result<()> {
-        let by_name: std::collections::HashMap<&str, &candle_core::Var> =
-            vae.params().iter().map(|(n, v)| (n.as_str(), v)).collect();
-        for e in self.table.entries() {
-            let var = by_name[e.name.as_str()];
-            var.set(&Tensor::from_slice(
-                &params[e.range()],
-                e.shape.as_slice(),
-                var.device(),
-            )?)?;
-        }
-        Ok(())
+        self.table.write_named(params, vae.params())
     }
 
     /// Threads for the slices, the matrix products and the update (default: rayon's pool size).
