@@ -426,6 +426,9 @@ fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
         num_train_timesteps: 1000,
         prediction: Prediction::Eps,
         image_shape: None,
+        betas: None,
+        model_times: None,
+        variance: None,
     };
     let config = DiffusionTrainConfig {
         data: DiffusionData::Toy(Toy::EightGaussians),
@@ -801,9 +804,31 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
                     freq_shift: 1,
                     norm_eps: 1e-6,
                     downsample_padding: 0,
+                    ..Default::default()
                 },
             },
             (3, 28, 28),
+            None,
+        ),
+        // improved-diffusion's: scale-shift norm, two heads down and in the middle, four up.
+        (
+            NetConfig::Unet {
+                base: 8,
+                channel_mult: vec![1, 2],
+                groups: 4,
+                attention: true,
+                in_channels: 3,
+                res_blocks: Some(1),
+                attention_levels: vec![1],
+                dropout: 0.0,
+                options: elbo::diffusion::nets::UnetOptions {
+                    heads: 2,
+                    heads_up: 4,
+                    scale_shift: true,
+                    ..Default::default()
+                },
+            },
+            (3, 12, 12),
             None,
         ),
     ];

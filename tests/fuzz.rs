@@ -322,6 +322,9 @@ fn diffusion_checkpoint(net: elbo::diffusion::nets::NetConfig) -> Vec<u8> {
         num_train_timesteps: 10,
         prediction: elbo::diffusion::Prediction::Eps,
         image_shape: None,
+        betas: None,
+        model_times: None,
+        variance: None,
     };
     let tensors: Vec<(String, candle_core::Tensor)> = elbo::diffusion::nets::sorted_vars(&varmap)
         .into_iter()
@@ -678,4 +681,52 @@ fn diffusers_folder_configs() {
         fuzz(&name, &seed, cases, mutate_json, &read);
         std::fs::write(&path, &seed).unwrap();
     }
+}
+
+/// A `torch.save` zip with its `data.pkl` mutated (the other entries as they were), written
+/// back with stored entries as torch.save writes them.
+fn mutate_pickle(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(seed)).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).unwrap();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        if entry.name().ends_with("data.pkl") {
+            bytes = mutate_bytes(rng, &bytes);
+        }
+        out.start_file(entry.name(), opts).unwrap();
+        out.write_all(&bytes).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+/// improved-diffusion checkpoints: the `torch.save` reader (candle's pickle interpreter behind
+/// elbo's size checks) on mutated archives and mutated pickles inside intact archives.
+#[test]
+fn torch_save_state_dicts() {
+    let seed = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_state_dict_tiny.pt"),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.pt");
+    std::fs::write(&path, &seed).unwrap();
+    let tensors = elbo::interop::pickle::read_state_dict(&path).unwrap();
+    assert_eq!(tensors.len(), 4);
+    // The transposed tensor reads as PyTorch shows it: arange(6).reshape(2, 3).t().
+    let t = tensors["c.t"].to_dtype(candle_core::DType::F32).unwrap();
+    assert_eq!(
+        t.to_vec2::<f32>().unwrap(),
+        vec![vec![0.0, 3.0], vec![1.0, 4.0], vec![2.0, 5.0]]
+    );
+    let read = |b: &[u8]| {
+        std::fs::write(&path, b).unwrap();
+        let _ = elbo::interop::pickle::read_state_dict(&path);
+    };
+    fuzz("torch-save-zip", &seed, 200, mutate_bytes, &read);
+    fuzz("torch-save-pickle", &seed, 600, mutate_pickle, &read);
 }

@@ -1,8 +1,12 @@
 //! Checkpoints of other projects (`elbo::interop`): a diffusers DDPM pipeline folder with
 //! google/ddpm-cifar10-32's block layout at a small width (`tests/fixtures/diffusers_ddpm_tiny`,
-//! made with diffusers' own code by `bench/make_diffusers_unet_fixture.py`) is read as elbo's
-//! U-Net: its output equals diffusers' forward; the commands evaluate and sample it; a folder
-//! elbo cannot reproduce is refused with one line naming what.
+//! made with diffusers' own code by `bench/make_diffusers_unet_fixture.py`) and an
+//! improved-diffusion checkpoint with learned variances, the cosine schedule, two heads and
+//! scale-shift norm (`tests/fixtures/improved_diffusion_tiny.pt`, made with improved-diffusion's
+//! own code by `bench/make_improved_diffusion_fixture.py`) are read as elbo's U-Net: their
+//! outputs equal the projects' forwards, their bounds the projects' bounds within Monte Carlo
+//! error; the commands evaluate and sample them; what elbo cannot reproduce is refused with
+//! one line naming what.
 
 mod common;
 
@@ -127,18 +131,23 @@ fn unsupported_diffusers_folders_are_one_line_errors() {
         ),
         (
             "unet/config.json",
-            Box::new(|v| v["attention_head_dim"] = 4.into()),
-            "one head",
+            Box::new(|v| v["attention_head_dim"] = 5.into()),
+            "does not split into heads",
         ),
         (
             "scheduler/scheduler_config.json",
             Box::new(|v| v["variance_type"] = "learned_range".into()),
-            "variance_type",
+            "2C output channels",
         ),
         (
             "scheduler/scheduler_config.json",
-            Box::new(|v| v["beta_start"] = 0.00085.into()),
+            Box::new(|v| v["beta_start"] = 2.0.into()),
             "beta_start",
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            Box::new(|v| v["variance_type"] = "learned_sigma".into()),
+            "variance_type",
         ),
         (
             "model_index.json",
@@ -271,4 +280,317 @@ fn sample_diffusion_takes_a_diffusers_folder() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = image::open(&out).unwrap();
     assert!(img.width() >= 64, "{}", img.width());
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The flags `bench/make_improved_diffusion_fixture.py` made its model with, as a user types
+/// them.
+const ID_FLAGS: &[&str] = &[
+    "--image_size",
+    "32",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--num_heads",
+    "2",
+    "--attention_resolutions",
+    "16,8",
+    "--learn_sigma",
+    "True",
+    "--dropout",
+    "0.3",
+    "--diffusion_steps",
+    "40",
+    "--noise_schedule",
+    "cosine",
+];
+
+fn id_flags(extra: &[&str]) -> elbo::interop::improved_diffusion::ModelFlags {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: elbo::interop::improved_diffusion::ModelFlags,
+    }
+    let mut args = vec!["x"];
+    args.extend(ID_FLAGS);
+    args.extend(extra);
+    Cli::try_parse_from(args).unwrap().flags
+}
+
+fn id_reference() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("improved_diffusion_tiny.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// improved-diffusion's `UNetModel` (scale-shift norm, two heads in its legacy q/k/v row order,
+/// six output channels) on 3 inputs at t = 0, 17, 39 of T = 40, given t 1000 / T as their
+/// wrapped model does: elbo's network from the `.pt` and the flags gives the same to float32
+/// rounding, on candle and on the fused engine; the process is the cosine schedule with the
+/// model given t 1000 / T and learned-range variances.
+#[test]
+fn improved_diffusion_unet_matches_its_forward() {
+    use elbo::interop::improved_diffusion;
+    let m = improved_diffusion::load(
+        &fixtures().join("improved_diffusion_tiny.pt"),
+        &id_flags(&[]),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(m.process.num_timesteps(), 40);
+    assert_eq!(
+        m.process.variance,
+        Some(elbo::diffusion::VarianceType::LearnedRange)
+    );
+    let model_t = m.process.model_t(&[0, 17, 39], &Device::Cpu).unwrap();
+    let io = candle_core::safetensors::load(
+        fixtures().join("improved_diffusion_tiny_io.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (x, t, want) = (&io["x"], &io["model_t"], &io["out"]);
+    assert!(max_abs(&model_t, t) < 1e-4, "{model_t} vs {t}");
+    assert_eq!(want.dims(), &[3, 6, 32, 32]);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let got = m.net.forward(x, t).unwrap();
+    let err = max_abs(&got, want);
+    eprintln!("improved-diffusion: max abs difference {err:e}, max abs output {scale}");
+    assert!(
+        err < 1e-4 * scale.max(1.0),
+        "max |elbo - improved-diffusion| = {err:e}"
+    );
+    let frozen = elbo::engine::FrozenNet::new(m.net);
+    let fused = max_abs(&frozen.forward(x, t).unwrap(), want);
+    assert!(fused < 1e-4 * scale.max(1.0), "fused engine: {fused:e}");
+}
+
+/// `eval diffusion --checkpoint model.pt` with the flags and `--clip-denoised` (their
+/// `image_nll.py` default) against improved-diffusion's `calc_bpd_loop` on the same four
+/// images (8 runs): the difference is within 4 standard errors of Monte Carlo error (one draw
+/// of x_t per term in elbo; the reference's one-draw variance summed over t).
+#[test]
+fn improved_diffusion_bound_matches_calc_bpd_loop() {
+    let reference = id_reference();
+    let bound = &reference["bound"];
+    let floats = |key: &str| -> Vec<f64> {
+        bound[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (totals, variances) = (floats("total_nats"), floats("one_draw_var"));
+    let n = totals.len() as f64;
+    let (ckpt, images) = (
+        fixtures().join("improved_diffusion_tiny.pt"),
+        fixtures().join("diffusers_ddpm_tiny_images"),
+    );
+    let mut args = vec![
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        images.to_str().unwrap(),
+        "--limit",
+        "4",
+        "--clip-denoised",
+        "--json",
+    ];
+    args.extend(ID_FLAGS);
+    let o = elbo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lt"].as_array().unwrap().len(), 39);
+    assert_eq!(v["variance"], "learned-range");
+    let ours = v["nll_bound_nats"].as_f64().unwrap();
+    let theirs = totals.iter().sum::<f64>() / n;
+    let one_draw = variances.iter().sum::<f64>() / (n * n);
+    let se = (one_draw + one_draw / bound["runs"].as_f64().unwrap()).sqrt();
+    let z = (ours - theirs) / se;
+    eprintln!(
+        "improved-diffusion bound: elbo {ours:.2}, calc_bpd_loop {theirs:.2} nats (se {se:.2}, z = {z:.2})"
+    );
+    assert!(
+        z.abs() < 4.0,
+        "elbo {ours} vs improved-diffusion {theirs}: z = {z}"
+    );
+    // L_T has no draw: equal up to f32 sums.
+    let prior = floats("prior_nats").iter().sum::<f64>() / n;
+    let l_t = v["lT"].as_f64().unwrap();
+    eprintln!("L_T: elbo {l_t:e}, improved-diffusion {prior:e} nats");
+    // Theirs sums in f32: 0.3% apart at 8e-4 nats.
+    assert!((l_t - prior).abs() < 1e-2 * prior.max(1e-6), "{v}");
+}
+
+/// Their `space_timesteps` and `SpacedDiffusion` betas, and the linear schedule scaled by
+/// 1000 / T, as elbo computes them.
+#[test]
+fn improved_diffusion_respacing_and_schedules_match() {
+    use elbo::interop::improved_diffusion::{model_config, respaced_betas, space_timesteps};
+    let reference = id_reference();
+    let base = elbo::diffusion::Schedule::new(elbo::diffusion::BetaSchedule::Cosine, 40).unwrap();
+    for spec in ["ddim10", "10,5"] {
+        let r = &reference["respaced"][spec];
+        let want_map: Vec<usize> = r["timestep_map"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let kept = space_timesteps(40, spec).unwrap();
+        assert_eq!(kept, want_map, "{spec}");
+        let (betas, _) = respaced_betas(&base.alphas_cumprod, &kept);
+        for (b, w) in betas.iter().zip(r["betas"].as_array().unwrap()) {
+            assert!(
+                (b - w.as_f64().unwrap()).abs() < 1e-12,
+                "{spec}: {b} vs {w}"
+            );
+        }
+        // Through the flags: T' steps, the network given the original steps x 1000 / T.
+        let mut flags = id_flags(&[]);
+        flags.timestep_respacing = Some(spec.to_string());
+        let plan = model_config(&flags).unwrap();
+        let p = plan.config.process().unwrap();
+        assert_eq!(p.num_timesteps(), kept.len());
+        let t = p
+            .model_t(&[1], &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert_eq!(t, kept[1] as f32 * 25.0, "{spec}");
+    }
+    let mut flags = id_flags(&[]);
+    flags.noise_schedule = Some("linear".into());
+    flags.diffusion_steps = Some(4000);
+    let plan = model_config(&flags).unwrap();
+    let s = plan.config.process().unwrap().schedule;
+    let want: Vec<f64> = reference["linear_4000_betas_sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (i, w) in [0, 1, 1999, 3999].into_iter().zip(want) {
+        assert!(
+            (s.betas[i] - w).abs() < 1e-15,
+            "beta_{i}: {} vs {w}",
+            s.betas[i]
+        );
+    }
+}
+
+/// Flags that do not fit the checkpoint, flags without a `.pt`, a pickle of code instead of
+/// tensors, a legacy pickle, unsupported flag values: one line each.
+#[test]
+fn improved_diffusion_bad_input_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixtures().join("improved_diffusion_tiny.pt");
+    let images = fixtures().join("diffusers_ddpm_tiny_images");
+    let run = |ckpt: &Path, flags: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--data",
+            images.to_str().unwrap(),
+            "--limit",
+            "1",
+        ];
+        args.extend(flags);
+        elbo(&args)
+    };
+    // The channels the flags give do not fit the weights.
+    let mut wrong: Vec<&str> = ID_FLAGS.to_vec();
+    wrong[3] = "64";
+    common::assert_one_line_error(&run(&ckpt, &wrong), "do not fit");
+    // Without --learn_sigma the output convolution is smaller than the file's.
+    let mut fixed: Vec<&str> = ID_FLAGS.to_vec();
+    fixed[11] = "False";
+    common::assert_one_line_error(&run(&ckpt, &fixed), "conv_out");
+    common::assert_one_line_error(
+        &run(&ckpt, &[ID_FLAGS, &["--class_cond", "True"]].concat()),
+        "--class_cond",
+    );
+    let mut maybe: Vec<&str> = ID_FLAGS.to_vec();
+    maybe[11] = "maybe";
+    common::assert_one_line_error(&run(&ckpt, &maybe), "True or False");
+    common::assert_one_line_error(
+        &run(
+            &ckpt,
+            &[ID_FLAGS, &["--timestep_respacing", "ddim13"]].concat(),
+        ),
+        "--timestep_respacing",
+    );
+    // Flags for a checkpoint that is not one of theirs.
+    common::assert_one_line_error(
+        &run(&fixture(), &["--num_channels", "32"]),
+        "--num_channels",
+    );
+    // A torch.save-shaped zip whose pickle calls os.system: nothing runs, no tensors, refused.
+    let code = tmp.path().join("code.pt");
+    {
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&code).unwrap());
+        // Stored, as torch.save writes its entries.
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("archive/data.pkl", opts).unwrap();
+        use std::io::Write;
+        zip.write_all(
+            b"\x80\x02cos\nsystem\nq\x00X\x0b\x00\x00\x00touch pwnedq\x01\x85q\x02Rq\x03.",
+        )
+        .unwrap();
+        zip.finish().unwrap();
+    }
+    common::assert_one_line_error(&run(&code, ID_FLAGS), "no tensors");
+    assert!(!Path::new("pwned").exists());
+    // PyTorch's legacy (pre-1.6) format: a bare pickle.
+    let legacy = tmp.path().join("legacy.pt");
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0alz\xfc\x9cF\xf9 j\xa8P\x19.").unwrap();
+    common::assert_one_line_error(&run(&legacy, ID_FLAGS), "legacy");
+    // Not a checkpoint at all.
+    let junk = tmp.path().join("junk.pt");
+    std::fs::write(&junk, b"PK\x03\x04 but not a zip").unwrap();
+    common::assert_one_line_error(&run(&junk, ID_FLAGS), "junk.pt");
+}
+
+/// `sample diffusion` runs the learned-variance model with its own variances (DDPM) and refuses
+/// a fixed variance for it.
+#[test]
+fn sample_diffusion_takes_an_improved_diffusion_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("samples.png");
+    let ckpt = fixtures().join("improved_diffusion_tiny.pt");
+    let mut args = vec![
+        "sample",
+        "diffusion",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--sampler",
+        "ddpm",
+        "--n",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(ID_FLAGS);
+    let o = elbo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(image::open(&out).is_ok());
+    args.extend(["--variance", "fixed-large"]);
+    common::assert_one_line_error(&elbo(&args), "learned its variances");
 }

@@ -31,8 +31,9 @@ pub struct EvalVaeArgs {
 
 #[derive(Args)]
 pub struct EvalDiffusionArgs {
-    /// elbo's model.safetensors, or a folder diffusers' save_pretrained wrote (a DDPM or DDIM
-    /// pipeline, or a UNet2DModel).
+    /// elbo's model.safetensors, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// pipeline, or a UNet2DModel), or an improved-diffusion / guided-diffusion model.pt with
+    /// its MODEL_FLAGS and DIFFUSION_FLAGS (below).
     #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
     /// A named image set (mnist-10k, mnist, fashion-mnist, cifar10, cifar100) or toy:NAME
@@ -53,8 +54,11 @@ pub struct EvalDiffusionArgs {
     pub limit: usize,
     #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value = "fixed-small")]
-    pub variance: VarianceType,
+    /// The variance of p_theta(x_{t-1} | x_t): fixed-small (posterior variance) or fixed-large
+    /// (beta); default: the model's own (fixed-small for elbo's models, the scheduler's or the
+    /// flags' for other projects'; learned variances are always the network's).
+    #[arg(long, value_enum)]
+    pub variance: Option<VarianceType>,
     /// Also draw L_t against t on log axes, with labels and units, as an SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
@@ -74,6 +78,8 @@ pub struct EvalDiffusionArgs {
     /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
     #[arg(long, value_name = "RUN_DIR")]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
 
 pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
@@ -218,7 +224,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             p.display()
         );
     }
-    let m = load_diffusion(&a.checkpoint, device)?;
+    let m = load_diffusion(&a.checkpoint, &a.model_flags, device)?;
     let net = elbo::engine::FrozenNet::new(m.net);
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
@@ -239,8 +245,9 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
+    let variance = super::model_variance(&m.process, a.variance)?;
     let opts = elbo::diffusion::process::BoundOptions {
-        variance: a.variance,
+        variance,
         decoder,
         clip_denoised: a.clip_denoised,
     };
@@ -279,6 +286,8 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     results["split"] = serde_json::to_value(a.split)?;
     results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
     results["seconds"] = started.elapsed().as_secs_f64().into();
+    results["variance"] = serde_json::to_value(variance)?;
+    results["clip_denoised"] = a.clip_denoised.into();
     if let Some(dir) = &a.report {
         save_eval_report(dir, "diffusion", &results)?;
     }

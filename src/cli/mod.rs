@@ -297,13 +297,61 @@ fn check_report_run(dir: &std::path::Path, kind: &str) -> Result<()> {
     Ok(())
 }
 
-/// A diffusion model for sampling or evaluation: elbo's checkpoint, or a folder diffusers wrote
-/// (`elbo::interop::diffusers`).
-fn load_diffusion(path: &std::path::Path, device: &Device) -> Result<LoadedDiffusion> {
+/// A diffusion model for sampling or evaluation: elbo's checkpoint, a folder diffusers wrote
+/// (`elbo::interop::diffusers`), or an improved-diffusion `.pt` with its flags
+/// (`elbo::interop::improved_diffusion`).
+fn load_diffusion(
+    path: &std::path::Path,
+    flags: &elbo::interop::improved_diffusion::ModelFlags,
+    device: &Device,
+) -> Result<LoadedDiffusion> {
+    use elbo::interop::improved_diffusion as id;
+    if id::is_checkpoint(path) {
+        let m = id::load(path, flags, device)?;
+        for note in flags.notes() {
+            eprintln!("note: {note}");
+        }
+        return Ok(m);
+    }
+    if let Some(flag) = flags.first_given() {
+        bail!(
+            "{flag} describes an improved-diffusion / guided-diffusion checkpoint; {} is not one (a .pt file)",
+            path.display()
+        );
+    }
     if elbo::interop::diffusers::is_diffusers_folder(path) {
         return elbo::interop::diffusers::load(path, device);
     }
     LoadedDiffusion::load(path, device)
+}
+
+/// The variance of p_theta for sampling and the bound: `--variance`'s, else the model's own
+/// (fixed-small where it names none). A model that learned its variances takes no other, and
+/// one that did not cannot be asked for learned ones.
+fn model_variance(
+    process: &elbo::diffusion::GaussianDiffusion,
+    flag: Option<elbo::diffusion::VarianceType>,
+) -> Result<elbo::diffusion::VarianceType> {
+    use clap::ValueEnum;
+    use elbo::diffusion::VarianceType;
+    let own = process.variance;
+    let name = |v: VarianceType| {
+        v.to_possible_value()
+            .map_or_else(|| format!("{v:?}"), |p| p.get_name().to_string())
+    };
+    match (own, flag) {
+        (Some(o), Some(f)) if o.is_learned() && f != o => bail!(
+            "--variance {}: the model learned its variances ({}); leave out --variance",
+            name(f),
+            name(o)
+        ),
+        (o, Some(f)) if f.is_learned() && o != Some(f) => bail!(
+            "--variance {}: this model's network gives no variances (fixed-small or fixed-large)",
+            name(f)
+        ),
+        (_, Some(f)) => Ok(f),
+        (o, None) => Ok(o.unwrap_or(VarianceType::FixedSmall)),
+    }
 }
 
 /// Writes `results` as `dir/eval.json` and refreshes `dir/report.html`.

@@ -16,8 +16,9 @@ pub struct SampleVaeArgs {
 
 #[derive(Args)]
 pub struct SampleDiffusionArgs {
-    /// elbo's model.safetensors, or a folder diffusers' save_pretrained wrote (a DDPM or DDIM
-    /// pipeline, or a UNet2DModel).
+    /// elbo's model.safetensors, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// pipeline, or a UNet2DModel), or an improved-diffusion / guided-diffusion model.pt with
+    /// its MODEL_FLAGS and DIFFUSION_FLAGS (below).
     #[arg(long, value_name = "FILE|DIR")]
     pub checkpoint: PathBuf,
     #[arg(long, value_enum, default_value = "ddim")]
@@ -28,9 +29,10 @@ pub struct SampleDiffusionArgs {
     /// DDIM noise: 0 is deterministic.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub eta: f64,
-    /// DDPM variance: fixed-small (posterior variance) or fixed-large (beta).
-    #[arg(long, value_enum, default_value = "fixed-small")]
-    pub variance: VarianceType,
+    /// DDPM variance: fixed-small (posterior variance) or fixed-large (beta); default: the
+    /// model's own (learned variances are always the network's).
+    #[arg(long, value_enum)]
+    pub variance: Option<VarianceType>,
     /// Do not clip the predicted x_0 to [-1, 1] (images clip by default).
     #[arg(long)]
     pub no_clip: bool,
@@ -40,6 +42,8 @@ pub struct SampleDiffusionArgs {
     pub out: PathBuf,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
 
 #[derive(Args)]
@@ -62,11 +66,12 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
-    let m = load_diffusion(&a.checkpoint, device)?;
+    let m = load_diffusion(&a.checkpoint, &a.model_flags, device)?;
     let net = elbo::engine::FrozenNet::new(m.net);
     check_grid_memory(a.n, m.config.image_shape().map_or(1, |s| s.dim()))?;
     let mut noise = Noise::new(a.seed);
     let clip = m.config.is_image() && !a.no_clip;
+    let variance = super::model_variance(&m.process, a.variance)?;
     let total = match a.sampler {
         SamplerKind::Ddpm => m.process.num_timesteps(),
         SamplerKind::Ddim => a.steps.min(m.process.num_timesteps()),
@@ -93,7 +98,7 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         let x_t = noise.randn(shape, device)?;
         parts.push(match a.sampler {
             SamplerKind::Ddpm => {
-                ddpm_sample(&m.process, &net, x_t, a.variance, clip, &mut noise, &bar)?
+                ddpm_sample(&m.process, &net, x_t, variance, clip, &mut noise, &bar)?
             }
             SamplerKind::Ddim => ddim_sample(
                 &m.process, &net, x_t, a.steps, a.eta, clip, &mut noise, &bar,

@@ -339,6 +339,9 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
         num_train_timesteps: a.num_train_timesteps,
         prediction: a.prediction,
         image_shape: None, // taken from the data
+        betas: None,
+        model_times: None,
+        variance: None,
     };
     model.process()?;
     let config = DiffusionTrainConfig {

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::nets::NetConfig;
-use super::process::{GaussianDiffusion, Prediction};
+use super::process::{GaussianDiffusion, Prediction, VarianceType};
 use super::schedule::{BetaSchedule, Schedule};
 use crate::checkpoint;
 use crate::data::ImageShape;
@@ -24,6 +24,20 @@ pub struct DiffusionConfig {
     /// which are 1 x 28 x 28).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_shape: Option<ImageShape>,
+    /// Betas in place of `beta_schedule`'s (other projects' checkpoints: diffusers'
+    /// `trained_betas`, improved-diffusion's linear schedule scaled by 1000 / T, a respaced
+    /// process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub betas: Option<Vec<f64>>,
+    /// The value the network is given for each timestep t (improved-diffusion's
+    /// `rescale_timesteps`: t 1000 / T; respacing: the original step's); absent: t.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_times: Option<Vec<f64>>,
+    /// The variance of p_theta(x_{t-1} | x_t) the model was made with (what sampling and the
+    /// bound use unless told otherwise); learned ones are the network's second C output
+    /// channels. Absent: fixed-small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variance: Option<VarianceType>,
 }
 
 impl DiffusionConfig {
@@ -53,7 +67,36 @@ impl DiffusionConfig {
                 );
             }
         }
-        Schedule::check_size(self.num_train_timesteps)
+        Schedule::check_size(self.num_train_timesteps)?;
+        let t = self.num_train_timesteps;
+        if let Some(b) = &self.betas
+            && b.len() != t
+        {
+            bail!("{} betas for T = {t} timesteps", b.len());
+        }
+        if let Some(m) = &self.model_times
+            && (m.len() != t || m.iter().any(|v| !v.is_finite()))
+        {
+            bail!("{} finite model timesteps expected for T = {t}", t);
+        }
+        let (in_c, out_c) = match &self.net {
+            NetConfig::Unet {
+                in_channels,
+                options,
+                ..
+            } => (*in_channels, options.out_channels(*in_channels)),
+            NetConfig::Mlp { .. } => (1, 1),
+        };
+        let learned = self.variance.is_some_and(VarianceType::is_learned);
+        match (learned, out_c == 2 * in_c) {
+            (true, false) => bail!(
+                "learned variances need a network with 2C output channels, this one gives {out_c}"
+            ),
+            (false, true) => {
+                bail!("a network with 2C output channels needs a learned variance type")
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The images' shape: stored, or 1 x 28 x 28 for an image model from before it was stored;
@@ -66,10 +109,14 @@ impl DiffusionConfig {
     }
 
     pub fn process(&self) -> Result<GaussianDiffusion> {
-        Ok(GaussianDiffusion::new(
-            Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
-            self.prediction,
-        ))
+        let schedule = match &self.betas {
+            Some(b) => Schedule::custom(self.beta_schedule, b.clone())?,
+            None => Schedule::new(self.beta_schedule, self.num_train_timesteps)?,
+        };
+        let mut process = GaussianDiffusion::new(schedule, self.prediction);
+        process.model_times = self.model_times.clone();
+        process.variance = self.variance;
+        Ok(process)
     }
 
     /// `true` for image models (`[B, C, H, W]`), `false` for 2-D points.

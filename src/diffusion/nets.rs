@@ -39,10 +39,11 @@ pub fn timestep_embedding_with(
 }
 
 /// Details of a U-Net that elbo's own nets leave at their defaults and checkpoints of other
-/// projects set (diffusers' `UNet2DModel` config names): the timestep embedding's order and
-/// frequency shift, the GroupNorm epsilon, and the downsampling convolutions' padding (1:
-/// symmetric; 0: diffusers' and DDPM's "SAME" padding, one row and column of zeros after the
-/// image, then no padding).
+/// projects set (diffusers' `UNet2DModel` and improved-diffusion's flag names): the timestep
+/// embedding's order and frequency shift, the GroupNorm epsilon, the downsampling
+/// convolutions' padding (1: symmetric; 0: diffusers' and DDPM's "SAME" padding, one row and
+/// column of zeros after the image, then no padding), attention heads, scale-shift norm and
+/// the output channels (2C for learned variances).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct UnetOptions {
@@ -50,6 +51,34 @@ pub struct UnetOptions {
     pub freq_shift: usize,
     pub norm_eps: f64,
     pub downsample_padding: usize,
+    /// Attention heads of the down path and the middle block (improved-diffusion
+    /// `--num_heads`).
+    #[serde(skip_serializing_if = "is_one")]
+    pub heads: usize,
+    /// Attention heads of the up path; 0: `heads` (improved-diffusion `--num_heads_upsample`).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub heads_up: usize,
+    /// Channels per head, overriding `heads` where set (guided-diffusion
+    /// `--num_head_channels`; diffusers' `attention_head_dim`).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub head_channels: usize,
+    /// FiLM conditioning of the residual blocks (improved-diffusion `--use_scale_shift_norm`):
+    /// the time projection gives `[scale; shift]` (2 x channels) and the second norm becomes
+    /// `gn2(h) (1 + scale) + shift` in place of `gn2(h + time)`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub scale_shift: bool,
+    /// Channels out of `conv_out`; 0: as many as in. 2C: the second C are the variance
+    /// interpolation of learned variances (improved DDPM eq. 15).
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub out_channels: usize,
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+fn is_zero_usize(v: &usize) -> bool {
+    *v == 0
 }
 
 impl Default for UnetOptions {
@@ -59,6 +88,11 @@ impl Default for UnetOptions {
             freq_shift: 0,
             norm_eps: 1e-5,
             downsample_padding: 1,
+            heads: 1,
+            heads_up: 0,
+            head_channels: 0,
+            scale_shift: false,
+            out_channels: 0,
         }
     }
 }
@@ -66,6 +100,35 @@ impl Default for UnetOptions {
 impl UnetOptions {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The attention heads at `c` channels (`up`: on the up path), checked to divide `c`.
+    pub fn heads_at(&self, c: usize, up: bool) -> anyhow::Result<usize> {
+        let heads = match (self.head_channels, up && self.heads_up > 0) {
+            (0, true) => self.heads_up,
+            (0, false) => self.heads,
+            (hc, _) => c / hc.max(1),
+        };
+        if heads == 0
+            || !c.is_multiple_of(heads)
+            || (self.head_channels > 0 && !c.is_multiple_of(self.head_channels))
+        {
+            anyhow::bail!(
+                "attention at {c} channels does not split into heads (heads {}, heads_up {}, head_channels {})",
+                self.heads,
+                self.heads_up,
+                self.head_channels
+            );
+        }
+        Ok(heads)
+    }
+
+    /// The channels `conv_out` gives for `in_channels` in.
+    pub fn out_channels(&self, in_channels: usize) -> usize {
+        match self.out_channels {
+            0 => in_channels,
+            n => n,
+        }
     }
 }
 
@@ -171,7 +234,8 @@ impl NetConfig {
                 res_blocks,
                 attention_levels,
                 dropout,
-                ..
+                attention,
+                options,
             } => {
                 if let Some(n) = res_blocks
                     && !(1..=8).contains(n)
@@ -217,6 +281,21 @@ impl NetConfig {
                             "U-Net channel_mult {channel_mult:?} with base {base}: every channel count must be a positive multiple of groups = {groups}"
                         );
                     }
+                }
+                let o = options.out_channels;
+                if o != 0 && o != *in_channels && o != 2 * in_channels {
+                    bail!(
+                        "U-Net out_channels {o}: C = {in_channels} (the prediction) or 2C (with learned variances) expected"
+                    );
+                }
+                let c_mid = base * channel_mult.last().copied().unwrap_or(1);
+                if *attention {
+                    options.heads_at(c_mid, false)?;
+                }
+                for &l in attention_levels {
+                    let c = base * channel_mult[l];
+                    options.heads_at(c, false)?;
+                    options.heads_at(c, true)?;
                 }
             }
         }
@@ -401,7 +480,9 @@ fn conv(
     Conv2d::new(i, o, k, stride, vb)
 }
 
-/// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip.
+/// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip;
+/// with `scale_shift` the time projection `[scale; shift]` modulates the second norm instead:
+/// `silu(gn2(h) (1 + scale) + shift)` (improved-diffusion's `use_scale_shift_norm`).
 pub(crate) struct ResBlock {
     pub(crate) norm1: GroupNorm,
     pub(crate) conv1: Conv2d,
@@ -409,19 +490,24 @@ pub(crate) struct ResBlock {
     pub(crate) norm2: GroupNorm,
     pub(crate) conv2: Conv2d,
     pub(crate) skip: Option<Conv2d>,
+    pub(crate) scale_shift: bool,
 }
 
 impl ResBlock {
     fn new(
         (i, o, temb): (usize, usize, usize),
         groups: usize,
-        eps: f64,
+        o_opts: &UnetOptions,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
+        let eps = o_opts.norm_eps;
+        let scale_shift = o_opts.scale_shift;
+        let time_out = if scale_shift { 2 * o } else { o };
         Ok(Self {
+            scale_shift,
             norm1: GroupNorm::new(groups, i, eps, vb.pp("norm1"))?,
             conv1: conv(i, o, 3, 1, vb.pp("conv1"))?,
-            time: candle_nn::linear(temb, o, vb.pp("time_emb_proj"))?,
+            time: candle_nn::linear(temb, time_out, vb.pp("time_emb_proj"))?,
             norm2: GroupNorm::new(groups, o, eps, vb.pp("norm2"))?,
             conv2: conv(o, o, 3, 1, vb.pp("conv2"))?,
             skip: if i != o {
@@ -442,8 +528,16 @@ impl ResBlock {
     ) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let mut h = self.norm2.forward_silu(&h)?;
+        let mut h = if self.scale_shift {
+            let o = h.dim(1)?;
+            let (scale, shift) = (t.narrow(1, 0, o)?, t.narrow(1, o, o)?);
+            let g = self.norm2.forward(&h)?;
+            g.broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?
+                .silu()?
+        } else {
+            self.norm2.forward_silu(&h.broadcast_add(&t)?)?
+        };
         if let Some((seed, blocks, index, p, first)) = dropout {
             let (b, c, hh, ww) = h.dims4()?;
             let n = c * hh * ww;
@@ -464,43 +558,56 @@ impl ResBlock {
     }
 }
 
-/// Single-head self-attention over the pixels of a feature map, with a residual.
+/// Multi-head self-attention over the pixels of a feature map, with a residual. The 1 x 1
+/// `qkv` convolution gives `[Q; K; V]`, each `[C, HW]`, and head `i` reads channels
+/// `i d..(i + 1) d` of each (d = C / heads):
+/// `O_i = V_i softmax(Q_i^T K_i / sqrt(d))^T`, `y = x + proj([O_1; ...; O_heads])`.
 pub(crate) struct Attention {
     pub(crate) norm: GroupNorm,
     pub(crate) qkv: Conv2d,
     pub(crate) proj: Conv2d,
+    pub(crate) heads: usize,
 }
 
 impl Attention {
-    fn new(c: usize, groups: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        c: usize,
+        groups: usize,
+        heads: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        if heads == 0 || !c.is_multiple_of(heads) {
+            candle_core::bail!("attention: {c} channels do not split into {heads} heads");
+        }
         Ok(Self {
             norm: GroupNorm::new(groups, c, eps, vb.pp("norm"))?,
             qkv: conv(c, 3 * c, 1, 1, vb.pp("qkv"))?,
             proj: conv(c, c, 1, 1, vb.pp("proj_out"))?,
+            heads,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let (nh, d) = (self.heads, c / self.heads);
         let qkv = self
             .qkv
             .forward(&self.norm.forward(x)?)?
-            .reshape((b, 3, c, h * w))?;
-        let q = qkv
-            .narrow(1, 0, 1)?
-            .squeeze(1)?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, HW, C]
-        let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?; // [B, C, HW]
-        let v = qkv
-            .narrow(1, 2, 1)?
-            .squeeze(1)?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, HW, C]
+            .reshape((b, 3, nh, d, h * w))?;
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(1, i, 1)?.squeeze(1)?.reshape((b * nh, d, h * w))
+        };
+        let q = part(0)?.transpose(1, 2)?.contiguous()?; // [B nh, HW, d]
+        let k = part(1)?.contiguous()?; // [B nh, d, HW]
+        let v = part(2)?.transpose(1, 2)?.contiguous()?; // [B nh, HW, d]
         // candle_nn's `softmax_last_dim` has no backward pass (its gradient is silently
         // dropped, so q and k would never train): the composed softmax differentiates.
-        let att = candle_nn::ops::softmax(&(q.matmul(&k)? / (c as f64).sqrt())?, D::Minus1)?;
-        let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let att = candle_nn::ops::softmax(&(q.matmul(&k)? / (d as f64).sqrt())?, D::Minus1)?;
+        let out = att
+            .matmul(&v)? // [B nh, HW, d]
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
         x + self.proj.forward(&out)?
     }
 }
@@ -570,10 +677,16 @@ impl UNet {
         let chans: Vec<usize> = s.mult.iter().map(|m| m * base).collect();
         let levels = chans.len();
         let eps = s.options.norm_eps;
-        let res = |i, o, name: String| ResBlock::new((i, o, temb), groups, eps, vb.pp(name));
-        let attn = |level: usize, c, name: String| -> candle_core::Result<Option<Attention>> {
+        let res = |i, o, name: String| ResBlock::new((i, o, temb), groups, s.options, vb.pp(name));
+        let heads = |c: usize, up: bool| {
+            s.options
+                .heads_at(c, up)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        };
+        let attn = |level: usize, c, up: bool, name: String| {
             if s.attention_levels.contains(&level) {
-                Ok(Some(Attention::new(c, groups, eps, vb.pp(name))?))
+                let h = heads(c, up)?;
+                Ok::<_, candle_core::Error>(Some(Attention::new(c, groups, h, eps, vb.pp(name))?))
             } else {
                 Ok(None)
             }
@@ -595,7 +708,7 @@ impl UNet {
                 };
                 stages.push(Stage::Res {
                     block: Box::new(res(prev, c, name("res"))?),
-                    attn: attn(i, c, name("attn"))?,
+                    attn: attn(i, c, false, name("attn"))?,
                     concat: false,
                     push: true,
                 });
@@ -619,7 +732,13 @@ impl UNet {
             }
         }
         let mid_attn = if s.attention {
-            Some(Attention::new(prev, groups, eps, vb.pp("mid.attn"))?)
+            Some(Attention::new(
+                prev,
+                groups,
+                heads(prev, false)?,
+                eps,
+                vb.pp("mid.attn"),
+            )?)
         } else {
             None
         };
@@ -647,7 +766,7 @@ impl UNet {
                 let skip = skips.pop().expect("one skip per up block");
                 stages.push(Stage::Res {
                     block: Box::new(res(prev + skip, out, name("res"))?),
-                    attn: attn(i, out, name("attn"))?,
+                    attn: attn(i, out, true, name("attn"))?,
                     concat: true,
                     push: false,
                 });
@@ -668,7 +787,13 @@ impl UNet {
             push_input: !compact,
             stages,
             norm_out: GroupNorm::new(groups, prev, eps, vb.pp("norm_out"))?,
-            conv_out: conv(prev, s.in_channels, 3, 1, vb.pp("conv_out"))?,
+            conv_out: conv(
+                prev,
+                s.options.out_channels(s.in_channels),
+                3,
+                1,
+                vb.pp("conv_out"),
+            )?,
             dropout,
         })
     }

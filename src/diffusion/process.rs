@@ -34,6 +34,20 @@ pub enum VarianceType {
     FixedSmall,
     /// beta_t (the upper bound of Ho et al.), with beta~_1 at t = 0 as improved-diffusion does.
     FixedLarge,
+    /// The network's second C output channels are log sigma_t^2 (improved-diffusion
+    /// `LEARNED`, diffusers `learned`).
+    Learned,
+    /// The network's second C output channels v interpolate in the log domain (Nichol &
+    /// Dhariwal 2021, eq. 15): `log sigma^2 = (v + 1)/2 log beta_t + (1 - v)/2 log beta~_t`
+    /// (beta~ clipped at t = 0; improved-diffusion `LEARNED_RANGE`, diffusers `learned_range`).
+    LearnedRange,
+}
+
+impl VarianceType {
+    /// Whether the network gives it (2C output channels).
+    pub fn is_learned(self) -> bool {
+        matches!(self, VarianceType::Learned | VarianceType::LearnedRange)
+    }
 }
 
 /// The process: a schedule and what the model predicts.
@@ -41,6 +55,12 @@ pub enum VarianceType {
 pub struct GaussianDiffusion {
     pub schedule: Schedule,
     pub prediction: Prediction,
+    /// What the network is given for timestep t (see `DiffusionConfig::model_times`); `None`:
+    /// t itself.
+    pub model_times: Option<Vec<f64>>,
+    /// The variance the model was made with (see `DiffusionConfig::variance`); learned ones
+    /// (the network's second C output channels) take the place of any fixed variance asked for.
+    pub variance: Option<VarianceType>,
 }
 
 /// Per-example coefficients `arr[t_b]`, shaped `[B, 1, ..., 1]` to broadcast against `like`.
@@ -56,7 +76,37 @@ impl GaussianDiffusion {
         Self {
             schedule,
             prediction,
+            model_times: None,
+            variance: None,
         }
+    }
+
+    /// The network's time input for timesteps `t` (`[B]` f32).
+    pub fn model_t(&self, t: &[usize], device: &Device) -> Result<Tensor> {
+        match &self.model_times {
+            None => timestep_tensor(t, device),
+            Some(m) => Ok(Tensor::from_vec(
+                t.iter().map(|&v| m[v] as f32).collect::<Vec<_>>(),
+                t.len(),
+                device,
+            )?),
+        }
+    }
+
+    /// A network output `[B, C', ...]` as (the prediction, the variance values): with learned
+    /// variances C' = 2C and the second half is the variances'; else the whole output.
+    pub fn split_output(&self, output: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if !self.variance.is_some_and(VarianceType::is_learned) {
+            return Ok((output.clone(), None));
+        }
+        let c2 = output.dim(1)?;
+        if c2 % 2 != 0 {
+            bail!("learned variances: an even number of output channels expected, got {c2}");
+        }
+        Ok((
+            output.narrow(1, 0, c2 / 2)?,
+            Some(output.narrow(1, c2 / 2, c2 / 2)?),
+        ))
     }
 
     pub fn num_timesteps(&self) -> usize {
@@ -159,15 +209,34 @@ impl GaussianDiffusion {
         variance: VarianceType,
         clip: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let mut x0 = self.predict_x0(xt, t, output)?;
+        let (output, var_values) = self.split_output(output)?;
+        let mut x0 = self.predict_x0(xt, t, &output)?;
         if clip {
             x0 = x0.clamp(-1f32, 1f32)?;
         }
         let (mean, posterior_lv) = self.q_posterior_mean_log_variance(&x0, xt, t)?;
+        let s = &self.schedule;
+        let variance = match self.variance {
+            Some(own) if own.is_learned() => own,
+            _ => variance,
+        };
+        let learned = || {
+            var_values.clone().ok_or_else(|| {
+                anyhow::anyhow!("{variance:?} variances need a network that gives them")
+            })
+        };
         let lv = match variance {
+            VarianceType::Learned => learned()?,
+            VarianceType::LearnedRange => {
+                let frac = ((learned()? + 1.0)? * 0.5)?;
+                let log_beta: Vec<f64> = s.betas.iter().map(|b| b.ln()).collect();
+                let max_log = extract(&log_beta, t, xt)?;
+                let min_log = extract(&s.posterior_log_variance_clipped, t, xt)?;
+                (frac.broadcast_mul(&max_log)?
+                    + frac.affine(-1.0, 1.0)?.broadcast_mul(&min_log)?)?
+            }
             VarianceType::FixedSmall => posterior_lv,
             VarianceType::FixedLarge => {
-                let s = &self.schedule;
                 let lv: Vec<f64> = (0..s.len())
                     .map(|i| {
                         if i == 0 {
@@ -379,7 +448,7 @@ impl GaussianDiffusion {
         let b = x0.dim(0)?;
         let eps = noise.randn(x0.shape(), x0.device())?;
         let xt = self.q_sample(x0, t, &eps)?;
-        let out = model.forward(&xt, &timestep_tensor(t, x0.device())?)?;
+        let out = model.forward(&xt, &self.model_t(t, x0.device())?)?;
         let (mean, lv, _) =
             self.p_mean_log_variance(&out, &xt, t, opts.variance, opts.clip_denoised)?;
         let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, t)?;

@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::process::{Denoiser, GaussianDiffusion, Prediction, VarianceType, timestep_tensor};
+use super::process::{Denoiser, GaussianDiffusion, Prediction, VarianceType};
 use crate::distributions::Noise;
 
 /// Which sampler.
@@ -33,7 +33,7 @@ pub fn ddpm_sample(
     let mut x = x_t;
     for ti in (0..diffusion.num_timesteps()).rev() {
         let t = vec![ti; b];
-        let out = model.forward(&x, &timestep_tensor(&t, x.device())?)?;
+        let out = model.forward(&x, &diffusion.model_t(&t, x.device())?)?;
         let (mean, lv, _) = diffusion.p_mean_log_variance(&out, &x, &t, variance, clip)?;
         x = if ti > 0 {
             let z = noise.randn(x.shape(), x.device())?;
@@ -81,7 +81,8 @@ pub fn ddim_sample(
     let mut x = x_t;
     for &ti in &timesteps {
         let t = vec![ti; b];
-        let out = model.forward(&x, &timestep_tensor(&t, x.device())?)?;
+        let out = model.forward(&x, &diffusion.model_t(&t, x.device())?)?;
+        let (out, _) = diffusion.split_output(&out)?;
         let x0_raw = diffusion.predict_x0(&x, &t, &out)?;
         let eps = match diffusion.prediction {
             Prediction::Eps => out,

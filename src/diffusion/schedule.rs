@@ -102,6 +102,21 @@ impl Schedule {
         Ok(Self::from_betas(beta_schedule, betas))
     }
 
+    /// A schedule from explicit betas (diffusers' `trained_betas`, improved-diffusion's linear
+    /// schedule for T != 1000, a respaced process), each checked to lie in (0, 1);
+    /// `beta_schedule` labels it.
+    pub fn custom(beta_schedule: BetaSchedule, betas: Vec<f64>) -> Result<Self> {
+        Self::check_size(betas.len())?;
+        if let Some((t, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(**b > 0.0 && **b < 1.0))
+        {
+            bail!("beta_{t} = {b}: every beta must lie in (0, 1)");
+        }
+        Ok(Self::from_betas(beta_schedule, betas))
+    }
+
     fn from_betas(beta_schedule: BetaSchedule, betas: Vec<f64>) -> Self {
         let t_max = betas.len();
         let alphas: Vec<f64> = betas.iter().map(|b| 1.0 - b).collect();
@@ -153,7 +168,7 @@ impl Schedule {
 }
 
 /// `n` evenly spaced values from `a` to `b` inclusive (as `torch.linspace`).
-fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+pub fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     let step = (b - a) / (n - 1) as f64;
     (0..n)
         .map(|i| if i == n - 1 { b } else { a + step * i as f64 })

@@ -589,6 +589,7 @@ impl Builder {
             norm2: self.norm(&r.norm2)?,
             conv2: self.conv(&r.conv2)?,
             skip: r.skip.as_ref().map(|s| self.conv(s)).transpose()?,
+            scale_shift: r.scale_shift,
         })
     }
 
@@ -597,6 +598,7 @@ impl Builder {
             norm: self.norm(&a.norm)?,
             qkv: self.conv(&a.qkv)?,
             proj: self.conv(&a.proj)?,
+            heads: a.heads,
         })
     }
 }
@@ -666,9 +668,6 @@ impl FusedUnet {
             dropout: net.dropout,
             blocks: net.res_blocks() as u64,
         };
-        if plan.conv_in.c != plan.conv_out.o {
-            bail!("fused U-Net: as many output channels as input channels expected");
-        }
         let mut plan = plan;
         let mut params = b.params;
         for c in plan.convs_mut() {
@@ -708,9 +707,14 @@ impl FusedUnet {
         Ok(n)
     }
 
-    /// The number of image channels the network takes and gives.
+    /// The number of image channels the network takes.
     pub fn channels(&self) -> usize {
         self.plan.conv_in.c
+    }
+
+    /// The number of channels the network gives: C, or 2C with learned variances.
+    pub fn out_channels(&self) -> usize {
+        self.plan.conv_out.o
     }
 
     /// The dropout probability of its residual blocks (applied by [`FusedUnet::loss_and_grads`]
@@ -738,10 +742,11 @@ impl FusedUnet {
     /// eps_theta(x_t, t) of a batch: `x` `[B, C, H, W]` values, `t` `[B]` -> `[B, C, H, W]`.
     pub fn forward_values(&self, x: &[f32], t: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
         let n = self.check(x, t, size)?;
+        let m = self.out_channels() * size.0 * size.1;
         let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(chunk * n)
+        let mut out = vec![0f32; t.len() * m];
+        out.par_chunks_mut(chunk * m)
             .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
             .for_each(|(out, (x, t))| {
                 let mut ws = self.workspace();
@@ -750,7 +755,7 @@ impl FusedUnet {
                     let xe = &x[e * n..(e + 1) * n];
                     self.plan
                         .forward(&self.params, xe, &route, te, None, &mut ws);
-                    out[e * n..(e + 1) * n].copy_from_slice(&ws.tape.output);
+                    out[e * m..(e + 1) * m].copy_from_slice(&ws.tape.output);
                 }
                 self.give_back(ws);
             });
@@ -769,7 +774,7 @@ impl FusedUnet {
         let x = xt.flatten_all()?.to_vec1::<f32>()?;
         let t = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let out = self.forward_values(&x, &t, (h, w))?;
-        Tensor::from_vec(out, (b, c, h, w), xt.device())
+        Tensor::from_vec(out, (b, self.out_channels(), h, w), xt.device())
     }
 
     /// The simple loss `mean (eps_theta(x_t, t) - target)^2` of a batch and its gradient with
@@ -809,6 +814,13 @@ impl FusedUnet {
             return Ok((0.0, vec![0f32; self.params.len()]));
         }
         let n = self.check(x, t, size)?;
+        if self.out_channels() != self.channels() {
+            bail!(
+                "fused U-Net: the simple loss trains a network with as many output channels as input channels, not {} -> {}",
+                self.channels(),
+                self.out_channels()
+            );
+        }
         if target.len() != x.len() {
             bail!(
                 "fused U-Net: {} target values for {} inputs",

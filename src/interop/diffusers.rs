@@ -22,18 +22,17 @@
 //! `num_train_timesteps` and `prediction_type` give the process; a bare `UNet2DModel` folder
 //! takes DDPM's (linear, T = 1000, epsilon).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::data::ImageShape;
 use crate::diffusion::model::{DiffusionConfig, LoadedDiffusion};
-use crate::diffusion::nets::{Net, NetConfig, UnetOptions};
-use crate::diffusion::{BetaSchedule, Prediction};
+use crate::diffusion::nets::{NetConfig, UnetOptions};
+use crate::diffusion::{BetaSchedule, Prediction, VarianceType};
 
 /// The most bytes a diffusers JSON config may have.
 const CONFIG_MAX: u64 = 1 << 20;
@@ -69,97 +68,56 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
     let config_path = unet_dir.join("config.json");
     let unet = read_json(&config_path)?;
     let (net, shape) = unet_config(&unet, &config_path)?;
-    let (beta_schedule, num_train_timesteps, prediction) = match &scheduler {
+    let sched = match &scheduler {
         Some((p, v)) => scheduler_config(v, p)?,
-        None => (BetaSchedule::Linear, 1000, Prediction::Eps),
+        None => SchedulerConfig {
+            beta_schedule: BetaSchedule::Linear,
+            num_train_timesteps: 1000,
+            prediction: Prediction::Eps,
+            betas: None,
+            variance: None,
+        },
     };
     let config = DiffusionConfig {
         net,
-        beta_schedule,
-        num_train_timesteps,
-        prediction,
+        beta_schedule: sched.beta_schedule,
+        num_train_timesteps: sched.num_train_timesteps,
+        prediction: sched.prediction,
         image_shape: Some(shape),
+        betas: sched.betas,
+        model_times: None,
+        variance: sched.variance,
     };
+    let learned_net =
+        matches!(&config.net, NetConfig::Unet { options, .. } if options.out_channels != 0);
+    if learned_net && !config.variance.is_some_and(VarianceType::is_learned) {
+        bail!(
+            "{}: the UNet gives 2C channels (learned variances) but {} names no learned variance_type (learned, learned_range)",
+            config_path.display(),
+            match &scheduler {
+                Some((p, _)) => p.display().to_string(),
+                None => "a bare UNet folder (no scheduler)".to_string(),
+            }
+        );
+    }
     config
         .validate()
         .with_context(|| format!("{}", config_path.display()))?;
     let weights = weights_path(&unet_dir)?;
     let loaded = crate::checkpoint::load(&weights, device)?;
     let tensors = rename(loaded.tensors, &config.net, &weights)?;
-    let names: Vec<String> = tensors.keys().cloned().collect();
-    let used = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let backend = Recording {
+    let net = super::build_net(
+        &config.net,
         tensors,
-        used: used.clone(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-    let net = Net::build(&config.net, vb).map_err(|e| {
-        // candle's message, without the backtrace it may carry.
-        let e = e.to_string();
-        anyhow::anyhow!(
-            "{}: the tensors do not fit the network {}'s config describes: {}",
-            weights.display(),
-            config_path.display(),
-            e.lines().next().unwrap_or("")
-        )
-    })?;
-    // Every tensor of the file must be one the network reads: none is silently left out.
-    let used = used
-        .lock()
-        .map_err(|_| anyhow::anyhow!("a poisoned lock"))?;
-    if let Some(unused) = names.iter().find(|n| !used.contains(*n)) {
-        bail!(
-            "{}: tensor {unused} (elbo's name) is not read by the network {}'s config describes",
-            weights.display(),
-            config_path.display()
-        );
-    }
+        device,
+        &weights,
+        &format!("the network {}'s config describes", config_path.display()),
+    )?;
     Ok(LoadedDiffusion {
         process: config.process()?,
         config,
         net,
     })
-}
-
-/// The renamed tensors as a `VarBuilder` backend that records which ones the network reads.
-struct Recording {
-    tensors: HashMap<String, Tensor>,
-    used: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
-}
-
-impl candle_nn::var_builder::SimpleBackend for Recording {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "shape mismatch for {name}, expected: {:?}, got: {:?}",
-                s.dims(),
-                t.dims()
-            );
-        }
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some(t) = self.tensors.get(name) else {
-            candle_core::bail!("no tensor {name} in the file");
-        };
-        if let Ok(mut used) = self.used.lock() {
-            used.insert(name.to_string());
-        }
-        t.to_dtype(dtype)?.to_device(dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -296,10 +254,18 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
     let attention_levels = attention_levels(
         &strings("down_block_types")?,
         &strings("up_block_types")?,
-        obj.get("attention_head_dim").filter(|v| !v.is_null()),
         &channels,
         &at.to_string(),
     )?;
+    // Channels per head (diffusers' `heads = channels / attention_head_dim`); null: one head.
+    let head_channels = match obj.get("attention_head_dim").filter(|v| !v.is_null()) {
+        None => 0,
+        Some(h) => h
+            .as_u64()
+            .filter(|&n| (1..=1 << 24).contains(&n))
+            .with_context(|| format!("{at}: attention_head_dim = {h}: a channel count expected"))?
+            as usize,
+    };
     let add_attention = obj
         .get("add_attention")
         .map_or(Some(true), Value::as_bool)
@@ -331,9 +297,9 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
     }
     let in_channels = uint("in_channels", Some(3))?;
     let out_channels = uint("out_channels", Some(in_channels as u64))?;
-    if out_channels != in_channels {
+    if out_channels != in_channels && out_channels != 2 * in_channels {
         bail!(
-            "{at}: {in_channels} channels in, {out_channels} out; elbo's U-Net gives as many channels as it takes (learned variances are not read yet)"
+            "{at}: {in_channels} channels in, {out_channels} out; elbo's U-Net gives C (the prediction) or 2C (with learned variances)"
         );
     }
     let size = uint("sample_size", None)?;
@@ -351,6 +317,13 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
             freq_shift,
             norm_eps,
             downsample_padding,
+            head_channels,
+            out_channels: if out_channels == in_channels {
+                0
+            } else {
+                out_channels
+            },
+            ..UnetOptions::default()
         },
     };
     let shape = ImageShape {
@@ -362,11 +335,10 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
 }
 
 /// The levels with attention, from the down and up block types (each level's attention the
-/// same both ways) and `attention_head_dim` (one head: null or the level's channel count).
+/// same both ways).
 fn attention_levels(
     down: &[String],
     up: &[String],
-    head_dim: Option<&Value>,
     channels: &[usize],
     at: &str,
 ) -> Result<Vec<usize>> {
@@ -395,21 +367,24 @@ fn attention_levels(
             attention_levels.push(i);
         }
     }
-    if let Some(h) = head_dim {
-        for &i in &attention_levels {
-            if h.as_u64() != Some(channels[i] as u64) {
-                bail!(
-                    "{at}: attention_head_dim = {h} gives several heads at {} channels; elbo's attention has one head",
-                    channels[i]
-                );
-            }
-        }
-    }
     Ok(attention_levels)
 }
 
-/// The schedule, T and prediction target of a `DDPMScheduler` / `DDIMScheduler` config.
-pub fn scheduler_config(v: &Value, path: &Path) -> Result<(BetaSchedule, usize, Prediction)> {
+/// What a `DDPMScheduler` / `DDIMScheduler` config says about the process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    pub beta_schedule: BetaSchedule,
+    pub num_train_timesteps: usize,
+    pub prediction: Prediction,
+    /// Explicit betas: `trained_betas`, or a linear range other than DDPM's.
+    pub betas: Option<Vec<f64>>,
+    /// `variance_type`: fixed_small, fixed_large, learned or learned_range.
+    pub variance: Option<VarianceType>,
+}
+
+/// The schedule, T, prediction target and learned variances of a `DDPMScheduler` /
+/// `DDIMScheduler` config.
+pub fn scheduler_config(v: &Value, path: &Path) -> Result<SchedulerConfig> {
     let at = path.display();
     let Some(obj) = v.as_object() else {
         bail!("{at}: not a JSON object");
@@ -428,31 +403,66 @@ pub fn scheduler_config(v: &Value, path: &Path) -> Result<(BetaSchedule, usize, 
             "{at}: beta_schedule = {other} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
         ),
     };
-    if schedule != BetaSchedule::Cosine {
-        for (key, want) in [
-            ("beta_start", crate::diffusion::schedule::BETA_START),
-            ("beta_end", crate::diffusion::schedule::BETA_END),
-        ] {
-            if let Some(v) = obj.get(key).and_then(Value::as_f64)
-                && (v - want).abs() > 1e-12
-            {
-                bail!("{at}: {key} = {v} is not supported (elbo's schedules use {want})");
-            }
+    let t = match obj.get("num_train_timesteps") {
+        None => 1000,
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n >= 2 && n <= crate::diffusion::schedule::MAX_TIMESTEPS as u64)
+            .with_context(|| format!("{at}: num_train_timesteps = {v}: 2 to 1,000,000 expected"))?
+            as usize,
+    };
+    let float = |key: &str, default: f64| -> Result<f64> {
+        match obj.get(key).filter(|v| !v.is_null()) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|b| *b > 0.0 && *b < 1.0)
+                .with_context(|| format!("{at}: {key} = {v}: a number in (0, 1) expected")),
         }
-    }
-    if obj.get("trained_betas").is_some_and(|v| !v.is_null()) {
-        bail!("{at}: trained_betas is not supported (a named beta_schedule is)");
+    };
+    use crate::diffusion::schedule::{BETA_END, BETA_START, linspace};
+    let (start, end) = (
+        float("beta_start", BETA_START)?,
+        float("beta_end", BETA_END)?,
+    );
+    // A linear range other than DDPM's: the betas written out.
+    let mut betas = match schedule {
+        BetaSchedule::Cosine => None,
+        _ if start == BETA_START && end == BETA_END => None,
+        BetaSchedule::Linear => Some(linspace(start, end, t)),
+        BetaSchedule::ScaledLinear => Some(
+            linspace(start.sqrt(), end.sqrt(), t)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+        ),
+    };
+    if let Some(list) = obj.get("trained_betas").filter(|v| !v.is_null()) {
+        let list = list.as_array().filter(|l| l.len() == t).with_context(|| {
+            format!("{at}: trained_betas: a list of num_train_timesteps = {t} numbers expected")
+        })?;
+        let values: Vec<f64> = list
+            .iter()
+            .map(|b| {
+                b.as_f64()
+                    .filter(|b| *b > 0.0 && *b < 1.0)
+                    .with_context(|| format!("{at}: trained_betas: {b} is not in (0, 1)"))
+            })
+            .collect::<Result<_>>()?;
+        betas = Some(values);
     }
     if obj.get("rescale_betas_zero_snr").and_then(Value::as_bool) == Some(true) {
         bail!("{at}: rescale_betas_zero_snr = true is not supported");
     }
-    let variance = s("variance_type", "fixed_small");
-    if !matches!(
-        variance.as_str(),
-        "fixed_small" | "fixed_large" | "fixed_small_log"
-    ) {
-        bail!("{at}: variance_type = {variance} is not supported yet (fixed_small, fixed_large)");
-    }
+    let variance = match s("variance_type", "fixed_small").as_str() {
+        "fixed_small" | "fixed_small_log" => Some(VarianceType::FixedSmall),
+        "fixed_large" | "fixed_large_log" => Some(VarianceType::FixedLarge),
+        "learned" => Some(VarianceType::Learned),
+        "learned_range" => Some(VarianceType::LearnedRange),
+        other => bail!(
+            "{at}: variance_type = {other} is not supported (fixed_small, fixed_large, learned, learned_range)"
+        ),
+    };
     let prediction = match s("prediction_type", "epsilon").as_str() {
         "epsilon" => Prediction::Eps,
         "sample" => Prediction::X0,
@@ -461,15 +471,13 @@ pub fn scheduler_config(v: &Value, path: &Path) -> Result<(BetaSchedule, usize, 
             "{at}: prediction_type = {other} is not supported (epsilon, sample, v_prediction)"
         ),
     };
-    let t = match obj.get("num_train_timesteps") {
-        None => 1000,
-        Some(v) => v
-            .as_u64()
-            .filter(|&n| n >= 1 && n <= crate::diffusion::schedule::MAX_TIMESTEPS as u64)
-            .with_context(|| format!("{at}: num_train_timesteps = {v}: 1 to 1,000,000 expected"))?
-            as usize,
-    };
-    Ok((schedule, t, prediction))
+    Ok(SchedulerConfig {
+        beta_schedule: schedule,
+        num_train_timesteps: t,
+        prediction,
+        betas,
+        variance,
+    })
 }
 
 /// diffusers' parameter names to elbo's (see the module's table); attention's three linear

@@ -1,12 +1,15 @@
-//! Single-head self-attention over the pixels of one example (DDPM's AttnBlock), with its
-//! GroupNorm and residual:
+//! Multi-head self-attention over the pixels of one example (DDPM's AttnBlock; heads as in
+//! improved-diffusion and diffusers), with its GroupNorm and residual. Head i reads rows
+//! `i d..(i + 1) d` (d = C / heads) of each of Q, K, V:
 //!
 //! ```text
-//! [Q; K; V] = qkv(gn(x)),  S = Q^T K / sqrt(C),  A = softmax_rows(S),  O = V A^T,  y = x + P O + p
-//! dV = dO A,  dA = dO^T V,  dS = A * (dA - rowsum(A * dA)) / sqrt(C),  dQ = K dS^T,  dK = Q dS
+//! [Q; K; V] = qkv(gn(x)),  S_i = Q_i^T K_i / sqrt(d),  A_i = softmax_rows(S_i),  O_i = V_i A_i^T
+//! y = x + P [O_1; ...; O_heads] + p
+//! dV_i = dO_i A_i,  dA_i = dO_i^T V_i,  dS_i = A_i * (dA_i - rowsum(A_i * dA_i)) / sqrt(d),
+//! dQ_i = K_i dS_i^T,  dK_i = Q_i dS_i
 //! ```
 //!
-//! Q, K, V, O are `[C, HW]`, A and S `[HW, HW]` (row: query pixel).
+//! Q, K, V, O are `[C, HW]` (Q_i `[d, HW]`), A_i and S_i `[HW, HW]` (row: query pixel).
 
 use super::conv::{Cols, ConvP, Dx, Init};
 use super::norm::{NormP, NormTape};
@@ -20,6 +23,7 @@ pub(crate) struct AttnP {
     pub(crate) norm: NormP,
     pub(crate) qkv: ConvP,
     pub(crate) proj: ConvP,
+    pub(crate) heads: usize,
 }
 
 #[derive(Default)]
@@ -32,8 +36,13 @@ pub(crate) struct AttnTape {
 }
 
 impl AttnP {
+    /// Channels per head.
+    fn head_dim(&self) -> usize {
+        self.proj.o / self.heads
+    }
+
     pub(crate) fn scale(&self) -> f32 {
-        (1.0 / (self.proj.o as f64).sqrt()) as f32
+        (1.0 / (self.head_dim() as f64).sqrt()) as f32
     }
 
     /// `y = x + proj(V softmax(Q^T K / sqrt(C))^T)`, `[Q; K; V] = qkv(group_norm(x))`.
@@ -52,8 +61,21 @@ impl AttnP {
             .forward(p, &t.hn, size, &mut t.qkv, Init::Bias, cols);
         let (q, rest) = t.qkv.split_at(c * n);
         let (k, v) = rest.split_at(c * n);
-        sized(&mut t.att, n * n);
-        gemm_rm(&mut t.att, q, true, k, false, (n, n, c), false);
+        let (nh, d) = (self.heads, self.head_dim());
+        sized(&mut t.att, nh * n * n);
+        sized(&mut t.ot, c * n);
+        for i in 0..nh {
+            let (r, a) = (i * d * n..(i + 1) * d * n, i * n * n..(i + 1) * n * n);
+            gemm_rm(
+                &mut t.att[a.clone()],
+                &q[r.clone()],
+                true,
+                &k[r.clone()],
+                false,
+                (n, n, d),
+                false,
+            );
+        }
         let scale = self.scale();
         for row in t.att.chunks_mut(n) {
             row.iter_mut().for_each(|s| *s *= scale);
@@ -65,8 +87,18 @@ impl AttnP {
             }
             row.iter_mut().for_each(|s| *s /= sum);
         }
-        sized(&mut t.ot, c * n);
-        gemm_rm(&mut t.ot, v, false, &t.att, true, (c, n, n), false);
+        for i in 0..nh {
+            let (r, a) = (i * d * n..(i + 1) * d * n, i * n * n..(i + 1) * n * n);
+            gemm_rm(
+                &mut t.ot[r.clone()],
+                &v[r],
+                false,
+                &t.att[a],
+                true,
+                (d, n, n),
+                false,
+            );
+        }
         out.clear();
         out.extend_from_slice(x);
         self.proj
@@ -95,18 +127,55 @@ impl AttnP {
         sized(&mut s.d2, 3 * c * n);
         let (dq, rest) = s.d2.split_at_mut(c * n);
         let (dk, dv) = rest.split_at_mut(c * n);
-        gemm_rm(dv, &s.d1, false, &t.att, false, (c, n, n), false);
-        sized(&mut s.d3, n * n); // dA, then dS
-        gemm_rm(&mut s.d3, &s.d1, true, v, false, (n, n, c), false);
+        let (nh, d) = (self.heads, self.head_dim());
         let scale = self.scale();
-        for (ds, a) in s.d3.chunks_mut(n).zip(t.att.chunks(n)) {
-            let dot: f32 = ds.iter().zip(a).map(|(d, a)| d * a).sum();
-            for (d, &a) in ds.iter_mut().zip(a) {
-                *d = a * (*d - dot) * scale;
+        sized(&mut s.d3, n * n); // dA_i, then dS_i
+        for i in 0..nh {
+            let (r, a) = (i * d * n..(i + 1) * d * n, i * n * n..(i + 1) * n * n);
+            let att = &t.att[a];
+            gemm_rm(
+                &mut dv[r.clone()],
+                &s.d1[r.clone()],
+                false,
+                att,
+                false,
+                (d, n, n),
+                false,
+            );
+            gemm_rm(
+                &mut s.d3,
+                &s.d1[r.clone()],
+                true,
+                &v[r.clone()],
+                false,
+                (n, n, d),
+                false,
+            );
+            for (ds, a) in s.d3.chunks_mut(n).zip(att.chunks(n)) {
+                let dot: f32 = ds.iter().zip(a).map(|(d, a)| d * a).sum();
+                for (d, &a) in ds.iter_mut().zip(a) {
+                    *d = a * (*d - dot) * scale;
+                }
             }
+            gemm_rm(
+                &mut dq[r.clone()],
+                &k[r.clone()],
+                false,
+                &s.d3,
+                true,
+                (d, n, n),
+                false,
+            );
+            gemm_rm(
+                &mut dk[r.clone()],
+                &q[r],
+                false,
+                &s.d3,
+                false,
+                (d, n, n),
+                false,
+            );
         }
-        gemm_rm(dq, k, false, &s.d3, true, (c, n, n), false);
-        gemm_rm(dk, q, false, &s.d3, false, (c, n, n), false);
         sized(&mut s.d1, c * n); // d group_norm(x)
         self.qkv.backward(
             p,

@@ -6,12 +6,20 @@
 //! ```
 //!
 //! The time projection enters as a per-channel bias of the first convolution; the skip branch
-//! (identity or a 1x1 convolution) is the second convolution's starting value.
+//! (identity or a 1x1 convolution) is the second convolution's starting value. With
+//! `scale_shift` (improved-diffusion's `use_scale_shift_norm`) the projection is
+//! `[scale; shift]`, `2 C_out` wide, and modulates the second norm instead:
+//!
+//! ```text
+//! g = gn2(conv1(silu(gn1(x)))),  u = g (1 + scale_c) + shift_c,  n2 = silu(u)
+//! du = dn2 silu'(u),  dscale_c = sum_hw du g,  dshift_c = sum_hw du,  dg = du (1 + scale_c)
+//! ```
 
 use super::conv::{Cols, ConvP, Dx, Init};
 use super::linear::LinP;
 use super::norm::{NormP, NormTape};
 use super::{BlockScratch, sized, zeroed};
+use crate::nn::group_norm::{silu, silu_grad};
 use crate::nn::kernels::add_assign;
 
 /// A residual block's parameters.
@@ -23,6 +31,7 @@ pub(crate) struct ResP {
     pub(crate) norm2: NormP,
     pub(crate) conv2: ConvP,
     pub(crate) skip: Option<ConvP>,
+    pub(crate) scale_shift: bool,
 }
 
 /// What a residual block's backward pass reads of its forward pass.
@@ -35,6 +44,8 @@ pub(crate) struct ResTape {
     /// silu(gn2(..)) times the dropout mask: the second convolution's input.
     pub(crate) n2: Vec<f32>,
     pub(crate) norm2: NormTape,
+    /// Scale-shift blocks: gn2's output before the modulation.
+    pub(crate) g: Vec<f32>,
     /// The dropout mask ([`crate::nn::dropout`]); empty when nothing was dropped.
     pub(crate) mask: Vec<f32>,
 }
@@ -57,10 +68,26 @@ impl ResP {
         let hw = size.0 * size.1;
         self.norm1.forward(p, x, hw, &mut t.n1, true, &mut t.norm1);
         self.time.forward(p, ta, &mut t.tproj);
-        self.conv1
-            .forward(p, &t.n1, size, &mut t.h1, Init::BiasPlus(&t.tproj), cols);
-        self.norm2
-            .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.norm2);
+        if self.scale_shift {
+            let o = self.conv1.o;
+            self.conv1
+                .forward(p, &t.n1, size, &mut t.h1, Init::Bias, cols);
+            self.norm2
+                .forward(p, &t.h1, hw, &mut t.g, false, &mut t.norm2);
+            sized(&mut t.n2, t.g.len());
+            let (scale, shift) = t.tproj.split_at(o);
+            for (c, (n2, g)) in t.n2.chunks_mut(hw).zip(t.g.chunks(hw)).enumerate() {
+                let (a, b) = (1.0 + scale[c], shift[c]);
+                for (y, &g) in n2.iter_mut().zip(g) {
+                    *y = silu(g * a + b);
+                }
+            }
+        } else {
+            self.conv1
+                .forward(p, &t.n1, size, &mut t.h1, Init::BiasPlus(&t.tproj), cols);
+            self.norm2
+                .forward(p, &t.h1, hw, &mut t.n2, true, &mut t.norm2);
+        }
         match dropout {
             Some((seed, stream, rate)) => {
                 sized(&mut t.mask, t.n2.len());
@@ -109,12 +136,33 @@ impl ResP {
             None => add_assign(dx, dout),
         }
         zeroed(&mut s.d2, o * hw);
-        self.norm2.backward(
-            p, grads, &t.h1, hw, &t.norm2, true, &s.d1, &mut s.d2, &mut s.gn,
-        );
-        sized(&mut s.dt, o);
-        for (dt, row) in s.dt.iter_mut().zip(s.d2.chunks(hw)) {
-            *dt = row.iter().sum();
+        if self.scale_shift {
+            // d1: dL/dn2 -> dL/dg in place; dt: [dscale; dshift].
+            sized(&mut s.dt, 2 * o);
+            let (scale, shift) = t.tproj.split_at(o);
+            for (c, (d, g)) in s.d1.chunks_mut(hw).zip(t.g.chunks(hw)).enumerate() {
+                let (a, b) = (1.0 + scale[c], shift[c]);
+                let (mut ds, mut db) = (0f32, 0f32);
+                for (d, &g) in d.iter_mut().zip(g) {
+                    let du = *d * silu_grad(g * a + b);
+                    ds += du * g;
+                    db += du;
+                    *d = du * a;
+                }
+                s.dt[c] = ds;
+                s.dt[o + c] = db;
+            }
+            self.norm2.backward(
+                p, grads, &t.h1, hw, &t.norm2, false, &s.d1, &mut s.d2, &mut s.gn,
+            );
+        } else {
+            self.norm2.backward(
+                p, grads, &t.h1, hw, &t.norm2, true, &s.d1, &mut s.d2, &mut s.gn,
+            );
+            sized(&mut s.dt, o);
+            for (dt, row) in s.dt.iter_mut().zip(s.d2.chunks(hw)) {
+                *dt = row.iter().sum();
+            }
         }
         self.time.backward(p, grads, ta, &s.dt, Some(dta));
         sized(&mut s.d1, x.len());
