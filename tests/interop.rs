@@ -594,3 +594,177 @@ fn sample_diffusion_takes_an_improved_diffusion_checkpoint() {
     args.extend(["--variance", "fixed-large"]);
     common::assert_one_line_error(&elbo(&args), "learned its variances");
 }
+
+/// An elbo diffusion checkpoint of `net` (random weights, jittered), as training writes one.
+fn elbo_checkpoint(
+    dir: &Path,
+    net: elbo::diffusion::nets::NetConfig,
+    variance: Option<elbo::diffusion::VarianceType>,
+) -> (PathBuf, elbo::diffusion::nets::Net) {
+    use elbo::diffusion::nets::{Net, sorted_vars};
+    let config = elbo::diffusion::model::DiffusionConfig {
+        net,
+        beta_schedule: elbo::diffusion::BetaSchedule::Cosine,
+        num_train_timesteps: 50,
+        prediction: elbo::diffusion::Prediction::Eps,
+        image_shape: Some(elbo::data::ImageShape {
+            channels: 3,
+            height: 16,
+            width: 16,
+        }),
+        betas: None,
+        model_times: None,
+        variance,
+    };
+    config.validate().unwrap();
+    let dev = Device::Cpu;
+    let (net, varmap) =
+        Net::trainable(&config.net, &mut elbo::distributions::Noise::new(0), &dev).unwrap();
+    let mut noise = elbo::distributions::Noise::new(3);
+    for (_, var) in sorted_vars(&varmap) {
+        let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.05).unwrap();
+        var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
+    }
+    let tensors: Vec<(String, Tensor)> = sorted_vars(&varmap)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let meta = std::collections::HashMap::from([
+        ("elbo.model".to_string(), "diffusion".to_string()),
+        (
+            "elbo.config".to_string(),
+            serde_json::to_string(&config).unwrap(),
+        ),
+    ]);
+    let path = dir.join("model.safetensors");
+    elbo::checkpoint::save_atomic(&path, &tensors, meta).unwrap();
+    (path, net)
+}
+
+/// `export diffusers`: diffusers folder -> elbo -> diffusers folder gives back the same tensors
+/// under the same names and the same bound; an elbo checkpoint (scale-shift norm, two-head
+/// attention, learned variances) -> diffusers folder -> elbo gives the same network output.
+/// (diffusers itself loading and running an exported folder, output within 5.5e-6 of elbo's:
+/// `bench/check_export_diffusers.py`.)
+#[test]
+fn export_diffusers_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exported");
+    let o = elbo(&[
+        "export",
+        "diffusers",
+        fixture().to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let original = candle_core::safetensors::load(
+        fixture().join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let exported = candle_core::safetensors::load(
+        out.join("unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut a: Vec<&String> = original.keys().collect();
+    let mut b: Vec<&String> = exported.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    for (name, t) in &original {
+        assert_eq!(max_abs(t, &exported[name]), 0.0, "{name}");
+        assert_eq!(t.dims(), exported[name].dims(), "{name}");
+    }
+    let bound = |ckpt: &Path| {
+        let images = fixtures().join("diffusers_ddpm_tiny_images");
+        let o = elbo(&[
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--data",
+            images.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--t-samples",
+            "4",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["nll_bound_nats"].as_f64().unwrap()
+    };
+    assert_eq!(bound(&fixture()), bound(&out));
+
+    // elbo -> diffusers -> elbo, with every option the export writes.
+    let net = elbo::diffusion::nets::NetConfig::Unet {
+        base: 32,
+        channel_mult: vec![1, 2],
+        groups: 8,
+        attention: true,
+        in_channels: 3,
+        res_blocks: Some(1),
+        attention_levels: vec![1],
+        dropout: 0.0,
+        options: elbo::diffusion::nets::UnetOptions {
+            head_channels: 16,
+            scale_shift: true,
+            out_channels: 6,
+            ..Default::default()
+        },
+    };
+    let (ckpt, original) = elbo_checkpoint(
+        tmp.path(),
+        net,
+        Some(elbo::diffusion::VarianceType::LearnedRange),
+    );
+    let out2 = tmp.path().join("exported2");
+    let o = elbo(&[
+        "export",
+        "diffusers",
+        tmp.path().to_str().unwrap(),
+        out2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let back = diffusers::load(&out2, &Device::Cpu).unwrap();
+    assert_eq!(
+        back.process.variance,
+        Some(elbo::diffusion::VarianceType::LearnedRange)
+    );
+    let mut noise = elbo::distributions::Noise::new(9);
+    let x = noise.randn((2, 3, 16, 16), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[3f32, 40.0], &Device::Cpu).unwrap();
+    let want = original.forward(&x, &t).unwrap();
+    assert_eq!(want.dims(), &[2, 6, 16, 16]);
+    assert!(max_abs(&back.net.forward(&x, &t).unwrap(), &want) < 1e-5);
+    let _ = ckpt;
+
+    // An existing OUT_DIR, elbo's compact layout: one line each.
+    common::assert_one_line_error(
+        &elbo(&[
+            "export",
+            "diffusers",
+            fixture().to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]),
+        "exists",
+    );
+    let compact = tmp.path().join("compact");
+    std::fs::create_dir(&compact).unwrap();
+    let mut cfg = elbo::diffusion::nets::NetConfig::default_unet();
+    if let elbo::diffusion::nets::NetConfig::Unet { in_channels, .. } = &mut cfg {
+        *in_channels = 3;
+    }
+    elbo_checkpoint(&compact, cfg, None);
+    common::assert_one_line_error(
+        &elbo(&[
+            "export",
+            "diffusers",
+            compact.to_str().unwrap(),
+            tmp.path().join("c").to_str().unwrap(),
+        ]),
+        "compact",
+    );
+    assert!(!tmp.path().join("c").exists());
+}

@@ -3,6 +3,7 @@
 //! the device choice, the dispatch and the helpers the commands share.
 
 mod eval;
+mod export;
 mod report;
 mod sample;
 mod schedule;
@@ -87,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         model: ReconstructModel,
     },
+    /// Write a model in another project's format.
+    Export {
+        #[command(subcommand)]
+        format: ExportFormat,
+    },
     /// Print a DDPM noise schedule and its derived arrays.
     Schedule(ScheduleArgs),
     /// Write a run's report: one self-contained HTML page (curves, evaluation, samples, latent
@@ -114,6 +120,13 @@ enum SampleModel {
     Vae(SampleVaeArgs),
     /// DDPM ancestral or DDIM sampling.
     Diffusion(SampleDiffusionArgs),
+}
+
+#[derive(Subcommand)]
+enum ExportFormat {
+    /// A diffusion model (elbo's DDPM-layout U-Net and its schedule) as a diffusers
+    /// DDPMPipeline folder that `DDPMPipeline.from_pretrained(OUT_DIR)` loads.
+    Diffusers(export::ExportDiffusersArgs),
 }
 
 #[derive(Subcommand)]
@@ -216,6 +229,9 @@ pub fn run(cli: Cli) -> Result<()> {
             model: ReconstructModel::Vae(a),
         } => sample::reconstruct_vae_command(a, &device),
         Command::Report(a) => report::report_command(a),
+        Command::Export {
+            format: ExportFormat::Diffusers(a),
+        } => export::export_diffusers(a),
         Command::Schedule(a) => schedule::schedule_command(a),
     }
 }

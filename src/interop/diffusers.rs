@@ -43,8 +43,12 @@ pub fn is_diffusers_folder(path: &Path) -> bool {
     path.is_dir() && (path.join("model_index.json").is_file() || path.join("config.json").is_file())
 }
 
-/// The model of a diffusers folder: a DDPM-style pipeline or a bare `UNet2DModel`.
-pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
+/// A diffusers folder's config and its tensors under elbo's names (with the weights file and
+/// the UNet config's path, for errors).
+pub fn load_parts(
+    path: &Path,
+    device: &Device,
+) -> Result<(DiffusionConfig, HashMap<String, Tensor>, PathBuf, PathBuf)> {
     let (unet_dir, scheduler) = if path.join("model_index.json").is_file() {
         let index = read_json(&path.join("model_index.json"))?;
         let class = index
@@ -106,6 +110,12 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
     let weights = weights_path(&unet_dir)?;
     let loaded = crate::checkpoint::load(&weights, device)?;
     let tensors = rename(loaded.tensors, &config.net, &weights)?;
+    Ok((config, tensors, weights, config_path))
+}
+
+/// The model of a diffusers folder: a DDPM-style pipeline or a bare `UNet2DModel`.
+pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
+    let (config, tensors, weights, config_path) = load_parts(path, device)?;
     let net = super::build_net(
         &config.net,
         tensors,
@@ -172,9 +182,12 @@ fn unet_fields() -> Vec<(&'static str, Option<Vec<Value>>)> {
         ("act_fn", Some(vec![json!("silu"), json!("swish")])),
         ("attention_head_dim", None),
         ("norm_num_groups", None),
-        ("attn_norm_num_groups", Some(vec![Value::Null])),
+        ("attn_norm_num_groups", None),
         ("norm_eps", None),
-        ("resnet_time_scale_shift", Some(vec![json!("default")])),
+        (
+            "resnet_time_scale_shift",
+            Some(vec![json!("default"), json!("scale_shift")]),
+        ),
         ("add_attention", None),
         ("class_embed_type", Some(vec![Value::Null])),
         ("num_class_embeds", Some(vec![Value::Null])),
@@ -302,11 +315,25 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
             "{at}: {in_channels} channels in, {out_channels} out; elbo's U-Net gives C (the prediction) or 2C (with learned variances)"
         );
     }
+    let groups = uint("norm_num_groups", Some(32))?;
+    let scale_shift =
+        obj.get("resnet_time_scale_shift").and_then(Value::as_str) == Some("scale_shift");
+    // diffusers' middle attention takes `attn_norm_num_groups`, or with scale-shift blocks
+    // none at all (no GroupNorm); elbo's has the blocks' GroupNorm.
+    match obj.get("attn_norm_num_groups").filter(|v| !v.is_null()) {
+        Some(v) if v.as_u64() != Some(groups as u64) => bail!(
+            "{at}: attn_norm_num_groups = {v} differs from norm_num_groups = {groups}; elbo's attention norms use the blocks' groups"
+        ),
+        None if scale_shift && add_attention => bail!(
+            "{at}: resnet_time_scale_shift = scale_shift with attn_norm_num_groups null gives a middle attention without GroupNorm, which elbo's U-Net does not have"
+        ),
+        _ => {}
+    }
     let size = uint("sample_size", None)?;
     let net = NetConfig::Unet {
         base,
         channel_mult: mult,
-        groups: uint("norm_num_groups", Some(32))?,
+        groups,
         attention: add_attention,
         in_channels,
         res_blocks: Some(uint("layers_per_block", Some(2))?),
@@ -318,6 +345,7 @@ pub fn unet_config(v: &Value, path: &Path) -> Result<(NetConfig, ImageShape)> {
             norm_eps,
             downsample_padding,
             head_channels,
+            scale_shift,
             out_channels: if out_channels == in_channels {
                 0
             } else {
@@ -609,4 +637,311 @@ fn attention(
     let key = format!("{prefix}.{p}");
     held.entry(key).or_insert([None, None, None])[which] = Some(t.clone());
     Ok(None)
+}
+
+/// diffusers' name of an elbo U-Net parameter (the inverse of [`rename`]'s table; attention's
+/// `qkv` is split by the caller). `levels`: the number of levels.
+fn diffusers_name(name: &str, levels: usize) -> Result<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let attn = |prefix: String, rest: &[&str]| -> Result<String> {
+        Ok(match rest {
+            ["norm", p] => format!("{prefix}.group_norm.{p}"),
+            ["proj_out", p] => format!("{prefix}.to_out.0.{p}"),
+            _ => bail!("{name}: not an attention parameter elbo writes"),
+        })
+    };
+    Ok(match parts.as_slice() {
+        ["down", i, "res", j, rest @ ..] => {
+            format!("down_blocks.{i}.resnets.{j}.{}", rest.join("."))
+        }
+        ["down", i, "attn", j, rest @ ..] => attn(format!("down_blocks.{i}.attentions.{j}"), rest)?,
+        ["down", i, "downsample", p] => format!("down_blocks.{i}.downsamplers.0.conv.{p}"),
+        ["up", i, kind, rest @ ..] => {
+            let i: usize = i.parse().unwrap_or(usize::MAX);
+            if i >= levels {
+                bail!("{name}: no such level");
+            }
+            let k = levels - 1 - i;
+            match (*kind, rest) {
+                ("res", [j, rest @ ..]) => format!("up_blocks.{k}.resnets.{j}.{}", rest.join(".")),
+                ("attn", [j, rest @ ..]) => attn(format!("up_blocks.{k}.attentions.{j}"), rest)?,
+                ("upsample", [p]) => format!("up_blocks.{k}.upsamplers.0.conv.{p}"),
+                _ => bail!("{name}: not a parameter elbo writes"),
+            }
+        }
+        ["mid", "res1", rest @ ..] => format!("mid_block.resnets.0.{}", rest.join(".")),
+        ["mid", "res2", rest @ ..] => format!("mid_block.resnets.1.{}", rest.join(".")),
+        ["mid", "attn", rest @ ..] => attn("mid_block.attentions.0".into(), rest)?,
+        ["norm_out", p] => format!("conv_norm_out.{p}"),
+        ["conv_in" | "conv_out" | "time_embedding", ..] => name.to_string(),
+        _ => bail!("{name}: not a parameter of elbo's DDPM-layout U-Net"),
+    })
+}
+
+/// The `UNet2DModel` config of an elbo U-Net in the DDPM layout (`shape`: its images).
+fn unet_config_json(net: &NetConfig, shape: ImageShape) -> Result<Value> {
+    use serde_json::json;
+    let NetConfig::Unet {
+        base,
+        channel_mult,
+        groups,
+        attention,
+        in_channels,
+        res_blocks,
+        attention_levels,
+        dropout,
+        options,
+    } = net
+    else {
+        bail!("diffusers' UNet2DModel is a U-Net; this model is an MLP");
+    };
+    let Some(layers) = res_blocks else {
+        bail!(
+            "elbo's compact U-Net (one block per level) has no diffusers counterpart; train with --res-blocks N for DDPM's layout"
+        );
+    };
+    let channels: Vec<usize> = channel_mult.iter().map(|m| base * m).collect();
+    // One `attention_head_dim` for every attention block: a head count that gives one width.
+    let mut attn_channels: Vec<usize> = attention_levels.iter().map(|&l| channels[l]).collect();
+    if *attention {
+        attn_channels.push(*channels.last().unwrap_or(base));
+    }
+    let one_head = options.heads == 1 && options.heads_up <= 1;
+    let head_dim = if options.head_channels > 0 {
+        json!(options.head_channels)
+    } else if one_head {
+        // null: each block's own width, one head (diffusers' default).
+        Value::Null
+    } else {
+        let mut widths = Vec::new();
+        for &c in &attn_channels {
+            for up in [false, true] {
+                widths.push(c / options.heads_at(c, up)?);
+            }
+        }
+        widths.sort_unstable();
+        widths.dedup();
+        match widths.as_slice() {
+            [] => Value::Null,
+            [w] => json!(w),
+            _ => bail!(
+                "attention heads of different widths ({widths:?} channels): diffusers' UNet2DModel takes one attention_head_dim"
+            ),
+        }
+    };
+    let kinds = |attn: &str, plain: &str| -> Vec<String> {
+        (0..channels.len())
+            .map(|l| {
+                if attention_levels.contains(&l) {
+                    attn
+                } else {
+                    plain
+                }
+                .to_string()
+            })
+            .collect()
+    };
+    let down = kinds("AttnDownBlock2D", "DownBlock2D");
+    let mut up = kinds("AttnUpBlock2D", "UpBlock2D");
+    up.reverse();
+    let sample_size = if shape.height == shape.width {
+        json!(shape.height)
+    } else {
+        json!([shape.height, shape.width])
+    };
+    Ok(json!({
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": "0.42.1",
+        "act_fn": "silu",
+        "add_attention": attention,
+        "attention_head_dim": head_dim,
+        // Without it, diffusers' scale-shift middle attention would have no GroupNorm.
+        "attn_norm_num_groups": if options.scale_shift { json!(groups) } else { Value::Null },
+        "block_out_channels": channels,
+        "center_input_sample": false,
+        "class_embed_type": null,
+        "down_block_types": down,
+        "downsample_padding": options.downsample_padding,
+        "downsample_type": "conv",
+        "dropout": dropout,
+        "flip_sin_to_cos": options.flip_sin_to_cos,
+        "freq_shift": options.freq_shift,
+        "in_channels": in_channels,
+        "layers_per_block": layers,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2D",
+        "norm_eps": options.norm_eps,
+        "norm_num_groups": groups,
+        "num_class_embeds": null,
+        "num_train_timesteps": null,
+        "out_channels": options.out_channels(*in_channels),
+        "resnet_time_scale_shift": if options.scale_shift { "scale_shift" } else { "default" },
+        "sample_size": sample_size,
+        "time_embedding_dim": null,
+        "time_embedding_type": "positional",
+        "up_block_types": up,
+        "upsample_type": "conv",
+    }))
+}
+
+/// The `DDPMScheduler` config of a process.
+fn scheduler_config_json(config: &DiffusionConfig) -> Result<Value> {
+    use serde_json::json;
+    if config.model_times.is_some() {
+        bail!(
+            "the network is given rescaled or respaced timesteps (an improved-diffusion model with T != 1000 or respacing), which a diffusers scheduler cannot say"
+        );
+    }
+    let schedule = match config.beta_schedule {
+        BetaSchedule::Linear => "linear",
+        BetaSchedule::ScaledLinear => "scaled_linear",
+        BetaSchedule::Cosine => "squaredcos_cap_v2",
+    };
+    let variance = match config.variance.unwrap_or(VarianceType::FixedSmall) {
+        VarianceType::FixedSmall => "fixed_small",
+        VarianceType::FixedLarge => "fixed_large",
+        VarianceType::Learned => "learned",
+        VarianceType::LearnedRange => "learned_range",
+    };
+    let prediction = match config.prediction {
+        Prediction::Eps => "epsilon",
+        Prediction::X0 => "sample",
+        Prediction::V => "v_prediction",
+    };
+    use crate::diffusion::schedule::{BETA_END, BETA_START};
+    Ok(json!({
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": "0.42.1",
+        "beta_end": BETA_END,
+        "beta_schedule": schedule,
+        "beta_start": BETA_START,
+        "clip_sample": true,
+        "clip_sample_range": 1.0,
+        "dynamic_thresholding_ratio": 0.995,
+        "num_train_timesteps": config.num_train_timesteps,
+        "prediction_type": prediction,
+        "rescale_betas_zero_snr": false,
+        "sample_max_value": 1.0,
+        "steps_offset": 0,
+        "thresholding": false,
+        "timestep_spacing": "leading",
+        "trained_betas": config.betas,
+        "variance_type": variance,
+    }))
+}
+
+/// Writes an elbo diffusion model (its config and its parameters under elbo's names) as a
+/// diffusers `DDPMPipeline` folder at `out`: `model_index.json`, `unet/config.json`,
+/// `unet/diffusion_pytorch_model.safetensors`, `scheduler/scheduler_config.json`, which
+/// `DDPMPipeline.from_pretrained(out)` loads. Everything is written into a fresh temporary
+/// folder beside `out`, synced, and renamed to `out` at once; `out` must not exist.
+pub fn export(
+    config: &DiffusionConfig,
+    tensors: &HashMap<String, Tensor>,
+    out: &Path,
+) -> Result<()> {
+    if out.symlink_metadata().is_ok() {
+        bail!("{}: exists; export writes a new folder", out.display());
+    }
+    let shape = config
+        .image_shape()
+        .context("diffusers' UNet2DModel takes images; this model is a 2-D toy")?;
+    let unet = unet_config_json(&config.net, shape)?;
+    let scheduler = scheduler_config_json(config)?;
+    let NetConfig::Unet { channel_mult, .. } = &config.net else {
+        bail!("a U-Net expected");
+    };
+    let levels = channel_mult.len();
+    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len() + 8);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[name];
+        if let Some(prefix) = name
+            .strip_suffix(".qkv.weight")
+            .or(name.strip_suffix(".qkv.bias"))
+        {
+            // [to_q; to_k; to_v] as one 1 x 1 convolution in elbo: three linear maps.
+            let p = if name.ends_with("weight") {
+                "weight"
+            } else {
+                "bias"
+            };
+            let c = t.dim(0)? / 3;
+            let base = diffusers_name(&format!("{prefix}.norm.{p}"), levels)?;
+            let block = base
+                .trim_end_matches(&format!(".group_norm.{p}"))
+                .to_string();
+            for (k, which) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+                let part = t.narrow(0, k * c, c)?;
+                let part = if p == "weight" {
+                    part.reshape((c, c))?
+                } else {
+                    part
+                };
+                named.push((format!("{block}.{which}.{p}"), part));
+            }
+            continue;
+        }
+        let t = if name.ends_with(".proj_out.weight") {
+            let (o, i) = (t.dim(0)?, t.dim(1)?);
+            t.reshape((o, i))?
+        } else {
+            t.clone()
+        };
+        named.push((diffusers_name(name, levels)?, t));
+    }
+    let parent = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create folder", parent.display()))?;
+    let name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", out.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".partial")
+        .tempdir_in(parent)
+        .with_context(|| format!("{}: cannot write", out.display()))?;
+    let dir = tmp.path();
+    for sub in ["unet", "scheduler"] {
+        std::fs::create_dir(dir.join(sub))
+            .with_context(|| format!("{}: cannot write", out.display()))?;
+    }
+    let index = serde_json::json!({
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    });
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).map(|s| s + "\n");
+    crate::files::write_new(&dir.join("model_index.json"), pretty(&index)?.as_bytes())?;
+    crate::files::write_new(&dir.join("unet/config.json"), pretty(&unet)?.as_bytes())?;
+    crate::files::write_new(
+        &dir.join("scheduler/scheduler_config.json"),
+        pretty(&scheduler)?.as_bytes(),
+    )?;
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    crate::files::write_new(
+        &dir.join("unet/diffusion_pytorch_model.safetensors"),
+        &crate::checkpoint::serialize(&named, metadata)?,
+    )?;
+    for d in [dir.join("unet"), dir.join("scheduler"), dir.to_path_buf()] {
+        if let Ok(f) = std::fs::File::open(&d) {
+            let _ = f.sync_all();
+        }
+    }
+    // The rename is the commit: `out` appears whole or not at all.
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&kept);
+        anyhow::anyhow!("{}: cannot rename into place: {e}", out.display())
+    })?;
+    if let Ok(f) = std::fs::File::open(parent) {
+        let _ = f.sync_all();
+    }
+    Ok(())
 }
