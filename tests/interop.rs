@@ -768,3 +768,263 @@ fn export_diffusers_round_trips() {
     );
     assert!(!tmp.path().join("c").exists());
 }
+
+/// A loopback server in the Hugging Face hub's URL layout: `GET /api/models/ORG/NAME/revision/REV`
+/// (the file list) and `GET /ORG/NAME/resolve/REV/FILE` (with `Range`, the `x-repo-commit` and
+/// `etag` headers hf-hub reads; large files' etag their sha256), serving the fixture pipeline
+/// as `test-org/ddpm-tiny` (revisions `main` and `v1`) and `test-org/corrupt` (its weights with
+/// one byte changed under the true sha256).
+struct HubServer {
+    port: u16,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+impl HubServer {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let files: Vec<(String, Vec<u8>)> = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(fixture().join(f)).unwrap()))
+        .collect();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').unwrap();
+                        range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().ok()));
+                    }
+                }
+                let respond = |stream: &mut std::net::TcpStream,
+                               status: &str,
+                               headers: &[String],
+                               body: &[u8]| {
+                    let mut head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    for h in headers {
+                        head.push_str(h);
+                        head.push_str("\r\n");
+                    }
+                    head.push_str("\r\n");
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(body);
+                };
+                let repos = ["test-org/ddpm-tiny", "test-org/corrupt"];
+                if let Some(rest) = path.strip_prefix("/api/models/") {
+                    let ok = repos.iter().any(|r| {
+                        rest == format!("{r}/revision/main") || rest == format!("{r}/revision/v1")
+                    });
+                    if !ok {
+                        respond(&mut stream, "404 Not Found", &[], b"{}");
+                        continue;
+                    }
+                    let siblings: Vec<serde_json::Value> = files
+                        .iter()
+                        .map(|(f, _)| serde_json::json!({ "rfilename": f }))
+                        .chain([serde_json::json!({ "rfilename": "README.md" })])
+                        .collect();
+                    let body =
+                        serde_json::json!({ "sha": COMMIT, "siblings": siblings }).to_string();
+                    respond(
+                        &mut stream,
+                        "200 OK",
+                        &["Content-Type: application/json".into()],
+                        body.as_bytes(),
+                    );
+                    continue;
+                }
+                let found = repos.iter().find_map(|r| {
+                    ["main", "v1"].iter().find_map(|rev| {
+                        let prefix = format!("/{r}/resolve/{rev}/");
+                        path.strip_prefix(&prefix).map(|f| (*r, f.to_string()))
+                    })
+                });
+                let Some((repo, file)) = found else {
+                    respond(&mut stream, "404 Not Found", &[], b"");
+                    continue;
+                };
+                let Some((_, bytes)) = files.iter().find(|(f, _)| *f == file) else {
+                    respond(&mut stream, "404 Not Found", &[], b"");
+                    continue;
+                };
+                let large = file.ends_with(".safetensors");
+                let etag = if large {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(bytes)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                } else {
+                    format!("{:040x}", bytes.len())
+                };
+                let mut body = bytes.clone();
+                if large && repo == "test-org/corrupt" {
+                    let mid = body.len() / 2;
+                    body[mid] ^= 1;
+                }
+                let (a, b) = match range {
+                    Some((a, b)) => (a, b.unwrap_or(body.len() - 1).min(body.len() - 1)),
+                    None => (0, body.len() - 1),
+                };
+                let mut headers = vec![
+                    format!("x-repo-commit: {COMMIT}"),
+                    format!("etag: \"{etag}\""),
+                    format!("Content-Range: bytes {a}-{b}/{}", body.len()),
+                ];
+                if large {
+                    headers.push(format!("x-linked-etag: \"{etag}\""));
+                }
+                respond(&mut stream, "206 Partial Content", &headers, &body[a..=b]);
+            }
+        });
+        Self { port, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `--checkpoint ORG/NAME[@REV]` resolves through hf-hub into `$HF_HOME/hub` (diffusers' cache
+/// layout) from `HF_ENDPOINT`; `HF_HUB_OFFLINE=1` reads the cache without a request; an uncached
+/// id offline, and a download whose bytes do not hash to the hub's sha256, are one line each.
+#[test]
+fn hub_ids_resolve_into_the_shared_cache() {
+    let server = HubServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("hf");
+    let images = fixtures().join("diffusers_ddpm_tiny_images");
+    let run = |id: &str, offline: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_elbo"));
+        cmd.args([
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            id,
+            "--data",
+            images.to_str().unwrap(),
+            "--limit",
+            "1",
+            "--t-samples",
+            "2",
+            "--json",
+        ])
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{}", server.port))
+        .env_remove("HF_TOKEN")
+        .current_dir(tmp.path());
+        if offline {
+            cmd.env("HF_HUB_OFFLINE", "1");
+        } else {
+            cmd.env_remove("HF_HUB_OFFLINE");
+        }
+        cmd.output().unwrap()
+    };
+    let bound = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["nll_bound_nats"].as_f64().unwrap()
+    };
+    let local = elbo(&[
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        fixture().to_str().unwrap(),
+        "--data",
+        images.to_str().unwrap(),
+        "--limit",
+        "1",
+        "--t-samples",
+        "2",
+        "--json",
+    ]);
+    let want = bound(&local);
+    assert_eq!(bound(&run("test-org/ddpm-tiny", false)), want);
+    let snapshot = home
+        .join("hub/models--test-org--ddpm-tiny/snapshots")
+        .join(COMMIT);
+    assert!(
+        snapshot
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .is_file()
+    );
+    assert!(
+        !snapshot.join("README.md").exists(),
+        "only the pipeline's files are fetched"
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.join("hub/models--test-org--ddpm-tiny/refs/main")).unwrap(),
+        COMMIT
+    );
+    // Offline: the cache alone, not one request.
+    let before = server.requests();
+    assert_eq!(bound(&run("test-org/ddpm-tiny", true)), want);
+    assert_eq!(server.requests(), before);
+    common::assert_one_line_error(&run("test-org/not-cached", true), "not in the hub cache");
+    // A revision.
+    assert_eq!(bound(&run("test-org/ddpm-tiny@v1", false)), want);
+    assert!(
+        home.join("hub/models--test-org--ddpm-tiny/refs/v1")
+            .is_file()
+    );
+    // Bytes that do not hash to the hub's sha256 are refused and dropped from the cache.
+    common::assert_one_line_error(&run("test-org/corrupt", false), "sha256");
+    let corrupt = home
+        .join("hub/models--test-org--corrupt/snapshots")
+        .join(COMMIT);
+    assert!(
+        !corrupt
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
+    // An unknown repo online.
+    common::assert_one_line_error(&run("test-org/missing", false), "test-org/missing");
+}
+
+/// A folder with `diffusion_pytorch_model.bin` (torch.save, as older diffusers wrote) instead of
+/// safetensors is read through the pickle reader: here a state dict of other tensors, refused
+/// naming the first that has no place.
+#[test]
+fn diffusers_bin_weights_go_through_the_pickle_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = edited(tmp.path(), "model_index.json", |_| {});
+    std::fs::remove_file(folder.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::copy(
+        fixtures().join("torch_state_dict_tiny.pt"),
+        folder.join("unet/diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        diffusers::load(&folder, &Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains("diffusion_pytorch_model.bin") && err.contains("has no place"),
+        "{err}"
+    );
+}

@@ -21,7 +21,16 @@ pub struct ExportDiffusersArgs {
 pub fn export_diffusers(a: ExportDiffusersArgs) -> Result<()> {
     use elbo::interop::diffusers;
     let device = Device::Cpu;
-    let (config, tensors) = if diffusers::is_diffusers_folder(&a.input) {
+    let hub = a
+        .input
+        .to_str()
+        .filter(|t| elbo::interop::hub::looks_like_id(t))
+        .map(|t| elbo::interop::hub::resolve(t, elbo::data::datasets::offline()))
+        .transpose()?;
+    let (config, tensors) = if let Some(folder) = hub {
+        let (config, tensors, _, _) = diffusers::load_parts(&folder, &device)?;
+        (config, tensors)
+    } else if diffusers::is_diffusers_folder(&a.input) {
         let (config, tensors, _, _) = diffusers::load_parts(&a.input, &device)?;
         (config, tensors)
     } else {

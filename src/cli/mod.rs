@@ -43,7 +43,7 @@ use elbo::vae::{self, Likelihood, Vae, VaeConfig};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Never fetch a named data set: a file missing from the cache is an error.
+    /// Never fetch a named data set or a hub checkpoint: what the caches lack is an error.
     #[arg(long, global = true)]
     offline: bool,
     /// Where tensors live: auto (the first CUDA GPU when built with --features cuda and one
@@ -337,6 +337,13 @@ fn load_diffusion(
     }
     if elbo::interop::diffusers::is_diffusers_folder(path) {
         return elbo::interop::diffusers::load(path, device);
+    }
+    if let Some(text) = path
+        .to_str()
+        .filter(|t| elbo::interop::hub::looks_like_id(t))
+    {
+        let folder = elbo::interop::hub::resolve(text, elbo::data::datasets::offline())?;
+        return elbo::interop::diffusers::load(&folder, device);
     }
     LoadedDiffusion::load(path, device)
 }

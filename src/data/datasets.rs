@@ -129,7 +129,8 @@ pub fn set_offline(offline: bool) {
     OFFLINE.store(offline, Ordering::Relaxed);
 }
 
-fn offline() -> bool {
+/// Whether `--offline` or `ELBO_OFFLINE` forbid downloads (data sets and hub checkpoints).
+pub fn offline() -> bool {
     OFFLINE.load(Ordering::Relaxed) || std::env::var_os("ELBO_OFFLINE").is_some_and(|v| v != "0")
 }
 

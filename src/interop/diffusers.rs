@@ -108,8 +108,18 @@ pub fn load_parts(
         .validate()
         .with_context(|| format!("{}", config_path.display()))?;
     let weights = weights_path(&unet_dir)?;
-    let loaded = crate::checkpoint::load(&weights, device)?;
-    let tensors = rename(loaded.tensors, &config.net, &weights)?;
+    let raw = if weights.extension().is_some_and(|e| e == "bin") {
+        // A torch.save pickle (older diffusers folders): candle's reader behind elbo's checks.
+        let tensors = super::pickle::read_state_dict(&weights)?;
+        for (name, t) in &tensors {
+            crate::checkpoint::check_finite(t)
+                .with_context(|| format!("{}: tensor {name}", weights.display()))?;
+        }
+        tensors
+    } else {
+        crate::checkpoint::load(&weights, device)?.tensors
+    };
+    let tensors = rename(raw, &config.net, &weights)?;
     Ok((config, tensors, weights, config_path))
 }
 
@@ -140,14 +150,12 @@ fn weights_path(dir: &Path) -> Result<PathBuf> {
     if p.is_file() {
         return Ok(p);
     }
-    if dir.join("diffusion_pytorch_model.bin").is_file() {
-        bail!(
-            "{}: the weights are a pickle (diffusion_pytorch_model.bin); elbo reads diffusion_pytorch_model.safetensors (save_pretrained(..., safe_serialization=True))",
-            dir.display()
-        );
+    let bin = dir.join("diffusion_pytorch_model.bin");
+    if bin.is_file() {
+        return Ok(bin);
     }
     bail!(
-        "{}: no diffusion_pytorch_model.safetensors in the folder",
+        "{}: no diffusion_pytorch_model.safetensors (or .bin) in the folder",
         dir.display()
     )
 }

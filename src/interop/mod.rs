@@ -6,6 +6,7 @@
 //! through the commands' loading code only.
 
 pub mod diffusers;
+pub mod hub;
 pub mod improved_diffusion;
 pub mod pickle;
 
