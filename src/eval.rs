@@ -342,25 +342,44 @@ pub fn bound_terms(
     })
 }
 
+/// The examples the importance sampler's pilot runs on.
+pub const PILOT_EXAMPLES: usize = 16;
+
 /// The bound of [`bound_terms`] with its sum over t estimated from `k` stratified timesteps
 /// per example ([`crate::diffusion::GaussianDiffusion::sampled_bound_sum`]): k network calls
 /// per batch instead of T, unbiased; batch j draws its timesteps from `derive_seed(seed, 4, j)`
 /// and its x_t from `derive_seed(seed, 2, j)`. Sharded over ranks as [`bound_terms`].
+///
+/// With [`TSampling::Importance`](crate::diffusion::process::TSampling) the timesteps are
+/// drawn from q(t) of a pilot ([`crate::diffusion::GaussianDiffusion::pilot_weights`]: k
+/// stratified calls on the first [`PILOT_EXAMPLES`] examples, from `derive_seed(seed, 5, 0)`;
+/// every rank computes the same) instead.
 #[allow(clippy::too_many_arguments)]
 pub fn bound_sampled(
     process: &crate::diffusion::GaussianDiffusion,
     net: &dyn crate::diffusion::Denoiser,
     x: &candle_core::Tensor,
     k: usize,
+    sampling: crate::diffusion::process::TSampling,
     opts: crate::diffusion::process::BoundOptions,
     batch_size: usize,
     seed: u64,
     progress: &dyn Fn(),
 ) -> anyhow::Result<BoundMeans> {
+    use crate::diffusion::process::TSampling;
     use crate::distributions::{Noise, derive_seed};
     use rand::SeedableRng;
     anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
     let n = x.dim(0)?;
+    let weights = match sampling {
+        TSampling::Stratified => None,
+        TSampling::Importance => {
+            let pilot = x.narrow(0, 0, PILOT_EXAMPLES.min(n))?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, 5, 0));
+            let mut noise = Noise::new(derive_seed(seed, 6, 0));
+            Some(process.pilot_weights(net, &pilot, k, opts, &mut rng, &mut noise, progress)?)
+        }
+    };
     let mut totals = vec![0.0; n];
     let mut prior_sum = [0.0];
     let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
@@ -370,7 +389,11 @@ pub fn bound_sampled(
         let x0 = x.narrow(0, start, len)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, 4, j as u64));
         let mut noise = Noise::new(derive_seed(seed, 2, j as u64));
-        let sums = process.sampled_bound_sum(net, &x0, k, opts, &mut rng, &mut noise, progress)?;
+        let sums = match &weights {
+            None => process.sampled_bound_sum(net, &x0, k, opts, &mut rng, &mut noise, progress)?,
+            Some(w) => process
+                .importance_bound_sum(net, &x0, k, w, opts, &mut rng, &mut noise, progress)?,
+        };
         let prior = process.prior_term(&x0)?;
         prior_sum[0] += prior.iter().sum::<f64>();
         for (i, total) in totals[start..start + len].iter_mut().enumerate() {

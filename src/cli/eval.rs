@@ -71,6 +71,11 @@ pub struct EvalDiffusionArgs {
     /// t-sampling.
     #[arg(long, allow_negative_numbers = true, value_name = "K")]
     pub t_samples: Option<usize>,
+    /// How --t-samples draws its K timesteps: one in each of K strata, or K from a pilot's
+    /// importance distribution q(t) ~ sqrt(E[L_t^2]) (K more calls on 16 examples first).
+    /// (default: stratified).
+    #[arg(long, value_enum)]
+    pub t_sampling: Option<elbo::diffusion::process::TSampling>,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
@@ -234,13 +239,27 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     let n = x_all.dim(0)?;
     let t_max = m.process.num_timesteps();
     // Network calls per batch: T, or K + 1 (at most T) with --t-samples.
-    let calls = a.t_samples.map_or(t_max, |k| (k + 1).min(t_max));
+    use elbo::diffusion::process::TSampling;
+    let t_sampling = a.t_sampling.unwrap_or(TSampling::Stratified);
+    if a.t_sampling.is_some() && a.t_samples.is_none() {
+        bail!("--t-sampling chooses how --t-samples draws its timesteps; give --t-samples K");
+    }
+    // Network calls per batch: T, or K + 1 with --t-samples (stratified: at most T).
+    let calls = match (a.t_samples, t_sampling) {
+        (None, _) => t_max,
+        (Some(k), TSampling::Stratified) => (k + 1).min(t_max),
+        (Some(k), TSampling::Importance) => k + 1,
+    };
+    let pilot = match (a.t_samples, t_sampling) {
+        (Some(k), TSampling::Importance) => k.min(t_max - 1).max(1),
+        _ => 0,
+    };
     elbo::limits::check_work(
         &format!("--limit {n} x {calls} timesteps"),
         (n as u64).checked_mul(calls as u64),
         diffusion_net_cost(&m.config),
     )?;
-    let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * calls) as u64);
+    let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * calls + pilot) as u64);
     if !elbo::collective::is_main() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -257,6 +276,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             &net,
             &x_all,
             k,
+            t_sampling,
             opts,
             a.batch_size,
             a.seed,
@@ -287,6 +307,9 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
     results["seconds"] = started.elapsed().as_secs_f64().into();
     results["variance"] = serde_json::to_value(variance)?;
+    if a.t_samples.is_some() {
+        results["t_sampling"] = serde_json::to_value(t_sampling)?;
+    }
     results["clip_denoised"] = a.clip_denoised.into();
     if let Some(dir) = &a.report {
         save_eval_report(dir, "diffusion", &results)?;

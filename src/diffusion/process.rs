@@ -365,6 +365,73 @@ pub fn timestep_tensor(t: &[usize], device: &Device) -> Result<Tensor> {
     )?)
 }
 
+/// How `--t-samples` draws its timesteps (see [`GaussianDiffusion::sampled_bound_sum`] and
+/// [`GaussianDiffusion::importance_bound_sum`]).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum TSampling {
+    /// One t uniform in each of K equal strata, weighted by the stratum's width.
+    Stratified,
+    /// K i.i.d. draws from q(t) proportional to a pilot estimate of sqrt(E[L_t^2]) (the
+    /// second-moment sampler of improved-diffusion's training), each weighted by 1 / q(t).
+    Importance,
+}
+
+/// The importance distribution q(t) over t = 1..T-1 of [`TSampling::Importance`]: piecewise
+/// constant over the pilot's strata, `q(t) = m_j / Z` for t in stratum j, with m_j the root
+/// mean square of the pilot's L_t there (floored at 1e-3 of the largest, so that every t keeps
+/// a chance and the estimate stays unbiased) and `Z = sum_j m_j width_j`.
+#[derive(Debug, Clone)]
+pub struct TWeights {
+    /// q(t) for t = 1..T-1 (`q[t - 1]`).
+    pub q: Vec<f64>,
+    /// The cumulative sums of `q`, for drawing by inversion.
+    cdf: Vec<f64>,
+}
+
+impl TWeights {
+    /// q from each stratum's pilot values of L_t (`strata[j]`: the stratum's range of t and
+    /// its values).
+    pub fn from_pilot(t_max: usize, strata: &[(std::ops::Range<usize>, Vec<f64>)]) -> Self {
+        let rms: Vec<f64> = strata
+            .iter()
+            .map(|(_, v)| (v.iter().map(|l| l * l).sum::<f64>() / v.len().max(1) as f64).sqrt())
+            .collect();
+        let top = rms.iter().copied().fold(0.0, f64::max);
+        let floor = if top > 0.0 { 1e-3 * top } else { 1.0 };
+        let mut q = vec![0.0; t_max - 1];
+        for ((range, _), m) in strata.iter().zip(&rms) {
+            let m = if m.is_finite() { m.max(floor) } else { floor };
+            for t in range.clone() {
+                q[t - 1] = m;
+            }
+        }
+        // Any t the strata missed keeps the floor.
+        q.iter_mut().filter(|v| **v == 0.0).for_each(|v| *v = floor);
+        let z: f64 = q.iter().sum();
+        q.iter_mut().for_each(|v| *v /= z);
+        let mut acc = 0.0;
+        let cdf = q
+            .iter()
+            .map(|v| {
+                acc += v;
+                acc
+            })
+            .collect();
+        Self { q, cdf }
+    }
+
+    /// One t in 1..T-1 drawn from q.
+    pub fn draw(&self, rng: &mut rand::rngs::StdRng) -> usize {
+        use rand::Rng;
+        let u: f64 = rng.random::<f64>() * self.cdf.last().copied().unwrap_or(1.0);
+        let i = self.cdf.partition_point(|&c| c <= u).min(self.q.len() - 1);
+        i + 1
+    }
+}
+
 /// How the bound is evaluated: p's variance, L_0's decoder, and whether the predicted x_0 is
 /// clipped to [-1, 1] before the posterior mean (`clip_denoised`: improved-diffusion's
 /// `calc_bpd_loop` default; elbo's default evaluates the network's own prediction).
@@ -480,6 +547,71 @@ impl GaussianDiffusion {
             }
         }
         Ok(terms)
+    }
+
+    /// The pilot of [`TSampling::Importance`]: L_t of each example of `x0` at one t uniform in
+    /// each of `k` equal strata of 1..T-1 (k network calls), gathered per stratum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pilot_weights(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        k: usize,
+        opts: BoundOptions,
+        rng: &mut rand::rngs::StdRng,
+        noise: &mut crate::distributions::Noise,
+        mut on_step: impl FnMut(),
+    ) -> Result<TWeights> {
+        use rand::Rng;
+        let (b, t_max) = (x0.dim(0)?, self.num_timesteps());
+        let rest = t_max - 1;
+        let k = k.clamp(1, rest.max(1));
+        let mut strata = Vec::with_capacity(k);
+        for j in 0..k {
+            let (lo, hi) = (1 + j * rest / k, 1 + (j + 1) * rest / k);
+            let t: Vec<usize> = (0..b).map(|_| rng.random_range(lo..hi)).collect();
+            strata.push((lo..hi, self.bound_term(model, x0, &t, opts, noise)?));
+            on_step();
+        }
+        Ok(TWeights::from_pilot(t_max, &strata))
+    }
+
+    /// An unbiased estimate of each example's `sum_{t=0}^{T-1} L_t` from `k` timesteps drawn
+    /// i.i.d. from `weights`' q(t) (`k + 1` network calls): `L_0 + (1/k) sum_i L_{t_i} / q(t_i)`
+    /// (importance sampling; its variance is least when q(t) follows sqrt(E[L_t^2])). `[B]` in
+    /// nats, without L_T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn importance_bound_sum(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        k: usize,
+        weights: &TWeights,
+        opts: BoundOptions,
+        rng: &mut rand::rngs::StdRng,
+        noise: &mut crate::distributions::Noise,
+        mut on_step: impl FnMut(),
+    ) -> Result<Vec<f64>> {
+        let b = x0.dim(0)?;
+        if weights.q.len() + 1 != self.num_timesteps() {
+            bail!(
+                "importance weights for {} timesteps, the process has {}",
+                weights.q.len() + 1,
+                self.num_timesteps()
+            );
+        }
+        let mut sums = self.bound_term(model, x0, &vec![0; b], opts, noise)?;
+        on_step();
+        let k = k.max(1);
+        for _ in 0..k {
+            let t: Vec<usize> = (0..b).map(|_| weights.draw(rng)).collect();
+            let terms = self.bound_term(model, x0, &t, opts, noise)?;
+            for ((s, v), &ti) in sums.iter_mut().zip(terms).zip(&t) {
+                *s += v / (k as f64 * weights.q[ti - 1]);
+            }
+            on_step();
+        }
+        Ok(sums)
     }
 
     /// L_T = KL(q(x_T | x_0) || N(0, I)) per example of x_0 `[B, ...]` (no draw).
