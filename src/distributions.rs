@@ -33,6 +33,16 @@ impl Noise {
         Tensor::from_vec(v, shape, device)
     }
 
+    /// u ~ U[0, 1) of the given shape, f32 (dequantization noise).
+    pub fn rng_uniform<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
+        use rand::Rng;
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| self.rng.random::<f32>())
+            .collect();
+        Tensor::from_vec(v, shape, device)
+    }
+
     /// Fills `out` with eps ~ N(0, I), in the order [`Noise::randn`] draws them.
     pub fn fill_randn(&mut self, out: &mut [f32]) {
         for e in out {

@@ -342,6 +342,91 @@ pub fn bound_terms(
     })
 }
 
+/// The probability-flow ODE likelihood of a set of examples ([`ode_likelihood`]): each
+/// example's negative log-likelihood in nats (averaged over its probes and dequantization
+/// draws), and the function evaluations per solve.
+#[derive(Debug, Clone)]
+pub struct OdeMeans {
+    pub totals: Vec<f64>,
+    pub evals_per_solve: f64,
+    pub solves: usize,
+}
+
+/// How [`ode_likelihood`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct OdeRun {
+    pub ode: crate::diffusion::ode::OdeOptions,
+    /// Independent trajectories (probes) per example and dequantization draw.
+    pub probes: usize,
+    /// Dequantization draws per image (ignored for points).
+    pub repeats: usize,
+    /// Images on 256 levels in [-1, 1] are dequantized: x = 2 (k + U) / 256 - 1, U ~ U[0, 1)^D.
+    pub dequantize: bool,
+}
+
+/// -log p(x) of each example of `x` `[B, ...]` by the probability-flow ODE
+/// ([`crate::diffusion::ode::log_likelihood`]), in nats of the model's scale, averaged over
+/// `run.probes` probes and, for images, `run.repeats` uniform dequantizations of the 8-bit
+/// values (so that the result, plus D ln 128, bounds the 8-bit data's -log P: score_sde's 7
+/// bits/dim offset for data in [-1, 1]). Batch j draws from `derive_seed(seed, 7, j)`; sharded
+/// over ranks as [`bound_terms`]; `progress` is told each solve.
+pub fn ode_likelihood(
+    process: &crate::diffusion::GaussianDiffusion,
+    net: &dyn crate::diffusion::Denoiser,
+    x: &candle_core::Tensor,
+    run: OdeRun,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Fn(),
+) -> anyhow::Result<OdeMeans> {
+    use crate::distributions::{Noise, derive_seed};
+    anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
+    let n = x.dim(0)?;
+    let mut totals = vec![0.0; n];
+    let mut counts = [0.0, 0.0]; // evaluations, solves
+    let draws = if run.dequantize {
+        run.repeats.max(1)
+    } else {
+        1
+    };
+    let per = (draws * run.probes.max(1)) as f64;
+    let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
+    for j in crate::collective::my_shard(starts.len()) {
+        let start = starts[j];
+        let len = batch_size.min(n - start);
+        let x0 = x.narrow(0, start, len)?;
+        let mut noise = Noise::new(derive_seed(seed, 7, j as u64));
+        for _ in 0..draws {
+            let xd = if run.dequantize {
+                // The 8-bit level k of each value, then (k + U) / 256 on [-1, 1].
+                let k = ((&x0 + 1.0)? * 127.5)?.round()?.clamp(0f32, 255f32)?;
+                let u = noise.rng_uniform(x0.shape(), x0.device())?;
+                ((k + u)? * (2.0 / 256.0))?.affine(1.0, -1.0)?
+            } else {
+                x0.clone()
+            };
+            for _ in 0..run.probes.max(1) {
+                let (logp, evals) =
+                    crate::diffusion::ode::log_likelihood(process, net, &xd, run.ode, &mut noise)?;
+                for (t, lp) in totals[start..start + len].iter_mut().zip(logp) {
+                    *t -= lp / per;
+                }
+                counts[0] += evals as f64;
+                counts[1] += 1.0;
+                progress();
+            }
+        }
+    }
+    let world = crate::collective::world();
+    world.all_reduce_sum_f64(&mut totals)?;
+    world.all_reduce_sum_f64(&mut counts)?;
+    Ok(OdeMeans {
+        totals,
+        evals_per_solve: counts[0] / counts[1].max(1.0),
+        solves: counts[1] as usize,
+    })
+}
+
 /// The examples the importance sampler's pilot runs on.
 pub const PILOT_EXAMPLES: usize = 16;
 

@@ -410,6 +410,22 @@ fn eval_section(eval: Option<&Value>, is_vae: bool, dir: &Path) -> Result<String
                 row(name, format!("{v:.4} nats"), what);
             }
         }
+        let ode = &e["ode"];
+        let onum = |k: &str| ode.get(k).and_then(Value::as_f64);
+        if let (Some(bpd), Some(se)) = (onum("bpd"), onum("bpd_stderr")) {
+            row(
+                "ODE likelihood",
+                format!("{bpd:.4} +- {se:.4} bits/dim"),
+                "-log p(x) of the probability-flow ODE (exact up to the solver and the divergence estimate)",
+            );
+        }
+        if let (Some(nats), Some(nfe)) = (onum("nll_nats"), onum("nfe_per_solve")) {
+            row(
+                "ODE likelihood",
+                format!("{nats:.3} nats"),
+                &format!("{nfe:.0} network calls per solve"),
+            );
+        }
         s.push_str("</table>\n");
         if let Some(lt) = e["lt"].as_array() {
             let lt: Vec<f64> = lt.iter().filter_map(Value::as_f64).collect();

@@ -400,6 +400,42 @@ fn diffusion_train_sample_eval_end_to_end() {
     assert_eq!(v["lt"].as_array().unwrap().len(), 49);
     let sum = v["l0"].as_f64().unwrap() + v["lt_sum"].as_f64().unwrap() + v["lT"].as_f64().unwrap();
     assert!((sum - v["nll_bound_nats"].as_f64().unwrap()).abs() < 1e-6);
+    // The ODE likelihood beside the bound: the exact divergence and Hutchinson's estimate of
+    // the same model agree within the estimate's standard error, and both lie below the bound
+    // (continuous decoder) of the same points.
+    let ode = |probe: &str| {
+        let o = elbo(&[
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            c,
+            "--dataset",
+            "toy:moons",
+            "--limit",
+            "40",
+            "--likelihood",
+            "both",
+            "--probe",
+            probe,
+            "--probes",
+            "4",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (exact, hutch) = (ode("exact"), ode("rademacher"));
+    let f = |v: &serde_json::Value, k: &str| v["ode"][k].as_f64().unwrap();
+    assert!(f(&exact, "nfe_per_solve") > 10.0, "{exact}");
+    let diff = f(&hutch, "nll_nats") - f(&exact, "nll_nats");
+    assert!(
+        diff.abs() < 3.0 * f(&hutch, "nll_stderr") + 1e-3,
+        "{diff}: {hutch} vs {exact}"
+    );
+    assert!(
+        f(&exact, "nll_nats") < exact["nll_bound_nats"].as_f64().unwrap(),
+        "{exact}"
+    );
 
     // A tiny image model, resumed once, evaluated with the discretized decoder.
     let data = mnist_dir(32, 8);

@@ -83,6 +83,26 @@ pub struct EvalDiffusionArgs {
     /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
     #[arg(long, value_name = "RUN_DIR")]
     pub report: Option<PathBuf>,
+    /// What to compute: the variational bound, the exact likelihood of the probability-flow
+    /// ODE, or both side by side.
+    #[arg(long, value_enum, default_value = "bound")]
+    pub likelihood: Likelihood,
+    /// The ODE's divergence: Hutchinson's estimator with Rademacher or Gaussian probes, or
+    /// exact (one backward pass per dimension; 2-D models).
+    #[arg(long, value_enum, default_value = "rademacher")]
+    pub probe: elbo::diffusion::ode::Probe,
+    /// Independent ODE solves (probes) per example and dequantization draw.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
+    pub probes: usize,
+    /// The RK45 solver's relative tolerance (score_sde's 1e-5).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-5)]
+    pub rtol: f64,
+    /// The RK45 solver's absolute tolerance.
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-5)]
+    pub atol: f64,
+    /// Uniform dequantization draws per image for the ODE likelihood (score_sde: 5 passes).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
+    pub dequant_repeats: usize,
     #[command(flatten)]
     pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
@@ -208,6 +228,88 @@ fn print_vae_table(
     );
 }
 
+/// `eval diffusion --likelihood`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Likelihood {
+    Bound,
+    Ode,
+    Both,
+}
+
+/// The probability-flow ODE likelihood of `x` (see `elbo::eval::ode_likelihood`) as the
+/// `ode` object of `eval diffusion --json`: -log p in nats (8-bit images: dequantized, with the
+/// D ln 128 of the [-1, 1] scaling, so that it bounds the discrete -log P), bits/dim, their
+/// standard errors over the examples (which include the probes and the dequantization),
+/// function evaluations and seconds.
+fn ode_results(
+    a: &EvalDiffusionArgs,
+    config: &DiffusionConfig,
+    process: &elbo::diffusion::GaussianDiffusion,
+    net: &dyn elbo::diffusion::Denoiser,
+    x: &candle_core::Tensor,
+    dims: usize,
+) -> Result<serde_json::Value> {
+    use elbo::diffusion::ode::{OdeOptions, Rk45};
+    elbo::limits::count("--probes", a.probes, 10_000)?;
+    elbo::limits::count("--dequant-repeats", a.dequant_repeats, 10_000)?;
+    for (flag, v) in [("--rtol", a.rtol), ("--atol", a.atol)] {
+        if !(v.is_finite() && v > 0.0 && v < 1.0) {
+            bail!("{flag} {v}: a tolerance in (0, 1) expected");
+        }
+    }
+    let image = config.is_image();
+    let run = elbo::eval::OdeRun {
+        ode: OdeOptions {
+            solver: Rk45 {
+                rtol: a.rtol,
+                atol: a.atol,
+                max_evals: 100_000,
+            },
+            eps: 1e-5,
+            probe: a.probe,
+        },
+        probes: a.probes,
+        repeats: a.dequant_repeats,
+        dequantize: image,
+    };
+    let n = x.dim(0)?;
+    let solves = n.div_ceil(a.batch_size) * a.probes * if image { a.dequant_repeats } else { 1 };
+    let bar = super::progress(solves as u64, "ODE solves");
+    if !elbo::collective::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let means =
+        elbo::eval::ode_likelihood(process, net, x, run, a.batch_size, a.seed, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    // 8-bit images on [-1, 1]: the dequantized density of u = (k + U) / 256 is 2^D that of x,
+    // and the 256 bins add D ln 256: -log P(k) <= -log p(x) + D ln 128.
+    let offset = if image {
+        dims as f64 * 128f64.ln()
+    } else {
+        0.0
+    };
+    let totals: Vec<f64> = means.totals.iter().map(|v| v + offset).collect();
+    let nll = elbo::eval::mean(&totals);
+    let se = elbo::eval::standard_error(&totals);
+    check_finite_result(&a.checkpoint, &[("the ODE likelihood", nll)])?;
+    Ok(serde_json::json!({
+        "nll_nats": nll,
+        "nll_stderr": se,
+        "bpd": elbo::eval::bits_per_dim(nll, dims),
+        "bpd_stderr": elbo::eval::bits_per_dim(se, dims),
+        "probe": a.probe,
+        "probes": a.probes,
+        "dequant_repeats": if image { a.dequant_repeats } else { 0 },
+        "rtol": a.rtol,
+        "atol": a.atol,
+        "eps": 1e-5,
+        "nfe_per_solve": means.evals_per_solve,
+        "network_calls": means.evals_per_solve * means.solves as f64,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
 pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     use elbo::limits::{COUNT_CEILING, count};
     count("--batch-size", a.batch_size, 1_000_000)?;
@@ -270,8 +372,10 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         decoder,
         clip_denoised: a.clip_denoised,
     };
-    let means = match a.t_samples {
-        Some(k) => elbo::eval::bound_sampled(
+    let want_bound = a.likelihood != Likelihood::Ode;
+    let means = match (want_bound, a.t_samples) {
+        (false, _) => None,
+        (true, Some(k)) => Some(elbo::eval::bound_sampled(
             &m.process,
             &net,
             &x_all,
@@ -281,8 +385,8 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             a.batch_size,
             a.seed,
             &|| bar.inc(1),
-        )?,
-        None => elbo::eval::bound_terms(
+        )?),
+        (true, None) => Some(elbo::eval::bound_terms(
             &m.process,
             &net,
             &x_all,
@@ -290,60 +394,93 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             a.batch_size,
             a.seed,
             &|| bar.inc(1),
-        )?,
+        )?),
     };
     bar.finish_and_clear();
-    let summary = means.summary(dims, &format!("{decoder:?}"));
-    check_finite_result(&a.checkpoint, &[("the bound", summary.nll_bound_nats)])?;
+    let bound_seconds = started.elapsed().as_secs_f64();
+    let summary = means.map(|means| means.summary(dims, &format!("{decoder:?}")));
+    if let Some(s) = &summary {
+        check_finite_result(&a.checkpoint, &[("the bound", s.nll_bound_nats)])?;
+    }
+    let ode = match a.likelihood {
+        Likelihood::Bound => None,
+        _ => Some(ode_results(&a, &m.config, &m.process, &net, &x_all, dims)?),
+    };
     if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
     }
-    if let Some(path) = &a.plot {
-        let svg = elbo::report::lt_plot_svg(&summary.lt)?;
+    if let (Some(path), Some(s)) = (&a.plot, &summary) {
+        let svg = elbo::report::lt_plot_svg(&s.lt)?;
         elbo::files::write_atomic(path, svg.as_bytes())?;
     }
-    let mut results = serde_json::to_value(&summary)?;
+    let mut results = match &summary {
+        Some(s) => serde_json::to_value(s)?,
+        None => serde_json::json!({ "n": n }),
+    };
     results["split"] = serde_json::to_value(a.split)?;
     results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
     results["seconds"] = started.elapsed().as_secs_f64().into();
-    results["variance"] = serde_json::to_value(variance)?;
-    if a.t_samples.is_some() {
-        results["t_sampling"] = serde_json::to_value(t_sampling)?;
+    if summary.is_some() {
+        results["bound_seconds"] = bound_seconds.into();
+        results["variance"] = serde_json::to_value(variance)?;
+        if a.t_samples.is_some() {
+            results["t_sampling"] = serde_json::to_value(t_sampling)?;
+        }
+        results["clip_denoised"] = a.clip_denoised.into();
     }
-    results["clip_denoised"] = a.clip_denoised.into();
+    if let Some(o) = &ode {
+        results["ode"] = o.clone();
+    }
     if let Some(dir) = &a.report {
         save_eval_report(dir, "diffusion", &results)?;
     }
     if a.json {
         println!("{results}");
-    } else {
-        let s = &summary;
-        println!("checkpoint      {}", a.checkpoint.display());
+        return Ok(());
+    }
+    println!("checkpoint      {}", a.checkpoint.display());
+    println!(
+        "examples        {n} ({:?}), T = {t_max}, {:?} decoder",
+        a.split, decoder
+    );
+    if let Some(s) = &summary {
+        print_bound(s);
+    }
+    if let Some(o) = &ode {
+        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "examples        {n} ({:?}), T = {t_max}, {:?} decoder",
-            a.split, decoder
-        );
-        println!(
-            "bound           {:10.3} nats per example = {:.4} bits/dim (+- {:.4}, over the examples)",
-            s.nll_bound_nats, s.bpd, s.bpd_stderr
-        );
-        if let (Some(l0), Some(lt_sum)) = (s.l0, s.lt_sum) {
-            println!("  L_0           {l0:10.3}   -log p(x_0 | x_1)");
-            println!(
-                "  sum L_t       {lt_sum:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T"
-            );
-        } else if let Some(k) = s.t_samples {
-            println!(
-                "  sum over t    {:10.3}   L_0 + sum L_t estimated from {k} stratified timesteps per example",
-                s.nll_bound_nats - s.l_prior
-            );
-        }
-        println!(
-            "  L_T           {:10.5}   KL(q(x_T | x_0) || N(0, I))",
-            s.l_prior
+            "ODE likelihood  {:10.3} nats per example = {:.4} bits/dim (+- {:.4}), {:.0} network calls per solve, {:.1} s",
+            f("nll_nats"),
+            f("bpd"),
+            f("bpd_stderr"),
+            f("nfe_per_solve"),
+            f("seconds")
         );
     }
     Ok(())
+}
+
+/// The bound's lines of `eval diffusion`'s text output.
+fn print_bound(s: &elbo::eval::BoundSummary) {
+    println!(
+        "bound           {:10.3} nats per example = {:.4} bits/dim (+- {:.4}, over the examples)",
+        s.nll_bound_nats, s.bpd, s.bpd_stderr
+    );
+    if let (Some(l0), Some(lt_sum)) = (s.l0, s.lt_sum) {
+        println!("  L_0           {l0:10.3}   -log p(x_0 | x_1)");
+        println!(
+            "  sum L_t       {lt_sum:10.3}   KL(q(x_t-1 | x_t, x_0) || p(x_t-1 | x_t)), t = 2..T"
+        );
+    } else if let Some(k) = s.t_samples {
+        println!(
+            "  sum over t    {:10.3}   L_0 + sum L_t estimated from {k} sampled timesteps per example",
+            s.nll_bound_nats - s.l_prior
+        );
+    }
+    println!(
+        "  L_T           {:10.5}   KL(q(x_T | x_0) || N(0, I))",
+        s.l_prior
+    );
 }
 
 /// The examples `eval diffusion` bounds: `--limit` images of the model's shape in [-1, 1] with

@@ -5,6 +5,7 @@ pub mod config;
 pub mod model;
 pub mod nets;
 pub mod objective;
+pub mod ode;
 pub mod process;
 pub mod sampler;
 pub mod schedule;
