@@ -331,7 +331,7 @@ pub fn log_likelihood(
         let sigma = (1.0 - abar).max(1e-20).sqrt();
         let beta = sched.beta(t);
         let s = Tensor::full(sched.model_time(t) as f32, b, &dev)?;
-        let (out, _) = process.split_output(&model.forward(xt, &s)?)?;
+        let (out, _) = process.split_output(&model.forward_differentiable(xt, &s)?)?;
         // eps_hat from the prediction: x_0 = (x - sigma eps) / sqrt(abar); v = sqrt(abar) eps -
         // sigma x_0, so eps = sqrt(abar) v + sigma x.
         let eps_hat = match prediction {

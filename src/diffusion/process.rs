@@ -344,6 +344,13 @@ impl BoundTerms {
 pub trait Denoiser {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
 
+    /// A forward pass that candle's autodiff differentiates with respect to `xt` (the
+    /// probability-flow ODE's divergence): `forward` itself, unless that runs an engine
+    /// outside the autodiff graph (the fused CPU engine), which then gives way to candle's ops.
+    fn forward_differentiable(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(xt, t)
+    }
+
     /// The training forward pass: `forward` with dropout where the network has it, its masks
     /// drawn from `rng` (which a network without dropout leaves untouched).
     fn forward_train(

@@ -349,6 +349,11 @@ impl Denoiser for FrozenNet {
             _ => self.net.forward(xt, t),
         }
     }
+
+    /// The fused engine's output is a fresh tensor outside the autodiff graph: candle's ops.
+    fn forward_differentiable(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.net.forward(xt, t)
+    }
 }
 
 /// The importance-sampled log p(x) of `vae::objective::estimate_log_likelihood_candle`

@@ -972,4 +972,12 @@ impl Denoiser for FusedUnet {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> Result<Tensor> {
         FusedUnet::forward(self, xt, t)
     }
+
+    /// The engine's output is outside candle's autodiff graph: refused rather than silently
+    /// constant (wrap the network in `engine::FrozenNet`, whose candle path differentiates).
+    fn forward_differentiable(&self, _xt: &Tensor, _t: &Tensor) -> Result<Tensor> {
+        bail!(
+            "the fused U-Net engine gives no gradient with respect to its input; use the candle network (engine::FrozenNet)"
+        )
+    }
 }
