@@ -569,18 +569,8 @@ impl GaussianDiffusion {
         noise: &mut crate::distributions::Noise,
         mut on_step: impl FnMut(),
     ) -> Result<TWeights> {
-        use rand::Rng;
-        let (b, t_max) = (x0.dim(0)?, self.num_timesteps());
-        let rest = t_max - 1;
-        let k = k.clamp(1, rest.max(1));
-        let mut strata = Vec::with_capacity(k);
-        for j in 0..k {
-            let (lo, hi) = (1 + j * rest / k, 1 + (j + 1) * rest / k);
-            let t: Vec<usize> = (0..b).map(|_| rng.random_range(lo..hi)).collect();
-            strata.push((lo..hi, self.bound_term(model, x0, &t, opts, noise)?));
-            on_step();
-        }
-        Ok(TWeights::from_pilot(t_max, &strata))
+        let strata = self.stratified_terms(model, x0, k, opts, rng, noise, &mut on_step)?;
+        Ok(TWeights::from_pilot(self.num_timesteps(), &strata))
     }
 
     /// An unbiased estimate of each example's `sum_{t=0}^{T-1} L_t` from `k` timesteps drawn
@@ -647,21 +637,41 @@ impl GaussianDiffusion {
         noise: &mut crate::distributions::Noise,
         mut on_step: impl FnMut(),
     ) -> Result<Vec<f64>> {
-        use rand::Rng;
-        let (b, t_max) = (x0.dim(0)?, self.num_timesteps());
+        let b = x0.dim(0)?;
         let mut sums = self.bound_term(model, x0, &vec![0; b], opts, noise)?;
         on_step();
-        let rest = t_max - 1;
-        let k = k.clamp(1, rest.max(1)).min(rest);
+        for (range, terms) in self.stratified_terms(model, x0, k, opts, rng, noise, &mut on_step)? {
+            for (s, v) in sums.iter_mut().zip(terms) {
+                *s += range.len() as f64 * v;
+            }
+        }
+        Ok(sums)
+    }
+
+    /// {1..T-1} cut into `k` strata of (nearly) equal width (k at most T - 1), one t drawn
+    /// uniformly in each per example of `x0` (from `rng`), and its term: (stratum, `[B]`
+    /// nats) per stratum, one network call each.
+    #[allow(clippy::too_many_arguments)]
+    fn stratified_terms(
+        &self,
+        model: &dyn Denoiser,
+        x0: &Tensor,
+        k: usize,
+        opts: BoundOptions,
+        rng: &mut rand::rngs::StdRng,
+        noise: &mut crate::distributions::Noise,
+        on_step: &mut impl FnMut(),
+    ) -> Result<Vec<(std::ops::Range<usize>, Vec<f64>)>> {
+        use rand::Rng;
+        let (b, rest) = (x0.dim(0)?, self.num_timesteps() - 1);
+        let k = k.clamp(1, rest.max(1));
+        let mut strata = Vec::with_capacity(k);
         for j in 0..k {
             let (lo, hi) = (1 + j * rest / k, 1 + (j + 1) * rest / k);
             let t: Vec<usize> = (0..b).map(|_| rng.random_range(lo..hi)).collect();
-            let terms = self.bound_term(model, x0, &t, opts, noise)?;
-            for (s, v) in sums.iter_mut().zip(terms) {
-                *s += (hi - lo) as f64 * v;
-            }
+            strata.push((lo..hi, self.bound_term(model, x0, &t, opts, noise)?));
             on_step();
         }
-        Ok(sums)
+        Ok(strata)
     }
 }
