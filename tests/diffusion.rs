@@ -867,6 +867,22 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
             assert!(max_abs_diff(&fused.forward(&x, &t).unwrap(), &eval) < 1e-4);
             assert!(max_abs_diff(&eval, &out) > 1e-3, "dropout dropped nothing");
         }
+        // The input's vector-Jacobian products (the ODE's divergence), two cotangents through
+        // one forward pass, against candle's autodiff of the same network.
+        let v: Vec<Tensor> = (0..2)
+            .map(|_| noise.randn(out.shape(), &dev).unwrap())
+            .collect();
+        let (y, dx) = fused.vjp(&x, &t, &v).unwrap();
+        let (y_ref, dx_ref) = elbo::diffusion::process::Denoiser::vjp(&net, &x, &t, &v).unwrap();
+        assert!(max_abs_diff(&y, &y_ref) < 1e-4);
+        for (got, want) in dx.iter().zip(&dx_ref) {
+            let scale = values(want).iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = max_abs_diff(got, want);
+            assert!(
+                scale > 1e-3 && err <= 1e-3 * scale,
+                "config {index}: input VJP max |fused - candle| = {err:e}, max |candle| = {scale:e}"
+            );
+        }
         let (fused_loss, flat) = fused
             .loss_and_grads(&values(&x), &values(&t), &values(&target), (h, w), seed)
             .unwrap();

@@ -246,11 +246,14 @@ fn dequantized_likelihood_matches_a_hand_computation() {
     assert!((elbo::eval::bits_per_dim(3.0 * 128f64.ln(), 3) - 7.0).abs() < 1e-12);
 }
 
-/// A U-Net as the commands run it (`engine::FrozenNet`, whose forward is the fused engine,
-/// outside candle's autodiff): the ODE differentiates its candle path, so the likelihood equals
-/// the bare network's, and on 2 x 2 images (4 dimensions) Hutchinson's estimate agrees with
-/// the exact divergence within 3 standard errors over 16 images. (The fused forward alone
-/// would give every model the same likelihood: its Jacobian would read as zero.)
+/// A U-Net as the commands run it (`engine::FrozenNet`: forward and vector-Jacobian products
+/// on the fused engine, its backward pass computing dx only) against candle's autodiff of the
+/// bare network: on 2 x 2 images (4 dimensions) the exact-divergence likelihoods agree within
+/// 2e-3 nats at rtol = atol = 1e-6 (at score_sde's 1e-5 the two solves take other steps, and
+/// both are about 0.16 nats from the converged value for this random network), and Hutchinson's
+/// estimate agrees with the exact divergence within 3 standard errors over 16 images. (A
+/// forward pass outside the autodiff, with no VJP of its own, would give every model the same
+/// likelihood: its Jacobian would read as zero.)
 #[test]
 fn unet_likelihood_differentiates_the_network() {
     use elbo::diffusion::nets::{Net, NetConfig, UnetOptions, sorted_vars};
@@ -283,11 +286,20 @@ fn unet_likelihood_differentiates_the_network() {
     let frozen = elbo::engine::FrozenNet::new(Net::build(&cfg, vb).unwrap());
     let p = process(BetaSchedule::Linear, Prediction::Eps);
     let x = (Noise::new(3).randn((16, 1, 2, 2), &dev).unwrap() * 0.5).unwrap();
-    let (a, _) = log_likelihood(&p, &bare, &x, opts(Probe::Exact), &mut Noise::new(2)).unwrap();
-    let (b, _) = log_likelihood(&p, &frozen, &x, opts(Probe::Exact), &mut Noise::new(2)).unwrap();
-    for (u, v) in a.iter().zip(&b) {
-        assert!((u - v).abs() < 1e-3, "{u} vs {v}");
+    let tight = OdeOptions {
+        solver: Rk45 {
+            rtol: 1e-6,
+            atol: 1e-6,
+            max_evals: 100_000,
+        },
+        ..opts(Probe::Exact)
+    };
+    let (c, _) = log_likelihood(&p, &bare, &x, tight, &mut Noise::new(2)).unwrap();
+    let (f, _) = log_likelihood(&p, &frozen, &x, tight, &mut Noise::new(2)).unwrap();
+    for (u, v) in c.iter().zip(&f) {
+        assert!((u - v).abs() < 2e-3, "{u} vs {v}");
     }
+    let (a, _) = log_likelihood(&p, &frozen, &x, opts(Probe::Exact), &mut Noise::new(2)).unwrap();
     let (h, _) =
         log_likelihood(&p, &frozen, &x, opts(Probe::Rademacher), &mut Noise::new(5)).unwrap();
     let d: Vec<f64> = h.iter().zip(&a).map(|(u, v)| u - v).collect();
@@ -300,8 +312,9 @@ fn unet_likelihood_differentiates_the_network() {
     );
     assert!(sd > 1e-3, "the network's Jacobian must reach the estimate");
     assert!(mean.abs() < 3.0 * sd / n.sqrt(), "{mean} (sd {sd})");
-    // The fused engine alone refuses, rather than reading a zero Jacobian.
+    // The fused engine alone is what FrozenNet runs.
     let Net::Unet(u) = &bare else { unreachable!() };
     let fused = elbo::engine::unet::FusedUnet::new(u).unwrap();
-    assert!(log_likelihood(&p, &fused, &x, opts(Probe::Exact), &mut Noise::new(2)).is_err());
+    let (g, _) = log_likelihood(&p, &fused, &x, opts(Probe::Exact), &mut Noise::new(2)).unwrap();
+    assert_eq!(g, a);
 }

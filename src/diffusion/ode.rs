@@ -20,7 +20,7 @@
 //! for that step, interpolated likewise).
 
 use anyhow::{Result, bail};
-use candle_core::{D, DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
 use super::process::{Denoiser, GaussianDiffusion, Prediction};
 use crate::distributions::LOG_2PI;
@@ -323,36 +323,41 @@ pub fn log_likelihood(
         }
     };
     let prediction = process.prediction;
+    let cotangents = probes
+        .iter()
+        .map(|p| process.output_cotangent(p))
+        .collect::<Result<Vec<_>>>()?;
+    // sum_i p_i^2 of each probe and example: the divergence's term in x.
+    let norms: Vec<Vec<f64>> = probes
+        .iter()
+        .map(|p| row_dots(p, p))
+        .collect::<Result<_>>()?;
     let mut f = |t: f64, y: &[f64]| -> Result<Vec<f64>> {
         let xs: Vec<f32> = y[..b * d].iter().map(|&v| v as f32).collect();
-        let xv = Var::from_tensor(&Tensor::from_vec(xs, shape.clone(), &dev)?)?;
-        let xt = xv.as_tensor();
+        let xt = Tensor::from_vec(xs, shape.clone(), &dev)?;
         let abar = sched.log_abar(t).exp();
         let sigma = (1.0 - abar).max(1e-20).sqrt();
         let beta = sched.beta(t);
         let s = Tensor::full(sched.model_time(t) as f32, b, &dev)?;
-        let (out, _) = process.split_output(&model.forward_differentiable(xt, &s)?)?;
-        // eps_hat from the prediction: x_0 = (x - sigma eps) / sqrt(abar); v = sqrt(abar) eps -
-        // sigma x_0, so eps = sqrt(abar) v + sigma x.
-        let eps_hat = match prediction {
-            Prediction::Eps => out,
-            Prediction::X0 => ((xt - (out * abar.sqrt())?)? / sigma)?,
-            Prediction::V => ((out * abar.sqrt())? + (xt * sigma)?)?,
+        let (out, vjps) = model.vjp(&xt, &s, &cotangents)?;
+        let (out, _) = process.split_output(&out)?;
+        // eps_hat = a out + c x: x_0 = (x - sigma eps) / sqrt(abar) gives eps = (x - sqrt(abar)
+        // x_0) / sigma; v = sqrt(abar) eps - sigma x_0 gives eps = sqrt(abar) v + sigma x.
+        let (a, c) = match prediction {
+            Prediction::Eps => (1.0, 0.0),
+            Prediction::X0 => (-abar.sqrt() / sigma, 1.0 / sigma),
+            Prediction::V => (abar.sqrt(), sigma),
         };
-        // f = -1/2 beta (x - eps_hat / sigma)
-        let drift = ((xt - (eps_hat / sigma)?)? * (-0.5 * beta))?;
+        // f = -1/2 beta (x - eps_hat / sigma) = -1/2 beta (kx x - ko out), so
+        // p . (df/dx)^T p = -1/2 beta (kx |p|^2 - ko p . (d out/dx)^T p). The difference is
+        // taken before the scaling by beta (thousands at the cosine schedule's end), where x
+        // and eps_hat / sigma nearly cancel.
+        let (kx, ko) = (1.0 - c / sigma, a / sigma);
+        let drift = (((&xt * kx)? - (out * ko)?)? * (-0.5 * beta))?;
         let mut div = vec![0f64; b];
-        for p in &probes {
-            let grads = (&drift * p)?.sum_all()?.backward()?;
-            let Some(g) = grads.get(xt) else {
-                bail!("the network's output does not depend on its input (no gradient)");
-            };
-            let vjv = (g * p)?
-                .flatten_from(1)?
-                .sum(D::Minus1)?
-                .to_dtype(DType::F64)?;
-            for (acc, v) in div.iter_mut().zip(vjv.to_vec1::<f64>()?) {
-                *acc += v;
+        for ((p, g), pp) in probes.iter().zip(&vjps).zip(&norms) {
+            for ((acc, pg), pp) in div.iter_mut().zip(row_dots(g, p)?).zip(pp) {
+                *acc += -0.5 * beta * (kx * pp - ko * pg);
             }
         }
         let mut dy: Vec<f64> = drift
@@ -372,6 +377,20 @@ pub fn log_likelihood(
         logp.push(prior + sol.y[b * d + row]);
     }
     Ok((logp, sol.evals))
+}
+
+/// sum_i u_bi v_bi of each row b of two tensors `[B, ...]`, in f64.
+fn row_dots(u: &Tensor, v: &Tensor) -> Result<Vec<f64>> {
+    let b = u.dim(0)?;
+    let u = u.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let v = v.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    if u.len() != v.len() {
+        bail!("{} values against {}", u.len(), v.len());
+    }
+    let n = u.len() / b.max(1);
+    Ok((0..b)
+        .map(|r| (r * n..(r + 1) * n).map(|i| u[i] * v[i]).sum())
+        .collect())
 }
 
 #[cfg(test)]

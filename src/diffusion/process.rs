@@ -109,6 +109,16 @@ impl GaussianDiffusion {
         ))
     }
 
+    /// The cotangent of a whole network output for a cotangent `v` `[B, C, ...]` of its
+    /// prediction: `v`, and zeros for the variance channels (the inverse of
+    /// [`GaussianDiffusion::split_output`]).
+    pub fn output_cotangent(&self, v: &Tensor) -> Result<Tensor> {
+        if !self.variance.is_some_and(VarianceType::is_learned) {
+            return Ok(v.clone());
+        }
+        Ok(Tensor::cat(&[v, &v.zeros_like()?], 1)?)
+    }
+
     pub fn num_timesteps(&self) -> usize {
         self.schedule.len()
     }
@@ -349,6 +359,30 @@ pub trait Denoiser {
     /// outside the autodiff graph (the fused CPU engine), which then gives way to candle's ops.
     fn forward_differentiable(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.forward(xt, t)
+    }
+
+    /// The output `[B, C', ...]` and, for each cotangent v (the output's shape), the
+    /// vector-Jacobian product `(d out / d xt)^T v` `[B, C, ...]` (row b depends on example b
+    /// only: each example's Jacobian). By default candle's autodiff of
+    /// [`Denoiser::forward_differentiable`], one backward pass per cotangent.
+    fn vjp(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        cotangents: &[Tensor],
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let xv = candle_core::Var::from_tensor(xt)?;
+        let x = xv.as_tensor();
+        let out = self.forward_differentiable(x, t)?;
+        let mut vjps = Vec::with_capacity(cotangents.len());
+        for v in cotangents {
+            let grads = (&out * v)?.sum_all()?.backward()?;
+            match grads.get(x) {
+                Some(g) => vjps.push(g.clone()),
+                None => vjps.push(x.zeros_like()?),
+            }
+        }
+        Ok((out.detach(), vjps))
     }
 
     /// The training forward pass: `forward` with dropout where the network has it, its masks

@@ -354,6 +354,21 @@ impl Denoiser for FrozenNet {
     fn forward_differentiable(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.net.forward(xt, t)
     }
+
+    /// The fused engine's own backward pass (dx only) where it runs, else candle's autodiff.
+    fn vjp(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        cotangents: &[Tensor],
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        match &self.fused {
+            Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
+                engine.vjp(xt, t, cotangents)
+            }
+            _ => self.net.vjp(xt, t, cotangents),
+        }
+    }
 }
 
 /// The importance-sampled log p(x) of `vae::objective::estimate_log_likelihood_candle`

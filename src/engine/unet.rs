@@ -142,15 +142,29 @@ struct Workspace {
     d_time1_silu: Vec<f32>,
     /// dL/d(output), set by the caller.
     d_output: Vec<f32>,
+    /// dL/d(input), when the pass is a vector-Jacobian product ([`Pass::InputGradient`]).
+    d_input: Vec<f32>,
     /// The parameter gradients of the examples this thread ran.
     grads: Vec<f32>,
 }
 
+/// What a forward pass is followed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Nothing: no tape kept.
+    Inference,
+    /// The parameters' gradient: every im2col matrix and every sigmoid kept.
+    Training,
+    /// The gradient with respect to the input only (dx, no dW): the sigmoids and the norms'
+    /// statistics kept, no im2col matrix.
+    InputGradient,
+}
+
 impl Workspace {
-    /// Training keeps what the backward pass reads (every im2col matrix, every sigmoid);
-    /// inference keeps neither.
-    fn set_training(&mut self, training: bool) {
-        self.block.cols.keep = training;
+    fn set_pass(&mut self, pass: Pass) {
+        let training = pass != Pass::Inference;
+        self.block.cols.keep = pass == Pass::Training;
+        self.block.cols.dx_only = pass == Pass::InputGradient;
         for st in &mut self.tape.stages {
             st.res.norm1.inference = !training;
             st.res.norm2.inference = !training;
@@ -374,7 +388,9 @@ impl Plan {
         );
     }
 
-    /// Adds the gradients of one example into `grads`, `ws.d_output` holding dL/dy.
+    /// Adds the gradients of one example into `grads`, `ws.d_output` holding dL/dy; in a
+    /// [`Pass::InputGradient`], dL/dx into `ws.d_input` instead (`grads` then gets only the
+    /// norms' and linear layers' share, scratch to the caller).
     fn backward(&self, p: &[f32], grads: &mut [f32], x: &[f32], route: &Route, ws: &mut Workspace) {
         let tape = &ws.tape;
         let sizes = &route.sizes;
@@ -488,6 +504,15 @@ impl Plan {
         }
         if route.pushed[0] {
             add_assign(&mut ws.d_hidden, &ws.dskip[0]);
+        }
+        if ws.block.cols.dx_only {
+            // A vector-Jacobian product: dx, and no time embedding's gradient.
+            sized(&mut ws.d_input, x.len());
+            let dx = Dx::Set(&mut ws.d_input);
+            let cols = &mut ws.block.cols;
+            self.conv_in
+                .backward(p, grads, x, sizes[0], &ws.d_hidden, dx, cols);
+            return;
         }
         self.conv_in.backward(
             p,
@@ -750,7 +775,7 @@ impl FusedUnet {
             .zip(x.par_chunks(chunk * n).zip(t.par_chunks(chunk)))
             .for_each(|(out, (x, t))| {
                 let mut ws = self.workspace();
-                ws.set_training(false);
+                ws.set_pass(Pass::Inference);
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
                     self.plan
@@ -775,6 +800,102 @@ impl FusedUnet {
         let t = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let out = self.forward_values(&x, &t, (h, w))?;
         Tensor::from_vec(out, (b, self.out_channels(), h, w), xt.device())
+    }
+
+    /// The network's output and its vector-Jacobian products: `x` `[B, C, H, W]` values, `t`
+    /// `[B]`, `cotangents` K buffers `[B, C_out, H, W]` -> (y `[B, C_out, H, W]`, K buffers
+    /// `[B, C, H, W]` with row b = (dy_b / dx_b)^T v_b). One forward pass per example, then
+    /// one backward pass per cotangent through the same tape, computing dx only (no dW, no
+    /// kept im2col): the divergence of the probability-flow ODE by Hutchinson's estimator.
+    pub fn vjp_values(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        size: (usize, usize),
+        cotangents: &[Vec<f32>],
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let n = self.check(x, t, size)?;
+        let m = self.out_channels() * size.0 * size.1;
+        if let Some(v) = cotangents.iter().find(|v| v.len() != t.len() * m) {
+            bail!(
+                "fused U-Net: a cotangent of {} values for {} outputs",
+                v.len(),
+                t.len() * m
+            );
+        }
+        let route = self.plan.route(size);
+        let chunk = self.chunk(t.len());
+        let k = cotangents.len();
+        let parts: Vec<(Vec<f32>, Vec<Vec<f32>>)> = x
+            .par_chunks(chunk * n)
+            .zip(t.par_chunks(chunk))
+            .enumerate()
+            .map(|(part, (x, t))| {
+                let mut ws = self.workspace();
+                ws.set_pass(Pass::InputGradient);
+                let mut scratch = std::mem::take(&mut ws.grads);
+                zeroed(&mut scratch, self.params.len());
+                let mut out = Vec::with_capacity(t.len() * m);
+                let mut dx = vec![Vec::with_capacity(t.len() * n); k];
+                for (e, &te) in t.iter().enumerate() {
+                    let xe = &x[e * n..(e + 1) * n];
+                    self.plan
+                        .forward(&self.params, xe, &route, te, None, &mut ws);
+                    out.extend_from_slice(&ws.tape.output);
+                    let row = (part * chunk + e) * m;
+                    for (v, d) in cotangents.iter().zip(dx.iter_mut()) {
+                        ws.d_output.clear();
+                        ws.d_output.extend_from_slice(&v[row..row + m]);
+                        self.plan
+                            .backward(&self.params, &mut scratch, xe, &route, &mut ws);
+                        d.extend_from_slice(&ws.d_input);
+                    }
+                }
+                ws.grads = scratch;
+                self.give_back(ws);
+                (out, dx)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(t.len() * m);
+        let mut dx = vec![Vec::with_capacity(x.len()); k];
+        for (o, d) in parts {
+            out.extend(o);
+            for (acc, part) in dx.iter_mut().zip(d) {
+                acc.extend(part);
+            }
+        }
+        Ok((out, dx))
+    }
+
+    /// [`FusedUnet::vjp_values`] on tensors: `xt` `[B, C, H, W]`, `t` `[B]`, cotangents
+    /// `[B, C_out, H, W]`.
+    pub fn vjp(
+        &self,
+        xt: &Tensor,
+        t: &Tensor,
+        cotangents: &[Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, c, h, w) = xt.dims4()?;
+        if c != self.channels() {
+            bail!(
+                "fused U-Net: {} input channels expected, got {c}",
+                self.channels()
+            );
+        }
+        let values = |x: &Tensor| -> Result<Vec<f32>> {
+            x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let x = values(xt)?;
+        let t = values(t)?;
+        let v = cotangents.iter().map(values).collect::<Result<Vec<_>>>()?;
+        let (out, dx) = self.vjp_values(&x, &t, (h, w), &v)?;
+        let dev = xt.device();
+        let out = Tensor::from_vec(out, (b, self.out_channels(), h, w), dev)?;
+        let dx = dx
+            .into_iter()
+            .map(|d| Tensor::from_vec(d, (b, c, h, w), dev))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, dx))
     }
 
     /// The simple loss `mean (eps_theta(x_t, t) - target)^2` of a batch and its gradient with
@@ -837,7 +958,7 @@ impl FusedUnet {
             .enumerate()
             .map(|(part, (x, (t, target)))| {
                 let mut ws = self.workspace();
-                ws.set_training(true);
+                ws.set_pass(Pass::Training);
                 // The thread's gradient buffer lives in its workspace: zeroing it is cheaper
                 // than fresh pages, which the kernel clears.
                 let mut grads = std::mem::take(&mut ws.grads);
@@ -974,10 +1095,14 @@ impl Denoiser for FusedUnet {
     }
 
     /// The engine's output is outside candle's autodiff graph: refused rather than silently
-    /// constant (wrap the network in `engine::FrozenNet`, whose candle path differentiates).
+    /// constant (its own [`Denoiser::vjp`] differentiates it).
     fn forward_differentiable(&self, _xt: &Tensor, _t: &Tensor) -> Result<Tensor> {
         bail!(
-            "the fused U-Net engine gives no gradient with respect to its input; use the candle network (engine::FrozenNet)"
+            "the fused U-Net engine's output is outside candle's autodiff; use its vector-Jacobian products (Denoiser::vjp)"
         )
+    }
+
+    fn vjp(&self, xt: &Tensor, t: &Tensor, cotangents: &[Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+        FusedUnet::vjp(self, xt, t, cotangents)
     }
 }

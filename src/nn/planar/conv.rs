@@ -45,6 +45,9 @@ pub(crate) struct Cols {
     pub(crate) scratch: Vec<f32>,
     pub(crate) kept: Vec<Vec<f32>>,
     pub(crate) keep: bool,
+    /// The backward pass computes dx only (a vector-Jacobian product with respect to the
+    /// network's input): no dW or db, so no kept input either.
+    pub(crate) dx_only: bool,
 }
 
 impl Cols {
@@ -305,17 +308,14 @@ impl ConvP {
         (oh, ow)
     }
 
-    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx (+)= col2im(W^T dy)`:
-    /// `Dx::Add` accumulates into the buffer, `Dx::Set` overwrites it.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn backward(
+    /// `dW += dy im2col(x)^T`, `db += sum dy` (the part of [`ConvP::backward`] a
+    /// vector-Jacobian product with respect to the input skips).
+    fn param_grads(
         &self,
-        p: &[f32],
         grads: &mut [f32],
         x: &[f32],
         size: (usize, usize),
         dy: &[f32],
-        dx: Dx,
         cols: &mut Cols,
     ) {
         let padded;
@@ -375,6 +375,27 @@ impl ConvP {
             .zip(dy.chunks(ohw))
         {
             *db += row.iter().sum::<f32>();
+        }
+    }
+
+    /// `dW += dy im2col(x)^T`, `db += sum dy` and, when asked, `dx (+)= col2im(W^T dy)`:
+    /// `Dx::Add` accumulates into the buffer, `Dx::Set` overwrites it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &self,
+        p: &[f32],
+        grads: &mut [f32],
+        x: &[f32],
+        size: (usize, usize),
+        dy: &[f32],
+        dx: Dx,
+        cols: &mut Cols,
+    ) {
+        let g = self.geometry(size);
+        let (oh, ow) = g.output();
+        let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
+        if !cols.dx_only {
+            self.param_grads(grads, x, size, dy, cols);
         }
         let (dx, add) = match dx {
             Dx::None => return,
