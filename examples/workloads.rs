@@ -359,7 +359,7 @@ fn main() -> Result<()> {
                     } else {
                         Engine::Candle
                     };
-                    let step = denoiser_step(engine, &net, vars)?.0;
+                    let step = denoiser_step(engine, &net, vars, None)?.0;
                     let mut trainer = Trainer::new(step, AdamConfig::with_lr(1e-3))?;
                     let idx: Vec<usize> = (0..64).collect();
                     let x0 = match cifar {
@@ -376,6 +376,7 @@ fn main() -> Result<()> {
                             t,
                             target,
                             dropout_seed,
+                            x0: None,
                         };
                         trainer.step(&batch, 64)
                     })?;

@@ -810,3 +810,65 @@ fn ode_nll_of_a_trained_toy_lies_above_the_data_entropy() {
         "{diff}: {hutch} vs {exact}"
     );
 }
+
+/// `train diffusion --variance learned-range`: the U-Net gets 2C output channels, trains on the
+/// hybrid loss (its default), and its run evaluates with the learned variances; the flags that
+/// do not go together are refused with one line.
+#[test]
+fn learned_variances_train_and_evaluate() {
+    let out = tempfile::tempdir().unwrap();
+    let data = mnist_dir(32, 8);
+    let run = out.path().join("lv");
+    let args = [
+        "train",
+        "diffusion",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--num-train-timesteps",
+        "20",
+        "--channels",
+        "8",
+        "--sample-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    let o = elbo(&[&args[..], &["--variance", "learned-range"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    assert!(
+        config.contains("\"variance\": \"learned-range\""),
+        "{config}"
+    );
+    assert!(config.contains("\"loss\": \"hybrid\""), "{config}");
+    let o = elbo(&[
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--limit",
+        "4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["nll_bound_nats"].as_f64().unwrap().is_finite(), "{v}");
+    let o = elbo(&[&args[..], &["--loss", "hybrid"]].concat());
+    assert_one_line_error(&o, "--variance learned-range");
+    let o = elbo(&[&args[..], &["--variance", "fixed-small"]].concat());
+    assert_one_line_error(&o, "--variance fixed-small");
+    let o = elbo(
+        &[
+            &args[..],
+            &["--variance", "learned-range", "--loss", "simple"],
+        ]
+        .concat(),
+    );
+    assert_one_line_error(&o, "--loss hybrid or vlb");
+}

@@ -443,6 +443,7 @@ fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
         test_limit: Some(500),
         sample_steps: 20,
         engine: Default::default(),
+        loss: Default::default(),
     };
     let metrics = train_diffusion(model, &config, dir.path(), false, false, &Device::Cpu).unwrap();
     assert_eq!(metrics.len(), 4);

@@ -162,6 +162,17 @@ pub struct TrainDiffusionArgs {
     /// DDIM steps for the samples written at the end.
     #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     pub sample_steps: usize,
+    /// learned-range: the U-Net also gives v, each reverse step's log-variance between log
+    /// beta~_t and log beta_t (Nichol & Dhariwal 2021, eq. 15), used by the bound and the
+    /// samplers; trained by --loss hybrid (its default) or vlb. Without it, fixed variances
+    /// (chosen when sampling).
+    #[arg(long, value_enum)]
+    pub variance: Option<elbo::diffusion::VarianceType>,
+    /// simple (L_simple; fixed variances), hybrid (L_simple + 0.001 L_vlb, the mean's
+    /// gradient stopped in L_vlb) or vlb (L_vlb alone); default: simple, or hybrid with
+    /// --variance learned-range.
+    #[arg(long, value_enum)]
+    pub loss: Option<elbo::diffusion::learned::TrainLoss>,
     /// Implementation of the training step: auto is the fused CPU engine for the U-Net.
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: elbo::train::Engine,
@@ -341,9 +352,21 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
         image_shape: None, // taken from the data
         betas: None,
         model_times: None,
-        variance: None,
+        variance: match a.variance {
+            None | Some(VarianceType::LearnedRange) => a.variance,
+            Some(other) => bail!(
+                "--variance {}: training learns learned-range variances; fixed-small and fixed-large are chosen when sampling (sample diffusion --variance)",
+                clap::ValueEnum::to_possible_value(&other)
+                    .map_or(String::new(), |v| v.get_name().to_string())
+            ),
+        },
     };
     model.process()?;
+    let loss = a.loss.unwrap_or(if a.variance.is_some() {
+        elbo::diffusion::learned::TrainLoss::Hybrid
+    } else {
+        elbo::diffusion::learned::TrainLoss::Simple
+    });
     let config = DiffusionTrainConfig {
         data,
         epochs: a.epochs,
@@ -357,6 +380,7 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
         test_limit: a.test_limit,
         sample_steps: a.sample_steps,
         engine: a.engine,
+        loss,
     };
     let started = std::time::Instant::now();
     train_diffusion(model, &config, &a.out, a.resume, true, device)?;

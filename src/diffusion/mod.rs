@@ -2,6 +2,7 @@
 //! variational bound, samplers, denoisers and 2-D toy data.
 
 pub mod config;
+pub mod learned;
 pub mod model;
 pub mod nets;
 pub mod objective;

@@ -42,5 +42,7 @@ pub fn simple_loss(
 ) -> Result<Tensor> {
     let (xt, t, target) = simple_loss_inputs(process, x0, rng, noise)?;
     let out = net.forward_train(&xt, &timestep_tensor(&t, x0.device())?, rng)?;
+    // With learned variances, the prediction's channels.
+    let (out, _) = process.split_output(&out)?;
     Ok((out - target)?.sqr()?.mean_all()?)
 }

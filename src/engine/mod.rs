@@ -15,6 +15,7 @@ pub mod vae;
 
 use self::unet::FusedUnet;
 use self::vae::{FusedVae, VaeBatch};
+use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::Net;
 use crate::diffusion::process::{Denoiser, timestep_tensor};
 use crate::distributions::Noise;
@@ -214,36 +215,126 @@ fn candle_vae_loss<M: LatentVariableModel + ?Sized>(
 }
 
 /// A denoiser's training batch, every draw made: `x_t` `[B, ...]`, the timesteps, the target
-/// (eps, x_0 or v) and the dropout seed (`None` without dropout).
+/// (eps, x_0 or v), the dropout seed (`None` without dropout) and, for the learned-variance
+/// losses (which read q(x_{t-1} | x_t, x_0)), x_0.
 pub struct DenoiseBatch {
     pub xt: Tensor,
     pub t: Vec<usize>,
     pub target: Tensor,
     pub dropout_seed: Option<u64>,
+    pub x0: Option<Tensor>,
+}
+
+/// The values a learned-variance loss reads from a batch, taken out of their tensors once.
+pub struct LearnedValues {
+    x0: Vec<f32>,
+    xt: Vec<f32>,
+    target: Vec<f32>,
+    t: Vec<usize>,
+    /// Values per example.
+    n: usize,
+}
+
+impl LearnedValues {
+    pub fn new(batch: &DenoiseBatch) -> Result<Self> {
+        let Some(x0) = &batch.x0 else {
+            bail!("a learned-variance loss needs the batch's x_0");
+        };
+        let values = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+        let (x0, xt, target) = (values(x0)?, values(&batch.xt)?, values(&batch.target)?);
+        let b = batch.t.len();
+        let n = xt.len() / b.max(1);
+        if x0.len() != xt.len() || target.len() != xt.len() || n * b != xt.len() {
+            bail!("a learned-variance batch: x_0, x_t and the target differ in size");
+        }
+        Ok(Self {
+            x0,
+            xt,
+            target,
+            t: batch.t.clone(),
+            n,
+        })
+    }
+
+    /// The loss of rows `rows` from the network's output `out` `[rows, 2C, ...]`
+    /// ([`LearnedHead::example`], as the global batch's mean): (this share of the loss, of
+    /// the mean L_t in nats, and dL/d(out)).
+    pub fn rows(
+        &self,
+        head: &LearnedHead,
+        rows: Range<usize>,
+        out: &[f32],
+    ) -> Result<(f64, f64, Vec<f32>)> {
+        let n = self.n;
+        if out.len() != 2 * n * rows.len() {
+            bail!(
+                "a learned-variance loss needs 2C output channels: {} outputs for {} rows of {n} values",
+                out.len(),
+                rows.len()
+            );
+        }
+        let scale = 1.0 / self.t.len().max(1) as f64;
+        let weight = head.vb_weight(1.0);
+        let mut dy = vec![0f32; out.len()];
+        let (mut loss, mut vb) = (0f64, 0f64);
+        for (k, row) in rows.enumerate() {
+            let v = row * n..(row + 1) * n;
+            let o = 2 * n * k..2 * n * (k + 1);
+            let e = head.example(
+                self.t[row],
+                &self.x0[v.clone()],
+                &self.xt[v.clone()],
+                &self.target[v],
+                &out[o.clone()],
+                weight,
+                scale,
+                &mut dy[o],
+            );
+            loss += e.loss;
+            vb += e.vb_nats * scale;
+        }
+        Ok((loss, vb, dy))
+    }
 }
 
 /// The training step of the simple loss `mean ||target - f(x_t, t)||^2` for `net` (whose
 /// variables are `vars`) on `engine` (`Engine::Auto`: the fused CPU engine for a U-Net on the
 /// CPU) and its description. Sums: `[loss]`.
+///
+/// With a `head` (learned variances), the loss is [`LearnedHead`]'s, and the sums
+/// `[loss, mean L_t in nats]`: on the fused engine its closed-form gradient enters the
+/// engine's backward pass; on candle, through the surrogate `sum(out * dL/d(out))`, whose
+/// gradient is the same.
 pub fn denoiser_step<'a>(
     engine: Engine,
     net: &'a Net,
     vars: Vec<(String, Var)>,
+    head: Option<LearnedHead>,
 ) -> Result<(Box<dyn TrainStep<Batch = DenoiseBatch> + 'a>, String)> {
     let (fused, name) = unet_training(engine, net)?;
     if let Some(fused) = fused {
-        return Ok((Box::new(unet::FusedUnetStep::new(fused, &vars)?), name));
+        return Ok((
+            Box::new(unet::FusedUnetStep::new(fused, &vars, head)?),
+            name,
+        ));
     }
     let loss =
         move |batch: &DenoiseBatch, rows: Range<usize>| -> Result<(Option<Tensor>, Vec<f64>)> {
             let total = batch.xt.elem_count() as f64;
             if rows.is_empty() {
-                return Ok((None, vec![0.0]));
+                return Ok((None, vec![0.0; if head.is_some() { 2 } else { 1 }]));
             }
             let (first, n) = (rows.start, rows.len());
             let xs = batch.xt.narrow(0, first, n)?;
-            let ts = timestep_tensor(&batch.t[rows], batch.xt.device())?;
+            let ts = timestep_tensor(&batch.t[rows.clone()], batch.xt.device())?;
             let out = net.forward_train_seeded(&xs, &ts, batch.dropout_seed, first)?;
+            if let Some(head) = &head {
+                let values = out.flatten_all()?.to_vec1::<f32>()?;
+                let (loss, vb, dy) = LearnedValues::new(batch)?.rows(head, rows, &values)?;
+                let dy = Tensor::from_vec(dy, out.shape(), out.device())?;
+                let surrogate = (out * dy)?.sum_all()?;
+                return Ok((Some(surrogate), vec![loss, vb]));
+            }
             let sse = (out - batch.target.narrow(0, first, n)?)?
                 .sqr()?
                 .sum_all()?;

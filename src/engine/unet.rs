@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet};
 use crate::diffusion::process::Denoiser;
 use crate::engine::{DenoiseBatch, TrainStep};
@@ -55,6 +56,10 @@ enum StageP {
         conv: ConvP,
     },
 }
+
+/// A loss of one example's output: `(global row, y, dL/dy to write) -> its share of the sum`
+/// ([`FusedUnet::grads_with`]).
+pub type OutputLoss<'a> = dyn Fn(usize, &[f32], &mut Vec<f32>) -> f64 + Sync + 'a;
 
 /// The whole network's parameters.
 #[derive(Debug, Clone)]
@@ -949,14 +954,47 @@ impl FusedUnet {
                 x.len()
             );
         }
+        let scale = 2.0 / total.max(1) as f32;
+        let head = |row: usize, y: &[f32], dy: &mut Vec<f32>| -> f64 {
+            let tg = &target[(row - first) * n..(row - first + 1) * n];
+            let mut sum = 0f64;
+            dy.clear();
+            for (&y, &tg) in y.iter().zip(tg) {
+                let d = y - tg;
+                sum += (d * d) as f64;
+                dy.push(scale * d);
+            }
+            sum
+        };
+        self.grads_with(x, t, size, dropout_seed, first, &head)
+    }
+
+    /// The gradient of any loss that adds up over examples: `head(row, y, dy)` is given the
+    /// global index of an example and its output y `[C_out, H, W]`, writes dL/dy into `dy`
+    /// (resized by the head to y's length) and returns the example's share of the sum the
+    /// caller wants. Returns (that sum, the parameters' gradient); rows as
+    /// [`FusedUnet::loss_and_grads_rows`].
+    pub fn grads_with(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        size: (usize, usize),
+        dropout_seed: Option<u64>,
+        first: usize,
+        head: &OutputLoss<'_>,
+    ) -> Result<(f64, Vec<f32>)> {
+        if t.is_empty() {
+            return Ok((0.0, vec![0f32; self.params.len()]));
+        }
+        let n = self.check(x, t, size)?;
+        let m = self.out_channels() * size.0 * size.1;
         let route = self.plan.route(size);
         let chunk = self.chunk(t.len());
-        let scale = 2.0 / total.max(1) as f32;
-        let parts: Vec<(Workspace, f64)> = x
+        let parts: Vec<(Workspace, Result<f64>)> = x
             .par_chunks(chunk * n)
-            .zip(t.par_chunks(chunk).zip(target.par_chunks(chunk * n)))
+            .zip(t.par_chunks(chunk))
             .enumerate()
-            .map(|(part, (x, (t, target)))| {
+            .map(|(part, (x, t))| {
                 let mut ws = self.workspace();
                 ws.set_pass(Pass::Training);
                 // The thread's gradient buffer lives in its workspace: zeroing it is cheaper
@@ -965,21 +1003,30 @@ impl FusedUnet {
                 grads.clear();
                 grads.resize(self.params.len(), 0.0);
                 let mut sum = 0f64;
+                let mut bad = None;
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
-                    let dropout = dropout_seed.map(|s| (s, (first + part * chunk + e) as u64));
+                    let row = first + part * chunk + e;
+                    let dropout = dropout_seed.map(|s| (s, row as u64));
                     self.plan
                         .forward(&self.params, xe, &route, te, dropout, &mut ws);
-                    ws.d_output.clear();
-                    for (&y, &tg) in ws.tape.output.iter().zip(&target[e * n..(e + 1) * n]) {
-                        let d = y - tg;
-                        sum += (d * d) as f64;
-                        ws.d_output.push(scale * d);
+                    let mut dy = std::mem::take(&mut ws.d_output);
+                    sum += head(row, &ws.tape.output, &mut dy);
+                    ws.d_output = dy;
+                    if ws.d_output.len() != m {
+                        bad = Some(ws.d_output.len());
+                        break;
                     }
                     self.plan
                         .backward(&self.params, &mut grads, xe, &route, &mut ws);
                 }
                 ws.grads = grads;
+                let sum = match bad {
+                    Some(len) => Err(candle_core::Error::Msg(format!(
+                        "fused U-Net: a loss gave {len} output gradients for {m} outputs"
+                    ))),
+                    None => Ok(sum),
+                };
                 (ws, sum)
             })
             .collect();
@@ -992,8 +1039,8 @@ impl FusedUnet {
             } else {
                 add_assign(&mut grads, &ws.grads);
             }
-            sum += s;
             self.give_back(ws);
+            sum += s?;
         }
         self.plan.fold_shifted_grads(&mut grads);
         Ok((sum, grads))
@@ -1036,13 +1083,23 @@ impl FusedUnet {
 pub struct FusedUnetStep {
     engine: FusedUnet,
     table: ParamTable,
+    /// The learned-variance loss, in place of the simple loss (sums `[loss, mean L_t]`).
+    head: Option<LearnedHead>,
 }
 
 impl FusedUnetStep {
     /// `vars`: the network's variables (for the parameters' names).
-    pub fn new(engine: FusedUnet, vars: &[(String, Var)]) -> anyhow::Result<Self> {
+    pub fn new(
+        engine: FusedUnet,
+        vars: &[(String, Var)],
+        head: Option<LearnedHead>,
+    ) -> anyhow::Result<Self> {
         let table = engine.table(vars)?;
-        Ok(Self { engine, table })
+        Ok(Self {
+            engine,
+            table,
+            head,
+        })
     }
 }
 
@@ -1075,6 +1132,44 @@ impl TrainStep for FusedUnetStep {
         let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
         let n = xt.len() / b.max(1);
         let (from, to) = (rows.start * n, rows.end * n);
+        if let Some(head) = &self.head {
+            // The head's closed-form dL/dy of each example, its rows one at a time.
+            if self.engine.out_channels() != 2 * self.engine.channels() {
+                anyhow::bail!(
+                    "fused U-Net: learned variances need 2C output channels, this network gives {} for {}",
+                    self.engine.out_channels(),
+                    self.engine.channels()
+                );
+            }
+            let values = crate::engine::LearnedValues::new(batch)?;
+            let vb = std::sync::Mutex::new(0f64);
+            let one = |row: usize, y: &[f32], dy: &mut Vec<f32>| -> f64 {
+                match values.rows(head, row..row + 1, y) {
+                    Ok((loss, v, d)) => {
+                        if let Ok(mut acc) = vb.lock() {
+                            *acc += v;
+                        }
+                        *dy = d;
+                        loss
+                    }
+                    Err(_) => {
+                        dy.clear();
+                        f64::NAN
+                    }
+                }
+            };
+            let (loss, g) = self.engine.grads_with(
+                &xt[from..to],
+                &tf[rows.clone()],
+                size,
+                batch.dropout_seed,
+                rows.start,
+                &one,
+            )?;
+            grads.copy_from_slice(&g[..grads.len()]);
+            let vb = vb.into_inner().unwrap_or(f64::NAN);
+            return Ok(vec![loss, vb]);
+        }
         let (sum, g) = self.engine.loss_and_grads_rows(
             &xt[from..to],
             &tf[rows.clone()],

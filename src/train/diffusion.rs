@@ -22,6 +22,7 @@ use super::derive_seed;
 use crate::checkpoint;
 use crate::data::toy::Toy;
 use crate::data::{Dataset, ImageShape, Named, Source};
+use crate::diffusion::learned::{LearnedHead, TrainLoss};
 use crate::diffusion::model::{DiffusionConfig, image_batch, model_config};
 use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
 use crate::diffusion::objective::{simple_loss, simple_loss_inputs};
@@ -91,6 +92,9 @@ pub struct DiffusionTrainConfig {
     /// The training step's implementation: auto is the fused engine for a U-Net on the CPU.
     #[serde(default)]
     pub engine: Engine,
+    /// The loss: simple (fixed variances), or hybrid / vlb (the model's learned variances).
+    #[serde(default)]
+    pub loss: TrainLoss,
 }
 
 /// One line of `metrics.jsonl`: mean simple loss on train (running) and test (EMA weights).
@@ -103,6 +107,10 @@ pub struct DiffusionEpochMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_loss: Option<f64>,
     pub test_loss: f64,
+    /// Learned variances: the mean L_t (nats per example, at the drawn t) of the training
+    /// steps, the bound's term the variances train on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_lt_nats: Option<f64>,
     pub seconds: f64,
 }
 
@@ -140,6 +148,28 @@ fn validate(model: &DiffusionConfig, config: &DiffusionTrainConfig) -> Result<()
             crate::limits::product(&[config.test_limit.unwrap_or(2000) as u64, 2 * 4 * 8]),
         )?;
     }
+    let learned = model
+        .variance
+        .is_some_and(crate::diffusion::VarianceType::is_learned);
+    match (learned, config.loss) {
+        (true, TrainLoss::Simple) => bail!(
+            "--variance learned-range: the variances train on --loss hybrid or vlb (the simple loss does not reach them)"
+        ),
+        (false, TrainLoss::Hybrid | TrainLoss::Vlb) => bail!(
+            "--loss {}: trains learned variances; give --variance learned-range",
+            if config.loss == TrainLoss::Hybrid {
+                "hybrid"
+            } else {
+                "vlb"
+            }
+        ),
+        _ => {}
+    }
+    if learned && !matches!(config.data, DiffusionData::Images(_)) {
+        bail!(
+            "--variance learned-range: the discretized decoder of L_0 is for 8-bit images; toy data trains with fixed variances"
+        );
+    }
     if !(config.lr.is_finite() && config.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", config.lr);
     }
@@ -161,8 +191,20 @@ fn load_data(model: &mut DiffusionConfig, config: &DiffusionTrainConfig) -> Resu
             )?;
             // The model's input shape is the data's.
             model.image_shape = Some(train.shape);
-            if let NetConfig::Unet { in_channels, .. } = &mut model.net {
+            let learned = model
+                .variance
+                .is_some_and(crate::diffusion::VarianceType::is_learned);
+            if let NetConfig::Unet {
+                in_channels,
+                options,
+                ..
+            } = &mut model.net
+            {
                 *in_channels = train.shape.channels;
+                // Learned variances: the prediction's C channels, then v's.
+                if learned {
+                    options.out_channels = 2 * train.shape.channels;
+                }
             }
             model.net.check_training_memory(
                 config.batch_size.min(train.len().max(1)),
@@ -320,8 +362,12 @@ pub fn train_diffusion(
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
     // autodiff (checked in tests/diffusion.rs), without the graph. Elsewhere (other devices,
     // the toys' MLP, --engine candle) candle's autodiff.
+    let head = match process.variance {
+        Some(v) if v.is_learned() => Some(LearnedHead::new(&process, config.loss)?),
+        _ => None,
+    };
     let (mut step, engine_name) =
-        crate::engine::denoiser_step(config.engine, &net, sorted_vars(&varmap))?;
+        crate::engine::denoiser_step(config.engine, &net, sorted_vars(&varmap), head)?;
     let table = step.table().clone();
     let mut adam = Adam::new(table.clone(), AdamConfig::with_lr(config.lr));
     if let Some(state) = &start.adam {
@@ -490,11 +536,13 @@ impl super::Family for DiffusionTraining<'_> {
         let (xt, t, target) = simple_loss_inputs(self.process, &x0, rng, noise)?;
         let dropout_seed = (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
         let rows = t.len();
+        let learned = self.process.variance.is_some_and(|v| v.is_learned());
         let batch = DenoiseBatch {
             xt,
             t,
             target,
             dropout_seed,
+            x0: learned.then_some(x0),
         };
         Ok((batch, rows))
     }
@@ -529,6 +577,7 @@ impl super::Family for DiffusionTraining<'_> {
             train_loss: end.sums.first().copied().unwrap_or(0.0) / end.steps.max(1) as f64,
             valid_loss,
             test_loss,
+            train_lt_nats: end.sums.get(1).map(|v| v / end.steps.max(1) as f64),
             seconds: end.started.elapsed().as_secs_f64(),
         };
         self.ema_net = Some(ema_net);
@@ -552,8 +601,11 @@ impl super::Family for DiffusionTraining<'_> {
         let valid = m
             .valid_loss
             .map_or(String::new(), |v| format!("valid loss (EMA) {v:.5} | "));
+        let lt = m
+            .train_lt_nats
+            .map_or(String::new(), |v| format!(" (mean L_t {v:.2} nats)"));
         let line = format!(
-            "epoch {}: train loss {:.5} | {valid}test loss (EMA) {:.5} | {:.1}s",
+            "epoch {}: train loss {:.5}{lt} | {valid}test loss (EMA) {:.5} | {:.1}s",
             m.epoch, m.train_loss, m.test_loss, m.seconds
         );
         Ok(super::EpochReport {
