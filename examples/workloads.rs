@@ -377,6 +377,7 @@ fn main() -> Result<()> {
                             target,
                             dropout_seed,
                             x0: None,
+                            weights: None,
                         };
                         trainer.step(&batch, 64)
                     })?;

@@ -289,14 +289,19 @@ fn fused_and_candle_learned_steps_agree() {
         .unwrap();
     let eps = noise.randn((5, 1, 8, 8), &dev).unwrap();
     let xt = p.q_sample(&x0, &t, &eps).unwrap();
-    let batch = DenoiseBatch {
+    let mut batch = DenoiseBatch {
         xt,
         t: t.clone(),
         target: eps,
         dropout_seed: None,
         x0: Some(x0),
+        weights: None,
     };
     for loss in [TrainLoss::Hybrid, TrainLoss::Vlb] {
+        if loss == TrainLoss::Vlb {
+            // Importance weights 1 / (T p_t), as the loss-aware sampler gives them.
+            batch.weights = Some(vec![0.5, 2.0, 1.0, 0.8, 3.0]);
+        }
         let head = || Some(LearnedHead::new(&p, loss).unwrap());
         let run = |engine: Engine| {
             let (mut step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), head()).unwrap();
@@ -317,7 +322,9 @@ fn fused_and_candle_learned_steps_agree() {
         };
         let (fs, fg) = run(Engine::Fused);
         let (cs, cg) = run(Engine::Candle);
-        assert_eq!(fs.len(), 2);
+        // [loss, mean L_t, each example's L_t]
+        assert_eq!(fs.len(), 2 + 5);
+        assert!((fs[2..].iter().sum::<f64>() / 5.0 - fs[1]).abs() < 1e-9 * fs[1]);
         for (a, b) in fs.iter().zip(&cs) {
             assert!(
                 (a - b).abs() < 1e-4 * b.abs(),

@@ -240,6 +240,36 @@ fn image_diffusion_killed_mid_commit_resumes_bit_identically() {
     every_step_resumes_identically(&args, 2, "kill", 2);
 }
 
+/// Learned variances on L_vlb: the loss-aware sampler's history is part of the train state.
+/// T = 4 and 64 images a pass, so every t has its 10 values after the first epoch and the
+/// second draws its t from the history: a resume that lost it would draw uniformly again and
+/// differ (planted once: it fails).
+#[test]
+fn vlb_diffusion_resumes_its_loss_aware_sampler_bit_identically() {
+    let data = mnist_dir(64, 8);
+    let args = [
+        "train",
+        "diffusion",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--num-train-timesteps",
+        "4",
+        "--channels",
+        "8",
+        "--sample-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--variance",
+        "learned-range",
+        "--loss",
+        "vlb",
+    ];
+    every_step_resumes_identically(&args, 2, "kill", 3);
+}
+
 #[test]
 fn resume_refuses_a_commit_whose_files_are_out_of_step() {
     let data = mnist_dir(256, 32);

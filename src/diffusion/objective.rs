@@ -26,10 +26,21 @@ pub fn simple_loss_inputs(
     let t: Vec<usize> = (0..b)
         .map(|_| rng.random_range(0..process.num_timesteps()))
         .collect();
-    let eps = noise.randn(x0.shape(), x0.device())?;
-    let xt = process.q_sample(x0, &t, &eps)?;
-    let target = process.target(x0, &eps, &t)?;
+    let (xt, target) = loss_inputs_at(process, x0, &t, noise)?;
     Ok((xt, t, target))
+}
+
+/// (x_t, target) for the given timesteps, eps ~ N(0, I) from `noise`.
+pub fn loss_inputs_at(
+    process: &GaussianDiffusion,
+    x0: &Tensor,
+    t: &[usize],
+    noise: &mut Noise,
+) -> Result<(Tensor, Tensor)> {
+    let eps = noise.randn(x0.shape(), x0.device())?;
+    let xt = process.q_sample(x0, t, &eps)?;
+    let target = process.target(x0, &eps, t)?;
+    Ok((xt, target))
 }
 
 /// The simple loss `mean ||target - f(x_t, t)||^2` over a batch, t ~ U{0..T-1}.

@@ -223,6 +223,9 @@ pub struct DenoiseBatch {
     pub target: Tensor,
     pub dropout_seed: Option<u64>,
     pub x0: Option<Tensor>,
+    /// Each example's importance weight 1 / (T p_t) when t was drawn from the loss-aware
+    /// sampler (`None`: uniform t).
+    pub weights: Option<Vec<f64>>,
 }
 
 /// The values a learned-variance loss reads from a batch, taken out of their tensors once.
@@ -231,6 +234,7 @@ pub struct LearnedValues {
     xt: Vec<f32>,
     target: Vec<f32>,
     t: Vec<usize>,
+    weights: Option<Vec<f64>>,
     /// Values per example.
     n: usize,
 }
@@ -252,19 +256,29 @@ impl LearnedValues {
             xt,
             target,
             t: batch.t.clone(),
+            weights: batch.weights.clone(),
             n,
         })
     }
 
+    /// The number of examples of the global batch.
+    pub fn len(&self) -> usize {
+        self.t.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.t.is_empty()
+    }
+
     /// The loss of rows `rows` from the network's output `out` `[rows, 2C, ...]`
-    /// ([`LearnedHead::example`], as the global batch's mean): (this share of the loss, of
-    /// the mean L_t in nats, and dL/d(out)).
+    /// ([`LearnedHead::example`], as the global batch's mean): (this share of the loss, each
+    /// row's L_t in nats, and dL/d(out)).
     pub fn rows(
         &self,
         head: &LearnedHead,
         rows: Range<usize>,
         out: &[f32],
-    ) -> Result<(f64, f64, Vec<f32>)> {
+    ) -> Result<(f64, Vec<f64>, Vec<f32>)> {
         let n = self.n;
         if out.len() != 2 * n * rows.len() {
             bail!(
@@ -274,10 +288,12 @@ impl LearnedValues {
             );
         }
         let scale = 1.0 / self.t.len().max(1) as f64;
-        let weight = head.vb_weight(1.0);
         let mut dy = vec![0f32; out.len()];
-        let (mut loss, mut vb) = (0f64, 0f64);
+        let mut loss = 0f64;
+        let mut vb = Vec::with_capacity(rows.len());
         for (k, row) in rows.enumerate() {
+            let w = self.weights.as_ref().and_then(|w| w.get(row)).copied();
+            let weight = head.vb_weight(w.unwrap_or(1.0));
             let v = row * n..(row + 1) * n;
             let o = 2 * n * k..2 * n * (k + 1);
             let e = head.example(
@@ -291,10 +307,23 @@ impl LearnedValues {
                 &mut dy[o],
             );
             loss += e.loss;
-            vb += e.vb_nats * scale;
+            vb.push(e.vb_nats);
         }
         Ok((loss, vb, dy))
     }
+}
+
+/// A learned-variance step's sums for rows `rows` of a batch of `b`: `[loss, mean L_t (nats),
+/// L_t of each example of the global batch]`, zeros outside the rows (so the ranks' sums add
+/// up to the whole batch's, for the loss-aware sampler).
+pub fn learned_sums(b: usize, rows: Range<usize>, loss: f64, vb: &[f64]) -> Vec<f64> {
+    let mut sums = vec![0.0; 2 + b];
+    sums[0] = loss;
+    sums[1] = vb.iter().sum::<f64>() / b.max(1) as f64;
+    for (row, v) in rows.zip(vb) {
+        sums[2 + row] = *v;
+    }
+    sums
 }
 
 /// The training step of the simple loss `mean ||target - f(x_t, t)||^2` for `net` (whose
@@ -302,7 +331,7 @@ impl LearnedValues {
 /// CPU) and its description. Sums: `[loss]`.
 ///
 /// With a `head` (learned variances), the loss is [`LearnedHead`]'s, and the sums
-/// `[loss, mean L_t in nats]`: on the fused engine its closed-form gradient enters the
+/// [`learned_sums`]: on the fused engine its closed-form gradient enters the
 /// engine's backward pass; on candle, through the surrogate `sum(out * dL/d(out))`, whose
 /// gradient is the same.
 pub fn denoiser_step<'a>(
@@ -318,29 +347,34 @@ pub fn denoiser_step<'a>(
             name,
         ));
     }
-    let loss =
-        move |batch: &DenoiseBatch, rows: Range<usize>| -> Result<(Option<Tensor>, Vec<f64>)> {
-            let total = batch.xt.elem_count() as f64;
-            if rows.is_empty() {
-                return Ok((None, vec![0.0; if head.is_some() { 2 } else { 1 }]));
-            }
-            let (first, n) = (rows.start, rows.len());
-            let xs = batch.xt.narrow(0, first, n)?;
-            let ts = timestep_tensor(&batch.t[rows.clone()], batch.xt.device())?;
-            let out = net.forward_train_seeded(&xs, &ts, batch.dropout_seed, first)?;
-            if let Some(head) = &head {
-                let values = out.flatten_all()?.to_vec1::<f32>()?;
-                let (loss, vb, dy) = LearnedValues::new(batch)?.rows(head, rows, &values)?;
-                let dy = Tensor::from_vec(dy, out.shape(), out.device())?;
-                let surrogate = (out * dy)?.sum_all()?;
-                return Ok((Some(surrogate), vec![loss, vb]));
-            }
-            let sse = (out - batch.target.narrow(0, first, n)?)?
-                .sqr()?
-                .sum_all()?;
-            let sum = sse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            Ok((Some((sse / total)?), vec![sum / total]))
-        };
+    let loss = move |batch: &DenoiseBatch,
+                     rows: Range<usize>|
+          -> Result<(Option<Tensor>, Vec<f64>)> {
+        let total = batch.xt.elem_count() as f64;
+        if rows.is_empty() {
+            let len = if head.is_some() { 2 + batch.t.len() } else { 1 };
+            return Ok((None, vec![0.0; len]));
+        }
+        let (first, n) = (rows.start, rows.len());
+        let xs = batch.xt.narrow(0, first, n)?;
+        let ts = timestep_tensor(&batch.t[rows.clone()], batch.xt.device())?;
+        let out = net.forward_train_seeded(&xs, &ts, batch.dropout_seed, first)?;
+        if let Some(head) = &head {
+            let values = out.flatten_all()?.to_vec1::<f32>()?;
+            let (loss, vb, dy) = LearnedValues::new(batch)?.rows(head, rows.clone(), &values)?;
+            let dy = Tensor::from_vec(dy, out.shape(), out.device())?;
+            let surrogate = (out * dy)?.sum_all()?;
+            return Ok((
+                Some(surrogate),
+                learned_sums(batch.t.len(), rows, loss, &vb),
+            ));
+        }
+        let sse = (out - batch.target.narrow(0, first, n)?)?
+            .sqr()?
+            .sum_all()?;
+        let sum = sse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((Some((sse / total)?), vec![sum / total]))
+    };
     Ok((Box::new(CandleStep::new(vars, Box::new(loss))), name))
 }
 

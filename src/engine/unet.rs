@@ -1083,7 +1083,7 @@ impl FusedUnet {
 pub struct FusedUnetStep {
     engine: FusedUnet,
     table: ParamTable,
-    /// The learned-variance loss, in place of the simple loss (sums `[loss, mean L_t]`).
+    /// The learned-variance loss, in place of the simple loss (sums: `engine::learned_sums`).
     head: Option<LearnedHead>,
 }
 
@@ -1142,12 +1142,12 @@ impl TrainStep for FusedUnetStep {
                 );
             }
             let values = crate::engine::LearnedValues::new(batch)?;
-            let vb = std::sync::Mutex::new(0f64);
+            let vb = std::sync::Mutex::new(vec![f64::NAN; values.len()]);
             let one = |row: usize, y: &[f32], dy: &mut Vec<f32>| -> f64 {
                 match values.rows(head, row..row + 1, y) {
                     Ok((loss, v, d)) => {
-                        if let Ok(mut acc) = vb.lock() {
-                            *acc += v;
+                        if let (Ok(mut acc), Some(v)) = (vb.lock(), v.first()) {
+                            acc[row] = *v;
                         }
                         *dy = d;
                         loss
@@ -1167,8 +1167,9 @@ impl TrainStep for FusedUnetStep {
                 &one,
             )?;
             grads.copy_from_slice(&g[..grads.len()]);
-            let vb = vb.into_inner().unwrap_or(f64::NAN);
-            return Ok(vec![loss, vb]);
+            let vb = vb.into_inner().unwrap_or_default();
+            let mine = &vb[rows.clone()];
+            return Ok(crate::engine::learned_sums(vb.len(), rows, loss, mine));
         }
         let (sum, g) = self.engine.loss_and_grads_rows(
             &xt[from..to],

@@ -22,10 +22,10 @@ use super::derive_seed;
 use crate::checkpoint;
 use crate::data::toy::Toy;
 use crate::data::{Dataset, ImageShape, Named, Source};
-use crate::diffusion::learned::{LearnedHead, TrainLoss};
+use crate::diffusion::learned::{LearnedHead, LossAwareSampler, TrainLoss};
 use crate::diffusion::model::{DiffusionConfig, image_batch, model_config};
 use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
-use crate::diffusion::objective::{simple_loss, simple_loss_inputs};
+use crate::diffusion::objective::{loss_inputs_at, simple_loss, simple_loss_inputs};
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
 use crate::diffusion::sampler::ddim_sample;
 use crate::distributions::Noise;
@@ -271,7 +271,7 @@ fn start_diffusion(
         let vars = sorted_vars(&varmap);
         let table = ParamTable::of_vars(&vars);
         let params = table.gather(&vars)?;
-        let (m, s) = state_bytes(model, &table, &params, &params, None, 0)?;
+        let (m, s) = state_bytes(model, &table, &params, &params, None, None, 0)?;
         Ok((run, m, s, 0, 0))
     };
     let (run, model_bytes, state, epoch, step) = if world.world_size() == 1 {
@@ -394,6 +394,7 @@ pub fn train_diffusion(
         eprintln!("engine: {engine_name}");
     }
     let run_config = run_config(&model, config, &source)?;
+    let sampler = restore_sampler(&process, config, start.adam.as_ref())?;
     let mut family = DiffusionTraining {
         model: &model,
         config,
@@ -406,6 +407,7 @@ pub fn train_diffusion(
         run_config,
         dir,
         device,
+        sampler,
     };
     let mut params = step.read_params()?;
     let mut run = start.run;
@@ -472,6 +474,8 @@ struct DiffusionTraining<'a> {
     run_config: String,
     dir: &'a Path,
     device: &'a Device,
+    /// `--loss vlb`: the loss-aware timestep sampler, kept in the train state.
+    sampler: Option<LossAwareSampler>,
 }
 
 impl DiffusionTraining<'_> {
@@ -532,8 +536,19 @@ impl super::Family for DiffusionTraining<'_> {
                 Tensor::from_vec(toy.sample(b, rng), (b, 2), self.device)?
             }
         };
-        // Every rank draws the whole batch's t, eps and dropout seed (crate::collective).
-        let (xt, t, target) = simple_loss_inputs(self.process, &x0, rng, noise)?;
+        // Every rank draws the whole batch's t, eps and dropout seed (crate::collective), the
+        // loss-aware sampler's t from the history every rank holds alike.
+        let (xt, t, target, weights) = match &self.sampler {
+            Some(sampler) => {
+                let (t, w) = sampler.draw(x0.dim(0)?, rng);
+                let (xt, target) = loss_inputs_at(self.process, &x0, &t, noise)?;
+                (xt, t, target, Some(w))
+            }
+            None => {
+                let (xt, t, target) = simple_loss_inputs(self.process, &x0, rng, noise)?;
+                (xt, t, target, None)
+            }
+        };
         let dropout_seed = (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
         let rows = t.len();
         let learned = self.process.variance.is_some_and(|v| v.is_learned());
@@ -543,12 +558,22 @@ impl super::Family for DiffusionTraining<'_> {
             target,
             dropout_seed,
             x0: learned.then_some(x0),
+            weights,
         };
         Ok((batch, rows))
     }
 
     fn lr(&self, _epoch: usize) -> f64 {
         self.config.lr
+    }
+
+    fn step_done(&mut self, batch: &DenoiseBatch, sums: &[f64]) {
+        if let Some(sampler) = &mut self.sampler {
+            let b = batch.t.len();
+            if let Some(lt) = sums.get(2..2 + b) {
+                sampler.update(&batch.t, lt);
+            }
+        }
     }
 
     fn updated(&mut self, params: &[f32], adam_step: u64) {
@@ -588,6 +613,7 @@ impl super::Family for DiffusionTraining<'_> {
                 end.params,
                 &self.ema,
                 Some(end.adam),
+                self.sampler.as_ref(),
                 end.epoch,
             )?;
             vec![
@@ -733,12 +759,48 @@ fn images_loss(
 /// The bytes of `model.safetensors` (the EMA weights and the config) and of
 /// `train_state.safetensors` (the raw weights `raw.*`, Adam's state, epoch and step), both
 /// buffers laid out by `table`.
+/// The loss-aware sampler's history in `train_state.safetensors`: `[T, 10]` and `[T]` f32 (the
+/// sampler keeps its values at f32 precision, so they come back exactly).
+const SAMPLER_HISTORY: &str = "sampler.history";
+const SAMPLER_COUNTS: &str = "sampler.counts";
+
+/// The loss-aware sampler of a run that trains with `--loss vlb`: the committed history when
+/// it continues (`state`), else an empty one.
+fn restore_sampler(
+    process: &GaussianDiffusion,
+    config: &DiffusionTrainConfig,
+    state: Option<&HashMap<String, Tensor>>,
+) -> Result<Option<LossAwareSampler>> {
+    if config.loss != TrainLoss::Vlb {
+        return Ok(None);
+    }
+    let t = process.num_timesteps();
+    let kept = state.and_then(|s| Some((s.get(SAMPLER_HISTORY)?, s.get(SAMPLER_COUNTS)?)));
+    let Some((h, c)) = kept else {
+        return Ok(Some(LossAwareSampler::new(t)));
+    };
+    let values = |x: &Tensor| -> Result<Vec<f64>> {
+        Ok(x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+    };
+    let (h, c) = (values(h)?, values(c)?);
+    if c.len() != t {
+        bail!(
+            "--resume: the run's loss-aware sampler has {} timesteps, the model {t}",
+            c.len()
+        );
+    }
+    Ok(Some(
+        LossAwareSampler::from_values(&h, &c).context("--resume")?,
+    ))
+}
+
 fn state_bytes(
     model: &DiffusionConfig,
     table: &ParamTable,
     raw: &[f32],
     ema: &[f32],
     adam: Option<&Adam>,
+    sampler: Option<&LossAwareSampler>,
     epoch: usize,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
     let metadata = HashMap::from([
@@ -753,6 +815,20 @@ fn state_bytes(
         None => (Vec::new(), 0),
     };
     tensors.extend(table.tensors(raw, "raw.", cpu)?);
+    if let Some(sampler) = sampler {
+        let (values, counts) = sampler.to_values();
+        let f32s = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|x| x as f32).collect() };
+        let (values, counts) = (f32s(values), f32s(counts));
+        let t = counts.len();
+        tensors.push((
+            SAMPLER_HISTORY.to_string(),
+            Tensor::from_vec(values, (t, LossAwareSampler::HISTORY), cpu)?,
+        ));
+        tensors.push((
+            SAMPLER_COUNTS.to_string(),
+            Tensor::from_vec(counts, t, cpu)?,
+        ));
+    }
     let state = checkpoint::serialize(&tensors, crate::train::state_metadata(epoch, step))?;
     Ok((model_bytes, state))
 }

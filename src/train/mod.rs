@@ -206,6 +206,10 @@ pub trait Family {
     /// After each update of the parameters (an average of the weights).
     fn updated(&mut self, _params: &[f32], _adam_step: u64) {}
 
+    /// After each step, with its batch and its sums over every rank (the loss-aware
+    /// timestep sampler learns from them).
+    fn step_done(&mut self, _batch: &Self::Batch, _sums: &[f64]) {}
+
     /// The end of an epoch: the evaluation, the metrics and, when `end.commit`, the files.
     fn end_epoch(&mut self, end: &EpochEnd<'_>) -> Result<EpochReport<Self::Metrics>>;
 
@@ -326,6 +330,7 @@ pub fn run_epochs<F: Family>(
             adam.step(params, &grads, step.update_threads())?;
             step.updated(params)?;
             family.updated(params, adam.step_count());
+            family.step_done(&batch, &sums);
             totals.resize(sums.len(), 0.0);
             for (t, s) in totals.iter_mut().zip(&sums) {
                 *t += s;
