@@ -859,6 +859,25 @@ fn learned_variances_train_and_evaluate() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["nll_bound_nats"].as_f64().unwrap().is_finite(), "{v}");
+    // Strided DDPM sampling with the learned variances: 5 of the 20 steps.
+    let png = out.path().join("strided.png");
+    let o = elbo(&[
+        "sample",
+        "diffusion",
+        "--checkpoint",
+        run.join("model.safetensors").to_str().unwrap(),
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "5",
+        "--n",
+        "4",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("5 steps"), "{}", stderr(&o));
+    assert!(png.exists());
     let o = elbo(&[&args[..], &["--loss", "hybrid"]].concat());
     assert_one_line_error(&o, "--variance learned-range");
     let o = elbo(&[&args[..], &["--variance", "fixed-small"]].concat());

@@ -440,7 +440,8 @@ fn improved_diffusion_bound_matches_calc_bpd_loop() {
 /// 1000 / T, as elbo computes them.
 #[test]
 fn improved_diffusion_respacing_and_schedules_match() {
-    use elbo::interop::improved_diffusion::{model_config, respaced_betas, space_timesteps};
+    use elbo::diffusion::schedule::respaced_betas;
+    use elbo::interop::improved_diffusion::{model_config, space_timesteps};
     let reference = id_reference();
     let base = elbo::diffusion::Schedule::new(elbo::diffusion::BetaSchedule::Cosine, 40).unwrap();
     for spec in ["ddim10", "10,5"] {

@@ -23,9 +23,10 @@ pub struct SampleDiffusionArgs {
     pub checkpoint: PathBuf,
     #[arg(long, value_enum, default_value = "ddim")]
     pub sampler: SamplerKind,
-    /// Sampling steps (diffusers' `num_inference_steps`; DDIM only, DDPM always takes all T).
-    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
-    pub steps: usize,
+    /// Sampling steps (diffusers' `num_inference_steps`): DDIM's (default 50); DDPM's default
+    /// is all T, fewer are evenly strided with respaced variances (improved DDPM, Section 4).
+    #[arg(long, allow_negative_numbers = true)]
+    pub steps: Option<usize>,
     /// DDIM noise: 0 is deterministic.
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub eta: f64,
@@ -62,7 +63,8 @@ pub struct ReconstructVaeArgs {
 
 pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     elbo::limits::count("--n", a.n, 1_000_000)?;
-    elbo::limits::count("--steps", a.steps, 100_000)?;
+    let steps = a.steps.unwrap_or(50);
+    elbo::limits::count("--steps", steps, 100_000)?;
     if !(a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
@@ -72,9 +74,20 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
     let mut noise = Noise::new(a.seed);
     let clip = m.config.is_image() && !a.no_clip;
     let variance = super::model_variance(&m.process, a.variance)?;
+    let t_max = m.process.num_timesteps();
+    // DDPM with fewer steps than T: the evenly strided process of improved-diffusion's
+    // `--timestep_respacing K` (abar kept at the kept steps, beta and beta~ respaced).
+    let strided = match (a.sampler, a.steps) {
+        (SamplerKind::Ddpm, Some(k)) if k < t_max => {
+            let kept = elbo::interop::improved_diffusion::space_timesteps(t_max, &k.to_string())?;
+            Some(m.process.respaced(&kept)?)
+        }
+        _ => None,
+    };
+    let ddpm_process = strided.as_ref().unwrap_or(&m.process);
     let total = match a.sampler {
-        SamplerKind::Ddpm => m.process.num_timesteps(),
-        SamplerKind::Ddim => a.steps.min(m.process.num_timesteps()),
+        SamplerKind::Ddpm => ddpm_process.num_timesteps(),
+        SamplerKind::Ddim => steps.min(t_max),
     };
     elbo::limits::check_work(
         &format!("--n {} x {total} steps (--sampler, --steps)", a.n),
@@ -98,11 +111,11 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         let x_t = noise.randn(shape, device)?;
         parts.push(match a.sampler {
             SamplerKind::Ddpm => {
-                ddpm_sample(&m.process, &net, x_t, variance, clip, &mut noise, &bar)?
+                ddpm_sample(ddpm_process, &net, x_t, variance, clip, &mut noise, &bar)?
             }
-            SamplerKind::Ddim => ddim_sample(
-                &m.process, &net, x_t, a.steps, a.eta, clip, &mut noise, &bar,
-            )?,
+            SamplerKind::Ddim => {
+                ddim_sample(&m.process, &net, x_t, steps, a.eta, clip, &mut noise, &bar)?
+            }
         });
     }
     bar.finish_and_clear();

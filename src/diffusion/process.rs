@@ -81,6 +81,30 @@ impl GaussianDiffusion {
         }
     }
 
+    /// The process that keeps only the steps `kept` (increasing, of 0..T) of this one, as
+    /// improved-diffusion's `SpacedDiffusion` (Nichol & Dhariwal 2021, Section 4): betas
+    /// `1 - abar_{kept_i} / abar_{kept_{i-1}}`, so abar at each kept step is unchanged, and the
+    /// network still given the original steps' times. Learned variances interpolate between
+    /// the new process's beta and beta~.
+    pub fn respaced(&self, kept: &[usize]) -> Result<Self> {
+        let t = self.num_timesteps();
+        if kept.is_empty() || kept.windows(2).any(|w| w[0] >= w[1]) || kept[kept.len() - 1] >= t {
+            bail!("respacing: increasing steps of 0..{t} expected");
+        }
+        let (betas, _) = super::schedule::respaced_betas(&self.schedule.alphas_cumprod, kept);
+        let schedule = Schedule::custom(self.schedule.beta_schedule, betas)?;
+        let times: Vec<f64> = kept
+            .iter()
+            .map(|&s| self.model_times.as_ref().map_or(s as f64, |m| m[s]))
+            .collect();
+        Ok(Self {
+            schedule,
+            prediction: self.prediction,
+            model_times: Some(times),
+            variance: self.variance,
+        })
+    }
+
     /// The network's time input for timesteps `t` (`[B]` f32).
     pub fn model_t(&self, t: &[usize], device: &Device) -> Result<Tensor> {
         match &self.model_times {

@@ -175,6 +175,19 @@ pub fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The betas of a process that keeps the steps `kept` of one with `abar` (their
+/// `SpacedDiffusion`): `beta'_i = 1 - abar_{kept_i} / abar_{kept_{i-1}}`, and the map from the
+/// new steps to the original ones.
+pub fn respaced_betas(abar: &[f64], kept: &[usize]) -> (Vec<f64>, Vec<usize>) {
+    let mut last = 1.0;
+    let mut betas = Vec::with_capacity(kept.len());
+    for &s in kept {
+        betas.push(1.0 - abar[s] / last);
+        last = abar[s];
+    }
+    (betas, kept.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

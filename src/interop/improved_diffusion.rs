@@ -39,7 +39,7 @@ use candle_core::{Device, Tensor};
 use crate::data::ImageShape;
 use crate::diffusion::model::{DiffusionConfig, LoadedDiffusion};
 use crate::diffusion::nets::{NetConfig, UnetOptions};
-use crate::diffusion::schedule::{BETA_END, BETA_START, linspace};
+use crate::diffusion::schedule::{BETA_END, BETA_START, linspace, respaced_betas};
 use crate::diffusion::{BetaSchedule, Prediction, Schedule, VarianceType};
 
 /// `True` / `False` as their scripts' `str2bool` reads them.
@@ -458,19 +458,6 @@ pub fn space_timesteps(t: usize, spec: &str) -> Result<Vec<usize>> {
     steps.sort_unstable();
     steps.dedup();
     Ok(steps)
-}
-
-/// The betas of a process that keeps the steps `kept` of one with `abar` (their
-/// `SpacedDiffusion`): `beta'_i = 1 - abar_{kept_i} / abar_{kept_{i-1}}`, and the map from the
-/// new steps to the original ones.
-pub fn respaced_betas(abar: &[f64], kept: &[usize]) -> (Vec<f64>, Vec<usize>) {
-    let mut last = 1.0;
-    let mut betas = Vec::with_capacity(kept.len());
-    for &s in kept {
-        betas.push(1.0 - abar[s] / last);
-        last = abar[s];
-    }
-    (betas, kept.to_vec())
 }
 
 /// Where a module of their `UNetModel` goes in elbo's.
