@@ -841,7 +841,9 @@ impl FusedUnet {
                 let mut scratch = std::mem::take(&mut ws.grads);
                 zeroed(&mut scratch, self.params.len());
                 let mut out = Vec::with_capacity(t.len() * m);
-                let mut dx = vec![Vec::with_capacity(t.len() * n); k];
+                // (`vec![v; k]` would clone an empty vector without its capacity.)
+                let mut dx: Vec<Vec<f32>> =
+                    (0..k).map(|_| Vec::with_capacity(t.len() * n)).collect();
                 for (e, &te) in t.iter().enumerate() {
                     let xe = &x[e * n..(e + 1) * n];
                     self.plan
@@ -862,7 +864,7 @@ impl FusedUnet {
             })
             .collect();
         let mut out = Vec::with_capacity(t.len() * m);
-        let mut dx = vec![Vec::with_capacity(x.len()); k];
+        let mut dx: Vec<Vec<f32>> = (0..k).map(|_| Vec::with_capacity(x.len())).collect();
         for (o, d) in parts {
             out.extend(o);
             for (acc, part) in dx.iter_mut().zip(d) {
