@@ -279,8 +279,22 @@ impl LearnedValues {
         rows: Range<usize>,
         out: &[f32],
     ) -> Result<(f64, Vec<f64>, Vec<f32>)> {
+        let mut dy = vec![0f32; out.len()];
+        let (loss, vb) = self.rows_into(head, rows, out, &mut dy)?;
+        Ok((loss, vb, dy))
+    }
+
+    /// [`LearnedValues::rows`] writing dL/d(out) into `dy` (`out`'s length): the fused
+    /// engine's buffer, reused from example to example.
+    pub fn rows_into(
+        &self,
+        head: &LearnedHead,
+        rows: Range<usize>,
+        out: &[f32],
+        dy: &mut [f32],
+    ) -> Result<(f64, Vec<f64>)> {
         let n = self.n;
-        if out.len() != 2 * n * rows.len() {
+        if out.len() != 2 * n * rows.len() || dy.len() != out.len() {
             bail!(
                 "a learned-variance loss needs 2C output channels: {} outputs for {} rows of {n} values",
                 out.len(),
@@ -288,7 +302,6 @@ impl LearnedValues {
             );
         }
         let scale = 1.0 / self.t.len().max(1) as f64;
-        let mut dy = vec![0f32; out.len()];
         let mut loss = 0f64;
         let mut vb = Vec::with_capacity(rows.len());
         for (k, row) in rows.enumerate() {
@@ -309,7 +322,7 @@ impl LearnedValues {
             loss += e.loss;
             vb.push(e.vb_nats);
         }
-        Ok((loss, vb, dy))
+        Ok((loss, vb))
     }
 }
 

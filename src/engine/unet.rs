@@ -1146,12 +1146,12 @@ impl TrainStep for FusedUnetStep {
             let values = crate::engine::LearnedValues::new(batch)?;
             let vb = std::sync::Mutex::new(vec![f64::NAN; values.len()]);
             let one = |row: usize, y: &[f32], dy: &mut Vec<f32>| -> f64 {
-                match values.rows(head, row..row + 1, y) {
-                    Ok((loss, v, d)) => {
+                dy.resize(y.len(), 0.0);
+                match values.rows_into(head, row..row + 1, y, dy) {
+                    Ok((loss, v)) => {
                         if let (Ok(mut acc), Some(v)) = (vb.lock(), v.first()) {
                             acc[row] = *v;
                         }
-                        *dy = d;
                         loss
                     }
                     Err(_) => {
