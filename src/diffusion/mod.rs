@@ -10,6 +10,7 @@ pub mod ode;
 pub mod process;
 pub mod sampler;
 pub mod schedule;
+pub mod vdm;
 
 pub use process::{Decoder, Denoiser, GaussianDiffusion, Prediction, VarianceType};
 pub use schedule::{BetaSchedule, Schedule};
