@@ -296,6 +296,7 @@ fn fused_and_candle_learned_steps_agree() {
         dropout_seed: None,
         x0: Some(x0),
         weights: None,
+        weighted: None,
     };
     for loss in [TrainLoss::Hybrid, TrainLoss::Vlb] {
         if loss == TrainLoss::Vlb {

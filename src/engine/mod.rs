@@ -66,8 +66,30 @@ pub trait TrainStep {
 }
 
 /// What a candle training step computes from this rank's rows of a batch: the loss to
-/// differentiate (`None`: no rows) and the sums the step returns (the loss first).
-pub type CandleLoss<'a, B> = dyn FnMut(&B, Range<usize>) -> Result<(Option<Tensor>, Vec<f64>)> + 'a;
+/// differentiate (`None`: no rows), the sums the step returns (the loss first) and, where a
+/// step reads more of the backward pass than the variables' gradients, what it reads
+/// ([`AfterBackward`]).
+pub type CandleLoss<'a, B> = dyn FnMut(&B, Range<usize>) -> Result<CandleOut> + 'a;
+
+/// Reads gradients of tensors other than the variables from the backward pass into the sums.
+pub type AfterBackward = Box<dyn FnOnce(&candle_core::backprop::GradStore, &mut [f64]) -> Result<()>>;
+
+/// A candle loss of a batch's rows ([`CandleLoss`]).
+pub struct CandleOut {
+    pub loss: Option<Tensor>,
+    pub sums: Vec<f64>,
+    pub after: Option<AfterBackward>,
+}
+
+impl From<(Option<Tensor>, Vec<f64>)> for CandleOut {
+    fn from((loss, sums): (Option<Tensor>, Vec<f64>)) -> Self {
+        Self {
+            loss,
+            sums,
+            after: None,
+        }
+    }
+}
 
 /// candle's tensors and autodiff as a [`TrainStep`]: any model made of candle variables, on
 /// any device. The parameter buffer is the variables' concatenation in the order given;
@@ -105,11 +127,18 @@ impl<B> TrainStep for CandleStep<'_, B> {
         grads: &mut [f32],
     ) -> Result<Vec<f64>> {
         // The variables hold `params` already: every update writes them (`updated`).
-        let (loss, sums) = (self.loss)(batch, rows)?;
+        let CandleOut {
+            loss,
+            mut sums,
+            after,
+        } = (self.loss)(batch, rows)?;
         match loss {
             Some(loss) => {
                 let store = loss.backward()?;
                 self.table.gather_grads(&self.vars, &store, grads)?;
+                if let Some(after) = after {
+                    after(&store, &mut sums)?;
+                }
             }
             None => grads.fill(0.0),
         }
@@ -162,8 +191,8 @@ pub fn candle_vae_step<'a, M: LatentVariableModel + ?Sized>(
     objective: VaeObjective,
     d: usize,
 ) -> CandleStep<'a, VaeBatch> {
-    let loss = move |batch: &VaeBatch, rows: Range<usize>| -> Result<(Option<Tensor>, Vec<f64>)> {
-        candle_vae_loss(model, objective, batch, d, rows)
+    let loss = move |batch: &VaeBatch, rows: Range<usize>| -> Result<CandleOut> {
+        candle_vae_loss(model, objective, batch, d, rows).map(CandleOut::from)
     };
     CandleStep::new(vars, Box::new(loss))
 }
@@ -226,6 +255,36 @@ pub struct DenoiseBatch {
     /// Each example's importance weight 1 / (T p_t) when t was drawn from the loss-aware
     /// sampler (`None`: uniform t).
     pub weights: Option<Vec<f64>>,
+    /// Continuous time: the loss is a weighted sum of squared errors ([`WeightedRows`]), `t`
+    /// unused.
+    pub weighted: Option<WeightedRows>,
+}
+
+/// A batch of continuous time (`diffusion::vdm`): the loss is
+/// `(1/B) sum_b w_b ||target_b - f(x_t_b, c_b)||^2` with each example's time value c_b given.
+/// Sums: `[loss, SSE_b of each example of the global batch]`, and with a `tangent`
+/// `[.., g_b of each example]`, `g_b = w_b d SSE_b / d gamma_b` through the network's input
+/// (`dx_t/d gamma_b`, the tangent's rows) and its time value (`dc/d gamma`, the same for all):
+/// what a learned schedule's gradient needs. Zeros outside this rank's rows.
+pub struct WeightedRows {
+    pub model_t: Vec<f32>,
+    pub weights: Vec<f64>,
+    pub tangent: Option<(Tensor, f64)>,
+}
+
+impl WeightedRows {
+    /// The length of a step's sums for a batch of `b`.
+    pub fn sums_len(&self, b: usize) -> usize {
+        1 + b + if self.tangent.is_some() { b } else { 0 }
+    }
+
+    /// The tangent's values, flattened (empty without one).
+    pub fn tangent_values(&self) -> Result<Vec<f32>> {
+        match &self.tangent {
+            Some((t, _)) => Ok(t.flatten_all()?.to_vec1::<f32>()?),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 /// The values a learned-variance loss reads from a batch, taken out of their tensors once.
@@ -362,11 +421,14 @@ pub fn denoiser_step<'a>(
     }
     let loss = move |batch: &DenoiseBatch,
                      rows: Range<usize>|
-          -> Result<(Option<Tensor>, Vec<f64>)> {
+          -> Result<CandleOut> {
         let total = batch.xt.elem_count() as f64;
+        if let Some(wr) = &batch.weighted {
+            return candle_weighted_loss(net, batch, wr, rows);
+        }
         if rows.is_empty() {
             let len = if head.is_some() { 2 + batch.t.len() } else { 1 };
-            return Ok((None, vec![0.0; len]));
+            return Ok((None, vec![0.0; len]).into());
         }
         let (first, n) = (rows.start, rows.len());
         let xs = batch.xt.narrow(0, first, n)?;
@@ -380,15 +442,71 @@ pub fn denoiser_step<'a>(
             return Ok((
                 Some(surrogate),
                 learned_sums(batch.t.len(), rows, loss, &vb),
-            ));
+            )
+                .into());
         }
         let sse = (out - batch.target.narrow(0, first, n)?)?
             .sqr()?
             .sum_all()?;
         let sum = sse.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((Some((sse / total)?), vec![sum / total]))
+        Ok((Some((sse / total)?), vec![sum / total]).into())
     };
     Ok((Box::new(CandleStep::new(vars, Box::new(loss))), name))
+}
+
+/// candle's loss of a [`WeightedRows`] batch: the input and the time values are variables of
+/// the graph, so the backward pass also gives d/dx_t and d/dc, which `after` projects on the
+/// tangent.
+fn candle_weighted_loss(
+    net: &Net,
+    batch: &DenoiseBatch,
+    wr: &WeightedRows,
+    rows: Range<usize>,
+) -> Result<CandleOut> {
+    let b = wr.weights.len();
+    let mut sums = vec![0.0; wr.sums_len(b)];
+    if rows.is_empty() {
+        return Ok((None, sums).into());
+    }
+    if wr.model_t.len() != b || batch.xt.dim(0)? != b {
+        bail!("a weighted batch: {} times and {} weights for {} examples", wr.model_t.len(), b, batch.xt.dim(0)?);
+    }
+    let (first, n) = (rows.start, rows.len());
+    let dev = batch.xt.device();
+    let xs = Var::from_tensor(&batch.xt.narrow(0, first, n)?)?;
+    let ts = Var::from_tensor(&Tensor::from_slice(&wr.model_t[rows.clone()], n, dev)?)?;
+    let out = net.forward_train_seeded(xs.as_tensor(), ts.as_tensor(), batch.dropout_seed, first)?;
+    let sse = (out - batch.target.narrow(0, first, n)?)?
+        .sqr()?
+        .flatten_from(1)?
+        .sum(1)?;
+    let w: Vec<f32> = wr.weights[rows.clone()].iter().map(|&w| w as f32).collect();
+    let w = Tensor::from_vec(w, n, dev)?;
+    let loss = ((&sse * w)?.sum_all()? / b as f64)?;
+    sums[0] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let per = sse.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    sums[1 + first..1 + first + n].copy_from_slice(&per);
+    let after: Option<AfterBackward> = match &wr.tangent {
+        None => None,
+        Some((tangent, dc)) => {
+            let (tangent, dc) = (tangent.narrow(0, first, n)?.flatten_from(1)?, *dc);
+            Some(Box::new(move |store, sums| {
+                let zero = |v: &Var| v.as_tensor().zeros_like();
+                let gx = store.get(xs.as_tensor()).cloned().map_or_else(|| zero(&xs), Ok)?;
+                let gt = store.get(ts.as_tensor()).cloned().map_or_else(|| zero(&ts), Ok)?;
+                let along = (gx.flatten_from(1)? * tangent)?.sum(1)?;
+                let g = ((along + (gt * dc)?)? * b as f64)?;
+                let g = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                sums[1 + b + first..1 + b + first + n].copy_from_slice(&g);
+                Ok(())
+            }))
+        }
+    };
+    Ok(CandleOut {
+        loss: Some(loss),
+        sums,
+        after,
+    })
 }
 
 /// Which implementation computes a VAE training step. Both compute the same numbers from the

@@ -57,6 +57,10 @@ enum StageP {
     },
 }
 
+/// Receives an example's dL/d(input) and dL/d(time value): `(row, dx, dt)`
+/// ([`FusedUnet::grads_with_inputs`]).
+pub type InputSink<'a> = dyn Fn(usize, &[f32], f64) + Sync + 'a;
+
 /// A loss of one example's output: `(global row, y, dL/dy to write) -> its share of the sum`
 /// ([`FusedUnet::grads_with`]).
 pub type OutputLoss<'a> = dyn Fn(usize, &[f32], &mut Vec<f32>) -> f64 + Sync + 'a;
@@ -147,8 +151,13 @@ struct Workspace {
     d_time1_silu: Vec<f32>,
     /// dL/d(output), set by the caller.
     d_output: Vec<f32>,
-    /// dL/d(input), when the pass is a vector-Jacobian product ([`Pass::InputGradient`]).
+    /// dL/d(input), when the pass is a vector-Jacobian product ([`Pass::InputGradient`]) or a
+    /// training pass with `input_grads`.
     d_input: Vec<f32>,
+    /// A training pass also computes dL/d(input) and dL/d(time value) (`d_time`).
+    input_grads: bool,
+    d_sinusoid: Vec<f32>,
+    d_time: f64,
     /// The parameter gradients of the examples this thread ran.
     grads: Vec<f32>,
 }
@@ -168,6 +177,7 @@ enum Pass {
 impl Workspace {
     fn set_pass(&mut self, pass: Pass) {
         let training = pass != Pass::Inference;
+        self.input_grads = false;
         self.block.cols.keep = pass == Pass::Training;
         self.block.cols.dx_only = pass == Pass::InputGradient;
         for st in &mut self.tape.stages {
@@ -519,15 +529,14 @@ impl Plan {
                 .backward(p, grads, x, sizes[0], &ws.d_hidden, dx, cols);
             return;
         }
-        self.conv_in.backward(
-            p,
-            grads,
-            x,
-            sizes[0],
-            &ws.d_hidden,
-            Dx::None,
-            &mut ws.block.cols,
-        );
+        let dx = if ws.input_grads {
+            sized(&mut ws.d_input, x.len());
+            Dx::Set(&mut ws.d_input)
+        } else {
+            Dx::None
+        };
+        self.conv_in
+            .backward(p, grads, x, sizes[0], &ws.d_hidden, dx, &mut ws.block.cols);
         ws.d_time2_pre.clear();
         ws.d_time2_pre.extend(
             ws.d_time_act
@@ -547,8 +556,28 @@ impl Plan {
             .iter_mut()
             .zip(&tape.time1_pre)
             .for_each(|(d, &a)| *d *= silu_grad(a));
-        self.time1
-            .backward(p, grads, &tape.time_sinusoid, &ws.d_time1_silu, None);
+        if !ws.input_grads {
+            self.time1
+                .backward(p, grads, &tape.time_sinusoid, &ws.d_time1_silu, None);
+            return;
+        }
+        zeroed(&mut ws.d_sinusoid, tape.time_sinusoid.len());
+        let e = &tape.time_sinusoid;
+        let d_sin = Some(&mut ws.d_sinusoid[..]);
+        self.time1.backward(p, grads, e, &ws.d_time1_silu, d_sin);
+        // dL/dt through [cos(t f_i), sin(t f_i)]: d cos = -f sin, d sin = f cos.
+        let half = self.freqs.len();
+        let (c, s) = if self.cos_first { (0, half) } else { (half, 0) };
+        let d = &ws.d_sinusoid;
+        ws.d_time = self
+            .freqs
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                let f = f as f64;
+                -(d[c + i] as f64) * f * e[s + i] as f64 + d[s + i] as f64 * f * e[c + i] as f64
+            })
+            .sum();
     }
 }
 
@@ -985,6 +1014,23 @@ impl FusedUnet {
         first: usize,
         head: &OutputLoss<'_>,
     ) -> Result<(f64, Vec<f32>)> {
+        self.grads_with_inputs(x, t, size, dropout_seed, first, head, None)
+    }
+
+    /// [`FusedUnet::grads_with`], and with a `sink` each example's gradient with respect to
+    /// its input and its time value, `sink(row, dL/dx, dL/dt)`, from the same backward pass
+    /// (continuous time's learned schedule differentiates through both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grads_with_inputs(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        size: (usize, usize),
+        dropout_seed: Option<u64>,
+        first: usize,
+        head: &OutputLoss<'_>,
+        sink: Option<&InputSink<'_>>,
+    ) -> Result<(f64, Vec<f32>)> {
         if t.is_empty() {
             return Ok((0.0, vec![0f32; self.params.len()]));
         }
@@ -999,6 +1045,7 @@ impl FusedUnet {
             .map(|(part, (x, t))| {
                 let mut ws = self.workspace();
                 ws.set_pass(Pass::Training);
+                ws.input_grads = sink.is_some();
                 // The thread's gradient buffer lives in its workspace: zeroing it is cheaper
                 // than fresh pages, which the kernel clears.
                 let mut grads = std::mem::take(&mut ws.grads);
@@ -1021,6 +1068,9 @@ impl FusedUnet {
                     }
                     self.plan
                         .backward(&self.params, &mut grads, xe, &route, &mut ws);
+                    if let Some(sink) = sink {
+                        sink(row, &ws.d_input, ws.d_time);
+                    }
                 }
                 ws.grads = grads;
                 let sum = match bad {
@@ -1105,6 +1155,81 @@ impl FusedUnetStep {
     }
 }
 
+impl FusedUnetStep {
+    /// The loss of a [`crate::engine::WeightedRows`] batch: each example's dL/dy is
+    /// `2 w_b / B (y - target)`; with a tangent, the same backward pass gives dL/dx and dL/dc,
+    /// projected on it.
+    #[allow(clippy::too_many_arguments)]
+    fn weighted(
+        &mut self,
+        batch: &DenoiseBatch,
+        wr: &crate::engine::WeightedRows,
+        xt: &[f32],
+        target: &[f32],
+        size: (usize, usize),
+        rows: std::ops::Range<usize>,
+        grads: &mut [f32],
+    ) -> anyhow::Result<Vec<f64>> {
+        let b = wr.weights.len();
+        let n = xt.len() / b.max(1);
+        if wr.model_t.len() != b || n * b != xt.len() || target.len() != xt.len() {
+            anyhow::bail!("fused U-Net: a weighted batch's sizes do not match");
+        }
+        if self.engine.out_channels() != self.engine.channels() {
+            anyhow::bail!("fused U-Net: a weighted loss trains a network of C output channels");
+        }
+        let tangent = wr.tangent_values()?;
+        let dc = wr.tangent.as_ref().map_or(0.0, |t| t.1);
+        let per = std::sync::Mutex::new(vec![0f64; 2 * b]);
+        let record = |at: usize, v: f64| {
+            if let Ok(mut p) = per.lock() {
+                p[at] = v;
+            }
+        };
+        let head = |row: usize, y: &[f32], dy: &mut Vec<f32>| -> f64 {
+            let tg = &target[row * n..(row + 1) * n];
+            let w = wr.weights[row];
+            let scale = (2.0 * w / b as f64) as f32;
+            let mut sse = 0f64;
+            dy.clear();
+            for (&y, &tg) in y.iter().zip(tg) {
+                let d = y - tg;
+                sse += (d * d) as f64;
+                dy.push(scale * d);
+            }
+            record(row, sse);
+            w * sse / b as f64
+        };
+        let sink = |row: usize, dx: &[f32], dt: f64| {
+            let tan = &tangent[row * n..(row + 1) * n];
+            let along: f64 = dx.iter().zip(tan).map(|(&a, &t)| a as f64 * t as f64).sum();
+            record(b + row, b as f64 * (along + dt * dc));
+        };
+        let sink: Option<&crate::engine::unet::InputSink<'_>> =
+            wr.tangent.is_some().then_some(&sink);
+        let (loss, g) = self.engine.grads_with_inputs(
+            &xt[rows.start * n..rows.end * n],
+            &wr.model_t[rows.clone()],
+            size,
+            batch.dropout_seed,
+            rows.start,
+            &head,
+            sink,
+        )?;
+        grads.copy_from_slice(&g[..grads.len()]);
+        let per = per.into_inner().unwrap_or_default();
+        let mut sums = vec![0.0; wr.sums_len(b)];
+        sums[0] = loss;
+        for row in rows {
+            sums[1 + row] = per[row];
+            if wr.tangent.is_some() {
+                sums[1 + b + row] = per[b + row];
+            }
+        }
+        Ok(sums)
+    }
+}
+
 impl TrainStep for FusedUnetStep {
     type Batch = DenoiseBatch;
 
@@ -1131,9 +1256,12 @@ impl TrainStep for FusedUnetStep {
         };
         let values = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
         let (xt, target) = (values(&batch.xt)?, values(&batch.target)?);
-        let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
         let n = xt.len() / b.max(1);
         let (from, to) = (rows.start * n, rows.end * n);
+        if let Some(wr) = &batch.weighted {
+            return self.weighted(batch, wr, &xt, &target, size, rows, grads);
+        }
+        let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
         if let Some(head) = &self.head {
             // The head's closed-form dL/dy of each example, its rows one at a time.
             if self.engine.out_channels() != 2 * self.engine.channels() {

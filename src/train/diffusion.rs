@@ -559,6 +559,7 @@ impl super::Family for DiffusionTraining<'_> {
             dropout_seed,
             x0: learned.then_some(x0),
             weights,
+            weighted: None,
         };
         Ok((batch, rows))
     }
