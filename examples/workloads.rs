@@ -378,6 +378,7 @@ fn main() -> Result<()> {
                             dropout_seed,
                             x0: None,
                             weights: None,
+                            weighted: None,
                         };
                         trainer.step(&batch, 64)
                     })?;
