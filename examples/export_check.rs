@@ -62,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         betas: None,
         model_times: None,
         variance: Some(elbo::diffusion::VarianceType::LearnedRange),
+        continuous: None,
     };
     config.validate()?;
     let (net, varmap) = Net::trainable(&config.net, &mut Noise::new(0), &dev)?;

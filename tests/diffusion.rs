@@ -429,6 +429,7 @@ fn mlp_trained_on_a_toy_set_matches_its_mean_and_covariance() {
         betas: None,
         model_times: None,
         variance: None,
+        continuous: None,
     };
     let config = DiffusionTrainConfig {
         data: DiffusionData::Toy(Toy::EightGaussians),

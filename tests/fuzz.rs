@@ -325,6 +325,7 @@ fn diffusion_checkpoint(net: elbo::diffusion::nets::NetConfig) -> Vec<u8> {
         betas: None,
         model_times: None,
         variance: None,
+        continuous: None,
     };
     let tensors: Vec<(String, candle_core::Tensor)> = elbo::diffusion::nets::sorted_vars(&varmap)
         .into_iter()

@@ -616,6 +616,7 @@ fn elbo_checkpoint(
         betas: None,
         model_times: None,
         variance,
+        continuous: None,
     };
     config.validate().unwrap();
     let dev = Device::Cpu;

@@ -360,6 +360,7 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
                     .map_or(String::new(), |v| v.get_name().to_string())
             ),
         },
+        continuous: None,
     };
     model.process()?;
     let loss = a.loss.unwrap_or(if a.variance.is_some() {

@@ -7,7 +7,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+
 use super::nets::NetConfig;
+use super::vdm::{ContinuousModel, ContinuousTime, GammaKind};
 use super::process::{GaussianDiffusion, Prediction, VarianceType};
 use super::schedule::{BetaSchedule, Schedule};
 use crate::checkpoint;
@@ -38,6 +43,10 @@ pub struct DiffusionConfig {
     /// channels. Absent: fixed-small.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variance: Option<VarianceType>,
+    /// Continuous time (VDM, [`super::vdm`]): the schedule gamma(t) in place of the betas;
+    /// `num_train_timesteps` is then the T of the samplers' and the discrete bound's grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuous: Option<ContinuousTime>,
 }
 
 impl DiffusionConfig {
@@ -88,6 +97,21 @@ impl DiffusionConfig {
             NetConfig::Mlp { .. } => (1, 1),
         };
         let learned = self.variance.is_some_and(VarianceType::is_learned);
+        if let Some(c) = &self.continuous {
+            c.validate()?;
+            if !self.is_image() {
+                bail!("continuous time models 8-bit images (its decoder has 256 levels); toy data trains in discrete time");
+            }
+            if self.variance.is_some() {
+                bail!("continuous time has no reverse-step variances to learn (its steps are q(z_s | z_t, x_hat))");
+            }
+            if self.prediction == Prediction::X0 {
+                bail!("continuous time predicts eps or v, not x_0");
+            }
+            if c.gamma == GammaKind::Learned && self.prediction != Prediction::Eps {
+                bail!("a learned schedule trains with the eps prediction");
+            }
+        }
         match (learned, out_c == 2 * in_c) {
             (true, false) => bail!(
                 "learned variances need a network with 2C output channels, this one gives {out_c}"
@@ -108,7 +132,43 @@ impl DiffusionConfig {
         }
     }
 
+    /// The continuous-time model of a checkpoint whose tensors are `tensors` (a learned
+    /// schedule's parameters among them); `None` in discrete time.
+    pub fn continuous_model(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<Option<ContinuousModel>> {
+        let Some(spec) = &self.continuous else {
+            return Ok(None);
+        };
+        let mut params = Vec::new();
+        for (name, shape) in spec.param_shapes() {
+            let t = tensors
+                .get(&name)
+                .with_context(|| format!("no tensor {name} (the learned schedule)"))?;
+            if t.dims() != shape.as_slice() {
+                bail!("{name}: shape {:?}, expected {shape:?}", t.dims());
+            }
+            params.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        Ok(Some(ContinuousModel {
+            gamma: spec.schedule(&params)?,
+            spec: spec.clone(),
+            prediction: self.prediction,
+        }))
+    }
+
+    /// The discrete process: the betas', or a continuous-time model's T-step grid
+    /// ([`ContinuousModel::discretized`]; a learned schedule needs its tensors:
+    /// [`DiffusionConfig::continuous_model`]).
     pub fn process(&self) -> Result<GaussianDiffusion> {
+        if let Some(c) = &self.continuous {
+            if c.gamma == GammaKind::Learned {
+                bail!("a learned schedule's process needs its parameters (the checkpoint's tensors)");
+            }
+            let model = self.continuous_model(&HashMap::new())?.expect("continuous");
+            return model.discretized(self.num_train_timesteps);
+        }
         let schedule = match &self.betas {
             Some(b) => Schedule::custom(self.beta_schedule, b.clone())?,
             None => Schedule::new(self.beta_schedule, self.num_train_timesteps)?,

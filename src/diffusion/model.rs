@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 pub use super::config::{DiffusionConfig, model_config};
 use super::nets::Net;
 use super::process::GaussianDiffusion;
+use super::vdm::ContinuousModel;
 use crate::checkpoint;
 use crate::data::{Dataset, PixelMode};
 
@@ -21,6 +22,8 @@ pub struct LoadedDiffusion {
     pub config: DiffusionConfig,
     pub process: GaussianDiffusion,
     pub net: Net,
+    /// A continuous-time model's schedule (its `process` is then its T-step grid).
+    pub continuous: Option<ContinuousModel>,
 }
 
 impl LoadedDiffusion {
@@ -31,13 +34,21 @@ impl LoadedDiffusion {
     /// A model from decoded checkpoint tensors; `path` names the file in errors.
     pub fn from_loaded(loaded: checkpoint::Loaded, path: &Path, device: &Device) -> Result<Self> {
         let config = model_config(&loaded, path)?;
+        let continuous = config
+            .continuous_model(&loaded.tensors)
+            .with_context(|| format!("{}", path.display()))?;
         let vb = VarBuilder::from_tensors(loaded.tensors, DType::F32, device);
         let net = Net::build(&config.net, vb)
             .with_context(|| format!("{}: tensors do not fit the model", path.display()))?;
+        let process = match &continuous {
+            Some(c) => c.discretized(config.num_train_timesteps)?,
+            None => config.process()?,
+        };
         Ok(Self {
-            process: config.process()?,
+            process,
             config,
             net,
+            continuous,
         })
     }
 }

@@ -470,6 +470,147 @@ pub fn on_grid(u: f64, steps: Option<usize>) -> f64 {
     }
 }
 
+/// A continuous-time model for evaluation and sampling: its schedule settings, the schedule
+/// itself and what the network predicts (eps, or v = alpha eps - sigma x).
+#[derive(Debug, Clone)]
+pub struct ContinuousModel {
+    pub spec: ContinuousTime,
+    pub gamma: Gamma,
+    pub prediction: super::Prediction,
+}
+
+/// One example's bound in nats: `prior + reconstruction + diffusion`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ContinuousTerms {
+    pub prior: f64,
+    pub reconstruction: f64,
+    pub diffusion: f64,
+}
+
+impl ContinuousTerms {
+    pub fn total(&self) -> f64 {
+        self.prior + self.reconstruction + self.diffusion
+    }
+}
+
+impl ContinuousModel {
+    /// eps_hat from the network's output at z_t (v: `eps = sigma z + alpha v`).
+    fn eps_hat(&self, out: &[f32], z: &[f32], alpha: f64, sigma: f64, into: &mut Vec<f64>) {
+        into.clear();
+        match self.prediction {
+            super::Prediction::V => into.extend(
+                out.iter()
+                    .zip(z)
+                    .map(|(&v, &z)| sigma * z as f64 + alpha * v as f64),
+            ),
+            _ => into.extend(out.iter().map(|&e| e as f64)),
+        }
+    }
+
+    /// The bound's terms for each example of `x` (`[B, C, H, W]` in elbo's [-1, 1] image
+    /// scale, read as 8-bit levels and encoded by [`encode_level`]): the prior KL exactly,
+    /// the reconstruction from one draw of z_0, and the diffusion term from `draws` times per
+    /// example, stratified (`(u_b + j) / draws`, u_b ~ U(0, 1)), in continuous time
+    /// (`steps = None`) or in the T-step model on its grid. Every draw comes from `noise` and
+    /// `rng`; the expectation over them is the bound.
+    pub fn bound_terms(
+        &self,
+        net: &dyn super::Denoiser,
+        x: &candle_core::Tensor,
+        draws: usize,
+        steps: Option<usize>,
+        noise: &mut crate::distributions::Noise,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Result<Vec<ContinuousTerms>> {
+        use candle_core::Tensor;
+        use rand::Rng;
+        let (b, dev) = (x.dim(0)?, x.device().clone());
+        let shape = x.dims().to_vec();
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let n = values.len() / b.max(1);
+        let levels: Vec<usize> = values.iter().map(|&v| level_of(v)).collect();
+        let f: Vec<f64> = levels.iter().map(|&k| encode_level(k)).collect();
+        let (g0, g1) = self.gamma.endpoints();
+        let eps0 = noise.randn(x.shape(), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut terms: Vec<ContinuousTerms> = (0..b)
+            .map(|e| {
+                let r = e * n..(e + 1) * n;
+                let reconstruction = r
+                    .clone()
+                    .map(|i| decoder_nll(levels[i], eps0[i] as f64, g0).0)
+                    .sum();
+                ContinuousTerms {
+                    prior: prior_kl(&f[r], g1).0,
+                    reconstruction,
+                    diffusion: 0.0,
+                }
+            })
+            .collect();
+        let u: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
+        let mut eps_hat = Vec::with_capacity(n);
+        for j in 0..draws.max(1) {
+            let eps = noise.randn(x.shape(), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut z = vec![0f32; b * n];
+            let mut c = Vec::with_capacity(b);
+            let mut weights = Vec::with_capacity(b);
+            let mut coef = Vec::with_capacity(b);
+            for e in 0..b {
+                let t = on_grid((u[e] + j as f64) / draws.max(1) as f64, steps);
+                let g = self.gamma.value(t);
+                let (a, s) = alpha_sigma(g);
+                for i in e * n..(e + 1) * n {
+                    z[i] = (a * f[i] + s * eps[i] as f64) as f32;
+                }
+                c.push(self.spec.model_time(g) as f32);
+                weights.push(diffusion_weight(&self.gamma, t, steps));
+                coef.push((a, s));
+            }
+            let zt = Tensor::from_slice(&z, shape.as_slice(), &dev)?;
+            let ct = Tensor::from_vec(c, b, &dev)?;
+            let out = net.forward(&zt, &ct)?.flatten_all()?.to_vec1::<f32>()?;
+            if out.len() != z.len() {
+                bail!("the network gives {} values for {} inputs", out.len(), z.len());
+            }
+            for e in 0..b {
+                let r = e * n..(e + 1) * n;
+                let (a, s) = coef[e];
+                self.eps_hat(&out[r.clone()], &z[r.clone()], a, s, &mut eps_hat);
+                let sse: f64 = eps_hat
+                    .iter()
+                    .zip(&eps[r])
+                    .map(|(h, &e)| (e as f64 - h).powi(2))
+                    .sum();
+                terms[e].diffusion += weights[e] * sse / draws.max(1) as f64;
+            }
+        }
+        Ok(terms)
+    }
+
+    /// The T-step model as a discrete process, for the samplers: T + 1 noise levels
+    /// `t_i = i/T`, i = 0..T, with `abar_i = sigmoid(-gamma(t_i))` (level 0 is z_0, with
+    /// sigma_0^2 = sigmoid(gamma_0)) and the network given `model_time(gamma(t_i))`. DDPM's
+    /// ancestral step with the posterior variance of this process is VDM's p(z_s | z_t).
+    pub fn discretized(&self, steps: usize) -> Result<super::GaussianDiffusion> {
+        use super::schedule::{BetaSchedule, Schedule};
+        let levels = steps + 1;
+        Schedule::check_size(levels)?;
+        let gammas: Vec<f64> = (0..levels)
+            .map(|i| self.gamma.value(i as f64 / steps as f64))
+            .collect();
+        let abar: Vec<f64> = gammas.iter().map(|&g| sigmoid(-g)).collect();
+        let betas: Vec<f64> = (0..levels)
+            .map(|i| match i {
+                0 => 1.0 - abar[0],
+                _ => 1.0 - abar[i] / abar[i - 1],
+            })
+            .collect();
+        let schedule = Schedule::custom(BetaSchedule::Linear, betas)?;
+        let mut p = super::GaussianDiffusion::new(schedule, self.prediction);
+        p.model_times = Some(gammas.iter().map(|&g| self.spec.model_time(g)).collect());
+        Ok(p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor, Var};
 
 pub mod unet;
 pub mod vae;
+pub mod vdm;
 
 use self::unet::FusedUnet;
 use self::vae::{FusedVae, VaeBatch};

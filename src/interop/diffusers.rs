@@ -91,6 +91,7 @@ pub fn load_parts(
         betas: sched.betas,
         model_times: None,
         variance: sched.variance,
+        continuous: None,
     };
     let learned_net =
         matches!(&config.net, NetConfig::Unet { options, .. } if options.out_channels != 0);
@@ -137,6 +138,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedDiffusion> {
         process: config.process()?,
         config,
         net,
+        continuous: None,
     })
 }
 

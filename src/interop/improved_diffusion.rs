@@ -258,6 +258,7 @@ pub fn load(path: &Path, flags: &ModelFlags, device: &Device) -> Result<LoadedDi
         process: plan.config.process()?,
         config: plan.config,
         net,
+        continuous: None,
     })
 }
 
@@ -388,6 +389,7 @@ pub fn model_config(f: &ModelFlags) -> Result<Plan> {
         betas,
         model_times,
         variance: Some(variance),
+        continuous: None,
     };
     Ok(Plan {
         config,

@@ -1,0 +1,312 @@
+//! The continuous-time (VDM) training step on either engine: the schedule's arithmetic in
+//! f64 here, the network's through the engine's weighted-SSE batches
+//! ([`super::WeightedRows`]).
+//!
+//! For a batch of B examples with times t_b (antithetic), the loss is the bound's estimate
+//! (nats per example, `diffusion::vdm`):
+//!
+//! ```text
+//! L = 1/B sum_b [ KL(q(z_1|x_b) || N(0, I)) - log p(x_b | z_0) + 1/2 gamma'(t_b) ||eps_b - eps_hat(z_t_b, gamma_b)||^2 ]
+//! ```
+//!
+//! With a learned schedule its parameters get two gradients: the endpoints (gamma_0, gamma_1)
+//! the bound's, through the prior, the decoder, gamma' and gamma (x_t and the network's time
+//! input, from the engine's backward pass); the inner shape eta the gradient of the diffusion
+//! term's second moment, `1/B sum_b 2 L_d,b dL_d,b/d eta` (VDM Section 5.3).
+
+use std::ops::Range;
+
+use anyhow::{Result, bail};
+use candle_core::{Device, Tensor};
+
+use super::{DenoiseBatch, TrainStep, WeightedRows};
+use crate::diffusion::Prediction;
+use crate::diffusion::vdm::{
+    ContinuousTime, Gamma, alpha_sigma, alpha_sigma_slopes, decoder_nll, diffusion_weight,
+    encode_level, level_of, prior_kl,
+};
+use crate::optim::{ParamEntry, ParamTable};
+
+/// A continuous-time batch, every draw made: the images `[B, C, H, W]` in elbo's [-1, 1]
+/// scale (read as 8-bit levels), each example's time t in [0, 1], eps for z_t, eps_0 for
+/// z_0 (the reconstruction), and the dropout seed.
+pub struct ContinuousBatch {
+    pub x: Tensor,
+    pub t: Vec<f64>,
+    pub eps: Tensor,
+    pub eps0: Vec<f32>,
+    pub dropout_seed: Option<u64>,
+}
+
+/// A diffusion model's training batch: discrete timesteps or continuous time.
+pub enum DiffusionBatch {
+    Discrete(DenoiseBatch),
+    Continuous(ContinuousBatch),
+}
+
+/// The sums of a continuous step: `[loss, diffusion, reconstruction, prior]`, nats per example.
+pub const CONTINUOUS_SUMS: usize = 4;
+
+/// A discrete step ([`DenoiseBatch`]) as a step of [`DiffusionBatch`]es.
+pub struct Discrete<'a>(pub Box<dyn TrainStep<Batch = DenoiseBatch> + 'a>);
+
+impl TrainStep for Discrete<'_> {
+    type Batch = DiffusionBatch;
+
+    fn table(&self) -> &ParamTable {
+        self.0.table()
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        self.0.read_params()
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &DiffusionBatch,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        match batch {
+            DiffusionBatch::Discrete(b) => self.0.loss_and_grads(params, b, rows, grads),
+            DiffusionBatch::Continuous(_) => bail!("a discrete-time step was given continuous time"),
+        }
+    }
+
+    fn updated(&mut self, params: &[f32]) -> Result<()> {
+        self.0.updated(params)
+    }
+
+    fn update_threads(&self) -> usize {
+        self.0.update_threads()
+    }
+}
+
+/// The continuous-time step: the network's step (`inner`, either engine) and the learned
+/// schedule's parameters after the network's in the buffer.
+pub struct ContinuousStep<'a> {
+    inner: Box<dyn TrainStep<Batch = DenoiseBatch> + 'a>,
+    spec: ContinuousTime,
+    prediction: Prediction,
+    table: ParamTable,
+    /// Where the schedule's parameters start: the inner step's buffer length.
+    at: usize,
+    /// The schedule's parameters at the start (read_params).
+    gamma_params: Vec<f32>,
+}
+
+impl<'a> ContinuousStep<'a> {
+    /// `gamma_params`: the learned schedule's parameters (empty for a fixed one), laid out as
+    /// [`ContinuousTime::param_shapes`].
+    pub fn new(
+        inner: Box<dyn TrainStep<Batch = DenoiseBatch> + 'a>,
+        spec: ContinuousTime,
+        prediction: Prediction,
+        gamma_params: Vec<f32>,
+    ) -> Result<Self> {
+        if prediction == Prediction::X0 {
+            bail!("continuous time trains the eps or v prediction, not x_0");
+        }
+        if spec.gamma == crate::diffusion::vdm::GammaKind::Learned && prediction != Prediction::Eps
+        {
+            bail!("a learned schedule trains with the eps prediction (--prediction eps)");
+        }
+        let at = inner.table().len();
+        let mut entries = inner.table().entries().to_vec();
+        let mut offset = at;
+        for (name, shape) in spec.param_shapes() {
+            let e = ParamEntry {
+                name,
+                shape,
+                offset,
+            };
+            offset += e.len();
+            entries.push(e);
+        }
+        if offset - at != gamma_params.len() {
+            bail!(
+                "the learned schedule: {} parameters given, {} expected",
+                gamma_params.len(),
+                offset - at
+            );
+        }
+        let table = ParamTable::with_offsets(entries, offset)?;
+        Ok(Self {
+            inner,
+            spec,
+            prediction,
+            table,
+            at,
+            gamma_params,
+        })
+    }
+}
+
+impl TrainStep for ContinuousStep<'_> {
+    type Batch = DiffusionBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        let mut p = self.inner.read_params()?;
+        p.extend_from_slice(&self.gamma_params);
+        Ok(p)
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &DiffusionBatch,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        let DiffusionBatch::Continuous(batch) = batch else {
+            bail!("a continuous-time step was given discrete timesteps");
+        };
+        let at = self.at;
+        let gp: Vec<f64> = params[at..].iter().map(|&v| v as f64).collect();
+        let gamma = self.spec.schedule(&gp)?;
+        let learned = matches!(gamma, Gamma::Learned(_));
+        let b = batch.t.len();
+        let (dims, dev) = (batch.x.dims().to_vec(), batch.x.device().clone());
+        let x = batch.x.flatten_all()?.to_vec1::<f32>()?;
+        let eps = batch.eps.flatten_all()?.to_vec1::<f32>()?;
+        let n = x.len() / b.max(1);
+        if n * b != x.len() || eps.len() != x.len() || batch.eps0.len() != x.len() {
+            bail!("a continuous batch: x, eps and eps_0 differ in size");
+        }
+        let levels: Vec<usize> = x.iter().map(|&v| level_of(v)).collect();
+        let f: Vec<f64> = levels.iter().map(|&k| encode_level(k)).collect();
+        // z_t = alpha f + sigma eps, the target (eps, or v = alpha eps - sigma f), the weight of
+        // ||target - output||^2 (1/2 gamma', times alpha^2 for v) and dz/dgamma.
+        let mut z = vec![0f32; x.len()];
+        let mut target = vec![0f32; x.len()];
+        let mut tangent = if learned { vec![0f32; x.len()] } else { Vec::new() };
+        let mut weights = Vec::with_capacity(b);
+        let mut model_t = Vec::with_capacity(b);
+        for e in 0..b {
+            let g = gamma.value(batch.t[e]);
+            let (a, s) = alpha_sigma(g);
+            let (da, ds) = alpha_sigma_slopes(g);
+            let w = diffusion_weight(&gamma, batch.t[e], None);
+            for i in e * n..(e + 1) * n {
+                let (fi, ei) = (f[i], eps[i] as f64);
+                z[i] = (a * fi + s * ei) as f32;
+                target[i] = match self.prediction {
+                    Prediction::V => (a * ei - s * fi) as f32,
+                    _ => ei as f32,
+                };
+                if learned {
+                    tangent[i] = (da * fi + ds * ei) as f32;
+                }
+            }
+            weights.push(match self.prediction {
+                Prediction::V => w * a * a,
+                _ => w,
+            });
+            model_t.push(self.spec.model_time(g) as f32);
+        }
+        let tensor = |v: Vec<f32>| Tensor::from_vec(v, dims.as_slice(), &dev);
+        let inner_batch = DenoiseBatch {
+            xt: tensor(z)?,
+            t: Vec::new(),
+            target: tensor(target)?,
+            dropout_seed: batch.dropout_seed,
+            x0: None,
+            weights: None,
+            weighted: Some(WeightedRows {
+                model_t,
+                weights: weights.clone(),
+                tangent: if learned {
+                    Some((tensor(tangent)?, self.spec.model_time_slope()))
+                } else {
+                    None
+                },
+            }),
+        };
+        let (net_grads, schedule_grads) = grads.split_at_mut(at);
+        let sums = self.inner.loss_and_grads(
+            &params[..at],
+            &inner_batch,
+            rows.clone(),
+            net_grads,
+        )?;
+        let diffusion = sums[0];
+        let (g0, g1) = gamma.endpoints();
+        let scale = 1.0 / b.max(1) as f64;
+        let (mut reconstruction, mut prior) = (0.0, 0.0);
+        let (mut d_g0, mut d_g1) = (0.0, 0.0);
+        for e in rows.clone() {
+            let r = e * n..(e + 1) * n;
+            for i in r.clone() {
+                let (nll, d) = decoder_nll(levels[i], batch.eps0[i] as f64, g0);
+                reconstruction += nll * scale;
+                d_g0 += d * scale;
+            }
+            let (kl, d) = prior_kl(&f[r], g1);
+            prior += kl * scale;
+            d_g1 += d * scale;
+        }
+        schedule_grads.fill(0.0);
+        if let Gamma::Learned(net) = &gamma {
+            // Each row's dL_b/d gamma_b (through the network, from the engine) and
+            // dL_b/d gamma'_b = 1/2 SSE_b; the bound's pair and the second moment's.
+            let mut bound = Vec::with_capacity(rows.len());
+            let mut variance = Vec::with_capacity(rows.len());
+            for e in rows.clone() {
+                let sse = sums[1 + e];
+                let d_gamma = sums[1 + b + e];
+                let d_slope = 0.5 * sse;
+                let l = weights[e] * sse;
+                bound.push((d_gamma * scale, d_slope * scale));
+                variance.push((2.0 * l * d_gamma * scale, 2.0 * l * d_slope * scale));
+            }
+            let t = &batch.t[rows.clone()];
+            let mut g = vec![0f64; schedule_grads.len()];
+            net.backward(t, &bound, &variance, &mut g)?;
+            g[0] += d_g0;
+            g[1] += d_g1;
+            for (o, v) in schedule_grads.iter_mut().zip(g) {
+                *o = v as f32;
+            }
+        }
+        Ok(vec![
+            diffusion + reconstruction + prior,
+            diffusion,
+            reconstruction,
+            prior,
+        ])
+    }
+
+    fn updated(&mut self, params: &[f32]) -> Result<()> {
+        self.inner.updated(&params[..self.at])
+    }
+
+    fn update_threads(&self) -> usize {
+        self.inner.update_threads()
+    }
+}
+
+/// A continuous batch of images `x` (`[B, C, H, W]`, [-1, 1]): antithetic times from one
+/// uniform draw, eps and eps_0 from `noise`.
+pub fn continuous_batch(
+    x: Tensor,
+    u: f64,
+    dropout_seed: Option<u64>,
+    noise: &mut crate::distributions::Noise,
+    device: &Device,
+) -> Result<ContinuousBatch> {
+    let b = x.dim(0)?;
+    let eps = noise.randn(x.shape(), device)?;
+    let eps0 = noise.randn(x.shape(), device)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(ContinuousBatch {
+        t: crate::diffusion::vdm::antithetic_times(b, u),
+        x,
+        eps,
+        eps0,
+        dropout_seed,
+    })
+}
