@@ -173,6 +173,22 @@ pub struct TrainDiffusionArgs {
     /// --variance learned-range.
     #[arg(long, value_enum)]
     pub loss: Option<elbo::diffusion::learned::TrainLoss>,
+    /// discrete (T steps, --beta-schedule) or continuous (VDM: t in [0, 1], the schedule
+    /// gamma(t) = -log SNR(t) of --gamma, trained on the continuous-time bound with a 256-level
+    /// decoder; images only).
+    #[arg(long, value_enum, default_value = "discrete")]
+    pub time: TimeKind,
+    /// Continuous time: linear (in gamma, VDM's fixed schedule), cosine (the cosine schedule's
+    /// log-SNR between the same endpoints) or learned (VDM's monotone network, its endpoints
+    /// trained on the bound and its shape on the variance of the bound's estimate).
+    #[arg(long, value_enum, default_value = "linear")]
+    pub gamma: elbo::diffusion::vdm::GammaKind,
+    /// Continuous time: gamma at t = 0 (the learned schedule's start).
+    #[arg(long, allow_hyphen_values = true, default_value_t = elbo::diffusion::vdm::GAMMA_MIN)]
+    pub gamma_min: f64,
+    /// Continuous time: gamma at t = 1 (the learned schedule's start).
+    #[arg(long, allow_hyphen_values = true, default_value_t = elbo::diffusion::vdm::GAMMA_MAX)]
+    pub gamma_max: f64,
     /// Implementation of the training step: auto is the fused CPU engine for the U-Net.
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: elbo::train::Engine,
@@ -360,9 +376,30 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
                     .map_or(String::new(), |v| v.get_name().to_string())
             ),
         },
-        continuous: None,
+        continuous: match a.time {
+            TimeKind::Discrete => None,
+            TimeKind::Continuous => Some(elbo::diffusion::vdm::ContinuousTime {
+                gamma: a.gamma,
+                gamma_min: a.gamma_min,
+                gamma_max: a.gamma_max,
+                features: elbo::diffusion::vdm::FEATURES,
+            }),
+        },
     };
-    model.process()?;
+    if a.time == TimeKind::Discrete
+        && (a.gamma != elbo::diffusion::vdm::GammaKind::Linear
+            || a.gamma_min != elbo::diffusion::vdm::GAMMA_MIN
+            || a.gamma_max != elbo::diffusion::vdm::GAMMA_MAX)
+    {
+        bail!("--gamma, --gamma-min and --gamma-max shape continuous time's schedule; give --time continuous");
+    }
+    match &model.continuous {
+        // The rest (prediction, variances, the data) is checked with the data's shape.
+        Some(c) => c.validate()?,
+        None => {
+            model.process()?;
+        }
+    }
     let loss = a.loss.unwrap_or(if a.variance.is_some() {
         elbo::diffusion::learned::TrainLoss::Hybrid
     } else {
@@ -394,4 +431,13 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
         a.out.display()
     );
     Ok(())
+}
+
+/// `train diffusion --time`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimeKind {
+    /// T discrete steps (DDPM).
+    Discrete,
+    /// t in [0, 1] (VDM).
+    Continuous,
 }

@@ -29,7 +29,9 @@ use crate::diffusion::objective::{loss_inputs_at, simple_loss, simple_loss_input
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
 use crate::diffusion::sampler::ddim_sample;
 use crate::distributions::Noise;
-use crate::engine::{DenoiseBatch, Engine, FrozenNet};
+use crate::diffusion::vdm::ContinuousModel;
+use crate::engine::vdm::{ContinuousStep, DiffusionBatch, Discrete, continuous_batch};
+use crate::engine::{DenoiseBatch, Engine, FrozenNet, TrainStep};
 use crate::optim::{Adam, AdamConfig, ParamTable};
 use crate::plot::save_signed_image_grid as save_image_grid;
 use crate::run_dir::{self, RunDir};
@@ -165,6 +167,14 @@ fn validate(model: &DiffusionConfig, config: &DiffusionTrainConfig) -> Result<()
         ),
         _ => {}
     }
+    if model.continuous.is_some() {
+        if !matches!(config.data, DiffusionData::Images(_)) {
+            bail!("--time continuous: its decoder is over the 256 levels of 8-bit images; toy data trains in discrete time");
+        }
+        if config.loss != TrainLoss::Simple {
+            bail!("--time continuous trains on its own bound; --loss is for discrete time");
+        }
+    }
     if learned && !matches!(config.data, DiffusionData::Images(_)) {
         bail!(
             "--variance learned-range: the discretized decoder of L_0 is for 8-bit images; toy data trains with fixed variances"
@@ -231,8 +241,33 @@ struct Start {
     varmap: VarMap,
     ema: HashMap<String, Tensor>,
     adam: Option<HashMap<String, Tensor>>,
+    /// A learned schedule's raw parameters (empty otherwise).
+    gamma: Vec<f32>,
     epoch: usize,
     step: u64,
+}
+
+/// The raw parameter table and values of a fresh run: the network's variables, then a learned
+/// schedule's parameters (VDM's initialisation, drawn from `seed`).
+fn fresh_params(
+    model: &DiffusionConfig,
+    varmap: &VarMap,
+    seed: u64,
+) -> Result<(ParamTable, Vec<f32>)> {
+    use rand_distr::Distribution;
+    let vars = sorted_vars(varmap);
+    let mut items: Vec<(String, Vec<usize>)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    let mut params = ParamTable::of_vars(&vars).gather(&vars)?;
+    if let Some(spec) = &model.continuous {
+        items.extend(spec.param_shapes());
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 10, 0));
+        let normal = || rand_distr::StandardNormal.sample(&mut rng);
+        params.extend(spec.initial_params(normal).into_iter().map(|v| v as f32));
+    }
+    Ok((ParamTable::packed(items), params))
 }
 
 /// Rank 0 opens the run (`resume`: from its last commit; else a fresh folder and fresh
@@ -268,9 +303,7 @@ fn start_diffusion(
         }
         let run = RunDir::create(dir)?;
         let (_, varmap) = Net::trainable(&model.net, &mut Noise::new(config.seed), device)?;
-        let vars = sorted_vars(&varmap);
-        let table = ParamTable::of_vars(&vars);
-        let params = table.gather(&vars)?;
+        let (table, params) = fresh_params(model, &varmap, config.seed)?;
         let (m, s) = state_bytes(model, &table, &params, &params, None, None, 0)?;
         Ok((run, m, s, 0, 0))
     };
@@ -307,6 +340,17 @@ fn start_diffusion(
         var.set(raw)
             .with_context(|| format!("{}: raw.{name}", state_path.display()))?;
     }
+    let mut gamma = Vec::new();
+    for (name, shape) in model.continuous.iter().flat_map(|c| c.param_shapes()) {
+        let raw = state
+            .tensors
+            .get(&format!("raw.{name}"))
+            .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
+        if raw.dims() != shape.as_slice() {
+            bail!("{}: raw.{name} has shape {:?}, expected {shape:?}", state_path.display(), raw.dims());
+        }
+        gamma.extend(raw.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
     let has_adam = state.tensors.keys().any(|k| k.starts_with("adam."));
     Ok(Start {
         run,
@@ -314,6 +358,7 @@ fn start_diffusion(
         varmap,
         ema: loaded.tensors,
         adam: has_adam.then_some(state.tensors),
+        gamma,
         epoch: epoch as usize,
         step,
     })
@@ -353,7 +398,6 @@ pub fn train_diffusion(
             dir.display()
         );
     }
-    let process = model.process()?;
     let varmap = start.varmap;
     let net = Net::build(
         &model.net,
@@ -362,13 +406,31 @@ pub fn train_diffusion(
     // The U-Net trains on the fused CPU engine: the same loss, draws and gradients as candle's
     // autodiff (checked in tests/diffusion.rs), without the graph. Elsewhere (other devices,
     // the toys' MLP, --engine candle) candle's autodiff.
-    let head = match process.variance {
-        Some(v) if v.is_learned() => Some(LearnedHead::new(&process, config.loss)?),
+    let head = match model.variance {
+        Some(v) if v.is_learned() => Some(LearnedHead::new(&model.process()?, config.loss)?),
         _ => None,
     };
-    let (mut step, engine_name) =
+    let (inner, engine_name) =
         crate::engine::denoiser_step(config.engine, &net, sorted_vars(&varmap), head)?;
+    let mut step: Box<dyn TrainStep<Batch = DiffusionBatch>> = match &model.continuous {
+        Some(spec) => Box::new(ContinuousStep::new(
+            inner,
+            spec.clone(),
+            model.prediction,
+            start.gamma.clone(),
+        )?),
+        None => Box::new(Discrete(inner)),
+    };
     let table = step.table().clone();
+    // The process of the samplers: a continuous model's T-step grid (of the EMA schedule,
+    // renewed every epoch).
+    let mut ema = vec![0f32; table.len()];
+    table.read(&start.ema, "", "the EMA weights", &mut ema)?;
+    let continuous = continuous_model(&model, &table, &ema, device)?;
+    let process = match &continuous {
+        Some(c) => c.discretized(model.num_train_timesteps)?,
+        None => model.process()?,
+    };
     let mut adam = Adam::new(table.clone(), AdamConfig::with_lr(config.lr));
     if let Some(state) = &start.adam {
         adam.load_state(state, start.step).with_context(|| {
@@ -378,14 +440,14 @@ pub fn train_diffusion(
             )
         })?;
     }
-    let mut ema = vec![0f32; table.len()];
-    table.read(&start.ema, "", "the EMA weights", &mut ema)?;
     if show_progress {
+        let schedule = match &model.continuous {
+            Some(c) => format!("continuous time, {:?} gamma", c.gamma),
+            None => format!("{:?} schedule, T = {}", model.beta_schedule, model.num_train_timesteps),
+        };
         eprintln!(
-            "training diffusion ({} params, {:?} schedule, T = {}, {:?}-prediction) on {} for {} epochs -> {}",
+            "training diffusion ({} params, {schedule}, {:?}-prediction) on {} for {} epochs -> {}",
             table.count(),
-            model.beta_schedule,
-            model.num_train_timesteps,
             model.prediction,
             config.data.describe(),
             config.epochs,
@@ -398,7 +460,8 @@ pub fn train_diffusion(
     let mut family = DiffusionTraining {
         model: &model,
         config,
-        process: &process,
+        process,
+        continuous,
         net: &net,
         source: &source,
         table: &table,
@@ -463,7 +526,10 @@ fn run_config(
 struct DiffusionTraining<'a> {
     model: &'a DiffusionConfig,
     config: &'a DiffusionTrainConfig,
-    process: &'a GaussianDiffusion,
+    /// The samplers' process (a continuous model's T-step grid).
+    process: GaussianDiffusion,
+    /// A continuous-time model with the EMA schedule of the last epoch's end.
+    continuous: Option<ContinuousModel>,
     net: &'a Net,
     source: &'a TrainingData,
     table: &'a ParamTable,
@@ -482,7 +548,7 @@ impl DiffusionTraining<'_> {
     /// `samples.png` at the end of a run: 64 DDIM samples of the EMA weights (images) or a
     /// scatter of the toy's test points and as many samples.
     fn save_final_samples(&self, show_progress: bool) -> Result<()> {
-        let (config, device, process) = (self.config, self.device, self.process);
+        let (config, device, process) = (self.config, self.device, &self.process);
         let ema_net = ema_net(self.model, self.table, &self.ema, device)?;
         let mut noise = Noise::new(derive_seed(config.seed, 3, 0));
         let bar = if show_progress {
@@ -511,7 +577,7 @@ impl DiffusionTraining<'_> {
 }
 
 impl super::Family for DiffusionTraining<'_> {
-    type Batch = DenoiseBatch;
+    type Batch = DiffusionBatch;
     type Metrics = DiffusionEpochMetrics;
 
     fn batches(&self, rng: &mut StdRng) -> Vec<Vec<usize>> {
@@ -528,7 +594,7 @@ impl super::Family for DiffusionTraining<'_> {
         idx: &[usize],
         rng: &mut StdRng,
         noise: &mut Noise,
-    ) -> Result<(DenoiseBatch, usize)> {
+    ) -> Result<(DiffusionBatch, usize)> {
         let x0 = match self.source {
             TrainingData::Images { train, .. } => image_batch(train, idx, self.device)?,
             TrainingData::Toy { toy, .. } => {
@@ -538,14 +604,23 @@ impl super::Family for DiffusionTraining<'_> {
         };
         // Every rank draws the whole batch's t, eps and dropout seed (crate::collective), the
         // loss-aware sampler's t from the history every rank holds alike.
+        if self.model.continuous.is_some() {
+            let u = rand::Rng::random::<f64>(rng);
+            let dropout_seed =
+                (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
+            let rows = x0.dim(0)?;
+            let batch = continuous_batch(x0, u, dropout_seed, noise, self.device)?;
+            return Ok((DiffusionBatch::Continuous(batch), rows));
+        }
+        let process = &self.process;
         let (xt, t, target, weights) = match &self.sampler {
             Some(sampler) => {
                 let (t, w) = sampler.draw(x0.dim(0)?, rng);
-                let (xt, target) = loss_inputs_at(self.process, &x0, &t, noise)?;
+                let (xt, target) = loss_inputs_at(process, &x0, &t, noise)?;
                 (xt, t, target, Some(w))
             }
             None => {
-                let (xt, t, target) = simple_loss_inputs(self.process, &x0, rng, noise)?;
+                let (xt, t, target) = simple_loss_inputs(process, &x0, rng, noise)?;
                 (xt, t, target, None)
             }
         };
@@ -561,15 +636,15 @@ impl super::Family for DiffusionTraining<'_> {
             weights,
             weighted: None,
         };
-        Ok((batch, rows))
+        Ok((DiffusionBatch::Discrete(batch), rows))
     }
 
     fn lr(&self, _epoch: usize) -> f64 {
         self.config.lr
     }
 
-    fn step_done(&mut self, batch: &DenoiseBatch, sums: &[f64]) {
-        if let Some(sampler) = &mut self.sampler {
+    fn step_done(&mut self, batch: &DiffusionBatch, sums: &[f64]) {
+        if let (Some(sampler), DiffusionBatch::Discrete(batch)) = (&mut self.sampler, batch) {
             let b = batch.t.len();
             if let Some(lt) = sums.get(2..2 + b) {
                 sampler.update(&batch.t, lt);
@@ -590,20 +665,42 @@ impl super::Family for DiffusionTraining<'_> {
     ) -> Result<super::EpochReport<DiffusionEpochMetrics>> {
         let (seed, device) = (self.config.seed, self.device);
         let ema_net = ema_net(self.model, self.table, &self.ema, device)?;
-        let test_loss = test_loss(self.process, &ema_net, self.source, seed, device)?;
+        self.continuous = continuous_model(self.model, self.table, &self.ema, device)?;
+        if let Some(c) = &self.continuous {
+            self.process = c.discretized(self.model.num_train_timesteps)?;
+        }
+        // Continuous time reports its bound (bits/dim), not the simple loss.
+        let bpd = match (&self.continuous, self.model.image_shape()) {
+            (Some(_), Some(s)) => 1.0 / (s.dim() as f64 * std::f64::consts::LN_2),
+            _ => 1.0,
+        };
+        let loss_of = |data: &Dataset| -> Result<f64> {
+            match &self.continuous {
+                Some(c) => continuous_bound_bpd(c, &ema_net, data, seed, device),
+                None => images_loss(&self.process, &ema_net, data, seed, device),
+            }
+        };
+        let test_loss = match self.source {
+            TrainingData::Images { test, .. } => loss_of(test)?,
+            _ => test_loss(&self.process, &ema_net, self.source, seed, device)?,
+        };
         let valid_loss = match self.source {
             TrainingData::Images {
                 valid: Some(valid), ..
-            } => Some(images_loss(self.process, &ema_net, valid, seed, device)?),
+            } => Some(loss_of(valid)?),
             _ => None,
         };
         let m = DiffusionEpochMetrics {
             epoch: end.epoch,
             step: end.adam.step_count(),
-            train_loss: end.sums.first().copied().unwrap_or(0.0) / end.steps.max(1) as f64,
+            train_loss: bpd * end.sums.first().copied().unwrap_or(0.0) / end.steps.max(1) as f64,
             valid_loss,
             test_loss,
-            train_lt_nats: end.sums.get(1).map(|v| v / end.steps.max(1) as f64),
+            train_lt_nats: end
+                .sums
+                .get(1)
+                .filter(|_| self.continuous.is_none())
+                .map(|v| v / end.steps.max(1) as f64),
             seconds: end.started.elapsed().as_secs_f64(),
         };
         self.ema_net = Some(ema_net);
@@ -631,10 +728,19 @@ impl super::Family for DiffusionTraining<'_> {
         let lt = m
             .train_lt_nats
             .map_or(String::new(), |v| format!(" (mean L_t {v:.2} nats)"));
-        let line = format!(
-            "epoch {}: train loss {:.5}{lt} | {valid}test loss (EMA) {:.5} | {:.1}s",
-            m.epoch, m.train_loss, m.test_loss, m.seconds
-        );
+        let line = match &self.continuous {
+            Some(c) => {
+                let (g0, g1) = c.gamma.endpoints();
+                format!(
+                    "epoch {}: train bound {:.4} bits/dim | {valid}test bound (EMA) {:.4} bits/dim | gamma {g0:.2} .. {g1:.2} | {:.1}s",
+                    m.epoch, m.train_loss, m.test_loss, m.seconds
+                )
+            }
+            None => format!(
+                "epoch {}: train loss {:.5}{lt} | {valid}test loss (EMA) {:.5} | {:.1}s",
+                m.epoch, m.train_loss, m.test_loss, m.seconds
+            ),
+        };
         Ok(super::EpochReport {
             losses: vec![
                 ("train loss", Some(m.train_loss)),
@@ -652,7 +758,7 @@ impl super::Family for DiffusionTraining<'_> {
         if let (TrainingData::Images { .. }, Some(net)) = (self.source, &self.ema_net) {
             let s = self.model.image_shape().unwrap_or(ImageShape::MNIST);
             save_epoch_samples(
-                self.process,
+                &self.process,
                 net,
                 s,
                 self.dir,
@@ -727,6 +833,51 @@ fn test_loss(
             Ok(simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()? as f64)
         }
     }
+}
+
+/// A continuous-time model of the run's schedule, its parameters read from `values` (a buffer
+/// of `table`'s layout: the raw or EMA weights); `None` in discrete time.
+fn continuous_model(
+    model: &DiffusionConfig,
+    table: &ParamTable,
+    values: &[f32],
+    device: &Device,
+) -> Result<Option<ContinuousModel>> {
+    if model.continuous.is_none() {
+        return Ok(None);
+    }
+    let tensors: HashMap<String, Tensor> = table
+        .tensors(values, "", device)?
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("gamma."))
+        .collect();
+    model.continuous_model(&tensors)
+}
+
+/// The continuous-time bound in bits/dim over a set of images (one draw of t, eps and eps_0
+/// per image, the same every epoch), sharded over the ranks as [`images_loss`].
+fn continuous_bound_bpd(
+    model: &ContinuousModel,
+    net: &dyn Denoiser,
+    data: &Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let chunks: Vec<&[usize]> = idx.chunks(250).collect();
+    let mut sums = [0.0, 0.0];
+    for j in crate::collective::my_shard(chunks.len()) {
+        let chunk = chunks[j];
+        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 2 * j as u64));
+        let mut noise = Noise::new(derive_seed(seed, 2, 2 * j as u64 + 1));
+        let x0 = image_batch(data, chunk, device)?;
+        let terms = model.bound_terms(net, &x0, 1, None, &mut noise, &mut rng)?;
+        sums[0] += terms.iter().map(|t| t.total()).sum::<f64>();
+        sums[1] += chunk.len() as f64;
+    }
+    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
+    let d = data.shape.dim() as f64;
+    Ok(sums[0] / sums[1].max(1.0) / (d * std::f64::consts::LN_2))
 }
 
 /// The mean simple loss over a set of images, with the same t and eps draws every epoch:
