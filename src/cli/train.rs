@@ -391,7 +391,9 @@ pub fn train_diffusion_command(a: TrainDiffusionArgs, device: &Device) -> Result
             || a.gamma_min != elbo::diffusion::vdm::GAMMA_MIN
             || a.gamma_max != elbo::diffusion::vdm::GAMMA_MAX)
     {
-        bail!("--gamma, --gamma-min and --gamma-max shape continuous time's schedule; give --time continuous");
+        bail!(
+            "--gamma, --gamma-min and --gamma-max shape continuous time's schedule; give --time continuous"
+        );
     }
     match &model.continuous {
         // The rest (prediction, variances, the data) is checked with the data's shape.

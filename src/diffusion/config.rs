@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 
 use super::nets::NetConfig;
-use super::vdm::{ContinuousModel, ContinuousTime, GammaKind};
 use super::process::{GaussianDiffusion, Prediction, VarianceType};
 use super::schedule::{BetaSchedule, Schedule};
+use super::vdm::{ContinuousModel, ContinuousTime, GammaKind};
 use crate::checkpoint;
 use crate::data::ImageShape;
 
@@ -100,10 +100,14 @@ impl DiffusionConfig {
         if let Some(c) = &self.continuous {
             c.validate()?;
             if !self.is_image() {
-                bail!("continuous time models 8-bit images (its decoder has 256 levels); toy data trains in discrete time");
+                bail!(
+                    "continuous time models 8-bit images (its decoder has 256 levels); toy data trains in discrete time"
+                );
             }
             if self.variance.is_some() {
-                bail!("continuous time has no reverse-step variances to learn (its steps are q(z_s | z_t, x_hat))");
+                bail!(
+                    "continuous time has no reverse-step variances to learn (its steps are q(z_s | z_t, x_hat))"
+                );
             }
             if self.prediction == Prediction::X0 {
                 bail!("continuous time predicts eps or v, not x_0");
@@ -164,7 +168,9 @@ impl DiffusionConfig {
     pub fn process(&self) -> Result<GaussianDiffusion> {
         if let Some(c) = &self.continuous {
             if c.gamma == GammaKind::Learned {
-                bail!("a learned schedule's process needs its parameters (the checkpoint's tensors)");
+                bail!(
+                    "a learned schedule's process needs its parameters (the checkpoint's tensors)"
+                );
             }
             let model = self.continuous_model(&HashMap::new())?.expect("continuous");
             return model.discretized(self.num_train_timesteps);

@@ -179,10 +179,7 @@ impl Gamma {
                 let (a, b) = cosine_angles(*g0, *g1);
                 let th = a + (b - a) * t;
                 // gamma = 2 log tan th, gamma' = 2 (b - a) / (sin th cos th).
-                (
-                    2.0 * th.tan().ln(),
-                    4.0 * (b - a) / (2.0 * th).sin(),
-                )
+                (2.0 * th.tan().ln(), 4.0 * (b - a) / (2.0 * th).sin())
             }
             Gamma::Learned(net) => net.value_and_slope(t),
         }
@@ -317,13 +314,14 @@ impl MonotoneNet {
 
     /// (gamma(t), gamma'(t)).
     pub fn value_and_slope(&self, t: f64) -> (f64, f64) {
-        let (h0, h1, ht) = (self.eval(0.0, false), self.eval(1.0, false), self.eval(t, false));
+        let (h0, h1, ht) = (
+            self.eval(0.0, false),
+            self.eval(1.0, false),
+            self.eval(t, false),
+        );
         let d = h1.h - h0.h;
         let span = self.g1 - self.g0;
-        (
-            self.g0 + span * (ht.h - h0.h) / d,
-            span * ht.dh / d,
-        )
+        (self.g0 + span * (ht.h - h0.h) / d, span * ht.dh / d)
     }
 
     /// Adds to `grad` (the flat parameters' layout) the gradient of
@@ -406,9 +404,14 @@ pub fn decoder_nll(k: usize, eps0: f64, gamma0: f64) -> (f64, f64) {
     // d logit_j / d gamma0 = 0.5 (z - f_j)^2 e^{-gamma0} - (z - f_j) e^{-gamma0} dz.
     let logit = |j: usize| {
         let d = z - encode_level(j);
-        (-0.5 * d * d * inv_var, 0.5 * d * d * inv_var - d * inv_var * dz)
+        (
+            -0.5 * d * d * inv_var,
+            0.5 * d * d * inv_var - d * inv_var * dz,
+        )
     };
-    let max = (0..LEVELS).map(|j| logit(j).0).fold(f64::NEG_INFINITY, f64::max);
+    let max = (0..LEVELS)
+        .map(|j| logit(j).0)
+        .fold(f64::NEG_INFINITY, f64::max);
     let (mut sum, mut dsum) = (0.0, 0.0);
     for j in 0..LEVELS {
         let (l, dl) = logit(j);
@@ -531,7 +534,10 @@ impl ContinuousModel {
         let levels: Vec<usize> = values.iter().map(|&v| level_of(v)).collect();
         let f: Vec<f64> = levels.iter().map(|&k| encode_level(k)).collect();
         let (g0, g1) = self.gamma.endpoints();
-        let eps0 = noise.randn(x.shape(), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let eps0 = noise
+            .randn(x.shape(), &dev)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut terms: Vec<ContinuousTerms> = (0..b)
             .map(|e| {
                 let r = e * n..(e + 1) * n;
@@ -549,13 +555,16 @@ impl ContinuousModel {
         let u: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
         let mut eps_hat = Vec::with_capacity(n);
         for j in 0..draws.max(1) {
-            let eps = noise.randn(x.shape(), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+            let eps = noise
+                .randn(x.shape(), &dev)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let mut z = vec![0f32; b * n];
             let mut c = Vec::with_capacity(b);
             let mut weights = Vec::with_capacity(b);
             let mut coef = Vec::with_capacity(b);
-            for e in 0..b {
-                let t = on_grid((u[e] + j as f64) / draws.max(1) as f64, steps);
+            for (e, &ue) in u.iter().enumerate() {
+                let t = on_grid((ue + j as f64) / draws.max(1) as f64, steps);
                 let g = self.gamma.value(t);
                 let (a, s) = alpha_sigma(g);
                 for i in e * n..(e + 1) * n {
@@ -569,7 +578,11 @@ impl ContinuousModel {
             let ct = Tensor::from_vec(c, b, &dev)?;
             let out = net.forward(&zt, &ct)?.flatten_all()?.to_vec1::<f32>()?;
             if out.len() != z.len() {
-                bail!("the network gives {} values for {} inputs", out.len(), z.len());
+                bail!(
+                    "the network gives {} values for {} inputs",
+                    out.len(),
+                    z.len()
+                );
             }
             for e in 0..b {
                 let r = e * n..(e + 1) * n;
@@ -651,7 +664,10 @@ mod tests {
                 let h = 1e-6;
                 let fd = (g.value(t + h) - g.value(t - h)) / (2.0 * h);
                 let slope = g.value_and_slope(t).1;
-                assert!((fd - slope).abs() < 1e-5 * slope.abs().max(1.0), "{g:?} {t}");
+                assert!(
+                    (fd - slope).abs() < 1e-5 * slope.abs().max(1.0),
+                    "{g:?} {t}"
+                );
             }
         }
     }

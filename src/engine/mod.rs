@@ -73,7 +73,8 @@ pub trait TrainStep {
 pub type CandleLoss<'a, B> = dyn FnMut(&B, Range<usize>) -> Result<CandleOut> + 'a;
 
 /// Reads gradients of tensors other than the variables from the backward pass into the sums.
-pub type AfterBackward = Box<dyn FnOnce(&candle_core::backprop::GradStore, &mut [f64]) -> Result<()>>;
+pub type AfterBackward =
+    Box<dyn FnOnce(&candle_core::backprop::GradStore, &mut [f64]) -> Result<()>>;
 
 /// A candle loss of a batch's rows ([`CandleLoss`]).
 pub struct CandleOut {
@@ -420,9 +421,7 @@ pub fn denoiser_step<'a>(
             name,
         ));
     }
-    let loss = move |batch: &DenoiseBatch,
-                     rows: Range<usize>|
-          -> Result<CandleOut> {
+    let loss = move |batch: &DenoiseBatch, rows: Range<usize>| -> Result<CandleOut> {
         let total = batch.xt.elem_count() as f64;
         if let Some(wr) = &batch.weighted {
             return candle_weighted_loss(net, batch, wr, rows);
@@ -470,13 +469,19 @@ fn candle_weighted_loss(
         return Ok((None, sums).into());
     }
     if wr.model_t.len() != b || batch.xt.dim(0)? != b {
-        bail!("a weighted batch: {} times and {} weights for {} examples", wr.model_t.len(), b, batch.xt.dim(0)?);
+        bail!(
+            "a weighted batch: {} times and {} weights for {} examples",
+            wr.model_t.len(),
+            b,
+            batch.xt.dim(0)?
+        );
     }
     let (first, n) = (rows.start, rows.len());
     let dev = batch.xt.device();
     let xs = Var::from_tensor(&batch.xt.narrow(0, first, n)?)?;
     let ts = Var::from_tensor(&Tensor::from_slice(&wr.model_t[rows.clone()], n, dev)?)?;
-    let out = net.forward_train_seeded(xs.as_tensor(), ts.as_tensor(), batch.dropout_seed, first)?;
+    let out =
+        net.forward_train_seeded(xs.as_tensor(), ts.as_tensor(), batch.dropout_seed, first)?;
     let sse = (out - batch.target.narrow(0, first, n)?)?
         .sqr()?
         .flatten_from(1)?
@@ -493,8 +498,14 @@ fn candle_weighted_loss(
             let (tangent, dc) = (tangent.narrow(0, first, n)?.flatten_from(1)?, *dc);
             Some(Box::new(move |store, sums| {
                 let zero = |v: &Var| v.as_tensor().zeros_like();
-                let gx = store.get(xs.as_tensor()).cloned().map_or_else(|| zero(&xs), Ok)?;
-                let gt = store.get(ts.as_tensor()).cloned().map_or_else(|| zero(&ts), Ok)?;
+                let gx = store
+                    .get(xs.as_tensor())
+                    .cloned()
+                    .map_or_else(|| zero(&xs), Ok)?;
+                let gt = store
+                    .get(ts.as_tensor())
+                    .cloned()
+                    .map_or_else(|| zero(&ts), Ok)?;
                 let along = (gx.flatten_from(1)? * tangent)?.sum(1)?;
                 let g = ((along + (gt * dc)?)? * b as f64)?;
                 let g = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;

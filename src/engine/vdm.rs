@@ -44,7 +44,9 @@ pub enum DiffusionBatch {
     Continuous(ContinuousBatch),
 }
 
-/// The sums of a continuous step: `[loss, diffusion, reconstruction, prior]`, nats per example.
+/// The sums of a continuous step: `[loss, diffusion, reconstruction, prior]` (this rank's
+/// share of the batch's means, nats per example), then each example's diffusion term
+/// `w_b SSE_b` (zeros outside this rank's rows).
 pub const CONTINUOUS_SUMS: usize = 4;
 
 /// A discrete step ([`DenoiseBatch`]) as a step of [`DiffusionBatch`]es.
@@ -70,7 +72,9 @@ impl TrainStep for Discrete<'_> {
     ) -> Result<Vec<f64>> {
         match batch {
             DiffusionBatch::Discrete(b) => self.0.loss_and_grads(params, b, rows, grads),
-            DiffusionBatch::Continuous(_) => bail!("a discrete-time step was given continuous time"),
+            DiffusionBatch::Continuous(_) => {
+                bail!("a discrete-time step was given continuous time")
+            }
         }
     }
 
@@ -184,7 +188,11 @@ impl TrainStep for ContinuousStep<'_> {
         // ||target - output||^2 (1/2 gamma', times alpha^2 for v) and dz/dgamma.
         let mut z = vec![0f32; x.len()];
         let mut target = vec![0f32; x.len()];
-        let mut tangent = if learned { vec![0f32; x.len()] } else { Vec::new() };
+        let mut tangent = if learned {
+            vec![0f32; x.len()]
+        } else {
+            Vec::new()
+        };
         let mut weights = Vec::with_capacity(b);
         let mut model_t = Vec::with_capacity(b);
         for e in 0..b {
@@ -228,12 +236,9 @@ impl TrainStep for ContinuousStep<'_> {
             }),
         };
         let (net_grads, schedule_grads) = grads.split_at_mut(at);
-        let sums = self.inner.loss_and_grads(
-            &params[..at],
-            &inner_batch,
-            rows.clone(),
-            net_grads,
-        )?;
+        let sums =
+            self.inner
+                .loss_and_grads(&params[..at], &inner_batch, rows.clone(), net_grads)?;
         let diffusion = sums[0];
         let (g0, g1) = gamma.endpoints();
         let scale = 1.0 / b.max(1) as f64;
@@ -273,12 +278,17 @@ impl TrainStep for ContinuousStep<'_> {
                 *o = v as f32;
             }
         }
-        Ok(vec![
+        let mut out = vec![
             diffusion + reconstruction + prior,
             diffusion,
             reconstruction,
             prior,
-        ])
+        ];
+        out.extend((0..b).map(|e| match rows.contains(&e) {
+            true => weights[e] * sums[1 + e],
+            false => 0.0,
+        }));
+        Ok(out)
     }
 
     fn updated(&mut self, params: &[f32]) -> Result<()> {
@@ -301,7 +311,10 @@ pub fn continuous_batch(
 ) -> Result<ContinuousBatch> {
     let b = x.dim(0)?;
     let eps = noise.randn(x.shape(), device)?;
-    let eps0 = noise.randn(x.shape(), device)?.flatten_all()?.to_vec1::<f32>()?;
+    let eps0 = noise
+        .randn(x.shape(), device)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(ContinuousBatch {
         t: crate::diffusion::vdm::antithetic_times(b, u),
         x,

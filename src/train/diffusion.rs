@@ -28,8 +28,8 @@ use crate::diffusion::nets::{Net, NetConfig, sorted_vars};
 use crate::diffusion::objective::{loss_inputs_at, simple_loss, simple_loss_inputs};
 use crate::diffusion::process::{Denoiser, GaussianDiffusion};
 use crate::diffusion::sampler::ddim_sample;
-use crate::distributions::Noise;
 use crate::diffusion::vdm::ContinuousModel;
+use crate::distributions::Noise;
 use crate::engine::vdm::{ContinuousStep, DiffusionBatch, Discrete, continuous_batch};
 use crate::engine::{DenoiseBatch, Engine, FrozenNet, TrainStep};
 use crate::optim::{Adam, AdamConfig, ParamTable};
@@ -169,7 +169,9 @@ fn validate(model: &DiffusionConfig, config: &DiffusionTrainConfig) -> Result<()
     }
     if model.continuous.is_some() {
         if !matches!(config.data, DiffusionData::Images(_)) {
-            bail!("--time continuous: its decoder is over the 256 levels of 8-bit images; toy data trains in discrete time");
+            bail!(
+                "--time continuous: its decoder is over the 256 levels of 8-bit images; toy data trains in discrete time"
+            );
         }
         if config.loss != TrainLoss::Simple {
             bail!("--time continuous trains on its own bound; --loss is for discrete time");
@@ -347,7 +349,11 @@ fn start_diffusion(
             .get(&format!("raw.{name}"))
             .with_context(|| format!("{}: no raw.{name}", state_path.display()))?;
         if raw.dims() != shape.as_slice() {
-            bail!("{}: raw.{name} has shape {:?}, expected {shape:?}", state_path.display(), raw.dims());
+            bail!(
+                "{}: raw.{name} has shape {:?}, expected {shape:?}",
+                state_path.display(),
+                raw.dims()
+            );
         }
         gamma.extend(raw.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
     }
@@ -443,7 +449,10 @@ pub fn train_diffusion(
     if show_progress {
         let schedule = match &model.continuous {
             Some(c) => format!("continuous time, {:?} gamma", c.gamma),
-            None => format!("{:?} schedule, T = {}", model.beta_schedule, model.num_train_timesteps),
+            None => format!(
+                "{:?} schedule, T = {}",
+                model.beta_schedule, model.num_train_timesteps
+            ),
         };
         eprintln!(
             "training diffusion ({} params, {schedule}, {:?}-prediction) on {} for {} epochs -> {}",
@@ -606,8 +615,7 @@ impl super::Family for DiffusionTraining<'_> {
         // loss-aware sampler's t from the history every rank holds alike.
         if self.model.continuous.is_some() {
             let u = rand::Rng::random::<f64>(rng);
-            let dropout_seed =
-                (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
+            let dropout_seed = (self.net.dropout() > 0.0).then(|| rand::Rng::random::<u64>(rng));
             let rows = x0.dim(0)?;
             let batch = continuous_batch(x0, u, dropout_seed, noise, self.device)?;
             return Ok((DiffusionBatch::Continuous(batch), rows));
