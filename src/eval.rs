@@ -342,6 +342,85 @@ pub fn bound_terms(
     })
 }
 
+/// A continuous-time model's bound over a set of images ([`continuous_bound`]), nats per
+/// example: the terms' means and each example's total (for the standard error, which then
+/// includes the draws of t).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContinuousSummary {
+    /// `None`: continuous time; `Some(T)`: the T-step discrete model.
+    pub steps: Option<usize>,
+    pub bpd: f64,
+    pub bpd_stderr: f64,
+    pub nll_bound_nats: f64,
+    pub nll_bound_stderr: f64,
+    pub prior: f64,
+    pub reconstruction: f64,
+    pub diffusion: f64,
+    /// Draws of t per example.
+    pub t_samples: usize,
+    pub n: usize,
+}
+
+/// The bound of a continuous-time model ([`crate::diffusion::vdm::ContinuousModel::bound_terms`])
+/// over the images `x` (`[N, C, H, W]`, [-1, 1]), `draws` times t per example, in continuous
+/// time or the T-step model (`steps`); batches are shared among the ranks, batch j's draws
+/// from `derive_seed(seed, 4, j)` (the same for both, so the two bounds' difference has
+/// little noise).
+#[allow(clippy::too_many_arguments)]
+pub fn continuous_bound(
+    model: &crate::diffusion::vdm::ContinuousModel,
+    net: &dyn crate::diffusion::Denoiser,
+    x: &candle_core::Tensor,
+    draws: usize,
+    steps: Option<usize>,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Fn(),
+) -> anyhow::Result<ContinuousSummary> {
+    use crate::distributions::{Noise, derive_seed};
+    use rand::SeedableRng;
+    anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
+    let n = x.dim(0)?;
+    let dims = x.elem_count() / n.max(1);
+    // [prior, reconstruction, diffusion] summed, and each example's total at its place.
+    let mut sums = vec![0.0; 3];
+    let mut totals = vec![0.0; n];
+    let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
+    for j in crate::collective::my_shard(starts.len()) {
+        let start = starts[j];
+        let len = batch_size.min(n - start);
+        let x0 = x.narrow(0, start, len)?;
+        let mut noise = Noise::new(derive_seed(seed, 4, 2 * j as u64));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(derive_seed(seed, 4, 2 * j as u64 + 1));
+        let terms = model.bound_terms(net, &x0, draws, steps, &mut noise, &mut rng)?;
+        for (i, t) in terms.iter().enumerate() {
+            sums[0] += t.prior;
+            sums[1] += t.reconstruction;
+            sums[2] += t.diffusion;
+            totals[start + i] = t.total();
+        }
+        progress();
+    }
+    let world = crate::collective::world();
+    world.all_reduce_sum_f64(&mut sums)?;
+    world.all_reduce_sum_f64(&mut totals)?;
+    let nf = n.max(1) as f64;
+    let total = mean(&totals);
+    let se = standard_error(&totals);
+    Ok(ContinuousSummary {
+        steps,
+        bpd: bits_per_dim(total, dims),
+        bpd_stderr: bits_per_dim(se, dims),
+        nll_bound_nats: total,
+        nll_bound_stderr: se,
+        prior: sums[0] / nf,
+        reconstruction: sums[1] / nf,
+        diffusion: sums[2] / nf,
+        t_samples: draws,
+        n,
+    })
+}
+
 /// The probability-flow ODE likelihood of a set of examples ([`ode_likelihood`]): each
 /// example's negative log-likelihood in nats (averaged over its probes and dequantization
 /// draws), and the function evaluations per solve.

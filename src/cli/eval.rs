@@ -103,6 +103,10 @@ pub struct EvalDiffusionArgs {
     /// Uniform dequantization draws per image for the ODE likelihood (score_sde: 5 passes).
     #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     pub dequant_repeats: usize,
+    /// Continuous-time models: also the bound of the same model with T discrete steps (VDM
+    /// eq. 13; in expectation never below the continuous one), from the same draws.
+    #[arg(long, allow_negative_numbers = true, value_name = "T")]
+    pub steps: Option<usize>,
     #[command(flatten)]
     pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
@@ -332,6 +336,12 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         );
     }
     let m = load_diffusion(&a.checkpoint, &a.model_flags, device)?;
+    if m.continuous.is_some() {
+        return eval_continuous(&a, m, device);
+    }
+    if a.steps.is_some() {
+        bail!("--steps T: the T-step bound of a continuous-time model; this model has its own T");
+    }
     let net = elbo::engine::FrozenNet::new(m.net);
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
@@ -456,6 +466,109 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
             f("nfe_per_solve"),
             f("seconds")
         );
+    }
+    Ok(())
+}
+
+/// `eval diffusion` of a continuous-time model: its bound (`--t-samples K` draws of t per
+/// image, default 1) and with `--steps T` the T-step model's bound from the same draws.
+fn eval_continuous(
+    a: &EvalDiffusionArgs,
+    m: elbo::diffusion::model::LoadedDiffusion,
+    device: &Device,
+) -> Result<()> {
+    let Some(model) = m.continuous.clone() else {
+        bail!("not a continuous-time model");
+    };
+    if a.likelihood != Likelihood::Bound {
+        bail!(
+            "--likelihood {}: the probability-flow ODE of continuous-time models is not built yet; use --likelihood bound",
+            clap::ValueEnum::to_possible_value(&a.likelihood).map_or(String::new(), |v| v.get_name().to_string())
+        );
+    }
+    for (given, flag) in [
+        (a.variance.is_some(), "--variance"),
+        (a.plot.is_some(), "--plot"),
+        (a.clip_denoised, "--clip-denoised"),
+        (a.t_sampling.is_some(), "--t-sampling"),
+    ] {
+        if given {
+            bail!("{flag}: for discrete-time models; a continuous-time model's bound has no per-step variances or L_t");
+        }
+    }
+    let draws = a.t_samples.unwrap_or(1);
+    elbo::limits::count("--t-samples", draws, 1 << 20)?;
+    if let Some(t) = a.steps {
+        elbo::limits::count("--steps", t, elbo::diffusion::schedule::MAX_TIMESTEPS)?;
+    }
+    let net = elbo::engine::FrozenNet::new(m.net);
+    m.config.net.check_training_memory(
+        a.batch_size.min(a.limit),
+        m.config.image_shape().map_or(0, |s| s.height * s.width),
+    )?;
+    let (x_all, _, _) = bound_data(a, &m.config, device)?;
+    let n = x_all.dim(0)?;
+    let runs = 1 + usize::from(a.steps.is_some());
+    elbo::limits::check_work(
+        &format!("--limit {n} x --t-samples {draws}"),
+        (n as u64).checked_mul((draws * runs) as u64),
+        diffusion_net_cost(&m.config),
+    )?;
+    let bar = indicatif::ProgressBar::new((n.div_ceil(a.batch_size) * runs) as u64);
+    if !elbo::collective::is_main() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let run = |steps| {
+        elbo::eval::continuous_bound(&model, &net, &x_all, draws, steps, a.batch_size, a.seed, &|| {
+            bar.inc(1)
+        })
+    };
+    let continuous = run(None)?;
+    let bound_seconds = started.elapsed().as_secs_f64();
+    let discrete = a.steps.map(|t| run(Some(t))).transpose()?;
+    bar.finish_and_clear();
+    check_finite_result(&a.checkpoint, &[("the bound", continuous.nll_bound_nats)])?;
+    if !elbo::collective::is_main() {
+        return Ok(());
+    }
+    let (g0, g1) = model.gamma.endpoints();
+    let mut results = serde_json::to_value(&continuous)?;
+    results["split"] = serde_json::to_value(a.split)?;
+    results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
+    results["time"] = "continuous".into();
+    results["gamma"] = serde_json::to_value(model.spec.gamma)?;
+    results["gamma_0"] = g0.into();
+    results["gamma_1"] = g1.into();
+    results["bound_seconds"] = bound_seconds.into();
+    if let Some(d) = &discrete {
+        results["discrete"] = serde_json::to_value(d)?;
+    }
+    results["seconds"] = started.elapsed().as_secs_f64().into();
+    if let Some(dir) = &a.report {
+        save_eval_report(dir, "diffusion", &results)?;
+    }
+    if a.json {
+        println!("{results}");
+        return Ok(());
+    }
+    println!("checkpoint      {}", a.checkpoint.display());
+    println!(
+        "examples        {n} ({:?}), continuous time, {:?} gamma from {g0:.3} to {g1:.3}, {draws} t per example",
+        a.split, model.spec.gamma
+    );
+    let line = |name: &str, s: &elbo::eval::ContinuousSummary| {
+        println!(
+            "{name:<15} {:10.3} nats per example = {:.4} bits/dim (+- {:.4}, over the examples)",
+            s.nll_bound_nats, s.bpd, s.bpd_stderr
+        );
+    };
+    line("bound", &continuous);
+    println!("  prior         {:10.3}   KL(q(z_1 | x) || N(0, I))", continuous.prior);
+    println!("  reconstruction{:10.3}   -log p(x | z_0), 256 levels", continuous.reconstruction);
+    println!("  diffusion     {:10.3}   1/2 E[gamma'(t) ||eps - eps_hat||^2]", continuous.diffusion);
+    if let (Some(d), Some(t)) = (&discrete, a.steps) {
+        line(&format!("T = {t} bound"), d);
     }
     Ok(())
 }

@@ -853,6 +853,11 @@ pub fn export(
     if out.symlink_metadata().is_ok() {
         bail!("{}: exists; export writes a new folder", out.display());
     }
+    if config.continuous.is_some() {
+        bail!(
+            "a continuous-time (VDM) model: diffusers' DDPMPipeline runs discrete timesteps given as integers, and this network takes gamma(t) scaled to [0, 1000]; it has no diffusers equivalent"
+        );
+    }
     let shape = config
         .image_shape()
         .context("diffusers' UNet2DModel takes images; this model is a 2-D toy")?;
