@@ -891,3 +891,148 @@ fn learned_variances_train_and_evaluate() {
     );
     assert_one_line_error(&o, "--loss hybrid or vlb");
 }
+
+/// Continuous time end to end: a learned schedule trains (its endpoints and shape kept in the
+/// checkpoint and the train state), resumes, evaluates (the continuous bound and the T-step
+/// bound of the same model, which lies above it: an untrained network is far from the data,
+/// and T = 10 steps cost it several times the continuous term), samples on the T-step grid,
+/// and is refused by the diffusers export; the flags that shape it are checked.
+#[test]
+fn continuous_time_trains_resumes_evaluates_and_samples() {
+    let out = tempfile::tempdir().unwrap();
+    let data = mnist_dir(32, 8);
+    let run = out.path().join("vdm");
+    let train = |epochs: &str, resume: bool| {
+        let mut args = vec![
+            "train",
+            "diffusion",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--time",
+            "continuous",
+            "--gamma",
+            "learned",
+            "--channels",
+            "8",
+            "--sample-steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--epochs",
+            epochs,
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        elbo(&args)
+    };
+    let o = train("1", false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train("2", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state = elbo::checkpoint::load(
+        &run.join("train_state.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(state.tensors.contains_key("raw.gamma.endpoints"));
+    let eval = |extra: &[&str]| {
+        let model = run.join("model.safetensors");
+        let args = [
+            "eval",
+            "diffusion",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--limit",
+            "8",
+            "--json",
+        ];
+        elbo(&[&args[..], extra].concat())
+    };
+    let o = eval(&["--t-samples", "4", "--steps", "10"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (c, d) = (
+        v["bpd"].as_f64().unwrap(),
+        v["discrete"]["bpd"].as_f64().unwrap(),
+    );
+    assert!(c.is_finite() && d > c, "{v}");
+    assert_eq!(v["gamma"], "learned", "{v}");
+    let o = eval(&["--likelihood", "ode"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not built yet"), "{}", stderr(&o));
+    let png = out.path().join("s.png");
+    let o = elbo(&[
+        "sample",
+        "diffusion",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "10",
+        "--n",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = elbo(&[
+        "export",
+        "diffusers",
+        run.to_str().unwrap(),
+        out.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(stderr(&o).contains("continuous-time"), "{}", stderr(&o));
+    // Bad flags: one line naming the flag.
+    let bad = out.path().join("bad");
+    for (extra, says) in [
+        (&["--gamma", "cosine"][..], "--time continuous"),
+        (
+            &[
+                "--time",
+                "continuous",
+                "--gamma-min",
+                "3",
+                "--gamma-max",
+                "1",
+            ][..],
+            "--gamma-min",
+        ),
+        (&["--time", "continuous", "--prediction", "x0"][..], "x_0"),
+        (
+            &[
+                "--time",
+                "continuous",
+                "--gamma",
+                "learned",
+                "--prediction",
+                "v",
+            ][..],
+            "eps",
+        ),
+        (&["--time", "continuous", "--loss", "vlb"][..], "--loss"),
+    ] {
+        let args = [
+            "train",
+            "diffusion",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--out",
+            bad.to_str().unwrap(),
+        ];
+        let o = elbo(&[&args[..], extra].concat());
+        assert!(!o.status.success(), "{extra:?}");
+        let e = stderr(&o);
+        assert!(
+            e.contains(says) && e.trim().lines().count() == 1,
+            "{extra:?}: {e}"
+        );
+    }
+}

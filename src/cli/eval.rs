@@ -31,7 +31,7 @@ pub struct EvalVaeArgs {
 
 #[derive(Args)]
 pub struct EvalDiffusionArgs {
-    /// elbo's model.safetensors, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// elbo's model.safetensors or run folder, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
     /// pipeline, or a UNet2DModel), or an improved-diffusion / guided-diffusion model.pt with
     /// its MODEL_FLAGS and DIFFUSION_FLAGS (below).
     #[arg(long, value_name = "FILE|DIR")]
@@ -483,7 +483,8 @@ fn eval_continuous(
     if a.likelihood != Likelihood::Bound {
         bail!(
             "--likelihood {}: the probability-flow ODE of continuous-time models is not built yet; use --likelihood bound",
-            clap::ValueEnum::to_possible_value(&a.likelihood).map_or(String::new(), |v| v.get_name().to_string())
+            clap::ValueEnum::to_possible_value(&a.likelihood)
+                .map_or(String::new(), |v| v.get_name().to_string())
         );
     }
     for (given, flag) in [
@@ -493,7 +494,9 @@ fn eval_continuous(
         (a.t_sampling.is_some(), "--t-sampling"),
     ] {
         if given {
-            bail!("{flag}: for discrete-time models; a continuous-time model's bound has no per-step variances or L_t");
+            bail!(
+                "{flag}: for discrete-time models; a continuous-time model's bound has no per-step variances or L_t"
+            );
         }
     }
     let draws = a.t_samples.unwrap_or(1);
@@ -520,9 +523,16 @@ fn eval_continuous(
     }
     let started = std::time::Instant::now();
     let run = |steps| {
-        elbo::eval::continuous_bound(&model, &net, &x_all, draws, steps, a.batch_size, a.seed, &|| {
-            bar.inc(1)
-        })
+        elbo::eval::continuous_bound(
+            &model,
+            &net,
+            &x_all,
+            draws,
+            steps,
+            a.batch_size,
+            a.seed,
+            &|| bar.inc(1),
+        )
     };
     let continuous = run(None)?;
     let bound_seconds = started.elapsed().as_secs_f64();
@@ -564,9 +574,18 @@ fn eval_continuous(
         );
     };
     line("bound", &continuous);
-    println!("  prior         {:10.3}   KL(q(z_1 | x) || N(0, I))", continuous.prior);
-    println!("  reconstruction{:10.3}   -log p(x | z_0), 256 levels", continuous.reconstruction);
-    println!("  diffusion     {:10.3}   1/2 E[gamma'(t) ||eps - eps_hat||^2]", continuous.diffusion);
+    println!(
+        "  prior         {:10.3}   KL(q(z_1 | x) || N(0, I))",
+        continuous.prior
+    );
+    println!(
+        "  reconstruction{:10.3}   -log p(x | z_0), 256 levels",
+        continuous.reconstruction
+    );
+    println!(
+        "  diffusion     {:10.3}   1/2 E[gamma'(t) ||eps - eps_hat||^2]",
+        continuous.diffusion
+    );
     if let (Some(d), Some(t)) = (&discrete, a.steps) {
         line(&format!("T = {t} bound"), d);
     }

@@ -345,6 +345,11 @@ fn load_diffusion(
         let folder = elbo::interop::hub::resolve(text, elbo::data::datasets::offline())?;
         return elbo::interop::diffusers::load(&folder, device);
     }
+    // An elbo run folder: its EMA model.
+    let model = path.join(elbo::run_dir::MODEL);
+    if path.is_dir() && model.is_file() {
+        return LoadedDiffusion::load(&model, device);
+    }
     LoadedDiffusion::load(path, device)
 }
 

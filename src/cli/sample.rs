@@ -16,7 +16,7 @@ pub struct SampleVaeArgs {
 
 #[derive(Args)]
 pub struct SampleDiffusionArgs {
-    /// elbo's model.safetensors, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
+    /// elbo's model.safetensors or run folder, a folder diffusers' save_pretrained wrote (a DDPM or DDIM
     /// pipeline, or a UNet2DModel), or an improved-diffusion / guided-diffusion model.pt with
     /// its MODEL_FLAGS and DIFFUSION_FLAGS (below).
     #[arg(long, value_name = "FILE|DIR")]

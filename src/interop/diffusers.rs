@@ -40,7 +40,10 @@ const CONFIG_MAX: u64 = 1 << 20;
 /// Whether `path` is a folder diffusers wrote (a pipeline's `model_index.json` or a model's
 /// `config.json`).
 pub fn is_diffusers_folder(path: &Path) -> bool {
-    path.is_dir() && (path.join("model_index.json").is_file() || path.join("config.json").is_file())
+    // An elbo run folder has a config.json too (the run's), beside its model.safetensors.
+    let run = path.join(crate::run_dir::MODEL).is_file();
+    path.is_dir()
+        && (path.join("model_index.json").is_file() || (path.join("config.json").is_file() && !run))
 }
 
 /// A diffusers folder's config and its tensors under elbo's names (with the weights file and
