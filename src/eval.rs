@@ -444,13 +444,16 @@ pub struct OdeRun {
 }
 
 /// -log p(x) of each example of `x` `[B, ...]` by the probability-flow ODE
-/// ([`crate::diffusion::ode::log_likelihood`]), in nats of the model's scale, averaged over
+/// ([`crate::diffusion::ode::log_likelihood`]; a continuous-time model's on its own schedule),
+/// in nats of the model's scale, averaged over
 /// `run.probes` probes and, for images, `run.repeats` uniform dequantizations of the 8-bit
 /// values (so that the result, plus D ln 128, bounds the 8-bit data's -log P: score_sde's 7
 /// bits/dim offset for data in [-1, 1]). Batch j draws from `derive_seed(seed, 7, j)`; sharded
 /// over ranks as [`bound_terms`]; `progress` is told each solve.
+#[allow(clippy::too_many_arguments)]
 pub fn ode_likelihood(
     process: &crate::diffusion::GaussianDiffusion,
+    continuous: Option<&crate::diffusion::vdm::ContinuousModel>,
     net: &dyn crate::diffusion::Denoiser,
     x: &candle_core::Tensor,
     run: OdeRun,
@@ -469,6 +472,11 @@ pub fn ode_likelihood(
         1
     };
     let per = (draws * run.probes.max(1)) as f64;
+    use crate::diffusion::ode::ContinuousSchedule;
+    let sched = match continuous {
+        Some(m) => ContinuousSchedule::Gamma(m.clone()),
+        None => ContinuousSchedule::new(process),
+    };
     let starts: Vec<usize> = (0..n).step_by(batch_size).collect();
     for j in crate::collective::my_shard(starts.len()) {
         let start = starts[j];
@@ -485,8 +493,9 @@ pub fn ode_likelihood(
                 x0.clone()
             };
             for _ in 0..run.probes.max(1) {
-                let (logp, evals) =
-                    crate::diffusion::ode::log_likelihood(process, net, &xd, run.ode, &mut noise)?;
+                let (logp, evals) = crate::diffusion::ode::log_likelihood_on(
+                    process, &sched, net, &xd, run.ode, &mut noise,
+                )?;
                 for (t, lp) in totals[start..start + len].iter_mut().zip(logp) {
                     *t -= lp / per;
                 }

@@ -252,6 +252,7 @@ fn ode_results(
     net: &dyn elbo::diffusion::Denoiser,
     x: &candle_core::Tensor,
     dims: usize,
+    continuous: Option<&elbo::diffusion::vdm::ContinuousModel>,
 ) -> Result<serde_json::Value> {
     use elbo::diffusion::ode::{OdeOptions, Rk45};
     elbo::limits::count("--probes", a.probes, 10_000)?;
@@ -283,8 +284,16 @@ fn ode_results(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = std::time::Instant::now();
-    let means =
-        elbo::eval::ode_likelihood(process, net, x, run, a.batch_size, a.seed, &|| bar.inc(1))?;
+    let means = elbo::eval::ode_likelihood(
+        process,
+        continuous,
+        net,
+        x,
+        run,
+        a.batch_size,
+        a.seed,
+        &|| bar.inc(1),
+    )?;
     bar.finish_and_clear();
     // 8-bit images on [-1, 1]: the dequantized density of u = (k + U) / 256 is 2^D that of x,
     // and the 256 bins add D ln 256: -log P(k) <= -log p(x) + D ln 128.
@@ -414,7 +423,9 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     }
     let ode = match a.likelihood {
         Likelihood::Bound => None,
-        _ => Some(ode_results(&a, &m.config, &m.process, &net, &x_all, dims)?),
+        _ => Some(ode_results(
+            &a, &m.config, &m.process, &net, &x_all, dims, None,
+        )?),
     };
     if !elbo::collective::is_main() {
         return Ok(()); // rank 0 reports what every rank computed
@@ -457,17 +468,22 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
         print_bound(s);
     }
     if let Some(o) = &ode {
-        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "ODE likelihood  {:10.3} nats per example = {:.4} bits/dim (+- {:.4}), {:.0} network calls per solve, {:.1} s",
-            f("nll_nats"),
-            f("bpd"),
-            f("bpd_stderr"),
-            f("nfe_per_solve"),
-            f("seconds")
-        );
+        print_ode(o);
     }
     Ok(())
+}
+
+/// The ODE likelihood's line of `eval diffusion`'s text output.
+fn print_ode(o: &serde_json::Value) {
+    let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "ODE likelihood  {:10.3} nats per example = {:.4} bits/dim (+- {:.4}), {:.0} network calls per solve, {:.1} s",
+        f("nll_nats"),
+        f("bpd"),
+        f("bpd_stderr"),
+        f("nfe_per_solve"),
+        f("seconds")
+    );
 }
 
 /// `eval diffusion` of a continuous-time model: its bound (`--t-samples K` draws of t per
@@ -480,13 +496,6 @@ fn eval_continuous(
     let Some(model) = m.continuous.clone() else {
         bail!("not a continuous-time model");
     };
-    if a.likelihood != Likelihood::Bound {
-        bail!(
-            "--likelihood {}: the probability-flow ODE of continuous-time models is not built yet; use --likelihood bound",
-            clap::ValueEnum::to_possible_value(&a.likelihood)
-                .map_or(String::new(), |v| v.get_name().to_string())
-        );
-    }
     for (given, flag) in [
         (a.variance.is_some(), "--variance"),
         (a.plot.is_some(), "--plot"),
@@ -509,9 +518,10 @@ fn eval_continuous(
         a.batch_size.min(a.limit),
         m.config.image_shape().map_or(0, |s| s.height * s.width),
     )?;
-    let (x_all, _, _) = bound_data(a, &m.config, device)?;
+    let (x_all, _, dims) = bound_data(a, &m.config, device)?;
     let n = x_all.dim(0)?;
-    let runs = 1 + usize::from(a.steps.is_some());
+    let want_bound = a.likelihood != Likelihood::Ode;
+    let runs = usize::from(want_bound) * (1 + usize::from(a.steps.is_some()));
     elbo::limits::check_work(
         &format!("--limit {n} x --t-samples {draws}"),
         (n as u64).checked_mul((draws * runs) as u64),
@@ -534,16 +544,37 @@ fn eval_continuous(
             &|| bar.inc(1),
         )
     };
-    let continuous = run(None)?;
+    let continuous = want_bound.then(|| run(None)).transpose()?;
     let bound_seconds = started.elapsed().as_secs_f64();
-    let discrete = a.steps.map(|t| run(Some(t))).transpose()?;
+    let discrete = a
+        .steps
+        .filter(|_| want_bound)
+        .map(|t| run(Some(t)))
+        .transpose()?;
     bar.finish_and_clear();
-    check_finite_result(&a.checkpoint, &[("the bound", continuous.nll_bound_nats)])?;
+    if let Some(c) = &continuous {
+        check_finite_result(&a.checkpoint, &[("the bound", c.nll_bound_nats)])?;
+    }
+    let ode = match a.likelihood {
+        Likelihood::Bound => None,
+        _ => Some(ode_results(
+            a,
+            &m.config,
+            &m.process,
+            &net,
+            &x_all,
+            dims,
+            Some(&model),
+        )?),
+    };
     if !elbo::collective::is_main() {
         return Ok(());
     }
     let (g0, g1) = model.gamma.endpoints();
-    let mut results = serde_json::to_value(&continuous)?;
+    let mut results = match &continuous {
+        Some(c) => serde_json::to_value(c)?,
+        None => serde_json::json!({ "n": n }),
+    };
     results["split"] = serde_json::to_value(a.split)?;
     results["checkpoint"] = serde_json::to_value(&a.checkpoint)?;
     results["time"] = "continuous".into();
@@ -553,6 +584,9 @@ fn eval_continuous(
     results["bound_seconds"] = bound_seconds.into();
     if let Some(d) = &discrete {
         results["discrete"] = serde_json::to_value(d)?;
+    }
+    if let Some(o) = &ode {
+        results["ode"] = o.clone();
     }
     results["seconds"] = started.elapsed().as_secs_f64().into();
     if let Some(dir) = &a.report {
@@ -573,21 +607,26 @@ fn eval_continuous(
             s.nll_bound_nats, s.bpd, s.bpd_stderr
         );
     };
-    line("bound", &continuous);
-    println!(
-        "  prior         {:10.3}   KL(q(z_1 | x) || N(0, I))",
-        continuous.prior
-    );
-    println!(
-        "  reconstruction{:10.3}   -log p(x | z_0), 256 levels",
-        continuous.reconstruction
-    );
-    println!(
-        "  diffusion     {:10.3}   1/2 E[gamma'(t) ||eps - eps_hat||^2]",
-        continuous.diffusion
-    );
+    if let Some(c) = &continuous {
+        line("bound", c);
+        println!(
+            "  prior         {:10.3}   KL(q(z_1 | x) || N(0, I))",
+            c.prior
+        );
+        println!(
+            "  reconstruction{:10.3}   -log p(x | z_0), 256 levels",
+            c.reconstruction
+        );
+        println!(
+            "  diffusion     {:10.3}   1/2 E[gamma'(t) ||eps - eps_hat||^2]",
+            c.diffusion
+        );
+    }
     if let (Some(d), Some(t)) = (&discrete, a.steps) {
         line(&format!("T = {t} bound"), d);
+    }
+    if let Some(o) = &ode {
+        print_ode(o);
     }
     Ok(())
 }

@@ -208,20 +208,24 @@ impl Rk45 {
     }
 }
 
-/// The discrete schedule of a process made continuous on t in [0, 1] (see the module doc).
+/// The schedule on t in [0, 1]: a process's discrete one made continuous (see the module
+/// doc), or a continuous-time model's own (`log abar(t) = log sigmoid(-gamma(t))`).
 #[derive(Debug, Clone)]
-pub struct ContinuousSchedule {
-    /// log abar_s, s = 0..T-1.
-    log_abar: Vec<f64>,
-    /// What the network is given at step s (the step itself, or the model's own time).
-    model_times: Vec<f64>,
+pub enum ContinuousSchedule {
+    Steps {
+        /// log abar_s, s = 0..T-1.
+        log_abar: Vec<f64>,
+        /// What the network is given at step s (the step itself, or the model's own time).
+        model_times: Vec<f64>,
+    },
+    Gamma(crate::diffusion::vdm::ContinuousModel),
 }
 
 impl ContinuousSchedule {
     pub fn new(process: &GaussianDiffusion) -> Self {
         let s = &process.schedule;
         let t = s.len();
-        Self {
+        Self::Steps {
             log_abar: s.alphas_cumprod.iter().map(|a| a.ln()).collect(),
             model_times: match &process.model_times {
                 Some(m) => m.clone(),
@@ -231,8 +235,8 @@ impl ContinuousSchedule {
     }
 
     /// The step index `t (T - 1)`, its segment and the fraction into it.
-    fn locate(&self, t: f64) -> (usize, f64) {
-        let last = self.log_abar.len() - 1;
+    fn locate(log_abar: &[f64], t: f64) -> (usize, f64) {
+        let last = log_abar.len() - 1;
         let s = t.clamp(0.0, 1.0) * last as f64;
         let i = (s.floor() as usize).min(last.saturating_sub(1));
         (i, s - i as f64)
@@ -240,24 +244,47 @@ impl ContinuousSchedule {
 
     /// log abar(t).
     pub fn log_abar(&self, t: f64) -> f64 {
-        let (i, f) = self.locate(t);
-        let next = self.log_abar[(i + 1).min(self.log_abar.len() - 1)];
-        self.log_abar[i] + f * (next - self.log_abar[i])
+        match self {
+            Self::Steps { log_abar, .. } => {
+                let (i, f) = Self::locate(log_abar, t);
+                let next = log_abar[(i + 1).min(log_abar.len() - 1)];
+                log_abar[i] + f * (next - log_abar[i])
+            }
+            // log sigmoid(-gamma) = -log(1 + e^gamma)
+            Self::Gamma(m) => -m.gamma.value(t).exp().ln_1p(),
+        }
     }
 
-    /// beta(t) = -d log abar / dt (constant on each step).
+    /// beta(t) = -d log abar / dt (constant on each step; sigmoid(gamma) gamma'(t) in
+    /// continuous time).
     pub fn beta(&self, t: f64) -> f64 {
-        let (i, _) = self.locate(t);
-        let last = (self.log_abar.len() - 1) as f64;
-        let next = self.log_abar[(i + 1).min(self.log_abar.len() - 1)];
-        (self.log_abar[i] - next) * last
+        match self {
+            Self::Steps { log_abar, .. } => {
+                let (i, _) = Self::locate(log_abar, t);
+                let last = (log_abar.len() - 1) as f64;
+                let next = log_abar[(i + 1).min(log_abar.len() - 1)];
+                (log_abar[i] - next) * last
+            }
+            Self::Gamma(m) => {
+                let (g, slope) = m.gamma.value_and_slope(t);
+                slope / (1.0 + (-g).exp())
+            }
+        }
     }
 
     /// The network's time input at t.
     pub fn model_time(&self, t: f64) -> f64 {
-        let (i, f) = self.locate(t);
-        let next = self.model_times[(i + 1).min(self.model_times.len() - 1)];
-        self.model_times[i] + f * (next - self.model_times[i])
+        match self {
+            Self::Steps {
+                log_abar,
+                model_times,
+            } => {
+                let (i, f) = Self::locate(log_abar, t);
+                let next = model_times[(i + 1).min(model_times.len() - 1)];
+                model_times[i] + f * (next - model_times[i])
+            }
+            Self::Gamma(m) => m.spec.model_time(m.gamma.value(t)),
+        }
     }
 }
 
@@ -294,11 +321,24 @@ pub fn log_likelihood(
     opts: OdeOptions,
     noise: &mut crate::distributions::Noise,
 ) -> Result<(Vec<f64>, usize)> {
+    let sched = ContinuousSchedule::new(process);
+    log_likelihood_on(process, &sched, model, x, opts, noise)
+}
+
+/// [`log_likelihood`] on the schedule `sched` (a continuous-time model's own); `process`
+/// gives what the network predicts.
+pub fn log_likelihood_on(
+    process: &GaussianDiffusion,
+    sched: &ContinuousSchedule,
+    model: &dyn Denoiser,
+    x: &Tensor,
+    opts: OdeOptions,
+    noise: &mut crate::distributions::Noise,
+) -> Result<(Vec<f64>, usize)> {
     let dev = x.device().clone();
     let shape = x.shape().clone();
     let b = x.dim(0)?;
     let d = x.elem_count() / b.max(1);
-    let sched = ContinuousSchedule::new(process);
     let probes: Vec<Tensor> = match opts.probe {
         Probe::Rademacher => {
             let g = noise.randn(shape.clone(), &dev)?;
