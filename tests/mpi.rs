@@ -316,6 +316,30 @@ fn unet_on_candles_engine_on_two_ranks_trains_as_one_process() {
     );
 }
 
+/// Continuous time with a learned schedule on the fused engine: each rank's rows give their
+/// share of the bound, of the network's gradient and of the schedule's (the endpoints' from
+/// the bound, the shape's from the second moment), so two ranks train as one process: the
+/// same losses (checked by the helper) and the same schedule parameters and convolution
+/// weights to 1e-5.
+#[test]
+fn continuous_time_on_two_ranks_trains_as_one_process() {
+    let (one, two, _root) = unet_two_ranks_as_one(&[
+        "--device",
+        "cpu",
+        "--time",
+        "continuous",
+        "--gamma",
+        "learned",
+    ]);
+    let (d, name) = max_diff(&one, &two, |n| {
+        conv_weight(n) || n.starts_with("raw.gamma.")
+    });
+    assert!(
+        d < 1e-5,
+        "{name}: two ranks differ from one process by {d:e}"
+    );
+}
+
 /// `eval vae` (importance-sampled NLL) and `eval diffusion` (the bound) shard the test set
 /// over two ranks and report what one process reports.
 #[test]

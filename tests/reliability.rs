@@ -270,6 +270,32 @@ fn vlb_diffusion_resumes_its_loss_aware_sampler_bit_identically() {
     every_step_resumes_identically(&args, 2, "kill", 3);
 }
 
+/// A continuous-time run with a learned schedule: the schedule's raw parameters and their
+/// Adam state are in the train state, so a run killed anywhere resumes bit-identically.
+#[test]
+fn continuous_time_resumes_its_learned_schedule_bit_identically() {
+    let data = mnist_dir(64, 8);
+    let args = [
+        "train",
+        "diffusion",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--channels",
+        "8",
+        "--sample-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--time",
+        "continuous",
+        "--gamma",
+        "learned",
+    ];
+    every_step_resumes_identically(&args, 2, "kill", 3);
+}
+
 #[test]
 fn resume_refuses_a_commit_whose_files_are_out_of_step() {
     let data = mnist_dir(256, 32);
