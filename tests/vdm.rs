@@ -254,3 +254,62 @@ fn the_learned_schedules_gradient_matches_finite_differences() {
         );
     }
 }
+
+/// The v parameterisation's step: its per-example diffusion term, computed as
+/// 1/2 gamma' alpha^2 ||v - v_hat||^2 against the target v = alpha eps - sigma x, equals
+/// 1/2 gamma' ||eps - eps_hat||^2 with eps_hat = sigma z + alpha v_hat computed here by hand
+/// from the same network output (the form the evaluation uses).
+#[test]
+fn the_v_parameterisation_trains_the_same_diffusion_term() {
+    use elbo::diffusion::Denoiser;
+    use elbo::diffusion::vdm::{encode_level, level_of};
+    let dev = Device::Cpu;
+    let spec = ContinuousTime::default();
+    let (net, varmap) = Net::trainable(&small_unet(), &mut Noise::new(2), &dev).unwrap();
+    let b = batch(&dev);
+    let (x, eps) = (
+        b.x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.eps.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let t = b.t.clone();
+    let (inner, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), None).unwrap();
+    let mut step = ContinuousStep::new(inner, spec.clone(), Prediction::V, Vec::new()).unwrap();
+    let params = step.read_params().unwrap();
+    let mut grads = vec![0f32; params.len()];
+    let sums = step
+        .loss_and_grads(&params, &DiffusionBatch::Continuous(b), 0..3, &mut grads)
+        .unwrap();
+    let gamma = spec.schedule(&[]).unwrap();
+    let mut z = Vec::new();
+    let mut c = Vec::new();
+    for (e, &te) in t.iter().enumerate() {
+        let (a, s) = alpha_sigma(gamma.value(te));
+        for i in e * 64..(e + 1) * 64 {
+            z.push((a * encode_level(level_of(x[i])) + s * eps[i] as f64) as f32);
+        }
+        c.push(spec.model_time(gamma.value(te)) as f32);
+    }
+    let zt = Tensor::from_vec(z.clone(), (3, 1, 8, 8), &dev).unwrap();
+    let out = net
+        .forward(&zt, &Tensor::from_vec(c, 3, &dev).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (e, &te) in t.iter().enumerate() {
+        let (a, s) = alpha_sigma(gamma.value(te));
+        let sse: f64 = (e * 64..(e + 1) * 64)
+            .map(|i| {
+                let eps_hat = s * z[i] as f64 + a * out[i] as f64;
+                (eps[i] as f64 - eps_hat).powi(2)
+            })
+            .sum();
+        let want = diffusion_weight(&gamma, te, None) * sse;
+        assert!(
+            (sums[4 + e] - want).abs() < 1e-4 * want,
+            "example {e}: step {} vs {want}",
+            sums[4 + e]
+        );
+    }
+}
