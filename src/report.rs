@@ -394,8 +394,41 @@ fn eval_section(eval: Option<&Value>, is_vae: bool, dir: &Path) -> Result<String
                 "the variational bound on -log p(x_0)",
             );
         }
+        let continuous = e["time"].as_str() == Some("continuous");
         if let Some(v) = num("nll_bound_nats") {
-            row("bound", format!("{v:.3} nats"), "L_0 + sum L_t + L_T");
+            let what = match continuous {
+                true => "prior + reconstruction + diffusion (continuous time)",
+                false => "L_0 + sum L_t + L_T",
+            };
+            row("bound", format!("{v:.3} nats"), what);
+        }
+        for (k, name, what) in [
+            ("prior", "prior", "KL(q(z_1|x) || N(0, I))"),
+            (
+                "reconstruction",
+                "reconstruction",
+                "-log p(x|z_0), 256 levels",
+            ),
+            (
+                "diffusion",
+                "diffusion",
+                "1/2 E[gamma'(t) ||eps - eps_hat||^2], t ~ U(0, 1)",
+            ),
+        ] {
+            if let Some(v) = num(k).filter(|_| continuous) {
+                row(name, format!("{v:.4} nats"), what);
+            }
+        }
+        let discrete = &e["discrete"];
+        if let (Some(bpd), Some(steps)) = (
+            discrete.get("bpd").and_then(Value::as_f64),
+            discrete.get("steps").and_then(Value::as_u64),
+        ) {
+            row(
+                &format!("T = {steps} bound"),
+                format!("{bpd:.4} bits/dim"),
+                "the same model with T discrete steps (never below the continuous bound in expectation)",
+            );
         }
         for (k, name, what) in [
             ("l0", "L_0", "-log p(x_0|x_1)"),

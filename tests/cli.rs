@@ -953,7 +953,8 @@ fn continuous_time_trains_resumes_evaluates_and_samples() {
         ];
         elbo(&[&args[..], extra].concat())
     };
-    let o = eval(&["--t-samples", "4", "--steps", "10"]);
+    let report = ["--report", run.to_str().unwrap()];
+    let o = eval(&[&["--t-samples", "4", "--steps", "10"][..], &report].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let (c, d) = (
@@ -962,6 +963,12 @@ fn continuous_time_trains_resumes_evaluates_and_samples() {
     );
     assert!(c.is_finite() && d > c, "{v}");
     assert_eq!(v["gamma"], "learned", "{v}");
+    // The run report shows the continuous bound's terms and the T-step bound.
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(
+        html.contains("T = 10 bound") && html.contains("continuous time"),
+        "the report lacks the continuous bound's rows"
+    );
     // The ODE likelihood on the model's own schedule.
     let o = eval(&["--likelihood", "ode", "--rtol", "1e-3", "--atol", "1e-3"]);
     assert!(o.status.success(), "{}", stderr(&o));
