@@ -541,3 +541,146 @@ fn group_norm_matches_candle_autodiff_and_finite_differences() {
         }
     }
 }
+
+/// The direct 3x3 stride-1 "same" convolution (cross-correlation, as PyTorch's), in f64:
+/// `x` `[C, H, W]`, `w` `[O, C, 3, 3]` -> `[O, H, W]`.
+fn direct_conv3x3(
+    x: &[f32],
+    w: &[f32],
+    (o, c): (usize, usize),
+    (h, wd): (usize, usize),
+) -> Vec<f64> {
+    let mut y = vec![0f64; o * h * wd];
+    for oi in 0..o {
+        for ci in 0..c {
+            for yy in 0..h {
+                for zz in 0..wd {
+                    let mut acc = 0f64;
+                    for u in 0..3 {
+                        for v in 0..3 {
+                            let (sy, sz) =
+                                (yy as isize + u as isize - 1, zz as isize + v as isize - 1);
+                            if sy < 0 || sz < 0 || sy >= h as isize || sz >= wd as isize {
+                                continue;
+                            }
+                            let xv = x[ci * h * wd + sy as usize * wd + sz as usize] as f64;
+                            acc += xv * w[((oi * c + ci) * 3 + u) * 3 + v] as f64;
+                        }
+                    }
+                    y[oi * h * wd + yy * wd + zz] += acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Winograd F(2x2, 3x3) (`nn::winograd`) against the direct convolution in f64, for the
+/// channel counts and sizes of the networks (1 and 3 channels, 16 to 64, 28 x 28 to 7 x 7 and
+/// CIFAR's 32 x 32) and odd sizes whose last tiles overhang the plane: forward, the input
+/// gradient (the same kernel on the flipped, transposed weights) and the weight gradient
+/// (G^T (sum dM V^T) G), each within a stated float32 error. A planted mistake in any
+/// transform moves them by O(1).
+#[test]
+fn winograd_convolution_matches_the_direct_one() {
+    use elbo::nn::winograd::{
+        Scratch, conv3x3, filter_gradient, filter_products, tiles, transform_filter,
+        transform_input, transform_output_gradient,
+    };
+    let mut noise = Noise::new(21);
+    let mut randn = |n: usize| -> Vec<f32> { values(&noise.randn(n, &Device::Cpu).unwrap()) };
+    for (o, c, h, w) in [
+        (1, 1, 5, 7),
+        (3, 1, 1, 1),
+        (2, 3, 9, 4),
+        (16, 3, 28, 28),
+        (32, 16, 14, 14),
+        (64, 32, 7, 7),
+        (16, 64, 32, 32),
+    ] {
+        let (x, wt, dy) = (randn(c * h * w), randn(o * c * 9), randn(o * h * w));
+        let mut s = Scratch::default();
+        // Forward.
+        let mut u = vec![0f32; 16 * o * c];
+        transform_filter(&wt, (o, c), &mut u);
+        let mut y = vec![0f32; o * h * w];
+        conv3x3(&mut y, &u, &x, (o, c), (h, w), false, &mut s);
+        let want = direct_conv3x3(&x, &wt, (o, c), (h, w));
+        let err = |got: &[f32], want: &[f64]| -> (f64, f64) {
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let e = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            (e, scale)
+        };
+        let (e, scale) = err(&y, &want);
+        eprintln!(
+            "forward {o}x{c}x{h}x{w}: {:.2e} of the largest output",
+            e / scale
+        );
+        assert!(
+            e <= 2e-6 * scale.max(1.0),
+            "forward {o}x{c}x{h}x{w}: {e:e} of {scale}"
+        );
+        // Input gradient: the convolution of dy with W'[c, o, u, v] = W[o, c, 2-u, 2-v].
+        let mut flipped = vec![0f32; c * o * 9];
+        for oi in 0..o {
+            for ci in 0..c {
+                for k in 0..9 {
+                    flipped[(ci * o + oi) * 9 + 8 - k] = wt[(oi * c + ci) * 9 + k];
+                }
+            }
+        }
+        let mut uf = vec![0f32; 16 * c * o];
+        transform_filter(&flipped, (c, o), &mut uf);
+        let mut dx = vec![0f32; c * h * w];
+        conv3x3(&mut dx, &uf, &dy, (c, o), (h, w), false, &mut s);
+        let want_dx = direct_conv3x3(&dy, &flipped, (c, o), (h, w));
+        let (e, scale) = err(&dx, &want_dx);
+        eprintln!("dx {o}x{c}x{h}x{w}: {:.2e} of the largest", e / scale);
+        assert!(
+            e <= 2e-6 * scale.max(1.0),
+            "dx {o}x{c}x{h}x{w}: {e:e} of {scale}"
+        );
+        // Weight gradient: dW[o, c, u, v] = sum_j dy[o, j] x_shifted[c, u, v, j].
+        let (th, tw) = tiles((h, w));
+        let p = th * tw;
+        let mut v = vec![0f32; 16 * c * p];
+        transform_input(&x, c, (h, w), &mut v);
+        let mut dm = vec![0f32; 16 * o * p];
+        transform_output_gradient(&dy, o, (h, w), &mut dm);
+        let mut du = vec![0f32; 16 * o * c];
+        filter_products(&dm, &v, (o, c, p), &mut du);
+        let mut dw = vec![0f32; o * c * 9];
+        filter_gradient(&du, (o, c), &mut dw);
+        let mut want_dw = vec![0f64; o * c * 9];
+        for oi in 0..o {
+            for ci in 0..c {
+                for uu in 0..3 {
+                    for vv in 0..3 {
+                        let mut acc = 0f64;
+                        for yy in 0..h {
+                            for zz in 0..w {
+                                let (sy, sz) =
+                                    (yy as isize + uu as isize - 1, zz as isize + vv as isize - 1);
+                                if sy < 0 || sz < 0 || sy >= h as isize || sz >= w as isize {
+                                    continue;
+                                }
+                                acc += dy[oi * h * w + yy * w + zz] as f64
+                                    * x[ci * h * w + sy as usize * w + sz as usize] as f64;
+                            }
+                        }
+                        want_dw[((oi * c + ci) * 3 + uu) * 3 + vv] = acc;
+                    }
+                }
+            }
+        }
+        let (e, scale) = err(&dw, &want_dw);
+        eprintln!("dW {o}x{c}x{h}x{w}: {:.2e} of the largest", e / scale);
+        assert!(
+            e <= 4e-6 * scale.max(1.0),
+            "dW {o}x{c}x{h}x{w}: {e:e} of {scale}"
+        );
+    }
+}

@@ -16,3 +16,4 @@ pub mod linear;
 pub mod mlp;
 pub mod modules;
 pub mod planar;
+pub mod winograd;

@@ -84,7 +84,7 @@ pub(crate) enum Init<'a> {
 /// rows above and below. The im2col row of kernel offset (u, v) is then the contiguous run
 /// of row (c, v) starting at u W, so `y = sum_u W_u e[:, u W ..]` with `W_u[o, c k + v] =
 /// W[o, c, u, v]`: k gemms over k shifted copies of x, where im2col makes k^2.
-pub(crate) fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &mut [f32]) {
+pub fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &mut [f32]) {
     let p = k / 2;
     let plane = (h + 2 * p) * w;
     for ci in 0..c {
@@ -122,7 +122,7 @@ pub(crate) fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize
 /// `y [M, H W] (+)= sum_u W_u e_u` for `e` from [`shifted_rows`] (e_u: its rows from
 /// offset u W), `wts` = the k matrices `W_u [M, CK]` one after the other; `add` false
 /// overwrites `y`.
-pub(crate) fn shifted_conv(
+pub fn shifted_conv(
     y: &mut [f32],
     wts: &[f32],
     e: &[f32],

@@ -1,0 +1,83 @@
+//! 3x3 stride-1 convolutions of one example at the U-Nets' sizes (`cargo bench --bench conv`):
+//! the fused engine's row-shift gemms (`nn::planar::conv`, 9 multiply-adds per output and
+//! input channel pair) against Winograd F(2x2, 3x3) (`nn::winograd`, 4), forward pass only,
+//! the filters transformed beforehand (once per step in the engine).
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use elbo::nn::planar::conv::{shifted_conv, shifted_rows};
+use elbo::nn::winograd::{Scratch, conv3x3, transform_filter};
+
+fn conv(c: &mut Criterion) {
+    for (o, ch, h, w) in [
+        (16, 16, 28, 28),
+        (32, 32, 14, 14),
+        (32, 32, 7, 7),
+        (128, 128, 32, 32),
+        (256, 256, 16, 16),
+        (256, 256, 8, 8),
+    ] {
+        let x: Vec<f32> = (0..ch * h * w)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let wt: Vec<f32> = (0..o * ch * 9)
+            .map(|i| ((i * 104729) % 11) as f32 * 0.02 - 0.1)
+            .collect();
+        // W_u[o, c 3 + v] = W[o, c, u, v], the row-shift layout.
+        let mut wu = vec![0f32; 3 * o * ch * 3];
+        for oi in 0..o {
+            for ci in 0..ch {
+                for u in 0..3 {
+                    for v in 0..3 {
+                        wu[u * o * ch * 3 + oi * ch * 3 + ci * 3 + v] =
+                            wt[((oi * ch + ci) * 3 + u) * 3 + v];
+                    }
+                }
+            }
+        }
+        let mut e = vec![0f32; ch * 3 * (h + 2) * w];
+        let mut y = vec![0f32; o * h * w];
+        c.bench_function(&format!("conv3x3 {o}x{ch} {h}x{w}: row-shift gemms"), |b| {
+            b.iter(|| {
+                shifted_rows(&x, ch, (h, w), 3, &mut e);
+                shifted_conv(&mut y, &wu, &e, (o, ch * 3, 3), (h, w), false);
+            })
+        });
+        let mut u = vec![0f32; 16 * o * ch];
+        transform_filter(&wt, (o, ch), &mut u);
+        let mut s = Scratch::default();
+        c.bench_function(
+            &format!("conv3x3 {o}x{ch} {h}x{w}: winograd F(2x2, 3x3)"),
+            |b| b.iter(|| conv3x3(&mut y, &u, &x, (o, ch), (h, w), false, &mut s)),
+        );
+    }
+}
+
+/// Winograd's parts at DDPM's CIFAR-10 width (128 channels, 32 x 32): the input transform,
+/// the 16 gemms and the output transform.
+fn winograd_parts(c: &mut Criterion) {
+    use elbo::nn::winograd::{products, tiles, transform_input, transform_output};
+    let (o, ch, h, w) = (128, 128, 32, 32);
+    let (th, tw) = tiles((h, w));
+    let p = th * tw;
+    let x: Vec<f32> = (0..ch * h * w)
+        .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+        .collect();
+    let u: Vec<f32> = (0..16 * o * ch)
+        .map(|i| ((i * 104729) % 11) as f32 * 0.02 - 0.1)
+        .collect();
+    let mut v = vec![0f32; 16 * ch * p];
+    let mut m = vec![0f32; 16 * o * p];
+    let mut y = vec![0f32; o * h * w];
+    c.bench_function("winograd 128x128 32x32: input transform", |b| {
+        b.iter(|| transform_input(&x, ch, (h, w), &mut v))
+    });
+    c.bench_function("winograd 128x128 32x32: 16 gemms", |b| {
+        b.iter(|| products(&u, &v, (o, ch, p), &mut m))
+    });
+    c.bench_function("winograd 128x128 32x32: output transform", |b| {
+        b.iter(|| transform_output(&m, o, (h, w), &mut y, false))
+    });
+}
+
+criterion_group!(benches, conv, winograd_parts);
+criterion_main!(benches);
