@@ -861,6 +861,40 @@ fn fused_unet_matches_candle_autodiff_and_finite_differences() {
         let grads = loss.backward().unwrap();
 
         let fused = FusedUnet::new(unet).unwrap();
+        // Winograd F(2x2, 3x3) in every stride-1 3x3 convolution (the default keeps it for
+        // 128 channels and more): the same forward pass, input VJP and training gradients as
+        // the row-shift gemms, to float32 rounding.
+        let wino = FusedUnet::with_winograd(unet, 1).unwrap();
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 2e-5 * scale + 1e-7,
+                "config {index}, Winograd {what}: {err:e} of {scale:e}"
+            );
+        };
+        close(
+            &values(&wino.forward(&x, &t).unwrap()),
+            &values(&fused.forward(&x, &t).unwrap()),
+            "forward",
+        );
+        let probe = vec![noise.randn(out.shape(), &dev).unwrap()];
+        let (a, b) = (
+            wino.vjp(&x, &t, &probe).unwrap(),
+            fused.vjp(&x, &t, &probe).unwrap(),
+        );
+        close(&values(&a.1[0]), &values(&b.1[0]), "input VJP");
+        let step = |f: &FusedUnet| {
+            f.loss_and_grads(&values(&x), &values(&t), &values(&target), (h, w), seed)
+                .unwrap()
+        };
+        let ((la, ga), (lb, gb)) = (step(&wino), step(&fused));
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb,
+            "config {index}, Winograd loss {la} vs {lb}"
+        );
+        let n = fused.num_params();
+        close(&ga[..n], &gb[..n], "gradient");
         if seed.is_none() {
             assert!(max_abs_diff(&fused.forward(&x, &t).unwrap(), &out) < 1e-4);
         } else {

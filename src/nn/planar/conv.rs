@@ -24,6 +24,11 @@ pub(crate) struct ConvP {
     /// The same convolutions: where `W_u[o, c k + v] = W[o, c, u, v]` (u = 0..k, each
     /// `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`]).
     pub(crate) wu: Option<usize>,
+    /// Wide stride-1 3x3 convolutions: where Winograd's transformed filters are kept, `U
+    /// [16, O, C]` of W (the forward pass) and of the flipped, transposed W' (dx), see
+    /// [`crate::nn::winograd`]; the forward pass then runs F(2x2, 3x3) (and still keeps the
+    /// shifted rows for dW when training).
+    pub(crate) wino: Option<(usize, usize)>,
     pub(crate) b: usize,
     pub(crate) o: usize,
     pub(crate) c: usize,
@@ -48,6 +53,8 @@ pub(crate) struct Cols {
     /// The backward pass computes dx only (a vector-Jacobian product with respect to the
     /// network's input): no dW or db, so no kept input either.
     pub(crate) dx_only: bool,
+    /// Winograd's transformed inputs and products.
+    pub(crate) wino: crate::nn::winograd::Scratch,
 }
 
 impl Cols {
@@ -290,13 +297,30 @@ impl ConvP {
             // k shifted copies of the input instead of im2col's k^2 (see shifted_rows); kept
             // for dW when training.
             let (c, k) = (self.c, self.k);
+            if let Some((u, _)) = self.wino {
+                // Winograd F(2x2, 3x3) for y; the shifted rows only where dW needs them.
+                crate::nn::winograd::conv3x3(
+                    y,
+                    &p[u..],
+                    x,
+                    (self.o, c),
+                    size,
+                    true,
+                    &mut cols.wino,
+                );
+                if !cols.keep {
+                    return (oh, ow);
+                }
+            }
             let buf = cols.for_forward(self.id);
             let len = c * k * (size.0 + k - 1) * size.1;
             if buf.len() < len {
                 buf.resize(len, 0.0);
             }
             shifted_rows(x, c, size, k, buf);
-            shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
+            if self.wino.is_none() {
+                shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
+            }
         } else {
             let buf = cols.for_forward(self.id);
             if buf.len() < ckk * ohw {
@@ -406,6 +430,10 @@ impl ConvP {
             let w = self.weight(p);
             if self.pointwise() {
                 gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
+            } else if let (Some((_, ut)), true) = (self.wino, (oh, ow) == size) {
+                // dx = the convolution of dy with the flipped weights, by Winograd.
+                let (o, c) = (self.o, self.c);
+                crate::nn::winograd::conv3x3(dx, &p[ut..], dy, (c, o), size, add, &mut cols.wino);
             } else if let (Some(wf), true) = (self.wf, (oh, ow) == size) {
                 // dx = the convolution of dy with the flipped weights, by shifted rows.
                 let (o, k) = (self.o, self.k);
