@@ -1077,3 +1077,41 @@ fn sampled_timesteps_estimate_the_bound_without_bias() {
         );
     }
 }
+
+/// DDPM's CIFAR-10 U-Net (base width 32, four levels down to 4 x 4, attention at 16 x 16,
+/// two blocks per level) with Winograd in every stride-1 3x3 convolution against the row-shift
+/// gemms: the same loss and gradient of one training step of two examples, to float32
+/// rounding.
+#[test]
+fn winograd_trains_ddpms_cifar10_unet_as_the_gemms_do() {
+    use elbo::diffusion::nets::{Net, NetConfig};
+    use elbo::engine::unet::FusedUnet;
+    let dev = Device::Cpu;
+    let (net, _) =
+        Net::trainable(&NetConfig::ddpm_cifar10(32, 3), &mut Noise::new(3), &dev).unwrap();
+    let Net::Unet(unet) = &net else {
+        unreachable!()
+    };
+    let mut noise = Noise::new(4);
+    let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let x = values(noise.randn((2, 3, 32, 32), &dev).unwrap());
+    let target = values(noise.randn((2, 3, 32, 32), &dev).unwrap());
+    let t = [30f32, 700.0];
+    let step = |f: FusedUnet| {
+        let n = f.num_params();
+        let (l, g) = f.loss_and_grads(&x, &t, &target, (32, 32), None).unwrap();
+        (l, g[..n].to_vec())
+    };
+    let (lw, gw) = step(FusedUnet::with_winograd(unet, 1).unwrap());
+    let (lg, gg) = step(FusedUnet::with_winograd(unet, usize::MAX).unwrap());
+    assert!((lw - lg).abs() <= 1e-5 * lg, "loss {lw} vs {lg}");
+    let scale = gg.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = gw
+        .iter()
+        .zip(&gg)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 1e-4 * scale,
+        "gradient: max difference {err:e} of {scale:e}"
+    );
+}

@@ -266,11 +266,19 @@ impl Plan {
     }
 
     /// Adds each shifted-row weight gradient (accumulated in the [`ConvP::wu`] region of
-    /// `grads`, see [`shifted_weight_grad`]) into the convolution's own `[O, C, k, k]`
-    /// gradient.
+    /// `grads`, see [`shifted_weight_grad`]), or Winograd's dU (in the [`ConvP::wino`] region),
+    /// into the convolution's own `[O, C, k, k]` gradient.
     fn fold_shifted_grads(&self, grads: &mut [f32]) {
         let mut plan = self.clone();
         for c in plan.convs_mut() {
+            if let Some((u, _)) = c.wino {
+                // Winograd's dU [16, O, C] into dW = G^T dU G.
+                let n = 16 * c.o * c.c;
+                let du = grads[u..u + n].to_vec();
+                let dw = &mut grads[c.w..c.w + c.o * c.c * 9];
+                crate::nn::winograd::filter_gradient(&du, (c.o, c.c), dw);
+                continue;
+            }
             let Some(wu) = c.wu else { continue };
             let (k, ck) = (c.k, c.c * c.k);
             for u in 0..k {

@@ -298,19 +298,27 @@ impl ConvP {
             // for dW when training.
             let (c, k) = (self.c, self.k);
             if let Some((u, _)) = self.wino {
-                // Winograd F(2x2, 3x3) for y; the shifted rows only where dW needs them.
-                crate::nn::winograd::conv3x3(
-                    y,
-                    &p[u..],
-                    x,
-                    (self.o, c),
-                    size,
-                    true,
-                    &mut cols.wino,
-                );
-                if !cols.keep {
-                    return (oh, ow);
-                }
+                // Winograd F(2x2, 3x3); when training, its transformed input V is kept for dW.
+                use crate::nn::winograd::{products, tiles, transform_input, transform_output};
+                let (th, tw) = tiles(size);
+                let tp = th * tw;
+                let keep = cols.keep;
+                let Cols { kept, wino, .. } = cols;
+                let v = match keep {
+                    true => {
+                        if kept.len() <= self.id {
+                            kept.resize_with(self.id + 1, Vec::new);
+                        }
+                        &mut kept[self.id]
+                    }
+                    false => &mut wino.v,
+                };
+                v.resize(16 * c * tp, 0.0);
+                transform_input(x, c, size, v);
+                wino.m.resize(16 * self.o * tp, 0.0);
+                products(&p[u..], v, (self.o, c, tp), &mut wino.m);
+                transform_output(&wino.m, self.o, size, y, true);
+                return (oh, ow);
             }
             let buf = cols.for_forward(self.id);
             let len = c * k * (size.0 + k - 1) * size.1;
@@ -318,9 +326,7 @@ impl ConvP {
                 buf.resize(len, 0.0);
             }
             shifted_rows(x, c, size, k, buf);
-            if self.wino.is_none() {
-                shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
-            }
+            shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
         } else {
             let buf = cols.for_forward(self.id);
             if buf.len() < ckk * ohw {
@@ -354,7 +360,36 @@ impl ConvP {
         let g = self.geometry(size);
         let (oh, ow) = g.output();
         let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
-        if self.pointwise() {
+        if let (Some((u, _)), true) = (self.wino, (oh, ow) == size) {
+            // dU += dM V^T with dM = A dY A^T (folded into dW = G^T dU G once per step, see
+            // `Plan::fold_shifted_grads`), V kept by the forward pass.
+            use crate::nn::winograd::{
+                filter_products, tiles, transform_input, transform_output_gradient,
+            };
+            let (th, tw) = tiles(size);
+            let (c, o, tp) = (self.c, self.o, th * tw);
+            let Cols {
+                kept,
+                wino,
+                keep,
+                scratch,
+                ..
+            } = cols;
+            let v = match kept
+                .get(self.id)
+                .filter(|b| *keep && b.len() >= 16 * c * tp)
+            {
+                Some(v) => v,
+                None => {
+                    scratch.resize(16 * c * tp, 0.0);
+                    transform_input(x, c, size, scratch);
+                    scratch
+                }
+            };
+            wino.m.resize(16 * o * tp, 0.0);
+            transform_output_gradient(dy, o, size, &mut wino.m);
+            filter_products(&wino.m, v, (o, c, tp), &mut grads[u..u + 16 * o * c]);
+        } else if self.pointwise() {
             let dw = &mut grads[self.w..self.w + self.o * ckk];
             gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
         } else {
