@@ -1013,17 +1013,6 @@ fn continuous_time_trains_resumes_evaluates_and_samples() {
             "--gamma-min",
         ),
         (&["--time", "continuous", "--prediction", "x0"][..], "x_0"),
-        (
-            &[
-                "--time",
-                "continuous",
-                "--gamma",
-                "learned",
-                "--prediction",
-                "v",
-            ][..],
-            "eps",
-        ),
         (&["--time", "continuous", "--loss", "vlb"][..], "--loss"),
     ] {
         let args = [

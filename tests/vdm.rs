@@ -166,7 +166,8 @@ fn batch(dev: &Device) -> ContinuousBatch {
 /// The learned schedule's gradients from one step against central differences: the
 /// endpoints' of the bound (the step's loss), the inner shape's of the diffusion term's second
 /// moment `1/B sum_b L_d,b^2`; on candle's autodiff and on the fused engine (whose input and
-/// time gradients come from its own backward pass), which also agree with each other.
+/// time gradients come from its own backward pass), which also agree with each other; for the
+/// eps and the v parameterisation (whose target and weight move with gamma too).
 #[test]
 fn the_learned_schedules_gradient_matches_finite_differences() {
     let dev = Device::Cpu;
@@ -198,60 +199,62 @@ fn the_learned_schedules_gradient_matches_finite_differences() {
         }
     }
     let batch = DiffusionBatch::Continuous(batch(&dev));
-    let mut schedule_grads = Vec::new();
-    for engine in [Engine::Candle, Engine::Fused] {
-        let (inner, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
-        let mut step =
-            ContinuousStep::new(inner, spec.clone(), Prediction::Eps, gp32.clone()).unwrap();
-        let params = step.read_params().unwrap();
-        let at = params.len() - gp.len();
-        let mut grads = vec![0f32; params.len()];
-        let mut eval =
-            |p: &[f32], grads: &mut [f32]| step.loss_and_grads(p, &batch, 0..3, grads).unwrap();
-        let second = |sums: &[f64]| sums[4..].iter().map(|l| l * l).sum::<f64>() / 3.0;
-        let _ = eval(&params, &mut grads);
-        let got: Vec<f64> = grads[at..].iter().map(|&g| g as f64).collect();
-        let mut scratch = vec![0f32; params.len()];
-        let mut fds = Vec::with_capacity(gp.len());
-        for k in 0..gp.len() {
-            // Central differences in f32 parameters (the engines compute in f32).
-            let h = 2e-3f32;
-            let (mut up, mut down) = (params.clone(), params.clone());
-            up[at + k] += h;
-            down[at + k] -= h;
-            let dh = (up[at + k] - down[at + k]) as f64;
-            let (a, b) = (eval(&up, &mut scratch), eval(&down, &mut scratch));
-            // Endpoints: the bound's gradient; the rest: the second moment's.
-            fds.push(match k {
-                0 | 1 => (a[0] - b[0]) / dh,
-                _ => (second(&a) - second(&b)) / dh,
-            });
-        }
-        for k in 0..2 {
+    for prediction in [Prediction::Eps, Prediction::V] {
+        let mut schedule_grads = Vec::new();
+        for engine in [Engine::Candle, Engine::Fused] {
+            let (inner, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
+            let mut step =
+                ContinuousStep::new(inner, spec.clone(), prediction, gp32.clone()).unwrap();
+            let params = step.read_params().unwrap();
+            let at = params.len() - gp.len();
+            let mut grads = vec![0f32; params.len()];
+            let mut eval =
+                |p: &[f32], grads: &mut [f32]| step.loss_and_grads(p, &batch, 0..3, grads).unwrap();
+            let second = |sums: &[f64]| sums[4..].iter().map(|l| l * l).sum::<f64>() / 3.0;
+            let _ = eval(&params, &mut grads);
+            let got: Vec<f64> = grads[at..].iter().map(|&g| g as f64).collect();
+            let mut scratch = vec![0f32; params.len()];
+            let mut fds = Vec::with_capacity(gp.len());
+            for k in 0..gp.len() {
+                // Central differences in f32 parameters (the engines compute in f32).
+                let h = 2e-3f32;
+                let (mut up, mut down) = (params.clone(), params.clone());
+                up[at + k] += h;
+                down[at + k] -= h;
+                let dh = (up[at + k] - down[at + k]) as f64;
+                let (a, b) = (eval(&up, &mut scratch), eval(&down, &mut scratch));
+                // Endpoints: the bound's gradient; the rest: the second moment's.
+                fds.push(match k {
+                    0 | 1 => (a[0] - b[0]) / dh,
+                    _ => (second(&a) - second(&b)) / dh,
+                });
+            }
+            for k in 0..2 {
+                assert!(
+                    (fds[k] - got[k]).abs() < 1e-2 * fds[k].abs(),
+                    "{prediction:?} {engine:?} endpoint {k}: finite difference {}, step {}",
+                    fds[k],
+                    got[k]
+                );
+            }
+            // The second moment is a square of f32 sums: its differences carry rounding noise of a
+            // few units, so the shape's gradient is compared as a vector.
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let diff: Vec<f64> = fds[2..].iter().zip(&got[2..]).map(|(a, b)| a - b).collect();
             assert!(
-                (fds[k] - got[k]).abs() < 1e-2 * fds[k].abs(),
-                "{engine:?} endpoint {k}: finite difference {}, step {}",
-                fds[k],
-                got[k]
+                norm(&diff) < 0.03 * norm(&got[2..]),
+                "{prediction:?} {engine:?}: the shape's gradient {:?}, finite differences {:?}",
+                &got[2..],
+                &fds[2..]
+            );
+            schedule_grads.push(got);
+        }
+        for (k, (c, f)) in schedule_grads[0].iter().zip(&schedule_grads[1]).enumerate() {
+            assert!(
+                (c - f).abs() < 1e-3 * c.abs().max(1.0),
+                "{prediction:?} parameter {k}: candle {c}, fused {f}"
             );
         }
-        // The second moment is a square of f32 sums: its differences carry rounding noise of a
-        // few units, so the shape's gradient is compared as a vector.
-        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff: Vec<f64> = fds[2..].iter().zip(&got[2..]).map(|(a, b)| a - b).collect();
-        assert!(
-            norm(&diff) < 0.03 * norm(&got[2..]),
-            "{engine:?}: the shape's gradient {:?}, finite differences {:?}",
-            &got[2..],
-            &fds[2..]
-        );
-        schedule_grads.push(got);
-    }
-    for (k, (c, f)) in schedule_grads[0].iter().zip(&schedule_grads[1]).enumerate() {
-        assert!(
-            (c - f).abs() < 1e-3 * c.abs().max(1.0),
-            "parameter {k}: candle {c}, fused {f}"
-        );
     }
 }
 

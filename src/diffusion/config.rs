@@ -112,9 +112,6 @@ impl DiffusionConfig {
             if self.prediction == Prediction::X0 {
                 bail!("continuous time predicts eps or v, not x_0");
             }
-            if c.gamma == GammaKind::Learned && self.prediction != Prediction::Eps {
-                bail!("a learned schedule trains with the eps prediction");
-            }
         }
         match (learned, out_c == 2 * in_c) {
             (true, false) => bail!(

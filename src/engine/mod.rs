@@ -267,11 +267,14 @@ pub struct DenoiseBatch {
 /// Sums: `[loss, SSE_b of each example of the global batch]`, and with a `tangent`
 /// `[.., g_b of each example]`, `g_b = w_b d SSE_b / d gamma_b` through the network's input
 /// (`dx_t/d gamma_b`, the tangent's rows) and its time value (`dc/d gamma`, the same for all):
-/// what a learned schedule's gradient needs. Zeros outside this rank's rows.
+/// what a learned schedule's gradient needs. Zeros outside this rank's rows. Where the target
+/// moves with gamma too (v = alpha eps - sigma x), `target_tangent` holds d target_b/d gamma_b
+/// and g_b includes `-2 w_b (f_b - target_b) . d target_b/d gamma_b`.
 pub struct WeightedRows {
     pub model_t: Vec<f32>,
     pub weights: Vec<f64>,
     pub tangent: Option<(Tensor, f64)>,
+    pub target_tangent: Option<Tensor>,
 }
 
 impl WeightedRows {
@@ -482,13 +485,26 @@ fn candle_weighted_loss(
     let ts = Var::from_tensor(&Tensor::from_slice(&wr.model_t[rows.clone()], n, dev)?)?;
     let out =
         net.forward_train_seeded(xs.as_tensor(), ts.as_tensor(), batch.dropout_seed, first)?;
-    let sse = (out - batch.target.narrow(0, first, n)?)?
+    let sse = (&out - batch.target.narrow(0, first, n)?)?
         .sqr()?
         .flatten_from(1)?
         .sum(1)?;
     let w: Vec<f32> = wr.weights[rows.clone()].iter().map(|&w| w as f32).collect();
     let w = Tensor::from_vec(w, n, dev)?;
     let loss = ((&sse * w)?.sum_all()? / b as f64)?;
+    // -2 w_b (f_b - target_b) . d target_b/d gamma_b of each row (zero without one).
+    let through_target: Vec<f64> = match &wr.target_tangent {
+        Some(tt) => {
+            let diff = (out.detach() - batch.target.narrow(0, first, n)?)?;
+            let dot = (diff * tt.narrow(0, first, n)?)?.flatten_from(1)?.sum(1)?;
+            let dot = dot.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            dot.iter()
+                .zip(&wr.weights[rows.clone()])
+                .map(|(d, w)| -2.0 * w * d)
+                .collect()
+        }
+        None => vec![0.0; n],
+    };
     sums[0] = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let per = sse.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     sums[1 + first..1 + first + n].copy_from_slice(&per);
@@ -509,7 +525,9 @@ fn candle_weighted_loss(
                 let along = (gx.flatten_from(1)? * tangent)?.sum(1)?;
                 let g = ((along + (gt * dc)?)? * b as f64)?;
                 let g = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                sums[1 + b + first..1 + b + first + n].copy_from_slice(&g);
+                for (i, (g, extra)) in g.iter().zip(&through_target).enumerate() {
+                    sums[1 + b + first + i] = g + extra;
+                }
                 Ok(())
             }))
         }

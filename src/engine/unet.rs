@@ -1223,7 +1223,12 @@ impl FusedUnetStep {
         }
         let tangent = wr.tangent_values()?;
         let dc = wr.tangent.as_ref().map_or(0.0, |t| t.1);
-        let per = std::sync::Mutex::new(vec![0f64; 2 * b]);
+        let target_tangent = match &wr.target_tangent {
+            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        // Each row's SSE, g_b through the network, and -2 w_b (y - target) . d target/d gamma.
+        let per = std::sync::Mutex::new(vec![0f64; 3 * b]);
         let record = |at: usize, v: f64| {
             if let Ok(mut p) = per.lock() {
                 p[at] = v;
@@ -1241,6 +1246,16 @@ impl FusedUnetStep {
                 dy.push(scale * d);
             }
             record(row, sse);
+            if !target_tangent.is_empty() {
+                let tt = &target_tangent[row * n..(row + 1) * n];
+                let dot: f64 = y
+                    .iter()
+                    .zip(tg)
+                    .zip(tt)
+                    .map(|((&y, &tg), &t)| (y - tg) as f64 * t as f64)
+                    .sum();
+                record(2 * b + row, -2.0 * w * dot);
+            }
             w * sse / b as f64
         };
         let sink = |row: usize, dx: &[f32], dt: f64| {
@@ -1266,7 +1281,7 @@ impl FusedUnetStep {
         for row in rows {
             sums[1 + row] = per[row];
             if wr.tangent.is_some() {
-                sums[1 + b + row] = per[b + row];
+                sums[1 + b + row] = per[b + row] + per[2 * b + row];
             }
         }
         Ok(sums)

@@ -112,10 +112,6 @@ impl<'a> ContinuousStep<'a> {
         if prediction == Prediction::X0 {
             bail!("continuous time trains the eps or v prediction, not x_0");
         }
-        if spec.gamma == crate::diffusion::vdm::GammaKind::Learned && prediction != Prediction::Eps
-        {
-            bail!("a learned schedule trains with the eps prediction (--prediction eps)");
-        }
         let at = inner.table().len();
         let mut entries = inner.table().entries().to_vec();
         let mut offset = at;
@@ -193,6 +189,13 @@ impl TrainStep for ContinuousStep<'_> {
         } else {
             Vec::new()
         };
+        // v's d target/d gamma = d alpha/d gamma eps - d sigma/d gamma f (learned, v only).
+        let moving_target = learned && self.prediction == Prediction::V;
+        let mut target_tangent = if moving_target {
+            vec![0f32; x.len()]
+        } else {
+            Vec::new()
+        };
         let mut weights = Vec::with_capacity(b);
         let mut model_t = Vec::with_capacity(b);
         for e in 0..b {
@@ -209,6 +212,9 @@ impl TrainStep for ContinuousStep<'_> {
                 };
                 if learned {
                     tangent[i] = (da * fi + ds * ei) as f32;
+                }
+                if moving_target {
+                    target_tangent[i] = (da * ei - ds * fi) as f32;
                 }
             }
             weights.push(match self.prediction {
@@ -230,6 +236,11 @@ impl TrainStep for ContinuousStep<'_> {
                 weights: weights.clone(),
                 tangent: if learned {
                     Some((tensor(tangent)?, self.spec.model_time_slope()))
+                } else {
+                    None
+                },
+                target_tangent: if moving_target {
+                    Some(tensor(target_tangent)?)
                 } else {
                     None
                 },
@@ -276,8 +287,17 @@ impl TrainStep for ContinuousStep<'_> {
             let mut variance = Vec::with_capacity(rows.len());
             for e in rows.clone() {
                 let sse = sums[1 + e];
-                let d_gamma = sums[1 + b + e];
-                let d_slope = 0.5 * sse;
+                // v: w = 1/2 gamma' alpha^2 also moves with gamma (d alpha^2/d gamma =
+                // -alpha^2 sigma^2) and with gamma' by alpha^2 / 2.
+                let (d_gamma, d_slope) = match self.prediction {
+                    Prediction::V => {
+                        let (g, slope) = gamma.value_and_slope(batch.t[e]);
+                        let (a, s) = alpha_sigma(g);
+                        let dw = -0.5 * slope * a * a * s * s;
+                        (sums[1 + b + e] + dw * sse, 0.5 * a * a * sse)
+                    }
+                    _ => (sums[1 + b + e], 0.5 * sse),
+                };
                 let l = weights[e] * sse;
                 bound.push((d_gamma * scale, d_slope * scale));
                 variance.push((2.0 * l * d_gamma * scale, 2.0 * l * d_slope * scale));
