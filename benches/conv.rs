@@ -54,31 +54,34 @@ fn conv(c: &mut Criterion) {
     }
 }
 
-/// Winograd's parts at DDPM's CIFAR-10 width (128 channels, 32 x 32): the input transform,
+/// Winograd's parts at DDPM's CIFAR-10 widths (64 and 128 channels): the input transform,
 /// the 16 gemms and the output transform.
 fn winograd_parts(c: &mut Criterion) {
     use elbo::nn::winograd::{products, tiles, transform_input, transform_output};
-    let (o, ch, h, w) = (128, 128, 32, 32);
-    let (th, tw) = tiles((h, w));
-    let p = th * tw;
-    let x: Vec<f32> = (0..ch * h * w)
-        .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
-        .collect();
-    let u: Vec<f32> = (0..16 * o * ch)
-        .map(|i| ((i * 104729) % 11) as f32 * 0.02 - 0.1)
-        .collect();
-    let mut v = vec![0f32; 16 * ch * p];
-    let mut m = vec![0f32; 16 * o * p];
-    let mut y = vec![0f32; o * h * w];
-    c.bench_function("winograd 128x128 32x32: input transform", |b| {
-        b.iter(|| transform_input(&x, ch, (h, w), &mut v))
-    });
-    c.bench_function("winograd 128x128 32x32: 16 gemms", |b| {
-        b.iter(|| products(&u, &v, (o, ch, p), &mut m))
-    });
-    c.bench_function("winograd 128x128 32x32: output transform", |b| {
-        b.iter(|| transform_output(&m, o, (h, w), &mut y, false))
-    });
+    for (o, ch, h, w) in [(64, 64, 16, 16), (128, 128, 32, 32)] {
+        let (th, tw) = tiles((h, w));
+        let p = th * tw;
+        let x: Vec<f32> = (0..ch * h * w)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let u: Vec<f32> = (0..16 * o * ch)
+            .map(|i| ((i * 104729) % 11) as f32 * 0.02 - 0.1)
+            .collect();
+        let mut v = vec![0f32; 16 * ch * p];
+        let mut m = vec![0f32; 16 * o * p];
+        let mut y = vec![0f32; o * h * w];
+        c.bench_function(
+            &format!("winograd {o}x{ch} {h}x{w}: input transform"),
+            |b| b.iter(|| transform_input(&x, ch, (h, w), &mut v)),
+        );
+        c.bench_function(&format!("winograd {o}x{ch} {h}x{w}: 16 gemms"), |b| {
+            b.iter(|| products(&u, &v, (o, ch, p), &mut m))
+        });
+        c.bench_function(
+            &format!("winograd {o}x{ch} {h}x{w}: output transform"),
+            |b| b.iter(|| transform_output(&m, o, (h, w), &mut y, false)),
+        );
+    }
 }
 
 criterion_group!(benches, conv, winograd_parts);

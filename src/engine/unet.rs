@@ -66,10 +66,10 @@ pub type InputSink<'a> = dyn Fn(usize, &[f32], f64) + Sync + 'a;
 pub type OutputLoss<'a> = dyn Fn(usize, &[f32], &mut Vec<f32>) -> f64 + Sync + 'a;
 
 /// The narrowest convolution (input and output channels) that runs Winograd F(2x2, 3x3):
-/// `cargo bench --bench conv` on this 2-core machine measured it 1.5x to 1.8x faster than the
-/// row-shift gemms at 128 and 256 channels, level at 64, slower at 16 and 32 (its 16 small
-/// gemms and the transforms cost more than they save).
-pub const WINOGRAD_CHANNELS: usize = 128;
+/// `cargo bench --bench conv` on this 2-core machine measured it 1.4x (64 channels, 16 x 16)
+/// to 1.8x (256, 16 x 16) faster than the row-shift gemms, and slower at 16 and 32 channels
+/// (its 16 small gemms and the transforms cost more than they save).
+pub const WINOGRAD_CHANNELS: usize = 64;
 
 /// The whole network's parameters.
 #[derive(Debug, Clone)]
@@ -277,7 +277,8 @@ impl Plan {
                 let du = grads[u..u + n].to_vec();
                 let dw = &mut grads[c.w..c.w + c.o * c.c * 9];
                 crate::nn::winograd::filter_gradient(&du, (c.o, c.c), dw);
-                continue;
+                // Planes below WINOGRAD_PIXELS went through the row-shift gemms: fold those
+                // too (zeros where none did).
             }
             let Some(wu) = c.wu else { continue };
             let (k, ck) = (c.k, c.c * c.k);

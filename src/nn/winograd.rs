@@ -129,33 +129,42 @@ pub fn transform_input(x: &[f32], c: usize, (h, w): (usize, usize), v: &mut [f32
 }
 
 /// `Y = A^T M A` of every tile: `m` `[O, 16, P]` into `y` `[O, H, W]` (the tiles' parts
-/// inside the plane), added to `y` when `add`.
+/// inside the plane), added to `y` when `add`. A row of tiles at a time: its 16 slices of M
+/// give two rows of output, written through even/odd buffers.
 pub fn transform_output(m: &[f32], o: usize, (h, w): (usize, usize), y: &mut [f32], add: bool) {
     let (th, tw) = tiles((h, w));
     let p = th * tw;
     assert!(m.len() >= 16 * o * p && y.len() >= o * h * w);
+    let mut rows = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
     for oi in 0..o {
         let plane = &mut y[oi * h * w..(oi + 1) * h * w];
         let mo = &m[oi * 16 * p..(oi + 1) * 16 * p];
         for ty in 0..th {
-            for tx in 0..tw {
-                let tile = ty * tw + tx;
-                let e = |r: usize, s: usize| mo[(r * 4 + s) * p + tile];
+            let at = ty * tw;
+            let e = |k: usize| &mo[k * p + at..k * p + at + tw];
+            let ek: [&[f32]; 16] = std::array::from_fn(e);
+            for i in 0..tw {
                 // t = A^T e (2 x 4), then t A (2 x 2).
                 let mut t = [[0f32; 4]; 2];
                 for s in 0..4 {
-                    t[0][s] = e(0, s) + e(1, s) + e(2, s);
-                    t[1][s] = e(1, s) - e(2, s) - e(3, s);
+                    t[0][s] = ek[s][i] + ek[4 + s][i] + ek[8 + s][i];
+                    t[1][s] = ek[4 + s][i] - ek[8 + s][i] - ek[12 + s][i];
                 }
-                for (r, row) in t.iter().enumerate() {
-                    let out = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
-                    for (s, val) in out.into_iter().enumerate() {
-                        let (yy, zz) = (2 * ty + r, 2 * tx + s);
-                        if yy < h && zz < w {
-                            let at = &mut plane[yy * w + zz];
-                            *at = if add { *at + val } else { val };
-                        }
-                    }
+                for (r, tr) in t.iter().enumerate() {
+                    rows[r][2 * i] = tr[0] + tr[1] + tr[2];
+                    rows[r][2 * i + 1] = tr[1] - tr[2] - tr[3];
+                }
+            }
+            for (r, out) in rows.iter().enumerate() {
+                let yy = 2 * ty + r;
+                if yy >= h {
+                    break;
+                }
+                let dst = &mut plane[yy * w..(yy + 1) * w];
+                if add {
+                    dst.iter_mut().zip(out).for_each(|(d, v)| *d += v);
+                } else {
+                    dst.copy_from_slice(&out[..w]);
                 }
             }
         }

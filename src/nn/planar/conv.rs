@@ -10,6 +10,10 @@
 
 use crate::nn::conv::{Geometry, gemm_rm};
 
+/// The smallest plane Winograd runs on (8 x 8: measured 1.16x the row-shift gemms at 64
+/// channels, 1.4x at 16 x 16; `cargo bench --bench conv`).
+pub const WINOGRAD_PIXELS: usize = 64;
+
 /// A convolution's place in the flat parameter vector.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvP {
@@ -242,6 +246,13 @@ impl ConvP {
         &p[self.w..self.w + self.o * self.c * self.k * self.k]
     }
 
+    /// Winograd's filters where this convolution runs F(2x2, 3x3) over an input of `size`: at
+    /// least [`WINOGRAD_PIXELS`] pixels (below, its gemms over a few tiles cost more than the
+    /// row-shift gemms).
+    pub(crate) fn winograd_at(&self, (h, w): (usize, usize)) -> Option<(usize, usize)> {
+        self.wino.filter(|_| h * w >= WINOGRAD_PIXELS)
+    }
+
     /// A 1x1 stride-1 convolution reads its input as the im2col matrix.
     pub(crate) fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1
@@ -297,7 +308,7 @@ impl ConvP {
             // k shifted copies of the input instead of im2col's k^2 (see shifted_rows); kept
             // for dW when training.
             let (c, k) = (self.c, self.k);
-            if let Some((u, _)) = self.wino {
+            if let Some((u, _)) = self.winograd_at(size) {
                 // Winograd F(2x2, 3x3); when training, its transformed input V is kept for dW.
                 use crate::nn::winograd::{products, tiles, transform_input, transform_output};
                 let (th, tw) = tiles(size);
@@ -360,7 +371,7 @@ impl ConvP {
         let g = self.geometry(size);
         let (oh, ow) = g.output();
         let (ohw, ckk) = (oh * ow, self.c * self.k * self.k);
-        if let (Some((u, _)), true) = (self.wino, (oh, ow) == size) {
+        if let (Some((u, _)), true) = (self.winograd_at(size), (oh, ow) == size) {
             // dU += dM V^T with dM = A dY A^T (folded into dW = G^T dU G once per step, see
             // `Plan::fold_shifted_grads`), V kept by the forward pass.
             use crate::nn::winograd::{
@@ -465,7 +476,7 @@ impl ConvP {
             let w = self.weight(p);
             if self.pointwise() {
                 gemm_rm(dx, w, true, dy, false, (ckk, ohw, self.o), add);
-            } else if let (Some((_, ut)), true) = (self.wino, (oh, ow) == size) {
+            } else if let (Some((_, ut)), true) = (self.winograd_at(size), (oh, ow) == size) {
                 // dx = the convolution of dy with the flipped weights, by Winograd.
                 let (o, c) = (self.o, self.c);
                 crate::nn::winograd::conv3x3(dx, &p[ut..], dy, (c, o), size, add, &mut cols.wino);
