@@ -714,7 +714,7 @@ impl FusedUnet {
 
     /// [`FusedUnet::new`] running Winograd F(2x2, 3x3) (`nn::winograd`) for the stride-1 3x3
     /// convolutions of at least `winograd_channels` input and output channels (the forward
-    /// pass and dx; dW stays the row-shift gemms).
+    /// pass, dx and dW, on planes of `nn::planar::conv::WINOGRAD_PIXELS` and more).
     pub fn with_winograd(net: &UNet, winograd_channels: usize) -> Result<Self> {
         let mut b = Builder::default();
         let base = net.time1.weight().dim(1)?;

@@ -30,8 +30,8 @@ pub(crate) struct ConvP {
     pub(crate) wu: Option<usize>,
     /// Wide stride-1 3x3 convolutions: where Winograd's transformed filters are kept, `U
     /// [16, O, C]` of W (the forward pass) and of the flipped, transposed W' (dx), see
-    /// [`crate::nn::winograd`]; the forward pass then runs F(2x2, 3x3) (and still keeps the
-    /// shifted rows for dW when training).
+    /// [`crate::nn::winograd`]; on planes of at least [`WINOGRAD_PIXELS`] the forward pass, dx
+    /// and dW (from the transformed input V, kept when training) run F(2x2, 3x3).
     pub(crate) wino: Option<(usize, usize)>,
     pub(crate) b: usize,
     pub(crate) o: usize,
