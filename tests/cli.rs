@@ -1034,3 +1034,31 @@ fn continuous_time_trains_resumes_evaluates_and_samples() {
         );
     }
 }
+
+/// The committed diffusion table run (`docs/diffusion/mnist-ddpm`) evaluates as it did when it
+/// was committed, to the printed digits: the bound of the first 100 built-in test digits with
+/// 20 stratified timesteps each and the default seed was 1.8983 bits/dim (the table's figure,
+/// on 1,000 MNIST test images with 50, is 1.898 +- 0.029). A change to the engines or the bound
+/// that moves it fails here.
+#[test]
+fn the_committed_diffusion_checkpoint_evaluates_as_measured() {
+    let ckpt = format!(
+        "{}/docs/diffusion/mnist-ddpm/model.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let o = elbo(&[
+        "eval",
+        "diffusion",
+        "--checkpoint",
+        &ckpt,
+        "--limit",
+        "100",
+        "--t-samples",
+        "20",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["bpd"].as_f64().unwrap();
+    assert!((got - 1.8983).abs() < 5e-4, "bound {got} bits/dim, measured 1.8983");
+}
