@@ -1060,5 +1060,8 @@ fn the_committed_diffusion_checkpoint_evaluates_as_measured() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let got = v["bpd"].as_f64().unwrap();
-    assert!((got - 1.8983).abs() < 5e-4, "bound {got} bits/dim, measured 1.8983");
+    assert!(
+        (got - 1.8983).abs() < 5e-4,
+        "bound {got} bits/dim, measured 1.8983"
+    );
 }
