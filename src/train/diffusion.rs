@@ -871,27 +871,15 @@ fn continuous_bound_bpd(
     seed: u64,
     device: &Device,
 ) -> Result<f64> {
-    let idx: Vec<usize> = (0..data.len()).collect();
-    let chunks: Vec<&[usize]> = idx.chunks(250).collect();
-    let mut sums = [0.0, 0.0];
-    for j in crate::collective::my_shard(chunks.len()) {
-        let chunk = chunks[j];
-        let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 2 * j as u64));
-        let mut noise = Noise::new(derive_seed(seed, 2, 2 * j as u64 + 1));
-        let x0 = image_batch(data, chunk, device)?;
-        let terms = model.bound_terms(net, &x0, 1, None, &mut noise, &mut rng)?;
-        sums[0] += terms.iter().map(|t| t.total()).sum::<f64>();
-        sums[1] += chunk.len() as f64;
-    }
-    crate::collective::world().all_reduce_sum_f64(&mut sums)?;
-    let d = data.shape.dim() as f64;
-    Ok(sums[0] / sums[1].max(1.0) / (d * std::f64::consts::LN_2))
+    let mean = sharded_image_mean(data, seed, device, &mut |x0, rng, noise| {
+        let terms = model.bound_terms(net, x0, 1, None, noise, rng)?;
+        Ok(terms.iter().map(|t| t.total()).sum::<f64>())
+    })?;
+    Ok(mean / (data.shape.dim() as f64 * std::f64::consts::LN_2))
 }
 
-/// The mean simple loss over a set of images, with the same t and eps draws every epoch:
-/// chunk j of 250 images draws them from `derive_seed(seed, 2, 2j)` and `(.., 2j + 1)`. With
-/// several ranks ([`crate::collective`]) each runs its share of the chunks and the sums are added
-/// over the ranks, so N ranks report what one process reports.
+/// The mean simple loss over a set of images, with the same t and eps draws every epoch
+/// ([`sharded_image_mean`]).
 fn images_loss(
     process: &GaussianDiffusion,
     net: &dyn Denoiser,
@@ -899,17 +887,33 @@ fn images_loss(
     seed: u64,
     device: &Device,
 ) -> Result<f64> {
+    sharded_image_mean(data, seed, device, &mut |x0, rng, noise| {
+        let loss = simple_loss(process, net, x0, rng, noise)?.to_scalar::<f32>()?;
+        Ok(loss as f64 * x0.dim(0)? as f64)
+    })
+}
+
+/// The mean over a set of images of a per-image quantity: `sum(x0, rng, noise)` gives its sum
+/// over a chunk of up to 250 images, chunk j drawing from `derive_seed(seed, 2, 2j)` (rng)
+/// and `(.., 2j + 1)` (noise), the same every epoch. With several ranks
+/// ([`crate::collective`]) each runs its share of the chunks and the sums are added over the
+/// ranks, so N ranks report what one process reports.
+fn sharded_image_mean(
+    data: &Dataset,
+    seed: u64,
+    device: &Device,
+    sum: &mut dyn FnMut(&Tensor, &mut StdRng, &mut Noise) -> Result<f64>,
+) -> Result<f64> {
     let idx: Vec<usize> = (0..data.len()).collect();
     let chunks: Vec<&[usize]> = idx.chunks(250).collect();
-    // [sum of the chunks' mean losses x their sizes, examples]
+    // [the chunks' sums, examples]
     let mut sums = [0.0, 0.0];
     for j in crate::collective::my_shard(chunks.len()) {
         let chunk = chunks[j];
         let mut rng = StdRng::seed_from_u64(derive_seed(seed, 2, 2 * j as u64));
         let mut noise = Noise::new(derive_seed(seed, 2, 2 * j as u64 + 1));
         let x0 = image_batch(data, chunk, device)?;
-        let loss = simple_loss(process, net, &x0, &mut rng, &mut noise)?.to_scalar::<f32>()?;
-        sums[0] += loss as f64 * chunk.len() as f64;
+        sums[0] += sum(&x0, &mut rng, &mut noise)?;
         sums[1] += chunk.len() as f64;
     }
     crate::collective::world().all_reduce_sum_f64(&mut sums)?;
