@@ -1,6 +1,10 @@
 """Runs each (framework, workload) of the benchmark in its own process and prints the table:
 median milliseconds, elbo's speed-up over each peer (peer time / elbo time, > 1 means elbo is
-faster) and peak resident memory (ru_maxrss of that process). Called by bench/run.
+faster), peak resident memory (ru_maxrss of that process) and elbo's "% of peak": the
+workload's FLOPs (products only, as the fused engines count them; a training step is three
+forward passes) per second of elbo's median, over the machine's gemm peak measured in the same
+run (the `gemm-peak` workload: a 1024^3 f32 product through the `gemm` crate on the same
+threads). 67% is a step within 1.5x of its FLOP count at that peak. Called by bench/run.
 
 With `--device cuda` (on a machine with an NVIDIA GPU, PyTorch and JAX with CUDA, and a
 `--features cuda` build of the workloads in $ELBO_WORKLOADS) each workload runs as elbo on the
@@ -48,6 +52,12 @@ def main():
     names = [w for w in WORKLOADS if not a.only or w in a.only.split(",")]
     cuda = a.device == "cuda"
     rows = []
+    peak = None
+    if not cuda:
+        print("  gemm-peak / elbo ...", file=sys.stderr, flush=True)
+        g = measure("elbo", "gemm-peak", ["--reps", "10"] if a.quick else [])
+        peak = g["flops"] / (g["median_ms"] / 1e3)
+        print(f"  gemm-peak: {peak / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
     for w in names:
         extra = []
         if a.quick:
@@ -72,10 +82,11 @@ def main():
         rows.append((w, results))
         if a.json:  # after every workload, so that a run cut short keeps what it measured
             with open(a.json, "w") as f:
-                json.dump({w: r for w, r in rows}, f, indent=1)
+                json.dump({"gemm_peak_flops_per_s": peak, **{w: r for w, r in rows}}, f,
+                          indent=1)
         print(f"  {w}: " + ", ".join(f"{fw} {r['median_ms']:.2f} ms, {r['peak_mb']:.0f} MB"
                                      for fw, r in results.items()), file=sys.stderr, flush=True)
-    print_cuda_table(rows) if cuda else print_table(rows)
+    print_cuda_table(rows) if cuda else print_table(rows, peak)
 
 
 def measure(framework, workload, extra):
@@ -134,9 +145,16 @@ def print_cuda_table(rows):
           "other / elbo CUDA (> 1: elbo on the GPU is faster)")
 
 
-def print_table(rows):
+def percent_of_peak(result, peak):
+    """elbo's FLOPs per second at its median over the measured gemm peak, as a percentage."""
+    if not peak or not result.get("flops"):
+        return "-"
+    return f"{100 * result['flops'] / (result['median_ms'] / 1e3) / peak:.0f}%"
+
+
+def print_table(rows, peak):
     head = ("workload", "elbo ms", "torch ms", "compiled ms", "jax ms", "vs torch",
-            "vs fastest compiled", "elbo MB", "torch MB", "compiled MB", "jax MB",
+            "vs fastest compiled", "% of peak", "elbo MB", "torch MB", "compiled MB", "jax MB",
             "elbo (candle engine) ms")
     lines = [head]
     for w, r in rows:
@@ -151,13 +169,15 @@ def print_table(rows):
             f"{w} ({e['reps']} reps)", f"{e['median_ms']:.2f}", cell("torch", "median_ms", "{:.2f}"),
             cell("torch-compile", "median_ms", "{:.2f}"), cell("jax", "median_ms", "{:.2f}"),
             ratio("torch"), f"{ratio(fastest)} ({fastest})" if fastest else "-",
-            f"{e['peak_mb']:.0f}", cell("torch", "peak_mb", "{:.0f}"),
+            percent_of_peak(e, peak), f"{e['peak_mb']:.0f}", cell("torch", "peak_mb", "{:.0f}"),
             cell("torch-compile", "peak_mb", "{:.0f}"), cell("jax", "peak_mb", "{:.0f}"),
             cell("elbo-candle", "median_ms", "{:.2f}")))
     print_markdown(lines)
     print("\nmedian wall time per repetition; 'compiled' = torch.compile; 'vs' = peer median / elbo"
           " median (> 1: elbo faster);"
-          " MB = peak resident memory of the process. Threads: " + THREADS)
+          " % of peak = elbo's FLOPs per second over the gemm peak"
+          f" ({peak / 1e9:.1f} GFLOP/s in this run); MB = peak resident memory of the process."
+          " Threads: " + THREADS)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@
 //!
 //! Workloads (data: the built-in digits, grey levels):
 //! - `vae-step-128`, `vae-step-1024`: one SimpleVAE training step (forward, backward, Adam);
+//! - `gemm-peak`: a 1024 x 1024 x 1024 f32 product through the `gemm` crate the fused engines
+//!   call, on `RAYON_NUM_THREADS` threads: the machine's measured peak (`bench/run`'s "% of
+//!   peak" divides each workload's FLOPs per second by it);
 //! - `vae-epoch`: one epoch over the 9,000 training digits at batch 128, batching included;
 //! - `nll`: the importance-sampled log p(x), K = 5000, over `--images` test digits (1,000);
 //! - `unet-step-64`: one training step of the default U-Net on the simple loss, batch 64;
@@ -19,6 +22,10 @@
 //! - `unet-cifar-step-64`: one training step of DDPM's CIFAR-10 U-Net at base width 32
 //!   (3 x 32 x 32, channel multipliers 1,2,2,2, two residual blocks per level, attention at
 //!   16 x 16, dropout 0.1), batch 64; `ddim-50-cifar`: 16 images sampled with it.
+//!
+//! Each workload also prints `flops`, the floating-point operations of one repetition as the
+//! fused engines count them (`FusedVae::forward_flops`, `FusedUnet::forward_flops`: products
+//! only, a training step three forward passes).
 
 use std::time::Instant;
 
@@ -40,10 +47,11 @@ use elbo::diffusion::sampler::{ddim_sample, ddpm_sample};
 use elbo::diffusion::schedule::{BetaSchedule, Schedule};
 use elbo::distributions::Noise;
 use elbo::engine::unet::FusedUnet;
-use elbo::engine::vae::VaeBatch;
+use elbo::engine::vae::{FusedVae, VaeBatch};
 use elbo::engine::{
     DenoiseBatch, Engine, TrainStep, VaeObjective, denoiser_step, estimate_log_likelihood, vae_step,
 };
+use elbo::nn::linear::{Mat, matmul};
 use elbo::optim::{Adam, AdamConfig};
 use elbo::vae::{Init, KlEstimator, Objective, Vae, VaeConfig};
 use indicatif::ProgressBar;
@@ -122,6 +130,12 @@ fn vae_train_step(
     t.step(batch, batch.len(d))
 }
 
+/// The FLOPs of a VAE's forward pass over `b` examples with `k` samples each, as the fused
+/// engine counts them (0 where it does not take the model: on a GPU).
+fn vae_flops(vae: &Vae, b: usize, k: usize) -> f64 {
+    FusedVae::from_vae(vae).map_or(0.0, |f| f.forward_flops(b, k))
+}
+
 struct Args {
     workload: String,
     reps: usize,
@@ -196,7 +210,24 @@ fn main() -> Result<()> {
         other => bail!("--engine {other}: expected fused or candle"),
     };
     let or = |n: usize, default: usize| if n == 0 { default } else { n };
+    // The FLOPs of one repetition, set by each workload.
+    let flops: f64;
     let (times, unit) = match a.workload.as_str() {
+        "gemm-peak" => {
+            let n = 1024;
+            let threads = rayon::current_num_threads();
+            let a_: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+            let b_: Vec<f32> = (0..n * n).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut c_ = vec![0f32; n * n];
+            let par = elbo::nn::linear::parallelism(threads, n * n * n);
+            let t = time(or(a.warmup, 3), or(a.reps, 20), || {
+                let (am, bm) = (Mat::rows(&a_, n, n), Mat::rows(&b_, n, n));
+                matmul(&mut c_, am, bm, false, par);
+                Ok(())
+            })?;
+            flops = 2.0 * (n * n * n) as f64;
+            (t, format!("C = A B, {n} x {n} x {n}, {threads} threads"))
+        }
         w @ ("vae-step-128" | "vae-step-1024") => {
             let b: usize = w.trim_start_matches("vae-step-").parse()?;
             let idx: Vec<usize> = (0..b).collect();
@@ -206,6 +237,7 @@ fn main() -> Result<()> {
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
+            flops = 3.0 * vae_flops(&vae, b, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -245,6 +277,7 @@ fn main() -> Result<()> {
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, k, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, objective, adam)?;
+            flops = 3.0 * vae_flops(&vae, 20, k);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -272,6 +305,7 @@ fn main() -> Result<()> {
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, adam)?;
+            flops = 3.0 * vae_flops(&vae, 128, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -282,6 +316,7 @@ fn main() -> Result<()> {
             let config = AdamConfig::with_lr(1e-3);
             let mut order: Vec<usize> = (0..train.len()).collect();
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
+            flops = 3.0 * vae_flops(&vae, train.len(), 1);
             let t = time(or(a.warmup, 1), or(a.reps, 5), || {
                 order.shuffle(&mut rng);
                 for idx in order.chunks(128) {
@@ -298,6 +333,7 @@ fn main() -> Result<()> {
         "nll" => {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?.frozen()?;
             let n = a.images.min(test.len());
+            flops = vae_flops(&vae, n, 5000);
             let t = time(or(a.warmup, 0), or(a.reps, 3), || {
                 let idx: Vec<usize> = (0..n).collect();
                 for chunk in idx.chunks(100) {
@@ -347,6 +383,9 @@ fn main() -> Result<()> {
                 true => Some(FusedUnet::new(frozen_unet)?),
                 false => None,
             };
+            // One example's forward pass, as the fused engine counts it.
+            let per_image =
+                FusedUnet::new(frozen_unet).map_or(0.0, |f| f.forward_flops((shape.1, shape.2)));
             let sampler_net: &dyn Denoiser = match &fused_frozen {
                 Some(fused) => fused,
                 None => &candle_path,
@@ -361,6 +400,7 @@ fn main() -> Result<()> {
                     };
                     let step = denoiser_step(engine, &net, vars, None)?.0;
                     let mut trainer = Trainer::new(step, AdamConfig::with_lr(1e-3))?;
+                    flops = 3.0 * 64.0 * per_image;
                     let idx: Vec<usize> = (0..64).collect();
                     let x0 = match cifar {
                         true => noise.randn((64, 3, 32, 32), &dev)?.clamp(-1f32, 1f32)?,
@@ -386,6 +426,7 @@ fn main() -> Result<()> {
                 }
                 "ddim-50" | "ddim-50-cifar" => {
                     let n = if cifar { 16 } else { 64 };
+                    flops = 50.0 * n as f64 * per_image;
                     let t = time(or(a.warmup, 1), or(a.reps, 3), || {
                         let xt = noise.randn((n, shape.0, shape.1, shape.2), &dev)?;
                         ddim_sample(&process, sampler_net, xt, 50, 0.0, true, &mut noise, &bar)?;
@@ -394,6 +435,7 @@ fn main() -> Result<()> {
                     (t, format!("DDIM, 50 steps, {n} images"))
                 }
                 _ => {
+                    flops = 1000.0 * 64.0 * per_image;
                     let t = time(or(a.warmup, 0), or(a.reps, 1), || {
                         let xt = noise.randn((64, 1, 28, 28), &dev)?;
                         let v = VarianceType::FixedSmall;
@@ -405,7 +447,7 @@ fn main() -> Result<()> {
             }
         }
         other => bail!(
-            "unknown workload {other:?}: vae-step-128, vae-step-1024, iwae-step-k1, \
+            "unknown workload {other:?}: gemm-peak, vae-step-128, vae-step-1024, iwae-step-k1, \
              iwae-step-k5, iwae-step-k50, iwae-step-2l-k1, iwae-step-2l-k5, iwae-step-2l-k50, \
              conv-vae-step-128, vae-epoch, nll, unet-step-64, ddim-50, ddpm-1000, \
              unet-cifar-step-64, ddim-50-cifar"
@@ -414,7 +456,8 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "workload": a.workload, "engine": a.engine, "device": a.device, "unit": unit, "ms": times
+            "workload": a.workload, "engine": a.engine, "device": a.device, "unit": unit,
+            "flops": flops, "ms": times
         })
     );
     Ok(())

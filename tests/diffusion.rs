@@ -1115,3 +1115,60 @@ fn winograd_trains_ddpms_cifar10_unet_as_the_gemms_do() {
         "gradient: max difference {err:e} of {scale:e}"
     );
 }
+
+/// The U-Net's FLOP count (`bench/run`'s "% of peak") against a count made from the checkpoint's
+/// tensors alone: each convolution weight `[O, C, k, k]` costs its size per pixel of the
+/// resolution its name places it at (`down.i` and `up.i` at level i, 28 / 2^i rounded up;
+/// `down.i.downsample` writes level i + 1, `up.i.upsample` level i - 1, `mid` the last), each
+/// linear weight its size once, and attention `2 C n^2` for its two products.
+#[test]
+fn unet_flop_count_matches_the_tensors_at_their_resolutions() {
+    use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    use elbo::engine::unet::FusedUnet;
+    let dev = Device::Cpu;
+    let cfg = NetConfig::default_unet();
+    let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
+    let Net::Unet(unet) = &net else {
+        unreachable!()
+    };
+    let fused = FusedUnet::new(unet).unwrap();
+    let side = |level: usize| (28usize).div_ceil(1 << level);
+    let pixels = |level: usize| (side(level) * side(level)) as f64;
+    let mut macs = 0.0;
+    for (name, var) in sorted_vars(&varmap) {
+        let dims = var.dims().to_vec();
+        let size = dims.iter().product::<usize>() as f64;
+        let level = |prefix: &str| -> usize {
+            name.strip_prefix(prefix)
+                .unwrap()
+                .split('.')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let at = if name.starts_with("down.") {
+            level("down.") + usize::from(name.contains("downsample"))
+        } else if name.starts_with("up.") {
+            level("up.") - usize::from(name.contains("upsample"))
+        } else if name.starts_with("mid.") {
+            2
+        } else {
+            0
+        };
+        match dims.len() {
+            4 => macs += size * pixels(at),
+            2 => macs += size,
+            _ => {}
+        }
+        if name.ends_with("attn.qkv.weight") {
+            macs += 2.0 * (dims[0] / 3) as f64 * pixels(at) * pixels(at);
+        }
+    }
+    let flops = fused.forward_flops((28, 28));
+    assert!(
+        (flops - 2.0 * macs).abs() < 1e-9 * flops,
+        "counted {flops}, the tensors give {}",
+        2.0 * macs
+    );
+}

@@ -524,3 +524,25 @@ fn fused_log_likelihood_matches_candle() {
         }
     }
 }
+
+/// The fused VAE's FLOP count (`bench/run`'s "% of peak") by hand for the IWAE paper's
+/// two-layer model: q(z_1|x) 784-200-200-(2 x 100) on the B rows, q(z_2|z_1) 100-100-100-(2 x 50),
+/// p(x|z_1) 100-200-200-784 and p(z_1|z_2) 50-100-100-(2 x 100) on the K B rows, 2 FLOPs a
+/// multiply-add.
+#[test]
+fn fused_vae_flop_count_matches_the_layer_sizes() {
+    let config = VaeConfig {
+        hidden: vec![vec![200, 200], vec![100, 100]],
+        latent_dims: vec![100, 50],
+        ..VaeConfig::default()
+    };
+    let vae = Vae::new(config, &mut Noise::new(0), &Device::Cpu).unwrap();
+    let fused = FusedVae::from_vae(&vae).unwrap();
+    let (b, k) = (20.0, 5.0);
+    let q1 = 784.0 * 200.0 + 200.0 * 200.0 + 200.0 * 200.0;
+    let q2 = 100.0 * 100.0 + 100.0 * 100.0 + 100.0 * 100.0;
+    let p1 = 100.0 * 200.0 + 200.0 * 200.0 + 200.0 * 784.0;
+    let p2 = 50.0 * 100.0 + 100.0 * 100.0 + 100.0 * 200.0;
+    let expected = 2.0 * (q1 * b + (q2 + p1 + p2) * k * b);
+    assert_eq!(fused.forward_flops(20, 5), expected);
+}

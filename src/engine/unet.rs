@@ -295,6 +295,40 @@ impl Plan {
         }
     }
 
+    /// Multiply-adds of one example's forward pass at `size`: every convolution
+    /// (`O C k^2` per output pixel, counted as the direct convolution whatever algorithm runs
+    /// it), the time MLP, each residual block's time projection, and attention's two
+    /// products per head (`Q^T K`, `[n, d] x [d, n]`, and `V A^T`, `[d, n] x [n, n]`: `2 C n^2`
+    /// with `n = H W`). Normalisations, activations and softmax are not counted.
+    fn forward_macs(&self, size: (usize, usize)) -> u64 {
+        let conv = |c: &ConvP, input: (usize, usize)| {
+            let (oh, ow) = c.geometry(input).output();
+            (c.o * c.c * c.k * c.k * oh * ow) as u64
+        };
+        let lin = |l: &LinP| (l.o * l.i) as u64;
+        let route = self.route(size);
+        let mut macs = lin(&self.time1) + lin(&self.time2) + conv(&self.conv_in, size);
+        for (k, stage) in self.stages.iter().enumerate() {
+            let at = route.sizes[k];
+            macs += match stage {
+                StageP::Res { block, attn, .. } => {
+                    let b = &**block;
+                    let res = conv(&b.conv1, at)
+                        + conv(&b.conv2, at)
+                        + lin(&b.time)
+                        + b.skip.as_ref().map_or(0, |s| conv(s, at));
+                    let n = (at.0 * at.1) as u64;
+                    res + attn.as_ref().map_or(0, |a| {
+                        conv(&a.qkv, at) + conv(&a.proj, at) + 2 * a.proj.o as u64 * n * n
+                    })
+                }
+                StageP::Downsample { conv: c, .. } => conv(c, at),
+                StageP::Upsample { conv: c } => conv(c, route.sizes[k + 1]),
+            };
+        }
+        macs + conv(&self.conv_out, size)
+    }
+
     /// The route of an input of `size` through the stages.
     fn route(&self, size: (usize, usize)) -> Route {
         let n = self.stages.len();
@@ -787,6 +821,14 @@ impl FusedUnet {
             tensors: b.tensors,
             pool: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Floating-point operations (2 per multiply-add) of one example's forward pass on
+    /// `(H, W)` images: the convolutions as direct convolutions, the linear layers and
+    /// attention's products (see `bench/run`'s "% of peak"). A training step is counted as
+    /// three forward passes (the forward pass, dx and dW).
+    pub fn forward_flops(&self, size: (usize, usize)) -> f64 {
+        2.0 * self.plan.forward_macs(size) as f64
     }
 
     /// The number of parameters.

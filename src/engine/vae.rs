@@ -534,6 +534,37 @@ impl FusedVae {
         &self.grads
     }
 
+    /// Floating-point operations (2 per multiply-add) of the forward pass over `batch`
+    /// examples with `k` samples each: the encoder's convolutions and q(z_1|x) on the
+    /// `batch` rows, the other networks and the decoder's transposed convolutions on the
+    /// `k batch` rows. A convolution's multiply-adds are `C_in C_out k^2` per output pixel
+    /// (per input pixel for a transposed one). A training step is counted as three forward
+    /// passes (the forward pass, dx and dW); see `bench/run`'s "% of peak".
+    pub fn forward_flops(&self, batch: usize, k: usize) -> f64 {
+        let m = &self.model;
+        let mlp = |net: &(MlpShape, usize)| -> f64 {
+            let s = &net.0.sizes;
+            s.windows(2).map(|w| (w[0] * w[1]) as f64).sum()
+        };
+        let (rows, krows) = (batch as f64, (batch * k) as f64);
+        let mut macs = 0.0;
+        for l in 0..m.layers() {
+            macs += mlp(m.q(l)) * if l == 0 { rows } else { krows } + mlp(m.p(l)) * krows;
+        }
+        if let Some(conv) = &m.conv {
+            let per =
+                |c: &ConvSpec, pixels: usize| (c.c_in * c.c_out * c.g.k * c.g.k * pixels) as f64;
+            for c in &conv.down {
+                let (oh, ow) = c.g.output();
+                macs += per(c, oh * ow) * rows;
+            }
+            for c in &conv.up {
+                macs += per(c, c.size_in / c.c_in) * krows;
+            }
+        }
+        2.0 * macs
+    }
+
     fn batch_size(&self, x: &[f32], k: usize) -> Result<usize> {
         let d = self.model.d;
         if k == 0 || x.is_empty() || !x.len().is_multiple_of(d) {
