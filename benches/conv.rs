@@ -1,7 +1,8 @@
 //! 3x3 stride-1 convolutions of one example at the U-Nets' sizes (`cargo bench --bench conv`):
 //! the fused engine's row-shift gemms (`nn::planar::conv`, 9 multiply-adds per output and
 //! input channel pair) against Winograd F(2x2, 3x3) (`nn::winograd`, 4), forward pass only,
-//! the filters transformed beforehand (once per step in the engine).
+//! the filters transformed beforehand (once per step in the engine); and a batch's products
+//! per example (the engine's way) against one batch-wide product ([`batch_wide`]).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use elbo::nn::planar::conv::{shifted_conv, shifted_rows};
@@ -84,5 +85,81 @@ fn winograd_parts(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, conv, winograd_parts);
+/// The row-shift products of a whole batch (`cargo bench --bench conv -- batch`), on both
+/// threads: the engine's way, each thread taking whole examples (`[O, 3C] x [3C, H W]`, three
+/// shifts each), against one batch-wide product per shift whose N dimension is every
+/// example's padded plane laid side by side (`[O, 3C] x [3C, B (H + 2) W]`; the 2W columns
+/// where a shift crosses from one example into the next are computed and thrown away).
+/// Products only: the shifted rows are built beforehand in both layouts.
+fn batch_wide(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    for (o, ch, h, w) in [
+        (16, 16, 28, 28),
+        (32, 32, 14, 14),
+        (32, 64, 32, 32),
+        (64, 64, 16, 16),
+    ] {
+        let batch = 64;
+        let (ck, plane, hw) = (3 * ch, (h + 2) * w, h * w);
+        let wu: Vec<f32> = (0..3 * o * ck)
+            .map(|i| ((i * 104729) % 11) as f32 * 0.02 - 0.1)
+            .collect();
+        let e: Vec<f32> = (0..ck * plane)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let mut ys = vec![vec![0f32; o * hw]; batch];
+        c.bench_function(
+            &format!("batch {batch} conv3x3 {o}x{ch} {h}x{w}: per-example products"),
+            |b| {
+                b.iter(|| {
+                    ys.par_iter_mut()
+                        .for_each(|y| shifted_conv(y, &wu, &e, (o, ck, 3), (h, w), false))
+                })
+            },
+        );
+        let cols = batch * plane;
+        let n = cols - 2 * w;
+        let e_all: Vec<f32> = (0..ck * cols)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let mut y_all = vec![0f32; o * n];
+        c.bench_function(
+            &format!("batch {batch} conv3x3 {o}x{ch} {h}x{w}: batch-wide products"),
+            |b| {
+                b.iter(|| {
+                    for u in 0..3 {
+                        // SAFETY: row r of the u-th shift spans r cols + u w .. r cols + u w +
+                        // n <= (r + 1) cols; y_all holds o n values, wu 3 o ck.
+                        unsafe {
+                            gemm::gemm(
+                                o,
+                                n,
+                                ck,
+                                y_all.as_mut_ptr(),
+                                1,
+                                n as isize,
+                                u > 0,
+                                wu.as_ptr().add(u * o * ck),
+                                1,
+                                ck as isize,
+                                e_all.as_ptr().add(u * w),
+                                1,
+                                cols as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::Rayon(threads),
+                            );
+                        }
+                    }
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(benches, conv, winograd_parts, batch_wide);
 criterion_main!(benches);
