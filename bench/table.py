@@ -1,9 +1,9 @@
 """Runs each (framework, workload) of the benchmark in its own process and prints the table:
 median milliseconds, elbo's speed-up over each peer (peer time / elbo time, > 1 means elbo is
 faster), peak resident memory (ru_maxrss of that process) and elbo's "% of peak": the
-workload's FLOPs (products only, as the fused engines count them; a training step is three
-forward passes) per second of elbo's median, over the machine's gemm peak measured in the same
-run (the `gemm-peak` workload: the fastest of square f32 products through the `gemm` crate on
+workload's FLOPs (products only, as the fused engines count them; a training step is the
+forward pass, dW and dx, less the dx of the layers reading the data) per second of elbo's
+median, over the machine's gemm peak measured in the same run (the `gemm-peak` workload: the fastest of square f32 products through the `gemm` crate on
 the same threads, measured before and after the workloads, the larger kept). 67% is a step
 within 1.5x of its FLOP count at that peak. Called by bench/run.
 

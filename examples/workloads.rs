@@ -25,8 +25,8 @@
 //!   16 x 16, dropout 0.1), batch 64; `ddim-50-cifar`: 16 images sampled with it.
 //!
 //! Each workload also prints `flops`, the floating-point operations of one repetition as the
-//! fused engines count them (`FusedVae::forward_flops`, `FusedUnet::forward_flops`: products
-//! only, a training step three forward passes).
+//! fused engines count them (`FusedVae::forward_flops` and `train_flops`, the same of
+//! `FusedUnet`: products only).
 
 use std::time::Instant;
 
@@ -135,6 +135,11 @@ fn vae_train_step(
 /// engine counts them (0 where it does not take the model: on a GPU).
 fn vae_flops(vae: &Vae, b: usize, k: usize) -> f64 {
     FusedVae::from_vae(vae).map_or(0.0, |f| f.forward_flops(b, k))
+}
+
+/// The same for a training step ([`FusedVae::train_flops`]).
+fn vae_train_flops(vae: &Vae, b: usize, k: usize) -> f64 {
+    FusedVae::from_vae(vae).map_or(0.0, |f| f.train_flops(b, k))
 }
 
 struct Args {
@@ -269,7 +274,7 @@ fn main() -> Result<()> {
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
-            flops = 3.0 * vae_flops(&vae, b, 1);
+            flops = vae_train_flops(&vae, b, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -309,7 +314,7 @@ fn main() -> Result<()> {
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, k, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, objective, adam)?;
-            flops = 3.0 * vae_flops(&vae, 20, k);
+            flops = vae_train_flops(&vae, 20, k);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -337,7 +342,7 @@ fn main() -> Result<()> {
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, adam)?;
-            flops = 3.0 * vae_flops(&vae, 128, 1);
+            flops = vae_train_flops(&vae, 128, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
             })?;
@@ -348,7 +353,7 @@ fn main() -> Result<()> {
             let config = AdamConfig::with_lr(1e-3);
             let mut order: Vec<usize> = (0..train.len()).collect();
             let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
-            flops = 3.0 * vae_flops(&vae, train.len(), 1);
+            flops = vae_train_flops(&vae, train.len(), 1);
             let t = time(or(a.warmup, 1), or(a.reps, 5), || {
                 order.shuffle(&mut rng);
                 for idx in order.chunks(128) {
@@ -415,9 +420,11 @@ fn main() -> Result<()> {
                 true => Some(FusedUnet::new(frozen_unet)?),
                 false => None,
             };
-            // One example's forward pass, as the fused engine counts it.
-            let per_image =
-                FusedUnet::new(frozen_unet).map_or(0.0, |f| f.forward_flops((shape.1, shape.2)));
+            // One example's forward pass and training step, as the fused engine counts them.
+            let size = (shape.1, shape.2);
+            let counts = FusedUnet::new(frozen_unet).ok();
+            let per_image = counts.as_ref().map_or(0.0, |f| f.forward_flops(size));
+            let train_per_image = counts.as_ref().map_or(0.0, |f| f.train_flops(size));
             let sampler_net: &dyn Denoiser = match &fused_frozen {
                 Some(fused) => fused,
                 None => &candle_path,
@@ -432,7 +439,7 @@ fn main() -> Result<()> {
                     };
                     let step = denoiser_step(engine, &net, vars, None)?.0;
                     let mut trainer = Trainer::new(step, AdamConfig::with_lr(1e-3))?;
-                    flops = 3.0 * 64.0 * per_image;
+                    flops = 64.0 * train_per_image;
                     let idx: Vec<usize> = (0..64).collect();
                     let x0 = match cifar {
                         true => noise.randn((64, 3, 32, 32), &dev)?.clamp(-1f32, 1f32)?,

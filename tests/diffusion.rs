@@ -1135,6 +1135,8 @@ fn unet_flop_count_matches_the_tensors_at_their_resolutions() {
     let side = |level: usize| (28usize).div_ceil(1 << level);
     let pixels = |level: usize| (side(level) * side(level)) as f64;
     let mut macs = 0.0;
+    // The layers whose dx a training step skips: conv_in and the time MLP's first layer.
+    let mut data_layers = 0.0;
     for (name, var) in sorted_vars(&varmap) {
         let dims = var.dims().to_vec();
         let size = dims.iter().product::<usize>() as f64;
@@ -1161,6 +1163,11 @@ fn unet_flop_count_matches_the_tensors_at_their_resolutions() {
             2 => macs += size,
             _ => {}
         }
+        match name.as_str() {
+            "conv_in.weight" => data_layers += size * pixels(0),
+            "time_embedding.linear_1.weight" => data_layers += size,
+            _ => {}
+        }
         if name.ends_with("attn.qkv.weight") {
             macs += 2.0 * (dims[0] / 3) as f64 * pixels(at) * pixels(at);
         }
@@ -1170,5 +1177,11 @@ fn unet_flop_count_matches_the_tensors_at_their_resolutions() {
         (flops - 2.0 * macs).abs() < 1e-9 * flops,
         "counted {flops}, the tensors give {}",
         2.0 * macs
+    );
+    let step = 3.0 * 2.0 * macs - 2.0 * data_layers;
+    let train = fused.train_flops((28, 28));
+    assert!(
+        (train - step).abs() < 1e-9 * train,
+        "step {train}, expected {step}"
     );
 }

@@ -545,4 +545,7 @@ fn fused_vae_flop_count_matches_the_layer_sizes() {
     let p2 = 50.0 * 100.0 + 100.0 * 100.0 + 100.0 * 200.0;
     let expected = 2.0 * (q1 * b + (q2 + p1 + p2) * k * b);
     assert_eq!(fused.forward_flops(20, 5), expected);
+    // A step: forward, dW and dx, less the data layer's dx (784 x 200 on the B rows).
+    let step = 3.0 * expected - 2.0 * 784.0 * 200.0 * b;
+    assert_eq!(fused.train_flops(20, 5), step);
 }

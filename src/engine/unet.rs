@@ -825,10 +825,22 @@ impl FusedUnet {
 
     /// Floating-point operations (2 per multiply-add) of one example's forward pass on
     /// `(H, W)` images: the convolutions as direct convolutions, the linear layers and
-    /// attention's products (see `bench/run`'s "% of peak"). A training step is counted as
-    /// three forward passes (the forward pass, dx and dW).
+    /// attention's products (see `bench/run`'s "% of peak"; a training step:
+    /// [`FusedUnet::train_flops`]).
     pub fn forward_flops(&self, size: (usize, usize)) -> f64 {
         2.0 * self.plan.forward_macs(size) as f64
+    }
+
+    /// Floating-point operations of one example's training step on `(H, W)` images: the
+    /// forward pass, dW and dx of every layer ([`FusedUnet::forward_flops`] three times) less
+    /// the dx of the two layers that read inputs needing none (`conv_in` and the time MLP's
+    /// first layer).
+    pub fn train_flops(&self, size: (usize, usize)) -> f64 {
+        let p = &self.plan;
+        let (oh, ow) = p.conv_in.geometry(size).output();
+        let conv_in = p.conv_in.o * p.conv_in.c * p.conv_in.k * p.conv_in.k * oh * ow;
+        let time1 = p.time1.o * p.time1.i;
+        3.0 * self.forward_flops(size) - 2.0 * (conv_in + time1) as f64
     }
 
     /// The number of parameters.

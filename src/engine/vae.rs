@@ -539,7 +539,8 @@ impl FusedVae {
     /// `batch` rows, the other networks and the decoder's transposed convolutions on the
     /// `k batch` rows. A convolution's multiply-adds are `C_in C_out k^2` per output pixel
     /// (per input pixel for a transposed one). A training step is counted as three forward
-    /// passes (the forward pass, dx and dW); see `bench/run`'s "% of peak".
+    /// passes less the first layer's dx ([`FusedVae::train_flops`]); see `bench/run`'s "% of
+    /// peak".
     pub fn forward_flops(&self, batch: usize, k: usize) -> f64 {
         let m = &self.model;
         let mlp = |net: &(MlpShape, usize)| -> f64 {
@@ -563,6 +564,24 @@ impl FusedVae {
             }
         }
         2.0 * macs
+    }
+
+    /// Floating-point operations of a training step over `batch` examples with `k` samples
+    /// each: the forward pass, dW and dx of every layer ([`FusedVae::forward_flops`] three
+    /// times) less the first layer's dx, which the data does not need.
+    pub fn train_flops(&self, batch: usize, k: usize) -> f64 {
+        let m = &self.model;
+        let first = match &m.conv {
+            Some(conv) => conv.down.first().map_or(0.0, |c| {
+                let (oh, ow) = c.g.output();
+                (c.c_in * c.c_out * c.g.k * c.g.k * oh * ow) as f64
+            }),
+            None => {
+                let s = &m.q(0).0.sizes;
+                (s[0] * s[1]) as f64
+            }
+        };
+        3.0 * self.forward_flops(batch, k) - 2.0 * first * batch as f64
     }
 
     fn batch_size(&self, x: &[f32], k: usize) -> Result<usize> {
