@@ -161,5 +161,33 @@ fn batch_wide(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, conv, winograd_parts, batch_wide);
+/// The weight gradient of a 3x3 convolution of one example from its shifted rows
+/// (`cargo bench --bench conv -- weight`): three gemms `dW_u += dy e_u^T` against the dot
+/// products the engine uses from 512 pixels up.
+fn weight_grad(c: &mut Criterion) {
+    use elbo::nn::planar::conv::{gemm_weight_grad, shifted_weight_grad};
+    for (o, ch, h, w) in [
+        (16, 16, 28, 28),
+        (16, 32, 28, 28),
+        (32, 32, 32, 32),
+        (32, 32, 14, 14),
+    ] {
+        let (ck, plane) = (3 * ch, (h + 2) * w);
+        let dy: Vec<f32> = (0..o * h * w)
+            .map(|i| ((i * 7919) % 13) as f32 * 0.1)
+            .collect();
+        let e: Vec<f32> = (0..ck * plane)
+            .map(|i| ((i * 104729) % 11) as f32 * 0.1)
+            .collect();
+        let mut dw = vec![0f32; 3 * o * ck];
+        c.bench_function(&format!("weight grad {o}x{ch} {h}x{w}: gemms"), |b| {
+            b.iter(|| gemm_weight_grad(&mut dw, &dy, &e, (o, ch, 3), (h, w)))
+        });
+        c.bench_function(&format!("weight grad {o}x{ch} {h}x{w}: engine"), |b| {
+            b.iter(|| shifted_weight_grad(&mut dw, &dy, &e, (o, ch, 3), (h, w)))
+        });
+    }
+}
+
+criterion_group!(benches, conv, winograd_parts, batch_wide, weight_grad);
 criterion_main!(benches);
