@@ -301,10 +301,7 @@ impl Plan {
     /// products per head (`Q^T K`, `[n, d] x [d, n]`, and `V A^T`, `[d, n] x [n, n]`: `2 C n^2`
     /// with `n = H W`). Normalisations, activations and softmax are not counted.
     fn forward_macs(&self, size: (usize, usize)) -> u64 {
-        let conv = |c: &ConvP, input: (usize, usize)| {
-            let (oh, ow) = c.geometry(input).output();
-            (c.o * c.c * c.k * c.k * oh * ow) as u64
-        };
+        let conv = |c: &ConvP, input: (usize, usize)| c.macs(input);
         let lin = |l: &LinP| (l.o * l.i) as u64;
         let route = self.route(size);
         let mut macs = lin(&self.time1) + lin(&self.time2) + conv(&self.conv_in, size);
@@ -837,10 +834,8 @@ impl FusedUnet {
     /// first layer).
     pub fn train_flops(&self, size: (usize, usize)) -> f64 {
         let p = &self.plan;
-        let (oh, ow) = p.conv_in.geometry(size).output();
-        let conv_in = p.conv_in.o * p.conv_in.c * p.conv_in.k * p.conv_in.k * oh * ow;
-        let time1 = p.time1.o * p.time1.i;
-        3.0 * self.forward_flops(size) - 2.0 * (conv_in + time1) as f64
+        let data_layers = p.conv_in.macs(size) + (p.time1.o * p.time1.i) as u64;
+        3.0 * self.forward_flops(size) - 2.0 * data_layers as f64
     }
 
     /// The number of parameters.

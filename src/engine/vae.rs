@@ -77,6 +77,15 @@ struct ConvSpec {
     size_out: usize,
 }
 
+impl ConvSpec {
+    /// Multiply-adds per example: `C_in C_out k^2` per pixel of `g`'s output (a transposed
+    /// convolution's input).
+    fn macs(&self) -> f64 {
+        let (oh, ow) = self.g.output();
+        (self.c_in * self.c_out * self.g.k * self.g.k * oh * ow) as f64
+    }
+}
+
 /// The convolutional encoder (x -> features) and decoder (features -> logits) around the first
 /// layer's MLPs (`VaeConfig::conv`):
 ///
@@ -553,15 +562,8 @@ impl FusedVae {
             macs += mlp(m.q(l)) * if l == 0 { rows } else { krows } + mlp(m.p(l)) * krows;
         }
         if let Some(conv) = &m.conv {
-            let per =
-                |c: &ConvSpec, pixels: usize| (c.c_in * c.c_out * c.g.k * c.g.k * pixels) as f64;
-            for c in &conv.down {
-                let (oh, ow) = c.g.output();
-                macs += per(c, oh * ow) * rows;
-            }
-            for c in &conv.up {
-                macs += per(c, c.size_in / c.c_in) * krows;
-            }
+            macs += conv.down.iter().map(ConvSpec::macs).sum::<f64>() * rows;
+            macs += conv.up.iter().map(ConvSpec::macs).sum::<f64>() * krows;
         }
         2.0 * macs
     }
@@ -572,10 +574,7 @@ impl FusedVae {
     pub fn train_flops(&self, batch: usize, k: usize) -> f64 {
         let m = &self.model;
         let first = match &m.conv {
-            Some(conv) => conv.down.first().map_or(0.0, |c| {
-                let (oh, ow) = c.g.output();
-                (c.c_in * c.c_out * c.g.k * c.g.k * oh * ow) as f64
-            }),
+            Some(conv) => conv.down.first().map_or(0.0, ConvSpec::macs),
             None => {
                 let s = &m.q(0).0.sizes;
                 (s[0] * s[1]) as f64

@@ -181,7 +181,8 @@ pub fn shifted_conv(
 /// contiguous over the plane's H W pixels, in tiles of 4 outputs o by 2 rows (u, r) that keep
 /// their 8 sums in AVX registers for the whole plane (gemm would pack both K = H W panels of
 /// this thin product first). `dwu` is k matrices `[O, C k]`, `e` the shifted rows
-/// `[C k, (H + k - 1) W]`; the caller checks the sizes and the CPU's AVX2 and FMA.
+/// `[C k, (H + k - 1) W]`; every row is a checked slice (a short buffer panics); the caller
+/// checks the CPU's AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_weight_grad(
@@ -250,16 +251,14 @@ pub fn shifted_weight_grad(
     (o, c, k): (usize, usize, usize),
     (h, w): (usize, usize),
 ) {
-    let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
-    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
     #[cfg(target_arch = "x86_64")]
-    if hw >= DOT_WEIGHT_GRAD_PIXELS
+    if h * w >= DOT_WEIGHT_GRAD_PIXELS
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
     {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); the assert above bounds every
-        // row that `dot_weight_grad` reads and every gradient it writes.
-        unsafe { dot_weight_grad(dwu, dy, e, (o, ck, k), (h, w)) };
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the kernel reads and writes
+        // through bounds-checked slices only.
+        unsafe { dot_weight_grad(dwu, dy, e, (o, c * k, k), (h, w)) };
         return;
     }
     gemm_weight_grad(dwu, dy, e, (o, c, k), (h, w));
@@ -318,6 +317,13 @@ impl ConvP {
             h,
             w,
         }
+    }
+
+    /// Multiply-adds of one example's pass over an input of `(h, w)`: `O C k^2` per output
+    /// pixel (the direct convolution's count, whichever algorithm runs it).
+    pub(crate) fn macs(&self, input: (usize, usize)) -> u64 {
+        let (oh, ow) = self.geometry(input).output();
+        (self.o * self.c * self.k * self.k * oh * ow) as u64
     }
 
     /// `x` `[C, H, W]` into `out` `[C, H + 1, W + 1]`, zeros in the last row and column.
