@@ -59,3 +59,4 @@ pub mod report;
 pub mod run_dir;
 pub mod train;
 pub mod vae;
+pub mod xla;

@@ -173,6 +173,23 @@ pub fn vae_step<'a>(
     vae: &'a Vae,
     objective: VaeObjective,
 ) -> Result<(Box<dyn TrainStep<Batch = VaeBatch> + 'a>, String)> {
+    if engine == Engine::Xla {
+        if !crate::xla::vae::supports(vae) {
+            bail!("--engine xla: takes MLP VAEs with --likelihood bernoulli (no --conv) for now");
+        }
+        let runtime = crate::xla::runtime().context("--engine xla")?;
+        let name = format!(
+            "XLA through PJRT ({}, API {}.{}) (--engine)",
+            runtime.platform(),
+            runtime.api_version().0,
+            runtime.api_version().1
+        );
+        let mut x = crate::xla::vae::XlaVae::from_vae(vae, runtime)?;
+        x.set_objective(objective.objective);
+        x.set_kl_estimator(objective.kl);
+        x.set_beta(objective.beta);
+        return Ok((Box::new(x), name));
+    }
     let (fused, name) = vae_training(engine, vae)?;
     if fused {
         let mut f = FusedVae::from_vae(vae)?;
@@ -562,6 +579,10 @@ pub enum Engine {
     Candle,
     /// The hand-derived fused CPU step of [`vae`] or [`unet`].
     Fused,
+    /// The step traced, differentiated and compiled by XLA into one program ([`crate::xla`]),
+    /// run by the PJRT plugin at `$ELBO_PJRT_PLUGIN` (`scripts/xla-plugin` installs the CPU
+    /// one): the VAE family's MLP models with the Bernoulli likelihood, for now.
+    Xla,
 }
 
 /// The engine of a VAE training step: `(fused, description)`. The fused engine takes the
@@ -575,6 +596,7 @@ pub fn vae_training(engine: Engine, vae: &Vae) -> Result<(bool, String)> {
         Engine::Fused => {
             bail!("--engine fused: needs the CPU and --likelihood bernoulli")
         }
+        Engine::Xla => bail!("--engine xla: not for this model"),
     };
     Ok((fused, describe(fused, engine)))
 }
@@ -592,6 +614,9 @@ pub fn unet_training(engine: Engine, net: &Net) -> Result<(Option<FusedUnet>, St
         }
         (_, Engine::Auto) => None,
         (_, Engine::Fused) => bail!("--engine fused: needs the U-Net and the CPU"),
+        (_, Engine::Xla) => {
+            bail!("--engine xla: takes the VAE family for now (the U-Net is on fused or candle)")
+        }
     };
     let name = describe(fused.is_some(), engine);
     Ok((fused, name))

@@ -882,7 +882,7 @@ const MIN_THREADED_ROWS: usize = 256;
 const MIN_SLICE_EXAMPLES: usize = 16;
 
 /// Copies the noise of examples `from..to` out of the batch's `[K, B, L]` per layer.
-fn gather_noise(
+pub(crate) fn gather_noise(
     eps: &[Vec<f32>],
     latents: &[usize],
     k: usize,

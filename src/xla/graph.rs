@@ -1,0 +1,651 @@
+//! A traced array program, its reverse-mode derivative, and its StableHLO text.
+//!
+//! A model builds its step as a [`Graph`] of f32 arrays: inputs, constants, elementwise maps,
+//! products ([`Graph::dot`]: `dot_general` with one contracting dimension each side),
+//! broadcasts and sums. [`Graph::grad`] appends the adjoint of a scalar with respect to any
+//! nodes (the chain rule node by node, newest first, as `jax.grad` traces it), and
+//! [`Graph::to_stablehlo`] prints the whole program as one MLIR module whose `main` takes the
+//! inputs and returns the chosen outputs, for XLA to fuse and compile ([`super::pjrt`]).
+//!
+//! Shapes are checked as nodes are made: a mismatch is a bug in the model's builder, reported
+//! as an error, never a malformed module.
+
+use std::fmt::Write;
+
+use anyhow::{Result, ensure};
+
+/// A node of a [`Graph`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct T(usize);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Log1p,
+    Tanh,
+    Logistic,
+    Abs,
+    Sign,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Input `i` of `main`.
+    Input(usize),
+    /// A constant splatted to the node's shape.
+    Const(f32),
+    Unary(Unary, T),
+    Binary(Binary, T, T),
+    /// 1.0 where `a > b`, else 0.0 (no derivative).
+    Greater(T, T),
+    /// The value, with no derivative (`jax.lax.stop_gradient`).
+    Stop(T),
+    /// `dot_general` contracting dimension `lc` of `a` with `rc` of `b` (both 2-D); the result
+    /// is `a`'s free dimension then `b`'s.
+    Dot(T, T, usize, usize),
+    /// `broadcast_in_dim`: operand dimension i becomes dimension `dims[i]` of the result.
+    Broadcast(T, Vec<usize>),
+    /// The sum over `dims`.
+    Sum(T, Vec<usize>),
+    /// The maximum over `dims` (no derivative: used inside log-sum-exp only).
+    MaxOver(T, Vec<usize>),
+    Reshape(T),
+    /// Values `start..start + len` of a 1-D array.
+    Slice(T, usize),
+    /// 1-D arrays end to end.
+    Concat(Vec<T>),
+    Transpose(T, Vec<usize>),
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    op: Op,
+    shape: Vec<usize>,
+}
+
+/// The program being traced.
+#[derive(Debug, Default, Clone)]
+pub struct Graph {
+    nodes: Vec<Node>,
+    inputs: Vec<T>,
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn shape(&self, t: T) -> &[usize] {
+        &self.nodes[t.0].shape
+    }
+
+    fn push(&mut self, op: Op, shape: Vec<usize>) -> T {
+        self.nodes.push(Node { op, shape });
+        T(self.nodes.len() - 1)
+    }
+
+    /// The next input of `main`, of shape `shape`.
+    pub fn input(&mut self, shape: &[usize]) -> T {
+        let t = self.push(Op::Input(self.inputs.len()), shape.to_vec());
+        self.inputs.push(t);
+        t
+    }
+
+    /// `value` everywhere in an array of shape `shape`.
+    pub fn constant(&mut self, value: f32, shape: &[usize]) -> T {
+        self.push(Op::Const(value), shape.to_vec())
+    }
+
+    /// `value` in an array shaped as `like`.
+    pub fn full_like(&mut self, value: f32, like: T) -> T {
+        let shape = self.shape(like).to_vec();
+        self.constant(value, &shape)
+    }
+
+    pub fn unary(&mut self, op: Unary, a: T) -> T {
+        let shape = self.shape(a).to_vec();
+        self.push(Op::Unary(op, a), shape)
+    }
+
+    pub fn binary(&mut self, op: Binary, a: T, b: T) -> Result<T> {
+        ensure!(
+            self.shape(a) == self.shape(b),
+            "XLA graph: {op:?} of shapes {:?} and {:?}",
+            self.shape(a),
+            self.shape(b)
+        );
+        let shape = self.shape(a).to_vec();
+        Ok(self.push(Op::Binary(op, a, b), shape))
+    }
+
+    pub fn add(&mut self, a: T, b: T) -> Result<T> {
+        self.binary(Binary::Add, a, b)
+    }
+    pub fn sub(&mut self, a: T, b: T) -> Result<T> {
+        self.binary(Binary::Sub, a, b)
+    }
+    pub fn mul(&mut self, a: T, b: T) -> Result<T> {
+        self.binary(Binary::Mul, a, b)
+    }
+    pub fn div(&mut self, a: T, b: T) -> Result<T> {
+        self.binary(Binary::Div, a, b)
+    }
+    pub fn max(&mut self, a: T, b: T) -> Result<T> {
+        self.binary(Binary::Max, a, b)
+    }
+    pub fn neg(&mut self, a: T) -> T {
+        self.unary(Unary::Neg, a)
+    }
+    pub fn exp(&mut self, a: T) -> T {
+        self.unary(Unary::Exp, a)
+    }
+    pub fn log(&mut self, a: T) -> T {
+        self.unary(Unary::Log, a)
+    }
+    pub fn tanh(&mut self, a: T) -> T {
+        self.unary(Unary::Tanh, a)
+    }
+    pub fn sigmoid(&mut self, a: T) -> T {
+        self.unary(Unary::Logistic, a)
+    }
+
+    /// `a * s` for a constant `s`.
+    pub fn scale(&mut self, a: T, s: f32) -> Result<T> {
+        let c = self.full_like(s, a);
+        self.mul(a, c)
+    }
+
+    /// `a + s` for a constant `s`.
+    pub fn offset(&mut self, a: T, s: f32) -> Result<T> {
+        let c = self.full_like(s, a);
+        self.add(a, c)
+    }
+
+    /// 1.0 where `a > b`, else 0.0; no derivative flows through it.
+    pub fn greater(&mut self, a: T, b: T) -> Result<T> {
+        ensure!(
+            self.shape(a) == self.shape(b),
+            "XLA graph: compare of different shapes"
+        );
+        let shape = self.shape(a).to_vec();
+        Ok(self.push(Op::Greater(a, b), shape))
+    }
+
+    pub fn stop_gradient(&mut self, a: T) -> T {
+        let shape = self.shape(a).to_vec();
+        self.push(Op::Stop(a), shape)
+    }
+
+    /// `dot_general(a, b)` contracting `a`'s dimension `lc` with `b`'s `rc` (2-D arrays): `[m,
+    /// k] x [k, n] -> [m, n]` is `dot(a, b, 1, 0)`; `a b^T` is `dot(a, b, 1, 1)`.
+    pub fn dot(&mut self, a: T, b: T, lc: usize, rc: usize) -> Result<T> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        ensure!(
+            sa.len() == 2 && sb.len() == 2 && lc < 2 && rc < 2 && sa[lc] == sb[rc],
+            "XLA graph: dot of {sa:?} (dim {lc}) and {sb:?} (dim {rc})"
+        );
+        Ok(self.push(Op::Dot(a, b, lc, rc), vec![sa[1 - lc], sb[1 - rc]]))
+    }
+
+    /// `a` broadcast to `shape`, its dimension i becoming `dims[i]` (sizes equal).
+    pub fn broadcast(&mut self, a: T, dims: &[usize], shape: &[usize]) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        ensure!(
+            dims.len() == sa.len()
+                && dims
+                    .iter()
+                    .zip(&sa)
+                    .all(|(&d, &n)| d < shape.len() && shape[d] == n)
+                && dims.windows(2).all(|w| w[0] < w[1]),
+            "XLA graph: broadcast of {sa:?} along {dims:?} to {shape:?}"
+        );
+        Ok(self.push(Op::Broadcast(a, dims.to_vec()), shape.to_vec()))
+    }
+
+    /// The sum over dimensions `dims` (increasing).
+    pub fn sum(&mut self, a: T, dims: &[usize]) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        ensure!(
+            dims.iter().all(|&d| d < sa.len()) && dims.windows(2).all(|w| w[0] < w[1]),
+            "XLA graph: sum of {sa:?} over {dims:?}"
+        );
+        let shape = (0..sa.len())
+            .filter(|d| !dims.contains(d))
+            .map(|d| sa[d])
+            .collect();
+        Ok(self.push(Op::Sum(a, dims.to_vec()), shape))
+    }
+
+    /// The sum of every value: a scalar.
+    pub fn sum_all(&mut self, a: T) -> Result<T> {
+        let dims: Vec<usize> = (0..self.shape(a).len()).collect();
+        self.sum(a, &dims)
+    }
+
+    /// The maximum over `dims`, with no derivative.
+    pub fn max_over(&mut self, a: T, dims: &[usize]) -> Result<T> {
+        let s = self.sum(a, dims)?;
+        let shape = self.shape(s).to_vec();
+        self.nodes.pop();
+        Ok(self.push(Op::MaxOver(a, dims.to_vec()), shape))
+    }
+
+    pub fn reshape(&mut self, a: T, shape: &[usize]) -> Result<T> {
+        ensure!(
+            numel(self.shape(a)) == numel(shape),
+            "XLA graph: reshape of {:?} to {shape:?}",
+            self.shape(a)
+        );
+        Ok(self.push(Op::Reshape(a), shape.to_vec()))
+    }
+
+    pub fn transpose(&mut self, a: T, perm: &[usize]) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        let mut seen = vec![false; sa.len()];
+        ensure!(
+            perm.len() == sa.len()
+                && perm
+                    .iter()
+                    .all(|&p| p < sa.len() && !std::mem::replace(&mut seen[p], true)),
+            "XLA graph: transpose of {sa:?} by {perm:?}"
+        );
+        let shape = perm.iter().map(|&p| sa[p]).collect();
+        Ok(self.push(Op::Transpose(a, perm.to_vec()), shape))
+    }
+
+    /// Values `start..start + len` of the 1-D array `a`.
+    pub fn slice(&mut self, a: T, start: usize, len: usize) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        ensure!(
+            sa.len() == 1 && start + len <= sa[0],
+            "XLA graph: slice {start}..{} of {sa:?}",
+            start + len
+        );
+        Ok(self.push(Op::Slice(a, start), vec![len]))
+    }
+
+    /// 1-D arrays end to end.
+    pub fn concat(&mut self, parts: &[T]) -> Result<T> {
+        ensure!(!parts.is_empty(), "XLA graph: concatenation of nothing");
+        let mut n = 0;
+        for &p in parts {
+            ensure!(
+                self.shape(p).len() == 1,
+                "XLA graph: concatenation of {:?}",
+                self.shape(p)
+            );
+            n += self.shape(p)[0];
+        }
+        Ok(self.push(Op::Concat(parts.to_vec()), vec![n]))
+    }
+
+    /// `log sum exp` over dimension `dim` of a 2-D array, stable (the maximum subtracted, with
+    /// no derivative: the gradient is the softmax either way).
+    pub fn logsumexp(&mut self, a: T, dim: usize) -> Result<T> {
+        let shape = self.shape(a).to_vec();
+        ensure!(shape.len() == 2, "XLA graph: logsumexp of {shape:?}");
+        let keep = 1 - dim;
+        let m = self.max_over(a, &[dim])?;
+        let mb = self.broadcast(m, &[keep], &shape)?;
+        let d = self.sub(a, mb)?;
+        let e = self.exp(d);
+        let s = self.sum(e, &[dim])?;
+        let l = self.log(s);
+        self.add(l, m)
+    }
+
+    /// `softplus(a) = log(1 + e^a) = max(a, 0) + log1p(e^{-|a|})`, stable.
+    pub fn softplus(&mut self, a: T) -> Result<T> {
+        let zero = self.full_like(0.0, a);
+        let m = self.max(a, zero)?;
+        let abs = self.unary(Unary::Abs, a);
+        let na = self.neg(abs);
+        let e = self.exp(na);
+        let l = self.unary(Unary::Log1p, e);
+        self.add(m, l)
+    }
+
+    /// The derivative of the scalar `y` with respect to each of `wrt`, appended to the graph:
+    /// reverse mode, each node's adjoint the sum of its uses' contributions.
+    pub fn grad(&mut self, y: T, wrt: &[T]) -> Result<Vec<T>> {
+        ensure!(
+            self.shape(y).is_empty(),
+            "XLA graph: grad of a non-scalar {:?}",
+            self.shape(y)
+        );
+        let n = y.0 + 1;
+        let mut adj: Vec<Option<T>> = vec![None; n];
+        adj[y.0] = Some(self.constant(1.0, &[]));
+        for i in (0..n).rev() {
+            let Some(g) = adj[i] else { continue };
+            let node = self.nodes[i].clone();
+            let out = T(i);
+            let acc = |graph: &mut Graph, adj: &mut Vec<Option<T>>, to: T, v: T| -> Result<()> {
+                adj[to.0] = Some(match adj[to.0] {
+                    Some(prev) => graph.add(prev, v)?,
+                    None => v,
+                });
+                Ok(())
+            };
+            match node.op {
+                Op::Input(_) | Op::Const(_) | Op::Greater(..) | Op::Stop(_) | Op::MaxOver(..) => {}
+                Op::Unary(u, a) => {
+                    let d = match u {
+                        Unary::Neg => self.neg(g),
+                        // d e^a = e^a
+                        Unary::Exp => self.mul(g, out)?,
+                        Unary::Log => self.div(g, a)?,
+                        Unary::Log1p => {
+                            let one = self.offset(a, 1.0)?;
+                            self.div(g, one)?
+                        }
+                        // d tanh = 1 - tanh^2
+                        Unary::Tanh => {
+                            let sq = self.mul(out, out)?;
+                            let one = self.full_like(1.0, out);
+                            let d = self.sub(one, sq)?;
+                            self.mul(g, d)?
+                        }
+                        // d sigma = sigma (1 - sigma)
+                        Unary::Logistic => {
+                            let one = self.full_like(1.0, out);
+                            let c = self.sub(one, out)?;
+                            let d = self.mul(out, c)?;
+                            self.mul(g, d)?
+                        }
+                        Unary::Abs => {
+                            let s = self.unary(Unary::Sign, a);
+                            self.mul(g, s)?
+                        }
+                        Unary::Sign => continue,
+                    };
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Binary(op, a, b) => match op {
+                    Binary::Add => {
+                        acc(self, &mut adj, a, g)?;
+                        acc(self, &mut adj, b, g)?;
+                    }
+                    Binary::Sub => {
+                        acc(self, &mut adj, a, g)?;
+                        let ng = self.neg(g);
+                        acc(self, &mut adj, b, ng)?;
+                    }
+                    Binary::Mul => {
+                        let da = self.mul(g, b)?;
+                        let db = self.mul(g, a)?;
+                        acc(self, &mut adj, a, da)?;
+                        acc(self, &mut adj, b, db)?;
+                    }
+                    // d(a/b) = da / b - db a / b^2 = (da - db out) / b
+                    Binary::Div => {
+                        let da = self.div(g, b)?;
+                        let t = self.mul(da, out)?;
+                        let db = self.neg(t);
+                        acc(self, &mut adj, a, da)?;
+                        acc(self, &mut adj, b, db)?;
+                    }
+                    // To a where a > b, else to b.
+                    Binary::Max => {
+                        let m = self.greater(a, b)?;
+                        let da = self.mul(g, m)?;
+                        let db = self.sub(g, da)?;
+                        acc(self, &mut adj, a, da)?;
+                        acc(self, &mut adj, b, db)?;
+                    }
+                },
+                // c = a . b contracting (lc, rc); g has a's free dim then b's.
+                // dA = g contracted with b over b's free dim, laid out as a.
+                Op::Dot(a, b, lc, rc) => {
+                    // dA[free_a, k] = sum_j g[free_a, j] b[.., j]: dot(g, b, 1, 1 - rc) gives
+                    // [free_a, k]; transpose when a's contracting dim is first.
+                    let da = self.dot(g, b, 1, 1 - rc)?;
+                    let da = if lc == 1 {
+                        da
+                    } else {
+                        self.transpose(da, &[1, 0])?
+                    };
+                    let db = self.dot(a, g, 1 - lc, 0)?;
+                    let db = if rc == 0 {
+                        db
+                    } else {
+                        self.transpose(db, &[1, 0])?
+                    };
+                    acc(self, &mut adj, a, da)?;
+                    acc(self, &mut adj, b, db)?;
+                }
+                Op::Broadcast(a, dims) => {
+                    let rank = node.shape.len();
+                    let summed: Vec<usize> = (0..rank).filter(|d| !dims.contains(d)).collect();
+                    let d = if summed.is_empty() {
+                        g
+                    } else {
+                        self.sum(g, &summed)?
+                    };
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Sum(a, dims) => {
+                    let sa = self.shape(a).to_vec();
+                    let kept: Vec<usize> = (0..sa.len()).filter(|d| !dims.contains(d)).collect();
+                    let d = self.broadcast(g, &kept, &sa)?;
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Reshape(a) => {
+                    let sa = self.shape(a).to_vec();
+                    let d = self.reshape(g, &sa)?;
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Transpose(a, perm) => {
+                    let mut inv = vec![0; perm.len()];
+                    for (i, &p) in perm.iter().enumerate() {
+                        inv[p] = i;
+                    }
+                    let d = self.transpose(g, &inv)?;
+                    acc(self, &mut adj, a, d)?;
+                }
+                // Parameters are sliced out of one flat input and their derivatives concatenated
+                // back by the caller: no derivative is taken through either.
+                Op::Slice(..) | Op::Concat(_) => {}
+            }
+        }
+        wrt.iter()
+            .map(|&w| {
+                Ok(match adj.get(w.0).copied().flatten() {
+                    Some(g) => g,
+                    None => self.full_like(0.0, w),
+                })
+            })
+            .collect()
+    }
+
+    /// The module: `main` takes the inputs in the order they were made and returns `outputs`.
+    pub fn to_stablehlo(&self, outputs: &[T]) -> Result<String> {
+        let ty = |shape: &[usize]| -> String {
+            let mut s = String::from("tensor<");
+            for d in shape {
+                let _ = write!(s, "{d}x");
+            }
+            s.push_str("f32>");
+            s
+        };
+        let list = |v: &[usize]| -> String {
+            v.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // Only the nodes the outputs need.
+        let mut live = vec![false; self.nodes.len()];
+        for &o in outputs {
+            ensure!(
+                o.0 < self.nodes.len(),
+                "XLA graph: output {o:?} is not a node"
+            );
+            live[o.0] = true;
+        }
+        for i in (0..self.nodes.len()).rev() {
+            if !live[i] {
+                continue;
+            }
+            for a in self.operands(i) {
+                live[a.0] = true;
+            }
+        }
+        let mut m = String::from("module @elbo {\n  func.func public @main(");
+        let args: Vec<String> = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("%arg{i}: {}", ty(self.shape(*t))))
+            .collect();
+        m.push_str(&args.join(", "));
+        let results: Vec<String> = outputs.iter().map(|t| ty(self.shape(*t))).collect();
+        let _ = writeln!(m, ") -> ({}) {{", results.join(", "));
+        let name = |t: T| format!("%v{}", t.0);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !live[i] {
+                continue;
+            }
+            let out_ty = ty(&node.shape);
+            let v = format!("%v{i}");
+            let line = match &node.op {
+                Op::Input(k) => format!("{v} = stablehlo.reshape %arg{k} : ({out_ty}) -> {out_ty}"),
+                // The exact bits, as MLIR reads a hexadecimal float literal.
+                Op::Const(c) => format!(
+                    "{v} = stablehlo.constant dense<0x{:08X}> : {out_ty}",
+                    c.to_bits()
+                ),
+                Op::Unary(u, a) => {
+                    let op = match u {
+                        Unary::Neg => "negate",
+                        Unary::Exp => "exponential",
+                        Unary::Log => "log",
+                        Unary::Log1p => "log_plus_one",
+                        Unary::Tanh => "tanh",
+                        Unary::Logistic => "logistic",
+                        Unary::Abs => "abs",
+                        Unary::Sign => "sign",
+                    };
+                    format!("{v} = stablehlo.{op} {} : {out_ty}", name(*a))
+                }
+                Op::Binary(b, x, y) => {
+                    let op = match b {
+                        Binary::Add => "add",
+                        Binary::Sub => "subtract",
+                        Binary::Mul => "multiply",
+                        Binary::Div => "divide",
+                        Binary::Max => "maximum",
+                    };
+                    format!("{v} = stablehlo.{op} {}, {} : {out_ty}", name(*x), name(*y))
+                }
+                Op::Greater(x, y) => {
+                    let pred = ty(&node.shape).replace("f32", "i1");
+                    format!(
+                        "{v}p = stablehlo.compare GT, {}, {}, FLOAT : ({out_ty}, {out_ty}) -> {pred}\n    {v} = stablehlo.convert {v}p : ({pred}) -> {out_ty}",
+                        name(*x),
+                        name(*y)
+                    )
+                }
+                Op::Stop(a) => format!(
+                    "{v} = stablehlo.reshape {} : ({out_ty}) -> {out_ty}",
+                    name(*a)
+                ),
+                Op::Dot(a, b, lc, rc) => format!(
+                    "{v} = stablehlo.dot_general {}, {}, contracting_dims = [{lc}] x [{rc}] : ({}, {}) -> {out_ty}",
+                    name(*a),
+                    name(*b),
+                    ty(self.shape(*a)),
+                    ty(self.shape(*b))
+                ),
+                Op::Broadcast(a, dims) => format!(
+                    "{v} = stablehlo.broadcast_in_dim {}, dims = [{}] : ({}) -> {out_ty}",
+                    name(*a),
+                    list(dims),
+                    ty(self.shape(*a))
+                ),
+                Op::Sum(a, dims) | Op::MaxOver(a, dims) => {
+                    let (init, op) = match node.op {
+                        Op::Sum(..) => ("0.0", "add"),
+                        _ => ("0xFF800000", "maximum"),
+                    };
+                    format!(
+                        "{v}i = stablehlo.constant dense<{init}> : tensor<f32>\n    {v} = stablehlo.reduce({} init: {v}i) applies stablehlo.{op} across dimensions = [{}] : ({}, tensor<f32>) -> {out_ty}",
+                        name(*a),
+                        list(dims),
+                        ty(self.shape(*a))
+                    )
+                }
+                Op::Reshape(a) => format!(
+                    "{v} = stablehlo.reshape {} : ({}) -> {out_ty}",
+                    name(*a),
+                    ty(self.shape(*a))
+                ),
+                Op::Transpose(a, perm) => format!(
+                    "{v} = stablehlo.transpose {}, dims = [{}] : ({}) -> {out_ty}",
+                    name(*a),
+                    list(perm),
+                    ty(self.shape(*a))
+                ),
+                Op::Slice(a, start) => format!(
+                    "{v} = stablehlo.slice {} [{start}:{}] : ({}) -> {out_ty}",
+                    name(*a),
+                    start + node.shape[0],
+                    ty(self.shape(*a))
+                ),
+                Op::Concat(parts) => {
+                    let names: Vec<String> = parts.iter().map(|p| name(*p)).collect();
+                    let tys: Vec<String> = parts.iter().map(|p| ty(self.shape(*p))).collect();
+                    format!(
+                        "{v} = stablehlo.concatenate {}, dim = 0 : ({}) -> {out_ty}",
+                        names.join(", "),
+                        tys.join(", ")
+                    )
+                }
+            };
+            let _ = writeln!(m, "    {line}");
+        }
+        let outs: Vec<String> = outputs.iter().map(|t| name(*t)).collect();
+        let _ = writeln!(m, "    return {} : {}", outs.join(", "), results.join(", "));
+        m.push_str("  }\n}\n");
+        Ok(m)
+    }
+
+    fn operands(&self, i: usize) -> Vec<T> {
+        match &self.nodes[i].op {
+            Op::Input(_) | Op::Const(_) => vec![],
+            Op::Unary(_, a)
+            | Op::Stop(a)
+            | Op::Broadcast(a, _)
+            | Op::Sum(a, _)
+            | Op::MaxOver(a, _)
+            | Op::Reshape(a)
+            | Op::Slice(a, _)
+            | Op::Transpose(a, _) => vec![*a],
+            Op::Binary(_, a, b) | Op::Greater(a, b) | Op::Dot(a, b, _, _) => vec![*a, *b],
+            Op::Concat(parts) => parts.clone(),
+        }
+    }
+
+    /// The shapes of `main`'s inputs, in order.
+    pub fn input_shapes(&self) -> Vec<Vec<usize>> {
+        self.inputs
+            .iter()
+            .map(|t| self.shape(*t).to_vec())
+            .collect()
+    }
+}

@@ -1,0 +1,556 @@
+//! The VAE family's training step on XLA: the MLP VAEs of [`crate::vae::model`] (any number of
+//! stochastic layers, MLPs of any depth, width and activation, the Bernoulli likelihood), the
+//! ELBO (closed-form or Monte Carlo top KL, beta) and the IWAE objective with K samples. The
+//! step is traced once per (rows, K) as an array program ([`super::graph`]), differentiated
+//! there and compiled into one XLA executable; a step is one call of it.
+//!
+//! It computes what the fused CPU engine ([`crate::engine::vae`]) computes, from the same
+//! batch and noise (drawn on the host, [`VaeBatch`], and uploaded: `[K, B, L_l]` per layer, a
+//! few hundred kB per step at batch 128), with the same parameter layout, and is checked
+//! against it in `tests/xla.rs`. With rows `r = k n + b` of the n examples' K samples:
+//!
+//! ```text
+//! z_l   = m + e^{lv/2} eps                 [K n, L_l]  (q(z_1|x)'s m, lv [n, L_1], shared by the K rows)
+//! ratio = log p(z_l|.) - log q(z_l|.)      [K n]       (constants cancel: log q = -1/2 sum (lv + eps^2))
+//! rec   = sum_d x l - softplus(l)          [K n]       (log p(x|z_1), Bernoulli logits l)
+//! ELBO  loss = -(1/B) sum_b [(1/K) sum_k (rec + beta sum_{l<L} ratio_l) - beta KL_L]
+//! IWAE  loss = -(1/B) sum_b [log sum_k e^{rec + sum_l ratio_l} - log K]
+//! ```
+//!
+//! with B the whole batch (a data-parallel rank runs n of its rows) and KL_L the top layer's
+//! closed form `-1/2 sum (1 + lv - m^2 - e^lv)` (or, with `KlEstimator::MonteCarlo`, `-ratio_L`
+//! inside the sum).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::{Result, bail, ensure};
+use candle_core::Tensor;
+
+use super::graph::{Graph, T};
+use super::pjrt::{Executable, Runtime};
+use crate::engine::TrainStep;
+use crate::engine::vae::{VaeBatch, gather_noise};
+use crate::nn::activation::Activation;
+use crate::nn::mlp::MlpShape;
+use crate::optim::{ParamEntry, ParamTable};
+use crate::vae::model::{Likelihood, Vae, VaeConfig};
+use crate::vae::objective::{KlEstimator, Objective};
+
+/// Whether the XLA engine computes this model: MLP VAEs with the Bernoulli likelihood.
+pub fn supports(vae: &Vae) -> bool {
+    vae.config.likelihood == Likelihood::Bernoulli && vae.config.conv.is_none()
+}
+
+/// The model's networks and where each sits in the flat parameter buffer.
+#[derive(Debug, Clone)]
+struct Layout {
+    d: usize,
+    latents: Vec<usize>,
+    /// q(z_1|x), ..., q(z_L|z_{L-1}), then p(x|z_1), p(z_1|z_2), ..., p(z_{L-1}|z_L).
+    nets: Vec<(MlpShape, usize)>,
+    len: usize,
+}
+
+impl Layout {
+    fn new(config: &VaeConfig) -> Self {
+        let mut offset = 0;
+        let mut nets = Vec::new();
+        for spec in config.networks() {
+            let count = spec.shape.parameter_count();
+            nets.push((spec.shape, offset));
+            offset += count;
+        }
+        Self {
+            d: config.input_dim,
+            latents: config.latent_dims.clone(),
+            nets,
+            len: offset,
+        }
+    }
+
+    fn layers(&self) -> usize {
+        self.latents.len()
+    }
+}
+
+/// The traced step's parameters: each a slice of the flat input, recorded with its offset so
+/// the derivatives can be concatenated back into one flat gradient.
+struct Params {
+    flat: T,
+    pieces: Vec<(usize, T)>,
+}
+
+impl Params {
+    /// Values `offset..offset + numel(shape)` of the flat buffer, as an array of `shape`.
+    fn take(&mut self, g: &mut Graph, offset: usize, shape: &[usize]) -> Result<T> {
+        let n = shape.iter().product();
+        let s = g.slice(self.flat, offset, n)?;
+        let t = g.reshape(s, shape)?;
+        self.pieces.push((offset, t));
+        Ok(t)
+    }
+
+    /// The derivative of `loss` with respect to the whole flat buffer.
+    fn gradient(&self, g: &mut Graph, loss: T, len: usize) -> Result<T> {
+        let mut pieces = self.pieces.clone();
+        pieces.sort_by_key(|p| p.0);
+        let wrt: Vec<T> = pieces.iter().map(|p| p.1).collect();
+        let grads = g.grad(loss, &wrt)?;
+        let mut flat = Vec::with_capacity(grads.len());
+        let mut at = 0;
+        for ((offset, t), dt) in pieces.iter().zip(grads) {
+            ensure!(
+                *offset == at,
+                "XLA VAE: parameters {at}..{offset} are not used"
+            );
+            let n: usize = g.shape(*t).iter().product();
+            flat.push(g.reshape(dt, &[n])?);
+            at += n;
+        }
+        ensure!(at == len, "XLA VAE: parameters {at}..{len} are not used");
+        g.concat(&flat)
+    }
+}
+
+/// `f(a)` elementwise, as [`Activation::forward`] computes it.
+fn activate(g: &mut Graph, f: Activation, a: T) -> Result<T> {
+    Ok(match f {
+        Activation::Tanh => g.tanh(a),
+        Activation::Sigmoid => g.sigmoid(a),
+        Activation::Relu => {
+            let z = g.full_like(0.0, a);
+            g.max(a, z)?
+        }
+        Activation::Softplus => g.softplus(a)?,
+        // max(a, 0) + e^{min(a, 0)} - 1
+        Activation::Elu => {
+            let z = g.full_like(0.0, a);
+            let pos = g.max(a, z)?;
+            let na = g.neg(a);
+            let m = g.max(na, z)?;
+            let nm = g.neg(m);
+            let e = g.exp(nm);
+            let em1 = g.offset(e, -1.0)?;
+            g.add(pos, em1)?
+        }
+        Activation::Silu => {
+            let s = g.sigmoid(a);
+            g.mul(a, s)?
+        }
+    })
+}
+
+/// `h W^T + b` for `h` `[rows, in]`, `W` `[out, in]`, `b` `[out]`.
+fn affine(g: &mut Graph, h: T, w: T, b: T) -> Result<T> {
+    let y = g.dot(h, w, 1, 1)?;
+    let shape = g.shape(y).to_vec();
+    let bb = g.broadcast(b, &[1], &shape)?;
+    g.add(y, bb)
+}
+
+/// An MLP of `net` on `x` `[rows, sizes[0]]`: hidden layers through the activation, the last
+/// linear. With `split`, the last layer's `2L` outputs come back as two `[rows, L]` arrays
+/// (the Gaussian head `[mean; log variance]`, its weight rows and bias halves adjacent).
+fn mlp(
+    g: &mut Graph,
+    p: &mut Params,
+    net: &(MlpShape, usize),
+    x: T,
+    split: bool,
+) -> Result<(T, Option<T>)> {
+    let (shape, base) = net;
+    let layers = shape.layers();
+    let mut h = x;
+    for i in 0..layers {
+        let (offset, inp, out) = shape.layer(i);
+        let at = base + offset;
+        if i + 1 == layers && split {
+            let half = out / 2;
+            let wm = p.take(g, at, &[half, inp])?;
+            let wv = p.take(g, at + half * inp, &[half, inp])?;
+            let bm = p.take(g, at + out * inp, &[half])?;
+            let bv = p.take(g, at + out * inp + half, &[half])?;
+            let m = affine(g, h, wm, bm)?;
+            let lv = affine(g, h, wv, bv)?;
+            return Ok((m, Some(lv)));
+        }
+        let w = p.take(g, at, &[out, inp])?;
+        let b = p.take(g, at + out * inp, &[out])?;
+        let a = affine(g, h, w, b)?;
+        h = if i + 1 == layers {
+            a
+        } else {
+            activate(g, shape.activation, a)?
+        };
+    }
+    Ok((h, None))
+}
+
+/// The sum over the last dimension of a 2-D array.
+fn row_sum(g: &mut Graph, a: T) -> Result<T> {
+    g.sum(a, &[1])
+}
+
+/// `[n, L]` repeated for the K samples as `[K n, L]` (row `k n + b` is row b).
+fn repeat_k(g: &mut Graph, a: T, k: usize) -> Result<T> {
+    let s = g.shape(a).to_vec();
+    let b = g.broadcast(a, &[1, 2], &[k, s[0], s[1]])?;
+    g.reshape(b, &[k * s[0], s[1]])
+}
+
+/// Per example, the sum over its K rows of `[K n]` values: `[n]`.
+fn sum_k(g: &mut Graph, a: T, k: usize) -> Result<T> {
+    let n = g.shape(a)[0] / k;
+    let r = g.reshape(a, &[k, n])?;
+    g.sum(r, &[0])
+}
+
+/// What a traced step returns, in this order.
+struct StepGraph {
+    graph: Graph,
+    outputs: Vec<T>,
+}
+
+/// Traces the training step on n examples with K samples (module doc). Inputs: the flat
+/// parameters `[P]`, `x` `[n, D]`, the noise `[K n, L_l]` per layer, `1/B` and beta (scalars).
+/// Outputs: the loss (its derivative's target), per example `sum_k log p(x|z_1)` `[n]`, per
+/// layer `sum_k KL_l` `[n]`, `log sum_k w` `[n]`, and the flat gradient `[P]`.
+fn trace_step(
+    layout: &Layout,
+    n: usize,
+    k: usize,
+    objective: Objective,
+    kl: KlEstimator,
+) -> Result<StepGraph> {
+    let mut g = Graph::new();
+    let flat = g.input(&[layout.len]);
+    let mut p = Params {
+        flat,
+        pieces: Vec::new(),
+    };
+    let x = g.input(&[n, layout.d]);
+    let eps: Vec<T> = layout
+        .latents
+        .iter()
+        .map(|&l| g.input(&[k * n, l]))
+        .collect();
+    let inv_b = g.input(&[]);
+    let beta = g.input(&[]);
+    let layers = layout.layers();
+    let top = layers - 1;
+    let rows = k * n;
+
+    // Inference, bottom-up: z_l = m + e^{lv/2} eps, and -log q(z_l|.) + const per row.
+    let mut z = Vec::with_capacity(layers);
+    let mut neg_log_q = Vec::with_capacity(layers);
+    let mut top_kl = None;
+    for l in 0..layers {
+        let input = if l == 0 { x } else { z[l - 1] };
+        let (m, lv) = mlp(&mut g, &mut p, &layout.nets[l], input, true)?;
+        let lv = lv.expect("a Gaussian head");
+        if l == top {
+            // -1/2 sum (1 + lv - m^2 - e^lv) per source row.
+            let one = g.offset(lv, 1.0)?;
+            let m2 = g.mul(m, m)?;
+            let e = g.exp(lv);
+            let a = g.sub(one, m2)?;
+            let a = g.sub(a, e)?;
+            let s = row_sum(&mut g, a)?;
+            let s = g.scale(s, -0.5)?;
+            // Per row of the K n: the K samples of an example share q(z_1|x).
+            top_kl = Some(if l == 0 {
+                let s2 = g.reshape(s, &[n, 1])?;
+                let r = repeat_k(&mut g, s2, k)?;
+                g.reshape(r, &[rows])?
+            } else {
+                s
+            });
+        }
+        let (m, lv) = if l == 0 {
+            (repeat_k(&mut g, m, k)?, repeat_k(&mut g, lv, k)?)
+        } else {
+            (m, lv)
+        };
+        let half = g.scale(lv, 0.5)?;
+        let sd = g.exp(half);
+        let se = g.mul(sd, eps[l])?;
+        z.push(g.add(m, se)?);
+        let e2 = g.mul(eps[l], eps[l])?;
+        let q = g.add(lv, e2)?;
+        let q = row_sum(&mut g, q)?;
+        neg_log_q.push(g.scale(q, 0.5)?);
+    }
+
+    // Generation: log p(z_l|z_{l+1}) (the top's prior N(0, I)) and log p(x|z_1).
+    let mut ratio = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let log_p = if l == top {
+            let z2 = g.mul(z[l], z[l])?;
+            let s = row_sum(&mut g, z2)?;
+            g.scale(s, -0.5)?
+        } else {
+            let (pm, plv) = mlp(&mut g, &mut p, &layout.nets[layers + l + 1], z[l + 1], true)?;
+            let plv = plv.expect("a Gaussian head");
+            // -1/2 sum (plv + (z - m)^2 e^{-plv})
+            let dz = g.sub(z[l], pm)?;
+            let dz2 = g.mul(dz, dz)?;
+            let nplv = g.neg(plv);
+            let prec = g.exp(nplv);
+            let t = g.mul(dz2, prec)?;
+            let a = g.add(plv, t)?;
+            let s = row_sum(&mut g, a)?;
+            g.scale(s, -0.5)?
+        };
+        ratio.push(g.add(log_p, neg_log_q[l])?);
+    }
+    let (logits, _) = mlp(&mut g, &mut p, &layout.nets[layers], z[0], false)?;
+    let xk = repeat_k(&mut g, x, k)?;
+    let xl = g.mul(xk, logits)?;
+    let sp = g.softplus(logits)?;
+    let lp = g.sub(xl, sp)?;
+    let rec = row_sum(&mut g, lp)?;
+
+    // log w per row, and per example log sum_k w.
+    let mut log_w = rec;
+    for &r in &ratio {
+        log_w = g.add(log_w, r)?;
+    }
+    let lw = g.reshape(log_w, &[k, n])?;
+    let lse = g.logsumexp(lw, 0)?;
+
+    let inv_bn = g.broadcast(inv_b, &[], &[n])?;
+    let per_example = match objective {
+        Objective::Iwae => g.offset(lse, -(k as f32).ln())?,
+        Objective::Elbo => {
+            let closed = kl == KlEstimator::Analytic;
+            let mut f = rec;
+            let beta_r = g.broadcast(beta, &[], &[rows])?;
+            for (l, &r) in ratio.iter().enumerate() {
+                if l == top && closed {
+                    let t = g.mul(beta_r, top_kl.expect("the top layer's KL"))?;
+                    f = g.sub(f, t)?;
+                } else {
+                    let t = g.mul(beta_r, r)?;
+                    f = g.add(f, t)?;
+                }
+            }
+            let s = sum_k(&mut g, f, k)?;
+            g.scale(s, 1.0 / k as f32)?
+        }
+    };
+    let weighted = g.mul(per_example, inv_bn)?;
+    let total = g.sum_all(weighted)?;
+    let loss = g.neg(total);
+
+    // Reported per example: sum_k rec, sum_k KL_l (the top's closed form unless the ELBO
+    // trains on its Monte Carlo estimate), log sum_k w.
+    let rec_b = sum_k(&mut g, rec, k)?;
+    let mut outputs = vec![loss, rec_b];
+    for (l, &r) in ratio.iter().enumerate() {
+        let mc_top = objective == Objective::Elbo && kl == KlEstimator::MonteCarlo;
+        let v = if l == top && !mc_top {
+            top_kl.expect("the top layer's KL")
+        } else {
+            g.neg(r)
+        };
+        outputs.push(sum_k(&mut g, v, k)?);
+    }
+    outputs.push(lse);
+    let grad = p.gradient(&mut g, loss, layout.len)?;
+    outputs.push(grad);
+    Ok(StepGraph { graph: g, outputs })
+}
+
+/// The VAE's training step on XLA (a [`TrainStep`] of the one training loop, whose Adam
+/// updates the buffer it passes in).
+pub struct XlaVae {
+    layout: Layout,
+    table: ParamTable,
+    params: Vec<f32>,
+    objective: Objective,
+    kl: KlEstimator,
+    beta: f64,
+    runtime: Arc<Runtime>,
+    /// One executable per (rows, K).
+    compiled: HashMap<(usize, usize), Executable>,
+    noise: Vec<Vec<f32>>,
+}
+
+impl XlaVae {
+    /// The engine for `vae`, with a copy of its parameters, on `runtime`.
+    pub fn from_vae(vae: &Vae, runtime: Arc<Runtime>) -> Result<Self> {
+        if !supports(vae) {
+            bail!("the XLA engine takes MLP VAEs with the Bernoulli likelihood");
+        }
+        let layout = Layout::new(&vae.config);
+        let entries = vae
+            .config
+            .flat_entries()
+            .into_iter()
+            .map(|(name, offset, shape)| ParamEntry {
+                name,
+                shape,
+                offset,
+            })
+            .collect();
+        let table = ParamTable::with_offsets(entries, layout.len)?;
+        let named: HashMap<String, Tensor> = vae
+            .params()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let mut params = vec![0f32; layout.len];
+        table.read(&named, "", "the VAE", &mut params)?;
+        Ok(Self {
+            layout,
+            table,
+            params,
+            objective: Objective::Elbo,
+            kl: KlEstimator::Analytic,
+            beta: 1.0,
+            runtime,
+            compiled: HashMap::new(),
+            noise: Vec::new(),
+        })
+    }
+
+    pub fn set_objective(&mut self, objective: Objective) {
+        if objective != self.objective {
+            self.compiled.clear();
+        }
+        self.objective = objective;
+    }
+
+    pub fn set_kl_estimator(&mut self, kl: KlEstimator) {
+        if kl != self.kl {
+            self.compiled.clear();
+        }
+        self.kl = kl;
+    }
+
+    pub fn set_beta(&mut self, beta: f64) {
+        self.beta = beta;
+    }
+
+    /// The model's parameters as the engine holds them.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The StableHLO module of the step on `n` examples with `k` samples.
+    pub fn stablehlo(&self, n: usize, k: usize) -> Result<String> {
+        let s = trace_step(&self.layout, n, k, self.objective, self.kl)?;
+        s.graph.to_stablehlo(&s.outputs)
+    }
+
+    fn executable(&mut self, n: usize, k: usize) -> Result<&Executable> {
+        if !self.compiled.contains_key(&(n, k)) {
+            let s = trace_step(&self.layout, n, k, self.objective, self.kl)?;
+            let text = s.graph.to_stablehlo(&s.outputs)?;
+            let exe = self.runtime.compile(&text, s.outputs.len())?;
+            self.compiled.insert((n, k), exe);
+        }
+        Ok(&self.compiled[&(n, k)])
+    }
+}
+
+impl TrainStep for XlaVae {
+    type Batch = VaeBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        Ok(self.params.clone())
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &VaeBatch,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        let (d, k, layers) = (self.layout.d, batch.k, self.layout.layers());
+        let b = batch.len(d);
+        ensure!(
+            rows.start <= rows.end && rows.end <= b,
+            "XLA VAE: rows {rows:?} of a batch of {b}"
+        );
+        ensure!(
+            params.len() == self.layout.len && grads.len() == self.layout.len,
+            "XLA VAE: {} parameters, {} gradients for a buffer of {}",
+            params.len(),
+            grads.len(),
+            self.layout.len
+        );
+        ensure!(
+            batch.eps.len() == layers
+                && batch
+                    .eps
+                    .iter()
+                    .zip(&self.layout.latents)
+                    .all(|(e, &l)| e.len() == k * b * l),
+            "XLA VAE: the batch's noise does not match the model's latent layers"
+        );
+        let n = rows.len();
+        let mut sums = vec![0.0; 3 + layers];
+        if n == 0 {
+            grads.fill(0.0);
+            return Ok(sums);
+        }
+        let mut noise = std::mem::take(&mut self.noise);
+        gather_noise(
+            &batch.eps,
+            &self.layout.latents,
+            k,
+            b,
+            rows.start,
+            rows.end,
+            &mut noise,
+        );
+        let rt = self.runtime.clone();
+        let mut inputs = vec![
+            rt.upload(params, &[self.layout.len])?,
+            rt.upload(&batch.x[rows.start * d..rows.end * d], &[n, d])?,
+        ];
+        for (e, &l) in noise.iter().zip(&self.layout.latents) {
+            inputs.push(rt.upload(e, &[k * n, l])?);
+        }
+        self.noise = noise;
+        inputs.push(rt.upload(&[1.0 / b as f32], &[])?);
+        inputs.push(rt.upload(&[self.beta as f32], &[])?);
+        let objective = self.objective;
+        let beta = if objective == Objective::Iwae {
+            1.0
+        } else {
+            self.beta
+        };
+        let exe = self.executable(n, k)?;
+        let refs: Vec<&_> = inputs.iter().collect();
+        let out = exe.run(&refs)?;
+        out[out.len() - 1].read(grads)?;
+        let per_example = |i: usize| -> Result<Vec<f64>> {
+            Ok(out[i].to_vec(n)?.into_iter().map(f64::from).collect())
+        };
+        let kf = k as f64;
+        let reconstruction = per_example(1)?.iter().sum::<f64>() / kf;
+        let mut kl_layers = Vec::with_capacity(layers);
+        for l in 0..layers {
+            kl_layers.push(per_example(2 + l)?.iter().sum::<f64>() / kf);
+        }
+        let kl = kl_layers.iter().sum::<f64>();
+        let objective_sum = match objective {
+            Objective::Elbo => reconstruction - beta * kl,
+            Objective::Iwae => per_example(2 + layers)?.iter().map(|l| l - kf.ln()).sum(),
+        };
+        sums[0] = -objective_sum / b as f64;
+        sums[1] = objective_sum;
+        sums[2] = reconstruction;
+        sums[3..].copy_from_slice(&kl_layers);
+        Ok(sums)
+    }
+}

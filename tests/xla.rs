@@ -1,0 +1,229 @@
+//! The XLA engine (src/xla) on the PJRT CPU plugin: the traced program's derivative against
+//! finite differences, and the VAE family's training step against the fused CPU engine (loss,
+//! every gradient, one Adam step) for one and two stochastic layers, the ELBO and the IWAE.
+//!
+//! The plugin is installed by `scripts/xla-plugin` (scripts/test runs it). Without it these
+//! tests say so and pass, unless ELBO_REQUIRE_XLA is set (CI sets it), where they fail.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use common::relative_distance;
+use elbo::distributions::Noise;
+use elbo::engine::TrainStep;
+use elbo::engine::vae::{FusedVae, VaeBatch};
+use elbo::nn::activation::Activation;
+use elbo::optim::{Adam, AdamConfig};
+use elbo::vae::objective::{KlEstimator, Objective};
+use elbo::vae::{Vae, VaeConfig};
+use elbo::xla::graph::Graph;
+use elbo::xla::vae::XlaVae;
+use elbo::xla::{Runtime, plugin_path, runtime};
+
+/// The runtime, or `None` (with a line saying why) when the plugin is not installed and not
+/// required.
+fn rt() -> Option<Arc<Runtime>> {
+    match runtime() {
+        Ok(rt) => Some(rt),
+        Err(e) if std::env::var_os("ELBO_REQUIRE_XLA").is_none() => {
+            eprintln!(
+                "skipped: no PJRT plugin at {} ({e}); run scripts/xla-plugin",
+                plugin_path().display()
+            );
+            None
+        }
+        Err(e) => panic!("ELBO_REQUIRE_XLA is set: {e:#}"),
+    }
+}
+
+/// y = sum(tanh(x W) * c) / 7 with its derivative in W by the traced reverse mode, against
+/// central finite differences in f64 of the same function.
+#[test]
+fn traced_derivative_matches_finite_differences() {
+    let Some(rt) = rt() else { return };
+    let (m, k, n) = (3, 4, 2);
+    let mut g = Graph::new();
+    let x = g.input(&[m, k]);
+    let w = g.input(&[k, n]);
+    let c = g.input(&[m, n]);
+    let a = g.dot(x, w, 1, 0).unwrap();
+    let h = g.tanh(a);
+    let p = g.mul(h, c).unwrap();
+    let s = g.sum_all(p).unwrap();
+    let y = g.scale(s, 1.0 / 7.0).unwrap();
+    let dw = g.grad(y, &[w]).unwrap()[0];
+    let text = g.to_stablehlo(&[y, dw]).unwrap();
+    let exe = rt.compile(&text, 2).unwrap();
+    let xs: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1)
+        .collect();
+    let ws: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.2)
+        .collect();
+    let cs: Vec<f32> = (0..m * n).map(|i| (i as f32 - 2.0) * 0.3).collect();
+    let bx = rt.upload(&xs, &[m, k]).unwrap();
+    let bw = rt.upload(&ws, &[k, n]).unwrap();
+    let bc = rt.upload(&cs, &[m, n]).unwrap();
+    let out = exe.run(&[&bx, &bw, &bc]).unwrap();
+    let y_xla = out[0].to_vec(1).unwrap()[0] as f64;
+    let dw_xla = out[1].to_vec(k * n).unwrap();
+    let f = |w: &[f64]| -> f64 {
+        let mut s = 0.0;
+        for i in 0..m {
+            for j in 0..n {
+                let a: f64 = (0..k).map(|l| xs[i * k + l] as f64 * w[l * n + j]).sum();
+                s += a.tanh() * cs[i * n + j] as f64;
+            }
+        }
+        s / 7.0
+    };
+    let w64: Vec<f64> = ws.iter().map(|&v| v as f64).collect();
+    assert!((y_xla - f(&w64)).abs() < 1e-6, "y: {y_xla} vs {}", f(&w64));
+    let h = 1e-5;
+    for i in 0..k * n {
+        let (mut wp, mut wm) = (w64.clone(), w64.clone());
+        wp[i] += h;
+        wm[i] -= h;
+        let fd = (f(&wp) - f(&wm)) / (2.0 * h);
+        assert!(
+            (dw_xla[i] as f64 - fd).abs() < 1e-5,
+            "dW[{i}]: traced {} vs finite differences {fd}",
+            dw_xla[i]
+        );
+    }
+}
+
+/// A VAE with stochastic layers `latents` and hidden widths `hidden`, random weights.
+fn model(hidden: Vec<Vec<usize>>, latents: Vec<usize>, activation: Activation) -> Vae {
+    let config = VaeConfig {
+        input_dim: 48,
+        hidden,
+        latent_dims: latents,
+        activation,
+        image_shape: None,
+        ..VaeConfig::default()
+    };
+    Vae::new(config, &mut Noise::new(3), &Device::Cpu).unwrap()
+}
+
+/// Binary-ish data in [0, 1], `b` examples of `d` values.
+fn data(b: usize, d: usize) -> Vec<f32> {
+    (0..b * d)
+        .map(|i| match i * 7919 % 13 {
+            0..=5 => 0.0,
+            6..=10 => 1.0,
+            v => v as f32 / 13.0,
+        })
+        .collect()
+}
+
+/// The XLA step against the fused CPU engine on the same batch and noise: the sums, every
+/// gradient, and (for the whole batch) one Adam step from each gradient.
+fn compare(
+    vae: &Vae,
+    objective: Objective,
+    kl: KlEstimator,
+    k: usize,
+    rows: std::ops::Range<usize>,
+) {
+    let Some(rt) = rt() else { return };
+    let (b, d, beta) = (13, vae.config.input_dim, 0.8);
+    let mut fused = FusedVae::from_vae(vae).unwrap();
+    fused.set_objective(objective);
+    fused.set_kl_estimator(kl);
+    fused.set_beta(beta);
+    let mut xla = XlaVae::from_vae(vae, rt).unwrap();
+    xla.set_objective(objective);
+    xla.set_kl_estimator(kl);
+    xla.set_beta(beta);
+    let batch = VaeBatch::draw(
+        data(b, d),
+        d,
+        &vae.config.latent_dims,
+        k,
+        &mut Noise::new(9),
+    );
+    let params = fused.read_params().unwrap();
+    assert_eq!(params, xla.read_params().unwrap());
+    let n = params.len();
+    let (mut g_fused, mut g_xla) = (vec![0f32; n], vec![0f32; n]);
+    let s_fused = fused
+        .loss_and_grads(&params, &batch, rows.clone(), &mut g_fused)
+        .unwrap();
+    let s_xla = xla
+        .loss_and_grads(&params, &batch, rows.clone(), &mut g_xla)
+        .unwrap();
+    let what = format!(
+        "{objective:?} {kl:?} K = {k}, {} layers, rows {rows:?}",
+        vae.config.latent_dims.len()
+    );
+    for (i, (a, e)) in s_xla.iter().zip(&s_fused).enumerate() {
+        assert!(
+            (a - e).abs() <= 1e-4 * e.abs().max(1.0),
+            "{what}: sum {i}: XLA {a} vs fused {e}"
+        );
+    }
+    for entry in fused.table().entries() {
+        let len: usize = entry.shape.iter().product();
+        let r = entry.offset..entry.offset + len;
+        let dist = relative_distance(&g_xla[r.clone()], &g_fused[r]);
+        assert!(
+            dist < 1e-4,
+            "{what}: gradient of {} differs by {dist:e}",
+            entry.name
+        );
+    }
+    if rows.len() == b {
+        // One Adam step from each gradient: the parameters agree far below the step (lr).
+        let config = AdamConfig::with_lr(1e-3);
+        let (mut p_fused, mut p_xla) = (params.clone(), params.clone());
+        Adam::new(fused.table().clone(), config)
+            .step(&mut p_fused, &g_fused, 1)
+            .unwrap();
+        Adam::new(xla.table().clone(), config)
+            .step(&mut p_xla, &g_xla, 1)
+            .unwrap();
+        let worst = p_fused
+            .iter()
+            .zip(&p_xla)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 2e-5,
+            "{what}: parameters differ by {worst} after one Adam step"
+        );
+    }
+}
+
+#[test]
+fn vae_step_matches_the_fused_engine_one_layer() {
+    let vae = model(vec![vec![32, 24]], vec![6], Activation::Tanh);
+    compare(&vae, Objective::Elbo, KlEstimator::Analytic, 1, 0..13);
+    compare(&vae, Objective::Elbo, KlEstimator::Analytic, 3, 0..13);
+    compare(&vae, Objective::Elbo, KlEstimator::MonteCarlo, 2, 0..13);
+    compare(&vae, Objective::Iwae, KlEstimator::Analytic, 5, 0..13);
+    // A data-parallel rank's share of the batch.
+    compare(&vae, Objective::Iwae, KlEstimator::Analytic, 5, 4..11);
+}
+
+#[test]
+fn vae_step_matches_the_fused_engine_two_layers() {
+    for act in [
+        Activation::Relu,
+        Activation::Softplus,
+        Activation::Elu,
+        Activation::Silu,
+    ] {
+        let vae = model(vec![vec![20], vec![12, 12]], vec![8, 4], act);
+        compare(&vae, Objective::Elbo, KlEstimator::Analytic, 2, 0..13);
+        compare(&vae, Objective::Iwae, KlEstimator::Analytic, 5, 0..13);
+    }
+    let vae = model(
+        vec![vec![20], vec![12, 12]],
+        vec![8, 4],
+        Activation::Sigmoid,
+    );
+    compare(&vae, Objective::Elbo, KlEstimator::MonteCarlo, 3, 2..9);
+}
