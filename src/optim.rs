@@ -258,6 +258,28 @@ impl Adam {
         &self.table
     }
 
+    /// Counts one more update and returns its scalars (the bias corrections of step t): for an
+    /// update made elsewhere ([`crate::engine::TrainStep::step_resident`]) with the moments
+    /// of [`Adam::moments_mut`].
+    pub fn advance(&mut self) -> AdamScalars {
+        self.step += 1;
+        let c = self.config;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        AdamScalars {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            lr_bc1: (c.lr / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// The first and second moments, laid out by the table.
+    pub fn moments_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.m, &mut self.v)
+    }
+
     /// One update of `params` from `grads` (both laid out by the table), the buffer cut into
     /// `threads` pieces (the kernel is memory-bound: four streams of the parameters).
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], threads: usize) -> Result<()> {
@@ -269,17 +291,7 @@ impl Adam {
                 grads.len()
             );
         }
-        self.step += 1;
-        let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let scalars = AdamScalars {
-            beta1: c.beta1 as f32,
-            beta2: c.beta2 as f32,
-            lr_bc1: (c.lr / bc1) as f32,
-            inv_bc2: (1.0 / bc2) as f32,
-            eps: c.eps as f32,
-        };
+        let scalars = self.advance();
         if threads <= 1 {
             adam_kernel(params, grads, &mut self.m, &mut self.v, scalars);
             return Ok(());
@@ -327,13 +339,16 @@ impl Adam {
     }
 }
 
-#[derive(Clone, Copy)]
-struct AdamScalars {
-    beta1: f32,
-    beta2: f32,
-    lr_bc1: f32,
-    inv_bc2: f32,
-    eps: f32,
+/// The numbers of one Adam update ([`Adam::advance`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamScalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub lr_bc1: f32,
+    /// `1 / (1 - beta2^t)`.
+    pub inv_bc2: f32,
+    pub eps: f32,
 }
 
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`.

@@ -20,7 +20,7 @@ use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::Net;
 use crate::diffusion::process::{Denoiser, timestep_tensor};
 use crate::distributions::Noise;
-use crate::optim::ParamTable;
+use crate::optim::{AdamScalars, ParamTable};
 use crate::vae::estimate::LikelihoodEstimate;
 use crate::vae::model::Vae;
 use crate::vae::objective::{KlEstimator, LatentVariableModel, Objective};
@@ -63,6 +63,36 @@ pub trait TrainStep {
     /// Threads for the update of the parameters.
     fn update_threads(&self) -> usize {
         rayon::current_num_threads()
+    }
+
+    /// Whether the step can also run the optimiser where it computes, the parameters and
+    /// Adam's moments resident there ([`TrainStep::step_resident`]): one call a step and no
+    /// copies in between (a compiled XLA step on a device). The loop uses it on one process
+    /// for a family that does not read the parameters after each update.
+    fn resident(&self) -> bool {
+        false
+    }
+
+    /// Copies the parameters and Adam's moments to where the step runs.
+    fn load_resident(&mut self, _params: &[f32], _m: &[f32], _v: &[f32]) -> Result<()> {
+        bail!("this training step keeps no resident parameters")
+    }
+
+    /// Forward and backward on every row of `batch`, then the update `adam` of the resident
+    /// parameters and moments; returns the sums. The loop stops on a non-finite loss and
+    /// discards the resident state (the last commit is kept).
+    fn step_resident(&mut self, _batch: &Self::Batch, _adam: AdamScalars) -> Result<Vec<f64>> {
+        bail!("this training step keeps no resident parameters")
+    }
+
+    /// Copies the resident parameters and moments back.
+    fn store_resident(
+        &mut self,
+        _params: &mut [f32],
+        _m: &mut [f32],
+        _v: &mut [f32],
+    ) -> Result<()> {
+        bail!("this training step keeps no resident parameters")
     }
 }
 

@@ -660,6 +660,8 @@ impl super::Family for DiffusionTraining<'_> {
         }
     }
 
+    const READS_EVERY_UPDATE: bool = true;
+
     fn updated(&mut self, params: &[f32], adam_step: u64) {
         let decay = ema_decay_at(self.config.ema_decay, adam_step) as f32;
         for (e, &p) in self.ema.iter_mut().zip(params) {

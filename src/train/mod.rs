@@ -206,6 +206,10 @@ pub trait Family {
     /// After each update of the parameters (an average of the weights).
     fn updated(&mut self, _params: &[f32], _adam_step: u64) {}
 
+    /// Whether [`Family::updated`] reads the parameters: then every update is made where the
+    /// loop can see it (no [`TrainStep::resident`] step).
+    const READS_EVERY_UPDATE: bool = false;
+
     /// After each step, with its batch and its sums over every rank (the loss-aware
     /// timestep sampler learns from them).
     fn step_done(&mut self, _batch: &Self::Batch, _sums: &[f64]) {}
@@ -307,11 +311,22 @@ pub fn run_epochs<F: Family>(
         let lr = family.lr(epoch);
         adam.config.lr = lr;
         let mut totals: Vec<f64> = Vec::new();
+        // Parameters and moments stay where the step runs for the epoch (one process only:
+        // ranks sum their gradients before the update).
+        let resident = step.resident() && world.world_size() == 1 && !F::READS_EVERY_UPDATE;
+        if resident {
+            let (m, v) = adam.moments_mut();
+            step.load_resident(params, m, v)?;
+        }
         for (i, idx) in batches.iter().enumerate() {
             let (batch, rows) = family.batch(idx, &mut rng, &mut noise)?;
             crate::fault::training_step(world.rank());
             let mine = crate::collective::my_shard(rows);
-            let mut sums = step.loss_and_grads(params, &batch, mine, &mut grads)?;
+            let mut sums = if resident {
+                step.step_resident(&batch, adam.advance())?
+            } else {
+                step.loss_and_grads(params, &batch, mine, &mut grads)?
+            };
             if world.world_size() > 1 {
                 crate::collective::all_reduce_buckets(&mut grads)?;
                 world.all_reduce_sum_f64(&mut sums)?;
@@ -327,9 +342,11 @@ pub fn run_epochs<F: Family>(
                     kept(dir, last)
                 );
             }
-            adam.step(params, &grads, step.update_threads())?;
-            step.updated(params)?;
-            family.updated(params, adam.step_count());
+            if !resident {
+                adam.step(params, &grads, step.update_threads())?;
+                step.updated(params)?;
+                family.updated(params, adam.step_count());
+            }
             family.step_done(&batch, &sums);
             totals.resize(sums.len(), 0.0);
             for (t, s) in totals.iter_mut().zip(&sums) {
@@ -339,6 +356,10 @@ pub fn run_epochs<F: Family>(
             bar.inc(1);
         }
         bar.finish_and_clear();
+        if resident {
+            let (m, v) = adam.moments_mut();
+            step.store_resident(params, m, v)?;
+        }
         let report = family.end_epoch(&EpochEnd {
             epoch,
             params,

@@ -28,6 +28,7 @@ pub enum Unary {
     Logistic,
     Abs,
     Sign,
+    Sqrt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +163,9 @@ impl Graph {
     }
     pub fn sigmoid(&mut self, a: T) -> T {
         self.unary(Unary::Logistic, a)
+    }
+    pub fn sqrt(&mut self, a: T) -> T {
+        self.unary(Unary::Sqrt, a)
     }
 
     /// `a * s` for a constant `s`.
@@ -373,6 +377,11 @@ impl Graph {
                             self.mul(g, s)?
                         }
                         Unary::Sign => continue,
+                        // d sqrt(a) = 1 / (2 sqrt(a))
+                        Unary::Sqrt => {
+                            let t = self.div(g, out)?;
+                            self.scale(t, 0.5)?
+                        }
                     };
                     acc(self, &mut adj, a, d)?;
                 }
@@ -475,6 +484,25 @@ impl Graph {
 
     /// The module: `main` takes the inputs in the order they were made and returns `outputs`.
     pub fn to_stablehlo(&self, outputs: &[T]) -> Result<String> {
+        self.to_stablehlo_donating(outputs, &[])
+    }
+
+    /// [`Graph::to_stablehlo`], with input `i` donated to output `o` for each `(i, o)` of
+    /// `donated` (`tf.aliasing_output`, as `jax.jit(donate_argnums=...)` lowers it): the output
+    /// is written into the input's memory, which the caller must not use again.
+    pub fn to_stablehlo_donating(
+        &self,
+        outputs: &[T],
+        donated: &[(usize, usize)],
+    ) -> Result<String> {
+        for &(i, o) in donated {
+            ensure!(
+                i < self.inputs.len()
+                    && o < outputs.len()
+                    && self.shape(self.inputs[i]) == self.shape(outputs[o]),
+                "XLA graph: input {i} cannot be donated to output {o}"
+            );
+        }
         let ty = |shape: &[usize]| -> String {
             let mut s = String::from("tensor<");
             for d in shape {
@@ -511,7 +539,13 @@ impl Graph {
             .inputs
             .iter()
             .enumerate()
-            .map(|(i, t)| format!("%arg{i}: {}", ty(self.shape(*t))))
+            .map(|(i, t)| match donated.iter().find(|d| d.0 == i) {
+                Some((_, o)) => format!(
+                    "%arg{i}: {} {{tf.aliasing_output = {o} : i32}}",
+                    ty(self.shape(*t))
+                ),
+                None => format!("%arg{i}: {}", ty(self.shape(*t))),
+            })
             .collect();
         m.push_str(&args.join(", "));
         let results: Vec<String> = outputs.iter().map(|t| ty(self.shape(*t))).collect();
@@ -540,6 +574,7 @@ impl Graph {
                         Unary::Logistic => "logistic",
                         Unary::Abs => "abs",
                         Unary::Sign => "sign",
+                        Unary::Sqrt => "sqrt",
                     };
                     format!("{v} = stablehlo.{op} {} : {out_ty}", name(*a))
                 }

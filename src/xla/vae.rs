@@ -29,12 +29,12 @@ use anyhow::{Result, bail, ensure};
 use candle_core::Tensor;
 
 use super::graph::{Graph, T};
-use super::pjrt::{Executable, Runtime};
+use super::pjrt::{Buffer, Executable, Runtime};
 use crate::engine::TrainStep;
 use crate::engine::vae::{VaeBatch, gather_noise};
 use crate::nn::activation::Activation;
 use crate::nn::mlp::MlpShape;
-use crate::optim::{ParamEntry, ParamTable};
+use crate::optim::{AdamScalars, ParamEntry, ParamTable};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::{KlEstimator, Objective};
 
@@ -207,16 +207,75 @@ fn sum_k(g: &mut Graph, a: T, k: usize) -> Result<T> {
     g.sum(r, &[0])
 }
 
-/// What a traced step returns, in this order.
+/// A traced step: its sums (the loss, then per example `sum_k log p(x|z_1)`, per layer
+/// `sum_k KL_l`, `log sum_k w`), and the flat gradient.
 struct StepGraph {
     graph: Graph,
-    outputs: Vec<T>,
+    sums: Vec<T>,
+    params: T,
+    grad: T,
+}
+
+impl StepGraph {
+    /// The gradient program: inputs as traced, outputs the sums then the gradient.
+    fn gradient_program(&self) -> Result<(String, usize)> {
+        let mut outputs = self.sums.clone();
+        outputs.push(self.grad);
+        Ok((self.graph.to_stablehlo(&outputs)?, outputs.len()))
+    }
+
+    /// The resident training program: the traced inputs, then Adam's moments `m`, `v` `[P]` and
+    /// its scalars `[beta1, beta2, lr/(1 - beta1^t), 1/(1 - beta2^t), eps]`; outputs the updated
+    /// parameters, `m` and `v` (written over their inputs), then the sums.
+    ///
+    /// `m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`
+    fn resident_program(mut self) -> Result<(String, usize)> {
+        let g = &mut self.graph;
+        let len = g.shape(self.params)[0];
+        let m = g.input(&[len]);
+        let v = g.input(&[len]);
+        let adam = g.input(&[5]);
+        let scalar = |g: &mut Graph, i: usize| -> Result<T> {
+            let s = g.slice(adam, i, 1)?;
+            let s = g.reshape(s, &[])?;
+            g.broadcast(s, &[], &[len])
+        };
+        let (b1, b2, lr_bc1, inv_bc2, eps) = (
+            scalar(g, 0)?,
+            scalar(g, 1)?,
+            scalar(g, 2)?,
+            scalar(g, 3)?,
+            scalar(g, 4)?,
+        );
+        let one = g.constant(1.0, &[len]);
+        let grad = self.grad;
+        let c1 = g.sub(one, b1)?;
+        let t1 = g.mul(b1, m)?;
+        let t2 = g.mul(c1, grad)?;
+        let m2 = g.add(t1, t2)?;
+        let c2 = g.sub(one, b2)?;
+        let g2 = g.mul(grad, grad)?;
+        let t3 = g.mul(b2, v)?;
+        let t4 = g.mul(c2, g2)?;
+        let v2 = g.add(t3, t4)?;
+        let vh = g.mul(v2, inv_bc2)?;
+        let sq = g.sqrt(vh);
+        let den = g.add(sq, eps)?;
+        let num = g.mul(lr_bc1, m2)?;
+        let upd = g.div(num, den)?;
+        let p2 = g.sub(self.params, upd)?;
+        let mut outputs = vec![p2, m2, v2];
+        outputs.extend(&self.sums);
+        let inputs = g.input_shapes().len();
+        let donated = [(0, 0), (inputs - 3, 1), (inputs - 2, 2)];
+        Ok((g.to_stablehlo_donating(&outputs, &donated)?, outputs.len()))
+    }
 }
 
 /// Traces the training step on n examples with K samples (module doc). Inputs: the flat
 /// parameters `[P]`, `x` `[n, D]`, the noise `[K n, L_l]` per layer, `1/B` and beta (scalars).
-/// Outputs: the loss (its derivative's target), per example `sum_k log p(x|z_1)` `[n]`, per
-/// layer `sum_k KL_l` `[n]`, `log sum_k w` `[n]`, and the flat gradient `[P]`.
+/// Its sums: the loss (the derivative's target), per example `sum_k log p(x|z_1)` `[n]`, per
+/// layer `sum_k KL_l` `[n]`, `log sum_k w` `[n]`; and the flat gradient `[P]`.
 fn trace_step(
     layout: &Layout,
     n: usize,
@@ -359,12 +418,19 @@ fn trace_step(
     }
     outputs.push(lse);
     let grad = p.gradient(&mut g, loss, layout.len)?;
-    outputs.push(grad);
-    Ok(StepGraph { graph: g, outputs })
+    Ok(StepGraph {
+        graph: g,
+        sums: outputs,
+        params: flat,
+        grad,
+    })
 }
 
-/// The VAE's training step on XLA (a [`TrainStep`] of the one training loop, whose Adam
-/// updates the buffer it passes in).
+/// The VAE's training step on XLA (a [`TrainStep`] of the one training loop). Either the loop
+/// keeps the parameters and its Adam updates them from the gradient this step returns
+/// ([`TrainStep::loss_and_grads`]: every rank's rows, for MPI), or, on one process, the
+/// parameters and Adam's moments stay on the device and one compiled program runs the step
+/// and the update ([`TrainStep::step_resident`]), the buffers donated from step to step.
 pub struct XlaVae {
     layout: Layout,
     table: ParamTable,
@@ -373,9 +439,11 @@ pub struct XlaVae {
     kl: KlEstimator,
     beta: f64,
     runtime: Arc<Runtime>,
-    /// One executable per (rows, K).
-    compiled: HashMap<(usize, usize), Executable>,
+    /// One executable per (rows, K, resident).
+    compiled: HashMap<(usize, usize, bool), Executable>,
     noise: Vec<Vec<f32>>,
+    /// The resident parameters and moments `[p, m, v]`.
+    resident: Option<[Buffer; 3]>,
 }
 
 impl XlaVae {
@@ -413,6 +481,7 @@ impl XlaVae {
             runtime,
             compiled: HashMap::new(),
             noise: Vec::new(),
+            resident: None,
         })
     }
 
@@ -439,20 +508,93 @@ impl XlaVae {
         &self.params
     }
 
-    /// The StableHLO module of the step on `n` examples with `k` samples.
+    /// The StableHLO module of the gradient step on `n` examples with `k` samples.
     pub fn stablehlo(&self, n: usize, k: usize) -> Result<String> {
         let s = trace_step(&self.layout, n, k, self.objective, self.kl)?;
-        s.graph.to_stablehlo(&s.outputs)
+        Ok(s.gradient_program()?.0)
     }
 
-    fn executable(&mut self, n: usize, k: usize) -> Result<&Executable> {
-        if !self.compiled.contains_key(&(n, k)) {
+    fn executable(&mut self, n: usize, k: usize, resident: bool) -> Result<&Executable> {
+        let key = (n, k, resident);
+        if !self.compiled.contains_key(&key) {
             let s = trace_step(&self.layout, n, k, self.objective, self.kl)?;
-            let text = s.graph.to_stablehlo(&s.outputs)?;
-            let exe = self.runtime.compile(&text, s.outputs.len())?;
-            self.compiled.insert((n, k), exe);
+            let (text, outputs) = match resident {
+                true => s.resident_program()?,
+                false => s.gradient_program()?,
+            };
+            let exe = self.runtime.compile(&text, outputs)?;
+            self.compiled.insert(key, exe);
         }
-        Ok(&self.compiled[&(n, k)])
+        Ok(&self.compiled[&key])
+    }
+
+    /// Uploads the traced step's inputs after the parameters: `x` and the noise of rows
+    /// `rows`, `1/B` and beta.
+    fn batch_inputs(&mut self, batch: &VaeBatch, rows: &Range<usize>) -> Result<Vec<Buffer>> {
+        let (d, k) = (self.layout.d, batch.k);
+        let (b, n) = (batch.len(d), rows.len());
+        let mut noise = std::mem::take(&mut self.noise);
+        gather_noise(
+            &batch.eps,
+            &self.layout.latents,
+            k,
+            b,
+            rows.start,
+            rows.end,
+            &mut noise,
+        );
+        let rt = &self.runtime;
+        let mut inputs = vec![rt.upload(&batch.x[rows.start * d..rows.end * d], &[n, d])?];
+        for (e, &l) in noise.iter().zip(&self.layout.latents) {
+            inputs.push(rt.upload(e, &[k * n, l])?);
+        }
+        self.noise = noise;
+        inputs.push(rt.upload(&[1.0 / b as f32], &[])?);
+        inputs.push(rt.upload(&[self.beta as f32], &[])?);
+        Ok(inputs)
+    }
+
+    /// Checks a batch and rows `rows` of it against the model.
+    fn check(&self, batch: &VaeBatch, rows: &Range<usize>) -> Result<()> {
+        let (d, k) = (self.layout.d, batch.k);
+        let b = batch.len(d);
+        ensure!(
+            rows.start <= rows.end && rows.end <= b && batch.x.len() == b * d,
+            "XLA VAE: rows {rows:?} of a batch of {b}"
+        );
+        ensure!(
+            batch.eps.len() == self.layout.layers()
+                && batch
+                    .eps
+                    .iter()
+                    .zip(&self.layout.latents)
+                    .all(|(e, &l)| e.len() == k * b * l),
+            "XLA VAE: the batch's noise does not match the model's latent layers"
+        );
+        Ok(())
+    }
+
+    /// [`crate::engine::vae::VAE_SUMS`] from the program's per-example outputs `out[1..]`
+    /// (`out[0]` the loss), summed in f64 as the fused engine sums them.
+    fn sums(&self, out: &[Buffer], n: usize, k: usize, b: usize) -> Result<Vec<f64>> {
+        let layers = self.layout.layers();
+        let per_example = |i: usize| -> Result<Vec<f64>> {
+            Ok(out[i].to_vec(n)?.into_iter().map(f64::from).collect())
+        };
+        let kf = k as f64;
+        let reconstruction = per_example(1)?.iter().sum::<f64>() / kf;
+        let mut kl_layers = Vec::with_capacity(layers);
+        for l in 0..layers {
+            kl_layers.push(per_example(2 + l)?.iter().sum::<f64>() / kf);
+        }
+        let kl = kl_layers.iter().sum::<f64>();
+        let objective_sum = match self.objective {
+            Objective::Elbo => reconstruction - self.beta * kl,
+            Objective::Iwae => per_example(2 + layers)?.iter().map(|l| l - kf.ln()).sum(),
+        };
+        let mut sums = vec![-objective_sum / b as f64, objective_sum, reconstruction];
+        sums.extend(kl_layers);
+        Ok(sums)
     }
 }
 
@@ -474,12 +616,7 @@ impl TrainStep for XlaVae {
         rows: Range<usize>,
         grads: &mut [f32],
     ) -> Result<Vec<f64>> {
-        let (d, k, layers) = (self.layout.d, batch.k, self.layout.layers());
-        let b = batch.len(d);
-        ensure!(
-            rows.start <= rows.end && rows.end <= b,
-            "XLA VAE: rows {rows:?} of a batch of {b}"
-        );
+        self.check(batch, &rows)?;
         ensure!(
             params.len() == self.layout.len && grads.len() == self.layout.len,
             "XLA VAE: {} parameters, {} gradients for a buffer of {}",
@@ -487,70 +624,76 @@ impl TrainStep for XlaVae {
             grads.len(),
             self.layout.len
         );
-        ensure!(
-            batch.eps.len() == layers
-                && batch
-                    .eps
-                    .iter()
-                    .zip(&self.layout.latents)
-                    .all(|(e, &l)| e.len() == k * b * l),
-            "XLA VAE: the batch's noise does not match the model's latent layers"
-        );
-        let n = rows.len();
-        let mut sums = vec![0.0; 3 + layers];
+        let (n, k, b) = (rows.len(), batch.k, batch.len(self.layout.d));
         if n == 0 {
             grads.fill(0.0);
-            return Ok(sums);
+            return Ok(vec![0.0; 3 + self.layout.layers()]);
         }
-        let mut noise = std::mem::take(&mut self.noise);
-        gather_noise(
-            &batch.eps,
-            &self.layout.latents,
-            k,
-            b,
-            rows.start,
-            rows.end,
-            &mut noise,
-        );
-        let rt = self.runtime.clone();
-        let mut inputs = vec![
-            rt.upload(params, &[self.layout.len])?,
-            rt.upload(&batch.x[rows.start * d..rows.end * d], &[n, d])?,
-        ];
-        for (e, &l) in noise.iter().zip(&self.layout.latents) {
-            inputs.push(rt.upload(e, &[k * n, l])?);
-        }
-        self.noise = noise;
-        inputs.push(rt.upload(&[1.0 / b as f32], &[])?);
-        inputs.push(rt.upload(&[self.beta as f32], &[])?);
-        let objective = self.objective;
-        let beta = if objective == Objective::Iwae {
-            1.0
-        } else {
-            self.beta
-        };
-        let exe = self.executable(n, k)?;
-        let refs: Vec<&_> = inputs.iter().collect();
+        let mut inputs = vec![self.runtime.upload(params, &[self.layout.len])?];
+        inputs.extend(self.batch_inputs(batch, &rows)?);
+        let exe = self.executable(n, k, false)?;
+        let refs: Vec<&Buffer> = inputs.iter().collect();
         let out = exe.run(&refs)?;
         out[out.len() - 1].read(grads)?;
-        let per_example = |i: usize| -> Result<Vec<f64>> {
-            Ok(out[i].to_vec(n)?.into_iter().map(f64::from).collect())
+        self.sums(&out, n, k, b)
+    }
+
+    fn resident(&self) -> bool {
+        true
+    }
+
+    fn load_resident(&mut self, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+        let len = self.layout.len;
+        ensure!(
+            params.len() == len && m.len() == len && v.len() == len,
+            "XLA VAE: resident buffers of {}, {}, {} values for {len} parameters",
+            params.len(),
+            m.len(),
+            v.len()
+        );
+        let rt = &self.runtime;
+        self.resident = Some([
+            rt.upload(params, &[len])?,
+            rt.upload(m, &[len])?,
+            rt.upload(v, &[len])?,
+        ]);
+        Ok(())
+    }
+
+    fn step_resident(&mut self, batch: &VaeBatch, adam: AdamScalars) -> Result<Vec<f64>> {
+        let (d, k) = (self.layout.d, batch.k);
+        let b = batch.len(d);
+        self.check(batch, &(0..b))?;
+        let Some([p, m, v]) = self.resident.take() else {
+            bail!("XLA VAE: step_resident before load_resident");
         };
-        let kf = k as f64;
-        let reconstruction = per_example(1)?.iter().sum::<f64>() / kf;
-        let mut kl_layers = Vec::with_capacity(layers);
-        for l in 0..layers {
-            kl_layers.push(per_example(2 + l)?.iter().sum::<f64>() / kf);
+        let mut inputs = vec![p];
+        inputs.extend(self.batch_inputs(batch, &(0..b))?);
+        inputs.push(m);
+        inputs.push(v);
+        let scalars = [adam.beta1, adam.beta2, adam.lr_bc1, adam.inv_bc2, adam.eps];
+        inputs.push(self.runtime.upload(&scalars, &[5])?);
+        let exe = self.executable(b, k, true)?;
+        let refs: Vec<&Buffer> = inputs.iter().collect();
+        let mut out = exe.run(&refs)?;
+        // The parameters and moments were donated: the outputs are the new resident state.
+        let rest = out.split_off(3);
+        let mut it = out.into_iter();
+        let (p, m, v) = (it.next(), it.next(), it.next());
+        if let (Some(p), Some(m), Some(v)) = (p, m, v) {
+            self.resident = Some([p, m, v]);
         }
-        let kl = kl_layers.iter().sum::<f64>();
-        let objective_sum = match objective {
-            Objective::Elbo => reconstruction - beta * kl,
-            Objective::Iwae => per_example(2 + layers)?.iter().map(|l| l - kf.ln()).sum(),
+        self.sums(&rest, b, k, b)
+    }
+
+    fn store_resident(&mut self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+        let Some([pb, mb, vb]) = &self.resident else {
+            bail!("XLA VAE: store_resident before load_resident");
         };
-        sums[0] = -objective_sum / b as f64;
-        sums[1] = objective_sum;
-        sums[2] = reconstruction;
-        sums[3..].copy_from_slice(&kl_layers);
-        Ok(sums)
+        pb.read(params)?;
+        mb.read(m)?;
+        vb.read(v)?;
+        self.params.copy_from_slice(params);
+        Ok(())
     }
 }
