@@ -73,6 +73,8 @@ def main():
             extra = ["--reps", "3"]
         results = {}
         frameworks = CUDA_FRAMEWORKS if cuda else WORKLOADS[w]
+        if cuda and os.environ.get("ELBO_PJRT_PLUGIN") and w in XLA_WORKLOADS:
+            frameworks = frameworks + ["elbo-xla"]
         if a.baseline and "elbo" in frameworks:
             frameworks = frameworks + ["elbo-baseline"]
         for fw in frameworks:
@@ -113,6 +115,8 @@ def measure(framework, workload, extra, baseline=""):
         cmd = ELBO + [workload] + extra
     elif framework == "elbo-candle":
         cmd = ELBO + [workload, "--engine", "candle"] + extra
+    elif framework == "elbo-xla":  # the device is the plugin's: ELBO_PJRT_PLUGIN
+        cmd = ELBO + [workload, "--engine", "xla"] + extra
     elif framework == "elbo-cuda":
         cmd = ELBO + [workload, "--engine", "candle", "--device", "cuda"] + extra
     elif framework.endswith("-cuda"):
@@ -135,6 +139,9 @@ def measure(framework, workload, extra, baseline=""):
 
 
 CUDA_FRAMEWORKS = ["elbo-cuda", "torch-cuda", "jax-cuda", "elbo"]
+# The workloads elbo's XLA engine (--engine xla, src/xla) takes.
+XLA_WORKLOADS = {"vae-step-128", "vae-step-1024", "vae-epoch"} | {
+    w for w in WORKLOADS if w.startswith("iwae-step-")}
 
 
 def print_markdown(lines):
@@ -149,19 +156,22 @@ def print_markdown(lines):
 def print_cuda_table(rows):
     """Median ms on the GPU (elbo through candle's CUDA kernels, PyTorch eager, JAX jit) beside
     elbo's fused engine on the CPU's threads; ratios are peer / elbo-cuda (> 1: elbo faster)."""
-    head = ("workload", "elbo CUDA ms", "PyTorch CUDA ms", "JAX CUDA ms", "PyTorch / elbo",
-            "JAX / elbo", f"elbo fused CPU ({THREADS} threads) ms", "CPU / elbo CUDA")
+    head = ("workload", "elbo CUDA ms", "elbo XLA ms", "PyTorch CUDA ms", "JAX CUDA ms",
+            "PyTorch / elbo", "JAX / elbo", "JAX / elbo XLA",
+            f"elbo fused CPU ({THREADS} threads) ms", "CPU / elbo CUDA")
     lines = [head]
     for w, r in rows:
         ms = lambda fw: f"{r[fw]['median_ms']:.3f}" if fw in r else "-"
-        ratio = lambda fw: (f"{r[fw]['median_ms'] / r['elbo-cuda']['median_ms']:.2f}x"
-                            if fw in r and "elbo-cuda" in r else "-")
+        ratio = lambda fw, to="elbo-cuda": (f"{r[fw]['median_ms'] / r[to]['median_ms']:.2f}x"
+                                            if fw in r and to in r else "-")
         reps = r["elbo-cuda"]["reps"] if "elbo-cuda" in r else 0
-        lines.append((f"{w} ({reps} reps)", ms("elbo-cuda"), ms("torch-cuda"), ms("jax-cuda"),
-                      ratio("torch-cuda"), ratio("jax-cuda"), ms("elbo"), ratio("elbo")))
+        lines.append((f"{w} ({reps} reps)", ms("elbo-cuda"), ms("elbo-xla"), ms("torch-cuda"),
+                      ms("jax-cuda"), ratio("torch-cuda"), ratio("jax-cuda"),
+                      ratio("jax-cuda", "elbo-xla"), ms("elbo"), ratio("elbo")))
     print_markdown(lines)
     print("\nmedian wall time per repetition, each ended by a device synchronisation; ratios: "
-          "other / elbo CUDA (> 1: elbo on the GPU is faster)")
+          "other / elbo CUDA (> 1: elbo on the GPU is faster); elbo XLA: --engine xla on the "
+          "PJRT plugin at ELBO_PJRT_PLUGIN (parameters and Adam resident on the device)")
 
 
 def percent_of_peak(result, peak):

@@ -3,12 +3,17 @@
 //! each repetition in milliseconds (warm-up excluded) and what one repetition is.
 //!
 //! ```text
-//! cargo run --release --example workloads -- WORKLOAD [--reps N] [--warmup N] [--engine fused|candle] [--device cpu|cuda]
+//! cargo run --release --example workloads -- WORKLOAD [--reps N] [--warmup N] [--engine fused|candle|xla] [--device cpu|cuda]
 //! ```
 //!
 //! `--device cuda` (a `--features cuda` build, `--engine candle`: the fused engines are the
 //! CPU's) puts the tensors on the first CUDA GPU, and each repetition ends when the GPU has
 //! finished its work (`Device::synchronize`), so that the times are the GPU's, not the launches'.
+//!
+//! `--engine xla` runs the VAE training steps (`vae-step-*`, `iwae-step-*`, `vae-epoch`) on the
+//! XLA engine through the PJRT plugin at `ELBO_PJRT_PLUGIN` (the device is the plugin's:
+//! `xla_cuda_plugin.so` on a GPU), parameters and Adam resident as `elbo train` runs them on one
+//! process; each repetition waits for the step's sums, so the times are the device's.
 //!
 //! Workloads (data: the built-in digits, grey levels):
 //! - `vae-step-128`, `vae-step-1024`: one SimpleVAE training step (forward, backward, Adam);
@@ -77,6 +82,8 @@ struct Trainer<'a, B> {
     adam: Adam,
     params: Vec<f32>,
     grads: Vec<f32>,
+    /// Whether a resident step holds the parameters.
+    loaded: bool,
 }
 
 impl<'a, B> Trainer<'a, B> {
@@ -89,11 +96,23 @@ impl<'a, B> Trainer<'a, B> {
             adam,
             params,
             grads,
+            loaded: false,
         })
     }
 
     fn step(&mut self, batch: &B, rows: usize) -> Result<()> {
         let s = &mut self.step;
+        if s.resident() {
+            // As the training loop runs it on one process: parameters and moments stay on the
+            // device, one program a step.
+            if !self.loaded {
+                let (m, v) = self.adam.moments_mut();
+                s.load_resident(&self.params, m, v)?;
+                self.loaded = true;
+            }
+            s.step_resident(batch, self.adam.advance())?;
+            return Ok(());
+        }
         s.loss_and_grads(&self.params, batch, 0..rows, &mut self.grads)?;
         self.adam
             .step(&mut self.params, &self.grads, s.update_threads())?;
@@ -101,14 +120,13 @@ impl<'a, B> Trainer<'a, B> {
     }
 }
 
-/// The VAE's training step on the fused engine or candle's.
+/// The VAE's training step on `engine`.
 fn vae_trainer<'a>(
     vae: &'a Vae,
-    fused: bool,
+    engine: Engine,
     objective: Objective,
     adam: AdamConfig,
 ) -> Result<Trainer<'a, VaeBatch>> {
-    let engine = if fused { Engine::Fused } else { Engine::Candle };
     let objective = VaeObjective {
         objective,
         kl: KlEstimator::Analytic,
@@ -202,6 +220,8 @@ fn main() -> Result<()> {
     let dev = match a.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" if a.engine == "candle" => Device::new_cuda(0)?,
+        // The plugin is the device: the model is built on the host and uploaded.
+        "cuda" if a.engine == "xla" => Device::Cpu,
         "cuda" => bail!("--device cuda: the fused engines run on the CPU; add --engine candle"),
         other => bail!("--device {other}: expected cpu or cuda"),
     };
@@ -210,11 +230,19 @@ fn main() -> Result<()> {
     let test = Source::Named(Named::Mnist10k).load(Split::Test)?;
     let mut rng = StdRng::seed_from_u64(0);
     let mut noise = Noise::new(0);
-    let fused_engine = match a.engine.as_str() {
-        "fused" => true,
-        "candle" => false,
-        other => bail!("--engine {other}: expected fused or candle"),
+    let engine = match a.engine.as_str() {
+        "fused" => Engine::Fused,
+        "candle" => Engine::Candle,
+        "xla" => Engine::Xla,
+        other => bail!("--engine {other}: expected fused, candle or xla"),
     };
+    let fused_engine = engine == Engine::Fused;
+    let vae_workload = a.workload.starts_with("vae-step-")
+        || a.workload.starts_with("iwae-step-")
+        || a.workload == "vae-epoch";
+    if engine == Engine::Xla && !vae_workload {
+        bail!("--engine xla: the VAE training steps only (vae-step-*, iwae-step-*, vae-epoch)");
+    }
     let or = |n: usize, default: usize| if n == 0 { default } else { n };
     // The FLOPs of one repetition, set by each workload.
     let flops: f64;
@@ -273,7 +301,7 @@ fn main() -> Result<()> {
             let (reps, warmup) = (or(a.reps, 200), or(a.warmup, 20));
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
-            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
+            let mut trainer = vae_trainer(&vae, engine, Objective::Elbo, config)?;
             flops = vae_train_flops(&vae, b, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
@@ -313,7 +341,7 @@ fn main() -> Result<()> {
             };
             let (reps, warmup) = (or(a.reps, 1000), or(a.warmup, 100));
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, k, &mut noise);
-            let mut trainer = vae_trainer(&vae, fused_engine, objective, adam)?;
+            let mut trainer = vae_trainer(&vae, engine, objective, adam)?;
             flops = vae_train_flops(&vae, 20, k);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
@@ -341,7 +369,7 @@ fn main() -> Result<()> {
             let (reps, warmup) = (or(a.reps, 50), or(a.warmup, 5));
             let x = train.batch_values(&idx, PixelMode::Grey, &mut rng);
             let mut batch = VaeBatch::draw(x, 784, &vae.config.latent_dims, 1, &mut noise);
-            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, adam)?;
+            let mut trainer = vae_trainer(&vae, engine, Objective::Elbo, adam)?;
             flops = vae_train_flops(&vae, 128, 1);
             let t = time(warmup, reps, || {
                 vae_train_step(&mut trainer, &mut batch, 784, &mut noise)
@@ -352,7 +380,7 @@ fn main() -> Result<()> {
             let vae = Vae::new(VaeConfig::default(), &mut noise, &dev)?;
             let config = AdamConfig::with_lr(1e-3);
             let mut order: Vec<usize> = (0..train.len()).collect();
-            let mut trainer = vae_trainer(&vae, fused_engine, Objective::Elbo, config)?;
+            let mut trainer = vae_trainer(&vae, engine, Objective::Elbo, config)?;
             flops = vae_train_flops(&vae, train.len(), 1);
             let t = time(or(a.warmup, 1), or(a.reps, 5), || {
                 order.shuffle(&mut rng);
