@@ -140,7 +140,9 @@ impl VaeEvaluation {
 /// noise from `derive_seed(seed, 0, j)` and its posterior means' from `derive_seed(seed, 1, j)`.
 /// With several ranks ([`crate::collective`]) each runs its share of the batches (all of them draw
 /// every batch's pixels) and the per-example values are summed into every rank's vectors, so
-/// every rank returns what one process returns. `progress` is told each importance sample.
+/// every rank returns what one process returns. `engine` computes the estimate
+/// ([`crate::engine::LikelihoodEstimator`]). `progress` is told each importance sample.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_vae(
     vae: &crate::vae::Vae,
     data: &crate::data::Dataset,
@@ -148,6 +150,7 @@ pub fn evaluate_vae(
     k: usize,
     batch_size: usize,
     seed: u64,
+    engine: crate::engine::Engine,
     progress: &dyn Fn(u64),
 ) -> anyhow::Result<VaeEvaluation> {
     use crate::distributions::{Noise, derive_seed};
@@ -170,6 +173,7 @@ pub fn evaluate_vae(
     let idx: Vec<usize> = (0..n).collect();
     let batches: Vec<&[usize]> = idx.chunks(batch_size).collect();
     let mine = crate::collective::my_shard(batches.len());
+    let mut estimator = crate::engine::LikelihoodEstimator::new(vae, engine)?;
     for (j, chunk) in batches.iter().enumerate() {
         let values = data.batch_values(chunk, pixels, &mut pixel_rng);
         if !mine.contains(&j) {
@@ -184,7 +188,7 @@ pub fn evaluate_vae(
         let mut done = 0;
         while done < k {
             let kc = piece.min(k - done);
-            let est = crate::engine::estimate_log_likelihood(vae, &x, kc, 25_000, &mut noise)?;
+            let est = estimator.estimate(&x, kc, 25_000, &mut noise)?;
             let ln_kc = (kc as f64).ln();
             for i in 0..b {
                 lse[i] = log_add_exp(lse[i], est.log_px[i] + ln_kc);

@@ -289,3 +289,79 @@ fn resident_steps_match_the_fused_engine_and_host_adam() {
         relative_distance(&v, hv)
     );
 }
+
+/// The importance-sampled log p(x) on XLA against the fused engine's, same noise and chunks
+/// (K = 7 in chunks of 3, 3 and 1 samples): log p(x), the reconstruction and each layer's KL
+/// per example.
+#[test]
+fn log_likelihood_estimate_matches_the_fused_engine() {
+    let Some(rt) = rt() else { return };
+    for (hidden, latents) in [
+        (vec![vec![32]], vec![6]),
+        (vec![vec![20], vec![12]], vec![8, 4]),
+    ] {
+        let vae = model(hidden, latents, Activation::Tanh);
+        let (b, d, k) = (11, vae.config.input_dim, 7);
+        let x = data(b, d);
+        let mut fused = FusedVae::from_vae(&vae).unwrap();
+        let mut xla = XlaVae::from_vae(&vae, rt.clone()).unwrap();
+        let e = fused
+            .estimate_log_likelihood(&x, k, 3 * b, &mut Noise::new(4))
+            .unwrap();
+        let a = xla
+            .estimate_log_likelihood(&x, k, 3 * b, &mut Noise::new(4))
+            .unwrap();
+        let close = |a: &[f64], e: &[f64], what: &str| {
+            for (i, (p, q)) in a.iter().zip(e).enumerate() {
+                assert!(
+                    (p - q).abs() < 1e-4 * q.abs().max(1.0),
+                    "{what}[{i}]: XLA {p} vs fused {q}"
+                );
+            }
+        };
+        close(&a.log_px, &e.log_px, "log p(x)");
+        close(&a.reconstruction, &e.reconstruction, "reconstruction");
+        for (l, (p, q)) in a.kl_layers.iter().zip(&e.kl_layers).enumerate() {
+            close(p, q, &format!("KL layer {l}"));
+        }
+    }
+}
+
+/// The committed IWAE-paper checkpoints (one and two stochastic layers, trained on the ELBO and
+/// on IWAE_5), evaluated as `elbo eval vae` evaluates them on 100 test digits with K = 200:
+/// the -ELBO and the NLL on XLA equal the fused engine's to the printed digits (two decimals).
+#[test]
+fn committed_checkpoints_evaluate_to_the_printed_digits() {
+    use elbo::data::{Named, PixelMode, Source, Split};
+    use elbo::engine::Engine;
+    if rt().is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/iwae");
+    let data = Source::Named(Named::Mnist10k)
+        .load(Split::Test)
+        .unwrap()
+        .take(100);
+    for run in ["vae-1l-k1", "vae-2l-k1", "iwae-1l-k5", "iwae-2l-k5"] {
+        let vae = Vae::load(&root.join(run).join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .frozen()
+            .unwrap();
+        let eval = |engine| {
+            elbo::eval::evaluate_vae(&vae, &data, PixelMode::Dynamic, 200, 50, 0, engine, &|_| {})
+                .unwrap()
+                .summary(200, 784)
+        };
+        let (fused, xla) = (eval(Engine::Fused), eval(Engine::Xla));
+        for (what, a, e) in [
+            ("-ELBO", xla.neg_elbo, fused.neg_elbo),
+            ("NLL", xla.nll, fused.nll),
+        ] {
+            assert_eq!(
+                format!("{a:.2}"),
+                format!("{e:.2}"),
+                "{run} {what}: XLA {a} vs fused {e}"
+            );
+        }
+    }
+}

@@ -27,6 +27,9 @@ pub struct EvalVaeArgs {
     /// Also write the results into RUN_DIR/eval.json and refresh RUN_DIR/report.html.
     #[arg(long, value_name = "RUN_DIR")]
     pub report: Option<PathBuf>,
+    /// What computes the estimate: the fused CPU engine where it applies, candle, or XLA.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: elbo::train::Engine,
 }
 
 #[derive(Args)]
@@ -152,6 +155,7 @@ pub fn eval_vae(a: EvalVaeArgs, device: &Device) -> Result<()> {
         a.iw_samples,
         a.batch_size,
         a.seed,
+        a.engine,
         &|n| bar.inc(n),
     )?;
     bar.finish_and_clear();

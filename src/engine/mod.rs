@@ -723,10 +723,59 @@ pub fn estimate_log_likelihood(
     max_rows: usize,
     noise: &mut Noise,
 ) -> Result<LikelihoodEstimate> {
-    if self::vae::supports(vae) {
-        let mut fused = FusedVae::from_vae(vae)?;
-        let x = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        return fused.estimate_log_likelihood(&x, k, max_rows, noise);
+    LikelihoodEstimator::new(vae, Engine::Auto)?.estimate(x, k, max_rows, noise)
+}
+
+/// The importance-sampled log p(x) of a VAE on one engine, made once for many batches (the
+/// XLA engine compiles one program per shape and keeps it): the fused engine (`auto` where it
+/// applies), the XLA engine, or candle. Every engine draws the same noise in the same order.
+pub struct LikelihoodEstimator<'a> {
+    vae: &'a Vae,
+    how: Estimator,
+}
+
+enum Estimator {
+    Fused(Box<FusedVae>),
+    Xla(Box<crate::xla::vae::XlaVae>),
+    Candle,
+}
+
+impl<'a> LikelihoodEstimator<'a> {
+    pub fn new(vae: &'a Vae, engine: Engine) -> Result<Self> {
+        let fused = self::vae::supports(vae);
+        let how = match engine {
+            Engine::Auto if fused => Estimator::Fused(Box::new(FusedVae::from_vae(vae)?)),
+            Engine::Auto | Engine::Candle => Estimator::Candle,
+            Engine::Fused if fused => Estimator::Fused(Box::new(FusedVae::from_vae(vae)?)),
+            Engine::Fused => bail!("--engine fused: needs the CPU and --likelihood bernoulli"),
+            Engine::Xla => {
+                if !crate::xla::vae::supports(vae) {
+                    bail!("--engine xla: takes MLP VAEs with --likelihood bernoulli for now");
+                }
+                let runtime = crate::xla::runtime().context("--engine xla")?;
+                Estimator::Xla(Box::new(crate::xla::vae::XlaVae::from_vae(vae, runtime)?))
+            }
+        };
+        Ok(Self { vae, how })
     }
-    crate::vae::objective::estimate_log_likelihood_candle(vae, x, k, max_rows, noise)
+
+    /// log p(x) of the examples `x` `[B, D]` with K = `k` importance samples, in chunks of at
+    /// most `max_rows` decoded rows.
+    pub fn estimate(
+        &mut self,
+        x: &Tensor,
+        k: usize,
+        max_rows: usize,
+        noise: &mut Noise,
+    ) -> Result<LikelihoodEstimate> {
+        let values =
+            || -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+        match &mut self.how {
+            Estimator::Fused(f) => f.estimate_log_likelihood(&values()?, k, max_rows, noise),
+            Estimator::Xla(e) => e.estimate_log_likelihood(&values()?, k, max_rows, noise),
+            Estimator::Candle => crate::vae::objective::estimate_log_likelihood_candle(
+                self.vae, x, k, max_rows, noise,
+            ),
+        }
+    }
 }

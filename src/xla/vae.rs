@@ -30,11 +30,13 @@ use candle_core::Tensor;
 
 use super::graph::{Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
+use crate::distributions::Noise;
 use crate::engine::TrainStep;
 use crate::engine::vae::{VaeBatch, gather_noise};
 use crate::nn::activation::Activation;
 use crate::nn::mlp::MlpShape;
 use crate::optim::{AdamScalars, ParamEntry, ParamTable};
+use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::{KlEstimator, Objective};
 
@@ -426,6 +428,17 @@ fn trace_step(
     })
 }
 
+/// Which program of a traced step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Program {
+    /// The sums and the gradient ([`TrainStep::loss_and_grads`]).
+    Gradient,
+    /// The sums, and the Adam update of resident parameters ([`TrainStep::step_resident`]).
+    Resident,
+    /// The sums only, the forward pass (the log p(x) estimate).
+    Forward,
+}
+
 /// The VAE's training step on XLA (a [`TrainStep`] of the one training loop). Either the loop
 /// keeps the parameters and its Adam updates them from the gradient this step returns
 /// ([`TrainStep::loss_and_grads`]: every rank's rows, for MPI), or, on one process, the
@@ -439,8 +452,8 @@ pub struct XlaVae {
     kl: KlEstimator,
     beta: f64,
     runtime: Arc<Runtime>,
-    /// One executable per (rows, K, resident).
-    compiled: HashMap<(usize, usize, bool), Executable>,
+    /// One executable per (rows, K, program).
+    compiled: HashMap<(usize, usize, Program), Executable>,
     noise: Vec<Vec<f32>>,
     /// The resident parameters and moments `[p, m, v]`.
     resident: Option<[Buffer; 3]>,
@@ -514,18 +527,78 @@ impl XlaVae {
         Ok(s.gradient_program()?.0)
     }
 
-    fn executable(&mut self, n: usize, k: usize, resident: bool) -> Result<&Executable> {
-        let key = (n, k, resident);
+    fn executable(&mut self, n: usize, k: usize, program: Program) -> Result<&Executable> {
+        let key = (n, k, program);
         if !self.compiled.contains_key(&key) {
-            let s = trace_step(&self.layout, n, k, self.objective, self.kl)?;
-            let (text, outputs) = match resident {
-                true => s.resident_program()?,
-                false => s.gradient_program()?,
+            let (text, outputs) = match program {
+                Program::Gradient => {
+                    trace_step(&self.layout, n, k, self.objective, self.kl)?.gradient_program()?
+                }
+                Program::Resident => {
+                    trace_step(&self.layout, n, k, self.objective, self.kl)?.resident_program()?
+                }
+                // The estimate's pass: log w per row and the ELBO's parts with the closed-form
+                // top KL, whatever the model trains on.
+                Program::Forward => {
+                    let s = trace_step(&self.layout, n, k, Objective::Elbo, KlEstimator::Analytic)?;
+                    (s.graph.to_stablehlo(&s.sums)?, s.sums.len())
+                }
             };
             let exe = self.runtime.compile(&text, outputs)?;
             self.compiled.insert(key, exe);
         }
         Ok(&self.compiled[&key])
+    }
+
+    /// The importance-sampled log p(x) of the fused engine's
+    /// [`crate::engine::vae::FusedVae::estimate_log_likelihood`]: the same noise in the same
+    /// chunks of at most `max_rows` decoded rows, the chunks' log-sum-exps combined in f64.
+    /// `x` `[B, D]`.
+    pub fn estimate_log_likelihood(
+        &mut self,
+        x: &[f32],
+        k: usize,
+        max_rows: usize,
+        noise: &mut Noise,
+    ) -> Result<LikelihoodEstimate> {
+        let d = self.layout.d;
+        ensure!(
+            k > 0 && !x.is_empty() && x.len().is_multiple_of(d),
+            "XLA VAE: log p(x) of {} values ({d} per example) with K = {k}",
+            x.len()
+        );
+        let b = x.len() / d;
+        let layers = self.layout.layers();
+        let chunk = (max_rows / b).clamp(1, k);
+        let mut lse = vec![f64::NEG_INFINITY; b];
+        let mut rec = vec![0f64; b];
+        let mut kl = vec![vec![0f64; b]; layers];
+        let params = self.runtime.upload(&self.params, &[self.layout.len])?;
+        let mut done = 0;
+        while done < k {
+            let kc = chunk.min(k - done);
+            let batch = VaeBatch::draw(x.to_vec(), d, &self.layout.latents, kc, noise);
+            let mut inputs = vec![];
+            inputs.extend(self.batch_inputs(&batch, &(0..b))?);
+            let exe = self.executable(b, kc, Program::Forward)?;
+            let mut refs: Vec<&Buffer> = vec![&params];
+            refs.extend(inputs.iter());
+            let out = exe.run(&refs)?;
+            let values = |i: usize| -> Result<Vec<f32>> { out[i].to_vec(b) };
+            for (acc, v) in rec.iter_mut().zip(values(1)?) {
+                *acc += v as f64;
+            }
+            for (l, acc) in kl.iter_mut().enumerate() {
+                for (a, v) in acc.iter_mut().zip(values(2 + l)?) {
+                    *a += v as f64;
+                }
+            }
+            for (acc, v) in lse.iter_mut().zip(values(2 + layers)?) {
+                *acc = log_add_exp(*acc, v as f64);
+            }
+            done += kc;
+        }
+        Ok(LikelihoodEstimate::from_sums(lse, rec, kl, k))
     }
 
     /// Uploads the traced step's inputs after the parameters: `x` and the noise of rows
@@ -631,7 +704,7 @@ impl TrainStep for XlaVae {
         }
         let mut inputs = vec![self.runtime.upload(params, &[self.layout.len])?];
         inputs.extend(self.batch_inputs(batch, &rows)?);
-        let exe = self.executable(n, k, false)?;
+        let exe = self.executable(n, k, Program::Gradient)?;
         let refs: Vec<&Buffer> = inputs.iter().collect();
         let out = exe.run(&refs)?;
         out[out.len() - 1].read(grads)?;
@@ -673,7 +746,7 @@ impl TrainStep for XlaVae {
         inputs.push(v);
         let scalars = [adam.beta1, adam.beta2, adam.lr_bc1, adam.inv_bc2, adam.eps];
         inputs.push(self.runtime.upload(&scalars, &[5])?);
-        let exe = self.executable(b, k, true)?;
+        let exe = self.executable(b, k, Program::Resident)?;
         let refs: Vec<&Buffer> = inputs.iter().collect();
         let mut out = exe.run(&refs)?;
         // The parameters and moments were donated: the outputs are the new resident state.
