@@ -10,7 +10,8 @@
 //! CPU's) puts the tensors on the first CUDA GPU, and each repetition ends when the GPU has
 //! finished its work (`Device::synchronize`), so that the times are the GPU's, not the launches'.
 //!
-//! `--engine xla` runs the VAE training steps (`vae-step-*`, `iwae-step-*`, `vae-epoch`) on the
+//! `--engine xla` runs the VAE training steps (`vae-step-*`, `iwae-step-*`, `conv-vae-step-128`,
+//! `vae-epoch`) on the
 //! XLA engine through the PJRT plugin at `ELBO_PJRT_PLUGIN` (the device is the plugin's:
 //! `xla_cuda_plugin.so` on a GPU), parameters and Adam resident as `elbo train` runs them on one
 //! process; each repetition waits for the step's sums, so the times are the device's.
@@ -239,9 +240,12 @@ fn main() -> Result<()> {
     let fused_engine = engine == Engine::Fused;
     let vae_workload = a.workload.starts_with("vae-step-")
         || a.workload.starts_with("iwae-step-")
-        || a.workload == "vae-epoch";
+        || a.workload == "vae-epoch"
+        || a.workload == "conv-vae-step-128";
     if engine == Engine::Xla && !vae_workload {
-        bail!("--engine xla: the VAE training steps only (vae-step-*, iwae-step-*, vae-epoch)");
+        bail!(
+            "--engine xla: the VAE training steps only (vae-step-*, iwae-step-*, conv-vae-step-128, vae-epoch)"
+        );
     }
     let or = |n: usize, default: usize| if n == 0 { default } else { n };
     // The FLOPs of one repetition, set by each workload.

@@ -208,6 +208,36 @@ fn vae_step_matches_the_fused_engine_one_layer() {
     compare(&vae, Objective::Iwae, KlEstimator::Analytic, 5, 4..11);
 }
 
+/// The convolutional VAE (two stride-2 convolutions, 3 x 8 x 8 images, the mirrored
+/// transposed convolutions): the ELBO and the IWAE step against the fused engine.
+#[test]
+fn conv_vae_step_matches_the_fused_engine() {
+    use elbo::data::ImageShape;
+    use elbo::vae::model::ConvNet;
+    let shape = ImageShape {
+        channels: 3,
+        height: 8,
+        width: 8,
+    };
+    for act in [Activation::Relu, Activation::Tanh] {
+        let config = VaeConfig {
+            input_dim: shape.dim(),
+            image_shape: Some(shape),
+            conv: Some(ConvNet {
+                channels: vec![4, 6],
+                residual: false,
+            }),
+            hidden: vec![vec![16]],
+            latent_dims: vec![5],
+            activation: act,
+            ..VaeConfig::default()
+        };
+        let vae = Vae::new(config, &mut Noise::new(3), &Device::Cpu).unwrap();
+        compare(&vae, Objective::Elbo, KlEstimator::Analytic, 2, 0..13);
+        compare(&vae, Objective::Iwae, KlEstimator::Analytic, 3, 3..10);
+    }
+}
+
 #[test]
 fn vae_step_matches_the_fused_engine_two_layers() {
     for act in [
@@ -361,6 +391,142 @@ fn committed_checkpoints_evaluate_to_the_printed_digits() {
                 format!("{a:.2}"),
                 format!("{e:.2}"),
                 "{run} {what}: XLA {a} vs fused {e}"
+            );
+        }
+    }
+}
+
+/// `sum(conv(x, w) * c)` in f64 by the definition (NCHW, OIHW): the input dilated by
+/// `ld`, padded by `pad` (low, high), the kernel dilated by `rd`, strided by `s`.
+fn conv_sum(
+    x: &[f64],
+    xs: [usize; 4],
+    w: &[f64],
+    ws: [usize; 4],
+    c: &[f64],
+    spec: &elbo::xla::graph::Conv,
+) -> f64 {
+    let (s, ld, rd) = (spec.stride[0], spec.lhs_dil[0], spec.rhs_dil[0]);
+    let lo = spec.pad[0].0;
+    let dil = |n: usize, d: usize| 1 + d * (n - 1);
+    let span = dil(xs[2], ld) as i64 + spec.pad[0].0 + spec.pad[0].1 - dil(ws[2], rd) as i64;
+    let out = span as usize / s + 1;
+    let mut total = 0.0;
+    let mut at = 0;
+    for b in 0..xs[0] {
+        for o in 0..ws[0] {
+            for p0 in 0..out {
+                for p1 in 0..out {
+                    let mut acc = 0.0;
+                    for i in 0..xs[1] {
+                        for k0 in 0..ws[2] {
+                            for k1 in 0..ws[3] {
+                                let y0 = (p0 * s + k0 * rd) as i64 - lo;
+                                let y1 = (p1 * s + k1 * rd) as i64 - lo;
+                                if y0 < 0 || y1 < 0 || y0 % ld as i64 != 0 || y1 % ld as i64 != 0 {
+                                    continue;
+                                }
+                                let (q0, q1) =
+                                    ((y0 / ld as i64) as usize, (y1 / ld as i64) as usize);
+                                if q0 >= xs[2] || q1 >= xs[3] {
+                                    continue;
+                                }
+                                acc += x[((b * xs[1] + i) * xs[2] + q0) * xs[3] + q1]
+                                    * w[((o * ws[1] + i) * ws[2] + k0) * ws[3] + k1];
+                            }
+                        }
+                    }
+                    total += acc * c[at];
+                    at += 1;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// The traced convolution's value and its derivatives in the input and the kernel against the
+/// definition in f64 and central finite differences: PyTorch's conv2d (stride 2, padding 1,
+/// 4 x 4, as the convolutional VAE's encoder) and its transposed convolution written as XLA
+/// writes it (the input dilated by 2, padding 2, the decoder's), odd sizes, 1 and 3 channels.
+#[test]
+fn traced_convolution_derivatives_match_finite_differences() {
+    use elbo::xla::graph::Conv;
+    let Some(rt) = rt() else { return };
+    let transposed = Conv {
+        stride: [1, 1],
+        pad: [(2, 2); 2],
+        lhs_dil: [2, 2],
+        ..Conv::nchw(1, 0)
+    };
+    for (spec, xs, ws) in [
+        (Conv::nchw(2, 1), [2, 3, 7, 7], [2, 3, 4, 4]),
+        (Conv::nchw(1, 1), [1, 1, 5, 5], [3, 1, 3, 3]),
+        (transposed, [2, 2, 3, 3], [1, 2, 4, 4]),
+    ] {
+        let mut g = Graph::new();
+        let x = g.input(&xs);
+        let w = g.input(&ws);
+        let y = g.conv(x, w, spec.clone()).unwrap();
+        let ys = g.shape(y).to_vec();
+        let c = g.input(&ys);
+        let p = g.mul(y, c).unwrap();
+        let total = g.sum_all(p).unwrap();
+        let grads = g.grad(total, &[x, w]).unwrap();
+        let exe = rt
+            .compile(&g.to_stablehlo(&[total, grads[0], grads[1]]).unwrap(), 3)
+            .unwrap();
+        let n = |s: &[usize]| s.iter().product::<usize>();
+        let xv: Vec<f32> = (0..n(&xs))
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let wv: Vec<f32> = (0..n(&ws))
+            .map(|i| ((i * 11 % 13) as f32 - 6.0) / 7.0)
+            .collect();
+        let cv: Vec<f32> = (0..n(&ys))
+            .map(|i| ((i * 5 % 7) as f32 - 3.0) / 4.0)
+            .collect();
+        let bufs = [
+            rt.upload(&xv, &xs).unwrap(),
+            rt.upload(&wv, &ws).unwrap(),
+            rt.upload(&cv, &ys).unwrap(),
+        ];
+        let out = exe.run(&[&bufs[0], &bufs[1], &bufs[2]]).unwrap();
+        let (value, dx, dw) = (
+            out[0].to_vec(1).unwrap()[0],
+            out[1].to_vec(n(&xs)).unwrap(),
+            out[2].to_vec(n(&ws)).unwrap(),
+        );
+        let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, w64, c64) = (f64v(&xv), f64v(&wv), f64v(&cv));
+        let exact = conv_sum(&x64, xs, &w64, ws, &c64, &spec);
+        assert!(
+            (value as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0),
+            "{spec:?}: {value} vs {exact}"
+        );
+        let h = 1e-3;
+        for (i, &d) in dx.iter().enumerate() {
+            let (mut p, mut m) = (x64.clone(), x64.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (conv_sum(&p, xs, &w64, ws, &c64, &spec)
+                - conv_sum(&m, xs, &w64, ws, &c64, &spec))
+                / (2.0 * h);
+            assert!(
+                (d as f64 - fd).abs() < 1e-4 * fd.abs().max(1.0),
+                "{spec:?}: d x[{i}] {d} vs {fd}"
+            );
+        }
+        for (i, &d) in dw.iter().enumerate() {
+            let (mut p, mut m) = (w64.clone(), w64.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (conv_sum(&x64, xs, &p, ws, &c64, &spec)
+                - conv_sum(&x64, xs, &m, ws, &c64, &spec))
+                / (2.0 * h);
+            assert!(
+                (d as f64 - fd).abs() < 1e-4 * fd.abs().max(1.0),
+                "{spec:?}: d w[{i}] {d} vs {fd}"
             );
         }
     }

@@ -205,7 +205,7 @@ pub fn vae_step<'a>(
 ) -> Result<(Box<dyn TrainStep<Batch = VaeBatch> + 'a>, String)> {
     if engine == Engine::Xla {
         if !crate::xla::vae::supports(vae) {
-            bail!("--engine xla: takes MLP VAEs with --likelihood bernoulli (no --conv) for now");
+            bail!("--engine xla: takes --likelihood bernoulli, and no --residual, for now");
         }
         let runtime = crate::xla::runtime().context("--engine xla")?;
         let name = format!(
@@ -750,7 +750,7 @@ impl<'a> LikelihoodEstimator<'a> {
             Engine::Fused => bail!("--engine fused: needs the CPU and --likelihood bernoulli"),
             Engine::Xla => {
                 if !crate::xla::vae::supports(vae) {
-                    bail!("--engine xla: takes MLP VAEs with --likelihood bernoulli for now");
+                    bail!("--engine xla: takes --likelihood bernoulli, and no --residual, for now");
                 }
                 let runtime = crate::xla::runtime().context("--engine xla")?;
                 Estimator::Xla(Box::new(crate::xla::vae::XlaVae::from_vae(vae, runtime)?))

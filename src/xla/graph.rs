@@ -12,7 +12,7 @@
 
 use std::fmt::Write;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 
 /// A node of a [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,92 @@ enum Op {
     /// 1-D arrays end to end.
     Concat(Vec<T>),
     Transpose(T, Vec<usize>),
+    /// `convolution(lhs, rhs)` ([`Conv`]).
+    Conv(T, T, Box<Conv>),
+    /// The array with dimensions `dims` reversed.
+    Reverse(T, Vec<usize>),
+}
+
+/// A 2-D convolution as StableHLO's `convolution` takes it (JAX's `conv_general_dilated`):
+/// which dimension of each array is which, the window's strides, the padding of the input
+/// (low, high; negative crops), and the dilations of the input and of the kernel.
+///
+/// ```text
+/// lhs  [batch, feature, spatial 0, spatial 1] at dims lhs[0..4]
+/// rhs  [out feature, in feature, spatial 0, spatial 1] at dims rhs[0..4]
+/// out  [batch, feature, spatial 0, spatial 1] at dims out[0..4]
+/// out size = (dil(in, lhs_dil) + lo + hi - dil(k, rhs_dil)) / stride + 1,  dil(n, d) = 1 + d (n - 1)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conv {
+    pub lhs: [usize; 4],
+    pub rhs: [usize; 4],
+    pub out: [usize; 4],
+    pub stride: [usize; 2],
+    pub pad: [(i64, i64); 2],
+    pub lhs_dil: [usize; 2],
+    pub rhs_dil: [usize; 2],
+}
+
+/// `1 + d (n - 1)` (0 for n = 0): a size dilated by d.
+fn dilate(n: usize, d: usize) -> i64 {
+    if n == 0 { 0 } else { 1 + (d * (n - 1)) as i64 }
+}
+
+impl Conv {
+    /// NCHW input, OIHW kernel, NCHW output: PyTorch's `conv2d(x, w, stride, padding)`.
+    pub fn nchw(stride: usize, pad: usize) -> Self {
+        Self {
+            lhs: [0, 1, 2, 3],
+            rhs: [0, 1, 2, 3],
+            out: [0, 1, 2, 3],
+            stride: [stride; 2],
+            pad: [(pad as i64, pad as i64); 2],
+            lhs_dil: [1; 2],
+            rhs_dil: [1; 2],
+        }
+    }
+
+    /// The first two entries of a spec swapped: batch and feature, or out and in feature.
+    fn swap(spec: [usize; 4]) -> [usize; 4] {
+        [spec[1], spec[0], spec[2], spec[3]]
+    }
+
+    /// The result's shape for operands of shapes `l` and `r`.
+    fn shape(&self, l: &[usize], r: &[usize]) -> Option<Vec<usize>> {
+        if l.len() != 4 || r.len() != 4 || l[self.lhs[1]] != r[self.rhs[1]] {
+            return None;
+        }
+        let mut out = vec![0; 4];
+        out[self.out[0]] = l[self.lhs[0]];
+        out[self.out[1]] = r[self.rhs[0]];
+        for d in 0..2 {
+            let span = dilate(l[self.lhs[2 + d]], self.lhs_dil[d]) + self.pad[d].0 + self.pad[d].1
+                - dilate(r[self.rhs[2 + d]], self.rhs_dil[d]);
+            if span < 0 || self.stride[d] == 0 {
+                return None;
+            }
+            out[self.out[2 + d]] = span as usize / self.stride[d] + 1;
+        }
+        Some(out)
+    }
+
+    /// StableHLO's `dim_numbers`: each position's role, e.g. `[b, f, 0, 1]x[o, i, 0, 1]->[b, f, 0, 1]`.
+    fn dim_numbers(&self) -> String {
+        let roles = |spec: &[usize; 4], names: [&str; 4]| -> String {
+            let mut at = [""; 4];
+            for (role, &dim) in spec.iter().enumerate() {
+                at[dim] = names[role];
+            }
+            format!("[{}]", at.join(", "))
+        };
+        format!(
+            "{}x{}->{}",
+            roles(&self.lhs, ["b", "f", "0", "1"]),
+            roles(&self.rhs, ["o", "i", "0", "1"]),
+            roles(&self.out, ["b", "f", "0", "1"])
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -272,6 +358,25 @@ impl Graph {
         Ok(self.push(Op::Transpose(a, perm.to_vec()), shape))
     }
 
+    /// The convolution `spec` of `lhs` by the kernel `rhs`.
+    pub fn conv(&mut self, lhs: T, rhs: T, spec: Conv) -> Result<T> {
+        let (l, r) = (self.shape(lhs).to_vec(), self.shape(rhs).to_vec());
+        let Some(shape) = spec.shape(&l, &r) else {
+            bail!("XLA graph: convolution {spec:?} of {l:?} by {r:?}");
+        };
+        Ok(self.push(Op::Conv(lhs, rhs, Box::new(spec)), shape))
+    }
+
+    /// `a` with dimensions `dims` reversed.
+    pub fn reverse(&mut self, a: T, dims: &[usize]) -> Result<T> {
+        let shape = self.shape(a).to_vec();
+        ensure!(
+            dims.iter().all(|&d| d < shape.len()),
+            "XLA graph: reverse {dims:?} of {shape:?}"
+        );
+        Ok(self.push(Op::Reverse(a, dims.to_vec()), shape))
+    }
+
     /// Values `start..start + len` of the 1-D array `a`.
     pub fn slice(&mut self, a: T, start: usize, len: usize) -> Result<T> {
         let sa = self.shape(a).to_vec();
@@ -467,6 +572,69 @@ impl Graph {
                     let d = self.transpose(g, &inv)?;
                     acc(self, &mut adj, a, d)?;
                 }
+                // JAX's transpose rules of `conv_general_dilated` (lax/convolution.py).
+                Op::Conv(lhs, rhs, spec) => {
+                    let (ls, rs) = (self.shape(lhs).to_vec(), self.shape(rhs).to_vec());
+                    let gs = node.shape.clone();
+                    let sp = |shape: &[usize], spec: &[usize; 4], d: usize| shape[spec[2 + d]];
+                    // d lhs: g convolved with the spatially reversed kernel, in and out swapped,
+                    // the forward's strides becoming the input's dilation.
+                    let mut pad = [(0i64, 0i64); 2];
+                    for (d, p) in pad.iter_mut().enumerate() {
+                        let in_d = dilate(sp(&ls, &spec.lhs, d), spec.lhs_dil[d]);
+                        let k_d = dilate(sp(&rs, &spec.rhs, d), spec.rhs_dil[d]);
+                        let out_d = dilate(sp(&gs, &spec.out, d), spec.stride[d]);
+                        let before = k_d - spec.pad[d].0 - 1;
+                        *p = (before, in_d + k_d - 1 - out_d - before);
+                    }
+                    let rev = self.reverse(rhs, &[spec.rhs[2], spec.rhs[3]])?;
+                    let dl = Conv {
+                        lhs: spec.out,
+                        rhs: Conv::swap(spec.rhs),
+                        out: spec.lhs,
+                        stride: spec.lhs_dil,
+                        pad,
+                        lhs_dil: spec.stride,
+                        rhs_dil: spec.rhs_dil,
+                    };
+                    let dlhs = self.conv(g, rev, dl)?;
+                    ensure!(
+                        self.shape(dlhs) == ls.as_slice(),
+                        "XLA graph: conv d lhs {:?} for {ls:?}",
+                        self.shape(dlhs)
+                    );
+                    // d rhs: the input convolved with g, batch and feature swapped, the
+                    // forward's strides becoming the kernel's dilation.
+                    let mut pad = [(0i64, 0i64); 2];
+                    for (d, p) in pad.iter_mut().enumerate() {
+                        let in_d = dilate(sp(&ls, &spec.lhs, d), spec.lhs_dil[d]);
+                        let k_d = dilate(sp(&rs, &spec.rhs, d), spec.rhs_dil[d]);
+                        let out_d = dilate(sp(&gs, &spec.out, d), spec.stride[d]);
+                        let lo = spec.pad[d].0;
+                        *p = (lo, (out_d - in_d) + (k_d - lo - 1));
+                    }
+                    let dr = Conv {
+                        lhs: Conv::swap(spec.lhs),
+                        rhs: Conv::swap(spec.out),
+                        out: Conv::swap(spec.rhs),
+                        stride: spec.rhs_dil,
+                        pad,
+                        lhs_dil: spec.lhs_dil,
+                        rhs_dil: spec.stride,
+                    };
+                    let drhs = self.conv(lhs, g, dr)?;
+                    ensure!(
+                        self.shape(drhs) == rs.as_slice(),
+                        "XLA graph: conv d rhs {:?} for {rs:?}",
+                        self.shape(drhs)
+                    );
+                    acc(self, &mut adj, lhs, dlhs)?;
+                    acc(self, &mut adj, rhs, drhs)?;
+                }
+                Op::Reverse(a, dims) => {
+                    let d = self.reverse(g, &dims)?;
+                    acc(self, &mut adj, a, d)?;
+                }
                 // Parameters are sliced out of one flat input and their derivatives concatenated
                 // back by the caller: no derivative is taken through either.
                 Op::Slice(..) | Op::Concat(_) => {}
@@ -636,6 +804,30 @@ impl Graph {
                     list(perm),
                     ty(self.shape(*a))
                 ),
+                Op::Conv(l, r, c) => {
+                    let pads: Vec<String> = c
+                        .pad
+                        .iter()
+                        .map(|(lo, hi)| format!("[{lo}, {hi}]"))
+                        .collect();
+                    format!(
+                        "{v} = stablehlo.convolution({}, {}) dim_numbers = {}, window = {{stride = [{}], pad = [{}], lhs_dilate = [{}], rhs_dilate = [{}]}} {{batch_group_count = 1 : i64, feature_group_count = 1 : i64}} : ({}, {}) -> {out_ty}",
+                        name(*l),
+                        name(*r),
+                        c.dim_numbers(),
+                        list(&c.stride),
+                        pads.join(", "),
+                        list(&c.lhs_dil),
+                        list(&c.rhs_dil),
+                        ty(self.shape(*l)),
+                        ty(self.shape(*r))
+                    )
+                }
+                Op::Reverse(a, dims) => format!(
+                    "{v} = stablehlo.reverse {}, dims = [{}] : {out_ty}",
+                    name(*a),
+                    list(dims)
+                ),
                 Op::Slice(a, start) => format!(
                     "{v} = stablehlo.slice {} [{start}:{}] : ({}) -> {out_ty}",
                     name(*a),
@@ -671,7 +863,10 @@ impl Graph {
             | Op::Reshape(a)
             | Op::Slice(a, _)
             | Op::Transpose(a, _) => vec![*a],
-            Op::Binary(_, a, b) | Op::Greater(a, b) | Op::Dot(a, b, _, _) => vec![*a, *b],
+            Op::Binary(_, a, b) | Op::Greater(a, b) | Op::Dot(a, b, _, _) | Op::Conv(a, b, _) => {
+                vec![*a, *b]
+            }
+            Op::Reverse(a, _) => vec![*a],
             Op::Concat(parts) => parts.clone(),
         }
     }

@@ -1,5 +1,6 @@
-//! The VAE family's training step on XLA: the MLP VAEs of [`crate::vae::model`] (any number of
-//! stochastic layers, MLPs of any depth, width and activation, the Bernoulli likelihood), the
+//! The VAE family's training step on XLA: the VAEs of [`crate::vae::model`] that the fused
+//! engine takes (any number of stochastic layers, MLPs of any depth, width and activation,
+//! convolutional encoders and decoders without residual blocks, the Bernoulli likelihood), the
 //! ELBO (closed-form or Monte Carlo top KL, beta) and the IWAE objective with K samples. The
 //! step is traced once per (rows, K) as an array program ([`super::graph`]), differentiated
 //! there and compiled into one XLA executable; a step is one call of it.
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail, ensure};
 use candle_core::Tensor;
 
-use super::graph::{Graph, T};
+use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::distributions::Noise;
 use crate::engine::TrainStep;
@@ -40,9 +41,37 @@ use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::{KlEstimator, Objective};
 
-/// Whether the XLA engine computes this model: MLP VAEs with the Bernoulli likelihood.
+/// Whether the XLA engine computes this model: the Bernoulli likelihood, MLP VAEs and
+/// convolutional ones without residual blocks (what the fused engine takes).
 pub fn supports(vae: &Vae) -> bool {
-    vae.config.likelihood == Likelihood::Bernoulli && vae.config.conv.is_none()
+    vae.config.likelihood == Likelihood::Bernoulli
+        && vae.config.conv.as_ref().is_none_or(|c| !c.residual)
+}
+
+/// One convolution of a convolutional VAE: its weight and bias in the flat buffer and its
+/// channels. The encoder's are PyTorch's `Conv2d(c_in, c_out, 4, stride 2, padding 1)` (weight
+/// `[c_out, c_in, 4, 4]`), the decoder's `ConvTranspose2d` of the same geometry (weight
+/// `[c_in, c_out, 4, 4]`).
+#[derive(Debug, Clone)]
+struct ConvLayer {
+    w: usize,
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+}
+
+/// The convolutional encoder and decoder around the first layer's MLPs (`VaeConfig::conv`):
+///
+/// ```text
+/// encoder  h_0 = x [n, C, H, W],  h_{j+1} = f(conv_j(h_j)),  features = flatten(h_last)
+/// decoder  u_0 = f(MLP output) [K n, c, h, w],  u_{j+1} = f(deconv_j(u_j)),  logits = deconv_last(u)
+/// ```
+#[derive(Debug, Clone)]
+struct ConvLayout {
+    image: (usize, usize, usize),
+    features: (usize, usize, usize),
+    down: Vec<ConvLayer>,
+    up: Vec<ConvLayer>,
 }
 
 /// The model's networks and where each sits in the flat parameter buffer.
@@ -52,11 +81,15 @@ struct Layout {
     latents: Vec<usize>,
     /// q(z_1|x), ..., q(z_L|z_{L-1}), then p(x|z_1), p(z_1|z_2), ..., p(z_{L-1}|z_L).
     nets: Vec<(MlpShape, usize)>,
+    conv: Option<ConvLayout>,
+    activation: Activation,
+    /// The conv layers' `state_dict` entries `(name, offset, shape)`, after the MLPs'.
+    conv_entries: Vec<(String, usize, Vec<usize>)>,
     len: usize,
 }
 
 impl Layout {
-    fn new(config: &VaeConfig) -> Self {
+    fn new(config: &VaeConfig) -> Result<Self> {
         let mut offset = 0;
         let mut nets = Vec::new();
         for spec in config.networks() {
@@ -64,12 +97,53 @@ impl Layout {
             nets.push((spec.shape, offset));
             offset += count;
         }
-        Self {
+        let mut conv_entries = Vec::new();
+        for (name, shape) in config.conv_parameter_shapes() {
+            let n: usize = shape.iter().product();
+            conv_entries.push((name, offset, shape));
+            offset += n;
+        }
+        let conv = match (&config.conv, config.image_shape(), config.conv_features()) {
+            (Some(c), Some(image), Some(features)) => {
+                let find = |name: String| -> Result<(usize, Vec<usize>)> {
+                    conv_entries
+                        .iter()
+                        .find(|e| e.0 == name)
+                        .map(|e| (e.1, e.2.clone()))
+                        .ok_or_else(|| anyhow::anyhow!("XLA VAE: no {name} in the model"))
+                };
+                let layer = |prefix: String, transposed: bool| -> Result<ConvLayer> {
+                    let (w, shape) = find(format!("{prefix}.weight"))?;
+                    let (b, _) = find(format!("{prefix}.bias"))?;
+                    let (c_in, c_out) = match transposed {
+                        true => (shape[0], shape[1]),
+                        false => (shape[1], shape[0]),
+                    };
+                    Ok(ConvLayer { w, b, c_in, c_out })
+                };
+                let n = c.channels.len();
+                Some(ConvLayout {
+                    image: (image.channels, image.height, image.width),
+                    features,
+                    down: (0..n)
+                        .map(|j| layer(format!("encoder.conv.{j}"), false))
+                        .collect::<Result<_>>()?,
+                    up: (0..n)
+                        .map(|j| layer(format!("decoder.deconv.{j}"), true))
+                        .collect::<Result<_>>()?,
+                })
+            }
+            _ => None,
+        };
+        Ok(Self {
             d: config.input_dim,
             latents: config.latent_dims.clone(),
             nets,
+            conv,
+            activation: config.activation,
+            conv_entries,
             len: offset,
-        }
+        })
     }
 
     fn layers(&self) -> usize {
@@ -190,6 +264,67 @@ fn mlp(
     Ok((h, None))
 }
 
+/// `conv(h) + b` for `h` `[rows, c_in, h, w]`: the encoder's stride-2 4 x 4 convolution
+/// (padding 1), or with `transposed` the decoder's transposed one, written as XLA writes it: the
+/// input dilated by 2, padded by 2, the kernel reversed with its in and out swapped.
+fn conv_layer(g: &mut Graph, p: &mut Params, c: &ConvLayer, h: T, transposed: bool) -> Result<T> {
+    let (w, spec) = match transposed {
+        true => {
+            let w = p.take(g, c.w, &[c.c_in, c.c_out, 4, 4])?;
+            let w = g.reverse(w, &[2, 3])?;
+            let spec = Conv {
+                rhs: [1, 0, 2, 3],
+                pad: [(2, 2); 2],
+                lhs_dil: [2, 2],
+                ..Conv::nchw(1, 0)
+            };
+            (w, spec)
+        }
+        false => (p.take(g, c.w, &[c.c_out, c.c_in, 4, 4])?, Conv::nchw(2, 1)),
+    };
+    let b = p.take(g, c.b, &[c.c_out])?;
+    let y = g.conv(h, w, spec)?;
+    let shape = g.shape(y).to_vec();
+    let bb = g.broadcast(b, &[1], &shape)?;
+    g.add(y, bb)
+}
+
+/// The encoder: `x` `[n, D]` to the first MLP's input `[n, features]`.
+fn conv_encode(g: &mut Graph, p: &mut Params, layout: &Layout, x: T) -> Result<T> {
+    let Some(conv) = &layout.conv else {
+        return Ok(x);
+    };
+    let n = g.shape(x)[0];
+    let (c, hh, ww) = conv.image;
+    let mut h = g.reshape(x, &[n, c, hh, ww])?;
+    for layer in &conv.down {
+        let a = conv_layer(g, p, layer, h, false)?;
+        h = activate(g, layout.activation, a)?;
+    }
+    let (fc, fh, fw) = conv.features;
+    g.reshape(h, &[n, fc * fh * fw])
+}
+
+/// The decoder: the first generative MLP's output `[rows, features]` to the logits `[rows, D]`.
+fn conv_decode(g: &mut Graph, p: &mut Params, layout: &Layout, out: T) -> Result<T> {
+    let Some(conv) = &layout.conv else {
+        return Ok(out);
+    };
+    let rows = g.shape(out)[0];
+    let (fc, fh, fw) = conv.features;
+    let u = activate(g, layout.activation, out)?;
+    let mut u = g.reshape(u, &[rows, fc, fh, fw])?;
+    for (j, layer) in conv.up.iter().enumerate() {
+        let a = conv_layer(g, p, layer, u, true)?;
+        u = if j + 1 < conv.up.len() {
+            activate(g, layout.activation, a)?
+        } else {
+            a
+        };
+    }
+    g.reshape(u, &[rows, layout.d])
+}
+
 /// The sum over the last dimension of a 2-D array.
 fn row_sum(g: &mut Graph, a: T) -> Result<T> {
     g.sum(a, &[1])
@@ -308,7 +443,11 @@ fn trace_step(
     let mut neg_log_q = Vec::with_capacity(layers);
     let mut top_kl = None;
     for l in 0..layers {
-        let input = if l == 0 { x } else { z[l - 1] };
+        let input = if l == 0 {
+            conv_encode(&mut g, &mut p, layout, x)?
+        } else {
+            z[l - 1]
+        };
         let (m, lv) = mlp(&mut g, &mut p, &layout.nets[l], input, true)?;
         let lv = lv.expect("a Gaussian head");
         if l == top {
@@ -366,7 +505,8 @@ fn trace_step(
         };
         ratio.push(g.add(log_p, neg_log_q[l])?);
     }
-    let (logits, _) = mlp(&mut g, &mut p, &layout.nets[layers], z[0], false)?;
+    let (out, _) = mlp(&mut g, &mut p, &layout.nets[layers], z[0], false)?;
+    let logits = conv_decode(&mut g, &mut p, layout, out)?;
     let xk = repeat_k(&mut g, x, k)?;
     let xl = g.mul(xk, logits)?;
     let sp = g.softplus(logits)?;
@@ -463,12 +603,12 @@ impl XlaVae {
     /// The engine for `vae`, with a copy of its parameters, on `runtime`.
     pub fn from_vae(vae: &Vae, runtime: Arc<Runtime>) -> Result<Self> {
         if !supports(vae) {
-            bail!("the XLA engine takes MLP VAEs with the Bernoulli likelihood");
+            bail!("the XLA engine takes the Bernoulli likelihood and no residual blocks");
         }
-        let layout = Layout::new(&vae.config);
-        let entries = vae
-            .config
-            .flat_entries()
+        let layout = Layout::new(&vae.config)?;
+        let mut entries = vae.config.flat_entries();
+        entries.extend(layout.conv_entries.iter().cloned());
+        let entries = entries
             .into_iter()
             .map(|(name, offset, shape)| ParamEntry {
                 name,
