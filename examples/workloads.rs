@@ -11,7 +11,7 @@
 //! finished its work (`Device::synchronize`), so that the times are the GPU's, not the launches'.
 //!
 //! `--engine xla` runs the VAE training steps (`vae-step-*`, `iwae-step-*`, `conv-vae-step-128`,
-//! `vae-epoch`) on the
+//! `vae-epoch`) and the samplers' U-Net (`ddim-50`, `ddpm-1000`, `ddim-50-cifar`) on the
 //! XLA engine through the PJRT plugin at `ELBO_PJRT_PLUGIN` (the device is the plugin's:
 //! `xla_cuda_plugin.so` on a GPU), parameters and Adam resident as `elbo train` runs them on one
 //! process; each repetition waits for the step's sums, so the times are the device's.
@@ -238,13 +238,14 @@ fn main() -> Result<()> {
         other => bail!("--engine {other}: expected fused, candle or xla"),
     };
     let fused_engine = engine == Engine::Fused;
-    let vae_workload = a.workload.starts_with("vae-step-")
+    let xla_workload = a.workload.starts_with("vae-step-")
         || a.workload.starts_with("iwae-step-")
-        || a.workload == "vae-epoch"
-        || a.workload == "conv-vae-step-128";
-    if engine == Engine::Xla && !vae_workload {
+        || a.workload.starts_with("ddim-50")
+        || ["vae-epoch", "conv-vae-step-128", "ddpm-1000"].contains(&a.workload.as_str());
+    if engine == Engine::Xla && !xla_workload {
         bail!(
-            "--engine xla: the VAE training steps only (vae-step-*, iwae-step-*, conv-vae-step-128, vae-epoch)"
+            "--engine xla: the VAE training steps (vae-step-*, iwae-step-*, conv-vae-step-128, \
+             vae-epoch) and the samplers (ddim-50, ddpm-1000, ddim-50-cifar)"
         );
     }
     let or = |n: usize, default: usize| if n == 0 { default } else { n };
@@ -457,9 +458,26 @@ fn main() -> Result<()> {
             let counts = FusedUnet::new(frozen_unet).ok();
             let per_image = counts.as_ref().map_or(0.0, |f| f.forward_flops(size));
             let train_per_image = counts.as_ref().map_or(0.0, |f| f.train_flops(size));
-            let sampler_net: &dyn Denoiser = match &fused_frozen {
-                Some(fused) => fused,
-                None => &candle_path,
+            // The U-Net's forward pass compiled by XLA, for the samplers.
+            let xla_frozen = match engine {
+                Engine::Xla => {
+                    let tensors = elbo::diffusion::nets::sorted_vars(&varmap)
+                        .into_iter()
+                        .map(|(n, v)| (n, v.as_tensor().detach()))
+                        .collect();
+                    let vb =
+                        candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &dev);
+                    Some(elbo::engine::FrozenNet::with_engine(
+                        Net::build(&cfg, vb)?,
+                        Engine::Xla,
+                    )?)
+                }
+                _ => None,
+            };
+            let sampler_net: &dyn Denoiser = match (&xla_frozen, &fused_frozen) {
+                (Some(xla), _) => xla,
+                (None, Some(fused)) => fused,
+                (None, None) => &candle_path,
             };
             match w {
                 "unet-step-64" | "unet-cifar-step-64" => {

@@ -531,3 +531,84 @@ fn traced_convolution_derivatives_match_finite_differences() {
         }
     }
 }
+
+/// The U-Net's forward pass on XLA against candle's (`UNet::forward_candle`): elbo's default
+/// U-Net, DDPM's CIFAR-10 layout (attention at 16 x 16), diffusers' options ("SAME"
+/// downsampling, sines first, frequency shift 1) and improved-diffusion's (scale-shift norm,
+/// two heads down and four up, 2C outputs for learned variances), trained-looking weights.
+#[test]
+fn unet_forward_matches_candle() {
+    use elbo::diffusion::nets::{Net, NetConfig, UnetOptions, sorted_vars};
+    use elbo::xla::unet::XlaUnet;
+    let Some(rt) = rt() else { return };
+    let dev = Device::Cpu;
+    let unet = |mult: Vec<usize>, attention, c, levels: Vec<usize>, options| NetConfig::Unet {
+        base: 8,
+        channel_mult: mult,
+        groups: 4,
+        attention,
+        in_channels: c,
+        res_blocks: Some(1),
+        attention_levels: levels,
+        dropout: 0.0,
+        options,
+    };
+    let configs = [
+        (NetConfig::default_unet(), (1, 28, 28)),
+        (NetConfig::ddpm_cifar10(8, 3), (3, 32, 32)),
+        (
+            unet(
+                vec![1, 2, 2],
+                true,
+                3,
+                vec![1],
+                UnetOptions {
+                    flip_sin_to_cos: false,
+                    freq_shift: 1,
+                    norm_eps: 1e-6,
+                    downsample_padding: 0,
+                    ..Default::default()
+                },
+            ),
+            (3, 28, 28),
+        ),
+        (
+            unet(
+                vec![1, 2],
+                true,
+                3,
+                vec![1],
+                UnetOptions {
+                    heads: 2,
+                    heads_up: 4,
+                    scale_shift: true,
+                    out_channels: 6,
+                    ..Default::default()
+                },
+            ),
+            (3, 12, 12),
+        ),
+    ];
+    for (cfg, (c, h, w)) in configs {
+        let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
+        let mut noise = Noise::new(7);
+        for (_, var) in sorted_vars(&varmap) {
+            let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.1).unwrap();
+            var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
+        }
+        let Net::Unet(u) = &net else { unreachable!() };
+        let b = 3;
+        let x = noise.randn((b, c, h, w), &dev).unwrap();
+        let t = candle_core::Tensor::new(&[3f32, 400.0, 999.0], &dev).unwrap();
+        let expected = u.forward_candle(&x, &t).unwrap();
+        let mut xla = XlaUnet::new(u, rt.clone()).unwrap();
+        let got = xla.forward(&x, &t).unwrap();
+        assert_eq!(got.dims(), expected.dims());
+        let v = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dist = relative_distance(&v(&got), &v(&expected));
+        assert!(
+            dist < 1e-4,
+            "{cfg:?}: the XLA U-Net differs from candle's by {dist:e}"
+        );
+    }
+}

@@ -110,6 +110,10 @@ pub struct EvalDiffusionArgs {
     /// eq. 13; in expectation never below the continuous one), from the same draws.
     #[arg(long, allow_negative_numbers = true, value_name = "T")]
     pub steps: Option<usize>,
+    /// What runs the network: the fused CPU engine for the U-Net on the CPU (auto), candle, or
+    /// XLA (the U-Net's forward pass compiled once per batch shape; docs/xla.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: elbo::train::Engine,
     #[command(flatten)]
     pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
@@ -355,7 +359,7 @@ pub fn eval_diffusion(a: EvalDiffusionArgs, device: &Device) -> Result<()> {
     if a.steps.is_some() {
         bail!("--steps T: the T-step bound of a continuous-time model; this model has its own T");
     }
-    let net = elbo::engine::FrozenNet::new(m.net);
+    let net = elbo::engine::FrozenNet::with_engine(m.net, a.engine)?;
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
         m.config.image_shape().map_or(0, |s| s.height * s.width),
@@ -517,7 +521,7 @@ fn eval_continuous(
     if let Some(t) = a.steps {
         elbo::limits::count("--steps", t, elbo::diffusion::schedule::MAX_TIMESTEPS)?;
     }
-    let net = elbo::engine::FrozenNet::new(m.net);
+    let net = elbo::engine::FrozenNet::with_engine(m.net, a.engine)?;
     m.config.net.check_training_memory(
         a.batch_size.min(a.limit),
         m.config.image_shape().map_or(0, |s| s.height * s.width),

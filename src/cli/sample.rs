@@ -43,6 +43,10 @@ pub struct SampleDiffusionArgs {
     pub out: PathBuf,
     #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub seed: u64,
+    /// What runs the network: the fused CPU engine for the U-Net on the CPU (auto), candle, or
+    /// XLA (the U-Net's forward pass compiled once per batch shape; docs/xla.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: elbo::train::Engine,
     #[command(flatten)]
     pub model_flags: Box<elbo::interop::improved_diffusion::ModelFlags>,
 }
@@ -69,7 +73,7 @@ pub fn sample_diffusion(a: SampleDiffusionArgs, device: &Device) -> Result<()> {
         bail!("--eta must be a non-negative number, got {}", a.eta);
     }
     let m = load_diffusion(&a.checkpoint, &a.model_flags, device)?;
-    let net = elbo::engine::FrozenNet::new(m.net);
+    let net = elbo::engine::FrozenNet::with_engine(m.net, a.engine)?;
     check_grid_memory(a.n, m.config.image_shape().map_or(1, |s| s.dim()))?;
     let mut noise = Noise::new(a.seed);
     let clip = m.config.is_image() && !a.no_clip;

@@ -483,6 +483,7 @@ fn conv(
 /// GroupNorm -> SiLU -> conv3x3, + time projection, GroupNorm -> SiLU -> conv3x3, + skip;
 /// with `scale_shift` the time projection `[scale; shift]` modulates the second norm instead:
 /// `silu(gn2(h) (1 + scale) + shift)` (improved-diffusion's `use_scale_shift_norm`).
+#[derive(Clone)]
 pub(crate) struct ResBlock {
     pub(crate) norm1: GroupNorm,
     pub(crate) conv1: Conv2d,
@@ -562,6 +563,7 @@ impl ResBlock {
 /// `qkv` convolution gives `[Q; K; V]`, each `[C, HW]`, and head `i` reads channels
 /// `i d..(i + 1) d` of each (d = C / heads):
 /// `O_i = V_i softmax(Q_i^T K_i / sqrt(d))^T`, `y = x + proj([O_1; ...; O_heads])`.
+#[derive(Clone)]
 pub(crate) struct Attention {
     pub(crate) norm: GroupNorm,
     pub(crate) qkv: Conv2d,
@@ -613,6 +615,7 @@ impl Attention {
 }
 
 /// One step of a U-Net's body after `conv_in`, in the order the forward pass runs them.
+#[derive(Clone)]
 pub(crate) enum Stage {
     /// A residual block, then self-attention when `attn` is set. `concat`: the block's input
     /// is the running activation concatenated (channels) with the last skip pushed, which is
@@ -641,6 +644,7 @@ pub(crate) enum Stage {
 /// concatenation, self-attention in the middle block and at chosen levels, dropout. The body
 /// is a list of `Stage`s, which the candle path here and the fused engine
 /// (`engine::unet`) both walk.
+#[derive(Clone)]
 pub struct UNet {
     pub(crate) base: usize,
     /// The timestep embedding's order and shift, the norms' epsilon (checkpoints of other

@@ -671,18 +671,65 @@ fn describe(fused: bool, engine: Engine) -> String {
 pub struct FrozenNet {
     pub net: Net,
     fused: Option<FusedUnet>,
+    /// The U-Net's forward pass on XLA (`--engine xla`); its programs are compiled on first
+    /// use, one per batch shape.
+    xla: Option<std::sync::Mutex<crate::xla::unet::XlaUnet>>,
 }
 
 impl FrozenNet {
     pub fn new(net: Net) -> Self {
         // `Engine::Auto` never fails: it falls back to candle.
         let fused = unet_training(Engine::Auto, &net).ok().and_then(|(f, _)| f);
-        Self { net, fused }
+        Self {
+            net,
+            fused,
+            xla: None,
+        }
+    }
+
+    /// The network's forward pass on `engine`: `auto` as [`FrozenNet::new`]; `fused` the fused
+    /// U-Net (the CPU); `candle` candle's ops; `xla` the U-Net traced and compiled by XLA (the
+    /// ODE likelihood's vector-Jacobian products stay on `auto`'s engine).
+    pub fn with_engine(net: Net, engine: Engine) -> Result<Self> {
+        match engine {
+            Engine::Auto => Ok(Self::new(net)),
+            Engine::Candle => Ok(Self {
+                net,
+                fused: None,
+                xla: None,
+            }),
+            Engine::Fused => {
+                let (fused, _) = unet_training(Engine::Fused, &net)?;
+                Ok(Self {
+                    net,
+                    fused,
+                    xla: None,
+                })
+            }
+            Engine::Xla => {
+                let Net::Unet(u) = &net else {
+                    bail!("--engine xla: takes the U-Net (the toys' MLP runs on candle)");
+                };
+                let runtime = crate::xla::runtime().context("--engine xla")?;
+                let xla = crate::xla::unet::XlaUnet::new(u, runtime)?;
+                let mut frozen = Self::new(net);
+                frozen.xla = Some(std::sync::Mutex::new(xla));
+                Ok(frozen)
+            }
+        }
     }
 }
 
 impl Denoiser for FrozenNet {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(xla) = &self.xla {
+            let mut xla = xla
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("XLA U-Net: a poisoned lock".into()))?;
+            return xla
+                .forward(xt, t)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")));
+        }
         match &self.fused {
             Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
                 engine.forward(xt, t)

@@ -71,6 +71,14 @@ enum Op {
     Conv(T, T, Box<Conv>),
     /// The array with dimensions `dims` reversed.
     Reverse(T, Vec<usize>),
+    /// `[B, m, k] x [B, k, n] -> [B, m, n]`: one product per batch entry.
+    BatchDot(T, T),
+    /// The block starting at `starts`, of the node's shape.
+    Block(T, Vec<usize>),
+    /// Zeros `(low, high)` around each dimension.
+    Pad(T, Vec<(usize, usize)>),
+    /// Arrays end to end along dimension `dim`.
+    Join(Vec<T>, usize),
 }
 
 /// A 2-D convolution as StableHLO's `convolution` takes it (JAX's `conv_general_dilated`):
@@ -367,6 +375,91 @@ impl Graph {
         Ok(self.push(Op::Conv(lhs, rhs, Box::new(spec)), shape))
     }
 
+    /// `[B, m, k] x [B, k, n] -> [B, m, n]`.
+    pub fn batch_dot(&mut self, a: T, b: T) -> Result<T> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        ensure!(
+            sa.len() == 3 && sb.len() == 3 && sa[0] == sb[0] && sa[2] == sb[1],
+            "XLA graph: batch product of {sa:?} and {sb:?}"
+        );
+        Ok(self.push(Op::BatchDot(a, b), vec![sa[0], sa[1], sb[2]]))
+    }
+
+    /// The block of `a` from `starts`, of shape `shape`.
+    pub fn block(&mut self, a: T, starts: &[usize], shape: &[usize]) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        ensure!(
+            starts.len() == sa.len()
+                && shape.len() == sa.len()
+                && (0..sa.len()).all(|d| starts[d] + shape[d] <= sa[d]),
+            "XLA graph: block {starts:?} + {shape:?} of {sa:?}"
+        );
+        Ok(self.push(Op::Block(a, starts.to_vec()), shape.to_vec()))
+    }
+
+    /// `len` entries of dimension `dim` from `start`.
+    pub fn narrow(&mut self, a: T, dim: usize, start: usize, len: usize) -> Result<T> {
+        let mut shape = self.shape(a).to_vec();
+        ensure!(
+            dim < shape.len(),
+            "XLA graph: narrow of dimension {dim} of {shape:?}"
+        );
+        let mut starts = vec![0; shape.len()];
+        starts[dim] = start;
+        shape[dim] = len;
+        self.block(a, &starts, &shape)
+    }
+
+    /// `a` with `pad[d]` zeros before and after dimension d.
+    pub fn pad(&mut self, a: T, pad: &[(usize, usize)]) -> Result<T> {
+        let sa = self.shape(a).to_vec();
+        ensure!(
+            pad.len() == sa.len(),
+            "XLA graph: padding {pad:?} of {sa:?}"
+        );
+        let shape = sa
+            .iter()
+            .zip(pad)
+            .map(|(n, (lo, hi))| n + lo + hi)
+            .collect();
+        Ok(self.push(Op::Pad(a, pad.to_vec()), shape))
+    }
+
+    /// Arrays of equal shapes but for dimension `dim`, end to end along it.
+    pub fn join(&mut self, parts: &[T], dim: usize) -> Result<T> {
+        ensure!(!parts.is_empty(), "XLA graph: a join of nothing");
+        let mut shape = self.shape(parts[0]).to_vec();
+        ensure!(
+            dim < shape.len(),
+            "XLA graph: join along {dim} of {shape:?}"
+        );
+        shape[dim] = 0;
+        for &p in parts {
+            let sp = self.shape(p);
+            ensure!(
+                sp.len() == shape.len() && (0..sp.len()).all(|d| d == dim || sp[d] == shape[d]),
+                "XLA graph: join of {sp:?} and {shape:?} along {dim}"
+            );
+            shape[dim] += sp[dim];
+        }
+        Ok(self.push(Op::Join(parts.to_vec(), dim), shape))
+    }
+
+    /// The softmax over the last dimension, stable (the maximum, with no derivative, taken
+    /// out first).
+    pub fn softmax_last(&mut self, a: T) -> Result<T> {
+        let shape = self.shape(a).to_vec();
+        let last = shape.len() - 1;
+        let keep: Vec<usize> = (0..last).collect();
+        let m = self.max_over(a, &[last])?;
+        let mb = self.broadcast(m, &keep, &shape)?;
+        let d = self.sub(a, mb)?;
+        let e = self.exp(d);
+        let s = self.sum(e, &[last])?;
+        let sb = self.broadcast(s, &keep, &shape)?;
+        self.div(e, sb)
+    }
+
     /// `a` with dimensions `dims` reversed.
     pub fn reverse(&mut self, a: T, dims: &[usize]) -> Result<T> {
         let shape = self.shape(a).to_vec();
@@ -635,6 +728,38 @@ impl Graph {
                     let d = self.reverse(g, &dims)?;
                     acc(self, &mut adj, a, d)?;
                 }
+                // C = A B per batch: dA = G B^T, dB = A^T G.
+                Op::BatchDot(a, b) => {
+                    let bt = self.transpose(b, &[0, 2, 1])?;
+                    let da = self.batch_dot(g, bt)?;
+                    let at = self.transpose(a, &[0, 2, 1])?;
+                    let db = self.batch_dot(at, g)?;
+                    acc(self, &mut adj, a, da)?;
+                    acc(self, &mut adj, b, db)?;
+                }
+                Op::Block(a, starts) => {
+                    let sa = self.shape(a).to_vec();
+                    let pad: Vec<(usize, usize)> = (0..sa.len())
+                        .map(|d| (starts[d], sa[d] - starts[d] - node.shape[d]))
+                        .collect();
+                    let d = self.pad(g, &pad)?;
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Pad(a, pad) => {
+                    let starts: Vec<usize> = pad.iter().map(|p| p.0).collect();
+                    let sa = self.shape(a).to_vec();
+                    let d = self.block(g, &starts, &sa)?;
+                    acc(self, &mut adj, a, d)?;
+                }
+                Op::Join(parts, dim) => {
+                    let mut at = 0;
+                    for p in parts {
+                        let len = self.shape(p)[dim];
+                        let d = self.narrow(g, dim, at, len)?;
+                        acc(self, &mut adj, p, d)?;
+                        at += len;
+                    }
+                }
                 // Parameters are sliced out of one flat input and their derivatives concatenated
                 // back by the caller: no derivative is taken through either.
                 Op::Slice(..) | Op::Concat(_) => {}
@@ -828,6 +953,50 @@ impl Graph {
                     name(*a),
                     list(dims)
                 ),
+                Op::BatchDot(a, b) => format!(
+                    "{v} = stablehlo.dot_general {}, {}, batching_dims = [0] x [0], contracting_dims = [2] x [1] : ({}, {}) -> {out_ty}",
+                    name(*a),
+                    name(*b),
+                    ty(self.shape(*a)),
+                    ty(self.shape(*b))
+                ),
+                Op::Block(a, starts) => {
+                    let limits: Vec<usize> =
+                        starts.iter().zip(&node.shape).map(|(s, n)| s + n).collect();
+                    let ranges: Vec<String> = starts
+                        .iter()
+                        .zip(&limits)
+                        .map(|(s, l)| format!("{s}:{l}"))
+                        .collect();
+                    format!(
+                        "{v} = stablehlo.slice {} [{}] : ({}) -> {out_ty}",
+                        name(*a),
+                        ranges.join(", "),
+                        ty(self.shape(*a))
+                    )
+                }
+                Op::Pad(a, pad) => {
+                    let lo: Vec<usize> = pad.iter().map(|p| p.0).collect();
+                    let hi: Vec<usize> = pad.iter().map(|p| p.1).collect();
+                    let zeros = vec![0usize; pad.len()];
+                    format!(
+                        "{v}z = stablehlo.constant dense<0.0> : tensor<f32>\n    {v} = stablehlo.pad {}, {v}z, low = [{}], high = [{}], interior = [{}] : ({}, tensor<f32>) -> {out_ty}",
+                        name(*a),
+                        list(&lo),
+                        list(&hi),
+                        list(&zeros),
+                        ty(self.shape(*a))
+                    )
+                }
+                Op::Join(parts, dim) => {
+                    let names: Vec<String> = parts.iter().map(|p| name(*p)).collect();
+                    let tys: Vec<String> = parts.iter().map(|p| ty(self.shape(*p))).collect();
+                    format!(
+                        "{v} = stablehlo.concatenate {}, dim = {dim} : ({}) -> {out_ty}",
+                        names.join(", "),
+                        tys.join(", ")
+                    )
+                }
                 Op::Slice(a, start) => format!(
                     "{v} = stablehlo.slice {} [{start}:{}] : ({}) -> {out_ty}",
                     name(*a),
@@ -866,7 +1035,9 @@ impl Graph {
             Op::Binary(_, a, b) | Op::Greater(a, b) | Op::Dot(a, b, _, _) | Op::Conv(a, b, _) => {
                 vec![*a, *b]
             }
-            Op::Reverse(a, _) => vec![*a],
+            Op::Reverse(a, _) | Op::Block(a, _) | Op::Pad(a, _) => vec![*a],
+            Op::BatchDot(a, b) => vec![*a, *b],
+            Op::Join(parts, _) => parts.clone(),
             Op::Concat(parts) => parts.clone(),
         }
     }

@@ -14,6 +14,7 @@ use anyhow::{Result, anyhow};
 
 pub mod graph;
 pub mod pjrt;
+pub mod unet;
 pub mod vae;
 
 pub use pjrt::Runtime;

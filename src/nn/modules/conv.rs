@@ -68,6 +68,11 @@ impl Conv2d {
     pub(crate) fn parts(&self) -> (&Tensor, &Tensor, usize) {
         (&self.weight, &self.bias, self.stride)
     }
+
+    /// The zero padding on every side.
+    pub(crate) fn padding(&self) -> usize {
+        self.padding
+    }
 }
 
 impl Module for Conv2d {
