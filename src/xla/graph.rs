@@ -775,6 +775,33 @@ impl Graph {
             .collect()
     }
 
+    /// The derivative of the scalar `loss` with respect to a flat buffer of `len` values whose
+    /// pieces `(offset, node)` were sliced out of it (each node an array of its piece's
+    /// values): the pieces' derivatives flattened and concatenated, in offset order. The pieces
+    /// must tile the buffer.
+    pub fn flat_gradient(&mut self, loss: T, pieces: &[(usize, T)], len: usize) -> Result<T> {
+        let mut pieces = pieces.to_vec();
+        pieces.sort_by_key(|p| p.0);
+        let wrt: Vec<T> = pieces.iter().map(|p| p.1).collect();
+        let grads = self.grad(loss, &wrt)?;
+        let mut flat = Vec::with_capacity(grads.len());
+        let mut at = 0;
+        for ((offset, t), dt) in pieces.iter().zip(grads) {
+            ensure!(
+                *offset == at,
+                "XLA graph: values {at}..{offset} of the buffer are not used"
+            );
+            let n = numel(self.shape(*t));
+            flat.push(self.reshape(dt, &[n])?);
+            at += n;
+        }
+        ensure!(
+            at == len,
+            "XLA graph: values {at}..{len} of the buffer are not used"
+        );
+        self.concat(&flat)
+    }
+
     /// The module: `main` takes the inputs in the order they were made and returns `outputs`.
     pub fn to_stablehlo(&self, outputs: &[T]) -> Result<String> {
         self.to_stablehlo_donating(outputs, &[])

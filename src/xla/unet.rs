@@ -18,21 +18,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Result, bail, ensure};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, TensorId, Var};
 
 use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
+use crate::engine::{DenoiseBatch, TrainStep};
 use crate::nn::modules::conv::Conv2d;
 use crate::nn::modules::group_norm::GroupNorm;
+use crate::optim::{ParamEntry, ParamTable};
 
-/// The network's tensors as they are read, each given its place in one flat buffer.
+/// The network's tensors as they are read, each given its place in one flat buffer; and, in
+/// training, the dropout masks of the residual blocks as inputs, in the blocks' order.
 struct Weights {
     flat: T,
     values: Vec<f32>,
     /// Whether `values` is being filled (the first trace) or only checked.
     collect: bool,
     at: usize,
+    /// The tensors read in the first trace, with their offsets.
+    tensors: Vec<(Tensor, usize)>,
+    /// Training with dropout: each residual block's mask becomes an input (its shape kept).
+    masks: Option<Vec<Vec<usize>>>,
+    /// The weights' nodes and offsets (for the derivative).
+    pieces: Vec<(usize, T)>,
 }
 
 impl Weights {
@@ -43,6 +52,7 @@ impl Weights {
             // The first trace only reads the weights and checks the shapes.
             self.values
                 .extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            self.tensors.push((t.clone(), self.at));
             self.at += n;
             return Ok(g.constant(0.0, &shape));
         }
@@ -51,30 +61,54 @@ impl Weights {
             "XLA U-Net: the network's tensors changed between traces"
         );
         let s = g.slice(self.flat, self.at, n)?;
+        let t = g.reshape(s, &shape)?;
+        self.pieces.push((self.at, t));
         self.at += n;
-        g.reshape(s, &shape)
+        Ok(t)
     }
 }
 
-/// Traces the forward pass of `net` on `b` examples of `c x h x w`; returns the graph and
-/// its output. Inputs: the flat weights `[P]`, `x_t` `[b, c, h, w]`, the timestep embedding
-/// `[b, base]`. With `values` empty the weights are collected into it.
+/// A traced forward pass: the graph, its output, the tensors in the order they were read
+/// (the first trace) and the dropout masks' shapes (training).
+struct Traced {
+    graph: Graph,
+    out: T,
+    tensors: Vec<(Tensor, usize)>,
+    masks: Vec<Vec<usize>>,
+    pieces: Vec<(usize, T)>,
+    len: usize,
+}
+
+impl Traced {
+    /// The derivative of `loss` with respect to the flat weights.
+    fn weights_grad(&mut self, loss: T) -> Result<T> {
+        self.graph.flat_gradient(loss, &self.pieces, self.len)
+    }
+}
+
+/// Traces the forward pass of `net` on `b` examples of `c x h x w`. Inputs: the flat weights
+/// `[P]`, `x_t` `[b, c, h, w]`, the timestep embedding `[b, base]`, and with `dropout` each
+/// residual block's mask (`[b, C, H, W]` of its activation, scaled by 1 / (1 - p)). With
+/// `values` empty the weights are collected into it.
 fn trace(
     net: &UNet,
     b: usize,
     chw: (usize, usize, usize),
     values: &mut Vec<f32>,
-) -> Result<(Graph, T)> {
+    dropout: bool,
+) -> Result<Traced> {
     let mut g = Graph::new();
     let collect = values.is_empty();
     let len = if collect { 0 } else { values.len() };
-    // The flat input's size is known only after the first trace: trace twice then.
     let flat = g.input(&[len.max(1)]);
     let mut w = Weights {
         flat,
         values: std::mem::take(values),
         collect,
         at: 0,
+        tensors: Vec::new(),
+        masks: dropout.then(Vec::new),
+        pieces: Vec::new(),
     };
     let (c, h, wd) = chw;
     let x = g.input(&[b, c, h, wd]);
@@ -88,7 +122,14 @@ fn trace(
         w.at,
         values.len()
     );
-    Ok((g, out))
+    Ok(Traced {
+        graph: g,
+        out,
+        tensors: w.tensors,
+        masks: w.masks.unwrap_or_default(),
+        pieces: w.pieces,
+        len: values.len(),
+    })
 }
 
 fn forward(g: &mut Graph, w: &mut Weights, net: &UNet, x: T, emb: T) -> Result<T> {
@@ -249,6 +290,15 @@ fn res_block(g: &mut Graph, w: &mut Weights, r: &ResBlock, x: T, temb: T) -> Res
         let n2 = group_norm(g, w, &r.norm2, y)?;
         silu(g, n2)?
     };
+    let h = match &mut w.masks {
+        Some(shapes) => {
+            let s = g.shape(h).to_vec();
+            shapes.push(s.clone());
+            let m = g.input(&s);
+            g.mul(h, m)?
+        }
+        None => h,
+    };
     let h = conv(g, w, &r.conv2, h, None)?;
     let skip = match &r.skip {
         Some(c) => conv(g, w, c, x, None)?,
@@ -291,6 +341,8 @@ pub struct XlaUnet {
     /// The network is kept to trace it again for another batch size.
     net: UNet,
     weights: Buffer,
+    /// The network's tensors and their offsets in the flat buffer.
+    tensors: Vec<(Tensor, usize)>,
     len: usize,
     out_channels: usize,
     compiled: HashMap<(usize, usize, usize, usize), Executable>,
@@ -309,7 +361,7 @@ impl XlaUnet {
             .filter(|s| matches!(s, Stage::Downsample { .. }))
             .count();
         let side = 2usize << downs.min(10);
-        trace(net, 1, (c, side, side), &mut values)?;
+        let first = trace(net, 1, (c, side, side), &mut values, false)?;
         let len = values.len();
         let weights = runtime.upload(&values, &[len])?;
         Ok(Self {
@@ -318,6 +370,7 @@ impl XlaUnet {
             out_channels: net.conv_out.parts().0.dim(0)?,
             net: net.clone(),
             weights,
+            tensors: first.tensors,
             len,
             runtime,
             compiled: HashMap::new(),
@@ -336,8 +389,8 @@ impl XlaUnet {
         let key = (b, c, h, w);
         if !self.compiled.contains_key(&key) {
             let mut values = vec![0f32; self.len];
-            let (g, out) = trace(&self.net, b, (c, h, w), &mut values)?;
-            let text = g.to_stablehlo(&[out])?;
+            let t = trace(&self.net, b, (c, h, w), &mut values, false)?;
+            let text = t.graph.to_stablehlo(&[t.out])?;
             self.compiled.insert(key, self.runtime.compile(&text, 1)?);
         }
         let cpu = candle_core::Device::Cpu;
@@ -356,5 +409,153 @@ impl XlaUnet {
         Ok(Tensor::from_vec(y, (b, self.out_channels, h, w), &cpu)?
             .to_device(xt.device())?
             .to_dtype(xt.dtype())?)
+    }
+}
+
+/// A compiled training step's shape: rows, C, H, W, and whether it takes dropout masks.
+type StepKey = (usize, usize, usize, usize, bool);
+
+/// The U-Net's training step on the simple loss (`sum (f(x_t, t) - target)^2 / N` over the
+/// global batch's N values: eps, x_0 or v prediction alike), traced with its derivative and
+/// compiled by XLA per (rows, C, H, W); dropout masks drawn on the host as the other engines
+/// draw them ([`crate::nn::dropout::fill_mask`]) and uploaded. The loop's Adam updates the
+/// parameters (the diffusion loop reads every update for its EMA).
+pub struct XlaUnetStep {
+    unet: XlaUnet,
+    table: ParamTable,
+    dropout: f32,
+    blocks: u64,
+    /// One program per (rows, C, H, W, dropout), with its masks' shapes.
+    compiled: HashMap<StepKey, (Executable, Vec<Vec<usize>>)>,
+}
+
+impl XlaUnetStep {
+    /// The step of `net`, whose variables are `vars` (their names key the parameter table).
+    pub fn new(net: &UNet, vars: &[(String, Var)], runtime: Arc<Runtime>) -> Result<Self> {
+        let unet = XlaUnet::new(net, runtime)?;
+        let names: HashMap<TensorId, &str> = vars
+            .iter()
+            .map(|(n, v)| (v.as_tensor().id(), n.as_str()))
+            .collect();
+        let mut entries = Vec::with_capacity(unet.tensors.len());
+        for (t, at) in &unet.tensors {
+            let Some(name) = names.get(&t.id()) else {
+                bail!("XLA U-Net: a parameter of the network is not among its variables");
+            };
+            entries.push(ParamEntry {
+                name: name.to_string(),
+                shape: t.dims().to_vec(),
+                offset: *at,
+            });
+        }
+        let table = ParamTable::with_offsets(entries, unet.len)?;
+        Ok(Self {
+            table,
+            dropout: net.dropout,
+            blocks: net.res_blocks() as u64,
+            unet,
+            compiled: HashMap::new(),
+        })
+    }
+}
+
+impl TrainStep for XlaUnetStep {
+    type Batch = DenoiseBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.unet.len];
+        self.unet.weights.read(&mut v)?;
+        Ok(v)
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &DenoiseBatch,
+        rows: std::ops::Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        if batch.weighted.is_some() {
+            bail!("--engine xla: the U-Net trains on the simple loss only (not continuous time)");
+        }
+        let dims = batch.xt.dims().to_vec();
+        let [b, c, h, w] = dims[..] else {
+            bail!("XLA U-Net: images [B, C, H, W] expected, got {dims:?}");
+        };
+        ensure!(
+            rows.end <= b && params.len() == self.unet.len && grads.len() == self.unet.len,
+            "XLA U-Net: rows {rows:?} of {b}, {} parameters and {} gradients for {}",
+            params.len(),
+            grads.len(),
+            self.unet.len
+        );
+        ensure!(
+            batch.target.dims() == dims.as_slice() && self.unet.out_channels == c,
+            "--engine xla: the U-Net trains on the simple loss only (learned variances are not \
+             on the XLA engine yet)"
+        );
+        let n = rows.len();
+        if n == 0 {
+            grads.fill(0.0);
+            return Ok(vec![0.0]);
+        }
+        let total = batch.xt.elem_count();
+        let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
+        let key = (n, c, h, w, dropout);
+        if !self.compiled.contains_key(&key) {
+            let mut values = vec![0f32; self.unet.len];
+            let mut t = trace(&self.unet.net, n, (c, h, w), &mut values, dropout)?;
+            let g = &mut t.graph;
+            let target = g.input(&[n, c, h, w]);
+            let inv_total = g.input(&[]);
+            let d = g.sub(t.out, target)?;
+            let d2 = g.mul(d, d)?;
+            let sse = g.sum_all(d2)?;
+            let loss = g.mul(sse, inv_total)?;
+            let grad = t.weights_grad(loss)?;
+            let text = t.graph.to_stablehlo(&[loss, grad])?;
+            let exe = self.unet.runtime.compile(&text, 2)?;
+            self.compiled.insert(key, (exe, t.masks));
+        }
+        let (exe, masks) = &self.compiled[&key];
+        let rt = &self.unet.runtime;
+        let cpu = candle_core::Device::Cpu;
+        let rows_of = |x: &Tensor| -> Result<Vec<f32>> {
+            Ok(x.narrow(0, rows.start, n)?
+                .to_device(&cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let tf: Vec<f32> = batch.t[rows.clone()].iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(tf, n, &cpu)?;
+        let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
+        let mut inputs = vec![
+            rt.upload(params, &[self.unet.len])?,
+            rt.upload(&rows_of(&batch.xt)?, &[n, c, h, w])?,
+            rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[n, self.unet.base])?,
+        ];
+        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
+            for (index, shape) in masks.iter().enumerate() {
+                let per: usize = shape[1..].iter().product();
+                let mut mask = vec![0f32; n * per];
+                for (e, m) in mask.chunks_mut(per).enumerate() {
+                    let stream = (rows.start + e) as u64 * self.blocks + index as u64;
+                    crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
+                }
+                inputs.push(rt.upload(&mask, shape)?);
+            }
+        }
+        inputs.push(rt.upload(&rows_of(&batch.target)?, &[n, c, h, w])?);
+        inputs.push(rt.upload(&[1.0 / total as f32], &[])?);
+        let refs: Vec<&Buffer> = inputs.iter().collect();
+        let out = exe.run(&refs)?;
+        let loss = out[0].to_vec(1)?[0] as f64;
+        out[1].read(grads)?;
+        Ok(vec![loss])
     }
 }

@@ -170,23 +170,7 @@ impl Params {
 
     /// The derivative of `loss` with respect to the whole flat buffer.
     fn gradient(&self, g: &mut Graph, loss: T, len: usize) -> Result<T> {
-        let mut pieces = self.pieces.clone();
-        pieces.sort_by_key(|p| p.0);
-        let wrt: Vec<T> = pieces.iter().map(|p| p.1).collect();
-        let grads = g.grad(loss, &wrt)?;
-        let mut flat = Vec::with_capacity(grads.len());
-        let mut at = 0;
-        for ((offset, t), dt) in pieces.iter().zip(grads) {
-            ensure!(
-                *offset == at,
-                "XLA VAE: parameters {at}..{offset} are not used"
-            );
-            let n: usize = g.shape(*t).iter().product();
-            flat.push(g.reshape(dt, &[n])?);
-            at += n;
-        }
-        ensure!(at == len, "XLA VAE: parameters {at}..{len} are not used");
-        g.concat(&flat)
+        g.flat_gradient(loss, &self.pieces, len)
     }
 }
 
