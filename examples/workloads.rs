@@ -11,7 +11,8 @@
 //! finished its work (`Device::synchronize`), so that the times are the GPU's, not the launches'.
 //!
 //! `--engine xla` runs the VAE training steps (`vae-step-*`, `iwae-step-*`, `conv-vae-step-128`,
-//! `vae-epoch`) and the samplers' U-Net (`ddim-50`, `ddpm-1000`, `ddim-50-cifar`) on the
+//! `vae-epoch`), the U-Net's (`unet-step-64`, `unet-cifar-step-64`) and the samplers' U-Net
+//! (`ddim-50`, `ddpm-1000`, `ddim-50-cifar`) on the
 //! XLA engine through the PJRT plugin at `ELBO_PJRT_PLUGIN` (the device is the plugin's:
 //! `xla_cuda_plugin.so` on a GPU), parameters and Adam resident as `elbo train` runs them on one
 //! process; each repetition waits for the step's sums, so the times are the device's.
@@ -241,11 +242,13 @@ fn main() -> Result<()> {
     let xla_workload = a.workload.starts_with("vae-step-")
         || a.workload.starts_with("iwae-step-")
         || a.workload.starts_with("ddim-50")
+        || a.workload.starts_with("unet-")
         || ["vae-epoch", "conv-vae-step-128", "ddpm-1000"].contains(&a.workload.as_str());
     if engine == Engine::Xla && !xla_workload {
         bail!(
-            "--engine xla: the VAE training steps (vae-step-*, iwae-step-*, conv-vae-step-128, \
-             vae-epoch) and the samplers (ddim-50, ddpm-1000, ddim-50-cifar)"
+            "--engine xla: the VAE and U-Net training steps (vae-step-*, iwae-step-*, \
+             conv-vae-step-128, vae-epoch, unet-step-64, unet-cifar-step-64) and the samplers \
+             (ddim-50, ddpm-1000, ddim-50-cifar)"
         );
     }
     let or = |n: usize, default: usize| if n == 0 { default } else { n };
@@ -482,11 +485,6 @@ fn main() -> Result<()> {
             match w {
                 "unet-step-64" | "unet-cifar-step-64" => {
                     let vars = elbo::diffusion::nets::sorted_vars(&varmap);
-                    let engine = if fused_engine {
-                        Engine::Fused
-                    } else {
-                        Engine::Candle
-                    };
                     let step = denoiser_step(engine, &net, vars, None)?.0;
                     let mut trainer = Trainer::new(step, AdamConfig::with_lr(1e-3))?;
                     flops = 64.0 * train_per_image;
