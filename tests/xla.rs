@@ -693,3 +693,99 @@ fn unet_step_matches_the_fused_engine() {
         }
     }
 }
+
+/// The learned-variance losses on XLA (the forward pass on the device, the head's closed-form
+/// dL/dy on the host, the vector-Jacobian product on the device) against the fused engine:
+/// L_hybrid, and L_vlb with importance weights; the sums (loss, mean L_t, each L_t) and every
+/// gradient by name.
+#[test]
+fn learned_variance_step_matches_the_fused_engine() {
+    use elbo::diffusion::learned::{LearnedHead, TrainLoss};
+    use elbo::diffusion::nets::{Net, NetConfig, UnetOptions, sorted_vars};
+    use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
+    use elbo::engine::{DenoiseBatch, Engine, denoiser_step};
+    if rt().is_none() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let cfg = NetConfig::Unet {
+        base: 8,
+        channel_mult: vec![1, 2],
+        groups: 4,
+        attention: true,
+        in_channels: 1,
+        res_blocks: Some(1),
+        attention_levels: vec![1],
+        dropout: 0.1,
+        options: UnetOptions {
+            out_channels: 2,
+            ..Default::default()
+        },
+    };
+    let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
+    let mut p = GaussianDiffusion::new(
+        Schedule::new(BetaSchedule::Cosine, 50).unwrap(),
+        Prediction::Eps,
+    );
+    p.variance = Some(VarianceType::LearnedRange);
+    let t = vec![0, 3, 17, 49, 30];
+    let mut noise = Noise::new(6);
+    let u = noise.rng_uniform((5, 1, 8, 8), &dev).unwrap();
+    let x0 = (u * 255.0)
+        .unwrap()
+        .floor()
+        .unwrap()
+        .affine(1.0 / 127.5, -1.0)
+        .unwrap();
+    let eps = noise.randn((5, 1, 8, 8), &dev).unwrap();
+    let xt = p.q_sample(&x0, &t, &eps).unwrap();
+    let mut batch = DenoiseBatch {
+        xt,
+        t,
+        target: eps,
+        dropout_seed: Some(5),
+        x0: Some(x0),
+        weights: None,
+        weighted: None,
+    };
+    for loss in [TrainLoss::Hybrid, TrainLoss::Vlb] {
+        if loss == TrainLoss::Vlb {
+            batch.weights = Some(vec![0.5, 2.0, 1.0, 0.8, 3.0]);
+        }
+        let run = |engine: Engine| {
+            let head = Some(LearnedHead::new(&p, loss).unwrap());
+            let (mut step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), head).unwrap();
+            let params = step.read_params().unwrap();
+            let mut grads = vec![0f32; params.len()];
+            let sums = step
+                .loss_and_grads(&params, &batch, 0..5, &mut grads)
+                .unwrap();
+            let named: std::collections::HashMap<String, Vec<f32>> = step
+                .table()
+                .tensors(&grads, "", &dev)
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect();
+            (sums, named)
+        };
+        let (fs, fg) = run(Engine::Fused);
+        let (xs, xg) = run(Engine::Xla);
+        assert_eq!(fs.len(), xs.len());
+        for (a, b) in xs.iter().zip(&fs) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.abs().max(1e-3),
+                "{loss:?} sums XLA {xs:?} vs fused {fs:?}"
+            );
+        }
+        let scale = fg.values().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (name, f) in &fg {
+            let x = &xg[name];
+            let err = x.iter().zip(f).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err < 1e-4 * scale,
+                "{loss:?} {name}: {err:e} of the largest gradient {scale:e}"
+            );
+        }
+    }
+}

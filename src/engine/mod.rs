@@ -468,11 +468,6 @@ pub fn denoiser_step<'a>(
         let Net::Unet(u) = net else {
             bail!("--engine xla: takes the U-Net (the toys' MLP trains on candle)");
         };
-        if head.is_some() {
-            bail!(
-                "--engine xla: the U-Net trains on the simple loss only (no learned variances yet)"
-            );
-        }
         let runtime = crate::xla::runtime().context("--engine xla")?;
         let name = format!(
             "XLA through PJRT ({}, API {}.{}) (--engine)",
@@ -480,7 +475,7 @@ pub fn denoiser_step<'a>(
             runtime.api_version().0,
             runtime.api_version().1
         );
-        let step = crate::xla::unet::XlaUnetStep::new(u, &vars, runtime)?;
+        let step = crate::xla::unet::XlaUnetStep::new(u, &vars, head, runtime)?;
         return Ok((Box::new(step), name));
     }
     let (fused, name) = unet_training(engine, net)?;

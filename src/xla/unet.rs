@@ -22,6 +22,7 @@ use candle_core::{DType, Tensor, TensorId, Var};
 
 use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
+use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
 use crate::engine::{DenoiseBatch, TrainStep};
 use crate::nn::modules::conv::Conv2d;
@@ -412,26 +413,48 @@ impl XlaUnet {
     }
 }
 
-/// A compiled training step's shape: rows, C, H, W, and whether it takes dropout masks.
-type StepKey = (usize, usize, usize, usize, bool);
+/// Which program of the training step: the simple loss and its gradient; the training forward
+/// pass (dropout on); or the vector-Jacobian product of that pass with a given dL/dy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Simple,
+    Forward,
+    Vjp,
+}
 
-/// The U-Net's training step on the simple loss (`sum (f(x_t, t) - target)^2 / N` over the
-/// global batch's N values: eps, x_0 or v prediction alike), traced with its derivative and
-/// compiled by XLA per (rows, C, H, W); dropout masks drawn on the host as the other engines
-/// draw them ([`crate::nn::dropout::fill_mask`]) and uploaded. The loop's Adam updates the
-/// parameters (the diffusion loop reads every update for its EMA).
+/// A compiled training program: rows, C, H, W, whether it takes dropout masks, and its kind.
+type StepKey = (usize, usize, usize, usize, bool, Kind);
+
+/// The U-Net's training step, traced with its derivative and compiled by XLA per shape:
+///
+/// - the simple loss `sum (f(x_t, t) - target)^2 / N` over the global batch's N values (eps,
+///   x_0 or v prediction alike), one program;
+/// - learned variances (`--loss hybrid|vlb`): the forward pass on the device, the head's
+///   closed-form dL/dy of each example on the host ([`crate::engine::LearnedValues`], as the
+///   other engines compute it), then the vector-Jacobian product on the device.
+///
+/// Dropout masks are drawn on the host as the other engines draw them
+/// ([`crate::nn::dropout::fill_mask`]) and uploaded. The loop's Adam updates the parameters
+/// (the diffusion loop reads every update for its EMA).
 pub struct XlaUnetStep {
     unet: XlaUnet,
     table: ParamTable,
     dropout: f32,
     blocks: u64,
-    /// One program per (rows, C, H, W, dropout), with its masks' shapes.
+    head: Option<LearnedHead>,
+    /// The programs compiled so far, with their masks' shapes.
     compiled: HashMap<StepKey, (Executable, Vec<Vec<usize>>)>,
 }
 
 impl XlaUnetStep {
-    /// The step of `net`, whose variables are `vars` (their names key the parameter table).
-    pub fn new(net: &UNet, vars: &[(String, Var)], runtime: Arc<Runtime>) -> Result<Self> {
+    /// The step of `net`, whose variables are `vars` (their names key the parameter table),
+    /// with the learned-variance `head` of `--loss hybrid|vlb`.
+    pub fn new(
+        net: &UNet,
+        vars: &[(String, Var)],
+        head: Option<LearnedHead>,
+        runtime: Arc<Runtime>,
+    ) -> Result<Self> {
         let unet = XlaUnet::new(net, runtime)?;
         let names: HashMap<TensorId, &str> = vars
             .iter()
@@ -449,14 +472,104 @@ impl XlaUnetStep {
             });
         }
         let table = ParamTable::with_offsets(entries, unet.len)?;
+        if head.is_some() && unet.out_channels != 2 * net.conv_in.parts().0.dim(1)? {
+            bail!("--engine xla: learned variances need a network of 2C output channels");
+        }
         Ok(Self {
             table,
             dropout: net.dropout,
             blocks: net.res_blocks() as u64,
+            head,
             unet,
             compiled: HashMap::new(),
         })
     }
+
+    /// Compiles program `key` when it is new. Inputs: the weights, `x_t`, the embedding, the
+    /// masks, then the simple loss's target and `1/N`, or the product's dL/dy.
+    fn compile(&mut self, key: StepKey) -> Result<()> {
+        if self.compiled.contains_key(&key) {
+            return Ok(());
+        }
+        let (n, c, h, w, dropout, kind) = key;
+        let mut values = vec![0f32; self.unet.len];
+        let mut t = trace(&self.unet.net, n, (c, h, w), &mut values, dropout)?;
+        let outputs = match kind {
+            Kind::Simple => {
+                let g = &mut t.graph;
+                let target = g.input(&[n, c, h, w]);
+                let inv_total = g.input(&[]);
+                let d = g.sub(t.out, target)?;
+                let d2 = g.mul(d, d)?;
+                let sse = g.sum_all(d2)?;
+                let loss = g.mul(sse, inv_total)?;
+                vec![loss, t.weights_grad(loss)?]
+            }
+            Kind::Forward => vec![t.out],
+            // sum(y dy) has the gradient dy^T dy/dtheta.
+            Kind::Vjp => {
+                let g = &mut t.graph;
+                let shape = g.shape(t.out).to_vec();
+                let dy = g.input(&shape);
+                let p = g.mul(t.out, dy)?;
+                let surrogate = g.sum_all(p)?;
+                vec![t.weights_grad(surrogate)?]
+            }
+        };
+        let text = t.graph.to_stablehlo(&outputs)?;
+        let exe = self.unet.runtime.compile(&text, outputs.len())?;
+        self.compiled.insert(key, (exe, t.masks));
+        Ok(())
+    }
+
+    /// The inputs every program takes: the weights, rows `rows` of `x_t`, their timestep
+    /// embedding and their dropout masks (program `key`'s).
+    fn common_inputs(
+        &self,
+        params: &[f32],
+        batch: &DenoiseBatch,
+        rows: &std::ops::Range<usize>,
+        key: StepKey,
+    ) -> Result<Vec<Buffer>> {
+        let (n, c, h, w, dropout, _) = key;
+        let rt = &self.unet.runtime;
+        let cpu = candle_core::Device::Cpu;
+        let xt = rows_of(&batch.xt, rows)?;
+        let tf: Vec<f32> = batch.t[rows.clone()].iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(tf, n, &cpu)?;
+        let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
+        let mut inputs = vec![
+            rt.upload(params, &[self.unet.len])?,
+            rt.upload(&xt, &[n, c, h, w])?,
+            rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[n, self.unet.base])?,
+        ];
+        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
+            for (index, shape) in self.compiled[&key].1.iter().enumerate() {
+                let per: usize = shape[1..].iter().product();
+                let mut mask = vec![0f32; n * per];
+                for (e, m) in mask.chunks_mut(per).enumerate() {
+                    let stream = (rows.start + e) as u64 * self.blocks + index as u64;
+                    crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
+                }
+                inputs.push(rt.upload(&mask, shape)?);
+            }
+        }
+        Ok(inputs)
+    }
+
+    fn run(&self, key: StepKey, inputs: &[Buffer]) -> Result<Vec<Buffer>> {
+        let refs: Vec<&Buffer> = inputs.iter().collect();
+        self.compiled[&key].0.run(&refs)
+    }
+}
+
+/// Rows `rows` of a batch's tensor, as f32 values on the host.
+fn rows_of(x: &Tensor, rows: &std::ops::Range<usize>) -> Result<Vec<f32>> {
+    Ok(x.narrow(0, rows.start, rows.len())?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 impl TrainStep for XlaUnetStep {
@@ -480,7 +593,7 @@ impl TrainStep for XlaUnetStep {
         grads: &mut [f32],
     ) -> Result<Vec<f64>> {
         if batch.weighted.is_some() {
-            bail!("--engine xla: the U-Net trains on the simple loss only (not continuous time)");
+            bail!("--engine xla: continuous time (VDM) is not on the XLA engine yet");
         }
         let dims = batch.xt.dims().to_vec();
         let [b, c, h, w] = dims[..] else {
@@ -493,69 +606,45 @@ impl TrainStep for XlaUnetStep {
             grads.len(),
             self.unet.len
         );
-        ensure!(
-            batch.target.dims() == dims.as_slice() && self.unet.out_channels == c,
-            "--engine xla: the U-Net trains on the simple loss only (learned variances are not \
-             on the XLA engine yet)"
-        );
         let n = rows.len();
         if n == 0 {
             grads.fill(0.0);
-            return Ok(vec![0.0]);
+            let len = if self.head.is_some() { 2 + b } else { 1 };
+            return Ok(vec![0.0; len]);
         }
-        let total = batch.xt.elem_count();
         let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
-        let key = (n, c, h, w, dropout);
-        if !self.compiled.contains_key(&key) {
-            let mut values = vec![0f32; self.unet.len];
-            let mut t = trace(&self.unet.net, n, (c, h, w), &mut values, dropout)?;
-            let g = &mut t.graph;
-            let target = g.input(&[n, c, h, w]);
-            let inv_total = g.input(&[]);
-            let d = g.sub(t.out, target)?;
-            let d2 = g.mul(d, d)?;
-            let sse = g.sum_all(d2)?;
-            let loss = g.mul(sse, inv_total)?;
-            let grad = t.weights_grad(loss)?;
-            let text = t.graph.to_stablehlo(&[loss, grad])?;
-            let exe = self.unet.runtime.compile(&text, 2)?;
-            self.compiled.insert(key, (exe, t.masks));
-        }
-        let (exe, masks) = &self.compiled[&key];
-        let rt = &self.unet.runtime;
-        let cpu = candle_core::Device::Cpu;
-        let rows_of = |x: &Tensor| -> Result<Vec<f32>> {
-            Ok(x.narrow(0, rows.start, n)?
-                .to_device(&cpu)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
+        let Some(head) = &self.head else {
+            ensure!(
+                batch.target.dims() == dims.as_slice() && self.unet.out_channels == c,
+                "XLA U-Net: the simple loss needs a target of the network's output shape"
+            );
+            let key = (n, c, h, w, dropout, Kind::Simple);
+            self.compile(key)?;
+            let rt = &self.unet.runtime;
+            let mut inputs = self.common_inputs(params, batch, &rows, key)?;
+            inputs.push(rt.upload(&rows_of(&batch.target, &rows)?, &[n, c, h, w])?);
+            inputs.push(rt.upload(&[1.0 / batch.xt.elem_count() as f32], &[])?);
+            let out = self.run(key, &inputs)?;
+            out[1].read(grads)?;
+            return Ok(vec![out[0].to_vec(1)?[0] as f64]);
         };
-        let tf: Vec<f32> = batch.t[rows.clone()].iter().map(|&t| t as f32).collect();
-        let t = Tensor::from_vec(tf, n, &cpu)?;
-        let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
-        let mut inputs = vec![
-            rt.upload(params, &[self.unet.len])?,
-            rt.upload(&rows_of(&batch.xt)?, &[n, c, h, w])?,
-            rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[n, self.unet.base])?,
-        ];
-        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
-            for (index, shape) in masks.iter().enumerate() {
-                let per: usize = shape[1..].iter().product();
-                let mut mask = vec![0f32; n * per];
-                for (e, m) in mask.chunks_mut(per).enumerate() {
-                    let stream = (rows.start + e) as u64 * self.blocks + index as u64;
-                    crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
-                }
-                inputs.push(rt.upload(&mask, shape)?);
-            }
-        }
-        inputs.push(rt.upload(&rows_of(&batch.target)?, &[n, c, h, w])?);
-        inputs.push(rt.upload(&[1.0 / total as f32], &[])?);
-        let refs: Vec<&Buffer> = inputs.iter().collect();
-        let out = exe.run(&refs)?;
-        let loss = out[0].to_vec(1)?[0] as f64;
-        out[1].read(grads)?;
-        Ok(vec![loss])
+        let head = head.clone();
+        let (fwd, vjp) = (
+            (n, c, h, w, dropout, Kind::Forward),
+            (n, c, h, w, dropout, Kind::Vjp),
+        );
+        self.compile(fwd)?;
+        self.compile(vjp)?;
+        let inputs = self.common_inputs(params, batch, &rows, fwd)?;
+        let out = self.run(fwd, &inputs)?;
+        let oc = self.unet.out_channels;
+        let y = out[0].to_vec(n * oc * h * w)?;
+        let values = crate::engine::LearnedValues::new(batch)?;
+        let (loss, vb, dy) = values.rows(&head, rows.clone(), &y)?;
+        let mut inputs = inputs;
+        inputs.push(self.unet.runtime.upload(&dy, &[n, oc, h, w])?);
+        let out = self.run(vjp, &inputs)?;
+        out[0].read(grads)?;
+        Ok(crate::engine::learned_sums(b, rows, loss, &vb))
     }
 }
