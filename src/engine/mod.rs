@@ -702,8 +702,8 @@ impl FrozenNet {
     }
 
     /// The network's forward pass on `engine`: `auto` as [`FrozenNet::new`]; `fused` the fused
-    /// U-Net (the CPU); `candle` candle's ops; `xla` the U-Net traced and compiled by XLA (the
-    /// ODE likelihood's vector-Jacobian products stay on `auto`'s engine).
+    /// U-Net (the CPU); `candle` candle's ops; `xla` the U-Net traced and compiled by XLA (its
+    /// forward pass and the ODE likelihood's vector-Jacobian products).
     pub fn with_engine(net: Net, engine: Engine) -> Result<Self> {
         match engine {
             Engine::Auto => Ok(Self::new(net)),
@@ -764,6 +764,14 @@ impl Denoiser for FrozenNet {
         t: &Tensor,
         cotangents: &[Tensor],
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        if let Some(xla) = &self.xla {
+            let mut xla = xla
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("XLA U-Net: a poisoned lock".into()))?;
+            return xla
+                .vjp(xt, t, cotangents)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")));
+        }
         match &self.fused {
             Some(engine) if xt.device().is_cpu() && xt.dtype() == DType::F32 => {
                 engine.vjp(xt, t, cotangents)

@@ -1069,6 +1069,11 @@ impl Graph {
         }
     }
 
+    /// `main`'s inputs, in the order they were made.
+    pub fn inputs(&self) -> &[T] {
+        &self.inputs
+    }
+
     /// The shapes of `main`'s inputs, in order.
     pub fn input_shapes(&self) -> Vec<Vec<usize>> {
         self.inputs

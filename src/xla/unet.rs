@@ -347,6 +347,8 @@ pub struct XlaUnet {
     len: usize,
     out_channels: usize,
     compiled: HashMap<(usize, usize, usize, usize), Executable>,
+    /// The vector-Jacobian programs, per (B, C, H, W, cotangents).
+    vjps: HashMap<(usize, usize, usize, usize, usize), Executable>,
 }
 
 impl XlaUnet {
@@ -375,12 +377,75 @@ impl XlaUnet {
             len,
             runtime,
             compiled: HashMap::new(),
+            vjps: HashMap::new(),
         })
     }
 
     /// The output channels (C, or 2C with learned variances).
     pub fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    /// The output and, for each cotangent v, `(d out / d x_t)^T v` (the probability-flow ODE's
+    /// divergence probes), in one program per (shape, number of cotangents): the reverse mode
+    /// of the traced forward pass, taken once per cotangent.
+    pub fn vjp(
+        &mut self,
+        xt: &Tensor,
+        t: &Tensor,
+        cotangents: &[Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, c, h, w) = xt.dims4()?;
+        let oc = self.out_channels;
+        let k = cotangents.len();
+        let key = (b, c, h, w, k);
+        if !self.vjps.contains_key(&key) {
+            let mut values = vec![0f32; self.len];
+            let mut tr = trace(&self.net, b, (c, h, w), &mut values, false)?;
+            let g = &mut tr.graph;
+            let x = g.inputs()[1];
+            let mut outputs = vec![tr.out];
+            for _ in 0..k {
+                let v = g.input(&[b, oc, h, w]);
+                let p = g.mul(tr.out, v)?;
+                let s = g.sum_all(p)?;
+                outputs.push(g.grad(s, &[x])?[0]);
+            }
+            let text = g.to_stablehlo(&outputs)?;
+            self.vjps
+                .insert(key, self.runtime.compile(&text, outputs.len())?);
+        }
+        let cpu = candle_core::Device::Cpu;
+        let host = |x: &Tensor| -> Result<Vec<f32>> {
+            Ok(x.to_device(&cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let t = t.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let emb = timestep_embedding_with(&t, self.base, &self.options)?;
+        let mut inputs = vec![
+            self.runtime.upload(&host(xt)?, &[b, c, h, w])?,
+            self.runtime.upload(&host(&emb)?, &[b, self.base])?,
+        ];
+        for v in cotangents {
+            inputs.push(self.runtime.upload(&host(v)?, &[b, oc, h, w])?);
+        }
+        let mut refs: Vec<&Buffer> = vec![&self.weights];
+        refs.extend(inputs.iter());
+        let out = self.vjps[&key].run(&refs)?;
+        let back = |buf: &Buffer, dims: (usize, usize, usize, usize)| -> Result<Tensor> {
+            let v = buf.to_vec(dims.0 * dims.1 * dims.2 * dims.3)?;
+            Ok(Tensor::from_vec(v, dims, &cpu)?
+                .to_device(xt.device())?
+                .to_dtype(xt.dtype())?)
+        };
+        let y = back(&out[0], (b, oc, h, w))?;
+        let vjps = out[1..]
+            .iter()
+            .map(|o| back(o, (b, c, h, w)))
+            .collect::<Result<_>>()?;
+        Ok((y, vjps))
     }
 
     /// `eps_hat(x_t, t)` for `x_t` `[B, C, H, W]` and `t` `[B]` (any float tensors on any
