@@ -818,3 +818,75 @@ fn unet_vjp_matches_candle_autodiff() {
         assert!(d < 1e-4, "a vector-Jacobian product differs by {d:e}");
     }
 }
+
+/// Continuous time (VDM's weighted loss) on XLA against the fused engine: the time values
+/// enter through the embedding computed in the program, so the derivative reaches them; the
+/// sums (loss, each SSE, each g_b with a tangent in x_t and c and a moving target) and every
+/// gradient by name, on the whole batch and a rank's rows.
+#[test]
+fn continuous_time_step_matches_the_fused_engine() {
+    use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    use elbo::engine::{DenoiseBatch, Engine, WeightedRows, denoiser_step};
+    if rt().is_none() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (net, varmap) =
+        Net::trainable(&NetConfig::default_unet(), &mut Noise::new(0), &dev).unwrap();
+    let mut noise = Noise::new(4);
+    let b = 3;
+    let shape = (b, 1, 28, 28);
+    let batch = DenoiseBatch {
+        xt: noise.randn(shape, &dev).unwrap(),
+        t: vec![0; b],
+        target: noise.randn(shape, &dev).unwrap(),
+        dropout_seed: None,
+        x0: None,
+        weights: None,
+        weighted: Some(WeightedRows {
+            model_t: vec![12.5, 480.0, 903.25],
+            weights: vec![0.7, 1.3, 2.0],
+            tangent: Some(((noise.randn(shape, &dev).unwrap() * 0.1).unwrap(), -37.5)),
+            target_tangent: Some(noise.randn(shape, &dev).unwrap()),
+        }),
+    };
+    let run = |engine: Engine, rows: std::ops::Range<usize>| {
+        let (mut step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
+        let params = step.read_params().unwrap();
+        let mut grads = vec![0f32; params.len()];
+        let sums = step
+            .loss_and_grads(&params, &batch, rows, &mut grads)
+            .unwrap();
+        let named: std::collections::HashMap<String, Vec<f32>> = step
+            .table()
+            .tensors(&grads, "", &dev)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        (sums, named)
+    };
+    for rows in [0..b, 1..2] {
+        let (fs, fg) = run(Engine::Fused, rows.clone());
+        let (xs, xg) = run(Engine::Xla, rows.clone());
+        assert_eq!(fs.len(), xs.len());
+        let big = fs.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (i, (a, e)) in xs.iter().zip(&fs).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-4 * e.abs().max(1e-3 * big),
+                "rows {rows:?} sum {i}: XLA {a} vs fused {e}"
+            );
+        }
+        let scale = fg.values().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (name, f) in &fg {
+            let err = xg[name]
+                .iter()
+                .zip(f)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err < 1e-4 * scale,
+                "rows {rows:?} {name}: {err:e} of the largest gradient {scale:e}"
+            );
+        }
+    }
+}

@@ -29,6 +29,8 @@ pub enum Unary {
     Abs,
     Sign,
     Sqrt,
+    Sin,
+    Cos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -575,6 +577,15 @@ impl Graph {
                             self.mul(g, s)?
                         }
                         Unary::Sign => continue,
+                        Unary::Sin => {
+                            let c = self.unary(Unary::Cos, a);
+                            self.mul(g, c)?
+                        }
+                        Unary::Cos => {
+                            let s = self.unary(Unary::Sin, a);
+                            let ns = self.neg(s);
+                            self.mul(g, ns)?
+                        }
                         // d sqrt(a) = 1 / (2 sqrt(a))
                         Unary::Sqrt => {
                             let t = self.div(g, out)?;
@@ -895,6 +906,8 @@ impl Graph {
                         Unary::Abs => "abs",
                         Unary::Sign => "sign",
                         Unary::Sqrt => "sqrt",
+                        Unary::Sin => "sine",
+                        Unary::Cos => "cosine",
                     };
                     format!("{v} = stablehlo.{op} {} : {out_ty}", name(*a))
                 }

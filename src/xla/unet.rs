@@ -74,6 +74,9 @@ impl Weights {
 struct Traced {
     graph: Graph,
     out: T,
+    /// The inputs `x_t` and (with time values) `c`.
+    x: T,
+    time: Option<T>,
     tensors: Vec<(Tensor, usize)>,
     masks: Vec<Vec<usize>>,
     pieces: Vec<(usize, T)>,
@@ -98,6 +101,20 @@ fn trace(
     values: &mut Vec<f32>,
     dropout: bool,
 ) -> Result<Traced> {
+    trace_with(net, b, chw, values, dropout, false)
+}
+
+/// [`trace`]; with `time_values` the inputs after `x_t` are the time values `c` `[b]` and the
+/// embedding's frequencies `[base / 2]`, and the embedding is computed in the program
+/// (`[cos(c f); sin(c f)]`, or sines first), so that the derivative reaches `c`.
+fn trace_with(
+    net: &UNet,
+    b: usize,
+    chw: (usize, usize, usize),
+    values: &mut Vec<f32>,
+    dropout: bool,
+    time_values: bool,
+) -> Result<Traced> {
     let mut g = Graph::new();
     let collect = values.is_empty();
     let len = if collect { 0 } else { values.len() };
@@ -113,7 +130,24 @@ fn trace(
     };
     let (c, h, wd) = chw;
     let x = g.input(&[b, c, h, wd]);
-    let emb = g.input(&[b, net.base]);
+    let (emb, time) = match time_values {
+        false => (g.input(&[b, net.base]), None),
+        true => {
+            let half = net.base / 2;
+            let cv = g.input(&[b]);
+            let freqs = g.input(&[half]);
+            let cb = g.broadcast(cv, &[0], &[b, half])?;
+            let fb = g.broadcast(freqs, &[1], &[b, half])?;
+            let args = g.mul(cb, fb)?;
+            let cos = g.unary(super::graph::Unary::Cos, args);
+            let sin = g.unary(super::graph::Unary::Sin, args);
+            let parts = match net.options.flip_sin_to_cos {
+                true => [cos, sin],
+                false => [sin, cos],
+            };
+            (g.join(&parts, 1)?, Some(cv))
+        }
+    };
     let result = forward(&mut g, &mut w, net, x, emb);
     *values = w.values;
     let out = result?;
@@ -126,6 +160,8 @@ fn trace(
     Ok(Traced {
         graph: g,
         out,
+        x,
+        time,
         tensors: w.tensors,
         masks: w.masks.unwrap_or_default(),
         pieces: w.pieces,
@@ -485,6 +521,9 @@ enum Kind {
     Simple,
     Forward,
     Vjp,
+    /// Continuous time: `sum_b (w_b / B) ||f(x_t, c)_b - target_b||^2` with the time values in
+    /// the program, and the derivatives in `x_t` and `c` beside the parameters'.
+    Weighted,
 }
 
 /// A compiled training program: rows, C, H, W, whether it takes dropout masks, and its kind.
@@ -558,8 +597,27 @@ impl XlaUnetStep {
         }
         let (n, c, h, w, dropout, kind) = key;
         let mut values = vec![0f32; self.unet.len];
-        let mut t = trace(&self.unet.net, n, (c, h, w), &mut values, dropout)?;
+        let weighted = kind == Kind::Weighted;
+        let mut t = trace_with(&self.unet.net, n, (c, h, w), &mut values, dropout, weighted)?;
         let outputs = match kind {
+            // Outputs: the loss, the parameters' gradient, each example's SSE, the output, and
+            // the loss's derivatives in x_t and c.
+            Kind::Weighted => {
+                let g = &mut t.graph;
+                let target = g.input(&[n, c, h, w]);
+                let scale = g.input(&[n]);
+                let d = g.sub(t.out, target)?;
+                let d2 = g.mul(d, d)?;
+                let per = g.reshape(d2, &[n, c * h * w])?;
+                let sse = g.sum(per, &[1])?;
+                let ws = g.mul(sse, scale)?;
+                let loss = g.sum_all(ws)?;
+                let grad = t.weights_grad(loss)?;
+                let g = &mut t.graph;
+                let time = t.time.expect("the time values are an input");
+                let dx = g.grad(loss, &[t.x, time])?;
+                vec![loss, grad, sse, t.out, dx[0], dx[1]]
+            }
             Kind::Simple => {
                 let g = &mut t.graph;
                 let target = g.input(&[n, c, h, w]);
@@ -609,17 +667,118 @@ impl XlaUnetStep {
             rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[n, self.unet.base])?,
         ];
         if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
-            for (index, shape) in self.compiled[&key].1.iter().enumerate() {
-                let per: usize = shape[1..].iter().product();
-                let mut mask = vec![0f32; n * per];
-                for (e, m) in mask.chunks_mut(per).enumerate() {
-                    let stream = (rows.start + e) as u64 * self.blocks + index as u64;
-                    crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
-                }
-                inputs.push(rt.upload(&mask, shape)?);
-            }
+            inputs.extend(self.masks(seed, rows, key)?);
         }
         Ok(inputs)
+    }
+
+    /// The continuous-time loss of rows `rows` ([`crate::engine::WeightedRows`]), with the
+    /// fused engine's sums: `[loss, SSE_b of each example]` and, with a tangent,
+    /// `[.., g_b]`, `g_b = B (dL/dx_b . tangent_b + dL/dc_b dc/dgamma) - 2 w_b (f_b -
+    /// target_b) . d target_b / d gamma_b`.
+    fn weighted(
+        &mut self,
+        params: &[f32],
+        batch: &DenoiseBatch,
+        wr: &crate::engine::WeightedRows,
+        rows: std::ops::Range<usize>,
+        grads: &mut [f32],
+        dropout: bool,
+    ) -> Result<Vec<f64>> {
+        let dims = batch.xt.dims4()?;
+        let (b, c, h, w) = dims;
+        let n = rows.len();
+        let per = c * h * w;
+        ensure!(
+            wr.model_t.len() == b
+                && wr.weights.len() == b
+                && batch.target.dims4()? == dims
+                && self.unet.out_channels == c,
+            "XLA U-Net: a weighted batch's sizes do not match (or the network has 2C outputs)"
+        );
+        let key = (n, c, h, w, dropout, Kind::Weighted);
+        self.compile(key)?;
+        let rt = &self.unet.runtime;
+        let half = self.unet.base / 2;
+        let freqs = crate::nn::embedding::sinusoid_frequencies_shifted(
+            self.unet.base,
+            self.unet.options.freq_shift,
+        );
+        ensure!(
+            freqs.len() == half,
+            "XLA U-Net: the embedding has an odd width"
+        );
+        let mut inputs = vec![
+            rt.upload(params, &[self.unet.len])?,
+            rt.upload(&rows_of(&batch.xt, &rows)?, &[n, c, h, w])?,
+            rt.upload(&wr.model_t[rows.clone()], &[n])?,
+            rt.upload(&freqs, &[half])?,
+        ];
+        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
+            inputs.extend(self.masks(seed, &rows, key)?);
+        }
+        let target = rows_of(&batch.target, &rows)?;
+        inputs.push(rt.upload(&target, &[n, c, h, w])?);
+        let scale: Vec<f32> = wr.weights[rows.clone()]
+            .iter()
+            .map(|w| (w / b as f64) as f32)
+            .collect();
+        inputs.push(rt.upload(&scale, &[n])?);
+        let out = self.run(key, &inputs)?;
+        out[1].read(grads)?;
+        let loss = out[0].to_vec(1)?[0] as f64;
+        let sse = out[2].to_vec(n)?;
+        let mut sums = vec![0.0; wr.sums_len(b)];
+        sums[0] = loss;
+        for (i, row) in rows.clone().enumerate() {
+            sums[1 + row] = sse[i] as f64;
+        }
+        if let Some((tangent, dc)) = &wr.tangent {
+            let tangent = rows_of(tangent, &rows)?;
+            let y = out[3].to_vec(n * per)?;
+            let dx = out[4].to_vec(n * per)?;
+            let dt = out[5].to_vec(n)?;
+            let target_tangent = match &wr.target_tangent {
+                Some(t) => Some(rows_of(t, &rows)?),
+                None => None,
+            };
+            for (i, row) in rows.enumerate() {
+                let r = i * per..(i + 1) * per;
+                let along: f64 = dx[r.clone()]
+                    .iter()
+                    .zip(&tangent[r.clone()])
+                    .map(|(&a, &t)| a as f64 * t as f64)
+                    .sum();
+                let mut g = b as f64 * (along + dt[i] as f64 * dc);
+                if let Some(tt) = &target_tangent {
+                    let dot: f64 = y[r.clone()]
+                        .iter()
+                        .zip(&target[r.clone()])
+                        .zip(&tt[r])
+                        .map(|((&y, &tg), &t)| (y - tg) as f64 * t as f64)
+                        .sum();
+                    g -= 2.0 * wr.weights[row] * dot;
+                }
+                sums[1 + b + row] = g;
+            }
+        }
+        Ok(sums)
+    }
+
+    /// The dropout masks of rows `rows` for program `key`, uploaded.
+    fn masks(&self, seed: u64, rows: &std::ops::Range<usize>, key: StepKey) -> Result<Vec<Buffer>> {
+        let n = rows.len();
+        let mut out = Vec::new();
+        for (index, shape) in self.compiled[&key].1.iter().enumerate() {
+            let per: usize = shape[1..].iter().product();
+            let mut mask = vec![0f32; n * per];
+            for (e, m) in mask.chunks_mut(per).enumerate() {
+                let stream = (rows.start + e) as u64 * self.blocks + index as u64;
+                crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
+            }
+            out.push(self.unet.runtime.upload(&mask, shape)?);
+        }
+        Ok(out)
     }
 
     fn run(&self, key: StepKey, inputs: &[Buffer]) -> Result<Vec<Buffer>> {
@@ -657,9 +816,6 @@ impl TrainStep for XlaUnetStep {
         rows: std::ops::Range<usize>,
         grads: &mut [f32],
     ) -> Result<Vec<f64>> {
-        if batch.weighted.is_some() {
-            bail!("--engine xla: continuous time (VDM) is not on the XLA engine yet");
-        }
         let dims = batch.xt.dims().to_vec();
         let [b, c, h, w] = dims[..] else {
             bail!("XLA U-Net: images [B, C, H, W] expected, got {dims:?}");
@@ -674,10 +830,17 @@ impl TrainStep for XlaUnetStep {
         let n = rows.len();
         if n == 0 {
             grads.fill(0.0);
-            let len = if self.head.is_some() { 2 + b } else { 1 };
+            let len = match (&batch.weighted, &self.head) {
+                (Some(wr), _) => wr.sums_len(b),
+                (None, Some(_)) => 2 + b,
+                (None, None) => 1,
+            };
             return Ok(vec![0.0; len]);
         }
         let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
+        if let Some(wr) = &batch.weighted {
+            return self.weighted(params, batch, wr, rows, grads, dropout);
+        }
         let Some(head) = &self.head else {
             ensure!(
                 batch.target.dims() == dims.as_slice() && self.unet.out_channels == c,
