@@ -109,10 +109,15 @@ impl<'a, B> Trainer<'a, B> {
             // device, one program a step.
             if !self.loaded {
                 let (m, v) = self.adam.moments_mut();
-                s.load_resident(&self.params, m, v)?;
+                s.load_resident(&elbo::engine::Resident {
+                    params: &mut self.params,
+                    m,
+                    v,
+                    average: None,
+                })?;
                 self.loaded = true;
             }
-            s.step_resident(batch, self.adam.advance())?;
+            s.step_resident(batch, self.adam.advance(), None)?;
             return Ok(());
         }
         s.loss_and_grads(&self.params, batch, 0..rows, &mut self.grads)?;

@@ -279,7 +279,13 @@ fn resident_steps_match_the_fused_engine_and_host_adam() {
     let mut grads = vec![0f32; p_host.len()];
     {
         let (m, v) = device.moments_mut();
-        xla.load_resident(&p_device, m, v).unwrap();
+        let state = elbo::engine::Resident {
+            params: &mut p_device,
+            m,
+            v,
+            average: None,
+        };
+        xla.load_resident(&state).unwrap();
     }
     let mut noise = Noise::new(21);
     for step in 0..3 {
@@ -288,7 +294,7 @@ fn resident_steps_match_the_fused_engine_and_host_adam() {
             .loss_and_grads(&p_host, &batch, 0..b, &mut grads)
             .unwrap();
         host.step(&mut p_host, &grads, 1).unwrap();
-        let s_device = xla.step_resident(&batch, device.advance()).unwrap();
+        let s_device = xla.step_resident(&batch, device.advance(), None).unwrap();
         for (i, (a, e)) in s_device.iter().zip(&s_host).enumerate() {
             assert!(
                 (a - e).abs() <= 1e-4 * e.abs().max(1.0),
@@ -297,7 +303,13 @@ fn resident_steps_match_the_fused_engine_and_host_adam() {
         }
     }
     let (mut m, mut v) = (vec![0f32; p_device.len()], vec![0f32; p_device.len()]);
-    xla.store_resident(&mut p_device, &mut m, &mut v).unwrap();
+    xla.store_resident(&mut elbo::engine::Resident {
+        params: &mut p_device,
+        m: &mut m,
+        v: &mut v,
+        average: None,
+    })
+    .unwrap();
     let worst = p_host
         .iter()
         .zip(&p_device)
@@ -888,5 +900,138 @@ fn continuous_time_step_matches_the_fused_engine() {
                 "rows {rows:?} {name}: {err:e} of the largest gradient {scale:e}"
             );
         }
+    }
+}
+
+/// Three U-Net training steps with the parameters, Adam's moments and the EMA on the device
+/// (one program a step, buffers donated) against the fused engine's gradient, the host's Adam
+/// and the EMA as the diffusion loop keeps it: the losses, then the parameters, both moments
+/// and the EMA by name.
+#[test]
+fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
+    use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    use elbo::engine::{DenoiseBatch, Engine, Resident, denoiser_step};
+    if rt().is_none() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let cfg = NetConfig::Unet {
+        base: 8,
+        channel_mult: vec![1, 2],
+        groups: 4,
+        attention: true,
+        in_channels: 1,
+        res_blocks: Some(1),
+        attention_levels: vec![1],
+        dropout: 0.1,
+        options: Default::default(),
+    };
+    let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
+    let (mut fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), None).unwrap();
+    let (mut xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), None).unwrap();
+    // Adam's epsilon at 1e-3: the key bias of attention has an exactly zero gradient (the
+    // softmax ignores a shift of the keys), rounding noise in both engines, which epsilon 1e-8
+    // would turn into full steps of random sign.
+    let config = AdamConfig {
+        eps: 1e-3,
+        ..AdamConfig::with_lr(3e-3)
+    };
+    let (mut host, mut device) = (
+        Adam::new(fused.table().clone(), config),
+        Adam::new(xla.table().clone(), config),
+    );
+    let mut p_host = fused.read_params().unwrap();
+    let mut p_dev = xla.read_params().unwrap();
+    let (mut ema_host, mut ema_dev) = (p_host.clone(), p_dev.clone());
+    let decay_at = |step: u64| 0.999f64.min((1.0 + step as f64) / (10.0 + step as f64)) as f32;
+    {
+        let (m, v) = device.moments_mut();
+        let state = Resident {
+            params: &mut p_dev,
+            m,
+            v,
+            average: Some(&mut ema_dev),
+        };
+        xla.load_resident(&state).unwrap();
+    }
+    let mut noise = Noise::new(8);
+    let mut grads = vec![0f32; p_host.len()];
+    for step in 0..3 {
+        let batch = DenoiseBatch {
+            xt: noise.randn((4, 1, 8, 8), &dev).unwrap(),
+            t: vec![5, 100, 500, 900],
+            target: noise.randn((4, 1, 8, 8), &dev).unwrap(),
+            dropout_seed: Some(step),
+            x0: None,
+            weights: None,
+            weighted: None,
+        };
+        let s_host = fused
+            .loss_and_grads(&p_host, &batch, 0..4, &mut grads)
+            .unwrap();
+        host.step(&mut p_host, &grads, 1).unwrap();
+        let d = decay_at(host.step_count());
+        for (e, &p) in ema_host.iter_mut().zip(&p_host) {
+            *e = *e * d + p * (1.0 - d);
+        }
+        let scalars = device.advance();
+        let s_dev = xla
+            .step_resident(&batch, scalars, Some(decay_at(device.step_count())))
+            .unwrap();
+        assert!(
+            (s_dev[0] - s_host[0]).abs() < 1e-4 * s_host[0],
+            "step {step}: loss {} vs {}",
+            s_dev[0],
+            s_host[0]
+        );
+    }
+    let len = p_dev.len();
+    let (mut m_dev, mut v_dev) = (vec![0f32; len], vec![0f32; len]);
+    xla.store_resident(&mut Resident {
+        params: &mut p_dev,
+        m: &mut m_dev,
+        v: &mut v_dev,
+        average: Some(&mut ema_dev),
+    })
+    .unwrap();
+    let (m_host, v_host) = host.moments_mut();
+    let (m_host, v_host) = (m_host.to_vec(), v_host.to_vec());
+    for e in fused.table().entries() {
+        let x = xla
+            .table()
+            .entries()
+            .iter()
+            .find(|x| x.name == e.name)
+            .unwrap();
+        let n: usize = e.shape.iter().product();
+        let (rf, rx) = (e.offset..e.offset + n, x.offset..x.offset + n);
+        let worst =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            worst(&p_dev[rx.clone()], &p_host[rf.clone()]) < 5e-5,
+            "{}: parameters",
+            e.name
+        );
+        assert!(
+            worst(&ema_dev[rx.clone()], &ema_host[rf.clone()]) < 5e-5,
+            "{}: EMA",
+            e.name
+        );
+        let scale = m_host[rf.clone()]
+            .iter()
+            .fold(1e-12f32, |m, v| m.max(v.abs()));
+        assert!(
+            worst(&m_dev[rx.clone()], &m_host[rf.clone()]) < 1e-3 * scale.max(1e-6),
+            "{}: first moments",
+            e.name
+        );
+        let scale = v_host[rf.clone()]
+            .iter()
+            .fold(1e-12f32, |m, v| m.max(v.abs()));
+        assert!(
+            worst(&v_dev[rx], &v_host[rf]) < 1e-2 * scale.max(1e-9),
+            "{}: second moments",
+            e.name
+        );
     }
 }

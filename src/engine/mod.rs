@@ -65,35 +65,46 @@ pub trait TrainStep {
         rayon::current_num_threads()
     }
 
-    /// Whether the step can also run the optimiser where it computes, the parameters and
-    /// Adam's moments resident there ([`TrainStep::step_resident`]): one call a step and no
-    /// copies in between (a compiled XLA step on a device). The loop uses it on one process
-    /// for a family that does not read the parameters after each update.
+    /// Whether the step can also run the optimiser where it computes, the parameters, Adam's
+    /// moments and the family's average of the weights resident there
+    /// ([`TrainStep::step_resident`]): one call a step and no copies in between (a compiled XLA
+    /// step on a device). The loop uses it on one process.
     fn resident(&self) -> bool {
         false
     }
 
-    /// Copies the parameters and Adam's moments to where the step runs.
-    fn load_resident(&mut self, _params: &[f32], _m: &[f32], _v: &[f32]) -> Result<()> {
+    /// Copies the parameters, Adam's moments and the average to where the step runs.
+    fn load_resident(&mut self, _state: &Resident<'_>) -> Result<()> {
         bail!("this training step keeps no resident parameters")
     }
 
     /// Forward and backward on every row of `batch`, then the update `adam` of the resident
-    /// parameters and moments; returns the sums. The loop stops on a non-finite loss and
+    /// parameters and moments, and with `average_decay` d the average `a = d a + (1 - d) p` of
+    /// the updated parameters; returns the sums. The loop stops on a non-finite loss and
     /// discards the resident state (the last commit is kept).
-    fn step_resident(&mut self, _batch: &Self::Batch, _adam: AdamScalars) -> Result<Vec<f64>> {
+    fn step_resident(
+        &mut self,
+        _batch: &Self::Batch,
+        _adam: AdamScalars,
+        _average_decay: Option<f32>,
+    ) -> Result<Vec<f64>> {
         bail!("this training step keeps no resident parameters")
     }
 
-    /// Copies the resident parameters and moments back.
-    fn store_resident(
-        &mut self,
-        _params: &mut [f32],
-        _m: &mut [f32],
-        _v: &mut [f32],
-    ) -> Result<()> {
+    /// Copies the resident parameters, moments and average back.
+    fn store_resident(&mut self, _state: &mut Resident<'_>) -> Result<()> {
         bail!("this training step keeps no resident parameters")
     }
+}
+
+/// What a resident step ([`TrainStep::resident`]) keeps where it runs: the parameters, Adam's
+/// moments, and the family's running average of the weights where it keeps one (the diffusion
+/// EMA), each laid out by the step's table.
+pub struct Resident<'a> {
+    pub params: &'a mut [f32],
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub average: Option<&'a mut [f32]>,
 }
 
 /// What a candle training step computes from this rank's rows of a batch: the loss to

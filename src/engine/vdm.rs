@@ -85,6 +85,32 @@ impl TrainStep for Discrete<'_> {
     fn update_threads(&self) -> usize {
         self.0.update_threads()
     }
+
+    fn resident(&self) -> bool {
+        self.0.resident()
+    }
+
+    fn load_resident(&mut self, state: &crate::engine::Resident<'_>) -> Result<()> {
+        self.0.load_resident(state)
+    }
+
+    fn step_resident(
+        &mut self,
+        batch: &DiffusionBatch,
+        adam: crate::optim::AdamScalars,
+        average_decay: Option<f32>,
+    ) -> Result<Vec<f64>> {
+        match batch {
+            DiffusionBatch::Discrete(b) => self.0.step_resident(b, adam, average_decay),
+            DiffusionBatch::Continuous(_) => {
+                bail!("a discrete-time step was given continuous time")
+            }
+        }
+    }
+
+    fn store_resident(&mut self, state: &mut crate::engine::Resident<'_>) -> Result<()> {
+        self.0.store_resident(state)
+    }
 }
 
 /// The continuous-time step: the network's step (`inner`, either engine) and the learned

@@ -660,7 +660,10 @@ impl super::Family for DiffusionTraining<'_> {
         }
     }
 
-    const READS_EVERY_UPDATE: bool = true;
+    fn average(&mut self, adam_step: u64) -> Option<(&mut [f32], f32)> {
+        let decay = ema_decay_at(self.config.ema_decay, adam_step) as f32;
+        Some((&mut self.ema, decay))
+    }
 
     fn updated(&mut self, params: &[f32], adam_step: u64) {
         let decay = ema_decay_at(self.config.ema_decay, adam_step) as f32;

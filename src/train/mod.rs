@@ -203,12 +203,16 @@ pub trait Family {
     /// The learning rate of (1-based) `epoch`.
     fn lr(&self, epoch: usize) -> f64;
 
-    /// After each update of the parameters (an average of the weights).
+    /// After each update of the parameters: the running average of the weights, where the
+    /// family keeps one ([`Family::average`]), and nothing else.
     fn updated(&mut self, _params: &[f32], _adam_step: u64) {}
 
-    /// Whether [`Family::updated`] reads the parameters: then every update is made where the
-    /// loop can see it (no [`TrainStep::resident`] step).
-    const READS_EVERY_UPDATE: bool = false;
+    /// The family's running average of the weights (the diffusion EMA) and its decay after
+    /// update `adam_step`: what [`Family::updated`] computes, for a step that keeps the average
+    /// where it runs ([`TrainStep::resident`]). `None`: no average.
+    fn average(&mut self, _adam_step: u64) -> Option<(&mut [f32], f32)> {
+        None
+    }
 
     /// After each step, with its batch and its sums over every rank (the loss-aware
     /// timestep sampler learns from them).
@@ -313,17 +317,26 @@ pub fn run_epochs<F: Family>(
         let mut totals: Vec<f64> = Vec::new();
         // Parameters and moments stay where the step runs for the epoch (one process only:
         // ranks sum their gradients before the update).
-        let resident = step.resident() && world.world_size() == 1 && !F::READS_EVERY_UPDATE;
+        let resident = step.resident() && world.world_size() == 1;
         if resident {
+            let count = adam.step_count();
             let (m, v) = adam.moments_mut();
-            step.load_resident(params, m, v)?;
+            let average = family.average(count).map(|(a, _)| a);
+            step.load_resident(&crate::engine::Resident {
+                params,
+                m,
+                v,
+                average,
+            })?;
         }
         for (i, idx) in batches.iter().enumerate() {
             let (batch, rows) = family.batch(idx, &mut rng, &mut noise)?;
             crate::fault::training_step(world.rank());
             let mine = crate::collective::my_shard(rows);
             let mut sums = if resident {
-                step.step_resident(&batch, adam.advance())?
+                let scalars = adam.advance();
+                let decay = family.average(adam.step_count()).map(|(_, d)| d);
+                step.step_resident(&batch, scalars, decay)?
             } else {
                 step.loss_and_grads(params, &batch, mine, &mut grads)?
             };
@@ -357,8 +370,15 @@ pub fn run_epochs<F: Family>(
         }
         bar.finish_and_clear();
         if resident {
+            let count = adam.step_count();
             let (m, v) = adam.moments_mut();
-            step.store_resident(params, m, v)?;
+            let average = family.average(count).map(|(a, _)| a);
+            step.store_resident(&mut crate::engine::Resident {
+                params,
+                m,
+                v,
+                average,
+            })?;
         }
         let report = family.end_epoch(&EpochEnd {
             epoch,

@@ -24,9 +24,10 @@ use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
-use crate::engine::{DenoiseBatch, TrainStep};
+use crate::engine::{DenoiseBatch, Resident, TrainStep};
 use crate::nn::modules::conv::Conv2d;
 use crate::nn::modules::group_norm::GroupNorm;
+use crate::optim::AdamScalars;
 use crate::optim::{ParamEntry, ParamTable};
 
 /// The network's tensors as they are read, each given its place in one flat buffer; and, in
@@ -524,6 +525,9 @@ enum Kind {
     /// Continuous time: `sum_b (w_b / B) ||f(x_t, c)_b - target_b||^2` with the time values in
     /// the program, and the derivatives in `x_t` and `c` beside the parameters'.
     Weighted,
+    /// The simple loss, then Adam's update of the resident parameters and moments and the EMA
+    /// of the updated parameters, their buffers donated: one program a step.
+    Resident,
 }
 
 /// A compiled training program: rows, C, H, W, whether it takes dropout masks, and its kind.
@@ -548,6 +552,8 @@ pub struct XlaUnetStep {
     head: Option<LearnedHead>,
     /// The programs compiled so far, with their masks' shapes.
     compiled: HashMap<StepKey, (Executable, Vec<Vec<usize>>)>,
+    /// The resident parameters, Adam's moments and the EMA `[p, m, v, ema]`.
+    resident: Option<[Buffer; 4]>,
 }
 
 impl XlaUnetStep {
@@ -586,6 +592,7 @@ impl XlaUnetStep {
             head,
             unet,
             compiled: HashMap::new(),
+            resident: None,
         })
     }
 
@@ -599,7 +606,35 @@ impl XlaUnetStep {
         let mut values = vec![0f32; self.unet.len];
         let weighted = kind == Kind::Weighted;
         let mut t = trace_with(&self.unet.net, n, (c, h, w), &mut values, dropout, weighted)?;
+        let mut donated = Vec::new();
         let outputs = match kind {
+            // Outputs: the updated parameters, m, v and EMA (over their inputs), the loss.
+            // Inputs after the simple loss's: m, v, Adam's scalars, the EMA, its decay.
+            Kind::Resident => {
+                let g = &mut t.graph;
+                let target = g.input(&[n, c, h, w]);
+                let inv_total = g.input(&[]);
+                let d = g.sub(t.out, target)?;
+                let d2 = g.mul(d, d)?;
+                let sse = g.sum_all(d2)?;
+                let loss = g.mul(sse, inv_total)?;
+                let grad = t.weights_grad(loss)?;
+                let g = &mut t.graph;
+                let flat = g.inputs()[0];
+                let (p2, m2, v2) = super::adam_update(g, flat, grad)?;
+                let len = self.unet.len;
+                let ema = g.input(&[len]);
+                let decay = g.input(&[]);
+                let db = g.broadcast(decay, &[], &[len])?;
+                let one = g.constant(1.0, &[len]);
+                let keep = g.mul(ema, db)?;
+                let rest = g.sub(one, db)?;
+                let add = g.mul(p2, rest)?;
+                let e2 = g.add(keep, add)?;
+                let inputs = g.inputs().len();
+                donated = vec![(0, 0), (inputs - 5, 1), (inputs - 4, 2), (inputs - 2, 3)];
+                vec![p2, m2, v2, e2, loss]
+            }
             // Outputs: the loss, the parameters' gradient, each example's SSE, the output, and
             // the loss's derivatives in x_t and c.
             Kind::Weighted => {
@@ -639,7 +674,7 @@ impl XlaUnetStep {
                 vec![t.weights_grad(surrogate)?]
             }
         };
-        let text = t.graph.to_stablehlo(&outputs)?;
+        let text = t.graph.to_stablehlo_donating(&outputs, &donated)?;
         let exe = self.unet.runtime.compile(&text, outputs.len())?;
         self.compiled.insert(key, (exe, t.masks));
         Ok(())
@@ -874,5 +909,103 @@ impl TrainStep for XlaUnetStep {
         let out = self.run(vjp, &inputs)?;
         out[0].read(grads)?;
         Ok(crate::engine::learned_sums(b, rows, loss, &vb))
+    }
+
+    /// The simple loss keeps its parameters, moments and EMA on the device.
+    fn resident(&self) -> bool {
+        self.head.is_none()
+    }
+
+    fn load_resident(&mut self, state: &Resident<'_>) -> Result<()> {
+        let len = self.unet.len;
+        ensure!(
+            state.params.len() == len && state.m.len() == len && state.v.len() == len,
+            "XLA U-Net: resident buffers for {len} parameters expected"
+        );
+        let rt = &self.unet.runtime;
+        // Without an average, the EMA buffer follows nothing (decay 1) and is not read back.
+        let average: &[f32] = match &state.average {
+            Some(a) => a,
+            None => state.params,
+        };
+        ensure!(
+            average.len() == len,
+            "XLA U-Net: an average of {} values",
+            average.len()
+        );
+        self.resident = Some([
+            rt.upload(state.params, &[len])?,
+            rt.upload(state.m, &[len])?,
+            rt.upload(state.v, &[len])?,
+            rt.upload(average, &[len])?,
+        ]);
+        Ok(())
+    }
+
+    fn step_resident(
+        &mut self,
+        batch: &DenoiseBatch,
+        adam: AdamScalars,
+        average_decay: Option<f32>,
+    ) -> Result<Vec<f64>> {
+        ensure!(
+            batch.weighted.is_none() && self.head.is_none(),
+            "XLA U-Net: a resident step trains on the simple loss"
+        );
+        let (b, c, h, w) = batch.xt.dims4()?;
+        ensure!(
+            batch.target.dims4()? == (b, c, h, w) && self.unet.out_channels == c,
+            "XLA U-Net: the simple loss needs a target of the network's output shape"
+        );
+        let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
+        let key = (b, c, h, w, dropout, Kind::Resident);
+        self.compile(key)?;
+        let Some([p, m, v, e]) = self.resident.take() else {
+            bail!("XLA U-Net: step_resident before load_resident");
+        };
+        let rows = 0..b;
+        let rt = self.unet.runtime.clone();
+        let cpu = candle_core::Device::Cpu;
+        let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(tf, b, &cpu)?;
+        let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
+        let mut inputs = vec![
+            p,
+            rt.upload(&rows_of(&batch.xt, &rows)?, &[b, c, h, w])?,
+            rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[b, self.unet.base])?,
+        ];
+        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
+            inputs.extend(self.masks(seed, &rows, key)?);
+        }
+        inputs.push(rt.upload(&rows_of(&batch.target, &rows)?, &[b, c, h, w])?);
+        inputs.push(rt.upload(&[1.0 / batch.xt.elem_count() as f32], &[])?);
+        inputs.push(m);
+        inputs.push(v);
+        inputs.push(rt.upload(&super::adam_scalars(&adam), &[5])?);
+        inputs.push(e);
+        inputs.push(rt.upload(&[average_decay.unwrap_or(1.0)], &[])?);
+        let mut out = self.run(key, &inputs)?;
+        let loss = out.pop().map(|l| l.to_vec(1)).transpose()?;
+        let mut it = out.into_iter();
+        if let (Some(p), Some(m), Some(v), Some(e)) = (it.next(), it.next(), it.next(), it.next()) {
+            self.resident = Some([p, m, v, e]);
+        }
+        let Some(loss) = loss else {
+            bail!("XLA U-Net: the resident step returned no loss");
+        };
+        Ok(vec![loss[0] as f64])
+    }
+
+    fn store_resident(&mut self, state: &mut Resident<'_>) -> Result<()> {
+        let Some([p, m, v, e]) = &self.resident else {
+            bail!("XLA U-Net: store_resident before load_resident");
+        };
+        p.read(state.params)?;
+        m.read(state.m)?;
+        v.read(state.v)?;
+        if let Some(a) = state.average.as_deref_mut() {
+            e.read(a)?;
+        }
+        Ok(())
     }
 }

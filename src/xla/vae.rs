@@ -32,8 +32,8 @@ use candle_core::Tensor;
 use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::distributions::Noise;
-use crate::engine::TrainStep;
 use crate::engine::vae::{VaeBatch, gather_noise};
+use crate::engine::{Resident, TrainStep};
 use crate::nn::activation::Activation;
 use crate::nn::mlp::MlpShape;
 use crate::optim::{AdamScalars, ParamEntry, ParamTable};
@@ -352,39 +352,7 @@ impl StepGraph {
     /// `m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`
     fn resident_program(mut self) -> Result<(String, usize)> {
         let g = &mut self.graph;
-        let len = g.shape(self.params)[0];
-        let m = g.input(&[len]);
-        let v = g.input(&[len]);
-        let adam = g.input(&[5]);
-        let scalar = |g: &mut Graph, i: usize| -> Result<T> {
-            let s = g.slice(adam, i, 1)?;
-            let s = g.reshape(s, &[])?;
-            g.broadcast(s, &[], &[len])
-        };
-        let (b1, b2, lr_bc1, inv_bc2, eps) = (
-            scalar(g, 0)?,
-            scalar(g, 1)?,
-            scalar(g, 2)?,
-            scalar(g, 3)?,
-            scalar(g, 4)?,
-        );
-        let one = g.constant(1.0, &[len]);
-        let grad = self.grad;
-        let c1 = g.sub(one, b1)?;
-        let t1 = g.mul(b1, m)?;
-        let t2 = g.mul(c1, grad)?;
-        let m2 = g.add(t1, t2)?;
-        let c2 = g.sub(one, b2)?;
-        let g2 = g.mul(grad, grad)?;
-        let t3 = g.mul(b2, v)?;
-        let t4 = g.mul(c2, g2)?;
-        let v2 = g.add(t3, t4)?;
-        let vh = g.mul(v2, inv_bc2)?;
-        let sq = g.sqrt(vh);
-        let den = g.add(sq, eps)?;
-        let num = g.mul(lr_bc1, m2)?;
-        let upd = g.div(num, den)?;
-        let p2 = g.sub(self.params, upd)?;
+        let (p2, m2, v2) = super::adam_update(g, self.params, self.grad)?;
         let mut outputs = vec![p2, m2, v2];
         outputs.extend(&self.sums);
         let inputs = g.input_shapes().len();
@@ -839,14 +807,19 @@ impl TrainStep for XlaVae {
         true
     }
 
-    fn load_resident(&mut self, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+    fn load_resident(&mut self, state: &Resident<'_>) -> Result<()> {
         let len = self.layout.len;
+        let (params, m, v) = (&*state.params, &*state.m, &*state.v);
         ensure!(
             params.len() == len && m.len() == len && v.len() == len,
             "XLA VAE: resident buffers of {}, {}, {} values for {len} parameters",
             params.len(),
             m.len(),
             v.len()
+        );
+        ensure!(
+            state.average.is_none(),
+            "XLA VAE: the VAE keeps no average of its weights"
         );
         let rt = &self.runtime;
         self.resident = Some([
@@ -857,7 +830,12 @@ impl TrainStep for XlaVae {
         Ok(())
     }
 
-    fn step_resident(&mut self, batch: &VaeBatch, adam: AdamScalars) -> Result<Vec<f64>> {
+    fn step_resident(
+        &mut self,
+        batch: &VaeBatch,
+        adam: AdamScalars,
+        _average_decay: Option<f32>,
+    ) -> Result<Vec<f64>> {
         let (d, k) = (self.layout.d, batch.k);
         let b = batch.len(d);
         self.check(batch, &(0..b))?;
@@ -868,8 +846,7 @@ impl TrainStep for XlaVae {
         inputs.extend(self.batch_inputs(batch, &(0..b))?);
         inputs.push(m);
         inputs.push(v);
-        let scalars = [adam.beta1, adam.beta2, adam.lr_bc1, adam.inv_bc2, adam.eps];
-        inputs.push(self.runtime.upload(&scalars, &[5])?);
+        inputs.push(self.runtime.upload(&super::adam_scalars(&adam), &[5])?);
         let exe = self.executable(b, k, Program::Resident)?;
         let refs: Vec<&Buffer> = inputs.iter().collect();
         let mut out = exe.run(&refs)?;
@@ -883,13 +860,14 @@ impl TrainStep for XlaVae {
         self.sums(&rest, b, k, b)
     }
 
-    fn store_resident(&mut self, params: &mut [f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
+    fn store_resident(&mut self, state: &mut Resident<'_>) -> Result<()> {
         let Some([pb, mb, vb]) = &self.resident else {
             bail!("XLA VAE: store_resident before load_resident");
         };
-        pb.read(params)?;
-        mb.read(m)?;
-        vb.read(v)?;
+        pb.read(state.params)?;
+        mb.read(state.m)?;
+        vb.read(state.v)?;
+        let params: &[f32] = state.params;
         self.params.copy_from_slice(params);
         Ok(())
     }
