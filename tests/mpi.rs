@@ -213,6 +213,36 @@ fn vae_on_candles_engine_on_two_ranks_trains_as_one_process() {
     );
 }
 
+/// The XLA engine on two ranks (each its rows, gradients all-reduced on the host, the loop's
+/// Adam) against one process (parameters and Adam resident on the device): the same model.
+#[test]
+fn vae_on_the_xla_engine_on_two_ranks_trains_as_one_process() {
+    if elbo::xla::runtime().is_err() {
+        assert!(
+            std::env::var_os("ELBO_REQUIRE_XLA").is_none(),
+            "ELBO_REQUIRE_XLA is set but no PJRT plugin loads (scripts/xla-plugin)"
+        );
+        eprintln!("skipped: no PJRT plugin (scripts/xla-plugin)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (one, two) = (root.path().join("one"), root.path().join("two"));
+    let args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = VAE.iter().map(|s| s.to_string()).collect();
+        v.extend(["--epochs", "1", "--engine", "xla", "--out"].map(String::from));
+        v.push(out.to_str().unwrap().to_string());
+        v
+    };
+    alone(&refs(&args(&one)));
+    two_ranks(&refs(&args(&two)));
+    let model = "model.safetensors";
+    let (d, name) = max_diff(&one.join(model), &two.join(model), |_| true);
+    assert!(
+        d < 1e-5,
+        "{name}: two ranks differ from one process by {d:e}"
+    );
+}
+
 /// `train diffusion` of a DDPM-layout U-Net with attention and dropout: 5 steps (100 digits,
 /// global batch 20), then `extra` flags.
 fn unet_args(out: &Path, extra: &[&str]) -> Vec<String> {
