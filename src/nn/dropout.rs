@@ -17,9 +17,16 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The hash every value of stream `stream`'s mask starts from: value i is kept when
+/// `(mix(base + i) >> 40) / 2^24 >= p` (the XLA engine computes the masks from it on the
+/// device).
+pub fn mask_base(seed: u64, stream: u64) -> u64 {
+    mix(seed ^ mix(stream))
+}
+
 /// `mask[i] = 1 / (1 - p)` (kept) or 0 (dropped), drawn from `(seed, stream, i)`; p in [0, 1).
 pub fn fill_mask(seed: u64, stream: u64, p: f32, mask: &mut [f32]) {
-    let base = mix(seed ^ mix(stream));
+    let base = mask_base(seed, stream);
     let scale = 1.0 / (1.0 - p);
     for (i, m) in mask.iter_mut().enumerate() {
         // The top 24 bits as a float in [0, 1): exact, and the same on every machine.

@@ -81,6 +81,11 @@ enum Op {
     Pad(T, Vec<(usize, usize)>),
     /// Arrays end to end along dimension `dim`.
     Join(Vec<T>, usize),
+    /// Dropout masks ([`crate::nn::dropout`]) computed on the device from each example's
+    /// 64-bit hash base, given as four 16-bit pieces `[B, 4]` (exact in f32), with drop
+    /// probability p: `1/(1-p)` where `(mix(base + i) >> 40) / 2^24 >= p`, else 0, for the
+    /// node's `[B, ...]` values; no derivative.
+    DropoutMask(T, f32),
 }
 
 /// A 2-D convolution as StableHLO's `convolution` takes it (JAX's `conv_general_dilated`):
@@ -447,6 +452,21 @@ impl Graph {
         Ok(self.push(Op::Join(parts.to_vec(), dim), shape))
     }
 
+    /// Dropout masks of `shape` `[B, ...]` from the examples' hash bases `bases` `[B, 4]`
+    /// (16-bit pieces, low first) and drop probability `p` ([`Op::DropoutMask`]).
+    pub fn dropout_mask(&mut self, bases: T, p: f32, shape: &[usize]) -> Result<T> {
+        let sb = self.shape(bases).to_vec();
+        ensure!(
+            sb.len() == 2
+                && sb[1] == 4
+                && !shape.is_empty()
+                && shape[0] == sb[0]
+                && (0.0..1.0).contains(&p),
+            "XLA graph: dropout masks {shape:?} from bases {sb:?} (p = {p})"
+        );
+        Ok(self.push(Op::DropoutMask(bases, p), shape.to_vec()))
+    }
+
     /// The softmax over the last dimension, stable (the maximum, with no derivative, taken
     /// out first).
     pub fn softmax_last(&mut self, a: T) -> Result<T> {
@@ -547,7 +567,12 @@ impl Graph {
                 Ok(())
             };
             match node.op {
-                Op::Input(_) | Op::Const(_) | Op::Greater(..) | Op::Stop(_) | Op::MaxOver(..) => {}
+                Op::Input(_)
+                | Op::Const(_)
+                | Op::Greater(..)
+                | Op::Stop(_)
+                | Op::MaxOver(..)
+                | Op::DropoutMask(..) => {}
                 Op::Unary(u, a) => {
                     let d = match u {
                         Unary::Neg => self.neg(g),
@@ -1037,6 +1062,94 @@ impl Graph {
                         tys.join(", ")
                     )
                 }
+                Op::DropoutMask(bases, p) => {
+                    let b = node.shape[0];
+                    let m: usize = node.shape[1..].iter().product();
+                    let u = format!("tensor<{b}x{m}xui64>");
+                    let f = format!("tensor<{b}x{m}xf32>");
+                    let bi = name(*bases);
+                    let k = |c: u64| format!("stablehlo.constant dense<{c}> : {u}");
+                    let mut t = String::new();
+                    let mut line = |s: String| {
+                        let _ = write!(t, "{s}\n    ");
+                    };
+                    line(format!(
+                        "{v}c = stablehlo.convert {bi} : (tensor<{b}x4xf32>) -> tensor<{b}x4xui64>"
+                    ));
+                    for j in 0..4 {
+                        line(format!(
+                            "{v}s{j} = stablehlo.slice {v}c [0:{b}, {j}:{}] : (tensor<{b}x4xui64>) -> tensor<{b}x1xui64>",
+                            j + 1
+                        ));
+                        line(format!(
+                            "{v}b{j} = stablehlo.broadcast_in_dim {v}s{j}, dims = [0, 1] : (tensor<{b}x1xui64>) -> {u}"
+                        ));
+                        line(format!("{v}k{j} = {}", k(16 * j as u64)));
+                        line(format!(
+                            "{v}h{j} = stablehlo.shift_left {v}b{j}, {v}k{j} : {u}"
+                        ));
+                    }
+                    line(format!("{v}o1 = stablehlo.or {v}h0, {v}h1 : {u}"));
+                    line(format!("{v}o2 = stablehlo.or {v}o1, {v}h2 : {u}"));
+                    line(format!("{v}base = stablehlo.or {v}o2, {v}h3 : {u}"));
+                    line(format!("{v}i = stablehlo.iota dim = 1 : {u}"));
+                    line(format!("{v}z0 = stablehlo.add {v}base, {v}i : {u}"));
+                    // splitmix64's finaliser.
+                    line(format!("{v}g = {}", k(0x9E37_79B9_7F4A_7C15)));
+                    line(format!("{v}z1 = stablehlo.add {v}z0, {v}g : {u}"));
+                    for (j, (shift, mul)) in [
+                        (30u64, 0xBF58_476D_1CE4_E5B9u64),
+                        (27, 0x94D0_49BB_1331_11EB),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        let (a, next) = (j + 1, j + 2);
+                        line(format!("{v}r{a} = {}", k(shift)));
+                        line(format!(
+                            "{v}q{a} = stablehlo.shift_right_logical {v}z{a}, {v}r{a} : {u}"
+                        ));
+                        line(format!("{v}x{a} = stablehlo.xor {v}z{a}, {v}q{a} : {u}"));
+                        line(format!("{v}m{a} = {}", k(mul)));
+                        line(format!(
+                            "{v}z{next} = stablehlo.multiply {v}x{a}, {v}m{a} : {u}"
+                        ));
+                    }
+                    line(format!("{v}r3 = {}", k(31)));
+                    line(format!(
+                        "{v}q3 = stablehlo.shift_right_logical {v}z3, {v}r3 : {u}"
+                    ));
+                    line(format!("{v}z4 = stablehlo.xor {v}z3, {v}q3 : {u}"));
+                    line(format!("{v}r4 = {}", k(40)));
+                    line(format!(
+                        "{v}top = stablehlo.shift_right_logical {v}z4, {v}r4 : {u}"
+                    ));
+                    line(format!("{v}tf = stablehlo.convert {v}top : ({u}) -> {f}"));
+                    line(format!(
+                        "{v}unit = stablehlo.constant dense<0x{:08X}> : {f}",
+                        (1.0f32 / (1u32 << 24) as f32).to_bits()
+                    ));
+                    line(format!("{v}uu = stablehlo.multiply {v}tf, {v}unit : {f}"));
+                    line(format!(
+                        "{v}p = stablehlo.constant dense<0x{:08X}> : {f}",
+                        p.to_bits()
+                    ));
+                    line(format!(
+                        "{v}keep = stablehlo.compare GE, {v}uu, {v}p, FLOAT : ({f}, {f}) -> tensor<{b}x{m}xi1>"
+                    ));
+                    line(format!(
+                        "{v}sc = stablehlo.constant dense<0x{:08X}> : {f}",
+                        (1.0 / (1.0 - p)).to_bits()
+                    ));
+                    line(format!(
+                        "{v}zero = stablehlo.constant dense<0x{:08X}> : {f}",
+                        0f32.to_bits()
+                    ));
+                    line(format!(
+                        "{v}sel = stablehlo.select {v}keep, {v}sc, {v}zero : tensor<{b}x{m}xi1>, {f}"
+                    ));
+                    format!("{t}{v} = stablehlo.reshape {v}sel : ({f}) -> {out_ty}")
+                }
                 Op::Slice(a, start) => format!(
                     "{v} = stablehlo.slice {} [{start}:{}] : ({}) -> {out_ty}",
                     name(*a),
@@ -1075,7 +1188,7 @@ impl Graph {
             Op::Binary(_, a, b) | Op::Greater(a, b) | Op::Dot(a, b, _, _) | Op::Conv(a, b, _) => {
                 vec![*a, *b]
             }
-            Op::Reverse(a, _) | Op::Block(a, _) | Op::Pad(a, _) => vec![*a],
+            Op::Reverse(a, _) | Op::Block(a, _) | Op::Pad(a, _) | Op::DropoutMask(a, _) => vec![*a],
             Op::BatchDot(a, b) => vec![*a, *b],
             Op::Join(parts, _) => parts.clone(),
             Op::Concat(parts) => parts.clone(),

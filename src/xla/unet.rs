@@ -40,8 +40,11 @@ struct Weights {
     at: usize,
     /// The tensors read in the first trace, with their offsets.
     tensors: Vec<(Tensor, usize)>,
-    /// Training with dropout: each residual block's mask becomes an input (its shape kept).
+    /// Training with dropout: each residual block's mask is computed from an input of the
+    /// examples' hash bases (the mask's shape kept).
     masks: Option<Vec<Vec<usize>>>,
+    /// The drop probability.
+    dropout: f32,
     /// The weights' nodes and offsets (for the derivative).
     pieces: Vec<(usize, T)>,
 }
@@ -127,6 +130,7 @@ fn trace_with(
         at: 0,
         tensors: Vec::new(),
         masks: dropout.then(Vec::new),
+        dropout: net.dropout,
         pieces: Vec::new(),
     };
     let (c, h, wd) = chw;
@@ -328,11 +332,15 @@ fn res_block(g: &mut Graph, w: &mut Weights, r: &ResBlock, x: T, temb: T) -> Res
         let n2 = group_norm(g, w, &r.norm2, y)?;
         silu(g, n2)?
     };
+    // Dropout: the mask computed on the device from each example's hash base (an input
+    // `[B, 4]` of 16-bit pieces), the values `nn::dropout::fill_mask` gives.
+    let p = w.dropout;
     let h = match &mut w.masks {
         Some(shapes) => {
             let s = g.shape(h).to_vec();
             shapes.push(s.clone());
-            let m = g.input(&s);
+            let bases = g.input(&[s[0], 4]);
+            let m = g.dropout_mask(bases, p, &s)?;
             g.mul(h, m)?
         }
         None => h,
@@ -800,18 +808,20 @@ impl XlaUnetStep {
         Ok(sums)
     }
 
-    /// The dropout masks of rows `rows` for program `key`, uploaded.
+    /// The dropout masks' inputs of rows `rows` for program `key`, uploaded: per residual
+    /// block, each example's hash base ([`crate::nn::dropout::mask_base`] of its stream) as
+    /// four 16-bit pieces `[n, 4]`; the program computes the masks from them.
     fn masks(&self, seed: u64, rows: &std::ops::Range<usize>, key: StepKey) -> Result<Vec<Buffer>> {
         let n = rows.len();
         let mut out = Vec::new();
-        for (index, shape) in self.compiled[&key].1.iter().enumerate() {
-            let per: usize = shape[1..].iter().product();
-            let mut mask = vec![0f32; n * per];
-            for (e, m) in mask.chunks_mut(per).enumerate() {
+        for index in 0..self.compiled[&key].1.len() {
+            let mut pieces = Vec::with_capacity(4 * n);
+            for e in 0..n {
                 let stream = (rows.start + e) as u64 * self.blocks + index as u64;
-                crate::nn::dropout::fill_mask(seed, stream, self.dropout, m);
+                let base = crate::nn::dropout::mask_base(seed, stream);
+                pieces.extend((0..4).map(|j| ((base >> (16 * j)) & 0xFFFF) as f32));
             }
-            out.push(self.unet.runtime.upload(&mask, shape)?);
+            out.push(self.unet.runtime.upload(&pieces, &[n, 4])?);
         }
         Ok(out)
     }
