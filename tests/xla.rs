@@ -1035,3 +1035,37 @@ fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
         );
     }
 }
+
+/// Dropout masks computed on the device from the examples' hash bases are `fill_mask`'s, bit
+/// for bit: splitmix64 in ui64, the top 24 bits against p.
+#[test]
+fn device_dropout_masks_equal_the_hosts() {
+    use elbo::nn::dropout::{fill_mask, mask_base};
+    let Some(rt) = rt() else { return };
+    let (n, per, p, seed) = (3, 1000, 0.3f32, 0xDEAD_BEEF_u64);
+    let mut g = Graph::new();
+    let bases = g.input(&[n, 4]);
+    let m = g.dropout_mask(bases, p, &[n, 10, 10, 10]).unwrap();
+    let exe = rt.compile(&g.to_stablehlo(&[m]).unwrap(), 1).unwrap();
+    let mut pieces = Vec::new();
+    let mut expected = vec![0f32; n * per];
+    for (e, chunk) in expected.chunks_mut(per).enumerate() {
+        let stream = 1000 + 7 * e as u64;
+        let base = mask_base(seed, stream);
+        pieces.extend((0..4).map(|j| ((base >> (16 * j)) & 0xFFFF) as f32));
+        fill_mask(seed, stream, p, chunk);
+    }
+    let input = rt.upload(&pieces, &[n, 4]).unwrap();
+    let got = exe.run(&[&input]).unwrap()[0].to_vec(n * per).unwrap();
+    let differ = got
+        .iter()
+        .zip(&expected)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{differ} of {} mask values differ", n * per);
+    let kept = expected.iter().filter(|&&v| v > 0.0).count();
+    assert!(
+        kept > 0 && kept < n * per,
+        "a mask that keeps everything or nothing"
+    );
+}
