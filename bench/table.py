@@ -139,7 +139,7 @@ def measure(framework, workload, extra, baseline=""):
 
 
 CUDA_FRAMEWORKS = ["elbo-cuda", "torch-cuda", "jax-cuda", "elbo"]
-# The workloads elbo's XLA engine (--engine xla, src/xla) takes.
+# The workloads elbo's XLA engine (--engine xla, src/engine/xla) takes.
 XLA_WORKLOADS = {"vae-step-128", "vae-step-1024", "vae-epoch", "conv-vae-step-128", "ddim-50",
                  "ddpm-1000", "ddim-50-cifar", "unet-step-64", "unet-cifar-step-64"} | {
     w for w in WORKLOADS if w.startswith("iwae-step-")}

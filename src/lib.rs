@@ -59,4 +59,3 @@ pub mod report;
 pub mod run_dir;
 pub mod train;
 pub mod vae;
-pub mod xla;

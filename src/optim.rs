@@ -259,8 +259,8 @@ impl Adam {
     }
 
     /// Counts one more update and returns its scalars (the bias corrections of step t): for an
-    /// update made elsewhere ([`crate::engine::TrainStep::step_resident`]) with the moments
-    /// of [`Adam::moments_mut`].
+    /// update made elsewhere (a resident training step on a device) with the moments of
+    /// [`Adam::moments_mut`].
     pub fn advance(&mut self) -> AdamScalars {
         self.step += 1;
         let c = self.config;

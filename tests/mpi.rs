@@ -217,7 +217,7 @@ fn vae_on_candles_engine_on_two_ranks_trains_as_one_process() {
 /// Adam) against one process (parameters and Adam resident on the device): the same model.
 #[test]
 fn vae_on_the_xla_engine_on_two_ranks_trains_as_one_process() {
-    if elbo::xla::runtime().is_err() {
+    if elbo::engine::xla::runtime().is_err() {
         assert!(
             std::env::var_os("ELBO_REQUIRE_XLA").is_none(),
             "ELBO_REQUIRE_XLA is set but no PJRT plugin loads (scripts/xla-plugin)"

@@ -1,4 +1,4 @@
-//! The XLA engine (src/xla) on the PJRT CPU plugin: the traced program's derivative against
+//! The XLA engine (src/engine/xla) on the PJRT CPU plugin: the traced program's derivative against
 //! finite differences, and the VAE family's training step against the fused CPU engine (loss,
 //! every gradient, one Adam step) for one and two stochastic layers, the ELBO and the IWAE.
 //!
@@ -14,13 +14,13 @@ use common::relative_distance;
 use elbo::distributions::Noise;
 use elbo::engine::TrainStep;
 use elbo::engine::vae::{FusedVae, VaeBatch};
+use elbo::engine::xla::graph::Graph;
+use elbo::engine::xla::vae::XlaVae;
+use elbo::engine::xla::{Runtime, plugin_path, runtime};
 use elbo::nn::activation::Activation;
 use elbo::optim::{Adam, AdamConfig};
 use elbo::vae::objective::{KlEstimator, Objective};
 use elbo::vae::{Vae, VaeConfig};
-use elbo::xla::graph::Graph;
-use elbo::xla::vae::XlaVae;
-use elbo::xla::{Runtime, plugin_path, runtime};
 
 /// The runtime, or `None` (with a line saying why) when the plugin is not installed and not
 /// required.
@@ -416,7 +416,7 @@ fn conv_sum(
     w: &[f64],
     ws: [usize; 4],
     c: &[f64],
-    spec: &elbo::xla::graph::Conv,
+    spec: &elbo::engine::xla::graph::Conv,
 ) -> f64 {
     let (s, ld, rd) = (spec.stride[0], spec.lhs_dil[0], spec.rhs_dil[0]);
     let lo = spec.pad[0].0;
@@ -463,7 +463,7 @@ fn conv_sum(
 /// writes it (the input dilated by 2, padding 2, the decoder's), odd sizes, 1 and 3 channels.
 #[test]
 fn traced_convolution_derivatives_match_finite_differences() {
-    use elbo::xla::graph::Conv;
+    use elbo::engine::xla::graph::Conv;
     let Some(rt) = rt() else { return };
     let transposed = Conv {
         stride: [1, 1],
@@ -551,7 +551,7 @@ fn traced_convolution_derivatives_match_finite_differences() {
 #[test]
 fn unet_forward_matches_candle() {
     use elbo::diffusion::nets::{Net, NetConfig, UnetOptions, sorted_vars};
-    use elbo::xla::unet::XlaUnet;
+    use elbo::engine::xla::unet::XlaUnet;
     let Some(rt) = rt() else { return };
     let dev = Device::Cpu;
     let unet = |mult: Vec<usize>, attention, c, levels: Vec<usize>, options| NetConfig::Unet {
@@ -808,7 +808,7 @@ fn learned_variance_step_matches_the_fused_engine() {
 fn unet_vjp_matches_candle_autodiff() {
     use elbo::diffusion::Denoiser;
     use elbo::diffusion::nets::{Net, NetConfig};
-    use elbo::xla::unet::XlaUnet;
+    use elbo::engine::xla::unet::XlaUnet;
     let Some(rt) = rt() else { return };
     let dev = Device::Cpu;
     let (net, _) = Net::trainable(&NetConfig::default_unet(), &mut Noise::new(0), &dev).unwrap();

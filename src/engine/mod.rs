@@ -13,6 +13,7 @@ use candle_core::{DType, Tensor, Var};
 pub mod unet;
 pub mod vae;
 pub mod vdm;
+pub mod xla;
 
 use self::unet::FusedUnet;
 use self::vae::{FusedVae, VaeBatch};
@@ -215,17 +216,17 @@ pub fn vae_step<'a>(
     objective: VaeObjective,
 ) -> Result<(Box<dyn TrainStep<Batch = VaeBatch> + 'a>, String)> {
     if engine == Engine::Xla {
-        if !crate::xla::vae::supports(vae) {
+        if !self::xla::vae::supports(vae) {
             bail!("--engine xla: takes --likelihood bernoulli, and no --residual, for now");
         }
-        let runtime = crate::xla::runtime().context("--engine xla")?;
+        let runtime = self::xla::runtime().context("--engine xla")?;
         let name = format!(
             "XLA through PJRT ({}, API {}.{}) (--engine)",
             runtime.platform(),
             runtime.api_version().0,
             runtime.api_version().1
         );
-        let mut x = crate::xla::vae::XlaVae::from_vae(vae, runtime)?;
+        let mut x = self::xla::vae::XlaVae::from_vae(vae, runtime)?;
         x.set_objective(objective.objective);
         x.set_kl_estimator(objective.kl);
         x.set_beta(objective.beta);
@@ -479,14 +480,14 @@ pub fn denoiser_step<'a>(
         let Net::Unet(u) = net else {
             bail!("--engine xla: takes the U-Net (the toys' MLP trains on candle)");
         };
-        let runtime = crate::xla::runtime().context("--engine xla")?;
+        let runtime = self::xla::runtime().context("--engine xla")?;
         let name = format!(
             "XLA through PJRT ({}, API {}.{}) (--engine)",
             runtime.platform(),
             runtime.api_version().0,
             runtime.api_version().1
         );
-        let step = crate::xla::unet::XlaUnetStep::new(u, &vars, head, runtime)?;
+        let step = self::xla::unet::XlaUnetStep::new(u, &vars, head, runtime)?;
         return Ok((Box::new(step), name));
     }
     let (fused, name) = unet_training(engine, net)?;
@@ -634,7 +635,7 @@ pub enum Engine {
     Candle,
     /// The hand-derived fused CPU step of [`vae`] or [`unet`].
     Fused,
-    /// The step traced, differentiated and compiled by XLA into one program ([`crate::xla`]),
+    /// The step traced, differentiated and compiled by XLA into one program ([`xla`]),
     /// run by the PJRT plugin at `$ELBO_PJRT_PLUGIN` (`scripts/xla-plugin` installs the CPU
     /// one): the VAE family's MLP models with the Bernoulli likelihood, for now.
     Xla,
@@ -698,7 +699,7 @@ pub struct FrozenNet {
     fused: Option<FusedUnet>,
     /// The U-Net's forward pass on XLA (`--engine xla`); its programs are compiled on first
     /// use, one per batch shape.
-    xla: Option<std::sync::Mutex<crate::xla::unet::XlaUnet>>,
+    xla: Option<std::sync::Mutex<self::xla::unet::XlaUnet>>,
 }
 
 impl FrozenNet {
@@ -735,8 +736,8 @@ impl FrozenNet {
                 let Net::Unet(u) = &net else {
                     bail!("--engine xla: takes the U-Net (the toys' MLP runs on candle)");
                 };
-                let runtime = crate::xla::runtime().context("--engine xla")?;
-                let xla = crate::xla::unet::XlaUnet::new(u, runtime)?;
+                let runtime = self::xla::runtime().context("--engine xla")?;
+                let xla = self::xla::unet::XlaUnet::new(u, runtime)?;
                 let mut frozen = Self::new(net);
                 frozen.xla = Some(std::sync::Mutex::new(xla));
                 Ok(frozen)
@@ -816,7 +817,7 @@ pub struct LikelihoodEstimator<'a> {
 
 enum Estimator {
     Fused(Box<FusedVae>),
-    Xla(Box<crate::xla::vae::XlaVae>),
+    Xla(Box<self::xla::vae::XlaVae>),
     Candle,
 }
 
@@ -829,11 +830,11 @@ impl<'a> LikelihoodEstimator<'a> {
             Engine::Fused if fused => Estimator::Fused(Box::new(FusedVae::from_vae(vae)?)),
             Engine::Fused => bail!("--engine fused: needs the CPU and --likelihood bernoulli"),
             Engine::Xla => {
-                if !crate::xla::vae::supports(vae) {
+                if !self::xla::vae::supports(vae) {
                     bail!("--engine xla: takes --likelihood bernoulli, and no --residual, for now");
                 }
-                let runtime = crate::xla::runtime().context("--engine xla")?;
-                Estimator::Xla(Box::new(crate::xla::vae::XlaVae::from_vae(vae, runtime)?))
+                let runtime = self::xla::runtime().context("--engine xla")?;
+                Estimator::Xla(Box::new(self::xla::vae::XlaVae::from_vae(vae, runtime)?))
             }
         };
         Ok(Self { vae, how })
