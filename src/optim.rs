@@ -85,6 +85,33 @@ impl ParamTable {
         Self::packed(vars.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())))
     }
 
+    /// The table of a network's tensors laid out at the given offsets of a buffer of `len`
+    /// values, each named after the variable `vars` holds it in (`what` names the engine in
+    /// the error when a tensor is not among them).
+    pub fn of_tensors(
+        tensors: &[(Tensor, usize)],
+        vars: &[(String, Var)],
+        len: usize,
+        what: &str,
+    ) -> Result<Self> {
+        let names: HashMap<candle_core::TensorId, &str> = vars
+            .iter()
+            .map(|(n, v)| (v.as_tensor().id(), n.as_str()))
+            .collect();
+        let mut entries = Vec::with_capacity(tensors.len());
+        for (t, at) in tensors {
+            let Some(name) = names.get(&t.id()) else {
+                bail!("{what}: a parameter of the network is not among its variables");
+            };
+            entries.push(ParamEntry {
+                name: name.to_string(),
+                shape: t.dims().to_vec(),
+                offset: *at,
+            });
+        }
+        Self::with_offsets(entries, len)
+    }
+
     /// Entries at the given offsets (which may leave gaps, as an engine's scratch regions do);
     /// `len` is the buffer's length.
     pub fn with_offsets(entries: Vec<ParamEntry>, len: usize) -> Result<Self> {

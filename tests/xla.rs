@@ -706,6 +706,28 @@ fn unet_step_matches_the_fused_engine() {
     }
 }
 
+/// A diffusion step's sums on rows `rows` of `batch` from its own parameters, and its gradient
+/// by parameter name (the engines lay their buffers out differently).
+fn sums_and_named_grads(
+    mut step: Box<dyn TrainStep<Batch = elbo::engine::DenoiseBatch> + '_>,
+    batch: &elbo::engine::DenoiseBatch,
+    rows: std::ops::Range<usize>,
+) -> (Vec<f64>, std::collections::HashMap<String, Vec<f32>>) {
+    let params = step.read_params().unwrap();
+    let mut grads = vec![0f32; params.len()];
+    let sums = step
+        .loss_and_grads(&params, batch, rows, &mut grads)
+        .unwrap();
+    let named = step
+        .table()
+        .tensors(&grads, "", &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    (sums, named)
+}
+
 /// The learned-variance losses on XLA (the forward pass on the device, the head's closed-form
 /// dL/dy on the host, the vector-Jacobian product on the device) against the fused engine:
 /// L_hybrid, and L_vlb with importance weights; the sums (loss, mean L_t, each L_t) and every
@@ -766,20 +788,8 @@ fn learned_variance_step_matches_the_fused_engine() {
         }
         let run = |engine: Engine| {
             let head = Some(LearnedHead::new(&p, loss).unwrap());
-            let (mut step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), head).unwrap();
-            let params = step.read_params().unwrap();
-            let mut grads = vec![0f32; params.len()];
-            let sums = step
-                .loss_and_grads(&params, &batch, 0..5, &mut grads)
-                .unwrap();
-            let named: std::collections::HashMap<String, Vec<f32>> = step
-                .table()
-                .tensors(&grads, "", &dev)
-                .unwrap()
-                .into_iter()
-                .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-                .collect();
-            (sums, named)
+            let (step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), head).unwrap();
+            sums_and_named_grads(step, &batch, 0..5)
         };
         let (fs, fg) = run(Engine::Fused);
         let (xs, xg) = run(Engine::Xla);
@@ -863,20 +873,8 @@ fn continuous_time_step_matches_the_fused_engine() {
         }),
     };
     let run = |engine: Engine, rows: std::ops::Range<usize>| {
-        let (mut step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
-        let params = step.read_params().unwrap();
-        let mut grads = vec![0f32; params.len()];
-        let sums = step
-            .loss_and_grads(&params, &batch, rows, &mut grads)
-            .unwrap();
-        let named: std::collections::HashMap<String, Vec<f32>> = step
-            .table()
-            .tensors(&grads, "", &dev)
-            .unwrap()
-            .into_iter()
-            .map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect();
-        (sums, named)
+        let (step, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
+        sums_and_named_grads(step, &batch, rows)
     };
     for rows in [0..b, 1..2] {
         let (fs, fg) = run(Engine::Fused, rows.clone());

@@ -219,13 +219,7 @@ pub fn vae_step<'a>(
         if !self::xla::vae::supports(vae) {
             bail!("--engine xla: takes --likelihood bernoulli, and no --residual, for now");
         }
-        let runtime = self::xla::runtime().context("--engine xla")?;
-        let name = format!(
-            "XLA through PJRT ({}, API {}.{}) (--engine)",
-            runtime.platform(),
-            runtime.api_version().0,
-            runtime.api_version().1
-        );
+        let (runtime, name) = xla_runtime()?;
         let mut x = self::xla::vae::XlaVae::from_vae(vae, runtime)?;
         x.set_objective(objective.objective);
         x.set_kl_estimator(objective.kl);
@@ -242,6 +236,17 @@ pub fn vae_step<'a>(
     }
     let step = candle_vae_step(vae, vae.params().to_vec(), objective, vae.config.input_dim);
     Ok((Box::new(step), name))
+}
+
+/// The XLA engine's runtime (`--engine xla`) and its description.
+fn xla_runtime() -> Result<(std::sync::Arc<self::xla::Runtime>, String)> {
+    let runtime = self::xla::runtime().context("--engine xla")?;
+    let (major, minor) = runtime.api_version();
+    let name = format!(
+        "XLA through PJRT ({}, API {major}.{minor}) (--engine)",
+        runtime.platform()
+    );
+    Ok((runtime, name))
 }
 
 /// candle's training step for any latent variable model of `d` values per example whose
@@ -480,13 +485,7 @@ pub fn denoiser_step<'a>(
         let Net::Unet(u) = net else {
             bail!("--engine xla: takes the U-Net (the toys' MLP trains on candle)");
         };
-        let runtime = self::xla::runtime().context("--engine xla")?;
-        let name = format!(
-            "XLA through PJRT ({}, API {}.{}) (--engine)",
-            runtime.platform(),
-            runtime.api_version().0,
-            runtime.api_version().1
-        );
+        let (runtime, name) = xla_runtime()?;
         let step = self::xla::unet::XlaUnetStep::new(u, &vars, head, runtime)?;
         return Ok((Box::new(step), name));
     }

@@ -15,9 +15,8 @@
 //!
 //! The engine is checked against candle's autodiff of the same network in `tests/diffusion.rs`.
 
-use candle_core::{DType, Result, Tensor, TensorId, Var, bail};
+use candle_core::{DType, Result, Tensor, Var, bail};
 use candle_nn::Linear;
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -37,7 +36,7 @@ use crate::nn::planar::norm::{NormP, NormTape};
 use crate::nn::planar::residual::{ResP, ResTape};
 use crate::nn::planar::upsample::{upsample, upsample_backward};
 use crate::nn::planar::{BlockScratch, sized, zeroed};
-use crate::optim::{ParamEntry, ParamTable};
+use crate::optim::ParamTable;
 
 /// One stage of the body (see [`crate::diffusion::nets::Stage`]), with its parameters' places.
 #[derive(Debug, Clone)]
@@ -1194,22 +1193,7 @@ impl FusedUnet {
     /// The layout of the network's parameters at the start of the engine's buffer (the order
     /// the engine visits them), named after `vars`, the network's variables.
     pub fn table(&self, vars: &[(String, Var)]) -> anyhow::Result<ParamTable> {
-        let names: HashMap<TensorId, &str> = vars
-            .iter()
-            .map(|(n, v)| (v.as_tensor().id(), n.as_str()))
-            .collect();
-        let mut entries = Vec::with_capacity(self.tensors.len());
-        for (t, at) in &self.tensors {
-            let Some(name) = names.get(&t.id()) else {
-                anyhow::bail!("fused U-Net: a parameter of the network is not among its variables");
-            };
-            entries.push(ParamEntry {
-                name: name.to_string(),
-                shape: t.dims().to_vec(),
-                offset: *at,
-            });
-        }
-        ParamTable::with_offsets(entries, self.num_params())
+        ParamTable::of_tensors(&self.tensors, vars, self.num_params(), "fused U-Net")
     }
 
     /// Takes the parameters from a buffer of [`FusedUnet::table`]'s layout.

@@ -450,22 +450,7 @@ impl FusedVae {
         if let Some((_, conv_entries)) = ConvStack::new(&vae.config, mlp_len) {
             entries.extend(conv_entries);
         }
-        let entries = entries
-            .into_iter()
-            .map(|(name, offset, shape)| ParamEntry {
-                name,
-                shape,
-                offset,
-            })
-            .collect();
-        let table = ParamTable::with_offsets(entries, model.len)?;
-        let named: std::collections::HashMap<String, Tensor> = vae
-            .params()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let mut params = vec![0f32; model.len];
-        table.read(&named, "", "the VAE", &mut params)?;
+        let (table, params) = flat_params(vae, entries, model.len)?;
         Ok(Self {
             grads: vec![0f32; model.len],
             model,
@@ -880,6 +865,32 @@ const MIN_THREADED_ROWS: usize = 256;
 
 /// Examples per slice below which a batch is not cut (the hand-off costs more).
 const MIN_SLICE_EXAMPLES: usize = 16;
+
+/// The table of the `state_dict` entries `(name, offset, shape)` of a buffer of `len` values,
+/// and `vae`'s parameters read into such a buffer.
+pub(crate) fn flat_params(
+    vae: &Vae,
+    entries: Entries,
+    len: usize,
+) -> Result<(ParamTable, Vec<f32>)> {
+    let entries = entries
+        .into_iter()
+        .map(|(name, offset, shape)| ParamEntry {
+            name,
+            shape,
+            offset,
+        })
+        .collect();
+    let table = ParamTable::with_offsets(entries, len)?;
+    let named: std::collections::HashMap<String, Tensor> = vae
+        .params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let mut params = vec![0f32; len];
+    table.read(&named, "", "the VAE", &mut params)?;
+    Ok((table, params))
+}
 
 /// Copies the noise of examples `from..to` out of the batch's `[K, B, L]` per layer.
 pub(crate) fn gather_noise(

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Result, bail, ensure};
-use candle_core::{DType, Tensor, TensorId, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
@@ -28,7 +28,7 @@ use crate::engine::{DenoiseBatch, Resident, TrainStep};
 use crate::nn::modules::conv::Conv2d;
 use crate::nn::modules::group_norm::GroupNorm;
 use crate::optim::AdamScalars;
-use crate::optim::{ParamEntry, ParamTable};
+use crate::optim::ParamTable;
 
 /// The network's tensors as they are read, each given its place in one flat buffer; and, in
 /// training, the dropout masks of the residual blocks as inputs, in the blocks' order.
@@ -574,22 +574,7 @@ impl XlaUnetStep {
         runtime: Arc<Runtime>,
     ) -> Result<Self> {
         let unet = XlaUnet::new(net, runtime)?;
-        let names: HashMap<TensorId, &str> = vars
-            .iter()
-            .map(|(n, v)| (v.as_tensor().id(), n.as_str()))
-            .collect();
-        let mut entries = Vec::with_capacity(unet.tensors.len());
-        for (t, at) in &unet.tensors {
-            let Some(name) = names.get(&t.id()) else {
-                bail!("XLA U-Net: a parameter of the network is not among its variables");
-            };
-            entries.push(ParamEntry {
-                name: name.to_string(),
-                shape: t.dims().to_vec(),
-                offset: *at,
-            });
-        }
-        let table = ParamTable::with_offsets(entries, unet.len)?;
+        let table = ParamTable::of_tensors(&unet.tensors, vars, unet.len, "XLA U-Net")?;
         if head.is_some() && unet.out_channels != 2 * net.conv_in.parts().0.dim(1)? {
             bail!("--engine xla: learned variances need a network of 2C output channels");
         }
@@ -619,13 +604,7 @@ impl XlaUnetStep {
             // Outputs: the updated parameters, m, v and EMA (over their inputs), the loss.
             // Inputs after the simple loss's: m, v, Adam's scalars, the EMA, its decay.
             Kind::Resident => {
-                let g = &mut t.graph;
-                let target = g.input(&[n, c, h, w]);
-                let inv_total = g.input(&[]);
-                let d = g.sub(t.out, target)?;
-                let d2 = g.mul(d, d)?;
-                let sse = g.sum_all(d2)?;
-                let loss = g.mul(sse, inv_total)?;
+                let loss = simple_loss(&mut t.graph, t.out)?;
                 let grad = t.weights_grad(loss)?;
                 let g = &mut t.graph;
                 let flat = g.inputs()[0];
@@ -662,13 +641,7 @@ impl XlaUnetStep {
                 vec![loss, grad, sse, t.out, dx[0], dx[1]]
             }
             Kind::Simple => {
-                let g = &mut t.graph;
-                let target = g.input(&[n, c, h, w]);
-                let inv_total = g.input(&[]);
-                let d = g.sub(t.out, target)?;
-                let d2 = g.mul(d, d)?;
-                let sse = g.sum_all(d2)?;
-                let loss = g.mul(sse, inv_total)?;
+                let loss = simple_loss(&mut t.graph, t.out)?;
                 vec![loss, t.weights_grad(loss)?]
             }
             Kind::Forward => vec![t.out],
@@ -830,6 +803,18 @@ impl XlaUnetStep {
         let refs: Vec<&Buffer> = inputs.iter().collect();
         self.compiled[&key].0.run(&refs)
     }
+}
+
+/// The simple loss of the output `out`: appends the inputs `target` (its shape) and `1/N`, and
+/// returns `sum (out - target)^2 / N`.
+fn simple_loss(g: &mut Graph, out: T) -> Result<T> {
+    let shape = g.shape(out).to_vec();
+    let target = g.input(&shape);
+    let inv_total = g.input(&[]);
+    let d = g.sub(out, target)?;
+    let d2 = g.mul(d, d)?;
+    let sse = g.sum_all(d2)?;
+    g.mul(sse, inv_total)
 }
 
 /// Rows `rows` of a batch's tensor, as f32 values on the host.

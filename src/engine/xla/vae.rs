@@ -27,16 +27,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{Result, bail, ensure};
-use candle_core::Tensor;
 
 use super::graph::{Conv, Graph, T};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::distributions::Noise;
-use crate::engine::vae::{VaeBatch, gather_noise};
+use crate::engine::vae::{VaeBatch, flat_params, gather_noise};
 use crate::engine::{Resident, TrainStep};
 use crate::nn::activation::Activation;
 use crate::nn::mlp::MlpShape;
-use crate::optim::{AdamScalars, ParamEntry, ParamTable};
+use crate::optim::{AdamScalars, ParamTable};
 use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
 use crate::vae::objective::{KlEstimator, Objective};
@@ -560,22 +559,7 @@ impl XlaVae {
         let layout = Layout::new(&vae.config)?;
         let mut entries = vae.config.flat_entries();
         entries.extend(layout.conv_entries.iter().cloned());
-        let entries = entries
-            .into_iter()
-            .map(|(name, offset, shape)| ParamEntry {
-                name,
-                shape,
-                offset,
-            })
-            .collect();
-        let table = ParamTable::with_offsets(entries, layout.len)?;
-        let named: HashMap<String, Tensor> = vae
-            .params()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        let mut params = vec![0f32; layout.len];
-        table.read(&named, "", "the VAE", &mut params)?;
+        let (table, params) = flat_params(vae, entries, layout.len)?;
         Ok(Self {
             layout,
             table,
