@@ -255,15 +255,23 @@ const STREAM_PICTURES: u64 = 3;
 /// Burda et al. 2015 for test and validation sets). Chunk j of 500 examples draws its noise
 /// from `derive_seed(seed, 5, j)`; with several ranks ([`crate::collective`]) each evaluates its
 /// share of the chunks and the sums are added over the ranks, so N ranks report what one
-/// process reports.
+/// process reports. With `engine` `xla` the passes run on the XLA engine (the model's own
+/// training engine), else on the fused engine where it applies.
 pub fn evaluate_elbo(
     vae: &Vae,
     data: &Dataset,
     pixels: PixelMode,
     mc_samples: usize,
     seed: u64,
+    engine: Engine,
 ) -> Result<Terms> {
     let frozen = vae.frozen()?;
+    let engine = if engine == Engine::Xla {
+        Engine::Xla
+    } else {
+        Engine::Auto
+    };
+    let mut estimator = crate::engine::LikelihoodEstimator::new(&frozen, engine)?;
     let mut pixel_rng = StdRng::seed_from_u64(0); // a fixed binarization of the test set
     let layers = vae.config.layers();
     // [reconstruction, KL of each layer], summed over examples and then over ranks.
@@ -281,8 +289,7 @@ pub fn evaluate_elbo(
         let mut noise = Noise::new(derive_seed(seed, 5, j as u64));
         // The K-sample ELBO's parts are those of the log p(x) estimate's pass (the same noise
         // as `elbo_terms`), on the fused engine where it applies.
-        let est =
-            crate::engine::estimate_log_likelihood(&frozen, &x, mc_samples, 1 << 20, &mut noise)?;
+        let est = estimator.estimate(&x, mc_samples, 1 << 20, &mut noise)?;
         sums[0] -= est.reconstruction.iter().sum::<f64>();
         for (sum, layer) in sums[1..].iter_mut().zip(&est.kl_layers) {
             *sum += layer.iter().sum::<f64>();
@@ -563,7 +570,14 @@ impl super::Family for VaeTraining<'_> {
         self.evaluated = epoch.is_multiple_of(config.eval_every.max(1)) || epoch == config.epochs;
         let evaluate = |data: &Dataset| -> Result<Terms> {
             let seed = derive_seed(config.seed, STREAM_TEST, 0);
-            evaluate_elbo(self.vae, data, config.pixels, config.mc_samples, seed)
+            evaluate_elbo(
+                self.vae,
+                data,
+                config.pixels,
+                config.mc_samples,
+                seed,
+                config.engine,
+            )
         };
         let test = self.evaluated.then(|| evaluate(self.test)).transpose()?;
         let valid = match self.valid {
