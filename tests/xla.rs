@@ -706,6 +706,25 @@ fn unet_step_matches_the_fused_engine() {
     }
 }
 
+/// A two-level U-Net of 1 x 8 x 8 images with attention at the lower level and dropout 0.1;
+/// `out_channels` 2 for learned variances (0: the default).
+fn small_unet(out_channels: usize) -> elbo::diffusion::nets::NetConfig {
+    elbo::diffusion::nets::NetConfig::Unet {
+        base: 8,
+        channel_mult: vec![1, 2],
+        groups: 4,
+        attention: true,
+        in_channels: 1,
+        res_blocks: Some(1),
+        attention_levels: vec![1],
+        dropout: 0.1,
+        options: elbo::diffusion::nets::UnetOptions {
+            out_channels,
+            ..Default::default()
+        },
+    }
+}
+
 /// A diffusion step's sums on rows `rows` of `batch` from its own parameters, and its gradient
 /// by parameter name (the engines lay their buffers out differently).
 fn sums_and_named_grads(
@@ -735,27 +754,14 @@ fn sums_and_named_grads(
 #[test]
 fn learned_variance_step_matches_the_fused_engine() {
     use elbo::diffusion::learned::{LearnedHead, TrainLoss};
-    use elbo::diffusion::nets::{Net, NetConfig, UnetOptions, sorted_vars};
+    use elbo::diffusion::nets::{Net, sorted_vars};
     use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
     use elbo::engine::{DenoiseBatch, Engine, denoiser_step};
     if rt().is_none() {
         return;
     }
     let dev = Device::Cpu;
-    let cfg = NetConfig::Unet {
-        base: 8,
-        channel_mult: vec![1, 2],
-        groups: 4,
-        attention: true,
-        in_channels: 1,
-        res_blocks: Some(1),
-        attention_levels: vec![1],
-        dropout: 0.1,
-        options: UnetOptions {
-            out_channels: 2,
-            ..Default::default()
-        },
-    };
+    let cfg = small_unet(2);
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
     let mut p = GaussianDiffusion::new(
         Schedule::new(BetaSchedule::Cosine, 50).unwrap(),
@@ -907,23 +913,13 @@ fn continuous_time_step_matches_the_fused_engine() {
 /// and the EMA by name.
 #[test]
 fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
-    use elbo::diffusion::nets::{Net, NetConfig, sorted_vars};
+    use elbo::diffusion::nets::{Net, sorted_vars};
     use elbo::engine::{DenoiseBatch, Engine, Resident, denoiser_step};
     if rt().is_none() {
         return;
     }
     let dev = Device::Cpu;
-    let cfg = NetConfig::Unet {
-        base: 8,
-        channel_mult: vec![1, 2],
-        groups: 4,
-        attention: true,
-        in_channels: 1,
-        res_blocks: Some(1),
-        attention_levels: vec![1],
-        dropout: 0.1,
-        options: Default::default(),
-    };
+    let cfg = small_unet(0);
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
     let (mut fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), None).unwrap();
     let (mut xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), None).unwrap();

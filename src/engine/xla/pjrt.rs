@@ -142,7 +142,6 @@ impl Args {
 
 /// The loaded plugin, its client and the device everything runs on.
 pub struct Runtime {
-    api: *const Api,
     calls: Vec<*const c_void>,
     client: *mut c_void,
     device: *mut c_void,
@@ -201,7 +200,6 @@ impl Runtime {
             bail!("{}: the plugin lacks PJRT_{}", path.display(), FUNCTIONS[i]);
         }
         let mut rt = Self {
-            api,
             calls,
             client: null_mut(),
             device: null_mut(),
@@ -376,7 +374,6 @@ impl Drop for Runtime {
                 &mut Args::new(24, &[self.client as usize]),
             );
         }
-        let _ = self.api;
     }
 }
 
