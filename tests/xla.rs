@@ -95,6 +95,49 @@ fn traced_derivative_matches_finite_differences() {
     }
 }
 
+/// erf and erfc on the device (CHLO's, lowered by XLA) against libm's in f64 (erfc to a
+/// relative 1e-5 in its tail, down to erfc(6) = 2e-17), and their traced derivatives +-2/sqrt(pi)
+/// e^{-a^2} against central differences of libm's, from -6 to 6.
+#[test]
+fn traced_erf_and_erfc_match_libm() {
+    use elbo::engine::xla::graph::Unary;
+    let Some(rt) = rt() else { return };
+    let xs: Vec<f32> = (0..49).map(|i| (i as f32 - 24.0) * 0.25).collect();
+    type Exact = fn(f64) -> f64;
+    let cases: [(Unary, Exact); 2] = [(Unary::Erf, libm::erf), (Unary::Erfc, libm::erfc)];
+    for (op, exact) in cases {
+        let mut g = Graph::new();
+        let x = g.input(&[xs.len()]);
+        let y = g.unary(op, x);
+        let s = g.sum_all(y).unwrap();
+        let dx = g.grad(s, &[x]).unwrap()[0];
+        let exe = rt.compile(&g.to_stablehlo(&[y, dx]).unwrap(), 2).unwrap();
+        let bx = rt.upload(&xs, &[xs.len()]).unwrap();
+        let out = exe.run(&[&bx]).unwrap();
+        let (y, dy) = (
+            out[0].to_vec(xs.len()).unwrap(),
+            out[1].to_vec(xs.len()).unwrap(),
+        );
+        for (i, &a) in xs.iter().enumerate() {
+            let a = a as f64;
+            let e = exact(a);
+            let tol = 4e-7f64.max(1e-5 * e.abs());
+            assert!(
+                (y[i] as f64 - e).abs() < tol,
+                "{op:?}({a}) = {} vs {e}",
+                y[i]
+            );
+            let h = 1e-4;
+            let fd = (exact(a + h) - exact(a - h)) / (2.0 * h);
+            assert!(
+                (dy[i] as f64 - fd).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{op:?}'({a}) = {} vs {fd}",
+                dy[i]
+            );
+        }
+    }
+}
+
 /// A VAE with stochastic layers `latents` and hidden widths `hidden`, random weights.
 fn model(hidden: Vec<Vec<usize>>, latents: Vec<usize>, activation: Activation) -> Vae {
     let config = VaeConfig {
@@ -747,8 +790,8 @@ fn sums_and_named_grads(
     (sums, named)
 }
 
-/// The learned-variance losses on XLA (the forward pass on the device, the head's closed-form
-/// dL/dy on the host, the vector-Jacobian product on the device) against the fused engine:
+/// The learned-variance losses on XLA (in the program, f32) against the fused engine (the
+/// head's closed form in f64), with one example at t = 0 (the discretized decoder):
 /// L_hybrid, and L_vlb with importance weights; the sums (loss, mean L_t, each L_t) and every
 /// gradient by name.
 #[test]
@@ -909,20 +952,34 @@ fn continuous_time_step_matches_the_fused_engine() {
 
 /// Three U-Net training steps with the parameters, Adam's moments and the EMA on the device
 /// (one program a step, buffers donated) against the fused engine's gradient, the host's Adam
-/// and the EMA as the diffusion loop keeps it: the losses, then the parameters, both moments
-/// and the EMA by name.
+/// and the EMA as the diffusion loop keeps it: the step's sums (the loss; with learned
+/// variances also each L_t), then the parameters, both moments and the EMA by name. The simple
+/// loss, and L_hybrid with t = 0 (the discretized decoder) in every batch.
 #[test]
 fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
-    use elbo::diffusion::nets::{Net, sorted_vars};
-    use elbo::engine::{DenoiseBatch, Engine, Resident, denoiser_step};
     if rt().is_none() {
         return;
     }
+    resident_unet_steps(None);
+    resident_unet_steps(Some(elbo::diffusion::learned::TrainLoss::Hybrid));
+}
+
+fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
+    use elbo::diffusion::learned::LearnedHead;
+    use elbo::diffusion::nets::{Net, sorted_vars};
+    use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
+    use elbo::engine::{DenoiseBatch, Engine, Resident, denoiser_step};
     let dev = Device::Cpu;
-    let cfg = small_unet(0);
+    let cfg = small_unet(if learned.is_some() { 2 } else { 0 });
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
-    let (mut fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), None).unwrap();
-    let (mut xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), None).unwrap();
+    let mut process = GaussianDiffusion::new(
+        Schedule::new(BetaSchedule::Linear, 1000).unwrap(),
+        Prediction::Eps,
+    );
+    process.variance = Some(VarianceType::LearnedRange);
+    let head = || learned.map(|l| LearnedHead::new(&process, l).unwrap());
+    let (mut fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), head()).unwrap();
+    let (mut xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), head()).unwrap();
     // Adam's epsilon at 1e-3: the key bias of attention has an exactly zero gradient (the
     // softmax ignores a shift of the keys), rounding noise in both engines, which epsilon 1e-8
     // would turn into full steps of random sign.
@@ -951,12 +1008,21 @@ fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
     let mut noise = Noise::new(8);
     let mut grads = vec![0f32; p_host.len()];
     for step in 0..3 {
+        let t = vec![if learned.is_some() { 0 } else { 5 }, 100, 500, 900];
+        let u = noise.rng_uniform((4, 1, 8, 8), &dev).unwrap();
+        let x0 = (u * 255.0)
+            .unwrap()
+            .floor()
+            .unwrap()
+            .affine(1.0 / 127.5, -1.0)
+            .unwrap();
+        let eps = noise.randn((4, 1, 8, 8), &dev).unwrap();
         let batch = DenoiseBatch {
-            xt: noise.randn((4, 1, 8, 8), &dev).unwrap(),
-            t: vec![5, 100, 500, 900],
-            target: noise.randn((4, 1, 8, 8), &dev).unwrap(),
+            xt: process.q_sample(&x0, &t, &eps).unwrap(),
+            t,
+            target: eps,
             dropout_seed: Some(step),
-            x0: None,
+            x0: Some(x0),
             weights: None,
             weighted: None,
         };
@@ -972,12 +1038,13 @@ fn resident_unet_steps_match_the_fused_engine_and_host_adam() {
         let s_dev = xla
             .step_resident(&batch, scalars, Some(decay_at(device.step_count())))
             .unwrap();
-        assert!(
-            (s_dev[0] - s_host[0]).abs() < 1e-4 * s_host[0],
-            "step {step}: loss {} vs {}",
-            s_dev[0],
-            s_host[0]
-        );
+        assert_eq!(s_dev.len(), s_host.len());
+        for (a, b) in s_dev.iter().zip(&s_host) {
+            assert!(
+                (a - b).abs() < 1e-4 * b.abs().max(1e-3),
+                "{learned:?} step {step}: sums {s_dev:?} vs {s_host:?}"
+            );
+        }
     }
     let len = p_dev.len();
     let (mut m_dev, mut v_dev) = (vec![0f32; len], vec![0f32; len]);

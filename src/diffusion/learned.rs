@@ -115,6 +115,26 @@ impl LearnedHead {
         }
     }
 
+    /// The constants of one example's loss at timestep `t` (0-based), for an engine that
+    /// evaluates [`LearnedHead::example`]'s formulas itself (the XLA engine's program): an
+    /// example of `n` values drawn with importance weight `w`, its loss scaled by `scale`.
+    pub fn row_constants(&self, t: usize, n: usize, w: f64, scale: f64) -> RowConstants {
+        let (a, b) = (self.x0_from_xt[t], self.x0_from_out[t]);
+        let (c1, c2) = (self.coef1[t], self.coef2[t]);
+        let hybrid = self.loss == TrainLoss::Hybrid;
+        RowConstants {
+            from_xt: c1 * a + c2,
+            from_out: c1 * b,
+            c1,
+            c2,
+            lo: self.min_log[t],
+            span: self.max_log[t] - self.min_log[t],
+            sse_weight: if hybrid { scale / n as f64 } else { 0.0 },
+            nats_weight: scale * self.vb_weight(w) / (n as f64 * std::f64::consts::LN_2),
+            first: t == 0,
+        }
+    }
+
     /// One example at timestep `t` (0-based): `x0`, `xt`, `target` `[n]` values (the data, its
     /// noisy version, the prediction's regression target), `out` `[2n]` (the prediction, then
     /// v). Writes `scale` dL/d(out) into `dy` `[2n]` and returns `scale` L with
@@ -188,6 +208,27 @@ impl LearnedHead {
             vb_nats: vb,
         }
     }
+}
+
+/// One example's loss as [`LearnedHead::example`] computes it, in constants of its timestep:
+///
+/// ```text
+/// mu  = from_xt x_t + from_out out_pred      (mu = c1 x_0_hat + c2 x_t)
+/// mu~ = c1 x_0 + c2 x_t,   lv = lo + span (v + 1) / 2
+/// L   = sse_weight sum (out_pred - target)^2 + nats_weight L_t  (L_t in nats: the KL, or at
+///       t = 0, `first`, the discretized decoder's -log p(x_0 | x_1))
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowConstants {
+    pub from_xt: f64,
+    pub from_out: f64,
+    pub c1: f64,
+    pub c2: f64,
+    pub lo: f64,
+    pub span: f64,
+    pub sse_weight: f64,
+    pub nats_weight: f64,
+    pub first: bool,
 }
 
 /// -log p(x | mean, lv) of the discretized Gaussian decoder (Ho et al. 2020, eq. 13; the

@@ -31,6 +31,11 @@ pub enum Unary {
     Sqrt,
     Sin,
     Cos,
+    /// erf(a) = 2/sqrt(pi) int_0^a e^{-s^2} ds (CHLO's `erf`, which XLA lowers to its
+    /// polynomial; f32 error within a few ulps).
+    Erf,
+    /// erfc(a) = 1 - erf(a), without the cancellation in the tail (CHLO's `erfc`).
+    Erfc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,6 +616,22 @@ impl Graph {
                             let ns = self.neg(s);
                             self.mul(g, ns)?
                         }
+                        // d erf(a) = 2/sqrt(pi) e^{-a^2}
+                        Unary::Erf => {
+                            let sq = self.mul(a, a)?;
+                            let e = self.neg(sq);
+                            let e = self.exp(e);
+                            let d = self.scale(e, std::f32::consts::FRAC_2_SQRT_PI)?;
+                            self.mul(g, d)?
+                        }
+                        // d erfc(a) = -2/sqrt(pi) e^{-a^2}
+                        Unary::Erfc => {
+                            let sq = self.mul(a, a)?;
+                            let e = self.neg(sq);
+                            let e = self.exp(e);
+                            let d = self.scale(e, -std::f32::consts::FRAC_2_SQRT_PI)?;
+                            self.mul(g, d)?
+                        }
                         // d sqrt(a) = 1 / (2 sqrt(a))
                         Unary::Sqrt => {
                             let t = self.div(g, out)?;
@@ -933,8 +954,14 @@ impl Graph {
                         Unary::Sqrt => "sqrt",
                         Unary::Sin => "sine",
                         Unary::Cos => "cosine",
+                        Unary::Erf => "erf",
+                        Unary::Erfc => "erfc",
                     };
-                    format!("{v} = stablehlo.{op} {} : {out_ty}", name(*a))
+                    if matches!(u, Unary::Erf | Unary::Erfc) {
+                        format!("{v} = chlo.{op} {} : {out_ty} -> {out_ty}", name(*a))
+                    } else {
+                        format!("{v} = stablehlo.{op} {} : {out_ty}", name(*a))
+                    }
                 }
                 Op::Binary(b, x, y) => {
                     let op = match b {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail, ensure};
 use candle_core::{DType, Tensor, Var};
 
-use super::graph::{Conv, Graph, T};
+use super::graph::{Conv, Graph, T, Unary};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
@@ -523,18 +523,16 @@ impl XlaUnet {
     }
 }
 
-/// Which program of the training step: the simple loss and its gradient; the training forward
-/// pass (dropout on); or the vector-Jacobian product of that pass with a given dL/dy.
+/// Which program of the training step: the loss (simple, or the learned variances' with the
+/// step's head) and its gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Simple,
-    Forward,
-    Vjp,
     /// Continuous time: `sum_b (w_b / B) ||f(x_t, c)_b - target_b||^2` with the time values in
     /// the program, and the derivatives in `x_t` and `c` beside the parameters'.
     Weighted,
-    /// The simple loss, then Adam's update of the resident parameters and moments and the EMA
-    /// of the updated parameters, their buffers donated: one program a step.
+    /// The loss, then Adam's update of the resident parameters and moments and the EMA of the
+    /// updated parameters, their buffers donated: one program a step.
     Resident,
 }
 
@@ -545,9 +543,10 @@ type StepKey = (usize, usize, usize, usize, bool, Kind);
 ///
 /// - the simple loss `sum (f(x_t, t) - target)^2 / N` over the global batch's N values (eps,
 ///   x_0 or v prediction alike), one program;
-/// - learned variances (`--loss hybrid|vlb`): the forward pass on the device, the head's
-///   closed-form dL/dy of each example on the host ([`crate::engine::LearnedValues`], as the
-///   other engines compute it), then the vector-Jacobian product on the device.
+/// - learned variances (`--loss hybrid|vlb`): the head's loss ([`learned_loss`]) in the
+///   program too, from each example's constants ([`LearnedHead::row_constants`]);
+/// - either one, resident: the loss, Adam and the EMA in one program;
+/// - continuous time: the weighted loss with the derivatives the schedule's gradient needs.
 ///
 /// Dropout masks are drawn on the host as the other engines draw them
 /// ([`crate::nn::dropout::fill_mask`]) and uploaded. The loop's Adam updates the parameters
@@ -604,7 +603,7 @@ impl XlaUnetStep {
             // Outputs: the updated parameters, m, v and EMA (over their inputs), the loss.
             // Inputs after the simple loss's: m, v, Adam's scalars, the EMA, its decay.
             Kind::Resident => {
-                let loss = simple_loss(&mut t.graph, t.out)?;
+                let (loss, vb) = self.step_loss(&mut t)?;
                 let grad = t.weights_grad(loss)?;
                 let g = &mut t.graph;
                 let flat = g.inputs()[0];
@@ -620,7 +619,9 @@ impl XlaUnetStep {
                 let e2 = g.add(keep, add)?;
                 let inputs = g.inputs().len();
                 donated = vec![(0, 0), (inputs - 5, 1), (inputs - 4, 2), (inputs - 2, 3)];
-                vec![p2, m2, v2, e2, loss]
+                let mut outputs = vec![p2, m2, v2, e2, loss];
+                outputs.extend(vb);
+                outputs
             }
             // Outputs: the loss, the parameters' gradient, each example's SSE, the output, and
             // the loss's derivatives in x_t and c.
@@ -641,24 +642,93 @@ impl XlaUnetStep {
                 vec![loss, grad, sse, t.out, dx[0], dx[1]]
             }
             Kind::Simple => {
-                let loss = simple_loss(&mut t.graph, t.out)?;
-                vec![loss, t.weights_grad(loss)?]
-            }
-            Kind::Forward => vec![t.out],
-            // sum(y dy) has the gradient dy^T dy/dtheta.
-            Kind::Vjp => {
-                let g = &mut t.graph;
-                let shape = g.shape(t.out).to_vec();
-                let dy = g.input(&shape);
-                let p = g.mul(t.out, dy)?;
-                let surrogate = g.sum_all(p)?;
-                vec![t.weights_grad(surrogate)?]
+                let (loss, vb) = self.step_loss(&mut t)?;
+                let mut outputs = vec![loss, t.weights_grad(loss)?];
+                outputs.extend(vb);
+                outputs
             }
         };
         let text = t.graph.to_stablehlo_donating(&outputs, &donated)?;
         let exe = self.unet.runtime.compile(&text, outputs.len())?;
         self.compiled.insert(key, (exe, t.masks));
         Ok(())
+    }
+
+    /// The step's loss of the traced output: the simple loss, or with a head the learned
+    /// variances' and each example's L_t in nats. Its inputs follow the masks
+    /// ([`XlaUnetStep::loss_inputs`]).
+    fn step_loss(&self, t: &mut Traced) -> Result<(T, Option<T>)> {
+        Ok(match &self.head {
+            None => (simple_loss(&mut t.graph, t.out)?, None),
+            Some(head) => {
+                let hybrid = head.loss() == crate::diffusion::learned::TrainLoss::Hybrid;
+                let (loss, vb) = learned_loss(&mut t.graph, t.out, t.x, hybrid)?;
+                (loss, Some(vb))
+            }
+        })
+    }
+
+    /// The loss's inputs for rows `rows` of `batch`: the target and `1/N` (the simple loss), or
+    /// x_0, the target and the rows' constants `[9, n]` (learned variances, scaled by 1/B of
+    /// the global batch).
+    fn loss_inputs(
+        &self,
+        batch: &DenoiseBatch,
+        rows: &std::ops::Range<usize>,
+    ) -> Result<Vec<Buffer>> {
+        let (_, c, h, w) = batch.xt.dims4()?;
+        ensure!(
+            batch.target.dims4()? == batch.xt.dims4()?,
+            "XLA U-Net: the target and x_t differ in shape"
+        );
+        let rt = &self.unet.runtime;
+        let n = rows.len();
+        let target = rt.upload(&rows_of(&batch.target, rows)?, &[n, c, h, w])?;
+        let Some(head) = &self.head else {
+            ensure!(
+                self.unet.out_channels == c,
+                "XLA U-Net: the simple loss needs a target of the network's output shape"
+            );
+            let inv = 1.0 / batch.xt.elem_count() as f32;
+            return Ok(vec![target, rt.upload(&[inv], &[])?]);
+        };
+        let Some(x0) = &batch.x0 else {
+            bail!("a learned-variance loss needs the batch's x_0");
+        };
+        ensure!(
+            x0.dims4()? == batch.xt.dims4()? && self.unet.out_channels == 2 * c,
+            "XLA U-Net: learned variances need x_0 of x_t's shape and 2C output channels"
+        );
+        let b = batch.t.len();
+        let mut k = vec![0f32; ROW_CONSTANTS * n];
+        for (i, row) in rows.clone().enumerate() {
+            let weight = batch.weights.as_ref().and_then(|w| w.get(row)).copied();
+            let r = head.row_constants(
+                batch.t[row],
+                c * h * w,
+                weight.unwrap_or(1.0),
+                1.0 / b as f64,
+            );
+            let values = [
+                r.from_xt,
+                r.from_out,
+                r.c1,
+                r.c2,
+                r.lo,
+                r.span,
+                r.sse_weight,
+                r.nats_weight,
+                if r.first { 1.0 } else { 0.0 },
+            ];
+            for (j, v) in values.into_iter().enumerate() {
+                k[j * n + i] = v as f32;
+            }
+        }
+        Ok(vec![
+            rt.upload(&rows_of(x0, rows)?, &[n, c, h, w])?,
+            target,
+            rt.upload(&k, &[ROW_CONSTANTS, n])?,
+        ])
     }
 
     /// The inputs every program takes: the weights, rows `rows` of `x_t`, their timestep
@@ -817,6 +887,144 @@ fn simple_loss(g: &mut Graph, out: T) -> Result<T> {
     g.mul(sse, inv_total)
 }
 
+/// The number of each example's constants of the learned-variance loss
+/// ([`crate::diffusion::learned::RowConstants`]).
+const ROW_CONSTANTS: usize = 9;
+
+/// Row `i` of the constants `k` `[9, n]`, `[n]`.
+fn constant_row(g: &mut Graph, k: T, i: usize) -> Result<T> {
+    let n = g.shape(k)[1];
+    let r = g.narrow(k, 0, i, 1)?;
+    g.reshape(r, &[n])
+}
+
+/// The learned-variance loss ([`LearnedHead::example`], Nichol & Dhariwal 2021) of the output
+/// `out` `[n, 2C, H, W]` (the prediction, then v) at the inputs `xt`, in f32. Appends the
+/// inputs x_0 and the target `[n, C, H, W]` and the rows' constants `[9, n]`
+/// ([`crate::diffusion::learned::RowConstants`] in its field order, `first` as 0 or 1), and
+/// returns the loss and each example's L_t in nats `[n]`:
+///
+/// ```text
+/// mu = from_xt x_t + from_out pred   (pred held constant in hybrid)
+/// lv = lo + span (v + 1) / 2,   mu~ = c1 x_0 + c2 x_t
+/// KL = 1/2 (lv - lo - 1 + e^{lo - lv} + (mu~ - mu)^2 e^{-lv})          t > 0
+/// NLL = -log P,  P = Phi(z+) - Phi(z-),  z+- = e^{-lv/2} (x_0 - mu +- 1/255)   t = 0
+/// loss = sum_b sse_weight_b ||pred_b - target_b||^2 + nats_weight_b L_t,b
+/// ```
+///
+/// The decoder (Ho et al. 2020, eq. 13) as the host's [`crate::diffusion::learned::discretized_gaussian_nll_grad`]:
+/// Phi(z) = erfc(-z / sqrt 2) / 2, the edge bins to -inf and +inf, the upper-tail form
+/// Phi(-z-) - Phi(-z+) where z- > 0; P is floored at 1e-30 (the host's f64 at 1e-300).
+fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
+    let shape = g.shape(out).to_vec();
+    let [n, c2, h, w] = shape[..] else {
+        bail!("XLA U-Net: learned variances need images, got {shape:?}");
+    };
+    let c = c2 / 2;
+    let full = [n, c, h, w];
+    let x0 = g.input(&full);
+    let target = g.input(&full);
+    let k = g.input(&[ROW_CONSTANTS, n]);
+    let mut rows = Vec::with_capacity(ROW_CONSTANTS);
+    for i in 0..ROW_CONSTANTS {
+        rows.push(constant_row(g, k, i)?);
+    }
+    let mut wide = Vec::with_capacity(ROW_CONSTANTS);
+    for &r in &rows {
+        wide.push(g.broadcast(r, &[0], &full)?);
+    }
+    let [from_xt, from_out, c1, c2, lo, span, _, _, first] = wide[..] else {
+        bail!("XLA U-Net: {ROW_CONSTANTS} constants per row expected");
+    };
+    let pred = g.narrow(out, 1, 0, c)?;
+    let raw = g.narrow(out, 1, c, c)?;
+    let e = if hybrid { g.stop_gradient(pred) } else { pred };
+    let a = g.mul(from_xt, xt)?;
+    let bterm = g.mul(from_out, e)?;
+    let mu = g.add(a, bterm)?;
+    let frac = g.offset(raw, 1.0)?;
+    let frac = g.scale(frac, 0.5)?;
+    let sf = g.mul(span, frac)?;
+    let lv = g.add(lo, sf)?;
+    let q1 = g.mul(c1, x0)?;
+    let q2 = g.mul(c2, xt)?;
+    let mu_q = g.add(q1, q2)?;
+    // KL(q || p) per value.
+    let d = g.sub(mu_q, mu)?;
+    let d2 = g.mul(d, d)?;
+    let nlv = g.neg(lv);
+    let inv = g.exp(nlv);
+    let lo_lv = g.sub(lo, lv)?;
+    let ratio = g.exp(lo_lv);
+    let quad = g.mul(d2, inv)?;
+    let kl = g.sub(lv, lo)?;
+    let kl = g.add(kl, ratio)?;
+    let kl = g.add(kl, quad)?;
+    let kl = g.offset(kl, -1.0)?;
+    let kl = g.scale(kl, 0.5)?;
+    // The discretized decoder per value.
+    let half = g.scale(nlv, 0.5)?;
+    let inv_std = g.exp(half);
+    let dx = g.sub(x0, mu)?;
+    let up = g.offset(dx, 1.0 / 255.0)?;
+    let down = g.offset(dx, -1.0 / 255.0)?;
+    let z_hi = g.mul(inv_std, up)?;
+    let z_lo = g.mul(inv_std, down)?;
+    let top = g.full_like(0.999, x0);
+    let edge_hi = g.greater(x0, top)?;
+    let bottom = g.full_like(-0.999, x0);
+    let edge_lo = g.greater(bottom, x0)?;
+    let one = g.full_like(1.0, x0);
+    let keep_hi = g.sub(one, edge_hi)?;
+    let keep_lo = g.sub(one, edge_lo)?;
+    let cdf_hi = std_normal_cdf(g, z_hi, 1.0)?;
+    let cdf_lo = std_normal_cdf(g, z_lo, 1.0)?;
+    let tail_hi = std_normal_cdf(g, z_hi, -1.0)?;
+    let tail_lo = std_normal_cdf(g, z_lo, -1.0)?;
+    // P = (Phi(z+) or 1) - (Phi(z-) or 0); upper form (Phi(-z-) or 1) - (Phi(-z+) or 0).
+    let p_hi = g.mul(cdf_hi, keep_hi)?;
+    let p_hi = g.add(p_hi, edge_hi)?;
+    let p_lo = g.mul(cdf_lo, keep_lo)?;
+    let lower = g.sub(p_hi, p_lo)?;
+    let u_lo = g.mul(tail_lo, keep_lo)?;
+    let u_lo = g.add(u_lo, edge_lo)?;
+    let u_hi = g.mul(tail_hi, keep_hi)?;
+    let upper = g.sub(u_lo, u_hi)?;
+    let zero = g.full_like(0.0, x0);
+    let positive = g.greater(z_lo, zero)?;
+    let use_upper = g.mul(positive, keep_lo)?;
+    let diff = g.sub(upper, lower)?;
+    let pick = g.mul(use_upper, diff)?;
+    let p = g.add(lower, pick)?;
+    let floor = g.full_like(1e-30, x0);
+    let p = g.max(p, floor)?;
+    let logp = g.log(p);
+    let nll = g.neg(logp);
+    // L_t per value: the decoder at t = 0, else the KL.
+    let swap = g.sub(nll, kl)?;
+    let swap = g.mul(first, swap)?;
+    let term = g.add(kl, swap)?;
+    let per = g.reshape(term, &[n, c * h * w])?;
+    let vb = g.sum(per, &[1])?;
+    let mut loss = g.mul(rows[7], vb)?;
+    if hybrid {
+        let r = g.sub(pred, target)?;
+        let r2 = g.mul(r, r)?;
+        let per = g.reshape(r2, &[n, c * h * w])?;
+        let sse = g.sum(per, &[1])?;
+        let ws = g.mul(rows[6], sse)?;
+        loss = g.add(loss, ws)?;
+    }
+    Ok((g.sum_all(loss)?, vb))
+}
+
+/// Phi(sign z) = erfc(-sign z / sqrt 2) / 2, the standard normal CDF at `sign z`.
+fn std_normal_cdf(g: &mut Graph, z: T, sign: f32) -> Result<T> {
+    let a = g.scale(z, -sign * std::f32::consts::FRAC_1_SQRT_2)?;
+    let e = g.unary(Unary::Erfc, a);
+    g.scale(e, 0.5)
+}
+
 /// Rows `rows` of a batch's tensor, as f32 values on the host.
 fn rows_of(x: &Tensor, rows: &std::ops::Range<usize>) -> Result<Vec<f32>> {
     Ok(x.narrow(0, rows.start, rows.len())?
@@ -871,44 +1079,25 @@ impl TrainStep for XlaUnetStep {
         if let Some(wr) = &batch.weighted {
             return self.weighted(params, batch, wr, rows, grads, dropout);
         }
-        let Some(head) = &self.head else {
-            ensure!(
-                batch.target.dims() == dims.as_slice() && self.unet.out_channels == c,
-                "XLA U-Net: the simple loss needs a target of the network's output shape"
-            );
-            let key = (n, c, h, w, dropout, Kind::Simple);
-            self.compile(key)?;
-            let rt = &self.unet.runtime;
-            let mut inputs = self.common_inputs(params, batch, &rows, key)?;
-            inputs.push(rt.upload(&rows_of(&batch.target, &rows)?, &[n, c, h, w])?);
-            inputs.push(rt.upload(&[1.0 / batch.xt.elem_count() as f32], &[])?);
-            let out = self.run(key, &inputs)?;
-            out[1].read(grads)?;
-            return Ok(vec![out[0].to_vec(1)?[0] as f64]);
-        };
-        let head = head.clone();
-        let (fwd, vjp) = (
-            (n, c, h, w, dropout, Kind::Forward),
-            (n, c, h, w, dropout, Kind::Vjp),
-        );
-        self.compile(fwd)?;
-        self.compile(vjp)?;
-        let inputs = self.common_inputs(params, batch, &rows, fwd)?;
-        let out = self.run(fwd, &inputs)?;
-        let oc = self.unet.out_channels;
-        let y = out[0].to_vec(n * oc * h * w)?;
-        let values = crate::engine::LearnedValues::new(batch)?;
-        let (loss, vb, dy) = values.rows(&head, rows.clone(), &y)?;
-        let mut inputs = inputs;
-        inputs.push(self.unet.runtime.upload(&dy, &[n, oc, h, w])?);
-        let out = self.run(vjp, &inputs)?;
-        out[0].read(grads)?;
-        Ok(crate::engine::learned_sums(b, rows, loss, &vb))
+        let key = (n, c, h, w, dropout, Kind::Simple);
+        self.compile(key)?;
+        let mut inputs = self.common_inputs(params, batch, &rows, key)?;
+        inputs.extend(self.loss_inputs(batch, &rows)?);
+        let out = self.run(key, &inputs)?;
+        out[1].read(grads)?;
+        let loss = out[0].to_vec(1)?[0] as f64;
+        Ok(match out.get(2) {
+            Some(vb) => {
+                let vb: Vec<f64> = vb.to_vec(n)?.into_iter().map(f64::from).collect();
+                crate::engine::learned_sums(b, rows, loss, &vb)
+            }
+            None => vec![loss],
+        })
     }
 
-    /// The simple loss keeps its parameters, moments and EMA on the device.
+    /// The discrete-time losses keep their parameters, moments and EMA on the device.
     fn resident(&self) -> bool {
-        self.head.is_none()
+        true
     }
 
     fn load_resident(&mut self, state: &Resident<'_>) -> Result<()> {
@@ -944,14 +1133,10 @@ impl TrainStep for XlaUnetStep {
         average_decay: Option<f32>,
     ) -> Result<Vec<f64>> {
         ensure!(
-            batch.weighted.is_none() && self.head.is_none(),
-            "XLA U-Net: a resident step trains on the simple loss"
+            batch.weighted.is_none(),
+            "XLA U-Net: a resident step trains on a discrete-time loss"
         );
         let (b, c, h, w) = batch.xt.dims4()?;
-        ensure!(
-            batch.target.dims4()? == (b, c, h, w) && self.unet.out_channels == c,
-            "XLA U-Net: the simple loss needs a target of the network's output shape"
-        );
         let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
         let key = (b, c, h, w, dropout, Kind::Resident);
         self.compile(key)?;
@@ -972,23 +1157,28 @@ impl TrainStep for XlaUnetStep {
         if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
             inputs.extend(self.masks(seed, &rows, key)?);
         }
-        inputs.push(rt.upload(&rows_of(&batch.target, &rows)?, &[b, c, h, w])?);
-        inputs.push(rt.upload(&[1.0 / batch.xt.elem_count() as f32], &[])?);
+        inputs.extend(self.loss_inputs(batch, &rows)?);
         inputs.push(m);
         inputs.push(v);
         inputs.push(rt.upload(&super::adam_scalars(&adam), &[5])?);
         inputs.push(e);
         inputs.push(rt.upload(&[average_decay.unwrap_or(1.0)], &[])?);
-        let mut out = self.run(key, &inputs)?;
-        let loss = out.pop().map(|l| l.to_vec(1)).transpose()?;
+        let out = self.run(key, &inputs)?;
         let mut it = out.into_iter();
         if let (Some(p), Some(m), Some(v), Some(e)) = (it.next(), it.next(), it.next(), it.next()) {
             self.resident = Some([p, m, v, e]);
         }
-        let Some(loss) = loss else {
+        let Some(loss) = it.next() else {
             bail!("XLA U-Net: the resident step returned no loss");
         };
-        Ok(vec![loss[0] as f64])
+        let loss = loss.to_vec(1)?[0] as f64;
+        Ok(match it.next() {
+            Some(vb) => {
+                let vb: Vec<f64> = vb.to_vec(b)?.into_iter().map(f64::from).collect();
+                crate::engine::learned_sums(b, rows, loss, &vb)
+            }
+            None => vec![loss],
+        })
     }
 
     fn store_resident(&mut self, state: &mut Resident<'_>) -> Result<()> {
