@@ -374,9 +374,49 @@ impl BoundTerms {
     }
 }
 
+/// One sampler step whose update is linear in x_t and the network's prediction y (the first C
+/// channels of its output) but for the clip of x_0_hat:
+///
+/// ```text
+/// x_0_hat = clip(x0_from_x x_t + x0_from_y y)          (clip to [-1, 1] when `clip`)
+/// x'      = from_x0 x_0_hat + from_x x_t + from_y y + sigma z,   z ~ N(0, I)
+/// ```
+///
+/// DDIM's eq. 12 (eps = (x_t / sqrt(abar) - x_0_raw) / sqrt(1/abar - 1), linear too) and DDPM's
+/// ancestral step with a fixed variance (the posterior mean c1 x_0_hat + c2 x_t) both take
+/// this form ([`crate::diffusion::sampler`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinearStep {
+    pub x0_from_x: f64,
+    pub x0_from_y: f64,
+    pub clip: bool,
+    pub from_x0: f64,
+    pub from_x: f64,
+    pub from_y: f64,
+    pub sigma: f64,
+}
+
+/// An engine that keeps a sampler's x_t on its device between steps and runs each
+/// [`LinearStep`], the network and the update, as one program (the XLA engine).
+pub trait StepRunner {
+    /// Starts from `x` `[B, C, H, W]`.
+    fn start(&mut self, x: &Tensor) -> Result<()>;
+    /// One step at the network's time values `t` `[B]`, with the noise `z` (x's shape) where
+    /// sigma > 0.
+    fn step(&mut self, t: &Tensor, step: &LinearStep, z: Option<&Tensor>) -> Result<()>;
+    /// The current x_t, on `like`'s device and dtype.
+    fn finish(&mut self, like: &Tensor) -> Result<Tensor>;
+}
+
 /// A network that maps (x_t, t) to the chosen prediction; `t` is `[B]` f32 timesteps.
 pub trait Denoiser {
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// The engine's own sampler loop, where it has one ([`StepRunner`]); `None`: the sampler
+    /// calls [`Denoiser::forward`] and updates x_t itself.
+    fn step_runner(&self) -> Option<Box<dyn StepRunner + '_>> {
+        None
+    }
 
     /// A forward pass that candle's autodiff differentiates with respect to `xt` (the
     /// probability-flow ODE's divergence): `forward` itself, unless that runs an engine

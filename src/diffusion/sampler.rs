@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::process::{Denoiser, GaussianDiffusion, Prediction, VarianceType};
+use super::process::{Denoiser, GaussianDiffusion, LinearStep, Prediction, VarianceType};
 use crate::distributions::Noise;
 
 /// Which sampler.
@@ -19,7 +19,9 @@ pub enum SamplerKind {
 }
 
 /// DDPM ancestral sampling from `x_T` `[B, ...]` through all T steps:
-/// `x_{t-1} = mu_theta(x_t, t) + sigma_t z`, z ~ N(0, I), no noise at the last step.
+/// `x_{t-1} = mu_theta(x_t, t) + sigma_t z`, z ~ N(0, I), no noise at the last step. With fixed
+/// variances, an engine with a [`Denoiser::step_runner`] runs each step ([`ddpm_step`]) as one
+/// program.
 pub fn ddpm_sample(
     diffusion: &GaussianDiffusion,
     model: &dyn Denoiser,
@@ -30,6 +32,16 @@ pub fn ddpm_sample(
     bar: &ProgressBar,
 ) -> Result<Tensor> {
     let b = x_t.dim(0)?;
+    if let Some(runner) = model.step_runner() {
+        let learned = diffusion.variance.is_some_and(VarianceType::is_learned);
+        if !learned && !matches!(variance, VarianceType::Learned | VarianceType::LearnedRange) {
+            let steps = (0..diffusion.num_timesteps())
+                .rev()
+                .map(|ti| Ok((ti, ddpm_step(diffusion, ti, variance, clip)?)))
+                .collect::<Result<Vec<_>>>()?;
+            return run_linear(diffusion, runner, x_t, &steps, noise, bar);
+        }
+    }
     let mut x = x_t;
     for ti in (0..diffusion.num_timesteps()).rev() {
         let t = vec![ti; b];
@@ -44,6 +56,116 @@ pub fn ddpm_sample(
         bar.inc(1);
     }
     Ok(x)
+}
+
+/// DDPM's step at timestep `ti` with a fixed `variance` as a [`LinearStep`]: x_0_hat from the
+/// prediction, the posterior mean `c1 x_0_hat + c2 x_t`, sigma = e^{lv/2} of
+/// [`GaussianDiffusion::p_mean_log_variance`]'s fixed log-variance (0 at the last step).
+pub fn ddpm_step(
+    diffusion: &GaussianDiffusion,
+    ti: usize,
+    variance: VarianceType,
+    clip: bool,
+) -> Result<LinearStep> {
+    let s = &diffusion.schedule;
+    let (x0_from_x, x0_from_y) = x0_coefficients(diffusion, ti);
+    let lv = match variance {
+        VarianceType::FixedSmall => s.posterior_log_variance_clipped[ti],
+        VarianceType::FixedLarge if ti == 0 => s.posterior_variance[1].ln(),
+        VarianceType::FixedLarge => s.betas[ti].ln(),
+        _ => anyhow::bail!("{variance:?} variances are not a linear step"),
+    };
+    Ok(LinearStep {
+        x0_from_x,
+        x0_from_y,
+        clip,
+        from_x0: s.posterior_mean_coef1[ti],
+        from_x: s.posterior_mean_coef2[ti],
+        from_y: 0.0,
+        sigma: if ti > 0 { (0.5 * lv).exp() } else { 0.0 },
+    })
+}
+
+/// x_0_hat = a x_t + b y at timestep `ti` ([`GaussianDiffusion::predict_x0`]'s coefficients).
+fn x0_coefficients(diffusion: &GaussianDiffusion, ti: usize) -> (f64, f64) {
+    let s = &diffusion.schedule;
+    match diffusion.prediction {
+        Prediction::Eps => (
+            s.sqrt_recip_alphas_cumprod[ti],
+            -s.sqrt_recipm1_alphas_cumprod[ti],
+        ),
+        Prediction::X0 => (0.0, 1.0),
+        Prediction::V => (
+            s.sqrt_alphas_cumprod[ti],
+            -s.sqrt_one_minus_alphas_cumprod[ti],
+        ),
+    }
+}
+
+/// DDIM's step from timestep `ti` to `ti - k` (`eta`, [`ddim_sample`]) as a [`LinearStep`]:
+/// x' = sqrt(abar_prev) x_0_hat + dir eps + sigma z with eps = y (eps prediction) or
+/// `(x_t / sqrt(abar) - x_0_raw) / sqrt(1/abar - 1)`, x_0_raw unclipped.
+pub fn ddim_step(
+    diffusion: &GaussianDiffusion,
+    ti: usize,
+    k: usize,
+    eta: f64,
+    clip: bool,
+) -> LinearStep {
+    let s = &diffusion.schedule;
+    let (ax, ay) = x0_coefficients(diffusion, ti);
+    let (ex, ey) = match diffusion.prediction {
+        Prediction::Eps => (0.0, 1.0),
+        _ => {
+            let (r, rm) = (
+                s.sqrt_recip_alphas_cumprod[ti],
+                s.sqrt_recipm1_alphas_cumprod[ti],
+            );
+            ((r - ax) / rm, -ay / rm)
+        }
+    };
+    let abar_t = s.alphas_cumprod[ti];
+    let abar_prev = if ti >= k {
+        s.alphas_cumprod[ti - k]
+    } else {
+        1.0
+    };
+    let sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)).sqrt();
+    let dir = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
+    LinearStep {
+        x0_from_x: ax,
+        x0_from_y: ay,
+        clip,
+        from_x0: abar_prev.sqrt(),
+        from_x: dir * ex,
+        from_y: dir * ey,
+        sigma,
+    }
+}
+
+/// `steps` (at timesteps T-1 down, one per entry) on the engine's runner, the noise drawn on
+/// the host in the order the host's loop draws it.
+fn run_linear(
+    diffusion: &GaussianDiffusion,
+    mut runner: Box<dyn super::process::StepRunner + '_>,
+    x_t: Tensor,
+    steps: &[(usize, LinearStep)],
+    noise: &mut Noise,
+    bar: &ProgressBar,
+) -> Result<Tensor> {
+    let b = x_t.dim(0)?;
+    runner.start(&x_t)?;
+    for (ti, step) in steps {
+        let t = diffusion.model_t(&vec![*ti; b], x_t.device())?;
+        let z = if step.sigma > 0.0 {
+            Some(noise.randn(x_t.shape(), x_t.device())?)
+        } else {
+            None
+        };
+        runner.step(&t, step, z.as_ref())?;
+        bar.inc(1);
+    }
+    runner.finish(&x_t)
 }
 
 /// The DDIM timesteps for `steps` of T, "leading" spacing as diffusers: `[(steps-1)k, ..., k, 0]`
@@ -62,7 +184,8 @@ pub fn ddim_timesteps(num_train_timesteps: usize, steps: usize) -> Vec<usize> {
 /// ```
 ///
 /// with abar_prev = 1 after the last step (diffusers' `set_alpha_to_one`). eta = 0 is
-/// deterministic; eta = 1 with all T steps is DDPM with fixed-small variance.
+/// deterministic; eta = 1 with all T steps is DDPM with fixed-small variance. An engine with a
+/// [`Denoiser::step_runner`] runs each step ([`ddim_step`]) as one program.
 #[allow(clippy::too_many_arguments)]
 pub fn ddim_sample(
     diffusion: &GaussianDiffusion,
@@ -78,6 +201,13 @@ pub fn ddim_sample(
     let b = x_t.dim(0)?;
     let timesteps = ddim_timesteps(s.len(), steps);
     let k = s.len() / timesteps.len();
+    if let Some(runner) = model.step_runner() {
+        let steps: Vec<_> = timesteps
+            .iter()
+            .map(|&ti| (ti, ddim_step(diffusion, ti, k, eta, clip)))
+            .collect();
+        return run_linear(diffusion, runner, x_t, &steps, noise, bar);
+    }
     let mut x = x_t;
     for &ti in &timesteps {
         let t = vec![ti; b];

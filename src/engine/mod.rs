@@ -745,7 +745,46 @@ impl FrozenNet {
     }
 }
 
+/// The XLA engine's sampler loop: x_t stays on the device, one program a step.
+struct XlaRunner<'a> {
+    unet: std::sync::MutexGuard<'a, self::xla::unet::XlaUnet>,
+    state: Option<(self::xla::pjrt::Buffer, (usize, usize, usize, usize))>,
+}
+
+impl crate::diffusion::process::StepRunner for XlaRunner<'_> {
+    fn start(&mut self, x: &Tensor) -> Result<()> {
+        self.state = Some((self.unet.upload_state(x)?, x.dims4()?));
+        Ok(())
+    }
+
+    fn step(
+        &mut self,
+        t: &Tensor,
+        step: &crate::diffusion::process::LinearStep,
+        z: Option<&Tensor>,
+    ) -> Result<()> {
+        let Some((x, dims)) = self.state.take() else {
+            bail!("XLA sampler: a step before the start");
+        };
+        self.state = Some((self.unet.linear_step(x, dims, t, step, z)?, dims));
+        Ok(())
+    }
+
+    fn finish(&mut self, like: &Tensor) -> Result<Tensor> {
+        let Some((x, dims)) = &self.state else {
+            bail!("XLA sampler: no state to read");
+        };
+        self.unet.read_state(x, *dims, like)
+    }
+}
+
 impl Denoiser for FrozenNet {
+    /// On XLA, the samplers' steps run on the device ([`XlaRunner`]).
+    fn step_runner(&self) -> Option<Box<dyn crate::diffusion::process::StepRunner + '_>> {
+        let unet = self.xla.as_ref()?.lock().ok()?;
+        Some(Box::new(XlaRunner { unet, state: None }))
+    }
+
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(xla) = &self.xla {
             let mut xla = xla

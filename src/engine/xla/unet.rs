@@ -24,6 +24,7 @@ use super::graph::{Conv, Graph, T, Unary};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
+use crate::diffusion::process::LinearStep;
 use crate::engine::{DenoiseBatch, Resident, TrainStep};
 use crate::nn::modules::conv::Conv2d;
 use crate::nn::modules::group_norm::GroupNorm;
@@ -394,6 +395,8 @@ pub struct XlaUnet {
     compiled: HashMap<(usize, usize, usize, usize), Executable>,
     /// The vector-Jacobian programs, per (B, C, H, W, cotangents).
     vjps: HashMap<(usize, usize, usize, usize, usize), Executable>,
+    /// The sampler's step programs, per (B, C, H, W, clip, noise).
+    steps: HashMap<(usize, usize, usize, usize, bool, bool), Executable>,
 }
 
 impl XlaUnet {
@@ -423,6 +426,7 @@ impl XlaUnet {
             runtime,
             compiled: HashMap::new(),
             vjps: HashMap::new(),
+            steps: HashMap::new(),
         })
     }
 
@@ -491,6 +495,124 @@ impl XlaUnet {
             .map(|o| back(o, (b, c, h, w)))
             .collect::<Result<_>>()?;
         Ok((y, vjps))
+    }
+
+    /// Uploads `x` `[B, C, H, W]`: a sampler's state ([`XlaUnet::linear_step`]).
+    pub fn upload_state(&self, x: &Tensor) -> Result<Buffer> {
+        let dims = x.dims4()?;
+        let v = x
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        self.runtime.upload(&v, &[dims.0, dims.1, dims.2, dims.3])
+    }
+
+    /// One sampler step ([`LinearStep`]) of the state `x` `[B, C, H, W]` (donated: the result
+    /// takes its memory) at the network's time values `t` `[B]`, with the noise `z` where
+    /// sigma is positive: the network's forward pass, the prediction's first C channels and the
+    /// update, one program per (shape, clip, noise).
+    pub fn linear_step(
+        &mut self,
+        x: Buffer,
+        dims: (usize, usize, usize, usize),
+        t: &Tensor,
+        step: &LinearStep,
+        z: Option<&Tensor>,
+    ) -> Result<Buffer> {
+        let (b, c, h, w) = dims;
+        let oc = self.out_channels;
+        ensure!(
+            oc == c || oc == 2 * c,
+            "XLA U-Net: {oc} output channels for {c} input channels"
+        );
+        let noise = z.is_some();
+        let key = (b, c, h, w, step.clip, noise);
+        if !self.steps.contains_key(&key) {
+            let mut values = vec![0f32; self.len];
+            let mut tr = trace(&self.net, b, (c, h, w), &mut values, false)?;
+            let g = &mut tr.graph;
+            let full = [b, c, h, w];
+            let coefs = g.input(&[6]);
+            let mut k = Vec::with_capacity(6);
+            for i in 0..6 {
+                let v = g.slice(coefs, i, 1)?;
+                let v = g.reshape(v, &[])?;
+                k.push(g.broadcast(v, &[], &full)?);
+            }
+            let x = tr.x;
+            let y = if oc == c {
+                tr.out
+            } else {
+                g.narrow(tr.out, 1, 0, c)?
+            };
+            let ax = g.mul(k[0], x)?;
+            let ay = g.mul(k[1], y)?;
+            let mut x0 = g.add(ax, ay)?;
+            if step.clip {
+                // min(max(x0, -1), 1) = -max(-max(x0, -1), -1)
+                let lo = g.full_like(-1.0, x0);
+                let m = g.max(x0, lo)?;
+                let n = g.neg(m);
+                let m = g.max(n, lo)?;
+                x0 = g.neg(m);
+            }
+            let a = g.mul(k[2], x0)?;
+            let bx = g.mul(k[3], x)?;
+            let by = g.mul(k[4], y)?;
+            let mut next = g.add(a, bx)?;
+            next = g.add(next, by)?;
+            if noise {
+                let z = g.input(&full);
+                let sz = g.mul(k[5], z)?;
+                next = g.add(next, sz)?;
+            }
+            let text = g.to_stablehlo_donating(&[next], &[(1, 0)])?;
+            self.steps.insert(key, self.runtime.compile(&text, 1)?);
+        }
+        let cpu = candle_core::Device::Cpu;
+        let t = t.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let emb = timestep_embedding_with(&t, self.base, &self.options)?;
+        let emb = emb.flatten_all()?.to_vec1::<f32>()?;
+        let coefs = [
+            step.x0_from_x,
+            step.x0_from_y,
+            step.from_x0,
+            step.from_x,
+            step.from_y,
+            step.sigma,
+        ]
+        .map(|v| v as f32);
+        let mut inputs = vec![
+            x,
+            self.runtime.upload(&emb, &[b, self.base])?,
+            self.runtime.upload(&coefs, &[6])?,
+        ];
+        if let Some(z) = z {
+            ensure!(
+                z.dims4()? == dims,
+                "XLA U-Net: the noise is not x_t's shape"
+            );
+            inputs.push(self.upload_state(z)?);
+        }
+        let mut refs: Vec<&Buffer> = vec![&self.weights];
+        refs.extend(inputs.iter());
+        let mut out = self.steps[&key].run(&refs)?;
+        out.pop()
+            .ok_or_else(|| anyhow::anyhow!("XLA U-Net: the sampler step returned nothing"))
+    }
+
+    /// The state `x` `[B, C, H, W]` read back, on `like`'s device and dtype.
+    pub fn read_state(
+        &self,
+        x: &Buffer,
+        dims: (usize, usize, usize, usize),
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        let v = x.to_vec(dims.0 * dims.1 * dims.2 * dims.3)?;
+        Ok(Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?
+            .to_device(like.device())?
+            .to_dtype(like.dtype())?)
     }
 
     /// `eps_hat(x_t, t)` for `x_t` `[B, C, H, W]` and `t` `[B]` (any float tensors on any
