@@ -1134,9 +1134,9 @@ fn device_dropout_masks_equal_the_hosts() {
 /// The samplers on XLA, each step one program with x_t kept on the device, against the fused
 /// engine's network and the host's update (`ddim_sample`, `ddpm_sample`): DDIM with eta 0,
 /// clipped and not, and eta 1 (the noise drawn on the host in the host loop's order); DDPM with
-/// fixed-small and fixed-large variances; for eps, x_0 and v prediction, and a 2C-output
-/// network (DDIM on XLA; its learned-variance DDPM stays on the host's loop). The images agree
-/// to 1e-4.
+/// fixed-small and fixed-large variances; for eps, x_0 and v prediction; and 2C-output networks
+/// whose DDPM draws with their learned variances (learned-range, and the log-variance itself).
+/// The images agree to 1e-4.
 #[test]
 fn sampler_steps_match_the_fused_engine() {
     use elbo::diffusion::nets::{Net, sorted_vars};
@@ -1161,17 +1161,16 @@ fn sampler_steps_match_the_fused_engine() {
         net
     };
     let cases = [
-        (0, Prediction::Eps),
-        (0, Prediction::X0),
-        (0, Prediction::V),
-        (2, Prediction::Eps),
+        (0, Prediction::Eps, None),
+        (0, Prediction::X0, None),
+        (0, Prediction::V, None),
+        (2, Prediction::Eps, Some(VarianceType::LearnedRange)),
+        (2, Prediction::V, Some(VarianceType::Learned)),
     ];
-    for (out_channels, prediction) in cases {
+    for (out_channels, prediction, variance) in cases {
         let mut process =
             GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 40).unwrap(), prediction);
-        if out_channels == 2 {
-            process.variance = Some(VarianceType::LearnedRange);
-        }
+        process.variance = variance;
         let fused = FrozenNet::with_engine(build(out_channels), Engine::Fused).unwrap();
         let xla = FrozenNet::with_engine(build(out_channels), Engine::Xla).unwrap();
         assert!(xla.step_runner().is_some() && fused.step_runner().is_none());

@@ -33,8 +33,13 @@ pub fn ddpm_sample(
 ) -> Result<Tensor> {
     let b = x_t.dim(0)?;
     if let Some(runner) = model.step_runner() {
-        let learned = diffusion.variance.is_some_and(VarianceType::is_learned);
-        if !learned && !matches!(variance, VarianceType::Learned | VarianceType::LearnedRange) {
+        // The variance p_mean_log_variance takes: the network's own where it learns one.
+        let variance = match diffusion.variance {
+            Some(own) if own.is_learned() => Some(own),
+            _ if variance.is_learned() => None,
+            _ => Some(variance),
+        };
+        if let Some(variance) = variance {
             let steps = (0..diffusion.num_timesteps())
                 .rev()
                 .map(|ti| Ok((ti, ddpm_step(diffusion, ti, variance, clip)?)))
@@ -58,9 +63,10 @@ pub fn ddpm_sample(
     Ok(x)
 }
 
-/// DDPM's step at timestep `ti` with a fixed `variance` as a [`LinearStep`]: x_0_hat from the
-/// prediction, the posterior mean `c1 x_0_hat + c2 x_t`, sigma = e^{lv/2} of
-/// [`GaussianDiffusion::p_mean_log_variance`]'s fixed log-variance (0 at the last step).
+/// DDPM's step at timestep `ti` as a [`LinearStep`]: x_0_hat from the prediction, the
+/// posterior mean `c1 x_0_hat + c2 x_t`, sigma = e^{lv/2} of
+/// [`GaussianDiffusion::p_mean_log_variance`]'s log-variance (fixed, or learned: its bounds),
+/// no noise at the last step.
 pub fn ddpm_step(
     diffusion: &GaussianDiffusion,
     ti: usize,
@@ -69,11 +75,15 @@ pub fn ddpm_step(
 ) -> Result<LinearStep> {
     let s = &diffusion.schedule;
     let (x0_from_x, x0_from_y) = x0_coefficients(diffusion, ti);
-    let lv = match variance {
-        VarianceType::FixedSmall => s.posterior_log_variance_clipped[ti],
-        VarianceType::FixedLarge if ti == 0 => s.posterior_variance[1].ln(),
-        VarianceType::FixedLarge => s.betas[ti].ln(),
-        _ => anyhow::bail!("{variance:?} variances are not a linear step"),
+    let (lv, log_variance) = match variance {
+        VarianceType::FixedSmall => (s.posterior_log_variance_clipped[ti], None),
+        VarianceType::FixedLarge if ti == 0 => (s.posterior_variance[1].ln(), None),
+        VarianceType::FixedLarge => (s.betas[ti].ln(), None),
+        VarianceType::Learned => (0.0, Some((-1.0, 2.0))),
+        VarianceType::LearnedRange => {
+            let lo = s.posterior_log_variance_clipped[ti];
+            (0.0, Some((lo, s.betas[ti].ln() - lo)))
+        }
     };
     Ok(LinearStep {
         x0_from_x,
@@ -83,6 +93,7 @@ pub fn ddpm_step(
         from_x: s.posterior_mean_coef2[ti],
         from_y: 0.0,
         sigma: if ti > 0 { (0.5 * lv).exp() } else { 0.0 },
+        log_variance: log_variance.filter(|_| ti > 0),
     })
 }
 
@@ -140,6 +151,7 @@ pub fn ddim_step(
         from_x: dir * ex,
         from_y: dir * ey,
         sigma,
+        log_variance: None,
     }
 }
 
@@ -157,7 +169,7 @@ fn run_linear(
     runner.start(&x_t)?;
     for (ti, step) in steps {
         let t = diffusion.model_t(&vec![*ti; b], x_t.device())?;
-        let z = if step.sigma > 0.0 {
+        let z = if step.sigma > 0.0 || step.log_variance.is_some() {
             Some(noise.randn(x_t.shape(), x_t.device())?)
         } else {
             None

@@ -395,8 +395,8 @@ pub struct XlaUnet {
     compiled: HashMap<(usize, usize, usize, usize), Executable>,
     /// The vector-Jacobian programs, per (B, C, H, W, cotangents).
     vjps: HashMap<(usize, usize, usize, usize, usize), Executable>,
-    /// The sampler's step programs, per (B, C, H, W, clip, noise).
-    steps: HashMap<(usize, usize, usize, usize, bool, bool), Executable>,
+    /// The sampler's step programs, per (B, C, H, W, clip, noise, learned variances).
+    steps: HashMap<(usize, usize, usize, usize, bool, bool, bool), Executable>,
 }
 
 impl XlaUnet {
@@ -510,8 +510,8 @@ impl XlaUnet {
 
     /// One sampler step ([`LinearStep`]) of the state `x` `[B, C, H, W]` (donated: the result
     /// takes its memory) at the network's time values `t` `[B]`, with the noise `z` where
-    /// sigma is positive: the network's forward pass, the prediction's first C channels and the
-    /// update, one program per (shape, clip, noise).
+    /// sigma is positive or learned: the network's forward pass, the prediction's first C
+    /// channels and the update, one program per (shape, clip, noise, learned variances).
     pub fn linear_step(
         &mut self,
         x: Buffer,
@@ -527,15 +527,20 @@ impl XlaUnet {
             "XLA U-Net: {oc} output channels for {c} input channels"
         );
         let noise = z.is_some();
-        let key = (b, c, h, w, step.clip, noise);
+        let learned = step.log_variance.is_some();
+        ensure!(
+            !learned || (noise && oc == 2 * c),
+            "XLA U-Net: a learned variance needs the noise and 2C output channels"
+        );
+        let key = (b, c, h, w, step.clip, noise, learned);
         if !self.steps.contains_key(&key) {
             let mut values = vec![0f32; self.len];
             let mut tr = trace(&self.net, b, (c, h, w), &mut values, false)?;
             let g = &mut tr.graph;
             let full = [b, c, h, w];
-            let coefs = g.input(&[6]);
-            let mut k = Vec::with_capacity(6);
-            for i in 0..6 {
+            let coefs = g.input(&[8]);
+            let mut k = Vec::with_capacity(8);
+            for i in 0..8 {
                 let v = g.slice(coefs, i, 1)?;
                 let v = g.reshape(v, &[])?;
                 k.push(g.broadcast(v, &[], &full)?);
@@ -564,7 +569,19 @@ impl XlaUnet {
             next = g.add(next, by)?;
             if noise {
                 let z = g.input(&full);
-                let sz = g.mul(k[5], z)?;
+                // sigma, or e^{lv/2} with lv = lo + span (v + 1) / 2.
+                let sigma = if learned {
+                    let v = g.narrow(tr.out, 1, c, c)?;
+                    let frac = g.offset(v, 1.0)?;
+                    let frac = g.scale(frac, 0.5)?;
+                    let sf = g.mul(k[7], frac)?;
+                    let lv = g.add(k[6], sf)?;
+                    let half = g.scale(lv, 0.5)?;
+                    g.exp(half)
+                } else {
+                    k[5]
+                };
+                let sz = g.mul(sigma, z)?;
                 next = g.add(next, sz)?;
             }
             let text = g.to_stablehlo_donating(&[next], &[(1, 0)])?;
@@ -574,6 +591,7 @@ impl XlaUnet {
         let t = t.to_device(&cpu)?.to_dtype(DType::F32)?;
         let emb = timestep_embedding_with(&t, self.base, &self.options)?;
         let emb = emb.flatten_all()?.to_vec1::<f32>()?;
+        let (lo, span) = step.log_variance.unwrap_or((0.0, 0.0));
         let coefs = [
             step.x0_from_x,
             step.x0_from_y,
@@ -581,12 +599,14 @@ impl XlaUnet {
             step.from_x,
             step.from_y,
             step.sigma,
+            lo,
+            span,
         ]
         .map(|v| v as f32);
         let mut inputs = vec![
             x,
             self.runtime.upload(&emb, &[b, self.base])?,
-            self.runtime.upload(&coefs, &[6])?,
+            self.runtime.upload(&coefs, &[8])?,
         ];
         if let Some(z) = z {
             ensure!(
