@@ -381,6 +381,10 @@ fn attention(g: &mut Graph, w: &mut Weights, a: &Attention, x: T) -> Result<T> {
 }
 
 /// The U-Net's forward pass on XLA: one program per batch size, the weights resident.
+/// A sampler step's program: B, C, H, W, whether it clips x_0_hat, draws noise, and learns the
+/// variance.
+type SamplerKey = (usize, usize, usize, usize, bool, bool, bool);
+
 pub struct XlaUnet {
     runtime: Arc<Runtime>,
     base: usize,
@@ -395,8 +399,8 @@ pub struct XlaUnet {
     compiled: HashMap<(usize, usize, usize, usize), Executable>,
     /// The vector-Jacobian programs, per (B, C, H, W, cotangents).
     vjps: HashMap<(usize, usize, usize, usize, usize), Executable>,
-    /// The sampler's step programs, per (B, C, H, W, clip, noise, learned variances).
-    steps: HashMap<(usize, usize, usize, usize, bool, bool, bool), Executable>,
+    /// The sampler's step programs.
+    steps: HashMap<SamplerKey, Executable>,
 }
 
 impl XlaUnet {
