@@ -380,11 +380,11 @@ fn attention(g: &mut Graph, w: &mut Weights, a: &Attention, x: T) -> Result<T> {
     g.add(x, p)
 }
 
-/// The U-Net's forward pass on XLA: one program per batch size, the weights resident.
 /// A sampler step's program: B, C, H, W, whether it clips x_0_hat, draws noise, and learns the
 /// variance.
 type SamplerKey = (usize, usize, usize, usize, bool, bool, bool);
 
+/// The U-Net's forward pass on XLA: one program per batch size, the weights resident.
 pub struct XlaUnet {
     runtime: Arc<Runtime>,
     base: usize,
