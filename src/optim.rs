@@ -378,6 +378,28 @@ pub struct AdamScalars {
     pub eps: f32,
 }
 
+/// One Adam update of a piece of the parameters with the scalars of [`Adam::advance`] (the
+/// host's share of a step whose other parameters are updated elsewhere). Slices of one length.
+pub fn adam_apply(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    c: AdamScalars,
+) -> Result<()> {
+    if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
+        bail!(
+            "Adam: {} parameters, {} gradients and moments of {} and {}",
+            p.len(),
+            g.len(),
+            m.len(),
+            v.len()
+        );
+    }
+    adam_kernel(p, g, m, v, c);
+    Ok(())
+}
+
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= (lr/bc1) m / (sqrt(v/bc2) + eps)`.
 #[multiversion::multiversion(targets = "simd")]
 fn adam_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: AdamScalars) {

@@ -968,7 +968,7 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
     use elbo::diffusion::learned::LearnedHead;
     use elbo::diffusion::nets::{Net, sorted_vars};
     use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
-    use elbo::engine::{DenoiseBatch, Engine, Resident, denoiser_step};
+    use elbo::engine::{DenoiseBatch, Engine, denoiser_step};
     let dev = Device::Cpu;
     let cfg = small_unet(if learned.is_some() { 2 } else { 0 });
     let (net, varmap) = Net::trainable(&cfg, &mut Noise::new(0), &dev).unwrap();
@@ -978,11 +978,52 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
     );
     process.variance = Some(VarianceType::LearnedRange);
     let head = || learned.map(|l| LearnedHead::new(&process, l).unwrap());
-    let (mut fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), head()).unwrap();
-    let (mut xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), head()).unwrap();
-    // Adam's epsilon at 1e-3: the key bias of attention has an exactly zero gradient (the
-    // softmax ignores a shift of the keys), rounding noise in both engines, which epsilon 1e-8
-    // would turn into full steps of random sign.
+    let (fused, _) = denoiser_step(Engine::Fused, &net, sorted_vars(&varmap), head()).unwrap();
+    let (xla, _) = denoiser_step(Engine::Xla, &net, sorted_vars(&varmap), head()).unwrap();
+    let mut noise = Noise::new(8);
+    let batches = (0..3)
+        .map(|step| {
+            let t = vec![if learned.is_some() { 0 } else { 5 }, 100, 500, 900];
+            let x0 = grid_images(&mut noise, (4, 1, 8, 8));
+            let eps = noise.randn((4, 1, 8, 8), &dev).unwrap();
+            DenoiseBatch {
+                xt: process.q_sample(&x0, &t, &eps).unwrap(),
+                t,
+                target: eps,
+                dropout_seed: Some(step),
+                x0: Some(x0),
+                weights: None,
+                weighted: None,
+            }
+        })
+        .collect();
+    compare_resident(fused, xla, batches, &format!("{learned:?}"));
+}
+
+/// Images of 8-bit levels in [-1, 1], uniform.
+fn grid_images(noise: &mut Noise, shape: (usize, usize, usize, usize)) -> candle_core::Tensor {
+    let u = noise.rng_uniform(shape, &Device::Cpu).unwrap();
+    (u * 255.0)
+        .unwrap()
+        .floor()
+        .unwrap()
+        .affine(1.0 / 127.5, -1.0)
+        .unwrap()
+}
+
+/// Resident steps of `xla` on `batches` against `fused`'s gradient with the host's Adam and
+/// the diffusion loop's EMA: every step's sums, then every parameter, both moments and the
+/// EMA by name. Adam's epsilon is 1e-3: the key bias of attention has an exactly zero gradient
+/// (the softmax ignores a shift of the keys), rounding noise in both engines, which epsilon
+/// 1e-8 would turn into full steps of random sign.
+fn compare_resident<B>(
+    mut fused: Box<dyn TrainStep<Batch = B> + '_>,
+    mut xla: Box<dyn TrainStep<Batch = B> + '_>,
+    batches: Vec<B>,
+    case: &str,
+) {
+    use elbo::engine::Resident;
+    assert!(xla.resident(), "{case}: the XLA step is not resident");
     let config = AdamConfig {
         eps: 1e-3,
         ..AdamConfig::with_lr(3e-3)
@@ -1005,29 +1046,11 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
         };
         xla.load_resident(&state).unwrap();
     }
-    let mut noise = Noise::new(8);
     let mut grads = vec![0f32; p_host.len()];
-    for step in 0..3 {
-        let t = vec![if learned.is_some() { 0 } else { 5 }, 100, 500, 900];
-        let u = noise.rng_uniform((4, 1, 8, 8), &dev).unwrap();
-        let x0 = (u * 255.0)
-            .unwrap()
-            .floor()
-            .unwrap()
-            .affine(1.0 / 127.5, -1.0)
-            .unwrap();
-        let eps = noise.randn((4, 1, 8, 8), &dev).unwrap();
-        let batch = DenoiseBatch {
-            xt: process.q_sample(&x0, &t, &eps).unwrap(),
-            t,
-            target: eps,
-            dropout_seed: Some(step),
-            x0: Some(x0),
-            weights: None,
-            weighted: None,
-        };
+    for (step, batch) in batches.iter().enumerate() {
+        let rows = 0..4;
         let s_host = fused
-            .loss_and_grads(&p_host, &batch, 0..4, &mut grads)
+            .loss_and_grads(&p_host, batch, rows, &mut grads)
             .unwrap();
         host.step(&mut p_host, &grads, 1).unwrap();
         let d = decay_at(host.step_count());
@@ -1036,13 +1059,14 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
         }
         let scalars = device.advance();
         let s_dev = xla
-            .step_resident(&batch, scalars, Some(decay_at(device.step_count())))
+            .step_resident(batch, scalars, Some(decay_at(device.step_count())))
             .unwrap();
         assert_eq!(s_dev.len(), s_host.len());
+        let big = s_host.iter().fold(0f64, |m, v| m.max(v.abs()));
         for (a, b) in s_dev.iter().zip(&s_host) {
             assert!(
-                (a - b).abs() < 1e-4 * b.abs().max(1e-3),
-                "{learned:?} step {step}: sums {s_dev:?} vs {s_host:?}"
+                (a - b).abs() < 1e-4 * b.abs().max(1e-3 * big),
+                "{case} step {step}: sums {s_dev:?} vs {s_host:?}"
             );
         }
     }
@@ -1068,14 +1092,15 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
         let (rf, rx) = (e.offset..e.offset + n, x.offset..x.offset + n);
         let worst =
             |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let size = p_host[rf.clone()].iter().fold(1f32, |m, v| m.max(v.abs()));
         assert!(
-            worst(&p_dev[rx.clone()], &p_host[rf.clone()]) < 5e-5,
-            "{}: parameters",
+            worst(&p_dev[rx.clone()], &p_host[rf.clone()]) < 5e-5 * size,
+            "{case} {}: parameters",
             e.name
         );
         assert!(
-            worst(&ema_dev[rx.clone()], &ema_host[rf.clone()]) < 5e-5,
-            "{}: EMA",
+            worst(&ema_dev[rx.clone()], &ema_host[rf.clone()]) < 5e-5 * size,
+            "{case} {}: EMA",
             e.name
         );
         let scale = m_host[rf.clone()]
@@ -1083,7 +1108,7 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
             .fold(1e-12f32, |m, v| m.max(v.abs()));
         assert!(
             worst(&m_dev[rx.clone()], &m_host[rf.clone()]) < 1e-3 * scale.max(1e-6),
-            "{}: first moments",
+            "{case} {}: first moments",
             e.name
         );
         let scale = v_host[rf.clone()]
@@ -1091,8 +1116,62 @@ fn resident_unet_steps(learned: Option<elbo::diffusion::learned::TrainLoss>) {
             .fold(1e-12f32, |m, v| m.max(v.abs()));
         assert!(
             worst(&v_dev[rx], &v_host[rf]) < 1e-2 * scale.max(1e-9),
-            "{}: second moments",
+            "{case} {}: second moments",
             e.name
+        );
+    }
+}
+
+/// Three continuous-time (VDM) steps resident against the fused engine and the host's Adam:
+/// the network's parameters, moments and EMA on the device, the learned schedule's on the host,
+/// its gradient through the device's derivatives in x_t and the time values; eps and v
+/// prediction. The sums (bound, its three terms, each weighted SSE), then every parameter,
+/// the schedule's included.
+#[test]
+fn resident_continuous_steps_match_the_fused_engine_and_host_adam() {
+    use elbo::diffusion::Prediction;
+    use elbo::diffusion::nets::{Net, sorted_vars};
+    use elbo::diffusion::vdm::{ContinuousTime, GammaKind};
+    use elbo::engine::vdm::{ContinuousStep, DiffusionBatch, continuous_batch};
+    use elbo::engine::{Engine, denoiser_step};
+    if rt().is_none() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (net, varmap) = Net::trainable(&small_unet(0), &mut Noise::new(0), &dev).unwrap();
+    let spec = ContinuousTime {
+        gamma: GammaKind::Learned,
+        ..Default::default()
+    };
+    let mut normal = Noise::new(2);
+    let gp: Vec<f32> = spec
+        .initial_params(|| {
+            let mut z = [0f32];
+            normal.fill_randn(&mut z);
+            z[0] as f64
+        })
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    for prediction in [Prediction::Eps, Prediction::V] {
+        let step = |engine: Engine| -> Box<dyn TrainStep<Batch = DiffusionBatch> + '_> {
+            let (inner, _) = denoiser_step(engine, &net, sorted_vars(&varmap), None).unwrap();
+            Box::new(ContinuousStep::new(inner, spec.clone(), prediction, gp.clone()).unwrap())
+        };
+        let mut noise = Noise::new(9);
+        let batches = (0..3)
+            .map(|i| {
+                let x = grid_images(&mut noise, (4, 1, 8, 8));
+                let u = 0.1 + 0.3 * i as f64;
+                let b = continuous_batch(x, u, Some(i), &mut noise, &dev).unwrap();
+                DiffusionBatch::Continuous(b)
+            })
+            .collect();
+        compare_resident(
+            step(Engine::Fused),
+            step(Engine::Xla),
+            batches,
+            &format!("continuous {prediction:?}"),
         );
     }
 }

@@ -124,6 +124,28 @@ pub struct ContinuousStep<'a> {
     at: usize,
     /// The schedule's parameters at the start (read_params).
     gamma_params: Vec<f32>,
+    /// A resident step's schedule: its parameters, Adam's moments and EMA on the host, while
+    /// the network's stay on the inner step's device.
+    host: Option<HostSchedule>,
+}
+
+/// The learned schedule's share of a resident step's state ([`ContinuousStep`]).
+struct HostSchedule {
+    params: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    average: Option<Vec<f32>>,
+}
+
+/// A continuous batch made ready for the network's step: the inner step's batch and what
+/// the schedule's gradient reads after it.
+struct Prepared {
+    gamma: Gamma,
+    inner: DenoiseBatch,
+    weights: Vec<f64>,
+    levels: Vec<usize>,
+    f: Vec<f64>,
+    n: usize,
 }
 
 impl<'a> ContinuousStep<'a> {
@@ -165,35 +187,13 @@ impl<'a> ContinuousStep<'a> {
             table,
             at,
             gamma_params,
+            host: None,
         })
     }
-}
 
-impl TrainStep for ContinuousStep<'_> {
-    type Batch = DiffusionBatch;
-
-    fn table(&self) -> &ParamTable {
-        &self.table
-    }
-
-    fn read_params(&self) -> Result<Vec<f32>> {
-        let mut p = self.inner.read_params()?;
-        p.extend_from_slice(&self.gamma_params);
-        Ok(p)
-    }
-
-    fn loss_and_grads(
-        &mut self,
-        params: &[f32],
-        batch: &DiffusionBatch,
-        rows: Range<usize>,
-        grads: &mut [f32],
-    ) -> Result<Vec<f64>> {
-        let DiffusionBatch::Continuous(batch) = batch else {
-            bail!("a continuous-time step was given discrete timesteps");
-        };
-        let at = self.at;
-        let gp: Vec<f64> = params[at..].iter().map(|&v| v as f64).collect();
+    /// The network's batch of `batch` under the schedule of parameters `gp`.
+    fn prepare(&self, gp: &[f32], batch: &ContinuousBatch) -> Result<Prepared> {
+        let gp: Vec<f64> = gp.iter().map(|&v| v as f64).collect();
         let gamma = self.spec.schedule(&gp)?;
         let learned = matches!(gamma, Gamma::Learned(_));
         let b = batch.t.len();
@@ -272,10 +272,37 @@ impl TrainStep for ContinuousStep<'_> {
                 },
             }),
         };
-        let (net_grads, schedule_grads) = grads.split_at_mut(at);
-        let sums =
-            self.inner
-                .loss_and_grads(&params[..at], &inner_batch, rows.clone(), net_grads)?;
+        Ok(Prepared {
+            gamma,
+            inner: inner_batch,
+            weights,
+            levels,
+            f,
+            n,
+        })
+    }
+
+    /// The step's sums from the network's `sums` on rows `rows` (`[loss, diffusion term,
+    /// reconstruction, prior, each row's weighted SSE]`), the schedule's gradient in
+    /// `schedule_grads`.
+    fn finish(
+        &self,
+        prepared: &Prepared,
+        batch: &ContinuousBatch,
+        sums: &[f64],
+        rows: Range<usize>,
+        schedule_grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        let Prepared {
+            gamma,
+            weights,
+            levels,
+            f,
+            n,
+            ..
+        } = prepared;
+        let (gamma, weights, levels, f, n) = (gamma, weights, levels, f, *n);
+        let b = batch.t.len();
         let diffusion = sums[0];
         let (g0, g1) = gamma.endpoints();
         let scale = 1.0 / b.max(1) as f64;
@@ -349,6 +376,39 @@ impl TrainStep for ContinuousStep<'_> {
         }));
         Ok(out)
     }
+}
+
+impl TrainStep for ContinuousStep<'_> {
+    type Batch = DiffusionBatch;
+
+    fn table(&self) -> &ParamTable {
+        &self.table
+    }
+
+    fn read_params(&self) -> Result<Vec<f32>> {
+        let mut p = self.inner.read_params()?;
+        p.extend_from_slice(&self.gamma_params);
+        Ok(p)
+    }
+
+    fn loss_and_grads(
+        &mut self,
+        params: &[f32],
+        batch: &DiffusionBatch,
+        rows: Range<usize>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f64>> {
+        let DiffusionBatch::Continuous(batch) = batch else {
+            bail!("a continuous-time step was given discrete timesteps");
+        };
+        let at = self.at;
+        let prepared = self.prepare(&params[at..], batch)?;
+        let (net_grads, schedule_grads) = grads.split_at_mut(at);
+        let sums =
+            self.inner
+                .loss_and_grads(&params[..at], &prepared.inner, rows.clone(), net_grads)?;
+        self.finish(&prepared, batch, &sums, rows, schedule_grads)
+    }
 
     fn updated(&mut self, params: &[f32]) -> Result<()> {
         self.inner.updated(&params[..self.at])
@@ -356,6 +416,103 @@ impl TrainStep for ContinuousStep<'_> {
 
     fn update_threads(&self) -> usize {
         self.inner.update_threads()
+    }
+
+    /// Resident where the network's step is: the network's parameters, moments and EMA stay
+    /// on its device, the learned schedule's (a few values) on the host.
+    fn resident(&self) -> bool {
+        self.inner.resident()
+    }
+
+    fn load_resident(&mut self, state: &crate::engine::Resident<'_>) -> Result<()> {
+        let at = self.at;
+        let len = self.table.len();
+        let sizes = [state.params.len(), state.m.len(), state.v.len()];
+        if sizes.iter().any(|&n| n != len) || state.average.as_ref().is_some_and(|a| a.len() != len)
+        {
+            bail!("the continuous-time step: resident buffers for {len} parameters expected");
+        }
+        let mut average = state.average.as_ref().map(|a| a[..at].to_vec());
+        self.inner.load_resident(&crate::engine::Resident {
+            params: &mut state.params[..at].to_vec(),
+            m: &mut state.m[..at].to_vec(),
+            v: &mut state.v[..at].to_vec(),
+            average: average.as_deref_mut(),
+        })?;
+        self.host = Some(HostSchedule {
+            params: state.params[at..].to_vec(),
+            m: state.m[at..].to_vec(),
+            v: state.v[at..].to_vec(),
+            average: state.average.as_ref().map(|a| a[at..].to_vec()),
+        });
+        Ok(())
+    }
+
+    /// The network's step and update on its device; the schedule's gradient, Adam update and
+    /// EMA here, with the same scalars.
+    fn step_resident(
+        &mut self,
+        batch: &DiffusionBatch,
+        adam: crate::optim::AdamScalars,
+        average_decay: Option<f32>,
+    ) -> Result<Vec<f64>> {
+        let DiffusionBatch::Continuous(batch) = batch else {
+            bail!("a continuous-time step was given discrete timesteps");
+        };
+        let Some(mut host) = self.host.take() else {
+            bail!("the continuous-time step: step_resident before load_resident");
+        };
+        let prepared = self.prepare(&host.params, batch)?;
+        let sums = self
+            .inner
+            .step_resident(&prepared.inner, adam, average_decay)?;
+        let mut grads = vec![0f32; host.params.len()];
+        let b = batch.t.len();
+        let out = self.finish(&prepared, batch, &sums, 0..b, &mut grads)?;
+        crate::optim::adam_apply(&mut host.params, &grads, &mut host.m, &mut host.v, adam)?;
+        if let (Some(average), Some(d)) = (host.average.as_mut(), average_decay) {
+            for (e, &p) in average.iter_mut().zip(&host.params) {
+                *e = *e * d + p * (1.0 - d);
+            }
+        }
+        self.host = Some(host);
+        Ok(out)
+    }
+
+    fn store_resident(&mut self, state: &mut crate::engine::Resident<'_>) -> Result<()> {
+        let at = self.at;
+        let Some(host) = &self.host else {
+            bail!("the continuous-time step: store_resident before load_resident");
+        };
+        let len = self.table.len();
+        let sizes = [state.params.len(), state.m.len(), state.v.len()];
+        if sizes.iter().any(|&n| n != len) || state.average.as_ref().is_some_and(|a| a.len() != len)
+        {
+            bail!("the continuous-time step: resident buffers for {len} parameters expected");
+        }
+        let (p, p_host) = state.params.split_at_mut(at);
+        let (m, m_host) = state.m.split_at_mut(at);
+        let (v, v_host) = state.v.split_at_mut(at);
+        let (average, average_host) = match state.average.as_deref_mut() {
+            Some(a) => {
+                let (a, b) = a.split_at_mut(at);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        self.inner.store_resident(&mut crate::engine::Resident {
+            params: p,
+            m,
+            v,
+            average,
+        })?;
+        p_host.copy_from_slice(&host.params);
+        m_host.copy_from_slice(&host.m);
+        v_host.copy_from_slice(&host.v);
+        if let (Some(a), Some(h)) = (average_host, &host.average) {
+            a.copy_from_slice(h);
+        }
+        Ok(())
     }
 }
 

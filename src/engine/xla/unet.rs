@@ -680,6 +680,8 @@ enum Kind {
     /// The loss, then Adam's update of the resident parameters and moments and the EMA of the
     /// updated parameters, their buffers donated: one program a step.
     Resident,
+    /// Continuous time's loss, resident.
+    WeightedResident,
 }
 
 /// A compiled training program: rows, C, H, W, whether it takes dropout masks, and its kind.
@@ -742,15 +744,36 @@ impl XlaUnetStep {
         }
         let (n, c, h, w, dropout, kind) = key;
         let mut values = vec![0f32; self.unet.len];
-        let weighted = kind == Kind::Weighted;
+        let weighted = matches!(kind, Kind::Weighted | Kind::WeightedResident);
         let mut t = trace_with(&self.unet.net, n, (c, h, w), &mut values, dropout, weighted)?;
+        // The loss and what the host reads beside it: each L_t (learned variances), or each
+        // example's SSE, the output and the loss's derivatives in x_t and c (continuous time).
+        let (loss, extra) = if weighted {
+            let g = &mut t.graph;
+            let target = g.input(&[n, c, h, w]);
+            let scale = g.input(&[n]);
+            let d = g.sub(t.out, target)?;
+            let d2 = g.mul(d, d)?;
+            let per = g.reshape(d2, &[n, c * h * w])?;
+            let sse = g.sum(per, &[1])?;
+            let ws = g.mul(sse, scale)?;
+            let loss = g.sum_all(ws)?;
+            let Some(time) = t.time else {
+                bail!("XLA U-Net: a weighted program without its time values");
+            };
+            let dx = g.grad(loss, &[t.x, time])?;
+            (loss, vec![sse, t.out, dx[0], dx[1]])
+        } else {
+            let (loss, vb) = self.step_loss(&mut t)?;
+            (loss, vb.into_iter().collect())
+        };
+        let grad = t.weights_grad(loss)?;
         let mut donated = Vec::new();
-        let outputs = match kind {
-            // Outputs: the updated parameters, m, v and EMA (over their inputs), the loss.
-            // Inputs after the simple loss's: m, v, Adam's scalars, the EMA, its decay.
-            Kind::Resident => {
-                let (loss, vb) = self.step_loss(&mut t)?;
-                let grad = t.weights_grad(loss)?;
+        let mut outputs = match kind {
+            Kind::Simple | Kind::Weighted => vec![loss, grad],
+            // The updated parameters, m, v and EMA (over their inputs), then the loss. Inputs
+            // after the loss's: m, v, Adam's scalars, the EMA, its decay.
+            Kind::Resident | Kind::WeightedResident => {
                 let g = &mut t.graph;
                 let flat = g.inputs()[0];
                 let (p2, m2, v2) = super::adam_update(g, flat, grad)?;
@@ -765,35 +788,10 @@ impl XlaUnetStep {
                 let e2 = g.add(keep, add)?;
                 let inputs = g.inputs().len();
                 donated = vec![(0, 0), (inputs - 5, 1), (inputs - 4, 2), (inputs - 2, 3)];
-                let mut outputs = vec![p2, m2, v2, e2, loss];
-                outputs.extend(vb);
-                outputs
-            }
-            // Outputs: the loss, the parameters' gradient, each example's SSE, the output, and
-            // the loss's derivatives in x_t and c.
-            Kind::Weighted => {
-                let g = &mut t.graph;
-                let target = g.input(&[n, c, h, w]);
-                let scale = g.input(&[n]);
-                let d = g.sub(t.out, target)?;
-                let d2 = g.mul(d, d)?;
-                let per = g.reshape(d2, &[n, c * h * w])?;
-                let sse = g.sum(per, &[1])?;
-                let ws = g.mul(sse, scale)?;
-                let loss = g.sum_all(ws)?;
-                let grad = t.weights_grad(loss)?;
-                let g = &mut t.graph;
-                let time = t.time.expect("the time values are an input");
-                let dx = g.grad(loss, &[t.x, time])?;
-                vec![loss, grad, sse, t.out, dx[0], dx[1]]
-            }
-            Kind::Simple => {
-                let (loss, vb) = self.step_loss(&mut t)?;
-                let mut outputs = vec![loss, t.weights_grad(loss)?];
-                outputs.extend(vb);
-                outputs
+                vec![p2, m2, v2, e2, loss]
             }
         };
+        outputs.extend(extra);
         let text = t.graph.to_stablehlo_donating(&outputs, &donated)?;
         let exe = self.unet.runtime.compile(&text, outputs.len())?;
         self.compiled.insert(key, (exe, t.masks));
@@ -904,10 +902,8 @@ impl XlaUnetStep {
         Ok(inputs)
     }
 
-    /// The continuous-time loss of rows `rows` ([`crate::engine::WeightedRows`]), with the
-    /// fused engine's sums: `[loss, SSE_b of each example]` and, with a tangent,
-    /// `[.., g_b]`, `g_b = B (dL/dx_b . tangent_b + dL/dc_b dc/dgamma) - 2 w_b (f_b -
-    /// target_b) . d target_b / d gamma_b`.
+    /// The continuous-time loss of rows `rows` ([`crate::engine::WeightedRows`]) and its
+    /// gradient in `grads`, with the fused engine's sums ([`XlaUnetStep::weighted_sums`]).
     fn weighted(
         &mut self,
         params: &[f32],
@@ -917,10 +913,29 @@ impl XlaUnetStep {
         grads: &mut [f32],
         dropout: bool,
     ) -> Result<Vec<f64>> {
+        let (_, c, h, w) = batch.xt.dims4()?;
+        let key = (rows.len(), c, h, w, dropout, Kind::Weighted);
+        self.compile(key)?;
+        let p = self.unet.runtime.upload(params, &[self.unet.len])?;
+        let (inputs, target) = self.weighted_inputs(p, batch, wr, &rows, key)?;
+        let out = self.run(key, &inputs)?;
+        out[1].read(grads)?;
+        self.weighted_sums(&out[0], &out[2..6], batch, wr, rows, &target)
+    }
+
+    /// The inputs of weighted program `key` for rows `rows`, the parameters `params` first, and
+    /// the rows' target on the host.
+    fn weighted_inputs(
+        &self,
+        params: Buffer,
+        batch: &DenoiseBatch,
+        wr: &crate::engine::WeightedRows,
+        rows: &std::ops::Range<usize>,
+        key: StepKey,
+    ) -> Result<(Vec<Buffer>, Vec<f32>)> {
         let dims = batch.xt.dims4()?;
         let (b, c, h, w) = dims;
         let n = rows.len();
-        let per = c * h * w;
         ensure!(
             wr.model_t.len() == b
                 && wr.weights.len() == b
@@ -928,8 +943,6 @@ impl XlaUnetStep {
                 && self.unet.out_channels == c,
             "XLA U-Net: a weighted batch's sizes do not match (or the network has 2C outputs)"
         );
-        let key = (n, c, h, w, dropout, Kind::Weighted);
-        self.compile(key)?;
         let rt = &self.unet.runtime;
         let half = self.unet.base / 2;
         let freqs = crate::nn::embedding::sinusoid_frequencies_shifted(
@@ -941,25 +954,47 @@ impl XlaUnetStep {
             "XLA U-Net: the embedding has an odd width"
         );
         let mut inputs = vec![
-            rt.upload(params, &[self.unet.len])?,
-            rt.upload(&rows_of(&batch.xt, &rows)?, &[n, c, h, w])?,
+            params,
+            rt.upload(&rows_of(&batch.xt, rows)?, &[n, c, h, w])?,
             rt.upload(&wr.model_t[rows.clone()], &[n])?,
             rt.upload(&freqs, &[half])?,
         ];
-        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
-            inputs.extend(self.masks(seed, &rows, key)?);
+        if let (true, Some(seed)) = (key.4, batch.dropout_seed) {
+            inputs.extend(self.masks(seed, rows, key)?);
         }
-        let target = rows_of(&batch.target, &rows)?;
+        let target = rows_of(&batch.target, rows)?;
         inputs.push(rt.upload(&target, &[n, c, h, w])?);
         let scale: Vec<f32> = wr.weights[rows.clone()]
             .iter()
             .map(|w| (w / b as f64) as f32)
             .collect();
         inputs.push(rt.upload(&scale, &[n])?);
-        let out = self.run(key, &inputs)?;
-        out[1].read(grads)?;
-        let loss = out[0].to_vec(1)?[0] as f64;
-        let sse = out[2].to_vec(n)?;
+        Ok((inputs, target))
+    }
+
+    /// The fused engine's sums of a weighted program's `loss` and `outs` (each example's SSE,
+    /// the output, dL/dx_t, dL/dc): `[loss, SSE_b of each example]` and, with a tangent,
+    /// `[.., g_b]`, `g_b = B (dL/dx_b . tangent_b + dL/dc_b dc/dgamma) - 2 w_b (f_b -
+    /// target_b) . d target_b / d gamma_b`.
+    fn weighted_sums(
+        &self,
+        loss: &Buffer,
+        outs: &[Buffer],
+        batch: &DenoiseBatch,
+        wr: &crate::engine::WeightedRows,
+        rows: std::ops::Range<usize>,
+        target: &[f32],
+    ) -> Result<Vec<f64>> {
+        let (b, c, h, w) = batch.xt.dims4()?;
+        let (n, per) = (rows.len(), c * h * w);
+        let [sse, y, dx, dt] = outs else {
+            bail!(
+                "XLA U-Net: a weighted program returned {} outputs",
+                outs.len()
+            );
+        };
+        let loss = loss.to_vec(1)?[0] as f64;
+        let sse = sse.to_vec(n)?;
         let mut sums = vec![0.0; wr.sums_len(b)];
         sums[0] = loss;
         for (i, row) in rows.clone().enumerate() {
@@ -967,9 +1002,9 @@ impl XlaUnetStep {
         }
         if let Some((tangent, dc)) = &wr.tangent {
             let tangent = rows_of(tangent, &rows)?;
-            let y = out[3].to_vec(n * per)?;
-            let dx = out[4].to_vec(n * per)?;
-            let dt = out[5].to_vec(n)?;
+            let y = y.to_vec(n * per)?;
+            let dx = dx.to_vec(n * per)?;
+            let dt = dt.to_vec(n)?;
             let target_tangent = match &wr.target_tangent {
                 Some(t) => Some(rows_of(t, &rows)?),
                 None => None,
@@ -1241,7 +1276,8 @@ impl TrainStep for XlaUnetStep {
         })
     }
 
-    /// The discrete-time losses keep their parameters, moments and EMA on the device.
+    /// Every loss keeps its parameters, moments and EMA on the device (continuous time through
+    /// [`crate::engine::vdm::ContinuousStep`], whose schedule stays on the host).
     fn resident(&self) -> bool {
         true
     }
@@ -1278,53 +1314,72 @@ impl TrainStep for XlaUnetStep {
         adam: AdamScalars,
         average_decay: Option<f32>,
     ) -> Result<Vec<f64>> {
-        ensure!(
-            batch.weighted.is_none(),
-            "XLA U-Net: a resident step trains on a discrete-time loss"
-        );
         let (b, c, h, w) = batch.xt.dims4()?;
         let dropout = self.dropout > 0.0 && batch.dropout_seed.is_some();
-        let key = (b, c, h, w, dropout, Kind::Resident);
+        let kind = match batch.weighted {
+            Some(_) => Kind::WeightedResident,
+            None => Kind::Resident,
+        };
+        let key = (b, c, h, w, dropout, kind);
         self.compile(key)?;
         let Some([p, m, v, e]) = self.resident.take() else {
             bail!("XLA U-Net: step_resident before load_resident");
         };
         let rows = 0..b;
         let rt = self.unet.runtime.clone();
-        let cpu = candle_core::Device::Cpu;
-        let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
-        let t = Tensor::from_vec(tf, b, &cpu)?;
-        let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
-        let mut inputs = vec![
-            p,
-            rt.upload(&rows_of(&batch.xt, &rows)?, &[b, c, h, w])?,
-            rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[b, self.unet.base])?,
-        ];
-        if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
-            inputs.extend(self.masks(seed, &rows, key)?);
-        }
-        inputs.extend(self.loss_inputs(batch, &rows)?);
+        let (mut inputs, target) = match &batch.weighted {
+            Some(wr) => {
+                let (inputs, target) = self.weighted_inputs(p, batch, wr, &rows, key)?;
+                (inputs, Some(target))
+            }
+            None => {
+                let cpu = candle_core::Device::Cpu;
+                let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
+                let t = Tensor::from_vec(tf, b, &cpu)?;
+                let emb = timestep_embedding_with(&t, self.unet.base, &self.unet.options)?;
+                let mut inputs = vec![
+                    p,
+                    rt.upload(&rows_of(&batch.xt, &rows)?, &[b, c, h, w])?,
+                    rt.upload(&emb.flatten_all()?.to_vec1::<f32>()?, &[b, self.unet.base])?,
+                ];
+                if let (true, Some(seed)) = (dropout, batch.dropout_seed) {
+                    inputs.extend(self.masks(seed, &rows, key)?);
+                }
+                inputs.extend(self.loss_inputs(batch, &rows)?);
+                (inputs, None)
+            }
+        };
         inputs.push(m);
         inputs.push(v);
         inputs.push(rt.upload(&super::adam_scalars(&adam), &[5])?);
         inputs.push(e);
         inputs.push(rt.upload(&[average_decay.unwrap_or(1.0)], &[])?);
-        let out = self.run(key, &inputs)?;
+        let mut out = self.run(key, &inputs)?;
+        ensure!(
+            out.len() >= 5,
+            "XLA U-Net: the resident step returned {} outputs",
+            out.len()
+        );
+        let rest = out.split_off(4);
         let mut it = out.into_iter();
         if let (Some(p), Some(m), Some(v), Some(e)) = (it.next(), it.next(), it.next(), it.next()) {
             self.resident = Some([p, m, v, e]);
         }
-        let Some(loss) = it.next() else {
-            bail!("XLA U-Net: the resident step returned no loss");
-        };
-        let loss = loss.to_vec(1)?[0] as f64;
-        Ok(match it.next() {
-            Some(vb) => {
-                let vb: Vec<f64> = vb.to_vec(b)?.into_iter().map(f64::from).collect();
-                crate::engine::learned_sums(b, rows, loss, &vb)
+        let (loss, extra) = (&rest[0], &rest[1..]);
+        let sums = match (&batch.weighted, &target) {
+            (Some(wr), Some(target)) => self.weighted_sums(loss, extra, batch, wr, rows, target)?,
+            _ => {
+                let loss = loss.to_vec(1)?[0] as f64;
+                match extra.first() {
+                    Some(vb) => {
+                        let vb: Vec<f64> = vb.to_vec(b)?.into_iter().map(f64::from).collect();
+                        crate::engine::learned_sums(b, rows, loss, &vb)
+                    }
+                    None => vec![loss],
+                }
             }
-            None => vec![loss],
-        })
+        };
+        Ok(sums)
     }
 
     fn store_resident(&mut self, state: &mut Resident<'_>) -> Result<()> {
