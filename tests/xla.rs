@@ -1285,3 +1285,88 @@ fn sampler_steps_match_the_fused_engine() {
         }
     }
 }
+
+/// The bound's terms on XLA (the network, the means and log-variances, the KL or the decoder
+/// and the per-example sums in one program) against the fused engine's network with the host's
+/// arithmetic (`GaussianDiffusion::bound_term`): fixed-small and fixed-large variances, the clip
+/// of x_0, the discretized and the continuous decoder, learned-range and learned log-variances;
+/// eps, x_0 and v prediction; t = 0 (the decoder) beside t > 0 in every batch. Each term agrees
+/// to 1e-4 of its size.
+#[test]
+fn bound_terms_match_the_fused_engine() {
+    use elbo::diffusion::nets::{Net, sorted_vars};
+    use elbo::diffusion::process::{BoundOptions, Decoder};
+    use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
+    use elbo::engine::{Engine, FrozenNet};
+    if rt().is_none() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let build = |out_channels: usize| {
+        let (net, varmap) =
+            Net::trainable(&small_unet(out_channels), &mut Noise::new(0), &dev).unwrap();
+        let mut noise = Noise::new(7);
+        for (_, var) in sorted_vars(&varmap) {
+            let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.1).unwrap();
+            var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
+        }
+        net
+    };
+    let opts = |variance, decoder, clip_denoised| BoundOptions {
+        variance,
+        decoder,
+        clip_denoised,
+    };
+    let (small, large) = (VarianceType::FixedSmall, VarianceType::FixedLarge);
+    let cases = [
+        (
+            Prediction::Eps,
+            None,
+            opts(small, Decoder::Discretized, false),
+        ),
+        (
+            Prediction::Eps,
+            None,
+            opts(large, Decoder::Discretized, true),
+        ),
+        (
+            Prediction::X0,
+            None,
+            opts(small, Decoder::Continuous, false),
+        ),
+        (Prediction::V, None, opts(large, Decoder::Continuous, true)),
+        (
+            Prediction::Eps,
+            Some(VarianceType::LearnedRange),
+            opts(small, Decoder::Discretized, false),
+        ),
+        (
+            Prediction::V,
+            Some(VarianceType::Learned),
+            opts(small, Decoder::Discretized, true),
+        ),
+    ];
+    for (prediction, variance, opts) in cases {
+        let out_channels = if variance.is_some() { 2 } else { 0 };
+        let mut process =
+            GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 40).unwrap(), prediction);
+        process.variance = variance;
+        let fused = FrozenNet::with_engine(build(out_channels), Engine::Fused).unwrap();
+        let xla = FrozenNet::with_engine(build(out_channels), Engine::Xla).unwrap();
+        let x0 = grid_images(&mut Noise::new(5), (4, 1, 8, 8));
+        let t = [0, 1, 17, 39];
+        let run = |net: &FrozenNet| {
+            process
+                .bound_term(net, &x0, &t, opts, &mut Noise::new(6))
+                .unwrap()
+        };
+        let (a, b) = (run(&xla), run(&fused));
+        for (i, (x, f)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - f).abs() < 1e-4 * f.abs().max(1.0),
+                "{prediction:?} {variance:?} {opts:?} t = {}: XLA {x} vs fused {f}",
+                t[i]
+            );
+        }
+    }
+}

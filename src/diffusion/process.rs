@@ -226,6 +226,23 @@ impl GaussianDiffusion {
         })
     }
 
+    /// x_0_hat = a x_t + b y at timestep `ti` (0-based, below T): [`GaussianDiffusion::predict_x0`]'s
+    /// coefficients (a, b) for the prediction y.
+    pub fn x0_coefficients(&self, ti: usize) -> (f64, f64) {
+        let s = &self.schedule;
+        match self.prediction {
+            Prediction::Eps => (
+                s.sqrt_recip_alphas_cumprod[ti],
+                -s.sqrt_recipm1_alphas_cumprod[ti],
+            ),
+            Prediction::X0 => (0.0, 1.0),
+            Prediction::V => (
+                s.sqrt_alphas_cumprod[ti],
+                -s.sqrt_one_minus_alphas_cumprod[ti],
+            ),
+        }
+    }
+
     /// eps implied by x_t and a predicted x_0: `eps = (x_t / sqrt(abar) - x_0) / sqrt(1/abar - 1)`.
     pub fn predict_eps_from_x0(&self, xt: &Tensor, t: &[usize], x0: &Tensor) -> Result<Tensor> {
         let s = &self.schedule;
@@ -421,6 +438,21 @@ pub trait Denoiser {
         None
     }
 
+    /// Each example's bound term ([`GaussianDiffusion::bound_term`]) from x_0 and x_t `[B, C,
+    /// H, W]`, the network's time values `t` `[B]` and each example's constants `rows`,
+    /// computed by the engine with the network in one program, where it does that; `None`:
+    /// the bound calls [`Denoiser::forward`] and computes the terms itself.
+    fn bound_terms(
+        &self,
+        _x0: &Tensor,
+        _xt: &Tensor,
+        _t: &Tensor,
+        _rows: &[BoundRow],
+        _how: BoundProgram,
+    ) -> Option<Result<Vec<f64>>> {
+        None
+    }
+
     /// A forward pass that candle's autodiff differentiates with respect to `xt` (the
     /// probability-flow ODE's divergence): `forward` itself, unless that runs an engine
     /// outside the autodiff graph (the fused CPU engine), which then gives way to candle's ops.
@@ -550,6 +582,36 @@ pub struct BoundOptions {
     pub clip_denoised: bool,
 }
 
+/// One example's constants of its bound term at timestep t ([`GaussianDiffusion::bound_term`]),
+/// for an engine that computes the term itself:
+///
+/// ```text
+/// x_0_hat = clip(x0_from_x x_t + x0_from_y y),  mu = c1 x_0_hat + c2 x_t,  mu~ = c1 x_0 + c2 x_t
+/// lv = log_variance, or with learned variances lo + span (v + 1) / 2
+/// term = first ? -log p(x_0 | mu, lv) : KL(N(mu~, e^q_log_variance) || N(mu, e^lv))
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BoundRow {
+    pub x0_from_x: f64,
+    pub x0_from_y: f64,
+    pub c1: f64,
+    pub c2: f64,
+    pub q_log_variance: f64,
+    pub log_variance: f64,
+    pub lo: f64,
+    pub span: f64,
+    pub first: bool,
+}
+
+/// What a bound program computes besides its rows' constants: the clip of x_0_hat, whether
+/// the variance comes from the network's second C channels, and L_0's decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BoundProgram {
+    pub clip: bool,
+    pub learned: bool,
+    pub continuous: bool,
+}
+
 /// How L_0 is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decoder {
@@ -623,7 +685,12 @@ impl GaussianDiffusion {
         let b = x0.dim(0)?;
         let eps = noise.randn(x0.shape(), x0.device())?;
         let xt = self.q_sample(x0, t, &eps)?;
-        let out = model.forward(&xt, &self.model_t(t, x0.device())?)?;
+        let (rows, how) = self.bound_rows(t, opts)?;
+        let times = self.model_t(t, x0.device())?;
+        if let Some(terms) = model.bound_terms(x0, &xt, &times, &rows, how) {
+            return terms;
+        }
+        let out = model.forward(&xt, &times)?;
         let (mean, lv, _) =
             self.p_mean_log_variance(&out, &xt, t, opts.variance, opts.clip_denoised)?;
         let (qm, qlv) = self.q_posterior_mean_log_variance(x0, &xt, t)?;
@@ -655,6 +722,55 @@ impl GaussianDiffusion {
             }
         }
         Ok(terms)
+    }
+
+    /// The constants of [`GaussianDiffusion::bound_term`] at each example's timestep `t[b]`
+    /// under `opts`, with the variance [`GaussianDiffusion::p_mean_log_variance`] takes (the
+    /// network's own where it learns one).
+    pub fn bound_rows(
+        &self,
+        t: &[usize],
+        opts: BoundOptions,
+    ) -> Result<(Vec<BoundRow>, BoundProgram)> {
+        let s = &self.schedule;
+        let variance = match self.variance {
+            Some(own) if own.is_learned() => own,
+            _ => opts.variance,
+        };
+        let mut rows = Vec::with_capacity(t.len());
+        for &ti in t {
+            if ti >= s.len() {
+                bail!("timestep {ti} of a {}-step process", s.len());
+            }
+            let (x0_from_x, x0_from_y) = self.x0_coefficients(ti);
+            let q_log_variance = s.posterior_log_variance_clipped[ti];
+            let (log_variance, lo, span) = match variance {
+                VarianceType::FixedSmall => (q_log_variance, 0.0, 0.0),
+                VarianceType::FixedLarge if ti == 0 => (s.posterior_variance[1].ln(), 0.0, 0.0),
+                VarianceType::FixedLarge => (s.betas[ti].ln(), 0.0, 0.0),
+                VarianceType::Learned => (0.0, -1.0, 2.0),
+                VarianceType::LearnedRange => {
+                    (0.0, q_log_variance, s.betas[ti].ln() - q_log_variance)
+                }
+            };
+            rows.push(BoundRow {
+                x0_from_x,
+                x0_from_y,
+                c1: s.posterior_mean_coef1[ti],
+                c2: s.posterior_mean_coef2[ti],
+                q_log_variance,
+                log_variance,
+                lo,
+                span,
+                first: ti == 0,
+            });
+        }
+        let how = BoundProgram {
+            clip: opts.clip_denoised,
+            learned: variance.is_learned(),
+            continuous: opts.decoder == Decoder::Continuous,
+        };
+        Ok((rows, how))
     }
 
     /// The pilot of [`TSampling::Importance`]: L_t of each example of `x0` at one t uniform in

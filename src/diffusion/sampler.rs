@@ -74,7 +74,7 @@ pub fn ddpm_step(
     clip: bool,
 ) -> Result<LinearStep> {
     let s = &diffusion.schedule;
-    let (x0_from_x, x0_from_y) = x0_coefficients(diffusion, ti);
+    let (x0_from_x, x0_from_y) = diffusion.x0_coefficients(ti);
     let (lv, log_variance) = match variance {
         VarianceType::FixedSmall => (s.posterior_log_variance_clipped[ti], None),
         VarianceType::FixedLarge if ti == 0 => (s.posterior_variance[1].ln(), None),
@@ -97,22 +97,6 @@ pub fn ddpm_step(
     })
 }
 
-/// x_0_hat = a x_t + b y at timestep `ti` ([`GaussianDiffusion::predict_x0`]'s coefficients).
-fn x0_coefficients(diffusion: &GaussianDiffusion, ti: usize) -> (f64, f64) {
-    let s = &diffusion.schedule;
-    match diffusion.prediction {
-        Prediction::Eps => (
-            s.sqrt_recip_alphas_cumprod[ti],
-            -s.sqrt_recipm1_alphas_cumprod[ti],
-        ),
-        Prediction::X0 => (0.0, 1.0),
-        Prediction::V => (
-            s.sqrt_alphas_cumprod[ti],
-            -s.sqrt_one_minus_alphas_cumprod[ti],
-        ),
-    }
-}
-
 /// DDIM's step from timestep `ti` to `ti - k` (`eta`, [`ddim_sample`]) as a [`LinearStep`]:
 /// x' = sqrt(abar_prev) x_0_hat + dir eps + sigma z with eps = y (eps prediction) or
 /// `(x_t / sqrt(abar) - x_0_raw) / sqrt(1/abar - 1)`, x_0_raw unclipped.
@@ -124,7 +108,7 @@ pub fn ddim_step(
     clip: bool,
 ) -> LinearStep {
     let s = &diffusion.schedule;
-    let (ax, ay) = x0_coefficients(diffusion, ti);
+    let (ax, ay) = diffusion.x0_coefficients(ti);
     let (ex, ey) = match diffusion.prediction {
         Prediction::Eps => (0.0, 1.0),
         _ => {

@@ -785,6 +785,22 @@ impl Denoiser for FrozenNet {
         Some(Box::new(XlaRunner { unet, state: None }))
     }
 
+    /// On XLA, the bound's terms in one program with the network.
+    fn bound_terms(
+        &self,
+        x0: &Tensor,
+        xt: &Tensor,
+        t: &Tensor,
+        rows: &[crate::diffusion::process::BoundRow],
+        how: crate::diffusion::process::BoundProgram,
+    ) -> Option<Result<Vec<f64>>> {
+        let xla = self.xla.as_ref()?;
+        Some(match xla.lock() {
+            Ok(mut unet) => unet.bound_terms(x0, xt, t, rows, how),
+            Err(_) => Err(anyhow::anyhow!("XLA U-Net: a poisoned lock")),
+        })
+    }
+
     fn forward(&self, xt: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(xla) = &self.xla {
             let mut xla = xla

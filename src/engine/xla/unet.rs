@@ -24,7 +24,7 @@ use super::graph::{Conv, Graph, T, Unary};
 use super::pjrt::{Buffer, Executable, Runtime};
 use crate::diffusion::learned::LearnedHead;
 use crate::diffusion::nets::{Attention, ResBlock, Stage, UNet, timestep_embedding_with};
-use crate::diffusion::process::LinearStep;
+use crate::diffusion::process::{BoundProgram, BoundRow, LinearStep};
 use crate::engine::{DenoiseBatch, Resident, TrainStep};
 use crate::nn::modules::conv::Conv2d;
 use crate::nn::modules::group_norm::GroupNorm;
@@ -401,6 +401,8 @@ pub struct XlaUnet {
     vjps: HashMap<(usize, usize, usize, usize, usize), Executable>,
     /// The sampler's step programs.
     steps: HashMap<SamplerKey, Executable>,
+    /// The bound's programs, per shape and [`BoundProgram`].
+    bounds: HashMap<(usize, usize, usize, usize, BoundProgram), Executable>,
 }
 
 impl XlaUnet {
@@ -431,6 +433,7 @@ impl XlaUnet {
             compiled: HashMap::new(),
             vjps: HashMap::new(),
             steps: HashMap::new(),
+            bounds: HashMap::new(),
         })
     }
 
@@ -624,6 +627,134 @@ impl XlaUnet {
         let mut out = self.steps[&key].run(&refs)?;
         out.pop()
             .ok_or_else(|| anyhow::anyhow!("XLA U-Net: the sampler step returned nothing"))
+    }
+
+    /// Each example's bound term in nats ([`BoundRow`]; `GaussianDiffusion::bound_term`) from
+    /// x_0 and x_t `[B, C, H, W]` at the network's time values `t` `[B]`: the forward pass,
+    /// the posterior's and the model's means and log-variances, the KL or the decoder, and the
+    /// sum over each example's values, one program per (shape, `how`), in f32.
+    pub fn bound_terms(
+        &mut self,
+        x0: &Tensor,
+        xt: &Tensor,
+        t: &Tensor,
+        rows: &[BoundRow],
+        how: BoundProgram,
+    ) -> Result<Vec<f64>> {
+        let dims = xt.dims4()?;
+        let (b, c, h, w) = dims;
+        let oc = self.out_channels;
+        ensure!(
+            x0.dims4()? == dims && rows.len() == b,
+            "XLA U-Net: the bound's x_0, x_t and rows differ in size"
+        );
+        let expected = if how.learned { 2 * c } else { c };
+        ensure!(
+            oc == expected,
+            "XLA U-Net: the bound needs {expected} output channels (2C with learned variances), the network has {oc}"
+        );
+        let key = (b, c, h, w, how);
+        if !self.bounds.contains_key(&key) {
+            let mut values = vec![0f32; self.len];
+            let mut tr = trace(&self.net, b, (c, h, w), &mut values, false)?;
+            let g = &mut tr.graph;
+            let full = [b, c, h, w];
+            let x0 = g.input(&full);
+            let k = g.input(&[BOUND_CONSTANTS, b]);
+            let mut wide = Vec::with_capacity(BOUND_CONSTANTS);
+            for i in 0..BOUND_CONSTANTS {
+                let r = constant_row(g, k, i)?;
+                wide.push(g.broadcast(r, &[0], &full)?);
+            }
+            let [ax, ay, c1, c2, qlv, fixed, lo, span, first] = wide[..] else {
+                bail!("XLA U-Net: {BOUND_CONSTANTS} constants per row expected");
+            };
+            let xt = tr.x;
+            let y = if how.learned {
+                g.narrow(tr.out, 1, 0, c)?
+            } else {
+                tr.out
+            };
+            let a = g.mul(ax, xt)?;
+            let by = g.mul(ay, y)?;
+            let mut x0_hat = g.add(a, by)?;
+            if how.clip {
+                let lo = g.full_like(-1.0, x0_hat);
+                let m = g.max(x0_hat, lo)?;
+                let n = g.neg(m);
+                let m = g.max(n, lo)?;
+                x0_hat = g.neg(m);
+            }
+            let m1 = g.mul(c1, x0_hat)?;
+            let m2 = g.mul(c2, xt)?;
+            let mu = g.add(m1, m2)?;
+            let q1 = g.mul(c1, x0)?;
+            let mu_q = g.add(q1, m2)?;
+            let lv = if how.learned {
+                let v = g.narrow(tr.out, 1, c, c)?;
+                let frac = g.offset(v, 1.0)?;
+                let frac = g.scale(frac, 0.5)?;
+                let sf = g.mul(span, frac)?;
+                g.add(lo, sf)?
+            } else {
+                fixed
+            };
+            let kl = normal_kl(g, mu_q, qlv, mu, lv)?;
+            let decoder = if how.continuous {
+                // -log N(x_0; mu, e^lv) = 1/2 (log 2 pi + lv + (x_0 - mu)^2 e^{-lv})
+                let d = g.sub(x0, mu)?;
+                let d2 = g.mul(d, d)?;
+                let nlv = g.neg(lv);
+                let inv = g.exp(nlv);
+                let q = g.mul(d2, inv)?;
+                let s = g.add(q, lv)?;
+                let s = g.offset(s, crate::distributions::LOG_2PI as f32)?;
+                g.scale(s, 0.5)?
+            } else {
+                discretized_nll(g, x0, mu, lv)?
+            };
+            let swap = g.sub(decoder, kl)?;
+            let swap = g.mul(first, swap)?;
+            let term = g.add(kl, swap)?;
+            let per = g.reshape(term, &[b, c * h * w])?;
+            let terms = g.sum(per, &[1])?;
+            let text = g.to_stablehlo(&[terms])?;
+            self.bounds.insert(key, self.runtime.compile(&text, 1)?);
+        }
+        let cpu = candle_core::Device::Cpu;
+        let t = t.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let emb = timestep_embedding_with(&t, self.base, &self.options)?;
+        let emb = emb.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = vec![0f32; BOUND_CONSTANTS * b];
+        for (i, r) in rows.iter().enumerate() {
+            let values = [
+                r.x0_from_x,
+                r.x0_from_y,
+                r.c1,
+                r.c2,
+                r.q_log_variance,
+                r.log_variance,
+                r.lo,
+                r.span,
+                if r.first { 1.0 } else { 0.0 },
+            ];
+            for (j, v) in values.into_iter().enumerate() {
+                k[j * b + i] = v as f32;
+            }
+        }
+        let inputs = [
+            self.upload_state(xt)?,
+            self.runtime.upload(&emb, &[b, self.base])?,
+            self.upload_state(x0)?,
+            self.runtime.upload(&k, &[BOUND_CONSTANTS, b])?,
+        ];
+        let mut refs: Vec<&Buffer> = vec![&self.weights];
+        refs.extend(inputs.iter());
+        let out = self.bounds[&key].run(&refs)?;
+        let Some(terms) = out.first() else {
+            bail!("XLA U-Net: the bound program returned nothing");
+        };
+        Ok(terms.to_vec(b)?.into_iter().map(f64::from).collect())
     }
 
     /// The state `x` `[B, C, H, W]` read back, on `like`'s device and dtype.
@@ -1068,6 +1199,9 @@ fn simple_loss(g: &mut Graph, out: T) -> Result<T> {
     g.mul(sse, inv_total)
 }
 
+/// The number of each example's constants of the bound ([`BoundRow`]).
+const BOUND_CONSTANTS: usize = 9;
+
 /// The number of each example's constants of the learned-variance loss
 /// ([`crate::diffusion::learned::RowConstants`]).
 const ROW_CONSTANTS: usize = 9;
@@ -1093,9 +1227,8 @@ fn constant_row(g: &mut Graph, k: T, i: usize) -> Result<T> {
 /// loss = sum_b sse_weight_b ||pred_b - target_b||^2 + nats_weight_b L_t,b
 /// ```
 ///
-/// The decoder (Ho et al. 2020, eq. 13) as the host's [`crate::diffusion::learned::discretized_gaussian_nll_grad`]:
-/// Phi(z) = erfc(-z / sqrt 2) / 2, the edge bins to -inf and +inf, the upper-tail form
-/// Phi(-z-) - Phi(-z+) where z- > 0; P is floored at 1e-30 (the host's f64 at 1e-300).
+/// The KL and the decoder are [`normal_kl`]'s and [`discretized_nll`]'s, as the host's
+/// [`crate::diffusion::learned::discretized_gaussian_nll_grad`] computes them in f64.
 fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
     let shape = g.shape(out).to_vec();
     let [n, c2, h, w] = shape[..] else {
@@ -1130,20 +1263,49 @@ fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
     let q1 = g.mul(c1, x0)?;
     let q2 = g.mul(c2, xt)?;
     let mu_q = g.add(q1, q2)?;
-    // KL(q || p) per value.
+    let kl = normal_kl(g, mu_q, lo, mu, lv)?;
+    let nll = discretized_nll(g, x0, mu, lv)?;
+    // L_t per value: the decoder at t = 0, else the KL.
+    let swap = g.sub(nll, kl)?;
+    let swap = g.mul(first, swap)?;
+    let term = g.add(kl, swap)?;
+    let per = g.reshape(term, &[n, c * h * w])?;
+    let vb = g.sum(per, &[1])?;
+    let mut loss = g.mul(rows[7], vb)?;
+    if hybrid {
+        let r = g.sub(pred, target)?;
+        let r2 = g.mul(r, r)?;
+        let per = g.reshape(r2, &[n, c * h * w])?;
+        let sse = g.sum(per, &[1])?;
+        let ws = g.mul(rows[6], sse)?;
+        loss = g.add(loss, ws)?;
+    }
+    Ok((g.sum_all(loss)?, vb))
+}
+
+/// KL(N(mu_q, e^lv_q) || N(mu, e^lv)) per value:
+/// `1/2 (lv - lv_q - 1 + e^{lv_q - lv} + (mu_q - mu)^2 e^{-lv})`.
+fn normal_kl(g: &mut Graph, mu_q: T, lv_q: T, mu: T, lv: T) -> Result<T> {
     let d = g.sub(mu_q, mu)?;
     let d2 = g.mul(d, d)?;
     let nlv = g.neg(lv);
     let inv = g.exp(nlv);
-    let lo_lv = g.sub(lo, lv)?;
-    let ratio = g.exp(lo_lv);
+    let diff = g.sub(lv_q, lv)?;
+    let ratio = g.exp(diff);
     let quad = g.mul(d2, inv)?;
-    let kl = g.sub(lv, lo)?;
+    let kl = g.sub(lv, lv_q)?;
     let kl = g.add(kl, ratio)?;
     let kl = g.add(kl, quad)?;
     let kl = g.offset(kl, -1.0)?;
-    let kl = g.scale(kl, 0.5)?;
-    // The discretized decoder per value.
+    g.scale(kl, 0.5)
+}
+
+/// -log P(x_0) of the discretized Gaussian decoder N(mu, e^lv) per value (Ho et al. 2020,
+/// eq. 13): P = Phi(z+) - Phi(z-), z+- = e^{-lv/2} (x_0 - mu +- 1/255), with
+/// Phi(z) = erfc(-z / sqrt 2) / 2, the edge bins to -inf and +inf, the upper-tail form
+/// Phi(-z-) - Phi(-z+) where z- > 0; P is floored at 1e-30 (the host's f64 at 1e-300).
+fn discretized_nll(g: &mut Graph, x0: T, mu: T, lv: T) -> Result<T> {
+    let nlv = g.neg(lv);
     let half = g.scale(nlv, 0.5)?;
     let inv_std = g.exp(half);
     let dx = g.sub(x0, mu)?;
@@ -1180,23 +1342,7 @@ fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
     let floor = g.full_like(1e-30, x0);
     let p = g.max(p, floor)?;
     let logp = g.log(p);
-    let nll = g.neg(logp);
-    // L_t per value: the decoder at t = 0, else the KL.
-    let swap = g.sub(nll, kl)?;
-    let swap = g.mul(first, swap)?;
-    let term = g.add(kl, swap)?;
-    let per = g.reshape(term, &[n, c * h * w])?;
-    let vb = g.sum(per, &[1])?;
-    let mut loss = g.mul(rows[7], vb)?;
-    if hybrid {
-        let r = g.sub(pred, target)?;
-        let r2 = g.mul(r, r)?;
-        let per = g.reshape(r2, &[n, c * h * w])?;
-        let sse = g.sum(per, &[1])?;
-        let ws = g.mul(rows[6], sse)?;
-        loss = g.add(loss, ws)?;
-    }
-    Ok((g.sum_all(loss)?, vb))
+    Ok(g.neg(logp))
 }
 
 /// Phi(sign z) = erfc(-sign z / sqrt 2) / 2, the standard normal CDF at `sign z`.
