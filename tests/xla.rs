@@ -1210,6 +1210,21 @@ fn device_dropout_masks_equal_the_hosts() {
     );
 }
 
+/// [`small_unet`]'s network, the same weights on each call: the initial ones, jittered so the
+/// last layer is not zero.
+fn jittered_small_unet(out_channels: usize) -> elbo::diffusion::nets::Net {
+    use elbo::diffusion::nets::{Net, sorted_vars};
+    let dev = Device::Cpu;
+    let (net, varmap) =
+        Net::trainable(&small_unet(out_channels), &mut Noise::new(0), &dev).unwrap();
+    let mut noise = Noise::new(7);
+    for (_, var) in sorted_vars(&varmap) {
+        let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.1).unwrap();
+        var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
+    }
+    net
+}
+
 /// The samplers on XLA, each step one program with x_t kept on the device, against the fused
 /// engine's network and the host's update (`ddim_sample`, `ddpm_sample`): DDIM with eta 0,
 /// clipped and not, and eta 1 (the noise drawn on the host in the host loop's order); DDPM with
@@ -1218,7 +1233,6 @@ fn device_dropout_masks_equal_the_hosts() {
 /// The images agree to 1e-4.
 #[test]
 fn sampler_steps_match_the_fused_engine() {
-    use elbo::diffusion::nets::{Net, sorted_vars};
     use elbo::diffusion::process::Denoiser;
     use elbo::diffusion::sampler::{ddim_sample, ddpm_sample};
     use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
@@ -1228,17 +1242,6 @@ fn sampler_steps_match_the_fused_engine() {
     }
     let dev = Device::Cpu;
     let bar = indicatif::ProgressBar::hidden();
-    // The same weights on each call: the initial ones, jittered so the last layer is not zero.
-    let build = |out_channels: usize| {
-        let (net, varmap) =
-            Net::trainable(&small_unet(out_channels), &mut Noise::new(0), &dev).unwrap();
-        let mut noise = Noise::new(7);
-        for (_, var) in sorted_vars(&varmap) {
-            let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.1).unwrap();
-            var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
-        }
-        net
-    };
     let cases = [
         (0, Prediction::Eps, None),
         (0, Prediction::X0, None),
@@ -1250,8 +1253,9 @@ fn sampler_steps_match_the_fused_engine() {
         let mut process =
             GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 40).unwrap(), prediction);
         process.variance = variance;
-        let fused = FrozenNet::with_engine(build(out_channels), Engine::Fused).unwrap();
-        let xla = FrozenNet::with_engine(build(out_channels), Engine::Xla).unwrap();
+        let fused =
+            FrozenNet::with_engine(jittered_small_unet(out_channels), Engine::Fused).unwrap();
+        let xla = FrozenNet::with_engine(jittered_small_unet(out_channels), Engine::Xla).unwrap();
         assert!(xla.step_runner().is_some() && fused.step_runner().is_none());
         let x_t = Noise::new(3).randn((3, 1, 8, 8), &dev).unwrap();
         let run = |net: &FrozenNet, sampler: usize| {
@@ -1294,24 +1298,12 @@ fn sampler_steps_match_the_fused_engine() {
 /// to 1e-4 of its size.
 #[test]
 fn bound_terms_match_the_fused_engine() {
-    use elbo::diffusion::nets::{Net, sorted_vars};
     use elbo::diffusion::process::{BoundOptions, Decoder};
     use elbo::diffusion::{BetaSchedule, GaussianDiffusion, Prediction, Schedule, VarianceType};
     use elbo::engine::{Engine, FrozenNet};
     if rt().is_none() {
         return;
     }
-    let dev = Device::Cpu;
-    let build = |out_channels: usize| {
-        let (net, varmap) =
-            Net::trainable(&small_unet(out_channels), &mut Noise::new(0), &dev).unwrap();
-        let mut noise = Noise::new(7);
-        for (_, var) in sorted_vars(&varmap) {
-            let jitter = (noise.randn(var.shape(), &dev).unwrap() * 0.1).unwrap();
-            var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
-        }
-        net
-    };
     let opts = |variance, decoder, clip_denoised| BoundOptions {
         variance,
         decoder,
@@ -1351,8 +1343,9 @@ fn bound_terms_match_the_fused_engine() {
         let mut process =
             GaussianDiffusion::new(Schedule::new(BetaSchedule::Linear, 40).unwrap(), prediction);
         process.variance = variance;
-        let fused = FrozenNet::with_engine(build(out_channels), Engine::Fused).unwrap();
-        let xla = FrozenNet::with_engine(build(out_channels), Engine::Xla).unwrap();
+        let fused =
+            FrozenNet::with_engine(jittered_small_unet(out_channels), Engine::Fused).unwrap();
+        let xla = FrozenNet::with_engine(jittered_small_unet(out_channels), Engine::Xla).unwrap();
         let x0 = grid_images(&mut Noise::new(5), (4, 1, 8, 8));
         let t = [0, 1, 17, 39];
         let run = |net: &FrozenNet| {

@@ -119,6 +119,23 @@ pub fn ddim_step(
             ((r - ax) / rm, -ay / rm)
         }
     };
+    let (from_x0, dir, sigma) = ddim_scalars(diffusion, ti, k, eta);
+    LinearStep {
+        x0_from_x: ax,
+        x0_from_y: ay,
+        clip,
+        from_x0,
+        from_x: dir * ex,
+        from_y: dir * ey,
+        sigma,
+        log_variance: None,
+    }
+}
+
+/// DDIM's scalars from timestep `ti` to `ti - k` (eq. 12): (sqrt(abar_prev), the direction's
+/// sqrt(1 - abar_prev - sigma^2), sigma), abar_prev = 1 after the last step.
+fn ddim_scalars(diffusion: &GaussianDiffusion, ti: usize, k: usize, eta: f64) -> (f64, f64, f64) {
+    let s = &diffusion.schedule;
     let abar_t = s.alphas_cumprod[ti];
     let abar_prev = if ti >= k {
         s.alphas_cumprod[ti - k]
@@ -127,16 +144,7 @@ pub fn ddim_step(
     };
     let sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)).sqrt();
     let dir = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
-    LinearStep {
-        x0_from_x: ax,
-        x0_from_y: ay,
-        clip,
-        from_x0: abar_prev.sqrt(),
-        from_x: dir * ex,
-        from_y: dir * ey,
-        sigma,
-        log_variance: None,
-    }
+    (abar_prev.sqrt(), dir, sigma)
 }
 
 /// `steps` (at timesteps T-1 down, one per entry) on the engine's runner, the noise drawn on
@@ -219,15 +227,8 @@ pub fn ddim_sample(
         } else {
             x0_raw
         };
-        let abar_t = s.alphas_cumprod[ti];
-        let abar_prev = if ti >= k {
-            s.alphas_cumprod[ti - k]
-        } else {
-            1.0
-        };
-        let sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)).sqrt();
-        let dir = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
-        let mut next = ((x0 * abar_prev.sqrt())? + (eps * dir)?)?;
+        let (keep, dir, sigma) = ddim_scalars(diffusion, ti, k, eta);
+        let mut next = ((x0 * keep)? + (eps * dir)?)?;
         if sigma > 0.0 {
             next = (next + (noise.randn(x.shape(), x.device())? * sigma)?)?;
         }
