@@ -401,9 +401,10 @@ impl BoundTerms {
 ///
 /// DDIM's eq. 12 (eps = (x_t / sqrt(abar) - x_0_raw) / sqrt(1/abar - 1), linear too) and DDPM's
 /// ancestral step with a fixed variance (the posterior mean c1 x_0_hat + c2 x_t) both take
-/// this form ([`crate::diffusion::sampler`]). With learned variances (`log_variance` = (lo,
-/// span)), sigma is each value's `e^{lv/2}`, lv = lo + span (v + 1) / 2 of the output's second
-/// C channels v (Nichol & Dhariwal's eq. 15; lo = -1, span = 2 gives lv = v).
+/// this form (the samplers' `ddim_step` and `ddpm_step`). With learned variances
+/// (`log_variance` = (lo, span)), sigma is each value's `e^{lv/2}`, lv = lo + span (v + 1) / 2
+/// of the output's second C channels v (Nichol & Dhariwal's eq. 15; lo = -1, span = 2 gives
+/// lv = v).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LinearStep {
     pub x0_from_x: f64,
