@@ -813,13 +813,7 @@ fn learned_variance_step_matches_the_fused_engine() {
     p.variance = Some(VarianceType::LearnedRange);
     let t = vec![0, 3, 17, 49, 30];
     let mut noise = Noise::new(6);
-    let u = noise.rng_uniform((5, 1, 8, 8), &dev).unwrap();
-    let x0 = (u * 255.0)
-        .unwrap()
-        .floor()
-        .unwrap()
-        .affine(1.0 / 127.5, -1.0)
-        .unwrap();
+    let x0 = grid_images(&mut noise, (5, 1, 8, 8));
     let eps = noise.randn((5, 1, 8, 8), &dev).unwrap();
     let xt = p.q_sample(&x0, &t, &eps).unwrap();
     let mut batch = DenoiseBatch {

@@ -562,12 +562,7 @@ impl XlaUnet {
             let ay = g.mul(k[1], y)?;
             let mut x0 = g.add(ax, ay)?;
             if step.clip {
-                // min(max(x0, -1), 1) = -max(-max(x0, -1), -1)
-                let lo = g.full_like(-1.0, x0);
-                let m = g.max(x0, lo)?;
-                let n = g.neg(m);
-                let m = g.max(n, lo)?;
-                x0 = g.neg(m);
+                x0 = clip_unit(g, x0)?;
             }
             let a = g.mul(k[2], x0)?;
             let bx = g.mul(k[3], x)?;
@@ -579,10 +574,7 @@ impl XlaUnet {
                 // sigma, or e^{lv/2} with lv = lo + span (v + 1) / 2.
                 let sigma = if learned {
                     let v = g.narrow(tr.out, 1, c, c)?;
-                    let frac = g.offset(v, 1.0)?;
-                    let frac = g.scale(frac, 0.5)?;
-                    let sf = g.mul(k[7], frac)?;
-                    let lv = g.add(k[6], sf)?;
+                    let lv = interpolated_log_variance(g, v, k[6], k[7])?;
                     let half = g.scale(lv, 0.5)?;
                     g.exp(half)
                 } else {
@@ -679,11 +671,7 @@ impl XlaUnet {
             let by = g.mul(ay, y)?;
             let mut x0_hat = g.add(a, by)?;
             if how.clip {
-                let lo = g.full_like(-1.0, x0_hat);
-                let m = g.max(x0_hat, lo)?;
-                let n = g.neg(m);
-                let m = g.max(n, lo)?;
-                x0_hat = g.neg(m);
+                x0_hat = clip_unit(g, x0_hat)?;
             }
             let m1 = g.mul(c1, x0_hat)?;
             let m2 = g.mul(c2, xt)?;
@@ -692,10 +680,7 @@ impl XlaUnet {
             let mu_q = g.add(q1, m2)?;
             let lv = if how.learned {
                 let v = g.narrow(tr.out, 1, c, c)?;
-                let frac = g.offset(v, 1.0)?;
-                let frac = g.scale(frac, 0.5)?;
-                let sf = g.mul(span, frac)?;
-                g.add(lo, sf)?
+                interpolated_log_variance(g, v, lo, span)?
             } else {
                 fixed
             };
@@ -1256,10 +1241,7 @@ fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
     let a = g.mul(from_xt, xt)?;
     let bterm = g.mul(from_out, e)?;
     let mu = g.add(a, bterm)?;
-    let frac = g.offset(raw, 1.0)?;
-    let frac = g.scale(frac, 0.5)?;
-    let sf = g.mul(span, frac)?;
-    let lv = g.add(lo, sf)?;
+    let lv = interpolated_log_variance(g, raw, lo, span)?;
     let q1 = g.mul(c1, x0)?;
     let q2 = g.mul(c2, xt)?;
     let mu_q = g.add(q1, q2)?;
@@ -1281,6 +1263,24 @@ fn learned_loss(g: &mut Graph, out: T, xt: T, hybrid: bool) -> Result<(T, T)> {
         loss = g.add(loss, ws)?;
     }
     Ok((g.sum_all(loss)?, vb))
+}
+
+/// `min(max(x, -1), 1)` (x_0_hat's clip), as `-max(-max(x, -1), -1)`.
+fn clip_unit(g: &mut Graph, x: T) -> Result<T> {
+    let lo = g.full_like(-1.0, x);
+    let m = g.max(x, lo)?;
+    let n = g.neg(m);
+    let m = g.max(n, lo)?;
+    Ok(g.neg(m))
+}
+
+/// The learned log-variance `lo + span (v + 1) / 2` of the output's variance channels `v`
+/// (Nichol & Dhariwal's eq. 15: lo = log beta~_t, span = log beta_t - lo).
+fn interpolated_log_variance(g: &mut Graph, v: T, lo: T, span: T) -> Result<T> {
+    let frac = g.offset(v, 1.0)?;
+    let frac = g.scale(frac, 0.5)?;
+    let sf = g.mul(span, frac)?;
+    g.add(lo, sf)
 }
 
 /// KL(N(mu_q, e^lv_q) || N(mu, e^lv)) per value:
