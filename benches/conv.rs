@@ -5,7 +5,7 @@
 //! per example (the engine's way) against one batch-wide product ([`batch_wide`]).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use elbo::nn::planar::conv::{shifted_conv, shifted_rows};
+use elbo::nn::planar::conv::{gemm_shifted_conv, shifted_conv, shifted_rows};
 use elbo::nn::winograd::{Scratch, conv3x3, transform_filter};
 
 fn conv(c: &mut Criterion) {
@@ -42,9 +42,18 @@ fn conv(c: &mut Criterion) {
         c.bench_function(&format!("conv3x3 {o}x{ch} {h}x{w}: row-shift gemms"), |b| {
             b.iter(|| {
                 shifted_rows(&x, ch, (h, w), 3, &mut e);
-                shifted_conv(&mut y, &wu, &e, (o, ch * 3, 3), (h, w), false);
+                gemm_shifted_conv(&mut y, &wu, &e, (o, ch * 3, 3), (h, w), false);
             })
         });
+        c.bench_function(
+            &format!("conv3x3 {o}x{ch} {h}x{w}: row-shift engine"),
+            |b| {
+                b.iter(|| {
+                    shifted_rows(&x, ch, (h, w), 3, &mut e);
+                    shifted_conv(&mut y, &wu, &e, (o, ch * 3, 3), (h, w), false);
+                })
+            },
+        );
         let mut u = vec![0f32; 16 * o * ch];
         transform_filter(&wt, (o, ch), &mut u);
         let mut s = Scratch::default();
@@ -171,6 +180,7 @@ fn weight_grad(c: &mut Criterion) {
         (16, 32, 28, 28),
         (32, 32, 32, 32),
         (32, 32, 14, 14),
+        (32, 32, 7, 7),
     ] {
         let (ck, plane) = (3 * ch, (h + 2) * w);
         let dy: Vec<f32> = (0..o * h * w)

@@ -286,7 +286,7 @@ impl Plan {
                     for ci in 0..c.c {
                         for v in 0..k {
                             grads[c.w + ((o * c.c + ci) * k + u) * k + v] +=
-                                grads[wu + (u * c.o + o) * ck + ci * k + v];
+                                grads[wu + (u * ck + ci * k + v) * c.o + o];
                         }
                     }
                 }

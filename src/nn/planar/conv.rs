@@ -14,9 +14,12 @@ use crate::nn::conv::{Geometry, gemm_rm};
 /// channels, 1.4x at 16 x 16; `cargo bench --bench conv`).
 pub const WINOGRAD_PIXELS: usize = 64;
 
-/// The smallest plane whose weight gradient runs as dot products ([`dot_weight_grad`]) instead
-/// of gemms: measured on one core of the development machine, 16 and 32 channels at 28 x 28
-/// 71-74 GFLOP/s against gemm's 43-49; at 14 x 14 and 16 x 16 gemm is faster.
+/// The smallest plane whose weight gradient runs as dot products ([`dot_weight_grad`], AVX2) or
+/// as [`super::avx512::weight_grad`] instead of gemms: measured on one core of the development
+/// machine, 16 and 32 channels at 28 x 28 the dot products reach 71-74 GFLOP/s against gemm's
+/// 43-49; on an AVX-512 machine (`cargo bench --bench conv -- weight`) the AVX-512 kernel takes
+/// 40 us against gemm's 44 at 16 channels 28 x 28, 217 against 335 at 32 channels 32 x 32, and
+/// 41 against 38 at 14 x 14 (7 x 7: level).
 pub const DOT_WEIGHT_GRAD_PIXELS: usize = 512;
 
 /// A convolution's place in the flat parameter vector.
@@ -135,10 +138,39 @@ pub fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &m
     }
 }
 
+/// Whether this CPU runs the AVX-512 kernels of [`super::avx512`].
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// `y [M, H W] (+)= sum_u W_u e_u` for `e` from [`shifted_rows`] (e_u: its rows from
 /// offset u W), `wts` = the k matrices `W_u [M, CK]` one after the other; `add` false
-/// overwrites `y`.
+/// overwrites `y`. With AVX-512 and M a multiple of 8, [`super::avx512::conv`] (no packed
+/// copies: measured in `cargo bench --bench conv`); else [`gemm_shifted_conv`].
 pub fn shifted_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let (hw, plane) = (h * w, (h + k - 1) * w);
+    assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    #[cfg(target_arch = "x86_64")]
+    if m % super::avx512::CONV_ROWS == 0 && has_avx512() {
+        // SAFETY: AVX-512F is there (checked), the lengths by the assert, M by the condition.
+        unsafe { super::avx512::conv(y, wts, e, (m, ck, k), (h, w), add) };
+        return;
+    }
+    gemm_shifted_conv(y, wts, e, (m, ck, k), (h, w), add);
+}
+
+/// [`shifted_conv`] as k gemms `y (+)= W_u e_u`.
+pub fn gemm_shifted_conv(
     y: &mut [f32],
     wts: &[f32],
     e: &[f32],
@@ -177,10 +209,10 @@ pub fn shifted_conv(
     }
 }
 
-/// [`shifted_weight_grad`] as dot products: `dW_u[o, r] += dy[o, :] . e_u[r, :]`, both rows
+/// [`shifted_weight_grad`] as dot products: `dW_u^T[r, o] += dy[o, :] . e_u[r, :]`, both rows
 /// contiguous over the plane's H W pixels, in tiles of 4 outputs o by 2 rows (u, r) that keep
 /// their 8 sums in AVX registers for the whole plane (gemm would pack both K = H W panels of
-/// this thin product first). `dwu` is k matrices `[O, C k]`, `e` the shifted rows
+/// this thin product first). `dwu` is k matrices `[C k, O]`, `e` the shifted rows
 /// `[C k, (H + k - 1) W]`; every row is a checked slice (a short buffer panics); the caller
 /// checks the CPU's AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
@@ -233,17 +265,25 @@ unsafe fn dot_weight_grad(
                     let v: [f32; 8] = unsafe { std::mem::transmute(*sums) };
                     let tail: f32 = (8 * lanes..hw).map(|p| dyr[i][p] * er[j][p]).sum();
                     let q = qb + j;
-                    dwu[(q / ck) * o * ck + (ob + i) * ck + q % ck] += v.iter().sum::<f32>() + tail;
+                    dwu[q * o + ob + i] += v.iter().sum::<f32>() + tail;
                 }
             }
         }
     }
 }
 
-/// `dW_u[o, (c, v)] += sum_j dy[o, j] e_u[(c, v), j]` for u = 0..k: the weight gradient of a
-/// stride-1 same convolution from the shifted rows `e` of its input, in the layout of
-/// [`ConvP::wu`] (`dwu` = k matrices `[O, C k]`); the engine (`Plan::fold_shifted_grads`) moves it into
-/// the `[O, C, k, k]` gradient once per step.
+thread_local! {
+    /// dy transposed, for the AVX-512 weight gradient (one buffer per thread, reused).
+    static DY_T: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `dW_u^T[(c, v), o] += sum_j dy[o, j] e_u[(c, v), j]` for u = 0..k: the weight gradient of
+/// a stride-1 same convolution from the shifted rows `e` of its input, transposed (`dwu` = k
+/// matrices `[C k, O]`, row q = (u, c, v) at q O: the AVX-512 kernel adds whole registers of
+/// outputs); the engine (`Plan::fold_shifted_grads`) moves it into the `[O, C, k, k]`
+/// gradient once per step. With AVX-512 and O a multiple of 16, [`super::avx512::weight_grad`];
+/// else, with AVX2 on planes of [`DOT_WEIGHT_GRAD_PIXELS`] and more, dot products; else
+/// [`gemm_weight_grad`].
 pub fn shifted_weight_grad(
     dwu: &mut [f32],
     dy: &[f32],
@@ -251,6 +291,17 @@ pub fn shifted_weight_grad(
     (o, c, k): (usize, usize, usize),
     (h, w): (usize, usize),
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if o % 16 == 0 && h * w >= DOT_WEIGHT_GRAD_PIXELS && has_avx512() {
+        let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
+        assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
+        DY_T.with_borrow_mut(|dyt| {
+            // SAFETY: AVX-512F is there (checked), the lengths by the assert, O by the
+            // condition.
+            unsafe { super::avx512::weight_grad(dwu, dy, e, (o, ck, k), (h, w), dyt) }
+        });
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if h * w >= DOT_WEIGHT_GRAD_PIXELS
         && std::arch::is_x86_feature_detected!("avx2")
@@ -264,7 +315,7 @@ pub fn shifted_weight_grad(
     gemm_weight_grad(dwu, dy, e, (o, c, k), (h, w));
 }
 
-/// [`shifted_weight_grad`] as k gemms `dW_u += dy e_u^T`.
+/// [`shifted_weight_grad`] as k gemms `dW_u += dy e_u^T` (written transposed).
 pub fn gemm_weight_grad(
     dwu: &mut [f32],
     dy: &[f32],
@@ -276,15 +327,16 @@ pub fn gemm_weight_grad(
     assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
     for u in 0..k {
         // SAFETY: as in shifted_conv; e_u^T is read as the [HW, C k] matrix with row stride
-        // 1 and column stride `plane`; dW_u is the u-th [O, C k] block of `dwu`.
+        // 1 and column stride `plane`; dW_u^T is the u-th [C k, O] block of `dwu`, written
+        // as dW_u with column stride O.
         unsafe {
             gemm::gemm(
                 o,
                 ck,
                 hw,
                 dwu.as_mut_ptr().add(u * o * ck),
+                o as isize,
                 1,
-                ck as isize,
                 true,
                 dy.as_ptr(),
                 1,
@@ -620,6 +672,72 @@ impl ConvP {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic values in [-1, 1) for the kernels' operands.
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * seed) % 23) as f32 * 0.087 - 1.0)
+            .collect()
+    }
+
+    /// The largest difference between two results over the largest value of the second.
+    fn relative_error(fast: &[f32], slow: &[f32]) -> f32 {
+        let scale = slow.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = fast
+            .iter()
+            .zip(slow)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        err / scale
+    }
+
+    /// The AVX-512 convolution and weight gradient equal the gemms, overwriting and adding, on
+    /// planes whose pixel count leaves every kind of last tile (7 x 7 = 49: one register and
+    /// one lane; 14 x 14 = 196: four full tiles and a partial register; 28 x 28; 5 x 3 = 15, a
+    /// single masked register; 23 x 29 and 24 x 23, odd planes past the weight gradient's 512
+    /// pixels), at the U-Nets' channel counts and at 1, 3 and 5 channels (the convolution takes
+    /// multiples of 8 outputs, the AVX-512 weight gradient multiples of 16 in one to four
+    /// registers and a fifth, 80; the other counts check the gemms' transposed layout against
+    /// the AVX2 dot products).
+    #[test]
+    fn avx512_kernels_match_the_gemms() {
+        if !has_avx512() {
+            eprintln!("no AVX-512 on this CPU: the gemms run everywhere");
+            return;
+        }
+        for (m, c, (h, w)) in [
+            (8, 1, (5, 3)),
+            (8, 3, (7, 7)),
+            (16, 16, (28, 28)),
+            (32, 32, (14, 14)),
+            (32, 16, (7, 7)),
+            (24, 5, (9, 13)),
+            (16, 3, (23, 29)),
+            (32, 5, (24, 23)),
+        ] {
+            let k = 3;
+            let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
+            let wts = values(k * m * ck, 7919);
+            let e = values(ck * plane, 104729);
+            for add in [false, true] {
+                let start = values(m * hw, 31);
+                let (mut fast, mut slow) = (start.clone(), start);
+                shifted_conv(&mut fast, &wts, &e, (m, ck, k), (h, w), add);
+                gemm_shifted_conv(&mut slow, &wts, &e, (m, ck, k), (h, w), add);
+                let err = relative_error(&fast, &slow);
+                assert!(err <= 1e-6, "conv {m}x{c} {h}x{w} add {add}: {err:e}");
+            }
+            for o in [m, 16, 32, 48, 64, 80, 1, 3, 6] {
+                let dy = values(o * hw, 7907);
+                let start: Vec<f32> = (0..k * o * ck).map(|i| (i % 5) as f32).collect();
+                let (mut fast, mut slow) = (start.clone(), start);
+                shifted_weight_grad(&mut fast, &dy, &e, (o, c, k), (h, w));
+                gemm_weight_grad(&mut slow, &dy, &e, (o, c, k), (h, w));
+                let err = relative_error(&fast, &slow);
+                // Sums over the whole plane (784 products), in another order than gemm's.
+                assert!(err <= 1e-5, "weight grad {o}x{c} {h}x{w}: {err:e}");
+            }
+        }
+    }
 
     /// The dot-product weight gradient equals the gemms' on planes that take it (28 x 28,
     /// 31 x 17 with a tail of 7 pixels past the last 8), at output counts that leave a

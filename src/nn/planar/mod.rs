@@ -5,6 +5,8 @@
 //! `tests/diffusion.rs` (`fused_unet_matches_candle_autodiff_and_finite_differences`).
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod conv;
 pub mod linear;
 pub mod norm;

@@ -1,0 +1,233 @@
+//! AVX-512 kernels for the row-shift convolutions of [`super::conv`], reading the shifted rows
+//! `e` in place: no packed copy of either operand (the gemm crate packs both panels of every
+//! product, and a 3x3 convolution of 16 or 32 channels is three thin products whose packing
+//! costs as much as a third of their multiply-adds), 16 pixels to a register, the plane's tail
+//! through masked loads and stores.
+//!
+//! ```text
+//! conv:        y[o, p] (+)= sum_u sum_r W_u[o, r] e[r, u W + p]      (o < M, r < C k, p < H W)
+//! weight grad: dW_u^T[r, o] += sum_p dy[o, p] e[r, u W + p]
+//! ```
+//!
+//! `e` is `[C k, (H + k - 1) W]` (see [`super::conv::shifted_rows`]): the im2col row of kernel
+//! offset (u, v) is the contiguous run of row (c, v) from u W, so both kernels read every operand
+//! row by row. The callers check the CPU's AVX-512F and every buffer's length.
+
+use std::arch::x86_64::{
+    __m512, __mmask16, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
+};
+
+/// Output rows of one register tile of [`conv`] (its 8 x 3 accumulators fill 24 of the 32
+/// registers); the convolution runs here when M is a multiple of it.
+pub const CONV_ROWS: usize = 8;
+
+/// Pixels of one full tile of [`conv`]: three registers.
+const TILE: usize = 48;
+
+/// The lanes of a register that lie before pixel `n` of a plane, from pixel `at`.
+fn mask(at: usize, n: usize) -> __mmask16 {
+    match n.saturating_sub(at) {
+        0 => 0,
+        r if r >= 16 => 0xffff,
+        r => (1u16 << r) - 1,
+    }
+}
+
+/// `y [M, H W] (+)= sum_u W_u e_u` (the product of [`super::conv::shifted_conv`]) for M a
+/// multiple of [`CONV_ROWS`]: tiles of 8 outputs by 48 pixels, each the sum of `k C k`
+/// broadcast weights times three rows of `e`, kept in registers from the first product to the
+/// store.
+///
+/// # Safety
+/// The CPU has AVX-512F; `y.len() >= m h w`, `wts.len() >= k m ck`,
+/// `e.len() >= ck (h + k - 1) w`, `m % CONV_ROWS == 0`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let (hw, plane) = (h * w, (h + k - 1) * w);
+    debug_assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    debug_assert_eq!(m % CONV_ROWS, 0);
+    let mut p0 = 0;
+    while p0 < hw {
+        // The last tile has as many registers as it has pixels for.
+        let regs = (hw - p0).div_ceil(16).min(3);
+        for o0 in (0..m).step_by(CONV_ROWS) {
+            // SAFETY: the caller's contract, as the function's.
+            unsafe {
+                match regs {
+                    3 => tile::<3>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
+                    2 => tile::<2>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
+                    _ => tile::<1>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
+                }
+            }
+        }
+        p0 += TILE;
+    }
+}
+
+/// One tile of [`conv`]: outputs `o0..o0 + 8`, pixels `p0..p0 + 16 R` (masked past H W).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile<const R: usize>(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck, k): (usize, usize, usize),
+    (hw, plane, w): (usize, usize, usize),
+    (o0, p0): (usize, usize),
+    add: bool,
+) {
+    let masks: [__mmask16; R] = std::array::from_fn(|j| mask(p0 + 16 * j, hw));
+    let (yp, wp, ep) = (y.as_mut_ptr(), wts.as_ptr(), e.as_ptr());
+    // SAFETY: every load and store is masked to the pixels below hw of a row the caller's
+    // lengths cover: y's rows o < m, e's rows r < ck from r plane + u w with u w + hw <= plane;
+    // weights at u m ck + o ck + r < k m ck.
+    unsafe {
+        let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
+        if add {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(masks[j], yp.add((o0 + i) * hw + p0 + 16 * j));
+                }
+            }
+        }
+        for u in 0..k {
+            let wu = wp.add(u * m * ck + o0 * ck);
+            let eu = ep.add(u * w + p0);
+            for r in 0..ck {
+                let row = eu.add(r * plane);
+                let b: [__m512; R] =
+                    std::array::from_fn(|j| _mm512_maskz_loadu_ps(masks[j], row.add(16 * j)));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*wu.add(i * ck + r));
+                    for (a_ij, b) in acc.iter_mut().zip(&b) {
+                        *a_ij = _mm512_fmadd_ps(a, *b, *a_ij);
+                    }
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(yp.add((o0 + i) * hw + p0 + 16 * j), masks[j], *a);
+            }
+        }
+    }
+}
+
+/// `dW_u^T[r, o] += sum_p dy[o, p] e_u[r, p]` (the product of
+/// [`super::conv::shifted_weight_grad`], `dwu` = k matrices `[C k, O]`) for O a multiple of 16, with dy transposed first into
+/// `dyt [H W, O]` (O H W values against the product's O H W C k^2 multiply-adds): at each pixel
+/// one to four registers of 16 outputs `dyt[p, ..]`, times the broadcast values of 24 / (O / 16)
+/// rows of `e`, into 24 accumulators kept over the whole plane. The rows of `e` are read in
+/// place, one value a pixel each, so neither operand is packed.
+///
+/// # Safety
+/// The CPU has AVX-512F; `dwu.len() >= k o ck`, `dy.len() >= o h w`,
+/// `e.len() >= ck (h + k - 1) w`, `o % 16 == 0`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn weight_grad(
+    dwu: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, ck, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    dyt: &mut Vec<f32>,
+) {
+    let hw = h * w;
+    debug_assert!(dwu.len() >= k * o * ck && dy.len() >= o * hw);
+    debug_assert!(e.len() >= ck * (h + k - 1) * w && o % 16 == 0);
+    dyt.resize(hw * o, 0.0);
+    for (oi, row) in dy[..o * hw].chunks_exact(hw).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            dyt[p * o + oi] = v;
+        }
+    }
+    let geometry = (o, ck, k, hw, (h + k - 1) * w, w);
+    let mut o0 = 0;
+    while o0 < o {
+        let regs = ((o - o0) / 16).min(4);
+        // SAFETY: the caller's contract, as the function's.
+        unsafe {
+            match regs {
+                4 => rows::<4, 6>(dwu, dyt, e, geometry, o0),
+                3 => rows::<3, 8>(dwu, dyt, e, geometry, o0),
+                2 => rows::<2, 12>(dwu, dyt, e, geometry, o0),
+                _ => rows::<1, 24>(dwu, dyt, e, geometry, o0),
+            }
+        }
+        o0 += 16 * regs;
+    }
+}
+
+/// [`weight_grad`]'s outputs `o0..o0 + 16 N` for every row `(u, r)` of `e`: tiles of `Q` rows,
+/// the last rows one at a time.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows<const N: usize, const Q: usize>(
+    dwu: &mut [f32],
+    dyt: &[f32],
+    e: &[f32],
+    g: (usize, usize, usize, usize, usize, usize),
+    o0: usize,
+) {
+    let (_, ck, k, ..) = g;
+    let total = k * ck;
+    let full = total / Q * Q;
+    for q0 in (0..full).step_by(Q) {
+        // SAFETY: the caller's contract.
+        unsafe { row_tile::<N, Q>(dwu, dyt, e, g, (o0, q0)) };
+    }
+    for q0 in full..total {
+        // SAFETY: the caller's contract.
+        unsafe { row_tile::<N, 1>(dwu, dyt, e, g, (o0, q0)) };
+    }
+}
+
+/// Rows `q0..q0 + Q` of the stacked shifts (row q = (u, r): e_u's row r) against outputs
+/// `o0..o0 + 16 N`, summed over every pixel, added into `dwu`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row_tile<const N: usize, const Q: usize>(
+    dwu: &mut [f32],
+    dyt: &[f32],
+    e: &[f32],
+    (o, ck, _k, hw, plane, w): (usize, usize, usize, usize, usize, usize),
+    (o0, q0): (usize, usize),
+) {
+    let start: [usize; Q] = std::array::from_fn(|j| {
+        let q = q0 + j;
+        (q % ck) * plane + (q / ck) * w
+    });
+    let (dp, ep) = (dyt.as_ptr(), e.as_ptr());
+    // SAFETY: dyt holds hw rows of o values (o0 + 16 N <= o); row q of e spans start(q) ..
+    // start(q) + hw <= (q % ck + 1) plane <= e.len().
+    let acc = unsafe {
+        let mut acc: [[__m512; N]; Q] = [[_mm512_setzero_ps(); N]; Q];
+        for p in 0..hw {
+            let a: [__m512; N] =
+                std::array::from_fn(|n| _mm512_loadu_ps(dp.add(p * o + o0 + 16 * n)));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*ep.add(start[j] + p));
+                for (acc, a) in acc.iter_mut().zip(&a) {
+                    *acc = _mm512_fmadd_ps(*a, b, *acc);
+                }
+            }
+        }
+        acc
+    };
+    // Row q = (u, r) of dW^T: its outputs o0.. are contiguous.
+    for (j, acc) in acc.iter().enumerate() {
+        let row = &mut dwu[(q0 + j) * o + o0..][..16 * N];
+        for (d, acc) in row.chunks_exact_mut(16).zip(acc) {
+            // SAFETY: __m512 and [f32; 16] have the same size, any bits are a float.
+            let v: [f32; 16] = unsafe { std::mem::transmute(*acc) };
+            d.iter_mut().zip(v).for_each(|(d, v)| *d += v);
+        }
+    }
+}
