@@ -118,6 +118,21 @@ pub fn bce_logits_grad(l: &mut [f32], x: &[f32], scale: f32) -> f32 {
     total
 }
 
+/// `sum_j x_j` in `LANES` running sums (one register's worth, so the loop vectorises where a
+/// single running sum would wait on each add).
+#[multiversion::multiversion(targets = "simd")]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 /// `sum_j x_j l_j - softplus(l_j)`: one row of the Bernoulli log-likelihood from logits.
 #[multiversion::multiversion(targets = "simd")]
 pub fn bernoulli_log_prob(x: &[f32], l: &[f32]) -> f32 {

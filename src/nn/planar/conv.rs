@@ -592,7 +592,7 @@ impl ConvP {
             .iter_mut()
             .zip(dy.chunks(ohw))
         {
-            *db += row.iter().sum::<f32>();
+            *db += crate::nn::kernels::sum(row);
         }
     }
 
