@@ -291,7 +291,7 @@ pub fn conv2d_backward(
     g.im2col(x, c, cols);
     gemm_rm(dw, dy, false, cols, true, (o, ckk, ohw), true);
     for (d, row) in db.iter_mut().zip(dy.chunks(ohw)) {
-        *d += row.iter().sum::<f32>();
+        *d += crate::nn::kernels::sum(row);
     }
     if let Some(dx) = dx {
         gemm_rm(cols, w, true, dy, false, (ckk, ohw, o), false);
@@ -353,7 +353,7 @@ pub fn conv_transpose2d_backward(
     // dW [C_in, C_out k k] += x [C_in, h w] cols^T [h w, C_out k k]
     gemm_rm(dw, x, false, cols, true, (c_in, ckk, hw_in), true);
     for (d, plane) in db.iter_mut().zip(dy.chunks(hw_out)) {
-        *d += plane.iter().sum::<f32>();
+        *d += crate::nn::kernels::sum(plane);
     }
     if let Some(dx) = dx {
         // dx [C_in, h w] = W [C_in, C_out k k] cols [C_out k k, h w]

@@ -97,26 +97,44 @@ fn channel_grad_sums(
         let a = gamma * x_hat + beta;
         d * s * (1.0 + a * (1.0 - s))
     };
+    // Whole registers as fixed-size arrays: indexed slices left this loop scalar.
+    let lanes = |v: &[f32]| -> [f32; LANES] { v.try_into().expect("a chunk of LANES") };
     if with_silu {
-        let (out, dy, sig, x) = (&mut out[..n], &dy[..n], &sig[..n], &x[..n]);
-        for i in (0..whole).step_by(LANES) {
+        let chunks = out[..whole]
+            .chunks_exact_mut(LANES)
+            .zip(dy[..whole].chunks_exact(LANES))
+            .zip(
+                sig[..whole]
+                    .chunks_exact(LANES)
+                    .zip(x[..whole].chunks_exact(LANES)),
+            );
+        for ((out, dy), (sig, x)) in chunks {
+            let (dy, sig, x) = (lanes(dy), lanes(sig), lanes(x));
             for l in 0..LANES {
-                let x_hat = (x[i + l] - mean) * inv;
-                let o = silu_grad(dy[i + l], x_hat, sig[i + l]);
-                out[i + l] = o;
+                let x_hat = (x[l] - mean) * inv;
+                let o = silu_grad(dy[l], x_hat, sig[l]);
+                out[l] = o;
                 sg[l] += o;
-                sgx[l] += o * x_hat;
             }
         }
     } else {
-        let (dy, x) = (&dy[..n], &x[..n]);
-        out[..n].copy_from_slice(dy);
-        for i in (0..whole).step_by(LANES) {
+        out[..n].copy_from_slice(&dy[..n]);
+        for dy in dy[..whole].chunks_exact(LANES) {
+            let dy = lanes(dy);
             for l in 0..LANES {
-                let x_hat = (x[i + l] - mean) * inv;
-                sg[l] += dy[i + l];
-                sgx[l] += dy[i + l] * x_hat;
+                sg[l] += dy[l];
             }
+        }
+    }
+    // sum out x_hat in a loop of its own: with both running sums in one loop LLVM pairs
+    // sg[l] with sgx[l] into two-lane vectors instead of vectorising across l.
+    for (o, x) in out[..whole]
+        .chunks_exact(LANES)
+        .zip(x[..whole].chunks_exact(LANES))
+    {
+        let (o, x) = (lanes(o), lanes(x));
+        for l in 0..LANES {
+            sgx[l] += o[l] * ((x[l] - mean) * inv);
         }
     }
     let (mut sg, mut sgx) = (sg.iter().sum::<f32>(), sgx.iter().sum::<f32>());
@@ -240,10 +258,16 @@ fn moments(x: &[f32], eps: f64) -> (f32, f32) {
     let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
+    // Two loops of one running sum each: in one loop LLVM pairs s1[l] with s2[l] into
+    // two-lane vectors instead of vectorising across l (the group is in L1 either way).
+    for c in chunks.clone() {
+        for l in 0..LANES {
+            s1[l] += c[l] - shift;
+        }
+    }
     for c in chunks {
         for l in 0..LANES {
             let d = c[l] - shift;
-            s1[l] += d;
             s2[l] += d * d;
         }
     }
