@@ -245,18 +245,19 @@ impl Plan {
                 let dst = &mut params[ut..ut + 16 * o * ci];
                 crate::nn::winograd::transform_filter(&flipped, (ci, o), dst);
             }
-            let (Some(wf), Some(wu)) = (c.wf, c.wu) else {
-                continue;
-            };
             let k = c.k;
             for o in 0..c.o {
                 for ci in 0..c.c {
                     for u in 0..k {
                         for v in 0..k {
-                            params[wf + ((u * c.c + ci) * c.o + o) * k + v] =
-                                params[c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
-                            params[wu + (u * c.o + o) * c.c * k + ci * k + v] =
-                                params[c.w + ((o * c.c + ci) * k + u) * k + v];
+                            if let Some(wf) = c.wf {
+                                params[wf + ((u * c.c + ci) * c.o + o) * k + v] = params
+                                    [c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
+                            }
+                            if let Some(wu) = c.wu {
+                                params[wu + (u * c.o + o) * c.c * k + ci * k + v] =
+                                    params[c.w + ((o * c.c + ci) * k + u) * k + v];
+                            }
                         }
                     }
                 }
@@ -803,6 +804,11 @@ impl FusedUnet {
                 c.wf = Some(params.len());
                 c.wu = Some(params.len() + c.o * c.c * c.k * c.k);
                 params.resize(params.len() + 2 * c.o * c.c * c.k * c.k, 0.0);
+            }
+            if c.stride == 2 && c.k > 1 {
+                // The forward pass of the downsampling convolutions (strided_conv).
+                c.wu = Some(params.len());
+                params.resize(params.len() + c.o * c.c * c.k * c.k, 0.0);
             }
             if c.stride == 1 && c.k == 3 && !c.pad_end && c.o.min(c.c) >= winograd_channels {
                 let n = 16 * c.o * c.c;

@@ -48,6 +48,12 @@ impl Geometry {
             for u in 0..k {
                 for v in 0..k {
                     let row = &mut cols[((c * k + u) * k + v) * oh * ow..][..oh * ow];
+                    // Output columns whose pixel ox * s + v - p lies inside a line (the same
+                    // for every line: worked out once, not once a line).
+                    let first = ((p - v as isize).max(0) as usize).div_ceil(s);
+                    let last = ((self.w as isize - 1 + p - v as isize).div_euclid(s as isize) + 1)
+                        .clamp(first as isize, ow as isize) as usize;
+                    let first = first.min(last);
                     for oy in 0..oh {
                         let iy = (oy * s + u) as isize - p;
                         let out = &mut row[oy * ow..(oy + 1) * ow];
@@ -56,19 +62,19 @@ impl Geometry {
                             continue;
                         }
                         let line = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        // Output columns whose pixel ox * s + v - p lies inside the line.
-                        let first = ((p - v as isize).max(0) as usize).div_ceil(s);
-                        let last = ((self.w as isize - 1 + p - v as isize).div_euclid(s as isize)
-                            + 1)
-                        .clamp(first as isize, ow as isize)
-                            as usize;
-                        let first = first.min(last);
                         out[..first].fill(0.0);
                         out[last..].fill(0.0);
                         let start = (first * s + v) as isize - p;
                         if s == 1 {
                             let start = start as usize;
                             out[first..last].copy_from_slice(&line[start..start + last - first]);
+                        } else if s == 2 {
+                            // The stride as a constant: LLVM loads the line's pairs and keeps
+                            // every other value (the indexed loop below stays scalar).
+                            let src = line[start as usize..].iter().step_by(2);
+                            for (o, &v) in out[first..last].iter_mut().zip(src) {
+                                *o = v;
+                            }
                         } else {
                             for (j, o) in out[first..last].iter_mut().enumerate() {
                                 *o = line[start as usize + j * s];

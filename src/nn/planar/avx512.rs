@@ -34,25 +34,27 @@ fn mask(at: usize, n: usize) -> __mmask16 {
     }
 }
 
-/// `y [M, H W] (+)= sum_u W_u e_u` (the product of [`super::conv::shifted_conv`]) for M a
-/// multiple of [`CONV_ROWS`]: tiles of 8 outputs by 48 pixels, each the sum of `k C k`
-/// broadcast weights times three rows of `e`, kept in registers from the first product to the
-/// store.
+/// `y [M, P] (+)= sum_u W_u e_u` (the product of [`super::conv::offset_conv`]), `e_u` the rows
+/// of `e` (`[C k, plane]`) from `offsets[u]`, for M a multiple of [`CONV_ROWS`]: tiles of 8
+/// outputs by 48 pixels, each the sum of `k C k` broadcast weights times three rows of `e`,
+/// kept in registers from the first product to the store.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `y.len() >= m h w`, `wts.len() >= k m ck`,
-/// `e.len() >= ck (h + k - 1) w`, `m % CONV_ROWS == 0`.
+/// The CPU has AVX-512F; `y.len() >= m P`, `wts.len() >= k m ck`, `e.len() >= ck plane`,
+/// `offsets[u] + P <= plane`, `m % CONV_ROWS == 0` (k = `offsets.len()`, P = `hw`).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn conv(
     y: &mut [f32],
     wts: &[f32],
     e: &[f32],
-    (m, ck, k): (usize, usize, usize),
-    (h, w): (usize, usize),
+    (m, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
     add: bool,
 ) {
-    let (hw, plane) = (h * w, (h + k - 1) * w);
+    let k = offsets.len();
     debug_assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    debug_assert!(offsets.iter().all(|&o| o + hw <= plane));
     debug_assert_eq!(m % CONV_ROWS, 0);
     let mut p0 = 0;
     while p0 < hw {
@@ -62,9 +64,9 @@ pub unsafe fn conv(
             // SAFETY: the caller's contract, as the function's.
             unsafe {
                 match regs {
-                    3 => tile::<3>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
-                    2 => tile::<2>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
-                    _ => tile::<1>(y, wts, e, (m, ck, k), (hw, plane, w), (o0, p0), add),
+                    3 => tile::<3>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
+                    2 => tile::<2>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
+                    _ => tile::<1>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
                 }
             }
         }
@@ -75,20 +77,22 @@ pub unsafe fn conv(
 /// One tile of [`conv`]: outputs `o0..o0 + 8`, pixels `p0..p0 + 16 R` (masked past H W).
 #[target_feature(enable = "avx512f")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile<const R: usize>(
     y: &mut [f32],
     wts: &[f32],
     e: &[f32],
-    (m, ck, k): (usize, usize, usize),
-    (hw, plane, w): (usize, usize, usize),
+    (m, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
     (o0, p0): (usize, usize),
     add: bool,
 ) {
     let masks: [__mmask16; R] = std::array::from_fn(|j| mask(p0 + 16 * j, hw));
     let (yp, wp, ep) = (y.as_mut_ptr(), wts.as_ptr(), e.as_ptr());
     // SAFETY: every load and store is masked to the pixels below hw of a row the caller's
-    // lengths cover: y's rows o < m, e's rows r < ck from r plane + u w with u w + hw <= plane;
-    // weights at u m ck + o ck + r < k m ck.
+    // lengths cover: y's rows o < m, e's rows r < ck from r plane + offsets[u] with
+    // offsets[u] + hw <= plane; weights at u m ck + o ck + r < k m ck.
     unsafe {
         let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
         if add {
@@ -98,9 +102,9 @@ unsafe fn tile<const R: usize>(
                 }
             }
         }
-        for u in 0..k {
+        for (u, &offset) in offsets.iter().enumerate() {
             let wu = wp.add(u * m * ck + o0 * ck);
-            let eu = ep.add(u * w + p0);
+            let eu = ep.add(offset + p0);
             for r in 0..ck {
                 let row = eu.add(r * plane);
                 let b: [__m512; R] =

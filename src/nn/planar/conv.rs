@@ -33,8 +33,10 @@ pub(crate) struct ConvP {
     /// [`shifted_conv`]), so that dx is itself a convolution of dy instead of a gemm and a
     /// col2im.
     pub(crate) wf: Option<usize>,
-    /// The same convolutions: where `W_u[o, c k + v] = W[o, c, u, v]` (u = 0..k, each
-    /// `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`]).
+    /// The same convolutions and the stride-2 ones: where `W_u[o, c k + v] = W[o, c, u, v]`
+    /// (u = 0..k, each `[O, C k]`) is kept, for the row-shift forward pass ([`shifted_rows`],
+    /// [`strided_rows`]); for stride 1 its region of the gradient takes dW transposed
+    /// ([`shifted_weight_grad`]).
     pub(crate) wu: Option<usize>,
     /// Wide stride-1 3x3 convolutions: where Winograd's transformed filters are kept, `U
     /// [16, O, C]` of W (the forward pass) and of the flipped, transposed W' (dx), see
@@ -158,15 +160,111 @@ pub fn shifted_conv(
     (h, w): (usize, usize),
     add: bool,
 ) {
-    let (hw, plane) = (h * w, (h + k - 1) * w);
+    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    offset_conv(y, wts, e, (m, ck), &offsets, (h * w, (h + k - 1) * w), add);
+}
+
+/// `y [M, P] (+)= sum_u W_u e_u`, `e_u` the `P`-long runs of the rows of `e` (`[CK, plane]`)
+/// starting at `offsets[u]` (u = 0..k), `wts` = the k matrices `W_u [M, CK]`: the product
+/// under [`shifted_conv`] (offsets u W) and [`strided_conv`]. With AVX-512 and M a multiple
+/// of 8, [`super::avx512::conv`]; else k gemms.
+pub fn offset_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
+    add: bool,
+) {
+    let k = offsets.len();
     assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    assert!(offsets.iter().all(|&o| o + hw <= plane));
     #[cfg(target_arch = "x86_64")]
     if m % super::avx512::CONV_ROWS == 0 && has_avx512() {
-        // SAFETY: AVX-512F is there (checked), the lengths by the assert, M by the condition.
-        unsafe { super::avx512::conv(y, wts, e, (m, ck, k), (h, w), add) };
+        // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, M by
+        // the condition.
+        unsafe { super::avx512::conv(y, wts, e, (m, ck), offsets, (hw, plane), add) };
         return;
     }
-    gemm_shifted_conv(y, wts, e, (m, ck, k), (h, w), add);
+    gemm_offset_conv(y, wts, e, (m, ck), offsets, (hw, plane), add);
+}
+
+/// The rows [`strided_conv`] reads, for a stride-2 k x k convolution with padding p over
+/// `x [C, H, W]` to `(OH, OW)`: `e [C k, 2 A OW]` (A = OH + (k - 1) / 2), row (c, v) = the
+/// input's columns `2 j + v - p` (j < OW), its input lines split by parity: line `2 a + q - p`
+/// at `(q A + a) OW` (zeros outside the input). Kernel row u then reads lines
+/// `2 i + u - p` = parity u % 2, a = i + u / 2 for output rows i: one contiguous run of
+/// `OH OW` from `(u % 2) A OW + (u / 2) OW`.
+pub fn strided_rows(
+    x: &[f32],
+    c: usize,
+    (h, w): (usize, usize),
+    (k, p): (usize, usize),
+    (oh, ow): (usize, usize),
+    e: &mut [f32],
+) {
+    let a_rows = oh + (k - 1) / 2;
+    let plane = 2 * a_rows * ow;
+    for ci in 0..c {
+        let src = &x[ci * h * w..(ci + 1) * h * w];
+        for v in 0..k {
+            let row = &mut e[(ci * k + v) * plane..(ci * k + v + 1) * plane];
+            // Output columns j whose input column 2 j + v - p lies inside a line.
+            let first = p.saturating_sub(v).div_ceil(2).min(ow);
+            let last = match (w + p).checked_sub(v + 1) {
+                Some(n) => (n / 2 + 1).clamp(first, ow),
+                None => first,
+            };
+            for q in 0..2 {
+                for a in 0..a_rows {
+                    let out = &mut row[(q * a_rows + a) * ow..][..ow];
+                    let iy = (2 * a + q) as isize - p as isize;
+                    if iy < 0 || iy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                    out[..first].fill(0.0);
+                    out[last..].fill(0.0);
+                    if first == last {
+                        continue;
+                    }
+                    let start = 2 * first + v - p;
+                    for (o, &val) in out[first..last]
+                        .iter_mut()
+                        .zip(line[start..].iter().step_by(2))
+                    {
+                        *o = val;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stride-2 k x k convolution with padding p, `y [M, OH OW] (+)= W * x`, from the rows of
+/// [`strided_rows`] (`e`) and `wts` = the k matrices `W_u [M, C k]` (`W_u[o, c k + v] =
+/// W[o, c, u, v]`, as [`ConvP::wu`]).
+pub fn strided_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, c, k): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+    add: bool,
+) {
+    let a_rows = oh + (k - 1) / 2;
+    let offsets: Vec<usize> = (0..k).map(|u| ((u % 2) * a_rows + u / 2) * ow).collect();
+    offset_conv(
+        y,
+        wts,
+        e,
+        (m, c * k),
+        &offsets,
+        (oh * ow, 2 * a_rows * ow),
+        add,
+    );
 }
 
 /// [`shifted_conv`] as k gemms `y (+)= W_u e_u`.
@@ -178,11 +276,26 @@ pub fn gemm_shifted_conv(
     (h, w): (usize, usize),
     add: bool,
 ) {
-    let (hw, plane) = (h * w, (h + k - 1) * w);
+    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    gemm_offset_conv(y, wts, e, (m, ck), &offsets, (h * w, (h + k - 1) * w), add);
+}
+
+/// [`offset_conv`] as k gemms `y (+)= W_u e_u`.
+pub fn gemm_offset_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    e: &[f32],
+    (m, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
+    add: bool,
+) {
+    let k = offsets.len();
     assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
-    for u in 0..k {
+    assert!(offsets.iter().all(|&o| o + hw <= plane));
+    for (u, &offset) in offsets.iter().enumerate() {
         // SAFETY: the asserts above bound every index: row r of e_u spans
-        // r plane + u w .. r plane + u w + hw <= (r + 1) plane.
+        // r plane + offset .. r plane + offset + hw <= (r + 1) plane.
         unsafe {
             gemm::gemm(
                 m,
@@ -195,7 +308,7 @@ pub fn gemm_shifted_conv(
                 wts.as_ptr().add(u * m * ck),
                 1,
                 ck as isize,
-                e.as_ptr().add(u * w),
+                e.as_ptr().add(offset),
                 1,
                 plane as isize,
                 1.0,
@@ -486,6 +599,18 @@ impl ConvP {
             }
             shifted_rows(x, c, size, k, buf);
             shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
+        } else if let (Some(wu), 2) = (self.wu, self.stride) {
+            // Stride 2: the input's columns and lines split by parity (strided_rows, 2 k
+            // values a pixel where im2col makes k^2 / 4), then k products. The rows are not
+            // kept: dW unfolds the input again (im2col).
+            let (c, k) = (self.c, self.k);
+            let len = c * k * 2 * (oh + (k - 1) / 2) * ow;
+            let buf = &mut cols.scratch;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            strided_rows(x, c, (g.h, g.w), (k, g.padding), (oh, ow), buf);
+            strided_conv(y, &p[wu..], buf, (self.o, c, k), (oh, ow), true);
         } else {
             let buf = cols.for_forward(self.id);
             if buf.len() < ckk * ohw {
@@ -736,6 +861,64 @@ mod tests {
                 // Sums over the whole plane (784 products), in another order than gemm's.
                 assert!(err <= 1e-5, "weight grad {o}x{c} {h}x{w}: {err:e}");
             }
+        }
+    }
+
+    /// The stride-2 convolution from the parity-split rows equals im2col and a gemm, at
+    /// padding 1 (the compact U-Net's downsampling) and 0 (DDPM's, on the padded plane), even
+    /// and odd sizes, 3 and 4 wide kernels, output counts for the AVX-512 kernel and the
+    /// gemms (8, 16; 3).
+    #[test]
+    fn strided_conv_matches_im2col() {
+        for (m, c, (h, w), k, p) in [
+            (16, 16, (28, 28), 3, 1),
+            (8, 3, (15, 15), 3, 0),
+            (16, 2, (9, 14), 3, 1),
+            (3, 5, (14, 14), 3, 1),
+            (8, 4, (16, 16), 4, 1),
+            (8, 1, (7, 5), 3, 0),
+        ] {
+            let g = Geometry {
+                k,
+                stride: 2,
+                padding: p,
+                h,
+                w,
+            };
+            let (oh, ow) = g.output();
+            let x = values(c * h * w, 7919);
+            let wt = values(m * c * k * k, 104729);
+            // W_u[o, c k + v] = W[o, c, u, v]
+            let mut wu = vec![0f32; m * c * k * k];
+            for o in 0..m {
+                for ci in 0..c {
+                    for u in 0..k {
+                        for v in 0..k {
+                            wu[(u * m + o) * c * k + ci * k + v] =
+                                wt[((o * c + ci) * k + u) * k + v];
+                        }
+                    }
+                }
+            }
+            let mut cols = vec![0f32; c * k * k * oh * ow];
+            g.im2col(&x, c, &mut cols);
+            let start = values(m * oh * ow, 31);
+            let mut slow = start.clone();
+            gemm_rm(
+                &mut slow,
+                &wt,
+                false,
+                &cols,
+                false,
+                (m, oh * ow, c * k * k),
+                true,
+            );
+            let mut e = vec![f32::NAN; c * k * 2 * (oh + (k - 1) / 2) * ow];
+            strided_rows(&x, c, (h, w), (k, p), (oh, ow), &mut e);
+            let mut fast = start;
+            strided_conv(&mut fast, &wu, &e, (m, c, k), (oh, ow), true);
+            let err = relative_error(&fast, &slow);
+            assert!(err <= 1e-6, "{m}x{c} {h}x{w} k {k} p {p}: {err:e}");
         }
     }
 
