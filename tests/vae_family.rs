@@ -100,8 +100,10 @@ fn conv_config(act: Activation) -> VaeConfig {
     VaeConfig {
         input_dim: shape.dim(),
         image_shape: Some(shape),
+        // 8 channels: the first convolution takes the engine's stride-2 row products where
+        // the CPU has AVX-512 (multiples of 8 outputs), the second (6) im2col.
         conv: Some(elbo::vae::model::ConvNet {
-            channels: vec![4, 6],
+            channels: vec![8, 6],
             residual: false,
         }),
         ..config(192, &[&[12]], &[5], act)

@@ -246,18 +246,18 @@ impl Plan {
                 crate::nn::winograd::transform_filter(&flipped, (ci, o), dst);
             }
             let k = c.k;
+            let n = c.o * c.c * k * k;
+            if let Some(wu) = c.wu {
+                let w = params[c.w..c.w + n].to_vec();
+                crate::nn::planar::conv::weights_by_row(&w, (c.o, c.c, k), &mut params[wu..wu + n]);
+            }
+            let Some(wf) = c.wf else { continue };
             for o in 0..c.o {
                 for ci in 0..c.c {
                     for u in 0..k {
                         for v in 0..k {
-                            if let Some(wf) = c.wf {
-                                params[wf + ((u * c.c + ci) * c.o + o) * k + v] = params
-                                    [c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
-                            }
-                            if let Some(wu) = c.wu {
-                                params[wu + (u * c.o + o) * c.c * k + ci * k + v] =
-                                    params[c.w + ((o * c.c + ci) * k + u) * k + v];
-                            }
+                            params[wf + ((u * c.c + ci) * c.o + o) * k + v] =
+                                params[c.w + ((o * c.c + ci) * k + (k - 1 - u)) * k + (k - 1 - v)];
                         }
                     }
                 }

@@ -49,6 +49,7 @@ use crate::nn::conv::{
 };
 use crate::nn::kernels::{add_assign, bce_logits_grad, bernoulli_log_prob};
 use crate::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
+use crate::nn::planar::conv as planar;
 use crate::optim::{Adam, ParamEntry, ParamTable};
 use crate::vae::estimate::{LikelihoodEstimate, log_add_exp};
 use crate::vae::model::{Likelihood, Vae, VaeConfig};
@@ -214,6 +215,24 @@ fn conv_rows(
 ) {
     let rows = input.len() / c.size_in;
     out.resize(rows * c.size_out, 0.0);
+    let (g, k) = (c.g, c.g.k);
+    if !transposed && g.stride == 2 && k > 1 && planar::offset_conv_is_direct(c.c_out) {
+        // Stride 2 as k products over the input split by parity (planar::strided_rows: 2 k
+        // values a pixel where im2col makes k^2 / 4), the weights reordered once per batch.
+        let n = c.c_out * c.c_in * k * k;
+        let mut wu = vec![0f32; n];
+        planar::weights_by_row(&p[c.w..c.w + n], (c.c_out, c.c_in, k), &mut wu);
+        let (oh, ow) = g.output();
+        let mut e = vec![0f32; c.c_in * k * 2 * (oh + (k - 1) / 2) * ow];
+        for (y, x) in out.chunks_mut(c.size_out).zip(input.chunks(c.size_in)) {
+            for (row, &b) in y.chunks_mut(oh * ow).zip(&p[c.b..c.b + c.c_out]) {
+                row.fill(b);
+            }
+            planar::strided_rows(x, c.c_in, (g.h, g.w), (k, g.padding), (oh, ow), &mut e);
+            planar::strided_conv(y, &wu, &e, (c.c_out, c.c_in, k), (oh, ow), true);
+        }
+        return;
+    }
     for (y, x) in out.chunks_mut(c.size_out).zip(input.chunks(c.size_in)) {
         let (w, b) = (&p[c.w..], &p[c.b..c.b + c.c_out]);
         if transposed {

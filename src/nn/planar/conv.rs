@@ -164,6 +164,29 @@ pub fn shifted_conv(
     offset_conv(y, wts, e, (m, ck), &offsets, (h * w, (h + k - 1) * w), add);
 }
 
+/// Whether [`offset_conv`] runs the AVX-512 kernel for M outputs (else it runs k gemms, which
+/// the callers measured slower than one im2col gemm for strided convolutions).
+pub fn offset_conv_is_direct(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return m % super::avx512::CONV_ROWS == 0 && has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `W [O, C, k, k]` into the k matrices `W_u[o, c k + v] = W[o, c, u, v]` (each `[O, C k]`)
+/// of [`offset_conv`], [`shifted_conv`] and [`strided_conv`].
+pub fn weights_by_row(w: &[f32], (o, c, k): (usize, usize, usize), wu: &mut [f32]) {
+    for oi in 0..o {
+        for ci in 0..c {
+            for u in 0..k {
+                for v in 0..k {
+                    wu[(u * o + oi) * c * k + ci * k + v] = w[((oi * c + ci) * k + u) * k + v];
+                }
+            }
+        }
+    }
+}
+
 /// `y [M, P] (+)= sum_u W_u e_u`, `e_u` the `P`-long runs of the rows of `e` (`[CK, plane]`)
 /// starting at `offsets[u]` (u = 0..k), `wts` = the k matrices `W_u [M, CK]`: the product
 /// under [`shifted_conv`] (offsets u W) and [`strided_conv`]. With AVX-512 and M a multiple
@@ -181,7 +204,7 @@ pub fn offset_conv(
     assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
     assert!(offsets.iter().all(|&o| o + hw <= plane));
     #[cfg(target_arch = "x86_64")]
-    if m % super::avx512::CONV_ROWS == 0 && has_avx512() {
+    if offset_conv_is_direct(m) {
         // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, M by
         // the condition.
         unsafe { super::avx512::conv(y, wts, e, (m, ck), offsets, (hw, plane), add) };
@@ -888,18 +911,8 @@ mod tests {
             let (oh, ow) = g.output();
             let x = values(c * h * w, 7919);
             let wt = values(m * c * k * k, 104729);
-            // W_u[o, c k + v] = W[o, c, u, v]
             let mut wu = vec![0f32; m * c * k * k];
-            for o in 0..m {
-                for ci in 0..c {
-                    for u in 0..k {
-                        for v in 0..k {
-                            wu[(u * m + o) * c * k + ci * k + v] =
-                                wt[((o * c + ci) * k + u) * k + v];
-                        }
-                    }
-                }
-            }
+            weights_by_row(&wt, (m, c, k), &mut wu);
             let mut cols = vec![0f32; c * k * k * oh * ow];
             g.im2col(&x, c, &mut cols);
             let start = values(m * oh * ow, 31);
