@@ -100,10 +100,11 @@ fn conv_config(act: Activation) -> VaeConfig {
     VaeConfig {
         input_dim: shape.dim(),
         image_shape: Some(shape),
-        // 8 channels: the first convolution takes the engine's stride-2 row products where
-        // the CPU has AVX-512 (multiples of 8 outputs), the second (6) im2col.
+        // 16 channels: both convolutions take the engine's stride-2 row products where the
+        // CPU has AVX-512 (forward: multiples of 8 outputs; dW: of 16), the second with its
+        // dx; elsewhere im2col.
         conv: Some(elbo::vae::model::ConvNet {
-            channels: vec![8, 6],
+            channels: vec![16, 16],
             residual: false,
         }),
         ..config(192, &[&[12]], &[5], act)

@@ -45,7 +45,7 @@ use crate::engine::TrainStep;
 use crate::nn::activation::Activation;
 use crate::nn::conv::{
     ConvScratch, Geometry, conv_transpose2d_backward, conv_transpose2d_forward, conv2d_backward,
-    conv2d_forward,
+    conv2d_forward, conv2d_input_grad,
 };
 use crate::nn::kernels::{add_assign, bce_logits_grad, bernoulli_log_prob};
 use crate::nn::mlp::{MlpShape, MlpTape, mlp_backward, mlp_forward};
@@ -263,6 +263,38 @@ fn conv_rows_backward(
     let mut dx = dx;
     if let Some(d) = dx.as_deref_mut() {
         d.resize(rows * c.size_in, 0.0);
+    }
+    let (g, k) = (c.g, c.g.k);
+    if !transposed && g.stride == 2 && k > 1 && planar::offset_weight_grad_is_direct(c.c_out) {
+        // Stride 2: dW^T from the input split by parity (no im2col), summed over the batch
+        // and then moved into [O, C, k, k]; dx (when asked) = col2im(W^T dy) as below.
+        let (o, ci, ck) = (c.c_out, c.c_in, c.c_in * k);
+        let (oh, ow) = g.output();
+        let mut e = vec![0f32; ck * 2 * (oh + (k - 1) / 2) * ow];
+        let mut dwu = vec![0f32; o * ck * k];
+        for r in 0..rows {
+            let x = &input[r * c.size_in..(r + 1) * c.size_in];
+            let dyr = &dy[r * c.size_out..(r + 1) * c.size_out];
+            planar::strided_rows(x, ci, (g.h, g.w), (k, g.padding), (oh, ow), &mut e);
+            planar::strided_weight_grad(&mut dwu, dyr, &e, (o, ci, k), (oh, ow));
+            for (d, plane) in gb.iter_mut().zip(dyr.chunks(oh * ow)) {
+                *d += crate::nn::kernels::sum(plane);
+            }
+            if let Some(d) = dx.as_deref_mut() {
+                let dxr = &mut d[r * c.size_in..(r + 1) * c.size_in];
+                conv2d_input_grad(dxr, w, dyr, g, (ci, o), sc);
+            }
+        }
+        // dW_u^T[(c, v), o] (u = 0..k) into dW[o, c, u, v].
+        for u in 0..k {
+            for (cv, row) in dwu[u * ck * o..(u + 1) * ck * o].chunks(o).enumerate() {
+                let (cc, v) = (cv / k, cv % k);
+                for (oo, &val) in row.iter().enumerate() {
+                    gw[((oo * ci + cc) * k + u) * k + v] += val;
+                }
+            }
+        }
+        return;
     }
     for r in 0..rows {
         let x = &input[r * c.size_in..(r + 1) * c.size_in];

@@ -300,10 +300,25 @@ pub fn conv2d_backward(
         *d += crate::nn::kernels::sum(row);
     }
     if let Some(dx) = dx {
-        gemm_rm(cols, w, true, dy, false, (ckk, ohw, o), false);
-        dx.fill(0.0);
-        g.col2im(cols, c, dx);
+        conv2d_input_grad(dx, w, dy, g, (c, o), s);
     }
+}
+
+/// `dx = col2im(W^T dy)` (overwriting) of [`conv2d_forward`] for one example.
+pub fn conv2d_input_grad(
+    dx: &mut [f32],
+    w: &[f32],
+    dy: &[f32],
+    g: Geometry,
+    (c, o): (usize, usize),
+    s: &mut ConvScratch,
+) {
+    let (oh, ow) = g.output();
+    let (ckk, ohw) = (c * g.k * g.k, oh * ow);
+    let cols = s.cols(ckk * ohw);
+    gemm_rm(cols, w, true, dy, false, (ckk, ohw, o), false);
+    dx.fill(0.0);
+    g.col2im(cols, c, dx);
 }
 
 /// `y [C_out, H, W] = conv_transpose2d(x [C_in, h, w], w [C_in, C_out, k, k]) + b [C_out]` for

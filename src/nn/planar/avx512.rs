@@ -133,41 +133,60 @@ unsafe fn tile<const R: usize>(
 /// place, one value a pixel each, so neither operand is packed.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `dwu.len() >= k o ck`, `dy.len() >= o h w`,
-/// `e.len() >= ck (h + k - 1) w`, `o % 16 == 0`.
+/// The CPU has AVX-512F; `dwu.len() >= k o ck`, `dy.len() >= o hw`, `e.len() >= ck plane`,
+/// `offsets[u] + hw <= plane`, `o % 16 == 0` (k = `offsets.len()`).
 #[target_feature(enable = "avx512f")]
 pub unsafe fn weight_grad(
     dwu: &mut [f32],
     dy: &[f32],
     e: &[f32],
-    (o, ck, k): (usize, usize, usize),
-    (h, w): (usize, usize),
+    (o, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
     dyt: &mut Vec<f32>,
 ) {
-    let hw = h * w;
+    let k = offsets.len();
     debug_assert!(dwu.len() >= k * o * ck && dy.len() >= o * hw);
-    debug_assert!(e.len() >= ck * (h + k - 1) * w && o % 16 == 0);
+    debug_assert!(e.len() >= ck * plane && o % 16 == 0);
+    debug_assert!(offsets.iter().all(|&at| at + hw <= plane));
     dyt.resize(hw * o, 0.0);
     for (oi, row) in dy[..o * hw].chunks_exact(hw).enumerate() {
         for (p, &v) in row.iter().enumerate() {
             dyt[p * o + oi] = v;
         }
     }
-    let geometry = (o, ck, k, hw, (h + k - 1) * w, w);
+    let geometry = Rows {
+        o,
+        ck,
+        offsets,
+        hw,
+        plane,
+    };
     let mut o0 = 0;
     while o0 < o {
         let regs = ((o - o0) / 16).min(4);
         // SAFETY: the caller's contract, as the function's.
         unsafe {
             match regs {
-                4 => rows::<4, 6>(dwu, dyt, e, geometry, o0),
-                3 => rows::<3, 8>(dwu, dyt, e, geometry, o0),
-                2 => rows::<2, 12>(dwu, dyt, e, geometry, o0),
-                _ => rows::<1, 24>(dwu, dyt, e, geometry, o0),
+                4 => rows::<4, 6>(dwu, dyt, e, &geometry, o0),
+                3 => rows::<3, 8>(dwu, dyt, e, &geometry, o0),
+                2 => rows::<2, 12>(dwu, dyt, e, &geometry, o0),
+                _ => rows::<1, 24>(dwu, dyt, e, &geometry, o0),
             }
         }
         o0 += 16 * regs;
     }
+}
+
+/// [`weight_grad`]'s operands' shapes: `o` outputs, `ck` rows of `e` per kernel row, each
+/// kernel row u reading `hw` values from `offsets[u]` of rows `plane` apart.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    o: usize,
+    ck: usize,
+    offsets: &'a [usize],
+    hw: usize,
+    plane: usize,
 }
 
 /// [`weight_grad`]'s outputs `o0..o0 + 16 N` for every row `(u, r)` of `e`: tiles of `Q` rows,
@@ -177,11 +196,10 @@ unsafe fn rows<const N: usize, const Q: usize>(
     dwu: &mut [f32],
     dyt: &[f32],
     e: &[f32],
-    g: (usize, usize, usize, usize, usize, usize),
+    g: &Rows,
     o0: usize,
 ) {
-    let (_, ck, k, ..) = g;
-    let total = k * ck;
+    let total = g.offsets.len() * g.ck;
     let full = total / Q * Q;
     for q0 in (0..full).step_by(Q) {
         // SAFETY: the caller's contract.
@@ -201,16 +219,19 @@ unsafe fn row_tile<const N: usize, const Q: usize>(
     dwu: &mut [f32],
     dyt: &[f32],
     e: &[f32],
-    (o, ck, _k, hw, plane, w): (usize, usize, usize, usize, usize, usize),
+    g: &Rows,
     (o0, q0): (usize, usize),
 ) {
+    let Rows {
+        o, ck, hw, plane, ..
+    } = *g;
     let start: [usize; Q] = std::array::from_fn(|j| {
         let q = q0 + j;
-        (q % ck) * plane + (q / ck) * w
+        (q % ck) * plane + g.offsets[q / ck]
     });
     let (dp, ep) = (dyt.as_ptr(), e.as_ptr());
     // SAFETY: dyt holds hw rows of o values (o0 + 16 N <= o); row q of e spans start(q) ..
-    // start(q) + hw <= (q % ck + 1) plane <= e.len().
+    // start(q) + hw <= (q % ck + 1) plane <= e.len() (offsets[u] + hw <= plane).
     let acc = unsafe {
         let mut acc: [[__m512; N]; Q] = [[_mm512_setzero_ps(); N]; Q];
         for p in 0..hw {

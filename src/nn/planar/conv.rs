@@ -277,17 +277,16 @@ pub fn strided_conv(
     (oh, ow): (usize, usize),
     add: bool,
 ) {
+    let offsets = strided_offsets(k, (oh, ow));
+    let plane = 2 * (oh + (k - 1) / 2) * ow;
+    offset_conv(y, wts, e, (m, c * k), &offsets, (oh * ow, plane), add);
+}
+
+/// Where kernel row u of a stride-2 convolution reads the rows of [`strided_rows`]: line
+/// parity u % 2 from line u / 2, `((u % 2) A + u / 2) OW` (A = OH + (k - 1) / 2).
+fn strided_offsets(k: usize, (oh, ow): (usize, usize)) -> Vec<usize> {
     let a_rows = oh + (k - 1) / 2;
-    let offsets: Vec<usize> = (0..k).map(|u| ((u % 2) * a_rows + u / 2) * ow).collect();
-    offset_conv(
-        y,
-        wts,
-        e,
-        (m, c * k),
-        &offsets,
-        (oh * ow, 2 * a_rows * ow),
-        add,
-    );
+    (0..k).map(|u| ((u % 2) * a_rows + u / 2) * ow).collect()
 }
 
 /// [`shifted_conv`] as k gemms `y (+)= W_u e_u`.
@@ -428,14 +427,9 @@ pub fn shifted_weight_grad(
     (h, w): (usize, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if o % 16 == 0 && h * w >= DOT_WEIGHT_GRAD_PIXELS && has_avx512() {
-        let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
-        assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
-        DY_T.with_borrow_mut(|dyt| {
-            // SAFETY: AVX-512F is there (checked), the lengths by the assert, O by the
-            // condition.
-            unsafe { super::avx512::weight_grad(dwu, dy, e, (o, ck, k), (h, w), dyt) }
-        });
+    if h * w >= DOT_WEIGHT_GRAD_PIXELS && offset_weight_grad_is_direct(o) {
+        let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+        offset_weight_grad(dwu, dy, e, (o, c * k), &offsets, (h * w, (h + k - 1) * w));
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -451,20 +445,56 @@ pub fn shifted_weight_grad(
     gemm_weight_grad(dwu, dy, e, (o, c, k), (h, w));
 }
 
-/// [`shifted_weight_grad`] as k gemms `dW_u += dy e_u^T` (written transposed).
-pub fn gemm_weight_grad(
+/// Whether [`offset_weight_grad`] runs the AVX-512 kernel for O outputs.
+pub fn offset_weight_grad_is_direct(o: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return o % 16 == 0 && has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `dW_u^T[r, o] += sum_p dy[o, p] e[r, offsets[u] + p]` (`dwu` = k matrices `[CK, O]`, `e`
+/// `[CK, plane]`, `dy` `[O, P]`): the weight gradient under [`offset_conv`]'s product. With
+/// AVX-512 and O a multiple of 16, [`super::avx512::weight_grad`]; else k gemms.
+pub fn offset_weight_grad(
     dwu: &mut [f32],
     dy: &[f32],
     e: &[f32],
-    (o, c, k): (usize, usize, usize),
-    (h, w): (usize, usize),
+    (o, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
 ) {
-    let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
+    let k = offsets.len();
     assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
-    for u in 0..k {
-        // SAFETY: as in shifted_conv; e_u^T is read as the [HW, C k] matrix with row stride
-        // 1 and column stride `plane`; dW_u^T is the u-th [C k, O] block of `dwu`, written
-        // as dW_u with column stride O.
+    assert!(offsets.iter().all(|&at| at + hw <= plane));
+    #[cfg(target_arch = "x86_64")]
+    if offset_weight_grad_is_direct(o) {
+        DY_T.with_borrow_mut(|dyt| {
+            // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, O
+            // by the condition.
+            unsafe { super::avx512::weight_grad(dwu, dy, e, (o, ck), offsets, (hw, plane), dyt) }
+        });
+        return;
+    }
+    gemm_offset_weight_grad(dwu, dy, e, (o, ck), offsets, (hw, plane));
+}
+
+/// [`offset_weight_grad`] as k gemms `dW_u += dy e_u^T` (written transposed).
+fn gemm_offset_weight_grad(
+    dwu: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
+) {
+    let k = offsets.len();
+    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
+    assert!(offsets.iter().all(|&at| at + hw <= plane));
+    for (u, &offset) in offsets.iter().enumerate() {
+        // SAFETY: as in gemm_offset_conv; e_u^T is read as the [P, CK] matrix with row stride
+        // 1 and column stride `plane`; dW_u^T is the u-th [CK, O] block of `dwu`, written as
+        // dW_u with column stride O.
         unsafe {
             gemm::gemm(
                 o,
@@ -477,7 +507,7 @@ pub fn gemm_weight_grad(
                 dy.as_ptr(),
                 1,
                 hw as isize,
-                e.as_ptr().add(u * w),
+                e.as_ptr().add(offset),
                 plane as isize,
                 1,
                 1.0,
@@ -489,6 +519,32 @@ pub fn gemm_weight_grad(
             );
         }
     }
+}
+
+/// The weight gradient of [`strided_conv`], `dW_u^T` (k matrices `[C k, O]`) from the rows of
+/// [`strided_rows`] and `dy [O, OH OW]`.
+pub fn strided_weight_grad(
+    dwu: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, c, k): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+) {
+    let offsets = strided_offsets(k, (oh, ow));
+    let plane = 2 * (oh + (k - 1) / 2) * ow;
+    offset_weight_grad(dwu, dy, e, (o, c * k), &offsets, (oh * ow, plane));
+}
+
+/// [`shifted_weight_grad`] as k gemms `dW_u += dy e_u^T` (written transposed).
+pub fn gemm_weight_grad(
+    dwu: &mut [f32],
+    dy: &[f32],
+    e: &[f32],
+    (o, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+) {
+    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    gemm_offset_weight_grad(dwu, dy, e, (o, c * k), &offsets, (h * w, (h + k - 1) * w));
 }
 
 impl ConvP {
@@ -699,6 +755,20 @@ impl ConvP {
         } else if self.pointwise() {
             let dw = &mut grads[self.w..self.w + self.o * ckk];
             gemm_rm(dw, dy, false, x, true, (self.o, ckk, ohw), true);
+        } else if let (Some(wu), 2, true) =
+            (self.wu, self.stride, offset_weight_grad_is_direct(self.o))
+        {
+            // Stride 2: dW^T from the parity-split rows (unfolded again here: the forward pass
+            // keeps none), into the wu region as the row-shift gradients.
+            let (c, k) = (self.c, self.k);
+            let buf = &mut cols.scratch;
+            let len = c * k * 2 * (oh + (k - 1) / 2) * ow;
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            strided_rows(x, c, (g.h, g.w), (k, g.padding), (oh, ow), buf);
+            let dwu = &mut grads[wu..wu + self.o * ckk];
+            strided_weight_grad(dwu, dy, buf, (self.o, c, k), (oh, ow));
         } else {
             let shifted = self.wu.is_some() && (oh, ow) == size;
             let len = if shifted {
