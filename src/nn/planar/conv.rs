@@ -168,7 +168,7 @@ pub fn shifted_conv(
 /// the callers measured slower than one im2col gemm for strided convolutions).
 pub fn offset_conv_is_direct(m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return m % super::avx512::CONV_ROWS == 0 && has_avx512();
+    return m.is_multiple_of(super::avx512::CONV_ROWS) && has_avx512();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -448,7 +448,7 @@ pub fn shifted_weight_grad(
 /// Whether [`offset_weight_grad`] runs the AVX-512 kernel for O outputs.
 pub fn offset_weight_grad_is_direct(o: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return o % 16 == 0 && has_avx512();
+    return o.is_multiple_of(16) && has_avx512();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
