@@ -1,6 +1,7 @@
 //! 3x3 stride-1 convolutions of one example at the U-Nets' sizes (`cargo bench --bench conv`):
-//! the fused engine's row-shift gemms (`nn::planar::conv`, 9 multiply-adds per output and
-//! input channel pair) against Winograd F(2x2, 3x3) (`nn::winograd`, 4), forward pass only,
+//! the row-shift product as gemms and as the engine runs it (`nn::planar::conv`: the AVX-512
+//! kernel where the CPU has it; 9 multiply-adds per output and input channel pair) against
+//! Winograd F(2x2, 3x3) (`nn::winograd`, 4), forward pass only,
 //! the filters transformed beforehand (once per step in the engine); and a batch's products
 //! per example (the engine's way) against one batch-wide product ([`batch_wide`]).
 
@@ -171,8 +172,8 @@ fn batch_wide(c: &mut Criterion) {
 }
 
 /// The weight gradient of a 3x3 convolution of one example from its shifted rows
-/// (`cargo bench --bench conv -- weight`): three gemms `dW_u += dy e_u^T` against the dot
-/// products the engine uses from 512 pixels up.
+/// (`cargo bench --bench conv -- weight`): three gemms `dW_u += dy e_u^T` against the
+/// engine's kernel from 512 pixels up (AVX-512, else AVX2 dot products).
 fn weight_grad(c: &mut Criterion) {
     use elbo::nn::planar::conv::{gemm_weight_grad, shifted_weight_grad};
     for (o, ch, h, w) in [

@@ -908,20 +908,18 @@ mod tests {
         err / scale
     }
 
-    /// The AVX-512 convolution and weight gradient equal the gemms, overwriting and adding, on
-    /// planes whose pixel count leaves every kind of last tile (7 x 7 = 49: one register and
-    /// one lane; 14 x 14 = 196: four full tiles and a partial register; 28 x 28; 5 x 3 = 15, a
-    /// single masked register; 23 x 29 and 24 x 23, odd planes past the weight gradient's 512
-    /// pixels), at the U-Nets' channel counts and at 1, 3 and 5 channels (the convolution takes
-    /// multiples of 8 outputs, the AVX-512 weight gradient multiples of 16 in one to four
-    /// registers and a fifth, 80; the other counts check the gemms' transposed layout against
-    /// the AVX2 dot products).
+    /// The row-product convolution and weight gradient, whichever kernel this CPU runs them
+    /// on (AVX-512, AVX2 dot products), equal the gemms, overwriting and adding, on planes
+    /// whose pixel count leaves every kind of last tile (7 x 7 = 49: one register and one
+    /// lane; 14 x 14 = 196: four full tiles and a partial register; 28 x 28; 5 x 3 = 15, a
+    /// single masked register; 23 x 29, 24 x 23 and 31 x 17, odd planes past the weight
+    /// gradient's 512 pixels, 31 x 17 with a tail of 7 past the last 8), at the U-Nets'
+    /// channel counts and at 1, 3 and 5 channels (the AVX-512 convolution takes multiples of 8
+    /// outputs, its weight gradient multiples of 16 in one to four registers and a fifth, 80;
+    /// the other counts check the gemms' transposed layout against the AVX2 dot products,
+    /// partial tiles of 1, 3 and 6 outputs among them).
     #[test]
-    fn avx512_kernels_match_the_gemms() {
-        if !has_avx512() {
-            eprintln!("no AVX-512 on this CPU: the gemms run everywhere");
-            return;
-        }
+    fn row_product_kernels_match_the_gemms() {
         for (m, c, (h, w)) in [
             (8, 1, (5, 3)),
             (8, 3, (7, 7)),
@@ -931,6 +929,8 @@ mod tests {
             (24, 5, (9, 13)),
             (16, 3, (23, 29)),
             (32, 5, (24, 23)),
+            (8, 3, (31, 17)),
+            (8, 1, (32, 32)),
         ] {
             let k = 3;
             let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
@@ -1002,41 +1002,6 @@ mod tests {
             strided_conv(&mut fast, &wu, &e, (m, c, k), (oh, ow), true);
             let err = relative_error(&fast, &slow);
             assert!(err <= 1e-6, "{m}x{c} {h}x{w} k {k} p {p}: {err:e}");
-        }
-    }
-
-    /// The dot-product weight gradient equals the gemms' on planes that take it (28 x 28,
-    /// 31 x 17 with a tail of 7 pixels past the last 8), at output counts that leave a
-    /// partial tile (1, 3, 6 outputs; 1 and 3 channels) and at the U-Nets' 16 and 32.
-    #[test]
-    fn dot_weight_grad_matches_the_gemms() {
-        for (o, c, (h, w)) in [
-            (1, 1, (28, 28)),
-            (3, 3, (31, 17)),
-            (6, 1, (32, 32)),
-            (16, 16, (28, 28)),
-            (32, 16, (28, 28)),
-        ] {
-            let k = 3;
-            let (hw, plane, ck) = (h * w, (h + k - 1) * w, c * k);
-            assert!(hw >= DOT_WEIGHT_GRAD_PIXELS);
-            let dy: Vec<f32> = (0..o * hw)
-                .map(|i| ((i * 7919) % 23) as f32 * 0.1 - 1.1)
-                .collect();
-            let e: Vec<f32> = (0..ck * plane)
-                .map(|i| ((i * 104729) % 19) as f32 * 0.1 - 0.9)
-                .collect();
-            // Start from a gradient already summed over earlier examples: both add to it.
-            let start: Vec<f32> = (0..k * o * ck).map(|i| (i % 5) as f32).collect();
-            let (mut fast, mut slow) = (start.clone(), start);
-            shifted_weight_grad(&mut fast, &dy, &e, (o, c, k), (h, w));
-            gemm_weight_grad(&mut slow, &dy, &e, (o, c, k), (h, w));
-            let scale = slow.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = fast
-                .iter()
-                .zip(&slow)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-5 * scale, "{o}x{c} {h}x{w}: {err:e} of {scale:e}");
         }
     }
 }
