@@ -1,4 +1,4 @@
-//! AVX-512 kernels for the row-shift convolutions of [`super::conv`], reading the shifted rows
+//! AVX-512 kernels for the row-shift convolutions of `nn::planar::conv`, reading the shifted rows
 //! `e` in place: no packed copy of either operand (the gemm crate packs both panels of every
 //! product, and a 3x3 convolution of 16 or 32 channels is three thin products whose packing
 //! costs as much as a third of their multiply-adds), 16 pixels to a register, the plane's tail
@@ -9,7 +9,7 @@
 //! weight grad: dW_u^T[r, o] += sum_p dy[o, p] e[r, u W + p]
 //! ```
 //!
-//! `e` is `[C k, (H + k - 1) W]` (see [`super::conv::shifted_rows`]): the im2col row of kernel
+//! `e` is `[C k, (H + k - 1) W]` (see `conv::shifted_rows`): the im2col row of kernel
 //! offset (u, v) is the contiguous run of row (c, v) from u W, so both kernels read every operand
 //! row by row. The callers check the CPU's AVX-512F and every buffer's length.
 
@@ -34,7 +34,7 @@ fn mask(at: usize, n: usize) -> __mmask16 {
     }
 }
 
-/// `y [M, P] (+)= sum_u W_u e_u` (the product of [`super::conv::offset_conv`]), `e_u` the rows
+/// `y [M, P] (+)= sum_u W_u e_u` (the product of `conv::offset_conv`), `e_u` the rows
 /// of `e` (`[C k, plane]`) from `offsets[u]`, for M a multiple of [`CONV_ROWS`]: tiles of 8
 /// outputs by 48 pixels, each the sum of `k C k` broadcast weights times three rows of `e`,
 /// kept in registers from the first product to the store.
@@ -125,9 +125,10 @@ unsafe fn tile<const R: usize>(
     }
 }
 
-/// `dW_u^T[r, o] += sum_p dy[o, p] e_u[r, p]` (the product of
-/// [`super::conv::shifted_weight_grad`], `dwu` = k matrices `[C k, O]`) for O a multiple of 16, with dy transposed first into
-/// `dyt [H W, O]` (O H W values against the product's O H W C k^2 multiply-adds): at each pixel
+/// `dW_u^T[r, o] += sum_p dy[o, p] e_u[r, p]` (the product of `conv::offset_weight_grad`,
+/// `dwu` = k matrices `[C k, O]`, `e_u` the rows of `e` from `offsets[u]`) for O a multiple
+/// of 16, with dy transposed first into `dyt [P, O]` (O P values against the product's
+/// O P C k^2 multiply-adds): at each pixel
 /// one to four registers of 16 outputs `dyt[p, ..]`, times the broadcast values of 24 / (O / 16)
 /// rows of `e`, into 24 accumulators kept over the whole plane. The rows of `e` are read in
 /// place, one value a pixel each, so neither operand is packed.
