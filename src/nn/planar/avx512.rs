@@ -5,13 +5,16 @@
 //! through masked loads and stores.
 //!
 //! ```text
-//! conv:        y[o, p] (+)= sum_u sum_r W_u[o, r] e[r, u W + p]      (o < M, r < C k, p < H W)
-//! weight grad: dW_u^T[r, o] += sum_p dy[o, p] e[r, u W + p]
+//! conv:        y[o, p] (+)= sum_u sum_r W_u[o, r] e[r, off_u + p]    (o < M, r < C k, p < P)
+//! weight grad: dW_u^T[r, o] += sum_p dy[o, p] e[r, off_u + p]
 //! ```
 //!
-//! `e` is `[C k, (H + k - 1) W]` (see `conv::shifted_rows`): the im2col row of kernel
-//! offset (u, v) is the contiguous run of row (c, v) from u W, so both kernels read every operand
-//! row by row. The callers check the CPU's AVX-512F and every buffer's length.
+//! For a stride-1 convolution `e` is `[C k, (H + k - 1) W]` (see `conv::shifted_rows`) and
+//! off_u = u W: the im2col row of kernel offset (u, v) is the contiguous run of row (c, v)
+//! from u W. For stride 2 `e` holds the input split by line and column parity
+//! (`conv::strided_rows`) and off_u picks the parity and line of kernel row u. Both kernels
+//! read every operand row by row. The callers check the CPU's AVX-512F and every buffer's
+//! length.
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
