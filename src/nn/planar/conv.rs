@@ -678,10 +678,11 @@ impl ConvP {
             }
             shifted_rows(x, c, size, k, buf);
             shifted_conv(y, &p[wu..], buf, (self.o, c * k, k), size, true);
-        } else if let (Some(wu), 2) = (self.wu, self.stride) {
+        } else if let (Some(wu), 2, true) = (self.wu, self.stride, offset_conv_is_direct(self.o)) {
             // Stride 2: the input's columns and lines split by parity (strided_rows, 2 k
-            // values a pixel where im2col makes k^2 / 4), then k products. The rows are not
-            // kept: dW unfolds the input again (im2col).
+            // values a pixel where im2col makes k^2 / 4), then the AVX-512 kernel (k gemms
+            // in place of im2col's one were not measured, so without it im2col stays). The
+            // rows are not kept: dW unfolds the input again.
             let (c, k) = (self.c, self.k);
             let len = c * k * 2 * (oh + (k - 1) / 2) * ow;
             let buf = &mut cols.scratch;
