@@ -960,7 +960,8 @@ mod tests {
 
     /// The stride-2 convolution from the parity-split rows equals im2col and a gemm, at
     /// padding 1 (the compact U-Net's downsampling) and 0 (DDPM's, on the padded plane), even
-    /// and odd sizes, 3 and 4 wide kernels, output counts for the AVX-512 kernel and the
+    /// and odd sizes (7 x 9 under a 4 x 4 kernel among them), 3 and 4 wide kernels, output
+    /// counts for the AVX-512 kernel and the
     /// gemms (8, 16; 3).
     #[test]
     fn strided_conv_matches_im2col() {
@@ -970,6 +971,7 @@ mod tests {
             (16, 2, (9, 14), 3, 1),
             (3, 5, (14, 14), 3, 1),
             (8, 4, (16, 16), 4, 1),
+            (16, 3, (7, 9), 4, 1),
             (8, 1, (7, 5), 3, 0),
         ] {
             let g = Geometry {
