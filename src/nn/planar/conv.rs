@@ -961,8 +961,7 @@ mod tests {
     /// The stride-2 convolution from the parity-split rows equals im2col and a gemm, at
     /// padding 1 (the compact U-Net's downsampling) and 0 (DDPM's, on the padded plane), even
     /// and odd sizes (7 x 9 under a 4 x 4 kernel among them), 3 and 4 wide kernels, output
-    /// counts for the AVX-512 kernel and the
-    /// gemms (8, 16; 3).
+    /// counts for the AVX-512 kernel and the gemms (8, 16; 3).
     #[test]
     fn strided_conv_matches_im2col() {
         for (m, c, (h, w), k, p) in [
