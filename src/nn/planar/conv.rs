@@ -160,8 +160,28 @@ pub fn shifted_conv(
     (h, w): (usize, usize),
     add: bool,
 ) {
-    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    let offsets = shifted_offsets(k, w);
     offset_conv(y, wts, e, (m, ck), &offsets, (h * w, (h + k - 1) * w), add);
+}
+
+/// Where kernel row u of a stride-1 convolution reads the rows of [`shifted_rows`]: u W.
+fn shifted_offsets(k: usize, w: usize) -> Vec<usize> {
+    (0..k).map(|u| u * w).collect()
+}
+
+/// The bounds every row product ([`offset_conv`], [`offset_weight_grad`] and their gemms)
+/// reads and writes within: the `[M, P]` matrix (y or dy) holds M P values, the k weight
+/// matrices (W_u or dW_u^T) k M CK, `e` CK rows of `plane`, and each kernel row's run of P
+/// values from `offsets[u]` stays inside its row.
+fn check_row_product(
+    (mp, weights, e): (usize, usize, usize),
+    (m, ck): (usize, usize),
+    offsets: &[usize],
+    (hw, plane): (usize, usize),
+) {
+    let k = offsets.len();
+    assert!(mp >= m * hw && weights >= k * m * ck && e >= ck * plane);
+    assert!(offsets.iter().all(|&at| at + hw <= plane));
 }
 
 /// Whether [`offset_conv`] runs the AVX-512 kernel for M outputs (else it runs k gemms, which
@@ -200,9 +220,7 @@ pub fn offset_conv(
     (hw, plane): (usize, usize),
     add: bool,
 ) {
-    let k = offsets.len();
-    assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
-    assert!(offsets.iter().all(|&o| o + hw <= plane));
+    check_row_product((y.len(), wts.len(), e.len()), (m, ck), offsets, (hw, plane));
     #[cfg(target_arch = "x86_64")]
     if offset_conv_is_direct(m) {
         // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, M by
@@ -298,7 +316,7 @@ pub fn gemm_shifted_conv(
     (h, w): (usize, usize),
     add: bool,
 ) {
-    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    let offsets = shifted_offsets(k, w);
     gemm_offset_conv(y, wts, e, (m, ck), &offsets, (h * w, (h + k - 1) * w), add);
 }
 
@@ -312,9 +330,7 @@ pub fn gemm_offset_conv(
     (hw, plane): (usize, usize),
     add: bool,
 ) {
-    let k = offsets.len();
-    assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
-    assert!(offsets.iter().all(|&o| o + hw <= plane));
+    check_row_product((y.len(), wts.len(), e.len()), (m, ck), offsets, (hw, plane));
     for (u, &offset) in offsets.iter().enumerate() {
         // SAFETY: the asserts above bound every index: row r of e_u spans
         // r plane + offset .. r plane + offset + hw <= (r + 1) plane.
@@ -428,7 +444,7 @@ pub fn shifted_weight_grad(
 ) {
     #[cfg(target_arch = "x86_64")]
     if h * w >= DOT_WEIGHT_GRAD_PIXELS && offset_weight_grad_is_direct(o) {
-        let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+        let offsets = shifted_offsets(k, w);
         offset_weight_grad(dwu, dy, e, (o, c * k), &offsets, (h * w, (h + k - 1) * w));
         return;
     }
@@ -464,9 +480,12 @@ pub fn offset_weight_grad(
     offsets: &[usize],
     (hw, plane): (usize, usize),
 ) {
-    let k = offsets.len();
-    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
-    assert!(offsets.iter().all(|&at| at + hw <= plane));
+    check_row_product(
+        (dy.len(), dwu.len(), e.len()),
+        (o, ck),
+        offsets,
+        (hw, plane),
+    );
     #[cfg(target_arch = "x86_64")]
     if offset_weight_grad_is_direct(o) {
         DY_T.with_borrow_mut(|dyt| {
@@ -488,9 +507,12 @@ fn gemm_offset_weight_grad(
     offsets: &[usize],
     (hw, plane): (usize, usize),
 ) {
-    let k = offsets.len();
-    assert!(dy.len() >= o * hw && e.len() >= ck * plane && dwu.len() >= k * o * ck);
-    assert!(offsets.iter().all(|&at| at + hw <= plane));
+    check_row_product(
+        (dy.len(), dwu.len(), e.len()),
+        (o, ck),
+        offsets,
+        (hw, plane),
+    );
     for (u, &offset) in offsets.iter().enumerate() {
         // SAFETY: as in gemm_offset_conv; e_u^T is read as the [P, CK] matrix with row stride
         // 1 and column stride `plane`; dW_u^T is the u-th [CK, O] block of `dwu`, written as
@@ -543,7 +565,7 @@ pub fn gemm_weight_grad(
     (o, c, k): (usize, usize, usize),
     (h, w): (usize, usize),
 ) {
-    let offsets: Vec<usize> = (0..k).map(|u| u * w).collect();
+    let offsets = shifted_offsets(k, w);
     gemm_offset_weight_grad(dwu, dy, e, (o, c * k), &offsets, (h * w, (h + k - 1) * w));
 }
 
