@@ -223,6 +223,7 @@ fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
 }
 
 fn main() -> Result<()> {
+    elbo::alloc::keep_freed_memory();
     let a = parse()?;
     let dev = match a.device.as_str() {
         "cpu" => Device::Cpu,

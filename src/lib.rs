@@ -41,6 +41,7 @@
 //! - [`plot`]: PNG image grids (grey or colour) and scatter plots;
 //! - [`report`]: the run report, one self-contained HTML page (SVG plots, inline pictures).
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod collective;
 pub mod data;

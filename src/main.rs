@@ -15,6 +15,7 @@ use cli::{Cli, run};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    elbo::alloc::keep_freed_memory();
     // candle asks for its thread count on every matrix product, and without RAYON_NUM_THREADS
     // that means reading /proc/cpuinfo each time (3% of a U-Net step): answer it once.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
