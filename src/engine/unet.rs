@@ -272,7 +272,7 @@ impl Plan {
         let mut plan = self.clone();
         for c in plan.convs_mut() {
             if let Some((u, _)) = c.wino {
-                // Winograd's dU [16, O, C] into dW = G^T dU G.
+                // Winograd's dU (transposed, [16, C, O]) into dW = G^T dU G.
                 let n = 16 * c.o * c.c;
                 let du = grads[u..u + n].to_vec();
                 let dw = &mut grads[c.w..c.w + c.o * c.c * 9];

@@ -21,6 +21,7 @@
 //! the convolution of dY with the flipped, transposed weights, itself F(2x2, 3x3).
 //!
 //! Layouts: transformed filters `U [16, O, C]`, inputs `V [C, 16, P]`, products `M [O, 16, P]`,
+//! the filters' gradient transposed, `dU [16, C, O]`,
 //! tiles in row-major order over `ceil(H/2) x ceil(W/2)`. The gemm of tile position k reads
 //! `V[:, k, :]` and writes `M[:, k, :]` as matrices of row stride 16 P, so that a transform
 //! writes (or reads) each channel's 16 P values as one block: the layout `[16, C, P]` puts the
@@ -29,6 +30,9 @@
 
 // The transforms index 4 x 4 tiles by row and column, as the formulas are written.
 #![allow(clippy::needless_range_loop)]
+
+#[cfg(target_arch = "x86_64")]
+use crate::nn::planar::avx512;
 
 /// Tiles over an `h x w` plane: (rows, columns).
 pub fn tiles((h, w): (usize, usize)) -> (usize, usize) {
@@ -59,12 +63,14 @@ pub fn transform_filter(w: &[f32], (o, c): (usize, usize), u: &mut [f32]) {
     }
 }
 
-/// `dW = G^T dU G` for every (o, c): `du` `[16, O, C]` into `dw` `[O, C, 3, 3]` (added).
+/// `dW = G^T dU G` for every (o, c): `du` `[16, C, O]` (transposed, as [`filter_products`]
+/// writes it) into `dw` `[O, C, 3, 3]` (added).
 pub fn filter_gradient(du: &[f32], (o, c): (usize, usize), dw: &mut [f32]) {
     assert!(du.len() >= 16 * o * c && dw.len() >= o * c * 9);
     let oc = o * c;
     for (i, g) in dw.chunks_exact_mut(9).take(oc).enumerate() {
-        let m = |r: usize, s: usize| du[(r * 4 + s) * oc + i];
+        let at = (i % c) * o + i / c;
+        let m = |r: usize, s: usize| du[(r * 4 + s) * oc + at];
         // t = G^T m (3 x 4), then t G (3 x 3); G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1].
         let mut t = [[0f32; 4]; 3];
         for s in 0..4 {
@@ -210,9 +216,36 @@ pub fn transform_output_gradient(dy: &[f32], o: usize, (h, w): (usize, usize), d
     }
 }
 
-/// The 16 gemms of the tile positions: `m[:, k, :] = u[k] v[:, k, :]` (`[O, C] x [C, P]`).
+/// The 16 products of the tile positions: `m[:, k, :] = u[k] v[:, k, :]` (`[O, C] x [C, P]`).
+/// With AVX-512 and O a multiple of 8, the row-product kernel of the planar convolutions
+/// (`nn::planar::avx512::conv`, one kernel row, reading `v` in place); else gemms (which pack
+/// both operands of every product: at the U-Nets' 16 to 64 tiles, packing weighs).
 pub fn products(u: &[f32], v: &[f32], (o, c, p): (usize, usize, usize), m: &mut [f32]) {
     assert!(u.len() >= 16 * o * c && v.len() >= 16 * c * p && m.len() >= 16 * o * p);
+    if o == 0 || p == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if o.is_multiple_of(avx512::CONV_ROWS) && avx512::available() {
+        for k in 0..16 {
+            // SAFETY: AVX-512F is there and O a multiple of 8 (checked); the assert bounds
+            // every block: u[k] is [O, C] at k O C, v's rows are C of 16 P with tile position
+            // k's run at k P (k P + P <= 16 P), m[:, k, :] is O rows 16 P apart from k P.
+            unsafe {
+                avx512::conv(
+                    &mut m[k * p..],
+                    &u[k * o * c..],
+                    v,
+                    (o, c),
+                    &[k * p],
+                    (p, 16 * p),
+                    16 * p,
+                    false,
+                )
+            };
+        }
+        return;
+    }
     for k in 0..16 {
         // SAFETY: the assert bounds every block: u[k] is [O, C] at k O C (row-major), v[:, k, :]
         // the [C, P] matrix at k P of row stride 16 P, m[:, k, :] likewise [O, P].
@@ -242,20 +275,55 @@ pub fn products(u: &[f32], v: &[f32], (o, c, p): (usize, usize, usize), m: &mut 
     }
 }
 
-/// The filter gradient's 16 gemms: `du[k] += dm[:, k, :] v[:, k, :]^T` (`[O, P] x [P, C]`).
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// A tile position of dM transposed (`[P, O]`), for the AVX-512 weight-gradient kernel.
+    static DM_T: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The filter gradient's 16 products, written transposed: `du[k] += v[:, k, :] dm[:, k, :]^T`
+/// (`[C, P] x [P, O]`; `du` is `[16, C, O]`, the layout [`filter_gradient`] reads). With
+/// AVX-512 and O a multiple of 16, the weight-gradient kernel of the planar convolutions
+/// (`nn::planar::avx512::weight_grad`, one kernel row); else gemms.
 pub fn filter_products(dm: &[f32], v: &[f32], (o, c, p): (usize, usize, usize), du: &mut [f32]) {
     assert!(dm.len() >= 16 * o * p && v.len() >= 16 * c * p && du.len() >= 16 * o * c);
+    if o == 0 || p == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if o.is_multiple_of(16) && avx512::available() {
+        DM_T.with_borrow_mut(|dmt| {
+            for k in 0..16 {
+                // SAFETY: AVX-512F is there and O a multiple of 16 (checked); du[k] is [C, O]
+                // at k O C, dm's tile position k is O rows 16 P apart from k P, v's rows are
+                // C of 16 P with position k's run at k P (k P + P <= 16 P).
+                unsafe {
+                    avx512::weight_grad(
+                        &mut du[k * o * c..],
+                        &dm[k * p..],
+                        v,
+                        (o, c),
+                        &[k * p],
+                        (p, 16 * p),
+                        16 * p,
+                        dmt,
+                    )
+                };
+            }
+        });
+        return;
+    }
     for k in 0..16 {
         // SAFETY: as in `products`; v[:, k, :]^T is read with row stride 1 and column stride
-        // 16 P.
+        // 16 P, du[k] written transposed (element (o, c) at c O + o).
         unsafe {
             gemm::gemm(
                 o,
                 c,
                 p,
                 du.as_mut_ptr().add(k * o * c),
+                o as isize,
                 1,
-                c as isize,
                 true,
                 dm.as_ptr().add(k * p),
                 1,

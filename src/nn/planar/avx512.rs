@@ -13,13 +13,19 @@
 //! off_u = u W: the im2col row of kernel offset (u, v) is the contiguous run of row (c, v)
 //! from u W. For stride 2 `e` holds the input split by line and column parity
 //! (`conv::strided_rows`) and off_u picks the parity and line of kernel row u. Both kernels
-//! read every operand row by row. The callers check the CPU's AVX-512F and every buffer's
-//! length.
+//! read every operand row by row. The callers check the CPU's AVX-512F ([`available`]) and
+//! every buffer's length. Winograd's tile products (`nn::winograd`) are the same two products
+//! with one kernel row.
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
     _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
 };
+
+/// Whether this CPU runs these kernels (AVX-512F).
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
 
 /// Output rows of one register tile of [`conv`] (its 8 x 3 accumulators fill 24 of the 32
 /// registers); the convolution runs here when M is a multiple of it.
@@ -38,14 +44,17 @@ fn mask(at: usize, n: usize) -> __mmask16 {
 }
 
 /// `y [M, P] (+)= sum_u W_u e_u` (the product of `conv::offset_conv`), `e_u` the rows
-/// of `e` (`[C k, plane]`) from `offsets[u]`, for M a multiple of [`CONV_ROWS`]: tiles of 8
-/// outputs by 48 pixels, each the sum of `k C k` broadcast weights times three rows of `e`,
-/// kept in registers from the first product to the store.
+/// of `e` (`[C k, plane]`) from `offsets[u]`, y's rows `ys` apart (P for a plane; Winograd's
+/// products write one tile position of `[O, 16, P]`, rows 16 P apart), for M a multiple of
+/// [`CONV_ROWS`]: tiles of 8 outputs by 48 pixels, each the sum of `k C k` broadcast weights
+/// times three rows of `e`, kept in registers from the first product to the store.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `y.len() >= m P`, `wts.len() >= k m ck`, `e.len() >= ck plane`,
-/// `offsets[u] + P <= plane`, `m % CONV_ROWS == 0` (k = `offsets.len()`, P = `hw`).
+/// The CPU has AVX-512F; `y.len() >= (m - 1) ys + P`, `ys >= P`, `wts.len() >= k m ck`,
+/// `e.len() >= ck plane`, `offsets[u] + P <= plane`, `m % CONV_ROWS == 0` (k =
+/// `offsets.len()`, P = `hw`).
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn conv(
     y: &mut [f32],
     wts: &[f32],
@@ -53,10 +62,12 @@ pub unsafe fn conv(
     (m, ck): (usize, usize),
     offsets: &[usize],
     (hw, plane): (usize, usize),
+    ys: usize,
     add: bool,
 ) {
     let k = offsets.len();
-    debug_assert!(y.len() >= m * hw && wts.len() >= k * m * ck && e.len() >= ck * plane);
+    debug_assert!(m > 0 && ys >= hw && y.len() >= (m - 1) * ys + hw);
+    debug_assert!(wts.len() >= k * m * ck && e.len() >= ck * plane);
     debug_assert!(offsets.iter().all(|&o| o + hw <= plane));
     debug_assert_eq!(m % CONV_ROWS, 0);
     let mut p0 = 0;
@@ -67,9 +78,9 @@ pub unsafe fn conv(
             // SAFETY: the caller's contract, as the function's.
             unsafe {
                 match regs {
-                    3 => tile::<3>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
-                    2 => tile::<2>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
-                    _ => tile::<1>(y, wts, e, (m, ck), offsets, (hw, plane), (o0, p0), add),
+                    3 => tile::<3>(y, wts, e, (m, ck), offsets, (hw, plane, ys), (o0, p0), add),
+                    2 => tile::<2>(y, wts, e, (m, ck), offsets, (hw, plane, ys), (o0, p0), add),
+                    _ => tile::<1>(y, wts, e, (m, ck), offsets, (hw, plane, ys), (o0, p0), add),
                 }
             }
         }
@@ -87,21 +98,21 @@ unsafe fn tile<const R: usize>(
     e: &[f32],
     (m, ck): (usize, usize),
     offsets: &[usize],
-    (hw, plane): (usize, usize),
+    (hw, plane, ys): (usize, usize, usize),
     (o0, p0): (usize, usize),
     add: bool,
 ) {
     let masks: [__mmask16; R] = std::array::from_fn(|j| mask(p0 + 16 * j, hw));
     let (yp, wp, ep) = (y.as_mut_ptr(), wts.as_ptr(), e.as_ptr());
     // SAFETY: every load and store is masked to the pixels below hw of a row the caller's
-    // lengths cover: y's rows o < m, e's rows r < ck from r plane + offsets[u] with
+    // lengths cover: y's rows o < m (from o ys), e's rows r < ck from r plane + offsets[u] with
     // offsets[u] + hw <= plane; weights at u m ck + o ck + r < k m ck.
     unsafe {
         let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
         if add {
             for (i, acc) in acc.iter_mut().enumerate() {
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_maskz_loadu_ps(masks[j], yp.add((o0 + i) * hw + p0 + 16 * j));
+                    *a = _mm512_maskz_loadu_ps(masks[j], yp.add((o0 + i) * ys + p0 + 16 * j));
                 }
             }
         }
@@ -122,7 +133,7 @@ unsafe fn tile<const R: usize>(
         }
         for (i, acc) in acc.iter().enumerate() {
             for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add((o0 + i) * hw + p0 + 16 * j), masks[j], *a);
+                _mm512_mask_storeu_ps(yp.add((o0 + i) * ys + p0 + 16 * j), masks[j], *a);
             }
         }
     }
@@ -134,12 +145,14 @@ unsafe fn tile<const R: usize>(
 /// O P C k^2 multiply-adds): at each pixel
 /// one to four registers of 16 outputs `dyt[p, ..]`, times the broadcast values of 24 / (O / 16)
 /// rows of `e`, into 24 accumulators kept over the whole plane. The rows of `e` are read in
-/// place, one value a pixel each, so neither operand is packed.
+/// place, one value a pixel each, so neither operand is packed. dy's rows are `dys` apart (P
+/// for a plane, 16 P for one tile position of Winograd's `dM [O, 16, P]`).
 ///
 /// # Safety
-/// The CPU has AVX-512F; `dwu.len() >= k o ck`, `dy.len() >= o hw`, `e.len() >= ck plane`,
-/// `offsets[u] + hw <= plane`, `o % 16 == 0` (k = `offsets.len()`).
+/// The CPU has AVX-512F; `dwu.len() >= k o ck`, `dy.len() >= (o - 1) dys + hw`, `dys >= hw`,
+/// `e.len() >= ck plane`, `offsets[u] + hw <= plane`, `o % 16 == 0` (k = `offsets.len()`).
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn weight_grad(
     dwu: &mut [f32],
     dy: &[f32],
@@ -147,14 +160,16 @@ pub unsafe fn weight_grad(
     (o, ck): (usize, usize),
     offsets: &[usize],
     (hw, plane): (usize, usize),
+    dys: usize,
     dyt: &mut Vec<f32>,
 ) {
     let k = offsets.len();
-    debug_assert!(dwu.len() >= k * o * ck && dy.len() >= o * hw);
-    debug_assert!(e.len() >= ck * plane && o % 16 == 0);
+    debug_assert!(o > 0 && dys >= hw && dy.len() >= (o - 1) * dys + hw);
+    debug_assert!(dwu.len() >= k * o * ck && e.len() >= ck * plane && o % 16 == 0);
     debug_assert!(offsets.iter().all(|&at| at + hw <= plane));
     dyt.resize(hw * o, 0.0);
-    for (oi, row) in dy[..o * hw].chunks_exact(hw).enumerate() {
+    for oi in 0..o {
+        let row = &dy[oi * dys..oi * dys + hw];
         for (p, &v) in row.iter().enumerate() {
             dyt[p * o + oi] = v;
         }

@@ -143,7 +143,7 @@ pub fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &m
 /// Whether this CPU runs the AVX-512 kernels of [`super::avx512`].
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
+    return super::avx512::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -225,7 +225,7 @@ pub fn offset_conv(
     if offset_conv_is_direct(m) {
         // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, M by
         // the condition.
-        unsafe { super::avx512::conv(y, wts, e, (m, ck), offsets, (hw, plane), add) };
+        unsafe { super::avx512::conv(y, wts, e, (m, ck), offsets, (hw, plane), hw, add) };
         return;
     }
     gemm_offset_conv(y, wts, e, (m, ck), offsets, (hw, plane), add);
@@ -491,7 +491,9 @@ pub fn offset_weight_grad(
         DY_T.with_borrow_mut(|dyt| {
             // SAFETY: AVX-512F is there (checked), the lengths and offsets by the asserts, O
             // by the condition.
-            unsafe { super::avx512::weight_grad(dwu, dy, e, (o, ck), offsets, (hw, plane), dyt) }
+            unsafe {
+                super::avx512::weight_grad(dwu, dy, e, (o, ck), offsets, (hw, plane), hw, dyt)
+            }
         });
         return;
     }
