@@ -1,5 +1,6 @@
 //! The SIMD kernels the fused CPU engines share: element-wise adds and activations, a
-//! branch-free `exp` for non-positive arguments, and the Bernoulli (BCE-with-logits) row loops.
+//! branch-free `exp` for non-positive arguments, attention's softmax rows, and the Bernoulli
+//! (BCE-with-logits) row loops.
 //! Each is compiled for the machine's vector instructions (`multiversion`) and chosen at run
 //! time; each states its error bound where it approximates.
 
@@ -133,6 +134,63 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// One row of attention's softmax, in place: `a_j = e^{scale (s_j - max s)} / sum_i e^{scale
+/// (s_i - max s)}` (scale > 0; the scores' maximum subtracted so that every exponent is <= 0,
+/// [`exp_nonpositive`]), the maximum and the sum in `LANES` running values so that the loops
+/// vectorise.
+#[multiversion::multiversion(targets = "simd")]
+pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            top[j] = top[j].max(c[j]);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&top)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            c[j] = exp_nonpositive((c[j] - max) * scale);
+            acc[j] += c[j];
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive((*v - max) * scale);
+        total += *v;
+    }
+    row.iter_mut().for_each(|v| *v /= total);
+}
+
+/// The softmax's backward pass on one row, in place: `d_j = scale a_j (d_j - sum_i a_i d_i)`,
+/// from `d` = dL/da to dL/d(scores), `a` [`softmax_scaled`]'s output.
+#[multiversion::multiversion(targets = "simd")]
+pub fn softmax_scaled_backward(d: &mut [f32], a: &[f32], scale: f32) {
+    let mut acc = [0f32; LANES];
+    let (dc, ac) = (d.chunks_exact(LANES), a.chunks_exact(LANES));
+    let rest: f32 = dc
+        .remainder()
+        .iter()
+        .zip(ac.remainder())
+        .map(|(d, a)| d * a)
+        .sum();
+    for (dc, ac) in dc.zip(ac) {
+        for j in 0..LANES {
+            acc[j] += dc[j] * ac[j];
+        }
+    }
+    let dot = acc.iter().sum::<f32>() + rest;
+    for (d, &a) in d.iter_mut().zip(a) {
+        *d = a * (*d - dot) * scale;
+    }
+}
+
 /// `sum_j x_j l_j - softplus(l_j)`: one row of the Bernoulli log-likelihood from logits.
 #[multiversion::multiversion(targets = "simd")]
 pub fn bernoulli_log_prob(x: &[f32], l: &[f32]) -> f32 {
@@ -176,5 +234,56 @@ mod tests {
             "ln(1 + e): worst relative error {worst_log:e}"
         );
         println!("worst relative errors: exp {worst_exp:e}, ln(1 + e) {worst_log:e}");
+    }
+
+    /// Attention's softmax against a float64 softmax, and its backward pass against central
+    /// differences of the float64 `L(s) = sum_j g_j softmax(scale s)_j`, on rows shorter than,
+    /// equal to and longer than a register, with scores up to +-60 (e^60 overflows nothing
+    /// once the maximum is subtracted).
+    #[test]
+    fn softmax_rows_match_float64_and_finite_differences() {
+        fn reference(s: &[f64], scale: f64) -> Vec<f64> {
+            let max = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            let e: Vec<f64> = s.iter().map(|v| ((v - max) * scale).exp()).collect();
+            let total: f64 = e.iter().sum();
+            e.iter().map(|v| v / total).collect()
+        }
+        let scale = 0.125f32;
+        for n in [1usize, 7, 16, 37, 256] {
+            let s: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 97) as f32 - 48.0) * 1.25)
+                .collect();
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * 104_729 % 13) as f32 - 6.0) * 0.3)
+                .collect();
+            let s64: Vec<f64> = s.iter().map(|&v| v as f64).collect();
+            let want = reference(&s64, scale as f64);
+            let mut a = s.clone();
+            softmax_scaled(&mut a, scale);
+            for (j, (&got, want)) in a.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                    "softmax n {n} [{j}]: {got} against {want}"
+                );
+            }
+            let mut d = g.clone();
+            softmax_scaled_backward(&mut d, &a, scale);
+            let loss = |s: &[f64]| -> f64 {
+                let a = reference(s, scale as f64);
+                a.iter().zip(&g).map(|(a, &g)| a * g as f64).sum()
+            };
+            for j in 0..n {
+                let h = 1e-5;
+                let (mut up, mut down) = (s64.clone(), s64.clone());
+                up[j] += h;
+                down[j] -= h;
+                let fd = (loss(&up) - loss(&down)) / (2.0 * h);
+                assert!(
+                    (d[j] as f64 - fd).abs() <= 1e-5,
+                    "softmax backward n {n} [{j}]: {} against {fd}",
+                    d[j]
+                );
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::conv::{Cols, ConvP, Dx, Init};
 use super::norm::{NormP, NormTape};
 use super::{BlockScratch, sized};
 use crate::nn::conv::gemm_rm;
-use crate::nn::kernels::add_assign;
+use crate::nn::kernels::{add_assign, softmax_scaled, softmax_scaled_backward};
 
 /// The attention block's parameters.
 #[derive(Debug, Clone)]
@@ -78,14 +78,7 @@ impl AttnP {
         }
         let scale = self.scale();
         for row in t.att.chunks_mut(n) {
-            row.iter_mut().for_each(|s| *s *= scale);
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            row.iter_mut().for_each(|s| *s /= sum);
+            softmax_scaled(row, scale);
         }
         for i in 0..nh {
             let (r, a) = (i * d * n..(i + 1) * d * n, i * n * n..(i + 1) * n * n);
@@ -152,10 +145,7 @@ impl AttnP {
                 false,
             );
             for (ds, a) in s.d3.chunks_mut(n).zip(att.chunks(n)) {
-                let dot: f32 = ds.iter().zip(a).map(|(d, a)| d * a).sum();
-                for (d, &a) in ds.iter_mut().zip(a) {
-                    *d = a * (*d - dot) * scale;
-                }
+                softmax_scaled_backward(ds, a, scale);
             }
             gemm_rm(
                 &mut dq[r.clone()],
