@@ -296,6 +296,52 @@ fn conv_rows_backward(
         }
         return;
     }
+    if transposed
+        && g.stride == 2
+        && k > 1
+        && planar::offset_weight_grad_is_direct(c.c_in)
+        && planar::offset_conv_is_direct(c.c_in)
+    {
+        // A transposed convolution's backward pass is the stride-2 convolution of dy by W read
+        // as a convolution's weights [C_in, C_out, k, k] (dx = W im2col(dy)) and that
+        // convolution's weight gradient with x in dy's place (dW = x im2col(dy)^T): dy split
+        // by parity once an example (planar::strided_rows) serves both, no im2col.
+        let (ci, co, ck) = (c.c_in, c.c_out, c.c_out * k);
+        let (ih, iw) = g.output();
+        let mut e = vec![0f32; ck * 2 * (ih + (k - 1) / 2) * iw];
+        let mut dwu = vec![0f32; ci * ck * k];
+        let wu = match dx {
+            Some(_) => {
+                let mut wu = vec![0f32; ci * ck * k];
+                planar::weights_by_row(&w[..ci * ck * k], (ci, co, k), &mut wu);
+                wu
+            }
+            None => Vec::new(),
+        };
+        for r in 0..rows {
+            let x = &input[r * c.size_in..(r + 1) * c.size_in];
+            let dyr = &dy[r * c.size_out..(r + 1) * c.size_out];
+            planar::strided_rows(dyr, co, (g.h, g.w), (k, g.padding), (ih, iw), &mut e);
+            planar::strided_weight_grad(&mut dwu, x, &e, (ci, co, k), (ih, iw));
+            for (d, plane) in gb.iter_mut().zip(dyr.chunks(g.h * g.w)) {
+                *d += crate::nn::kernels::sum(plane);
+            }
+            if let Some(d) = dx.as_deref_mut() {
+                let dxr = &mut d[r * c.size_in..(r + 1) * c.size_in];
+                planar::strided_conv(dxr, &wu, &e, (ci, co, k), (ih, iw), false);
+            }
+        }
+        // dW_u^T[(c_out, v), c_in] (u = 0..k) into dW[c_in, c_out, u, v].
+        for u in 0..k {
+            for (cv, row) in dwu[u * ck * ci..(u + 1) * ck * ci].chunks(ci).enumerate() {
+                let (cc, v) = (cv / k, cv % k);
+                for (i, &val) in row.iter().enumerate() {
+                    gw[((i * co + cc) * k + u) * k + v] += val;
+                }
+            }
+        }
+        return;
+    }
     for r in 0..rows {
         let x = &input[r * c.size_in..(r + 1) * c.size_in];
         let g = &dy[r * c.size_out..(r + 1) * c.size_out];
