@@ -285,15 +285,7 @@ fn conv_rows_backward(
                 conv2d_input_grad(dxr, w, dyr, g, (ci, o), sc);
             }
         }
-        // dW_u^T[(c, v), o] (u = 0..k) into dW[o, c, u, v].
-        for u in 0..k {
-            for (cv, row) in dwu[u * ck * o..(u + 1) * ck * o].chunks(o).enumerate() {
-                let (cc, v) = (cv / k, cv % k);
-                for (oo, &val) in row.iter().enumerate() {
-                    gw[((oo * ci + cc) * k + u) * k + v] += val;
-                }
-            }
-        }
+        planar::add_weight_grads_by_row(&dwu, (o, ci, k), gw);
         return;
     }
     if transposed
@@ -331,15 +323,8 @@ fn conv_rows_backward(
                 planar::strided_conv(dxr, &wu, &e, (ci, co, k), (ih, iw), false);
             }
         }
-        // dW_u^T[(c_out, v), c_in] (u = 0..k) into dW[c_in, c_out, u, v].
-        for u in 0..k {
-            for (cv, row) in dwu[u * ck * ci..(u + 1) * ck * ci].chunks(ci).enumerate() {
-                let (cc, v) = (cv / k, cv % k);
-                for (i, &val) in row.iter().enumerate() {
-                    gw[((i * co + cc) * k + u) * k + v] += val;
-                }
-            }
-        }
+        // dW_u^T[(c_out, v), c_in] into dW[c_in, c_out, u, v].
+        planar::add_weight_grads_by_row(&dwu, (ci, co, k), gw);
         return;
     }
     for r in 0..rows {

@@ -207,6 +207,20 @@ pub fn weights_by_row(w: &[f32], (o, c, k): (usize, usize, usize), wu: &mut [f32
     }
 }
 
+/// The inverse of [`weights_by_row`] for gradients: adds the k transposed matrices
+/// `dW_u^T[c k + v, o]` that [`offset_weight_grad`] accumulates into `dw [O, C, k, k]`.
+pub fn add_weight_grads_by_row(dwu: &[f32], (o, c, k): (usize, usize, usize), dw: &mut [f32]) {
+    let ck = c * k;
+    for u in 0..k {
+        for (cv, row) in dwu[u * ck * o..(u + 1) * ck * o].chunks(o).enumerate() {
+            let (ci, v) = (cv / k, cv % k);
+            for (oi, &val) in row.iter().enumerate() {
+                dw[((oi * c + ci) * k + u) * k + v] += val;
+            }
+        }
+    }
+}
+
 /// `y [M, P] (+)= sum_u W_u e_u`, `e_u` the `P`-long runs of the rows of `e` (`[CK, plane]`)
 /// starting at `offsets[u]` (u = 0..k), `wts` = the k matrices `W_u [M, CK]`: the product
 /// under [`shifted_conv`] (offsets u W) and [`strided_conv`]. With AVX-512 and M a multiple
