@@ -139,6 +139,133 @@ unsafe fn tile<const R: usize>(
     }
 }
 
+/// `y [M, H W] (+)= W * x`, the stride-1 "same" k x k convolution (k odd, p = k / 2) read
+/// straight from `x [C, H W]`, without [`conv`]'s shifted rows: kernel offset (u, v) reads
+/// the plane shifted by (u - p) W + v - p, its lanes past an edge (a line above or below the
+/// plane, a column before the first or after the last) masked to zero. `wts` is the same
+/// `W_u [M, C k]` (weight (o, c, u, v) at `u M C k + o C k + c k + v`). Tiles as [`conv`]'s: 8
+/// outputs by 48 pixels; each tile's masks are the line masks of its k kernel rows and the
+/// column masks of its k kernel columns, made once for all its outputs. For a pass that keeps
+/// no rows (sampling): training keeps the shifted rows for dW.
+///
+/// # Safety
+/// The CPU has AVX-512F; `y.len() >= m h w`, `wts.len() >= k m c k`, `x.len() >= c h w`, k
+/// odd and at most 7, `w > 0`, `m % CONV_ROWS == 0`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn conv_same(
+    y: &mut [f32],
+    wts: &[f32],
+    x: &[f32],
+    (m, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    let hw = h * w;
+    debug_assert!(y.len() >= m * hw && wts.len() >= k * m * c * k && x.len() >= c * hw);
+    debug_assert!(k % 2 == 1 && k <= 7 && w > 0 && m % CONV_ROWS == 0);
+    let p = k / 2;
+    // lines[u 3 + j], columns[v 3 + j]: the lanes of register j whose pixel's neighbour at
+    // kernel row u (column v) lies inside the plane (and, for the lines, below H W).
+    let mut lines = [0 as __mmask16; 7 * 3];
+    let mut columns = [0 as __mmask16; 7 * 3];
+    let mut p0 = 0;
+    while p0 < hw {
+        let regs = (hw - p0).div_ceil(16).min(3);
+        lines.fill(0);
+        columns.fill(0);
+        let (mut yy, mut xx) = (p0 / w, p0 % w);
+        for lane in 0..48.min(hw - p0) {
+            let (j, bit) = (lane / 16, 1u16 << (lane % 16));
+            for u in 0..k {
+                let sy = yy + u;
+                if sy >= p && sy < h + p {
+                    lines[u * 3 + j] |= bit;
+                }
+                let sx = xx + u;
+                if sx >= p && sx < w + p {
+                    columns[u * 3 + j] |= bit;
+                }
+            }
+            xx += 1;
+            if xx == w {
+                (xx, yy) = (0, yy + 1);
+            }
+        }
+        for o0 in (0..m).step_by(CONV_ROWS) {
+            // SAFETY: the caller's contract, as the function's.
+            unsafe {
+                let masks = (&lines[..], &columns[..]);
+                match regs {
+                    3 => same_tile::<3>(y, wts, x, (m, c, k), (h, w), masks, (o0, p0), add),
+                    2 => same_tile::<2>(y, wts, x, (m, c, k), (h, w), masks, (o0, p0), add),
+                    _ => same_tile::<1>(y, wts, x, (m, c, k), (h, w), masks, (o0, p0), add),
+                }
+            }
+        }
+        p0 += TILE;
+    }
+}
+
+/// One tile of [`conv_same`]: outputs `o0..o0 + 8`, pixels `p0..p0 + 16 R`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn same_tile<const R: usize>(
+    y: &mut [f32],
+    wts: &[f32],
+    x: &[f32],
+    (m, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    (lines, columns): (&[__mmask16], &[__mmask16]),
+    (o0, p0): (usize, usize),
+    add: bool,
+) {
+    let hw = h * w;
+    let p = k / 2;
+    let ck = c * k;
+    let tail: [__mmask16; R] = std::array::from_fn(|j| mask(p0 + 16 * j, hw));
+    let (yp, wp, xp) = (y.as_mut_ptr(), wts.as_ptr(), x.as_ptr());
+    // SAFETY: y's loads and stores are masked to pixels below hw of rows o < m; x's loads to
+    // the lanes whose shifted pixel lies inside channel ci's plane (the masks), so every lane
+    // read is within x (the addresses of the others are formed with wrapping arithmetic and
+    // never read); weights at u m ck + o ck + ci k + v < k m ck.
+    unsafe {
+        let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
+        if add {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(tail[j], yp.add((o0 + i) * hw + p0 + 16 * j));
+                }
+            }
+        }
+        for u in 0..k {
+            for v in 0..k {
+                let shift = (u as isize - p as isize) * w as isize + v as isize - p as isize;
+                let mk: [__mmask16; R] =
+                    std::array::from_fn(|j| lines[u * 3 + j] & columns[v * 3 + j]);
+                let wuv = wp.add(u * m * ck + o0 * ck + v);
+                for ci in 0..c {
+                    let row = xp.wrapping_offset((ci * hw + p0) as isize + shift);
+                    let b: [__m512; R] = std::array::from_fn(|j| {
+                        _mm512_maskz_loadu_ps(mk[j], row.wrapping_add(16 * j))
+                    });
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*wuv.add(i * ck + ci * k));
+                        for (a_ij, b) in acc.iter_mut().zip(&b) {
+                            *a_ij = _mm512_fmadd_ps(a, *b, *a_ij);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(yp.add((o0 + i) * hw + p0 + 16 * j), tail[j], *a);
+            }
+        }
+    }
+}
+
 /// `dW_u^T[r, o] += sum_p dy[o, p] e_u[r, p]` (the product of `conv::offset_weight_grad`,
 /// `dwu` = k matrices `[C k, O]`, `e_u` the rows of `e` from `offsets[u]`) for O a multiple
 /// of 16, with dy transposed first into `dyt [P, O]` (O P values against the product's

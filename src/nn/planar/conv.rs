@@ -140,6 +140,36 @@ pub fn shifted_rows(x: &[f32], c: usize, (h, w): (usize, usize), k: usize, e: &m
     }
 }
 
+/// `y [M, H W] (+)= W * x` for a stride-1 "same" k x k convolution read straight from `x`
+/// `[C, H W]` (no [`shifted_rows`]; `wts` the k matrices `W_u [M, C k]`), where
+/// [`same_conv_is_direct`]: the AVX-512 kernel [`super::avx512::conv_same`]. Else the shifted
+/// rows and [`shifted_conv`].
+pub fn same_conv(
+    y: &mut [f32],
+    wts: &[f32],
+    x: &[f32],
+    (m, c, k): (usize, usize, usize),
+    (h, w): (usize, usize),
+    add: bool,
+) {
+    assert!(y.len() >= m * h * w && wts.len() >= k * m * c * k && x.len() >= c * h * w);
+    #[cfg(target_arch = "x86_64")]
+    if same_conv_is_direct(m, k) && w > 0 {
+        // SAFETY: AVX-512F is there, M, k and W as the kernel needs (checked), the lengths by
+        // the assert.
+        unsafe { super::avx512::conv_same(y, wts, x, (m, c, k), (h, w), add) };
+        return;
+    }
+    let mut e = vec![0f32; c * k * (h + k - 1) * w];
+    shifted_rows(x, c, (h, w), k, &mut e);
+    shifted_conv(y, wts, &e, (m, c * k, k), (h, w), add);
+}
+
+/// Whether [`same_conv`] runs without shifted rows: AVX-512, M a multiple of 8, k odd up to 7.
+pub fn same_conv_is_direct(m: usize, k: usize) -> bool {
+    k % 2 == 1 && k <= 7 && offset_conv_is_direct(m)
+}
+
 /// Whether this CPU runs the AVX-512 kernels of [`super::avx512`].
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -709,6 +739,11 @@ impl ConvP {
                 transform_output(&wino.m, self.o, size, y, true);
                 return (oh, ow);
             }
+            if !cols.keep && same_conv_is_direct(self.o, k) {
+                // No rows kept (sampling, or dx only): the kernel reads x itself, edges masked.
+                same_conv(y, &p[wu..], x, (self.o, c, k), size, true);
+                return (oh, ow);
+            }
             let buf = cols.for_forward(self.id);
             let len = c * k * (size.0 + k - 1) * size.1;
             if buf.len() < len {
@@ -956,7 +991,8 @@ mod tests {
     /// channel counts and at 1, 3 and 5 channels (the AVX-512 convolution takes multiples of 8
     /// outputs, its weight gradient multiples of 16 in one to four registers and a fifth, 80;
     /// the other counts check the gemms' transposed layout against the AVX2 dot products,
-    /// partial tiles of 1, 3 and 6 outputs among them).
+    /// partial tiles of 1, 3 and 6 outputs among them); and the convolution read straight from
+    /// x with masked edges (`same_conv`), 3 x 3 and 5 x 5.
     #[test]
     fn row_product_kernels_match_the_gemms() {
         for (m, c, (h, w)) in [
@@ -983,6 +1019,19 @@ mod tests {
                 let err = relative_error(&fast, &slow);
                 assert!(err <= 1e-6, "conv {m}x{c} {h}x{w} add {add}: {err:e}");
             }
+            // The same convolution read straight from x (AVX-512: edges masked in the kernel).
+            let x = values(c * hw, 4099);
+            let mut rows = vec![0f32; ck * plane];
+            shifted_rows(&x, c, (h, w), k, &mut rows);
+            for add in [false, true] {
+                let start = values(m * hw, 17);
+                let (mut fast, mut slow) = (start.clone(), start);
+                same_conv(&mut fast, &wts, &x, (m, c, k), (h, w), add);
+                gemm_shifted_conv(&mut slow, &wts, &rows, (m, ck, k), (h, w), add);
+                let err = relative_error(&fast, &slow);
+                // 9 C products a value, summed in another order than the rows' (v outer).
+                assert!(err <= 1e-5, "same conv {m}x{c} {h}x{w} add {add}: {err:e}");
+            }
             for o in [m, 16, 32, 48, 64, 80, 1, 3, 6] {
                 let dy = values(o * hw, 7907);
                 let start: Vec<f32> = (0..k * o * ck).map(|i| (i % 5) as f32).collect();
@@ -993,6 +1042,20 @@ mod tests {
                 // Sums over the whole plane (784 products), in another order than gemm's.
                 assert!(err <= 1e-5, "weight grad {o}x{c} {h}x{w}: {err:e}");
             }
+        }
+        // A 5 x 5 kernel read straight from x (two lines and columns of edge each side).
+        for (m, c, (h, w)) in [(8, 2, (6, 9)), (16, 3, (11, 4))] {
+            let (k, hw) = (5, h * w);
+            let (ck, plane) = (c * k, (h + k - 1) * w);
+            let wts = values(k * m * ck, 7919);
+            let x = values(c * hw, 4099);
+            let mut rows = vec![0f32; ck * plane];
+            shifted_rows(&x, c, (h, w), k, &mut rows);
+            let (mut fast, mut slow) = (vec![0f32; m * hw], vec![0f32; m * hw]);
+            same_conv(&mut fast, &wts, &x, (m, c, k), (h, w), false);
+            gemm_shifted_conv(&mut slow, &wts, &rows, (m, ck, k), (h, w), false);
+            let err = relative_error(&fast, &slow);
+            assert!(err <= 1e-5, "same conv 5x5 {m}x{c} {h}x{w}: {err:e}");
         }
     }
 
