@@ -43,6 +43,77 @@ fn mask(at: usize, n: usize) -> __mmask16 {
     }
 }
 
+/// A tile's accumulators `[8][R]`: zeros, or when adding y's outputs `o0..o0 + 8` at pixels
+/// `p0..` (rows `ys` apart; lanes past the plane masked off).
+///
+/// # Safety
+/// AVX-512F; y holds those rows' unmasked lanes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_start<const R: usize>(
+    yp: *const f32,
+    ys: usize,
+    (o0, p0): (usize, usize),
+    masks: &[__mmask16; R],
+    add: bool,
+) -> [[__m512; R]; CONV_ROWS] {
+    let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
+    if add {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's contract.
+                *a =
+                    unsafe { _mm512_maskz_loadu_ps(masks[j], yp.add((o0 + i) * ys + p0 + 16 * j)) };
+            }
+        }
+    }
+    acc
+}
+
+/// One step of a tile: `acc[i][j] += w[i stride] b[j]` (the 8 outputs' weights, `stride`
+/// apart, broadcast against R registers of one input row).
+///
+/// # Safety
+/// AVX-512F; `w` holds 8 weights `stride` apart.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_fma<const R: usize>(
+    acc: &mut [[__m512; R]; CONV_ROWS],
+    w: *const f32,
+    stride: usize,
+    b: &[__m512; R],
+) {
+    for (i, acc) in acc.iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        let a = _mm512_set1_ps(unsafe { *w.add(i * stride) });
+        for (a_ij, b) in acc.iter_mut().zip(b) {
+            *a_ij = _mm512_fmadd_ps(a, *b, *a_ij);
+        }
+    }
+}
+
+/// Stores a tile's accumulators into y's outputs `o0..o0 + 8` at pixels `p0..` (rows `ys`
+/// apart; lanes past the plane masked off).
+///
+/// # Safety
+/// AVX-512F; y holds those rows' unmasked lanes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_store<const R: usize>(
+    yp: *mut f32,
+    ys: usize,
+    (o0, p0): (usize, usize),
+    masks: &[__mmask16; R],
+    acc: &[[__m512; R]; CONV_ROWS],
+) {
+    for (i, acc) in acc.iter().enumerate() {
+        for (j, a) in acc.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_mask_storeu_ps(yp.add((o0 + i) * ys + p0 + 16 * j), masks[j], *a) };
+        }
+    }
+}
+
 /// `y [M, P] (+)= sum_u W_u e_u` (the product of `conv::offset_conv`), `e_u` the rows
 /// of `e` (`[C k, plane]`) from `offsets[u]`, y's rows `ys` apart (P for a plane; Winograd's
 /// products write one tile position of `[O, 16, P]`, rows 16 P apart), for M a multiple of
@@ -108,14 +179,7 @@ unsafe fn tile<const R: usize>(
     // lengths cover: y's rows o < m (from o ys), e's rows r < ck from r plane + offsets[u] with
     // offsets[u] + hw <= plane; weights at u m ck + o ck + r < k m ck.
     unsafe {
-        let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
-        if add {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_maskz_loadu_ps(masks[j], yp.add((o0 + i) * ys + p0 + 16 * j));
-                }
-            }
-        }
+        let mut acc = tile_start(yp, ys, (o0, p0), &masks, add);
         for (u, &offset) in offsets.iter().enumerate() {
             let wu = wp.add(u * m * ck + o0 * ck);
             let eu = ep.add(offset + p0);
@@ -123,19 +187,10 @@ unsafe fn tile<const R: usize>(
                 let row = eu.add(r * plane);
                 let b: [__m512; R] =
                     std::array::from_fn(|j| _mm512_maskz_loadu_ps(masks[j], row.add(16 * j)));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*wu.add(i * ck + r));
-                    for (a_ij, b) in acc.iter_mut().zip(&b) {
-                        *a_ij = _mm512_fmadd_ps(a, *b, *a_ij);
-                    }
-                }
+                tile_fma(&mut acc, wu.add(r), ck, &b);
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add((o0 + i) * ys + p0 + 16 * j), masks[j], *a);
-            }
-        }
+        tile_store(yp, ys, (o0, p0), &masks, &acc);
     }
 }
 
@@ -230,14 +285,7 @@ unsafe fn same_tile<const R: usize>(
     // read is within x (the addresses of the others are formed with wrapping arithmetic and
     // never read); weights at u m ck + o ck + ci k + v < k m ck.
     unsafe {
-        let mut acc: [[__m512; R]; CONV_ROWS] = [[_mm512_setzero_ps(); R]; CONV_ROWS];
-        if add {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_maskz_loadu_ps(tail[j], yp.add((o0 + i) * hw + p0 + 16 * j));
-                }
-            }
-        }
+        let mut acc = tile_start(yp, hw, (o0, p0), &tail, add);
         for u in 0..k {
             for v in 0..k {
                 let shift = (u as isize - p as isize) * w as isize + v as isize - p as isize;
@@ -249,20 +297,11 @@ unsafe fn same_tile<const R: usize>(
                     let b: [__m512; R] = std::array::from_fn(|j| {
                         _mm512_maskz_loadu_ps(mk[j], row.wrapping_add(16 * j))
                     });
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let a = _mm512_set1_ps(*wuv.add(i * ck + ci * k));
-                        for (a_ij, b) in acc.iter_mut().zip(&b) {
-                            *a_ij = _mm512_fmadd_ps(a, *b, *a_ij);
-                        }
-                    }
+                    tile_fma(&mut acc, wuv.add(ci * k), ck, &b);
                 }
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add((o0 + i) * hw + p0 + 16 * j), tail[j], *a);
-            }
-        }
+        tile_store(yp, hw, (o0, p0), &tail, &acc);
     }
 }
 
