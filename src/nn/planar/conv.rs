@@ -1020,15 +1020,8 @@ mod tests {
                 assert!(err <= 1e-6, "conv {m}x{c} {h}x{w} add {add}: {err:e}");
             }
             // The same convolution read straight from x (AVX-512: edges masked in the kernel).
-            let x = values(c * hw, 4099);
-            let mut rows = vec![0f32; ck * plane];
-            shifted_rows(&x, c, (h, w), k, &mut rows);
             for add in [false, true] {
-                let start = values(m * hw, 17);
-                let (mut fast, mut slow) = (start.clone(), start);
-                same_conv(&mut fast, &wts, &x, (m, c, k), (h, w), add);
-                gemm_shifted_conv(&mut slow, &wts, &rows, (m, ck, k), (h, w), add);
-                let err = relative_error(&fast, &slow);
+                let err = same_conv_error(&wts, (m, c, k), (h, w), add);
                 // 9 C products a value, summed in another order than the rows' (v outer).
                 assert!(err <= 1e-5, "same conv {m}x{c} {h}x{w} add {add}: {err:e}");
             }
@@ -1045,18 +1038,30 @@ mod tests {
         }
         // A 5 x 5 kernel read straight from x (two lines and columns of edge each side).
         for (m, c, (h, w)) in [(8, 2, (6, 9)), (16, 3, (11, 4))] {
-            let (k, hw) = (5, h * w);
-            let (ck, plane) = (c * k, (h + k - 1) * w);
-            let wts = values(k * m * ck, 7919);
-            let x = values(c * hw, 4099);
-            let mut rows = vec![0f32; ck * plane];
-            shifted_rows(&x, c, (h, w), k, &mut rows);
-            let (mut fast, mut slow) = (vec![0f32; m * hw], vec![0f32; m * hw]);
-            same_conv(&mut fast, &wts, &x, (m, c, k), (h, w), false);
-            gemm_shifted_conv(&mut slow, &wts, &rows, (m, ck, k), (h, w), false);
-            let err = relative_error(&fast, &slow);
+            let k = 5;
+            let wts = values(k * m * c * k, 7919);
+            let err = same_conv_error(&wts, (m, c, k), (h, w), false);
             assert!(err <= 1e-5, "same conv 5x5 {m}x{c} {h}x{w}: {err:e}");
         }
+    }
+
+    /// [`same_conv`] (x read in place) against the shifted rows and gemms, on an input and a
+    /// starting y of fixed pseudo-random values: the relative error.
+    fn same_conv_error(
+        wts: &[f32],
+        (m, c, k): (usize, usize, usize),
+        (h, w): (usize, usize),
+        add: bool,
+    ) -> f32 {
+        let hw = h * w;
+        let x = values(c * hw, 4099);
+        let mut rows = vec![0f32; c * k * (h + k - 1) * w];
+        shifted_rows(&x, c, (h, w), k, &mut rows);
+        let start = values(m * hw, 17);
+        let (mut fast, mut slow) = (start.clone(), start);
+        same_conv(&mut fast, wts, &x, (m, c, k), (h, w), add);
+        gemm_shifted_conv(&mut slow, wts, &rows, (m, c * k, k), (h, w), add);
+        relative_error(&fast, &slow)
     }
 
     /// The stride-2 convolution from the parity-split rows equals im2col and a gemm, at
