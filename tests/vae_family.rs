@@ -102,7 +102,8 @@ fn conv_config(act: Activation) -> VaeConfig {
         image_shape: Some(shape),
         // 16 channels: both convolutions take the engine's stride-2 row products where the
         // CPU has AVX-512 (forward: multiples of 8 outputs; dW: of 16), the second with its
-        // dx; elsewhere im2col.
+        // dx, and the first transposed convolution and that dx its sub-pixel products;
+        // elsewhere im2col.
         conv: Some(elbo::vae::model::ConvNet {
             channels: vec![16, 16],
             residual: false,

@@ -1,6 +1,8 @@
 //! The fused CPU engine of the VAE family ([`crate::vae::model`]): any number of stochastic
 //! layers, MLPs of any depth, width and activation, convolutional encoders and decoders (stride-2
-//! convolutions and transposed convolutions of [`crate::nn::conv`]), the Bernoulli likelihood,
+//! convolutions as row products over parity-split copies, transposed convolutions as four
+//! sub-pixel products ([`crate::nn::planar::conv`]; else [`crate::nn::conv`]'s im2col and
+//! col2im)), the Bernoulli likelihood,
 //! the ELBO and the IWAE objectives with K samples, in one flat parameter buffer and scratch
 //! buffers reused from step to step (a [`crate::engine::TrainStep`]; the loop's Adam updates it). Each network runs on [`crate::nn::mlp`] (one `gemm` call per
 //! product); the densities, the reparameterization and their backward passes are fused loops.
@@ -233,6 +235,19 @@ fn conv_rows(
         }
         return;
     }
+    if let Some(t) = subpixel(g, c.c_in, c.c_out).filter(|_| transposed) {
+        // The four output parities as stride-1 products (planar::Transposed): no col2im.
+        let mut wp = vec![0f32; t.weights_len()];
+        t.weights(&p[c.w..c.w + t.weights_len()], &mut wp);
+        let mut e = vec![0f32; t.rows_len()];
+        let mut tmp = Vec::new();
+        let bias = &p[c.b..c.b + c.c_out];
+        for (y, x) in out.chunks_mut(c.size_out).zip(input.chunks(c.size_in)) {
+            t.rows(x, &mut e);
+            t.conv(y, &wp, &e, Some(bias), &mut tmp);
+        }
+        return;
+    }
     for (y, x) in out.chunks_mut(c.size_out).zip(input.chunks(c.size_in)) {
         let (w, b) = (&p[c.w..], &p[c.b..c.b + c.c_out]);
         if transposed {
@@ -241,6 +256,15 @@ fn conv_rows(
             conv2d_forward(y, x, w, b, c.g, (c.c_in, c.c_out), sc);
         }
     }
+}
+
+/// The transposed convolution of `g` (from its output's `c` channels back to its input's
+/// `o`) as [`planar::Transposed`], where that runs: stride 2 doubling the size (k = 2 p + 2).
+fn subpixel(g: Geometry, c: usize, o: usize) -> Option<planar::Transposed> {
+    let (h, w) = g.output();
+    let t = planar::Transposed { c, o, k: g.k, h, w };
+    let doubles = g.stride == 2 && g.k == 2 * g.padding + 2 && (g.h, g.w) == (2 * h, 2 * w);
+    (doubles && t.is_direct()).then_some(t)
 }
 
 /// Backward of [`conv_rows`]: adds every row's dW, db into `grads`; writes dx when asked.
@@ -267,11 +291,19 @@ fn conv_rows_backward(
     let (g, k) = (c.g, c.g.k);
     if !transposed && g.stride == 2 && k > 1 && planar::offset_weight_grad_is_direct(c.c_out) {
         // Stride 2: dW^T from the input split by parity (no im2col), summed over the batch
-        // and then moved into [O, C, k, k]; dx (when asked) = col2im(W^T dy) as below.
+        // and then moved into [O, C, k, k]; dx (when asked) = the transposed convolution of dy
+        // by W read as [O, C, k, k]: by sub-pixel products where they run, else col2im(W^T dy).
         let (o, ci, ck) = (c.c_out, c.c_in, c.c_in * k);
         let (oh, ow) = g.output();
         let mut e = vec![0f32; ck * 2 * (oh + (k - 1) / 2) * ow];
         let mut dwu = vec![0f32; o * ck * k];
+        let sub = subpixel(g, o, ci).filter(|_| dx.is_some());
+        let (mut wp, mut ed, mut tmp) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(t) = sub {
+            wp.resize(t.weights_len(), 0.0);
+            t.weights(&w[..t.weights_len()], &mut wp);
+            ed.resize(t.rows_len(), 0.0);
+        }
         for r in 0..rows {
             let x = &input[r * c.size_in..(r + 1) * c.size_in];
             let dyr = &dy[r * c.size_out..(r + 1) * c.size_out];
@@ -282,7 +314,13 @@ fn conv_rows_backward(
             }
             if let Some(d) = dx.as_deref_mut() {
                 let dxr = &mut d[r * c.size_in..(r + 1) * c.size_in];
-                conv2d_input_grad(dxr, w, dyr, g, (ci, o), sc);
+                match sub {
+                    Some(t) => {
+                        t.rows(dyr, &mut ed);
+                        t.conv(dxr, &wp, &ed, None, &mut tmp);
+                    }
+                    None => conv2d_input_grad(dxr, w, dyr, g, (ci, o), sc),
+                }
             }
         }
         planar::add_weight_grads_by_row(&dwu, (o, ci, k), gw);

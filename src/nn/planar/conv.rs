@@ -351,6 +351,153 @@ fn strided_offsets(k: usize, (oh, ow): (usize, usize)) -> Vec<usize> {
     (0..k).map(|u| ((u % 2) * a_rows + u / 2) * ow).collect()
 }
 
+/// A stride-2 transposed convolution that doubles the size (k even, padding `p = k / 2 - 1`:
+/// the VAE decoder's 4 x 4, padding 1), `y [O, 2H, 2W] = conv_transpose(x [C, H, W], w [C, O,
+/// k, k])`, as four stride-1 products, one per output parity (sub-pixel convolution, Shi et
+/// al. 2016) instead of a gemm and a col2im:
+///
+/// ```text
+/// y[o, 2q + a, 2r + b] = sum_{c, s, t} w[c, o, u_s, v_t] x[c, q + di_s, r + dj_t]
+/// u_s = (a + p) % 2 + 2 s,  di_s = (a + p) / 2 - s   (s, t < k / 2; v_t, dj_t likewise with b)
+/// ```
+///
+/// (kernel row u reaches output row `2 i - p + u` from input row i). The same operation is a
+/// stride-2 convolution's dx (`w` = its weight `[O, C, k, k]`, read with C and O swapped).
+/// Where [`offset_conv_is_direct`] for O; the products are k / 2 row products each, k^2 / 4
+/// multiply-adds a pixel per parity, k^2 in all: as many as im2col's gemm.
+#[derive(Debug, Clone, Copy)]
+pub struct Transposed {
+    /// Input channels, output channels, kernel size.
+    pub c: usize,
+    pub o: usize,
+    pub k: usize,
+    /// The input's size (the output is twice it).
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Transposed {
+    fn p(&self) -> usize {
+        self.k / 2 - 1
+    }
+
+    /// Lines of zeros above and below the input in [`Self::rows`]: the largest |di_s|.
+    fn pad(&self) -> usize {
+        self.p().div_ceil(2)
+    }
+
+    /// Values of [`Self::rows`]' buffer: for each column parity, `C k / 2` rows of
+    /// `(H + 2 pad) W`.
+    pub fn rows_len(&self) -> usize {
+        2 * self.c * self.k / 2 * (self.h + 2 * self.pad()) * self.w
+    }
+
+    /// Values of [`Self::weights`]' buffer: `O C k^2`.
+    pub fn weights_len(&self) -> usize {
+        self.o * self.c * self.k * self.k
+    }
+
+    /// Whether [`Self::conv`] runs: AVX-512, O a multiple of 8, k even, p = k / 2 - 1.
+    pub fn is_direct(&self) -> bool {
+        self.k >= 2 && self.k.is_multiple_of(2) && offset_conv_is_direct(self.o)
+    }
+
+    /// `w [C, O, k, k]` into the products' weights: for parity (a, b) (block `2 a + b`) the
+    /// k / 2 matrices `W_s [O, C k / 2]`, `W_s[o, c k / 2 + t] = w[c, o, u_s, v_t]`.
+    pub fn weights(&self, w: &[f32], wp: &mut [f32]) {
+        let (c, o, k, h2) = (self.c, self.o, self.k, self.k / 2);
+        assert!(w.len() >= self.weights_len() && wp.len() >= self.weights_len());
+        let p = self.p();
+        for a in 0..2 {
+            for b in 0..2 {
+                let block = &mut wp[(2 * a + b) * o * c * h2 * h2..][..o * c * h2 * h2];
+                for s in 0..h2 {
+                    let u = (a + p) % 2 + 2 * s;
+                    for oi in 0..o {
+                        for ci in 0..c {
+                            for t in 0..h2 {
+                                let v = (b + p) % 2 + 2 * t;
+                                block[(s * o + oi) * c * h2 + ci * h2 + t] =
+                                    w[((ci * o + oi) * k + u) * k + v];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `x [C, H W]` into the rows the products read: for column parity b, row (c, t) = channel
+    /// c shifted by dj_t columns (zero past a side) between `pad` zero lines above and below;
+    /// product (a, b)'s kernel row s reads it from line `pad + di_s`.
+    pub fn rows(&self, x: &[f32], e: &mut [f32]) {
+        let (c, h, w, h2, pad) = (self.c, self.h, self.w, self.k / 2, self.pad());
+        assert!(x.len() >= c * h * w && e.len() >= self.rows_len());
+        let plane = (h + 2 * pad) * w;
+        let p = self.p() as isize;
+        for b in 0..2 {
+            for ci in 0..c {
+                let src = &x[ci * h * w..(ci + 1) * h * w];
+                for t in 0..h2 {
+                    let dj = (b as isize + p) / 2 - t as isize;
+                    let row = &mut e[((b * c + ci) * h2 + t) * plane..][..plane];
+                    row[..pad * w].fill(0.0);
+                    row[(pad + h) * w..].fill(0.0);
+                    for (line, from) in row[pad * w..(pad + h) * w].chunks_mut(w).zip(src.chunks(w))
+                    {
+                        // line[j] = from[j + dj] where that lies in the line.
+                        let d = dj.unsigned_abs().min(w);
+                        if dj >= 0 {
+                            line[..w - d].copy_from_slice(&from[d..]);
+                            line[w - d..].fill(0.0);
+                        } else {
+                            line[d..].copy_from_slice(&from[..w - d]);
+                            line[..d].fill(0.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y [O, 2H, 2W] = conv_transpose(x) + bias` (zero without one) from [`Self::rows`]
+    /// (`e`) and [`Self::weights`] (`wp`): each parity's products into `tmp [O, H W]`, then
+    /// spread to its pixels.
+    pub fn conv(
+        &self,
+        y: &mut [f32],
+        wp: &[f32],
+        e: &[f32],
+        bias: Option<&[f32]>,
+        tmp: &mut Vec<f32>,
+    ) {
+        let (c, o, h, w, h2, pad) = (self.c, self.o, self.h, self.w, self.k / 2, self.pad());
+        assert!(y.len() >= 4 * o * h * w && bias.is_none_or(|b| b.len() >= o));
+        let plane = (h + 2 * pad) * w;
+        let (hw, block) = (h * w, o * c * h2 * h2);
+        tmp.resize(o * hw, 0.0);
+        let p = self.p();
+        for a in 0..2 {
+            // Kernel row s reads line pad + di_s, di_s = (a + p) / 2 - s.
+            let offsets: Vec<usize> = (0..h2).map(|s| (pad + (a + p) / 2 - s) * w).collect();
+            for b in 0..2 {
+                let wts = &wp[(2 * a + b) * block..][..block];
+                let eb = &e[b * c * h2 * plane..][..c * h2 * plane];
+                offset_conv(tmp, wts, eb, (o, c * h2), &offsets, (hw, plane), false);
+                for (oi, (src, dst)) in tmp.chunks(hw).zip(y.chunks_mut(4 * hw)).enumerate() {
+                    let add = bias.map_or(0.0, |bs| bs[oi]);
+                    for (q, line) in src.chunks(w).enumerate() {
+                        let out = &mut dst[(2 * q + a) * 2 * w..][..2 * w];
+                        for (d, &v) in out[b..].iter_mut().step_by(2).zip(line) {
+                            *d = v + add;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// [`shifted_conv`] as k gemms `y (+)= W_u e_u`.
 pub fn gemm_shifted_conv(
     y: &mut [f32],
@@ -1110,6 +1257,55 @@ mod tests {
             strided_conv(&mut fast, &wu, &e, (m, c, k), (oh, ow), true);
             let err = relative_error(&fast, &slow);
             assert!(err <= 1e-6, "{m}x{c} {h}x{w} k {k} p {p}: {err:e}");
+        }
+    }
+
+    /// The sub-pixel transposed convolution equals the gemm and col2im one (bias added) and,
+    /// with the weights read as a stride-2 convolution's, that convolution's dx: the decoder's
+    /// 4 x 4 at 7 x 7 and 14 x 14 (64 -> 32, 32 -> 16), odd and uneven sizes, 1 and 3 input
+    /// channels, k = 2, 6, 8 (pad 0, 1, 2); 8, 16 and 24 outputs.
+    #[test]
+    fn transposed_conv_matches_col2im() {
+        use crate::nn::conv::{ConvScratch, conv_transpose2d_forward, conv2d_input_grad};
+        let mut sc = ConvScratch::default();
+        for (c, o, k, (h, w)) in [
+            (64, 32, 4, (7, 7)),
+            (32, 16, 4, (14, 14)),
+            (3, 8, 4, (5, 9)),
+            (1, 24, 4, (1, 3)),
+            (2, 8, 2, (3, 4)),
+            (3, 8, 6, (6, 5)),
+            (5, 16, 8, (4, 7)),
+        ] {
+            let t = Transposed { c, o, k, h, w };
+            assert!(t.is_direct() || !has_avx512());
+            let g = Geometry {
+                k,
+                stride: 2,
+                padding: k / 2 - 1,
+                h: 2 * h,
+                w: 2 * w,
+            };
+            assert_eq!(g.output(), (h, w));
+            let x = values(c * h * w, 7919);
+            let wt = values(c * o * k * k, 104729);
+            let bias = values(o, 3);
+            let mut wp = vec![0f32; t.weights_len()];
+            t.weights(&wt, &mut wp);
+            let mut e = vec![f32::NAN; t.rows_len()];
+            t.rows(&x, &mut e);
+            let mut tmp = Vec::new();
+            let mut fast = vec![f32::NAN; 4 * o * h * w];
+            t.conv(&mut fast, &wp, &e, Some(&bias), &mut tmp);
+            let mut slow = vec![0f32; 4 * o * h * w];
+            conv_transpose2d_forward(&mut slow, &x, &wt, &bias, g, (c, o), &mut sc);
+            let err = relative_error(&fast, &slow);
+            assert!(err <= 1e-6, "{c} -> {o} k {k} {h}x{w}: {err:e}");
+            // x as a stride-2 convolution's dy (c outputs), wt as its weight [c, o, k, k].
+            t.conv(&mut fast, &wp, &e, None, &mut tmp);
+            conv2d_input_grad(&mut slow, &wt, &x, g, (o, c), &mut sc);
+            let err = relative_error(&fast, &slow);
+            assert!(err <= 1e-6, "dx {c} -> {o} k {k} {h}x{w}: {err:e}");
         }
     }
 }
