@@ -291,37 +291,36 @@ pub fn strided_rows(
 ) {
     let a_rows = oh + (k - 1) / 2;
     let plane = 2 * a_rows * ow;
+    assert!(x.len() >= c * h * w && e.len() >= c * k * plane);
+    // Each input line once split by column parity, `split[par][m]` = column `2 m + par - p`
+    // (zero outside the line); row (c, v)'s run for that line is then the contiguous
+    // `split[v % 2][v / 2..][..OW]`.
+    let half = ow + k / 2;
+    let mut split = vec![0f32; 2 * half];
+    // The line between p zeros and zeros to the end, rewritten in place line by line.
+    let mut padded = vec![0f32; (2 * half).max(p + w)];
     for ci in 0..c {
         let src = &x[ci * h * w..(ci + 1) * h * w];
-        for v in 0..k {
-            let row = &mut e[(ci * k + v) * plane..(ci * k + v + 1) * plane];
-            // Output columns j whose input column 2 j + v - p lies inside a line.
-            let first = p.saturating_sub(v).div_ceil(2).min(ow);
-            let last = match (w + p).checked_sub(v + 1) {
-                Some(n) => (n / 2 + 1).clamp(first, ow),
-                None => first,
-            };
-            for q in 0..2 {
-                for a in 0..a_rows {
-                    let out = &mut row[(q * a_rows + a) * ow..][..ow];
-                    let iy = (2 * a + q) as isize - p as isize;
-                    if iy < 0 || iy >= h as isize {
-                        out.fill(0.0);
-                        continue;
+        let rows = &mut e[ci * k * plane..(ci + 1) * k * plane];
+        for q in 0..2 {
+            for a in 0..a_rows {
+                let at = (q * a_rows + a) * ow;
+                let iy = (2 * a + q) as isize - p as isize;
+                if iy < 0 || iy >= h as isize {
+                    for v in 0..k {
+                        rows[v * plane + at..][..ow].fill(0.0);
                     }
-                    let line = &src[iy as usize * w..(iy as usize + 1) * w];
-                    out[..first].fill(0.0);
-                    out[last..].fill(0.0);
-                    if first == last {
-                        continue;
-                    }
-                    let start = 2 * first + v - p;
-                    for (o, &val) in out[first..last]
-                        .iter_mut()
-                        .zip(line[start..].iter().step_by(2))
-                    {
-                        *o = val;
-                    }
+                    continue;
+                }
+                let line = &src[iy as usize * w..(iy as usize + 1) * w];
+                padded[p..p + w].copy_from_slice(line);
+                let (even, odd) = split.split_at_mut(half);
+                for ((e0, e1), pair) in even.iter_mut().zip(odd).zip(padded.chunks_exact(2)) {
+                    (*e0, *e1) = (pair[0], pair[1]);
+                }
+                for v in 0..k {
+                    let from = &split[(v % 2) * half + v / 2..][..ow];
+                    rows[v * plane + at..][..ow].copy_from_slice(from);
                 }
             }
         }
