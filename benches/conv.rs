@@ -12,6 +12,7 @@ use elbo::nn::winograd::{Scratch, conv3x3, transform_filter};
 fn conv(c: &mut Criterion) {
     for (o, ch, h, w) in [
         (16, 16, 28, 28),
+        (32, 32, 32, 32),
         (32, 32, 14, 14),
         (32, 32, 7, 7),
         (64, 64, 16, 16),
