@@ -52,7 +52,15 @@ def main():
                          " elbo in the same run: a 'before ms' column and elbo's speed-up over it")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: elbo, PyTorch and JAX on the GPU beside elbo's fused CPU engine")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every framework of a workload this many times, in alternating"
+                         " order (forward, then reversed, ...): the table gives the median of"
+                         " the rounds' medians, each ratio the median of the rounds' ratios"
+                         " (each round's processes ran minutes apart at most), and elbo's"
+                         " range over the rounds")
     a = ap.parse_args()
+    if a.rounds < 1:
+        ap.error("--rounds: expected a positive number of rounds")
     names = [w for w in WORKLOADS if not a.only or w in a.only.split(",")]
     cuda = a.device == "cuda"
     rows = []
@@ -77,12 +85,16 @@ def main():
             frameworks = frameworks + ["elbo-xla"]
         if a.baseline and "elbo" in frameworks:
             frameworks = frameworks + ["elbo-baseline"]
-        for fw in frameworks:
-            print(f"  {w} / {fw} ...", file=sys.stderr, flush=True)
-            try:
-                results[fw] = measure(fw, w, extra, a.baseline)
-            except RuntimeError as e:
-                print(f"  {w} / {fw} FAILED: {e}", file=sys.stderr, flush=True)
+        runs = {fw: [] for fw in frameworks}
+        for round_ in range(a.rounds):
+            order = frameworks if round_ % 2 == 0 else frameworks[::-1]
+            for fw in order:
+                print(f"  {w} / {fw} ...", file=sys.stderr, flush=True)
+                try:
+                    runs[fw].append(measure(fw, w, extra, a.baseline))
+                except RuntimeError as e:
+                    print(f"  {w} / {fw} FAILED: {e}", file=sys.stderr, flush=True)
+        results = {fw: combine(r) for fw, r in runs.items() if r}
         rows.append((w, results))
         if a.json:  # after every workload, so that a run cut short keeps what it measured
             with open(a.json, "w") as f:
@@ -106,6 +118,27 @@ def gemm_peak(quick):
     peak = g["flops"] / (g["median_ms"] / 1e3)
     print(f"  gemm-peak: {peak / 1e9:.1f} GFLOP/s ({g['unit']})", file=sys.stderr, flush=True)
     return peak
+
+
+def combine(runs):
+    """One framework's result over the rounds: the first round's fields, every repetition's
+    time (`ms`), each round's median (`round_ms`), their median (`median_ms`) and the largest
+    peak memory."""
+    out = dict(runs[0])
+    out["ms"] = [t for r in runs for t in r["ms"]]
+    out["round_ms"] = [r["median_ms"] for r in runs]
+    out["median_ms"] = statistics.median(out["round_ms"])
+    out["peak_mb"] = max(r["peak_mb"] for r in runs)
+    return out
+
+
+def speedup(peer, elbo):
+    """peer / elbo: the median of the rounds' ratios where both ran every round (the two
+    processes of a round ran minutes apart at most), else the ratio of the medians."""
+    a, b = peer.get("round_ms", []), elbo.get("round_ms", [])
+    if len(a) > 1 and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return peer["median_ms"] / elbo["median_ms"]
 
 
 def measure(framework, workload, extra, baseline=""):
@@ -195,11 +228,15 @@ def print_table(rows, peak):
             continue
         e = r["elbo"]
         cell = lambda fw, k, fmt: fmt.format(r[fw][k]) if fw in r else "-"
-        ratio = lambda fw: f"{r[fw]['median_ms'] / e['median_ms']:.2f}x" if fw in r else "-"
+        ratio = lambda fw: f"{speedup(r[fw], e):.2f}x" if fw in r else "-"
         compiled = [fw for fw in ("torch-compile", "jax") if fw in r]
         fastest = min(compiled, key=lambda fw: r[fw]["median_ms"]) if compiled else None
+        rounds = len(e["round_ms"])
+        label = f"{w} ({e['reps']} reps" + (f" x {rounds} rounds)" if rounds > 1 else ")")
+        elbo_ms = f"{e['median_ms']:.2f}" + (
+            f" ({min(e['round_ms']):.2f}-{max(e['round_ms']):.2f})" if rounds > 1 else "")
         lines.append((
-            f"{w} ({e['reps']} reps)", f"{e['median_ms']:.2f}", cell("torch", "median_ms", "{:.2f}"),
+            label, elbo_ms, cell("torch", "median_ms", "{:.2f}"),
             cell("torch-compile", "median_ms", "{:.2f}"), cell("jax", "median_ms", "{:.2f}"),
             ratio("torch"), f"{ratio(fastest)} ({fastest})" if fastest else "-",
             percent_of_peak(e, peak), f"{e['peak_mb']:.0f}", cell("torch", "peak_mb", "{:.0f}"),
@@ -209,7 +246,8 @@ def print_table(rows, peak):
                if baseline else ()))
     print_markdown(lines)
     print("\nmedian wall time per repetition; 'compiled' = torch.compile; 'vs' = peer median / elbo"
-          " median (> 1: elbo faster);"
+          " median (> 1: elbo faster); over several rounds: the median of the rounds' medians"
+          " (elbo's range over the rounds in brackets) and of the rounds' ratios;"
           " % of peak = elbo's FLOPs per second over the gemm peak"
           f" ({peak / 1e9:.1f} GFLOP/s in this run); MB = peak resident memory of the process."
           " Threads: " + THREADS)
