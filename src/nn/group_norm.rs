@@ -65,6 +65,116 @@ fn normalize_channel(
     }
 }
 
+/// [`normalize_channel`] with the SiLU in 16 lanes of AVX-512, where the CPU has it: the same
+/// `a = gamma (x - mean) inv + beta` and `e = exp(-|a|)` (the polynomial of
+/// [`crate::nn::kernels::exp_nonpositive`] by fused multiply-adds), but `1 / (1 + e)` from the
+/// 14-bit reciprocal estimate and one Newton step, `r' = r + r (1 - d r)` (relative error
+/// ~2^-28, below float32's rounding), in place of the division that was 37% of the scalar
+/// loop's samples.
+///
+/// # Safety
+/// The CPU has AVX-512F; `y`, `sig` and `x` have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn normalize_silu_avx512(
+    y: &mut [f32],
+    sig: &mut [f32],
+    x: &[f32],
+    mean: f32,
+    inv: f32,
+    gamma: f32,
+    beta: f32,
+) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    debug_assert!(y.len() == n && sig.len() == n);
+    let (xp, yp, sp) = (x.as_ptr(), y.as_mut_ptr(), sig.as_mut_ptr());
+    let set = _mm512_set1_ps;
+    let (vmean, vscale, vbeta) = (set(mean), set(gamma * inv), set(beta));
+    // exp_nonpositive's constants: its clamp, log2 e, ln 2 in two parts, the Taylor terms.
+    let (floor, log2e) = (set(-87.0), set(std::f32::consts::LOG2_E));
+    let (ln2_hi, ln2_lo) = (set(0.693_145_75), set(1.428_606_8e-6));
+    let taylor: [f32; 8] = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    let affine = (vmean, vscale, vbeta);
+    let consts = (floor, log2e, ln2_hi, ln2_lo);
+    // Full registers load and store unmasked (a masked store was 40% of this loop's samples on
+    // the AMD development machine), the last partial one masked. (Four registers a step, for
+    // four of the exponential's chains at once, measured no faster.)
+    let mut at = 0;
+    // SAFETY (both blocks): loads and stores stay below n, the caller's lengths: whole
+    // registers where 16 lanes remain, else masked to the lanes below n.
+    while at + 16 <= n {
+        unsafe {
+            let (s, y) = silu_register(_mm512_loadu_ps(xp.add(at)), affine, consts, &taylor);
+            _mm512_storeu_ps(sp.add(at), s);
+            _mm512_storeu_ps(yp.add(at), y);
+        }
+        at += 16;
+    }
+    if at < n {
+        let mask: __mmask16 = (1u16 << (n - at)) - 1;
+        unsafe {
+            let xv = _mm512_maskz_loadu_ps(mask, xp.add(at));
+            let (s, y) = silu_register(xv, affine, consts, &taylor);
+            _mm512_mask_storeu_ps(sp.add(at), mask, s);
+            _mm512_mask_storeu_ps(yp.add(at), mask, y);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+type Register = std::arch::x86_64::__m512;
+
+/// (sigmoid(a), silu(a)) of one register of [`normalize_silu_avx512`].
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn silu_register(
+    xv: Register,
+    (vmean, vscale, vbeta): (Register, Register, Register),
+    (floor, log2e, ln2_hi, ln2_lo): (Register, Register, Register, Register),
+    taylor: &[f32; 8],
+) -> (Register, Register) {
+    use std::arch::x86_64::*;
+    let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_ps());
+    // a = gamma inv (x - mean) + beta; t = max(-|a|, -87).
+    let a = _mm512_fmadd_ps(_mm512_sub_ps(xv, vmean), vscale, vbeta);
+    let t = _mm512_max_ps(_mm512_sub_ps(zero, _mm512_abs_ps(a)), floor);
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(t, log2e),
+    );
+    let r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, t));
+    let mut p = _mm512_set1_ps(taylor[0]);
+    for &c in &taylor[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(k),
+        _mm512_set1_epi32(127),
+    ));
+    let e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    // 1 / (1 + e): the estimate, then one Newton step.
+    let d = _mm512_add_ps(one, e);
+    let r0 = _mm512_rcp14_ps(d);
+    let rec = _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0);
+    // sigmoid(a) = rec for a >= 0, e rec below.
+    let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, zero);
+    let s = _mm512_mask_mul_ps(rec, below, e, rec);
+    (s, _mm512_mul_ps(a, s))
+}
+
 /// Over one channel, `out = dy silu'(a)` (`dy` itself without the SiLU), a = gamma x_hat +
 /// beta, x_hat = (x - mean) inv, silu'(a) = s (1 + a (1 - s)) with s = `sig` (stored by
 /// [`normalize_channel`]); returns (sum out, sum out x_hat).
@@ -187,6 +297,12 @@ pub fn group_forward(
         } else {
             &mut []
         };
+        #[cfg(target_arch = "x86_64")]
+        if with_silu && crate::nn::planar::conv::has_avx512() {
+            // SAFETY: AVX-512F is there (checked); s, yc and xc are one channel's hw values.
+            unsafe { normalize_silu_avx512(yc, s, xc, mean, inv, gamma[j], beta[j]) };
+            continue;
+        }
         normalize_channel(yc, s, xc, mean, inv, gamma[j], beta[j], with_silu);
     }
     (mean, inv)
@@ -280,7 +396,44 @@ fn moments(x: &[f32], eps: f64) -> (f32, f32) {
 
 #[cfg(test)]
 mod tests {
-    use super::sigmoid_fast;
+    use super::{normalize_channel, sigmoid_fast};
+
+    /// The AVX-512 normalisation + SiLU agrees with the scalar loop (its division exact) to
+    /// float32 rounding, for inputs whose a = gamma (x - mean) inv + beta spans -100..100,
+    /// lengths with and without a partial last register, and writes nothing past them.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_silu_matches_the_scalar_loop() {
+        if !crate::nn::planar::conv::has_avx512() {
+            return;
+        }
+        for n in [1, 15, 16, 17, 49, 784] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 2001) as f32 / 10.0 - 100.0)
+                .collect();
+            let (mean, inv, gamma, beta) = (0.3, 0.9, 1.1, -0.2);
+            let (mut y0, mut s0) = (vec![0f32; n], vec![0f32; n]);
+            normalize_channel(&mut y0, &mut s0, &x, mean, inv, gamma, beta, true);
+            let (mut y1, mut s1) = (vec![7f32; n + 1], vec![7f32; n + 1]);
+            // SAFETY: AVX-512F checked above; equal lengths.
+            unsafe {
+                super::normalize_silu_avx512(&mut y1[..n], &mut s1[..n], &x, mean, inv, gamma, beta)
+            };
+            assert_eq!((y1[n], s1[n]), (7.0, 7.0), "wrote past {n}");
+            for i in 0..n {
+                let (dy, ds) = ((y1[i] - y0[i]).abs(), (s1[i] - s0[i]).abs());
+                assert!(
+                    dy <= 1e-6 * (1.0 + y0[i].abs()) && ds <= 1e-6,
+                    "n {n} x {}: y {} vs {}, s {} vs {}",
+                    x[i],
+                    y1[i],
+                    y0[i],
+                    s1[i],
+                    s0[i]
+                );
+            }
+        }
+    }
 
     /// The branch-free sigmoid agrees with the exact one (computed in f64) to float32
     /// rounding over a = -100..100.
